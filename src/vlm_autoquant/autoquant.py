@@ -1,0 +1,215 @@
+"""The AutoQuantize stage: forward/loss callables, constraints, and the `mtq.auto_quantize` call.
+
+ModelOpt's searcher is observed, not replaced: a context manager wraps a few of its methods for
+the duration of one call to (1) time calibration, scoring and the solve, (2) write each search
+checkpoint to a temporary name and rename it into place, recording its sha256 so that only a
+checkpoint this tool wrote is ever unpickled again, and (3) optionally keep gradient
+checkpointing off during scoring (faster, more memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import modelopt.torch.quantization as mtq
+import modelopt.torch.quantization.model_quant as mq
+import torch
+import torch.nn.functional as F
+from modelopt.torch.quantization.algorithms import (
+    AutoQuantizeGradientSearcher,
+    AutoQuantizeKLDivSearcher,
+    _AutoQuantizeBaseSearcher,
+)
+
+from .errors import RunFailed
+from .interrupt import StopFlag
+from .schemes import Scheme
+
+log = logging.getLogger(__name__)
+Batch = dict[str, torch.Tensor]
+
+
+def make_steps(method: str, stop: StopFlag | None = None) -> tuple[Callable, Callable | None]:
+    """`forward_step` (and `loss_func` for gradient) as ModelOpt calls them, once per batch."""
+
+    def check_stop() -> None:
+        if stop is not None:
+            stop.raise_if_set()
+
+    def forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        check_stop()
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     use_cache=False).logits
+
+    if method == "gradient":
+        def loss_func(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+            # Summed, not averaged: the batch's negative log-likelihood, whose Fisher information
+            # the scores approximate. The mean would shrink every score by (tokens)^2, down to
+            # ~1e-8 on small models, below the LP solver's tolerance (it then picks worse mixes).
+            labels = batch["labels"][:, 1:]
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                   ignore_index=-100, reduction="sum")
+        return forward_logits, loss_func
+
+    def forward_real_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        # kl_div compares logit distributions; padding positions are left out of the sum.
+        return forward_logits(model, batch)[batch["real"]]
+
+    return forward_real_logits, None
+
+
+def constraints_for(scheme: Scheme, effective_bits: float | None = None) -> dict:
+    bits = scheme.effective_bits if effective_bits is None else effective_bits
+    out: dict = {"effective_bits": float(bits)}
+    if scheme.excluded_from_cost:
+        out["cost"] = {"excluded_module_name_patterns": list(scheme.excluded_from_cost)}
+    return out
+
+
+@dataclass
+class SearchRun:
+    """What happened inside one auto_quantize call."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    calibrated: bool = False  # calibration ran (False: restored from the checkpoint)
+    scored: bool = False  # scoring ran (False: restored from the checkpoint)
+    checkpoint_writes: list[tuple[str, str]] = field(default_factory=list)  # (stage, sha256)
+
+
+_QUIET = (r"Per-rank checkpoint .* not found", r"Checkpoint .* does not exist",
+          r"AutoQuantize: Huggingface model detected", r"get_auto_quantize_config: returned")
+
+
+@contextlib.contextmanager
+def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
+                     model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
+    """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
+    orig_calibrate = mq.calibrate
+    orig_save = _AutoQuantizeBaseSearcher.save_search_checkpoint
+    orig_scores = {c: c.__dict__["estimate_sensitivity_scores"]
+                   for c in (AutoQuantizeGradientSearcher, AutoQuantizeKLDivSearcher)}
+    orig_solve = _AutoQuantizeBaseSearcher.run_search
+
+    def timed(key: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                run.timings[key] = run.timings.get(key, 0.0) + time.perf_counter() - t0
+                if key == "calibrate":
+                    run.calibrated = True
+                if key == "score":
+                    run.scored = True
+        return wrapper
+
+    def atomic_save(self, verbose: bool = False) -> None:
+        final = self._get_checkpoint_path()
+        if final is None:
+            return orig_save(self, verbose)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        configured = self.config["checkpoint"]
+        self.config["checkpoint"] = tmp
+        try:
+            orig_save(self, verbose)
+            os.replace(tmp, final)
+        finally:
+            self.config["checkpoint"] = configured
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        stage = "scored" if self.candidate_stats else "calibrated"
+        run.checkpoint_writes.append((stage, on_checkpoint(Path(final), stage)))
+
+    mq.calibrate = timed("calibrate", orig_calibrate)
+    _AutoQuantizeBaseSearcher.save_search_checkpoint = atomic_save
+    for cls, fn in orig_scores.items():
+        cls.estimate_sensitivity_scores = timed("score", fn)
+    _AutoQuantizeBaseSearcher.run_search = timed("solve", orig_solve)
+    if not grad_checkpointing:
+        # ModelOpt's HF plugin turns it on for scoring; a no-op keeps activations in memory.
+        model.gradient_checkpointing_enable = lambda *a, **k: None
+    try:
+        with warnings.catch_warnings():
+            for pattern in _QUIET:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        mq.calibrate = orig_calibrate
+        _AutoQuantizeBaseSearcher.save_search_checkpoint = orig_save
+        for cls, fn in orig_scores.items():
+            cls.estimate_sensitivity_scores = fn
+        _AutoQuantizeBaseSearcher.run_search = orig_solve
+        model.__dict__.pop("gradient_checkpointing_enable", None)
+
+
+def run_auto_quantize(model: torch.nn.Module, scheme: Scheme, batches: list[Batch],
+                      checkpoint: Path, on_checkpoint: Callable[[Path, str], str],
+                      stop: StopFlag | None = None, grad_checkpointing: bool = True,
+                      effective_bits: float | None = None) -> tuple[dict, SearchRun]:
+    """Calibrate, score (or restore both from `checkpoint`) and solve for the budget.
+
+    Returns ModelOpt's search state and what ran. Leaves the model in eval mode with gradient
+    checkpointing off (ModelOpt turns it on for scoring and leaves it on).
+    """
+    forward_step, loss_func = make_steps(scheme.method, stop)
+    run = SearchRun()
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(
+        constraints=constraints_for(scheme, effective_bits),
+        quantization_formats=list(scheme.formats),
+        data_loader=batches,
+        forward_step=forward_step,
+        disabled_layers=list(scheme.disabled_layers) or None,
+        num_calib_steps=scheme.num_calib_steps,
+        num_score_steps=scheme.num_score_steps,
+        method=scheme.method,
+        checkpoint=str(checkpoint),
+        verbose=False,
+    )
+    if loss_func is not None:
+        kwargs["loss_func"] = loss_func
+    t0 = time.perf_counter()
+    try:
+        with observe_modelopt(run, on_checkpoint, model, grad_checkpointing):
+            model, state = mtq.auto_quantize(model, **kwargs)
+    except (AssertionError, ValueError) as exc:
+        raise RunFailed(f"ModelOpt's auto_quantize refused the search: {exc}") from exc
+    finally:
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        model.eval()
+    run.timings["auto_quantize"] = time.perf_counter() - t0
+    if not state["best"].get("is_satisfied", False):
+        raise RunFailed(f"ModelOpt found no recipe within {scheme.effective_bits} effective bits")
+    return state, run
+
+
+def select_fp8_kernel(kind: str) -> str:
+    """Choose ModelOpt's FP8 fake-quant kernel: "eager" (PyTorch ops) or "cuda-ext".
+
+    The CUDA extension is JIT-built on first use (about a minute on a fresh machine, then cached
+    under TORCH_EXTENSIONS_DIR). "eager" skips that build; docs/PERFORMANCE.md has the numbers.
+    Returns what will actually run.
+    """
+    from modelopt.torch.quantization import extensions
+
+    if not torch.cuda.is_available():
+        return "eager (CPU)"
+    if kind == "eager":
+        extensions.get_cuda_ext_fp8.extension = None  # ModelOpt then takes its eager path
+        return "eager"
+    log.info("building/loading ModelOpt's FP8 CUDA extension (one-time build of about a minute "
+             "on a fresh machine; cached afterwards)")
+    t0 = time.perf_counter()
+    extensions.get_cuda_ext_fp8(raise_if_failed=True)
+    log.info("FP8 CUDA extension ready in %.1f s", time.perf_counter() - t0)
+    return "cuda-ext"

@@ -1,0 +1,189 @@
+"""Caption data: validate the file, split calibration/held-out, tokenize, pack into batches.
+
+Packing: each caption becomes one segment `caption tokens + <|endoftext|>`. Segments are packed
+best-fit-decreasing into rows of `seq_len` tokens and the position ids restart at 0 for every
+segment. transformers turns restarting position ids into a block-diagonal causal mask, so a
+caption attends only to itself, exactly as if it were alone. The loss is next-token
+cross-entropy inside each caption (its last token predicts the terminator); the first token of a
+caption has no context and is not a target, and the padding at the end of a row is neither
+attended by captions nor a target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from bisect import bisect_left, insort
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import Problems
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+TERMINATOR = "<|endoftext|>"  # Qwen2's end-of-document token
+
+
+@dataclass
+class CaptionFile:
+    path: Path
+    sha256: str
+    lines: int
+    nonblank: int
+    crlf: bool
+
+
+def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file") -> CaptionFile | None:
+    """Read the file once: it must exist, be UTF-8 and hold at least one non-blank line."""
+    if not path.exists():
+        problems.add(flag, f"{path} does not exist",
+                     "pass --calib-file with a text file of one caption per line (README: "
+                     "'Calibration data' shows how to make one from COCO captions_train2017.json)")
+        return None
+    if not path.is_file():
+        problems.add(flag, f"{path} is not a file", "pass a text file, one caption per line")
+        return None
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        problems.add(flag, f"cannot read {path}: {exc}", "check the file's permissions")
+        return None
+    if not raw:
+        problems.add(flag, f"{path} is empty", "fill it with captions, one per line")
+        return None
+    lines = raw.split(b"\n")
+    nonblank = 0
+    for number, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.add(flag, f"{path} line {number} is not valid UTF-8 ({exc.reason} at byte "
+                         f"{exc.start})", "re-encode the file as UTF-8, e.g. "
+                         f"iconv -f latin1 -t utf-8 {path.name} > fixed.txt")
+            return None
+        nonblank += bool(text.strip())
+    if nonblank == 0:
+        problems.add(flag, f"{path} has only blank lines", "fill it with captions, one per line")
+        return None
+    return CaptionFile(path, hashlib.sha256(raw).hexdigest(), len(lines) - (lines[-1] == b""),
+                       nonblank, b"\r\n" in raw)
+
+
+def load_captions(path: Path) -> list[str]:
+    """Non-blank, stripped captions via the datasets `text` loader (CRLF handled there)."""
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    ds = load_dataset("text", data_files=str(path), split="train")
+    return [t.strip() for t in ds["text"] if t.strip()]
+
+
+@dataclass
+class Split:
+    calib: list[str]
+    eval: list[str]
+    record: dict
+
+
+def split_captions(captions: list[str], n_calib: int, n_eval: int, seed: int) -> Split:
+    """Deduplicate, then a seeded permutation: held-out captions first, calibration next.
+
+    When the file is short, the held-out split is capped at a fifth of the unique captions and
+    calibration uses all the rest (with a warning) rather than refusing.
+    """
+    unique = list(dict.fromkeys(captions))
+    perm = np.random.default_rng(seed).permutation(len(unique))
+    take_eval = min(n_eval, len(unique) // 5) if n_eval else 0
+    take_calib = min(n_calib, len(unique) - take_eval)
+    if take_calib < n_calib or take_eval < n_eval:
+        log.warning("caption file has %d unique captions: using %d for calibration (asked %d) "
+                    "and %d held out (asked %d)", len(unique), take_calib, n_calib, take_eval, n_eval)
+    eval_idx, calib_idx = perm[:take_eval], perm[take_eval:take_eval + take_calib]
+    record = {"seed": seed, "captions": len(captions), "unique": len(unique),
+              "duplicates_dropped": len(captions) - len(unique), "calib": int(take_calib),
+              "eval": int(take_eval),
+              "eval_indices_sha256": hashlib.sha256(np.sort(eval_idx).tobytes()).hexdigest()}
+    return Split([unique[i] for i in calib_idx], [unique[i] for i in eval_idx], record)
+
+
+@dataclass
+class Packed:
+    """Batches of packed captions, each a dict of CPU tensors."""
+
+    batches: list[dict[str, torch.Tensor]]
+    captions: int
+    real_tokens: int
+    pad_tokens: int
+    truncated: int
+    fingerprint: str = ""
+    batch_captions: list[int] = field(default_factory=list)
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.real_tokens + self.pad_tokens
+        return self.pad_tokens / total if total else 0.0
+
+
+def _best_fit_rows(lengths: list[int], cap: int) -> list[list[int]]:
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = bisect_left(free, (lengths[i], -1))
+        if j < len(free):
+            room, r = free.pop(j)
+        else:
+            room, r = cap, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - lengths[i] > 0:
+            insort(free, (room - lengths[i], r))
+    return [sorted(r) for r in rows]
+
+
+def pack(tokenizer, captions: list[str], seq_len: int, batch_size: int, seed: int) -> Packed:
+    """Tokenize (plain text: no chat template, no special tokens) and pack into batches."""
+    term = tokenizer.convert_tokens_to_ids(TERMINATOR)
+    if term is None or term == tokenizer.unk_token_id:
+        term = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else term
+    # Bound the tokenizer's work on pathological lines before cutting to seq_len tokens.
+    texts = [c[: seq_len * 64] for c in captions]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    truncated = sum(len(x) > seq_len - 1 for x in ids)
+    if truncated:
+        log.warning("%d caption(s) longer than seq_len=%d tokens were truncated", truncated, seq_len)
+    segments = [x[: seq_len - 1] + [term] for x in ids]
+    rows = _best_fit_rows([len(s) for s in segments], seq_len)
+    order = np.random.default_rng(seed + 1).permutation(len(rows))
+    rows = [rows[i] for i in order]
+    batches, batch_captions, real = [], [], 0
+    digest = hashlib.sha256()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        input_ids = torch.full((len(chunk), seq_len), pad, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE)
+        position_ids = torch.zeros_like(input_ids)
+        real_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for r, members in enumerate(chunk):
+            at = 0
+            for i in members:
+                seg = torch.tensor(segments[i])
+                n = len(seg)
+                input_ids[r, at:at + n] = seg
+                labels[r, at + 1:at + n] = seg[1:]
+                position_ids[r, at:at + n] = torch.arange(n)
+                real_mask[r, at:at + n] = True
+                at += n
+            position_ids[r, at:] = torch.arange(seq_len - at)  # padding: a block of its own
+            real += at
+        digest.update(input_ids.numpy().tobytes())
+        batches.append({"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+                        "real": real_mask})
+        batch_captions.append(sum(len(m) for m in chunk))
+    total = sum(b["input_ids"].numel() for b in batches)
+    return Packed(batches, len(captions), real, total - real, truncated, digest.hexdigest(),
+                  batch_captions)

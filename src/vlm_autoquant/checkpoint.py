@@ -1,0 +1,153 @@
+"""Inspect a Qwen2.5-VL checkpoint directory without reading any weight bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from .errors import Problems
+
+EXPECTED_MODEL_TYPE = "qwen2_5_vl"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Checkpoint key prefixes of the language model: the released layout, and the layout some
+# transformers versions write from save_pretrained.
+LM_PREFIXES = ("model.language_model.", "model.")
+VISION_RE = re.compile(r"^(model\.)?visual\.")
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES.get(self.dtype, 2)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class CheckpointInfo:
+    """What the directory holds: config, tensor index, hashes. No weights are read."""
+
+    path: Path
+    config: dict
+    config_sha256: str
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    weights_fingerprint: str = ""
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type"))
+
+    def lm_keys(self) -> list[str]:
+        return [k for k in self.tensors if not VISION_RE.match(k)]
+
+    def vision_keys(self) -> list[str]:
+        return [k for k in self.tensors if VISION_RE.match(k)]
+
+    def bytes_of(self, keys: list[str]) -> int:
+        return sum(self.tensors[k].nbytes for k in keys)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weight_files(path: Path, problems: Problems) -> list[str]:
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.add("--model-dir", f"{index} is not a valid safetensors index ({exc})",
+                         "re-download the checkpoint's model.safetensors.index.json")
+            return []
+        missing = [f for f in files if not (path / f).is_file()]
+        for f in missing:
+            problems.add("--model-dir", f"{INDEX_FILE} names {f}, which is absent from {path}",
+                         "re-download the missing shard (huggingface-cli download ... --include "
+                         f"{f}) or point --model-dir at the complete checkpoint")
+        return [f for f in files if f not in missing]
+    if (path / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    if shards:
+        problems.add("--model-dir", f"found {len(shards)} safetensors shard(s) but no {INDEX_FILE}",
+                     "restore the index file that came with the checkpoint")
+    else:
+        problems.add("--model-dir", f"no weights in {path} (no {SINGLE_FILE} or {INDEX_FILE})",
+                     "point --model-dir at a downloaded Qwen2.5-VL checkpoint directory")
+    return []
+
+
+def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
+    """Check the directory's config, shards and tokenizer; add every problem found."""
+    if not path.exists():
+        problems.add("--model-dir", f"{path} does not exist",
+                     "pass the directory of a Qwen2.5-VL checkpoint (e.g. a snapshot of "
+                     "Qwen/Qwen2.5-VL-3B-Instruct), or run the demo to build a tiny one")
+        return None
+    if not path.is_dir():
+        problems.add("--model-dir", f"{path} is not a directory", "pass the checkpoint directory")
+        return None
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        problems.add("--model-dir", f"no config.json in {path}",
+                     "point --model-dir at the checkpoint root (the folder with config.json)")
+        return None
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        problems.add("--model-dir", f"{cfg_path} is not valid JSON ({exc})",
+                     "restore the checkpoint's config.json")
+        return None
+    info = CheckpointInfo(path=path, config=config, config_sha256=_sha256_file(cfg_path))
+    if info.model_type != EXPECTED_MODEL_TYPE:
+        problems.add("--model-dir", f"model_type is {info.model_type!r}, not {EXPECTED_MODEL_TYPE!r}"
+                     f" ({config.get('architectures', ['?'])[0]})",
+                     "this tool quantizes the language model of Qwen2.5-VL checkpoints only; "
+                     "use a Qwen2.5-VL-*-Instruct directory")
+    if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        problems.add("--model-dir", f"no tokenizer files in {path}",
+                     "copy tokenizer.json and tokenizer_config.json from the original checkpoint")
+    fingerprint = hashlib.sha256(info.config_sha256.encode())
+    for name in _weight_files(path, problems):
+        shard = path / name
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    s = f.get_slice(key)
+                    info.tensors[key] = TensorInfo(name, s.get_dtype(), tuple(s.get_shape()))
+        except (SafetensorError, OSError) as exc:
+            problems.add("--model-dir", f"shard {name} cannot be read: {exc}",
+                         "the file is truncated or corrupt; re-download it")
+            continue
+        fingerprint.update(f"{name}:{shard.stat().st_size}".encode())
+    if info.tensors and not info.lm_keys():
+        problems.add("--model-dir", "the checkpoint holds no language-model tensors",
+                     "point --model-dir at a full Qwen2.5-VL checkpoint")
+    for key in sorted(info.tensors):
+        t = info.tensors[key]
+        fingerprint.update(f"{key}:{t.dtype}:{t.shape}".encode())
+    info.weights_fingerprint = fingerprint.hexdigest()
+    return info

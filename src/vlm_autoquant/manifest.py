@@ -1,0 +1,137 @@
+"""The per-layer manifest: built from the quantizers actually enabled in the model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import cost
+from .constants import MANIFEST_SCHEMA_VERSION
+
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
+BF16 = "BF16"
+FP8 = "FP8"
+
+
+def recipe_name(recipe) -> str:
+    """ModelOpt prints a recipe as 'FP8_DEFAULT_CFG(effective-bits: 8.0)'; 'NONE' is BF16."""
+    name = str(recipe).split("(", 1)[0]
+    return BF16 if name == "NONE" else name
+
+
+def _group_label(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    prefix = names[0].rsplit(".", 1)[0]
+    leaves = [n.rsplit(".", 1)[1] for n in names]
+    return f"{prefix}.{{{','.join(leaves)}}}"
+
+
+@dataclass
+class LayerRow:
+    name: str
+    group: str
+    format: str
+    quant_config: str | None
+    num_weights: int
+    scores: dict[str, float]
+    costs: dict[str, float]
+    cost_counted: bool
+    disabled: bool
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.format == FP8 else 16
+
+    def position(self) -> tuple[int, str] | None:
+        """(decoder layer index, projection) for figures and per-layer metrics."""
+        m = LAYER_RE.match(self.name)
+        return (int(m.group(1)), m.group(3)) if m else None
+
+
+def layer_rows(model: nn.Module, state: dict, disabled: list[str], excluded: list[str]) -> list[LayerRow]:
+    """One row per LM linear; the format is read from the model's enabled weight quantizer."""
+    member_of: dict[str, str] = {}
+    for hp, stat in state["candidate_stats"].items():
+        for n in stat["module_names"]:
+            member_of[n] = hp
+    best = state["best"]["recipe"]
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        wq = getattr(module, "weight_quantizer", None)
+        fmt = FP8 if wq is not None and wq.is_enabled else BF16
+        hp = member_of.get(name)
+        stat = state["candidate_stats"].get(hp, {})
+        chosen = recipe_name(best[hp]) if hp in best else BF16
+        rows.append(LayerRow(
+            name=name,
+            group=_group_label(list(stat.get("module_names", [name]))),
+            format=fmt,
+            quant_config=None if fmt == BF16 else chosen,
+            num_weights=module.weight.numel(),
+            scores={recipe_name(f): float(s) for f, s in zip(stat.get("formats", []),
+                                                             stat.get("scores", []))},
+            costs={recipe_name(f): float(c) for f, c in zip(stat.get("formats", []),
+                                                            stat.get("costs", []))},
+            cost_counted=not cost.matches(name, excluded),
+            disabled=cost.matches(name, disabled)))
+    return rows
+
+
+def summary(rows: list[LayerRow], excluded: list[str]) -> dict:
+    numels = {r.name: r.num_weights for r in rows}
+    bits = {r.name: r.bits for r in rows}
+    groups = {r.group: r.format for r in rows}
+    qbytes, fbytes = cost.weight_bytes(numels, bits), cost.weight_bytes(numels, dict.fromkeys(bits, 16))
+    return {
+        "layers": len(rows), "fp8": sum(r.format == FP8 for r in rows),
+        "bf16": sum(r.format == BF16 for r in rows), "groups": len(groups),
+        "groups_fp8": sum(f == FP8 for f in groups.values()),
+        "effective_bits_searched": cost.effective_bits(numels, bits, excluded),
+        "effective_bits_all_linears": cost.effective_bits(numels, bits, []),
+        "weight_bytes": qbytes, "weight_bytes_bf16": fbytes,
+        "compression_ratio": fbytes / qbytes if qbytes else float("nan"),
+    }
+
+
+def build(*, scheme: dict, model: dict, calibration: dict, effective_bits: dict, search: dict,
+          rows: list[LayerRow], summary: dict, quality: dict | None, versions: dict,
+          timings: dict, memory: dict, artifacts: dict) -> dict:
+    """Assemble the versioned manifest; the required keys are a contract with the export tool."""
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "scheme": scheme,
+        "model": model,
+        "calibration": calibration,
+        "effective_bits": effective_bits,
+        "search": search,
+        "layers": [{"name": r.name, "group": r.group, "format": r.format,
+                    "quant_config": r.quant_config, "num_weights": r.num_weights,
+                    "scores": r.scores, "costs": r.costs, "cost_counted": r.cost_counted,
+                    "disabled": r.disabled} for r in rows],
+        "summary": summary,
+        "quality": quality,
+        "versions": versions,
+        "timings": timings,
+        "memory": memory,
+        "artifacts": artifacts,
+    }
+
+
+def layers_csv(rows: list[LayerRow]) -> str:
+    candidates = sorted({c for r in rows for c in r.scores})
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["name", "group", "format", "quant_config", "num_weights", "cost_counted",
+                *[f"score:{c}" for c in candidates], *[f"cost:{c}" for c in candidates]])
+    for r in rows:
+        w.writerow([r.name, r.group, r.format, r.quant_config or "", r.num_weights, r.cost_counted,
+                    *[r.scores.get(c, "") for c in candidates],
+                    *[r.costs.get(c, "") for c in candidates]])
+    return out.getvalue()

@@ -1,0 +1,56 @@
+"""Phase timing: one log line per phase with its wall time and memory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+import psutil
+
+log = logging.getLogger("vlm_autoquant")
+GIB = 1024**3
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def gpu_peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
+
+
+def memory_line() -> str:
+    rss = psutil.Process().memory_info().rss / GIB
+    gpu = gpu_peak_gib()
+    return f"RSS {rss:.2f} GiB" + (f", peak GPU {gpu:.2f} GiB" if gpu else "")
+
+
+class Phases:
+    """Collects `time/<phase>_s` and logs each phase as it ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, detail: str = "") -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+            log.info("%-10s %7.2f s  %s%s", name, dt, memory_line(), f"  ({detail})" if detail else "")
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random Qwen2.5-VL checkpoint (built once), captions, MLflow store."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet, before any library import reads them.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
+SHARED = ROOT.parent / "shared" / "data"
+COCO = SHARED / "coco2017_captions" / "train_sample.txt"
+QWEN_TOKENIZER = SHARED / "qwen2_5_vl_tokenizer"
+# Small but real: the catalog's seq/batch shape with few steps keeps a run to a few seconds.
+QUICK = ["--num-calib-samples", "512", "--num-calib-steps", "2", "--num-score-steps", "2",
+         "--num-eval-samples", "64", "--seq-len", "128"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _datasets_cache(tmp_path_factory):
+    os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets"))
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> tuple[Path, Path]:
+    """(model_dir, captions): the embedded demo's tiny checkpoint, released layout."""
+    from vlm_autoquant.demo import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def layouts(demo, tmp_path_factory) -> dict[str, Path]:
+    """The same random weights (same seed) in every supported checkpoint layout."""
+    from vlm_autoquant.demo import build_checkpoint, make_captions
+
+    root = tmp_path_factory.mktemp("layouts")
+    out = {"released": demo[0]}
+    for layout in ("save_pretrained", "legacy"):
+        out[layout] = build_checkpoint(root / layout, "tiny", layout, seed=0,
+                                       captions=make_captions(3000, 0))
+    return out
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)  # artifacts land under tmp_path/mlruns
+    return uri
+
+
+def run_cli(args: list[str]) -> int:
+    """The real entry point, in-process (imports once; the subprocess tests cover the script)."""
+    from vlm_autoquant.cli import main
+
+    return main([str(a) for a in args])
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+PY = sys.executable

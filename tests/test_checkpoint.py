@@ -1,0 +1,89 @@
+"""Checkpoint inspection: every broken-directory case is reported, naming the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vlm_autoquant.checkpoint import inspect_checkpoint
+from vlm_autoquant.errors import Problems
+
+
+def copy(demo, tmp_path) -> Path:
+    return Path(shutil.copytree(demo[0], tmp_path / "ckpt"))
+
+
+def problems_for(path: Path) -> str:
+    problems = Problems()
+    inspect_checkpoint(path, problems)
+    return "\n".join(str(p) for p in problems.items)
+
+
+def test_released_and_saved_layouts_are_clean(layouts):
+    for path in layouts.values():
+        p = Problems()
+        info = inspect_checkpoint(path, p)
+        assert not p, p.items
+        assert info.lm_keys() and info.vision_keys()
+        assert info.bytes_of(info.vision_keys()) > 0
+
+
+def test_missing_dir(tmp_path):
+    assert "does not exist" in problems_for(tmp_path / "nope")
+
+
+def test_not_a_dir(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "not a directory" in problems_for(f)
+
+
+def test_no_config(demo, tmp_path):
+    d = copy(demo, tmp_path)
+    (d / "config.json").unlink()
+    assert "no config.json" in problems_for(d)
+
+
+@pytest.mark.parametrize("model_type,arch", [("qwen2", "Qwen2ForCausalLM"),
+                                             ("llava", "LlavaForConditionalGeneration")])
+def test_wrong_model_type(demo, tmp_path, model_type, arch):
+    d = copy(demo, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type=model_type, architectures=[arch])
+    (d / "config.json").write_text(json.dumps(cfg))
+    text = problems_for(d)
+    assert repr(model_type) in text and "qwen2_5_vl" in text
+
+
+def test_missing_shard_named_by_index(demo, tmp_path):
+    d = copy(demo, tmp_path)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    text = problems_for(d)
+    assert "names model-00002-of-00002.safetensors" in text and "re-download" in text
+
+
+def test_truncated_shard(demo, tmp_path):
+    d = copy(demo, tmp_path)
+    shard = d / "model-00001-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    text = problems_for(d)
+    assert "model-00001-of-00002.safetensors cannot be read" in text and "truncated" in text
+
+
+def test_no_tokenizer(demo, tmp_path):
+    d = copy(demo, tmp_path)
+    (d / "tokenizer.json").unlink()
+    assert "no tokenizer files" in problems_for(d)
+
+
+def test_problems_are_collected_together(demo, tmp_path):
+    d = copy(demo, tmp_path)
+    (d / "tokenizer.json").unlink()
+    (d / "model-00002-of-00002.safetensors").unlink()
+    problems = Problems()
+    inspect_checkpoint(d, problems)
+    assert len(problems.items) == 2

@@ -1,0 +1,150 @@
+"""The script end to end: artifacts, manifest contract, MLflow run, restore in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from vlm_autoquant.constants import (
+    LAYERS_FILE, M_BITS_ACHIEVED, M_KL, M_PPL_QUANT, M_PPL_REF, M_TOP1, M_WEIGHT_BYTES,
+    MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SENSITIVITY_FIGURE,
+)
+
+from .conftest import PY, QUICK, ROOT, SCRIPT, run_cli, subprocess_env
+
+REQUIRED_KEYS = {"schema_version", "scheme", "model", "calibration", "effective_bits", "layers",
+                 "summary", "versions", "timings"}
+
+
+@pytest.fixture(scope="module")
+def finished(demo, tmp_path_factory):
+    """One real run through the script in a subprocess, into a temporary MLflow store."""
+    root = tmp_path_factory.mktemp("e2e")
+    out = root / "out"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    proc = subprocess.run(
+        [PY, str(SCRIPT), "--scheme-name", "fp8-balanced-10b", "--model-dir", str(demo[0]),
+         "--output-dir", str(out), "--calib-file", str(demo[1]), *QUICK],
+        cwd=root, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, uri, proc.stderr
+
+
+def test_artifacts_and_manifest_contract(finished):
+    out, _, log = finished
+    for name in (MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, LAYERS_FILE, SENSITIVITY_FIGURE):
+        assert (out / name).is_file(), name
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    assert REQUIRED_KEYS <= set(m)
+    assert m["schema_version"] == 1 and m["model"]["model_type"] == "qwen2_5_vl"
+    assert set(m["effective_bits"]) >= {"target", "achieved"}
+    assert m["effective_bits"]["achieved"] <= m["effective_bits"]["target"] + 1e-9
+    assert m["effective_bits"]["all_linears"] > m["effective_bits"]["achieved"]  # lm_head at 16
+    assert m["scheme"]["overrides"]["num_calib_steps"] == 2
+    layer = m["layers"][0]
+    assert set(layer) >= {"name", "group", "format", "quant_config", "num_weights", "scores", "costs"}
+    assert layer["name"].startswith("model.layers.0.")
+    assert m["calibration"]["padding_fraction"] <= 0.10
+    assert m["model"]["parameters"]["vision_tensors_skipped"] > 0
+    for phase in ("load", "calibrate", "score", "solve", "save", "log"):
+        assert phase in m["timings"]
+    for phase in ("load", "evaluate", "save", "log"):
+        assert f"{phase} " in log  # one log line per phase
+
+
+def test_mlflow_run_holds_params_metrics_artifacts(finished):
+    import mlflow
+
+    out, uri, _ = finished
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["scheme.name"] == "fp8-balanced-10b"
+    assert run.data.params["scheme.num_calib_steps"] == "2"
+    for key in (M_BITS_ACHIEVED, M_KL, M_PPL_REF, M_PPL_QUANT, M_TOP1, M_WEIGHT_BYTES):
+        assert key in run.data.metrics, key
+    assert run.data.tags["versions.nvidia-modelopt"]
+    assert run.data.tags["override.num_calib_steps"] == "2"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, LAYERS_FILE, SENSITIVITY_FIGURE} <= arts
+    series = client.get_metric_history(run.info.run_id, "fp8/q_proj")
+    assert sorted(p.step for p in series) == [0, 1, 2, 3]  # one point per decoder layer
+
+
+RESTORE = """
+import sys, torch
+from pathlib import Path
+from vlm_autoquant import quant_state
+model = quant_state.restore(Path(sys.argv[1]), Path(sys.argv[2]), torch.device("cpu"))
+ids = torch.arange(2 * 40).reshape(2, 40) % 400
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[3])
+"""
+
+
+def test_fresh_process_restore_gives_the_same_logits(finished, demo, tmp_path):
+    out, _, _ = finished
+    outputs = []
+    for i in range(2):  # the second run must not depend on anything the first one left
+        target = tmp_path / f"logits{i}.pt"
+        subprocess.run([PY, "-c", RESTORE, str(demo[0]), str(out / QUANT_STATE_FILE), str(target)],
+                       check=True, env=subprocess_env(), cwd=tmp_path, timeout=300)
+        outputs.append(torch.load(target))
+    assert torch.equal(outputs[0], outputs[1])
+    # and the restored model is the quantized one, not the BF16 one
+    from vlm_autoquant.lm import load_lm, text_config
+
+    bf16, _ = load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))
+    ids = torch.arange(2 * 40).reshape(2, 40) % 400
+    with torch.no_grad():
+        assert not torch.equal(bf16(input_ids=ids).logits, outputs[0])
+
+
+def test_restore_matches_the_run_model_in_process(demo, tmp_path, tracking):
+    """Same logits as the model the run quantized (compared in one process, no reload tricks)."""
+    from vlm_autoquant import quant_state
+
+    assert run_cli(["--scheme-name", "fp8-aggressive-9b", "--model-dir", demo[0], "--output-dir",
+                    tmp_path / "o", "--calib-file", demo[1], *QUICK]) == 0
+    m = json.loads((tmp_path / "o" / MANIFEST_FILE).read_text())
+    restored = quant_state.restore(demo[0], tmp_path / "o" / QUANT_STATE_FILE, torch.device("cpu"))
+    fp8 = {n for n, mod in restored.named_modules()
+           if getattr(getattr(mod, "weight_quantizer", None), "is_enabled", False)}
+    assert fp8 == {layer["name"] for layer in m["layers"] if layer["format"] == "FP8"}
+
+
+def test_list_schemes(capsys):
+    assert run_cli(["--list-schemes"]) == 0
+    out = capsys.readouterr().out
+    assert "fp8-all-8b" in out and "fp8-kl-10b" in out
+
+
+def test_mlflow_run_main_entry_point(demo, tmp_path):
+    """`mlflow run . -e main --env-manager local` end to end into a temporary tracking store."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = ["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local",
+           "--experiment-name", "e2e", "-P", "scheme_name=fp8-conservative-12b",
+           "-P", f"model_dir={demo[0]}", "-P", f"calib_file={demo[1]}",
+           "-P", f"output_dir={tmp_path / 'out'}"]
+    for flag, value in zip(QUICK[::2], QUICK[1::2]):
+        cmd += ["-P", f"{flag.lstrip('-').replace('-', '_')}={value}"]
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    data = runs[0].data
+    assert data.params["scheme_name"] == "fp8-conservative-12b"  # logged by mlflow run
+    assert data.params["effective_bits"] in ("", "''")  # left to the scheme (as mlflow quoted it)...
+    assert data.params["scheme.effective_bits"] == "12.0"  # ...which the driver logged apart
+    assert data.metrics[M_BITS_ACHIEVED] <= 12.0 + 1e-9
+    assert (tmp_path / "out" / MANIFEST_FILE).exists()
