@@ -3,8 +3,9 @@
 ModelOpt's searcher is observed, not replaced: a context manager wraps a few of its methods for
 the duration of one call to (1) time calibration, scoring and the solve, (2) write each search
 checkpoint to a temporary name and rename it into place, recording its sha256 so that only a
-checkpoint this tool wrote is ever unpickled again, and (3) optionally keep gradient
-checkpointing off during scoring (faster, more memory).
+checkpoint this tool wrote is ever unpickled again, (3) let a calibration-only checkpoint resume
+(ModelOpt 0.47 restores its empty score table as a plain dict and then fails with KeyError), and
+(4) optionally keep gradient checkpointing off during scoring (faster, more memory).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +98,15 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
     orig_scores = {c: c.__dict__["estimate_sensitivity_scores"]
                    for c in (AutoQuantizeGradientSearcher, AutoQuantizeKLDivSearcher)}
     orig_solve = _AutoQuantizeBaseSearcher.run_search
+    orig_load = _AutoQuantizeBaseSearcher.load_search_checkpoint
+
+    def load_checkpoint(self) -> bool:
+        # ModelOpt 0.47 saves candidate_stats as a plain dict (sanitised for weights_only), but
+        # scoring after a calibration-only checkpoint fills it as a defaultdict: restore that.
+        loaded = orig_load(self)
+        if not isinstance(self.candidate_stats, defaultdict):
+            self.candidate_stats = defaultdict(dict, self.candidate_stats)
+        return loaded
 
     def timed(key: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
@@ -134,6 +145,7 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
     for cls, fn in orig_scores.items():
         cls.estimate_sensitivity_scores = timed("score", fn)
     _AutoQuantizeBaseSearcher.run_search = timed("solve", orig_solve)
+    _AutoQuantizeBaseSearcher.load_search_checkpoint = load_checkpoint
     if not grad_checkpointing:
         # ModelOpt's HF plugin turns it on for scoring; a no-op keeps activations in memory.
         model.gradient_checkpointing_enable = lambda *a, **k: None
@@ -148,6 +160,7 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
         for cls, fn in orig_scores.items():
             cls.estimate_sensitivity_scores = fn
         _AutoQuantizeBaseSearcher.run_search = orig_solve
+        _AutoQuantizeBaseSearcher.load_search_checkpoint = orig_load
         model.__dict__.pop("gradient_checkpointing_enable", None)
 
 
