@@ -13,10 +13,7 @@ import sys
 from pathlib import Path
 
 from vlm_autoquant.cli import main
-from vlm_autoquant.demo import build_demo
-
-DEMO_ARGS = ["--num-calib-samples", "2048", "--num-calib-steps", "8", "--num-score-steps", "8",
-             "--num-eval-samples", "256", "--overwrite"]
+from vlm_autoquant.demo import DEMO_OVERRIDES, build_demo
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,4 +23,4 @@ if __name__ == "__main__":
     model_dir, captions = build_demo(args.root)
     sys.exit(main(["--scheme-name", args.scheme_name, "--model-dir", str(model_dir),
                    "--calib-file", str(captions), "--output-dir",
-                   f"outputs/demo-{args.scheme_name}", *DEMO_ARGS]))
+                   f"outputs/demo-{args.scheme_name}", *DEMO_OVERRIDES, "--overwrite"]))

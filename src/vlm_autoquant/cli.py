@@ -187,3 +187,69 @@ def _run_main(args: argparse.Namespace) -> int:
     with stop_on_signals(StopFlag()) as stop:
         run_single(inputs, data, stop, lambda name: Tracker(experiment, name))
     return 0
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwen2_5_vl_3b_autoquant_fp8_sweep.py",
+        description="Run several catalog schemes on one model, scoring once per shareable group; "
+                    "one MLflow parent run with a child run per scheme. Without --model-dir it "
+                    "runs the embedded demo (a tiny random checkpoint built on the spot).",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", type=_optional(str), default=None,
+                   help="comma-separated scheme names (default: the whole catalog)")
+    add_common(p)
+    return p
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    parser = sweep_parser()
+    args = parser.parse_args(argv)
+    configure(args.debug)
+    if args.model_dir is None:
+        from .demo import DEMO_OVERRIDES, build_demo
+
+        log.info("no --model-dir: running the embedded demo (tiny random Qwen2.5-VL, own captions)")
+        model_dir, captions = build_demo(Path(".demo"))
+        args = parser.parse_args([*DEMO_OVERRIDES, *(argv if argv is not None else sys.argv[1:]),
+                                  "--model-dir", str(model_dir)])
+        args.calib_file = args.calib_file or captions
+        args.output_dir = args.output_dir or Path("outputs/demo-sweep")
+    if args.output_dir is None:
+        args.output_dir = Path("outputs/sweep")
+    return run_guarded(lambda: _run_sweep(args), args.debug, args.output_dir)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .constants import DEFAULT_CATALOG
+    from .errors import Problems
+    from .inputs import gather
+    from .schemes import load_catalog
+
+    problems = Problems()
+    try:
+        catalog_names = list(load_catalog(args.catalog or DEFAULT_CATALOG))
+    except UsageError as exc:
+        problems.extend(exc.problems)
+        catalog_names = []
+    names = [n.strip() for n in args.schemes.split(",") if n.strip()] if args.schemes \
+        else catalog_names
+    options = options_from(args)
+    from .sweep import SWEEP_MARKER, plan, run_sweep
+
+    inputs = gather(options, names, overrides_from(args), problems, OVERRIDE_FLAGS,
+                    finished_marker=SWEEP_MARKER)
+    groups = plan(inputs, problems) if inputs is not None else []
+    problems.raise_if_any()
+
+    from .interrupt import StopFlag, stop_on_signals
+    from .tracking import Tracker
+
+    experiment = args.experiment or DEFAULT_EXPERIMENT
+
+    def tracker(name: str, parent):
+        return Tracker(experiment, name, nested=parent is not None, parent=parent)
+
+    with stop_on_signals(StopFlag()) as stop:
+        run_sweep(inputs, groups, stop, tracker)
+    return 0

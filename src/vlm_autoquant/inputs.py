@@ -70,7 +70,8 @@ def check_bits(scheme: Scheme, numels: dict[str, int], problems: Problems, flag:
 
 
 def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
-           problems: Problems, flags: dict[str, str] | None = None) -> Inputs | None:
+           problems: Problems, flags: dict[str, str] | None = None,
+           finished_marker: str = MANIFEST_FILE) -> Inputs | None:
     """Check dependencies, catalog, scheme(s), checkpoint, data file, output dir and tracking.
 
     Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
@@ -88,7 +89,7 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
         problems.extend(exc.problems)
     info = inspect_checkpoint(options.model_dir, problems)
     caption_file = check_caption_file(calib_path(options.calib_file), problems)
-    check_output_dir(options.output_dir, problems, MANIFEST_FILE, options.overwrite)
+    check_output_dir(options.output_dir, problems, finished_marker, options.overwrite)
     if options.track:
         tracking.check_reachable(problems)
     text_cfg = numels = None

@@ -1,0 +1,130 @@
+"""The sweep: scoring once per group, same formats as single runs, quality invariants, MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from vlm_autoquant.cli import sweep_main
+from vlm_autoquant.constants import COMPARISON_FILE, M_KL, MANIFEST_FILE, PARETO_FIGURE
+
+from .conftest import QUICK, run_cli
+
+BUDGETS = (8, 9, 10, 12, 16)
+CATALOG = """
+defaults:
+  formats: [FP8_DEFAULT_CFG]
+  method: gradient
+  num_calib_samples: 512
+  num_calib_steps: 2
+  num_score_steps: 2
+  num_eval_samples: 64
+  seq_len: 128
+  batch_size: 8
+  seed: 1234
+  disabled_layers: ["*lm_head*"]
+schemes:
+""" + "".join(f"  b{b}:\n    description: {b} bits\n    effective_bits: {b}\n" for b in BUDGETS) + """
+  kl10:
+    description: kl
+    method: kl_div
+    effective_bits: 10
+    num_score_steps: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def swept(demo, tmp_path_factory):
+    import os
+
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "cat.yaml").write_text(CATALOG)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
+                           "--output-dir", str(root / "out"), "--catalog", str(root / "cat.yaml")])
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    assert code == 0
+    return root
+
+
+def manifests(root):
+    return {p.parent.name: json.loads(p.read_text()) for p in (root / "out").glob(f"*/{MANIFEST_FILE}")}
+
+
+def test_scoring_ran_once_per_group_and_calibration_is_shared(swept):
+    ms = manifests(swept)
+    assert set(ms) == {f"b{b}" for b in BUDGETS} | {"kl10"}
+    gradient = [ms[f"b{b}"] for b in BUDGETS]
+    assert len({m["search"]["scoring_group"] for m in gradient}) == 1
+    assert [m["search"]["scores"] for m in gradient].count("ran") == 1
+    assert [m["search"]["calibration"] for m in gradient].count("ran") == 1
+    kl = ms["kl10"]["search"]
+    assert kl["scoring_group"] != gradient[0]["search"]["scoring_group"]
+    assert kl["scores"] == "ran" and kl["calibration"] == "restored"  # seeded, not recalibrated
+    assert kl["calibration_seeded_from"] == gradient[0]["search"]["scoring_group"]
+
+
+def test_quality_invariants(swept):
+    ms = manifests(swept)
+    kl = {b: ms[f"b{b}"]["quality"]["kl_mean"] for b in BUDGETS}
+    assert kl[16] == 0.0 and ms["b16"]["quality"]["top1_agreement"] == 1.0
+    assert ms["b16"]["summary"]["fp8"] == 0
+    for lo, hi in zip(BUDGETS, BUDGETS[1:]):  # fewer bits, more loss (small noise allowed)
+        assert kl[lo] >= kl[hi] * 0.9, (lo, hi, kl)
+    assert kl[8] == max(m["quality"]["kl_mean"] for m in ms.values())
+    for m in ms.values():
+        q = m["quality"]
+        assert q["ppl_rel_change"] == pytest.approx(q["ppl_quant"] / q["ppl_ref"] - 1)
+        assert m["summary"]["compression_ratio"] == pytest.approx(
+            m["summary"]["weight_bytes_bf16"] / m["summary"]["weight_bytes"])
+
+
+def test_comparison_table_and_figure(swept):
+    rows = list(csv.DictReader((swept / "out" / COMPARISON_FILE).open()))
+    assert [r["scheme"] for r in rows] == [f"b{b}" for b in BUDGETS] + ["kl10"]
+    assert (swept / "out" / PARETO_FIGURE).stat().st_size > 10_000
+
+
+def test_mlflow_parent_with_a_child_per_scheme(swept):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{swept / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == len(BUDGETS) + 1
+    parent = parents[0]
+    assert parent.data.metrics["sweep/scoring_runs"] == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert all(M_KL in c.data.metrics and c.info.status == "FINISHED" for c in children)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.json", PARETO_FIGURE, COMPARISON_FILE} <= arts
+    child_arts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert MANIFEST_FILE in child_arts
+
+
+def test_single_run_gives_the_same_formats_as_the_sweep(swept, demo, tmp_path, tracking):
+    for b in (9, 12):
+        out = tmp_path / f"single{b}"
+        assert run_cli(["--scheme-name", f"b{b}", "--catalog", swept / "cat.yaml", "--model-dir",
+                        demo[0], "--calib-file", demo[1], "--output-dir", out]) == 0
+        single = json.loads((out / MANIFEST_FILE).read_text())
+        in_sweep = manifests(swept)[f"b{b}"]
+        assert single["search"]["scores"] == "ran"
+        assert [(x["name"], x["format"]) for x in single["layers"]] == \
+            [(x["name"], x["format"]) for x in in_sweep["layers"]]
+
+
+def test_sweep_refuses_a_finished_sweep_without_overwrite(swept, demo, capsys):
+    code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
+                       "--output-dir", str(swept / "out"), "--catalog", str(swept / "cat.yaml"),
+                       *QUICK])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
