@@ -99,8 +99,9 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
         try:
             text_cfg = text_config(options.model_dir)
             numels = linear_numels(meta_model(text_cfg))
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            problems.add("--model-dir", f"config.json cannot be read as Qwen2.5-VL ({exc})",
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
+            problems.add("--model-dir", f"config.json cannot be read as Qwen2.5-VL "
+                         f"({type(exc).__name__}: {exc})",
                          "restore the checkpoint's original config.json")
         for s in schemes if numels else []:
             flag = "--effective-bits" if "effective_bits" in s.overrides \

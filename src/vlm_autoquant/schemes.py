@@ -144,8 +144,9 @@ def load_catalog(path: Path) -> dict[str, Scheme]:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise UsageError(Problem(f"{where}{line}", f"malformed YAML: {problem}",
-                                 "fix the YAML syntax at that line")) from None
+        fix = ("rename or remove one of the two entries" if "duplicate key" in problem
+               else "fix the YAML syntax at that line")
+        raise UsageError(Problem(f"{where}{line}", f"malformed YAML: {problem}", fix)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("schemes"), dict) or not doc["schemes"]:
         raise UsageError(Problem(where, "expected a mapping with a non-empty 'schemes' mapping",
                                  "see configs/schemes.yaml for the layout"))
