@@ -54,7 +54,8 @@ def _epilog() -> str:
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", type=Path, help="Qwen2.5-VL checkpoint directory")
+    p.add_argument("--model-dir", type=_optional(Path), default=None,
+                   help="Qwen2.5-VL checkpoint directory")
     p.add_argument("--output-dir", type=_optional(Path), default=None,
                    help="where the manifest and state are written (default outputs/<scheme>)")
     p.add_argument("--calib-file", type=_optional(Path), default=None,
@@ -101,10 +102,12 @@ def configure(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _attr(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def overrides_from(args: argparse.Namespace) -> dict:
-    values = {f: getattr(args, flag.lstrip("-").replace("-", "_"))
-              for f, flag in OVERRIDE_FLAGS.items()}
-    return values
+    return {field: getattr(args, _attr(flag)) for field, flag in OVERRIDE_FLAGS.items()}
 
 
 def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -> int:
@@ -211,8 +214,11 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
         log.info("no --model-dir: running the embedded demo (tiny random Qwen2.5-VL, own captions)")
         model_dir, captions = build_demo(Path(".demo"))
-        args = parser.parse_args([*DEMO_OVERRIDES, *(argv if argv is not None else sys.argv[1:]),
-                                  "--model-dir", str(model_dir)])
+        demo_args = parser.parse_args(DEMO_OVERRIDES)
+        for flag in OVERRIDE_FLAGS.values():  # the demo's sizes, unless given explicitly
+            if getattr(args, _attr(flag)) is None:
+                setattr(args, _attr(flag), getattr(demo_args, _attr(flag)))
+        args.model_dir = model_dir
         args.calib_file = args.calib_file or captions
         args.output_dir = args.output_dir or Path("outputs/demo-sweep")
     if args.output_dir is None:

@@ -19,13 +19,20 @@ REQUIRED = {
 }
 
 
+# A distribution that provides the same importable package.
+ALTERNATIVES = {"mlflow": ("mlflow-skinny",)}
+
+
 def installed_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in REQUIRED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
+        out[name] = None
+        for dist in (name, *ALTERNATIVES.get(name, ())):
+            try:
+                out[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     return out
 
 
