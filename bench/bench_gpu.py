@@ -239,11 +239,11 @@ def main() -> None:
         result["bare"] = json.loads(bare.read_text()) | {"wall_s": wall, "tokens_sha256": fp}
         print(f"[bare] wall {wall:.1f} s: " + ", ".join(
             f"{k} {v:.3f}" for k, v in result["bare"].items() if isinstance(v, float)), flush=True)
-            partial()
+        partial()
     if "peer" in steps:
         result["driver_peer_captions"] = driver(args, work, "driver_peer",
                                                 ["--num-calib-samples", "256"])
-                                                partial()
+        partial()
     if "ext" in steps and cuda:
         ext_dir = Path.home() / ".cache" / "torch_extensions"
         result["ext_cache_existed"] = ext_dir.exists() and any(ext_dir.rglob("*fp8*"))
