@@ -125,6 +125,7 @@ def driver(args, work: Path, name: str, extra: list[str], evict: bool = False) -
         "load": r_lm_bytes(work) / t["load"] if t.get("load") else None}
     res["data_captions_per_s"] = (m["calibration"]["captions_packed"] / t["data"]
                                   if t.get("data") else None)
+    res["teardown_s"] = wall - t.get("process", wall)
     print(f"[{name}] wall {wall:.1f} s; phases " +
           ", ".join(f"{k} {v:.2f}" for k, v in t.items()), flush=True)
     return res

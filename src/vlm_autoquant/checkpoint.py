@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class TensorInfo:
     file: str
     dtype: str
     shape: tuple[int, ...]
+    span: tuple[int, int] = (0, 0)  # absolute byte range in the file
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +70,17 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _header(shard: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
+    """dtype, shape and absolute byte range of every tensor, from the safetensors header."""
+    with shard.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {k: (v["dtype"], tuple(v["shape"]), (base + v["data_offsets"][0],
+                                                base + v["data_offsets"][1]))
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def _weight_files(path: Path, problems: Problems) -> list[str]:
@@ -135,10 +148,11 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
         shard = path / name
         try:
             with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    info.tensors[key] = TensorInfo(name, s.get_dtype(), tuple(s.get_shape()))
-        except (SafetensorError, OSError) as exc:
+                keys = list(f.keys())  # safe_open validates the header against the file size
+            for key, (dtype, shape, span) in _header(shard).items():
+                if key in keys:
+                    info.tensors[key] = TensorInfo(name, dtype, shape, span)
+        except (SafetensorError, OSError, ValueError) as exc:
             problems.add("--model-dir", f"shard {name} cannot be read: {exc}",
                          "the file is truncated or corrupt; re-download it")
             continue

@@ -175,12 +175,18 @@ def _run_main(args: argparse.Namespace) -> int:
     from .errors import Problems
     from .inputs import build_data, gather
 
+    import time
+
+    from .phases import since_process_start
+
+    t0 = time.perf_counter()
     problems = Problems()
     inputs = gather(options_from(args), [args.scheme_name], overrides_from(args), problems,
                     OVERRIDE_FLAGS)
     data = build_data(inputs.tokenizer, inputs.captions, inputs.schemes[0], problems) \
         if inputs is not None else None
     problems.raise_if_any()
+    validate = time.perf_counter() - t0
 
     from .interrupt import StopFlag, stop_on_signals
     from .pipeline import run_single
@@ -188,7 +194,8 @@ def _run_main(args: argparse.Namespace) -> int:
 
     experiment = args.experiment or DEFAULT_EXPERIMENT
     with stop_on_signals(StopFlag()) as stop:
-        run_single(inputs, data, stop, lambda name: Tracker(experiment, name))
+        run_single(inputs, data, stop, lambda name: Tracker(experiment, name),
+                   {"startup": since_process_start(), "validate": validate - data.seconds})
     return 0
 
 

@@ -13,6 +13,11 @@ log = logging.getLogger("vlm_autoquant")
 GIB = 1024**3
 
 
+def since_process_start() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    return time.time() - psutil.Process().create_time()
+
+
 def peak_rss_gib() -> float:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
     import resource

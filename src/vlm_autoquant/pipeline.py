@@ -20,7 +20,7 @@ from .constants import (
     SENSITIVITY_FIGURE, SENSITIVITY_PREFIX, TIME_PREFIX,
 )
 from .inputs import Data, Inputs
-from .phases import Phases, gpu_peak_gib, peak_rss_gib
+from .phases import Phases, gpu_peak_gib, peak_rss_gib, since_process_start
 from .schemes import Scheme
 
 log = logging.getLogger("vlm_autoquant")
@@ -78,6 +78,9 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
         stop=stop, grad_checkpointing=opts.grad_checkpointing)
     for key in ("calibrate", "score", "solve"):
         phases.add(key, srun.timings.get(key, 0.0))
+    # ModelOpt's own set-up inside auto_quantize: quantizer insertion, search space, restore.
+    phases.add("search_setup", srun.timings["auto_quantize"] - sum(
+        srun.timings.get(k, 0.0) for k in ("calibrate", "score", "solve")))
     log.info("search: calibration %s, scores %s (%s)",
              "ran" if srun.calibrated else "restored from checkpoint",
              "ran" if srun.scored else "restored from checkpoint", checkpoint)
@@ -128,7 +131,7 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
         if tracker is not None:
             _log_run(tracker, scheme, inputs, metrics, rows, fig, out_dir, rel, search)
     figures.plt.close(fig)
-    timings = {**phases.seconds, "total": phases.total()}
+    timings = {**phases.seconds, "run": phases.total(), "process": since_process_start()}
     doc = manifest.build(
         scheme=scheme.model_dump(),
         model={"directory": str(opts.model_dir), "model_type": inputs.checkpoint.model_type,
@@ -219,14 +222,23 @@ def announce(inputs: Inputs, scheme: Scheme) -> None:
              "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_single(inputs: Inputs, data: Data, stop, tracker_factory) -> Outcome:
-    """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run."""
+def run_single(inputs: Inputs, data: Data, stop, tracker_factory,
+               before: dict[str, float] | None = None) -> Outcome:
+    """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run.
+
+    `before` carries timings measured before this call (startup, validate).
+    """
     from .lm import load_lm, pick_device
 
     scheme = inputs.schemes[0]
     opts = inputs.options
     phases = Phases()
+    for key, seconds in (before or {}).items():
+        phases.add(key, seconds)
     phases.add("data", data.seconds)
+    if before:
+        log.info("%-10s %7.2f s  (interpreter, imports, validation %.2f s, data %.2f s)", "startup",
+                 before.get("startup", 0.0), before.get("validate", 0.0), data.seconds)
     checkpoint = search_checkpoint(opts.output_dir)
     fp = scoring_fingerprint(inputs, scheme, data)
     reuse = resume.check_reusable(checkpoint, fp, opts.overwrite)  # may refuse before loading
@@ -234,13 +246,14 @@ def run_single(inputs: Inputs, data: Data, stop, tracker_factory) -> Outcome:
     if reuse.stage:
         log.info("resuming: %s search checkpoint %s (sha256 %s...) matches these settings",
                  reuse.stage, checkpoint, reuse.sha256[:12])
-    tracker = tracker_factory(scheme.name)
+    with phases("track", "MLflow run started"):
+        tracker = tracker_factory(scheme.name)
     try:
         kernel = autoquant.select_fp8_kernel(opts.fp8_kernel)
         device = pick_device()
         with phases("load", f"LM only, {len(inputs.checkpoint.vision_keys())} vision tensors "
                             f"left unread"):
-            model, _ = load_lm(opts.model_dir, inputs.text_config, device)
+            model, _ = load_lm(opts.model_dir, inputs.text_config, device, inputs.checkpoint)
         outcome = quantize_scheme(model, scheme, inputs, data, opts.output_dir, checkpoint, fp,
                                   tracker, phases, device, stop,
                                   {"fp8_kernel": kernel, "resumed_from": reuse.stage})
