@@ -68,7 +68,11 @@ def run_cli(args: list[str]) -> int:
 
 
 def subprocess_env(**extra: str) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+    # MLflow leaves MLFLOW_EXPERIMENT_ID etc. in os.environ after in-process runs; a child
+    # process must not inherit them.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    env.update(PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
