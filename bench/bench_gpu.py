@@ -72,6 +72,25 @@ def split_ranges(ckpt: Path) -> dict[Path, dict[str, list]]:
     return out
 
 
+def vision_residency(ckpt: Path) -> list[dict]:
+    """Resident vision bytes per shard, with how far they lie past the end of the nearest LM span
+    before them (read-ahead spill shows as bytes right after an LM span)."""
+    out = []
+    for f, parts in split_ranges(ckpt).items():
+        pages = pagecache.resident_pages(f)
+        lm_ends = sorted(e for _, e in parts["lm"])
+        for start, end in sorted(parts["vision"]):
+            got = pagecache.resident_bytes(f, [(start, end)])
+            if got:
+                prev = max((e for e in lm_ends if e <= start), default=None)
+                last = max(p for p in range(start // pagecache.PAGE, (end - 1) // pagecache.PAGE + 1)
+                           if pages[p] & 1) * pagecache.PAGE + pagecache.PAGE
+                out.append({"shard": f.name, "bytes": got, "tensor_offset": start,
+                            "after_lm_end": None if prev is None else start - prev,
+                            "resident_until": min(last, end) - (prev if prev is not None else start)})
+    return out
+
+
 def resident(ckpt: Path) -> dict:
     got = {"lm": 0, "vision": 0}
     for f, parts in split_ranges(ckpt).items():
@@ -162,7 +181,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT / ".bench_data",
                    help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt")
     p.add_argument("--work", type=Path, default=Path("/tmp/vlmbench"))
-    p.add_argument("--steps", default="driver,read,bare,peer,ext,gcoff,probe")
+    p.add_argument("--steps", default="driver,read,bare,peer,ext,gcoff,loadonly,repeat,probe")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     steps = set(args.steps.split(","))
@@ -220,8 +239,9 @@ def main() -> None:
 
     partial()
     if "driver" in steps:
-        result["driver_cold"] = driver(args, work, "driver_cold", [], evict=True)
-        result["driver_warm"] = driver(args, work, "driver_warm", [])
+        result["driver_cold"] = driver(args, work, "driver_cold", ["--fp8-kernel", "eager"],
+                                       evict=True)
+        result["driver_warm"] = driver(args, work, "driver_warm", ["--fp8-kernel", "eager"])
         partial()
     if "read" in steps:
         pagecache.evict(shard_files(ckpt))
@@ -241,9 +261,52 @@ def main() -> None:
         print(f"[bare] wall {wall:.1f} s: " + ", ".join(
             f"{k} {v:.3f}" for k, v in result["bare"].items() if isinstance(v, float)), flush=True)
         partial()
+    if "batch16" in steps:  # the same tokens in half as many batches of twice the rows
+        result["driver_b16"] = driver(args, work, "driver_b16", [
+            "--fp8-kernel", "eager", "--batch-size", "16", "--num-calib-steps", "16",
+            "--num-score-steps", "8"])
+        partial()
+        result["driver_b8"] = driver(args, work, "driver_b8", ["--fp8-kernel", "eager"])
+        partial()
+    if "peer2" in steps:
+        result["driver_peer_captions_2"] = driver(args, work, "driver_peer_2",
+                                                  ["--num-calib-samples", "256",
+                                                   "--fp8-kernel", "eager"])
+        partial()
+    if "loadonly" in steps and "read" not in steps:  # the plain-read floor for the ratio
+        pagecache.evict(shard_files(ckpt))
+        t = time.perf_counter()
+        n = sum(pagecache.read_ranges(f, parts["lm"]) for f, parts in split_ranges(ckpt).items())
+        result["read_lm_bytes"] = {"bytes": n, "s": time.perf_counter() - t}
+    if "loadonly" in steps:
+        for label, extra in (("prefetch", []), ("no_prefetch", ["--no-prefetch"])):
+            pagecache.evict(shard_files(ckpt))
+            target = work / f"load_{label}.json"
+            wall = sh([sys.executable, str(ROOT / "bench" / "load_only.py"), str(ckpt), str(target),
+                       *extra], env_for(work), work / f"load_{label}.log")
+            res = json.loads(target.read_text()) | {"wall_s": wall, "resident": resident(ckpt),
+                                                     "vision_map": vision_residency(ckpt)}
+            result[f"load_only_{label}"] = res
+            print(f"[load_only {label}] load {res['load_s']:.2f} s, resident {res['resident']}",
+                  flush=True)
+        partial()
+    if "repeat" in steps:
+        fp = build_batches(args, work, work / "batches.pt")
+        for i in range(2):
+            result[f"driver_warm_{i + 2}"] = driver(args, work, f"driver_warm_{i + 2}",
+                                                     ["--fp8-kernel", "eager"])
+            bare = work / f"bare_{i + 2}.json"
+            wall = sh([sys.executable, str(ROOT / "bench" / "bare_autoquant.py"), str(ckpt),
+                       str(work / "batches.pt"), str(bare), "--eager"], env_for(work),
+                      work / f"bare_{i + 2}.log")
+            result[f"bare_{i + 2}"] = json.loads(bare.read_text()) | {"wall_s": wall,
+                                                                     "tokens_sha256": fp}
+            print(f"[bare_{i + 2}] wall {wall:.1f} s", flush=True)
+            partial()
     if "peer" in steps:
         result["driver_peer_captions"] = driver(args, work, "driver_peer",
-                                                ["--num-calib-samples", "256"])
+                                                ["--num-calib-samples", "256",
+                                                 "--fp8-kernel", "eager"])
         partial()
     if "ext" in steps and cuda:
         ext_dir = Path.home() / ".cache" / "torch_extensions"
@@ -252,7 +315,8 @@ def main() -> None:
         result["driver_ext_warm"] = driver(args, work, "driver_ext_warm", ["--fp8-kernel", "cuda-ext"])
         partial()
     if "gcoff" in steps:
-        result["driver_gc_off"] = driver(args, work, "driver_gc_off", ["--grad-checkpointing", "off"])
+        result["driver_gc_off"] = driver(args, work, "driver_gc_off", ["--grad-checkpointing", "off",
+                                                                       "--fp8-kernel", "eager"])
         partial()
     if "probe" in steps:
         probe = work / "probe.json"
@@ -277,6 +341,15 @@ def summarize(r: dict) -> None:
     rows: list[tuple[str, str, str]] = []
     d, dw = r.get("driver_cold"), r.get("driver_warm")
     b = r.get("bare")
+    drivers = [r[k]["wall_s"] for k in ("driver_warm", "driver_warm_2", "driver_warm_3") if k in r]
+    bares = [r[k]["wall_s"] - r[k].get("floors_s", 0.0) for k in ("bare", "bare_2", "bare_3")
+             if k in r]
+    if drivers and bares:
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        r["ratio_driver_over_bare_median"] = med(drivers) / med(bares)
+        r["driver_warm_walls"], r["bare_walls"] = drivers, bares
+        rows.append((f"median driver / median bare ({len(drivers)} vs {len(bares)} runs)",
+                     f"{r['ratio_driver_over_bare_median']:.2f}", "<= 1.3"))
     if dw and b:
         bare_total = b["wall_s"] - b.get("floors_s", 0.0)
         r["ratio_driver_over_bare"] = dw["wall_s"] / bare_total
@@ -299,6 +372,14 @@ def summarize(r: dict) -> None:
         r["bytes_read"] = {"lm": lm, "vision": vis, "lm_total": r["checkpoint"]["lm_bytes"]}
         rows.append(("vision bytes read by the cold load", f"{vis}", "0 (page granularity)"))
         rows.append(("LM bytes read / LM bytes", f"{lm / r['checkpoint']['lm_bytes']:.3f}", "~1"))
+    for label in ("prefetch", "no_prefetch"):
+        lo = r.get(f"load_only_{label}")
+        if lo and "read_lm_bytes" in r:
+            rows.append((f"cold load ({label}) / plain read of LM bytes",
+                         f"{lo['load_s'] / r['read_lm_bytes']['s']:.2f}", "<= 1.2"))
+            rows.append((f"vision bytes resident after cold load ({label})",
+                         f"{lo['resident']['vision']}", "0 + read-ahead"))
+    if d:
         if "read_lm_bytes" in r:
             ratio = d["timings"]["load"] / r["read_lm_bytes"]["s"]
             r["ratio_load_over_read"] = ratio
@@ -314,7 +395,11 @@ def summarize(r: dict) -> None:
                      f"{dw['score_per_batch_s'] / b['bf16_fwd_bwd_s']:.2f}", "was 5.7-5.9"))
         rows.append(("calibration per batch / BF16 fwd",
                      f"{dw['calibrate_per_batch_s'] / b['bf16_forward_s']:.2f}", "was ~4"))
-    for key in ("driver_ext_cold", "driver_ext_warm", "driver_gc_off"):
+    for key in ("driver_peer_captions_2",):
+        if key in r:
+            rows.append(("driver (256 captions) / peer 58.7 s, repeat",
+                         f"{r[key]['wall_s'] / PEER_S[0]:.2f}", "<= 0.5"))
+    for key in ("driver_b16", "driver_b8", "driver_ext_cold", "driver_ext_warm", "driver_gc_off"):
         if key in r:
             x = r[key]
             rows.append((f"{key}: wall / calib per batch / score per batch",

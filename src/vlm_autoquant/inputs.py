@@ -29,7 +29,7 @@ class RunOptions:
     overwrite: bool = False
     save_weights: bool = False
     grad_checkpointing: bool = True
-    fp8_kernel: str = "eager"
+    fp8_kernel: str = "auto"
     experiment: str | None = None
     track: bool = True
 

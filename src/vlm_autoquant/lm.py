@@ -101,19 +101,27 @@ def lm_spans(info: CheckpointInfo) -> dict[Path, list[tuple[int, int]]]:
     return spans
 
 
-def prefetch(info: CheckpointInfo) -> threading.Thread:
-    """Ask the kernel to read the LM bytes ahead, in large requests, while transformers builds
-    the model: a cold load then waits on sequential reads instead of one page fault at a time,
-    and read-ahead never spills into the vision tensors. Returns the (daemon) thread."""
+def prefetch(info: CheckpointInfo, chunk: int = 16 << 20) -> threading.Thread:
+    """Read the LM's bytes into the page cache in a background thread while transformers builds
+    the model, so a cold load waits on large sequential reads instead of one page fault at a
+    time. The reads go through a descriptor marked POSIX_FADV_RANDOM, which turns the kernel's
+    read-ahead off: exactly the LM byte ranges are read, none of the vision tower's."""
     def run() -> None:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
         for path, spans in lm_spans(info).items():
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
             try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 for start, end in spans:
-                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                    while start < end:
+                        got = os.preadv(fd, [view[: min(chunk, end - start)]], start)
+                        if got <= 0:
+                            break
+                        start += got
             except OSError:
                 pass
             finally:
@@ -130,7 +138,7 @@ def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device,
 
     With `info` (the inspected checkpoint), the LM's bytes are prefetched in the background.
     """
-    if info is not None and hasattr(os, "posix_fadvise"):
+    if info is not None and hasattr(os, "posix_fadvise") and hasattr(os, "preadv"):
         prefetch(info)
     with _quiet_transformers():
         model, info = Qwen2ForCausalLM.from_pretrained(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from concurrent.futures import ThreadPoolExecutor
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +69,13 @@ def _on_device(batches: list[dict], device: torch.device) -> list[dict]:
 
 
 def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data, out_dir: Path,
-                    checkpoint: Path, fp: dict, tracker, phases: Phases, device: torch.device,
+                    checkpoint: Path, fp: dict, get_tracker, phases: Phases, device: torch.device,
                     stop=None, search_info: dict | None = None) -> Outcome:
-    """Search (or restore) `scheme` on `model`, then evaluate, save and log it."""
+    """Search (or restore) `scheme` on `model`, then evaluate, save and log it.
+
+    `get_tracker()` returns the MLflow tracker (or None); it is called only when the results are
+    logged, so a run that is still starting in the background overlaps with the search.
+    """
     opts = inputs.options
     batches = _on_device(data.calib.batches[: data.steps], device)
     state, srun = autoquant.run_auto_quantize(
@@ -127,6 +132,8 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
               "scoring_group": resume.fingerprint_hash(fp)[:12],
               "modelopt_effective_bits": state["best"]["constraints"].get("effective_bits"),
               **(search_info or {})}
+    with phases("track", "waiting for the MLflow run to start"):
+        tracker = get_tracker()
     with phases("log"):
         if tracker is not None:
             _log_run(tracker, scheme, inputs, metrics, rows, fig, out_dir, rel, search)
@@ -246,8 +253,12 @@ def run_single(inputs: Inputs, data: Data, stop, tracker_factory,
     if reuse.stage:
         log.info("resuming: %s search checkpoint %s (sha256 %s...) matches these settings",
                  reuse.stage, checkpoint, reuse.sha256[:12])
-    with phases("track", "MLflow run started"):
-        tracker = tracker_factory(scheme.name)
+    # The MLflow run starts in the background during the load and the search (its store was
+    # already checked to be reachable); results are logged once it exists.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-start")
+    pending = pool.submit(tracker_factory, scheme.name)
+    pool.shutdown(wait=False)
+    tracker = None
     try:
         kernel = autoquant.select_fp8_kernel(opts.fp8_kernel)
         device = pick_device()
@@ -255,14 +266,20 @@ def run_single(inputs: Inputs, data: Data, stop, tracker_factory,
                             f"left unread"):
             model, _ = load_lm(opts.model_dir, inputs.text_config, device, inputs.checkpoint)
         outcome = quantize_scheme(model, scheme, inputs, data, opts.output_dir, checkpoint, fp,
-                                  tracker, phases, device, stop,
+                                  pending.result, phases, device, stop,
                                   {"fp8_kernel": kernel, "resumed_from": reuse.stage})
+        tracker = pending.result()
         if tracker is not None:
             tracker.log_metrics(final_metrics(phases))
             tracker.end("FINISHED")
         log.info("done in %.1f s: %s", phases.total(), opts.output_dir / MANIFEST_FILE)
         return outcome
     except BaseException as exc:
+        if tracker is None:  # never leave the run RUNNING: wait for it, then mark it
+            try:
+                tracker = pending.result(timeout=300)
+            except Exception:  # noqa: BLE001 - the run could not even start
+                tracker = None
         if tracker is not None:
             from .errors import Interrupted
 

@@ -147,7 +147,7 @@ def run_sweep(inputs: Inputs, groups: list[Group], stop, tracker_factory) -> lis
                     scheme_phases = Phases()
                     outcome = quantize_scheme(
                         model, scheme, inputs, g.data, opts.output_dir / scheme.name,
-                        g.checkpoint, g.fingerprint, child, scheme_phases, device, stop,
+                        g.checkpoint, g.fingerprint, lambda: child, scheme_phases, device, stop,
                         {"fp8_kernel": kernel, "calibration_seeded_from": seeded,
                          "sweep_group_index": i})
                     if child is not None:
