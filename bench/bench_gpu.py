@@ -279,7 +279,7 @@ def main() -> None:
         n = sum(pagecache.read_ranges(f, parts["lm"]) for f, parts in split_ranges(ckpt).items())
         result["read_lm_bytes"] = {"bytes": n, "s": time.perf_counter() - t}
     if "loadonly" in steps:
-        for label, extra in (("prefetch", []), ("no_prefetch", ["--no-prefetch"])):
+        for label, extra in (("cold", []),):
             pagecache.evict(shard_files(ckpt))
             target = work / f"load_{label}.json"
             wall = sh([sys.executable, str(ROOT / "bench" / "load_only.py"), str(ckpt), str(target),
@@ -372,7 +372,7 @@ def summarize(r: dict) -> None:
         r["bytes_read"] = {"lm": lm, "vision": vis, "lm_total": r["checkpoint"]["lm_bytes"]}
         rows.append(("vision bytes read by the cold load", f"{vis}", "0 (page granularity)"))
         rows.append(("LM bytes read / LM bytes", f"{lm / r['checkpoint']['lm_bytes']:.3f}", "~1"))
-    for label in ("prefetch", "no_prefetch"):
+    for label in ("cold", "prefetch", "no_prefetch"):  # prefetch*: an earlier, reverted variant
         lo = r.get(f"load_only_{label}")
         if lo and "read_lm_bytes" in r:
             rows.append((f"cold load ({label}) / plain read of LM bytes",

@@ -116,16 +116,3 @@ def test_missing_lm_tensor_is_refused(demo, tmp_path):
     with pytest.raises(RunFailed, match="down_proj"):
         load_lm(broken, text_config(broken), torch.device("cpu"))
 
-
-def test_prefetch_spans_cover_the_lm_and_never_the_vision_tower(layouts):
-    from vlm_autoquant.lm import lm_spans
-
-    for layout in ("released", "legacy"):
-        info = inspect_checkpoint(layouts[layout], Problems())
-        spans = lm_spans(info)
-        covered = sum(e - s for ss in spans.values() for s, e in ss)
-        assert covered >= info.bytes_of(info.lm_keys())
-        for key in info.vision_keys():
-            t = info.tensors[key]
-            for s, e in spans[info.path / t.file] if info.path / t.file in spans else []:
-                assert e <= t.span[0] or s >= t.span[1], (key, (s, e), t.span)

@@ -30,7 +30,6 @@ class TensorInfo:
     file: str
     dtype: str
     shape: tuple[int, ...]
-    span: tuple[int, int] = (0, 0)  # absolute byte range in the file
 
     @property
     def nbytes(self) -> int:
@@ -72,15 +71,12 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _header(shard: Path) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]:
-    """dtype, shape and absolute byte range of every tensor, from the safetensors header."""
+def _header(shard: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """dtype and shape of every tensor, from the safetensors header (no tensor bytes read)."""
     with shard.open("rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    base = 8 + size
-    return {k: (v["dtype"], tuple(v["shape"]), (base + v["data_offsets"][0],
-                                                base + v["data_offsets"][1]))
-            for k, v in header.items() if k != "__metadata__"}
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
 
 
 def _weight_files(path: Path, problems: Problems) -> list[str]:
@@ -149,9 +145,9 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
         try:
             with safe_open(str(shard), framework="pt") as f:
                 keys = list(f.keys())  # safe_open validates the header against the file size
-            for key, (dtype, shape, span) in _header(shard).items():
+            for key, (dtype, shape) in _header(shard).items():
                 if key in keys:
-                    info.tensors[key] = TensorInfo(name, dtype, shape, span)
+                    info.tensors[key] = TensorInfo(name, dtype, shape)
         except (SafetensorError, OSError, ValueError) as exc:
             problems.add("--model-dir", f"shard {name} cannot be read: {exc}",
                          "the file is truncated or corrupt; re-download it")

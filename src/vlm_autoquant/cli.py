@@ -131,8 +131,15 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -
     except Exception as exc:  # noqa: BLE001 - the boundary turns everything into a message
         if debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc}\n(rerun with --debug for the traceback)",
-              file=sys.stderr)
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            print("error: out of GPU memory. The 3B LM peaks at 39 GiB with 16x512 batches and "
+                  "22 GiB with 8x512.\n    fix: rerun with --batch-size 8 --num-calib-steps 32 "
+                  "--num-score-steps 16 --overwrite (the same tokens in smaller batches; "
+                  "--overwrite discards the search checkpoint made for the old batch shape)",
+                  file=sys.stderr)
+        else:
+            print(f"error: {type(exc).__name__}: {exc}\n(rerun with --debug for the traceback)",
+                  file=sys.stderr)
         code = EXIT_FAILURE
     if output_dir is not None and not existed and output_dir.exists() and not any(
             p.is_file() for p in output_dir.rglob("*")):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import VISION_RE, CheckpointInfo
+from .checkpoint import VISION_RE
 from .errors import RunFailed
 
 log = logging.getLogger(__name__)
@@ -86,60 +84,9 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def lm_spans(info: CheckpointInfo) -> dict[Path, list[tuple[int, int]]]:
-    """Byte spans of the LM tensors in each shard (adjacent tensors merged; vision excluded)."""
-    spans: dict[Path, list[tuple[int, int]]] = {}
-    for file in sorted({info.tensors[k].file for k in info.lm_keys()}):
-        ranges = sorted(info.tensors[k].span for k in info.lm_keys() if info.tensors[k].file == file)
-        merged = [ranges[0]]
-        for start, end in ranges[1:]:
-            if start <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-            else:
-                merged.append((start, end))
-        spans[info.path / file] = merged
-    return spans
-
-
-def prefetch(info: CheckpointInfo, chunk: int = 16 << 20) -> threading.Thread:
-    """Read the LM's bytes into the page cache in a background thread while transformers builds
-    the model, so a cold load waits on large sequential reads instead of one page fault at a
-    time. The reads go through a descriptor marked POSIX_FADV_RANDOM, which turns the kernel's
-    read-ahead off: exactly the LM byte ranges are read, none of the vision tower's."""
-    def run() -> None:
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        for path, spans in lm_spans(info).items():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                for start, end in spans:
-                    while start < end:
-                        got = os.preadv(fd, [view[: min(chunk, end - start)]], start)
-                        if got <= 0:
-                            break
-                        start += got
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    thread = threading.Thread(target=run, name="lm-prefetch", daemon=True)
-    thread.start()
-    return thread
-
-
-def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device,
-            info: CheckpointInfo | None = None) -> tuple[Qwen2ForCausalLM, LoadReport]:
-    """Load the LM in bf16 on `device`, frozen and in eval mode; vision tensors stay unread.
-
-    With `info` (the inspected checkpoint), the LM's bytes are prefetched in the background.
-    """
-    if info is not None and hasattr(os, "posix_fadvise") and hasattr(os, "preadv"):
-        prefetch(info)
+def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device) -> tuple[Qwen2ForCausalLM,
+                                                                              LoadReport]:
+    """Load the LM in bf16 on `device`, frozen and in eval mode; vision tensors stay unread."""
     with _quiet_transformers():
         model, info = Qwen2ForCausalLM.from_pretrained(
             model_dir, config=cfg, dtype=torch.bfloat16, device_map={"": device},

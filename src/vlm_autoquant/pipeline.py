@@ -264,7 +264,7 @@ def run_single(inputs: Inputs, data: Data, stop, tracker_factory,
         device = pick_device()
         with phases("load", f"LM only, {len(inputs.checkpoint.vision_keys())} vision tensors "
                             f"left unread"):
-            model, _ = load_lm(opts.model_dir, inputs.text_config, device, inputs.checkpoint)
+            model, _ = load_lm(opts.model_dir, inputs.text_config, device)
         outcome = quantize_scheme(model, scheme, inputs, data, opts.output_dir, checkpoint, fp,
                                   pending.result, phases, device, stop,
                                   {"fp8_kernel": kernel, "resumed_from": reuse.stage})

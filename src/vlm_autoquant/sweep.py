@@ -129,7 +129,7 @@ def run_sweep(inputs: Inputs, groups: list[Group], stop, tracker_factory) -> lis
         kernel = autoquant.select_fp8_kernel(opts.fp8_kernel)
         device = pick_device()
         with phases("load", "LM only, once for the whole sweep"):
-            pristine, _ = load_lm(opts.model_dir, inputs.text_config, device, inputs.checkpoint)
+            pristine, _ = load_lm(opts.model_dir, inputs.text_config, device)
         done: list[Group] = []
         for g in groups:
             seeded = None
