@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import matplotlib
+# The object-oriented API only: no pyplot, so no GUI backend, no global figure state and no
+# REPL hooks (pyplot imports IPython hooks, which raced with MLflow's thread importing IPython).
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: figures go to files and MLflow, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .manifest import FP8, LayerRow  # noqa: E402
+from .manifest import FP8, LayerRow
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -23,8 +21,8 @@ def sensitivity(rows: list[LayerRow], title: str) -> Figure:
             continue
         by_proj.setdefault(pos[1], []).append((pos[0], min(fp8_scores), r.format))
     projs = [p for p in PROJECTIONS if p in by_proj] + sorted(set(by_proj) - set(PROJECTIONS))
-    fig, axes = plt.subplots(len(projs) or 1, 1, figsize=(9, 1.3 * max(len(projs), 1) + 1),
-                             sharex=True, squeeze=False)
+    fig = Figure(figsize=(9, 1.3 * max(len(projs), 1) + 1))
+    axes = fig.subplots(len(projs) or 1, 1, sharex=True, squeeze=False)
     for ax, proj in zip(axes[:, 0], projs):
         pts = sorted(by_proj[proj])
         for fmt, colour in ((FP8, "tab:blue"), ("BF16", "tab:orange")):
@@ -43,7 +41,8 @@ def sensitivity(rows: list[LayerRow], title: str) -> Figure:
 
 def pareto(points: list[dict]) -> Figure:
     """Effective bits vs KL and vs perplexity change, one labelled point per scheme."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    ax1, ax2 = fig.subplots(1, 2)
     for ax, key, label in ((ax1, "kl_mean", "mean KL(BF16 || quantized)"),
                            (ax2, "ppl_rel_change", "relative perplexity change")):
         for p in points:

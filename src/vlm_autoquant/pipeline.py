@@ -101,6 +101,10 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
             qual = quality.evaluate(model, data.eval.batches, device)
         log.info("quality: KL %.4g, top-1 %.4f, ppl %.4g -> %.4g", qual["kl_mean"],
                  qual["top1_agreement"], qual["ppl_ref"], qual["ppl_quant"])
+    # The MLflow run may still be starting in another thread, which imports IPython & co.;
+    # matplotlib inspects sys.modules for IPython, so no plotting until that thread is done.
+    with phases("track", "waiting for the MLflow run to start"):
+        tracker = get_tracker()
     fig = figures.sensitivity(rows, scheme.name)
     rel = {name: name for name in (MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, LAYERS_FILE,
                                    SENSITIVITY_FIGURE)}
@@ -132,12 +136,9 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
               "scoring_group": resume.fingerprint_hash(fp)[:12],
               "modelopt_effective_bits": state["best"]["constraints"].get("effective_bits"),
               **(search_info or {})}
-    with phases("track", "waiting for the MLflow run to start"):
-        tracker = get_tracker()
     with phases("log"):
         if tracker is not None:
             _log_run(tracker, scheme, inputs, metrics, rows, fig, out_dir, rel, search)
-    figures.plt.close(fig)
     timings = {**phases.seconds, "run": phases.total(), "process": since_process_start()}
     doc = manifest.build(
         scheme=scheme.model_dump(),
@@ -170,9 +171,16 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
     return Outcome(doc, out_dir)
 
 
+def _param(value) -> str:
+    """Params as a user reads them in the UI: lists comma-joined, None as "null"."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "null" if value is None else str(value)
+
+
 def _log_run(tracker, scheme: Scheme, inputs: Inputs, metrics: dict, rows, fig, out_dir: Path,
              rel: dict, search: dict) -> None:
-    tracker.log_params({f"scheme.{k}": v for k, v in scheme.model_dump().items()
+    tracker.log_params({f"scheme.{k}": _param(v) for k, v in scheme.model_dump().items()
                         if k not in ("description", "overrides")}
                        | {"scheme.overrides": ",".join(sorted(scheme.overrides)) or "none",
                           "model_dir": str(inputs.options.model_dir),

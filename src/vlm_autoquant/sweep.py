@@ -195,4 +195,3 @@ def _write_comparison(rows: list[dict], out_dir: Path, parent) -> None:
         parent.log_table(rows, "comparison.json")
         parent.log_figure(fig, PARETO_FIGURE)
         parent.log_artifact(out_dir / COMPARISON_FILE)
-    figures.plt.close(fig)
