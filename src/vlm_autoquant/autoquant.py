@@ -133,6 +133,12 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
         try:
             orig_save(self, verbose)
             os.replace(tmp, final)
+        except (OSError, RuntimeError) as exc:
+            # torch.save writes through C++ streams: a full disk arrives as a RuntimeError
+            # without an errno, so say what most likely happened and what to do.
+            raise RunFailed(f"no space left to write the search checkpoint {final}? Writing it "
+                            f"failed ({exc}). Free disk space (or lift the file-size limit) or "
+                            "choose another --output-dir; nothing partial was left.") from exc
         finally:
             self.config["checkpoint"] = configured
             with contextlib.suppress(FileNotFoundError):

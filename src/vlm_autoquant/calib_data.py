@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import Problems
+from .errors import Problems, RunFailed
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -78,7 +78,15 @@ def load_captions(path: Path) -> list[str]:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    ds = load_dataset("text", data_files=str(path), split="train")
+    try:
+        ds = load_dataset("text", data_files=str(path), split="train")
+    except Exception as exc:  # noqa: BLE001 - datasets wraps I/O errors in its own types
+        from datasets import config
+
+        raise RunFailed(f"the datasets text loader could not read {path} ({type(exc).__name__}: "
+                        f"{exc}). It caches the file as Arrow under {config.HF_DATASETS_CACHE}: "
+                        "if that disk is full, free space or point HF_DATASETS_CACHE elsewhere."
+                        ) from exc
     return [t.strip() for t in ds["text"] if t.strip()]
 
 
