@@ -41,12 +41,14 @@ def swept(demo, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sweep")
     (root / "cat.yaml").write_text(CATALOG)
-    old = os.environ.get("MLFLOW_TRACKING_URI")
+    old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.chdir(root)  # MLflow's default artifact root is ./mlruns
     try:
         code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
                            "--output-dir", str(root / "out"), "--catalog", str(root / "cat.yaml")])
     finally:
+        os.chdir(cwd)
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI")
         else:
