@@ -27,6 +27,8 @@ from vlm_autoquant.demo import DEMO_OVERRIDES, build_demo  # noqa: E402
 SINGLE = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
 SWEEP = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_sweep.py"
 SCHEME = "fp8-balanced-10b"
+# The catalog schemes that share one scoring group with SCHEME (they differ only in budget).
+GROUP = "fp8-all-8b,fp8-aggressive-9b,fp8-balanced-10b,fp8-conservative-12b"
 
 
 def timed(cmd: list[str], work: Path) -> float:
@@ -53,7 +55,7 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     model_dir, captions = build_demo(args.work / "demo")
     common = ["--model-dir", str(model_dir), "--calib-file", str(captions), *DEMO_OVERRIDES]
-    single, sweep = [], []
+    single, sweep, group = [], [], []
     for i in range(args.repeats):  # alternate, so drift hits both sides alike
         w = args.work / f"single{i}"
         w.mkdir(parents=True)
@@ -62,7 +64,12 @@ def main() -> None:
         w = args.work / f"sweep{i}"
         w.mkdir(parents=True)
         sweep.append(timed([sys.executable, str(SWEEP), "--output-dir", str(w / "out"), *common], w))
-        print(f"repeat {i}: single {single[-1]:.1f} s, sweep {sweep[-1]:.1f} s", flush=True)
+        w = args.work / f"group{i}"
+        w.mkdir(parents=True)
+        group.append(timed([sys.executable, str(SWEEP), "--schemes", GROUP, "--output-dir",
+                            str(w / "out"), *common], w))
+        print(f"repeat {i}: single {single[-1]:.1f} s, sweep {sweep[-1]:.1f} s, "
+              f"one-group sweep {group[-1]:.1f} s", flush=True)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     out = args.work / f"sweep{args.repeats - 1}" / "out"
     manifests = {m.parent.name: json.loads(m.read_text()) for m in out.glob("*/manifest.json")}
@@ -76,7 +83,9 @@ def main() -> None:
     single_m = json.loads((args.work / f"single{args.repeats - 1}" / "out" /
                            "manifest.json").read_text())
     result = {"scheme": SCHEME, "schemes_in_sweep": len(manifests), "single_wall_s": single,
-              "sweep_wall_s": sweep, "ratio": med(sweep) / med(single), "groups": groups,
+              "sweep_wall_s": sweep, "ratio": med(sweep) / med(single),
+              "group_sweep_wall_s": group, "group_schemes": GROUP.split(","),
+              "group_ratio": med(group) / med(single), "groups": groups,
               "single_timings": single_m["timings"], "demo_overrides": DEMO_OVERRIDES,
               "python": sys.version.split()[0], "cpus": os.cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +93,9 @@ def main() -> None:
     print(f"\n{'':34}{'median wall (s)':>16}")
     print(f"{'one scheme (' + SCHEME + ')':34}{med(single):>16.1f}")
     print(f"{'whole catalog (' + str(len(manifests)) + ' schemes)':34}{med(sweep):>16.1f}")
+    print(f"{'the 4 schemes of one group':34}{med(group):>16.1f}")
     print(f"{'ratio sweep / single':34}{result['ratio']:>16.2f}   (goal <= 1.3)")
+    print(f"{'ratio one-group sweep / single':34}{result['group_ratio']:>16.2f}")
     for key, g in groups.items():
         print(f"  group {key}: {', '.join(sorted(g['schemes']))}: calibration "
               f"{g['calibration_s']:.1f} s, scoring {g['scoring_s']:.1f} s")

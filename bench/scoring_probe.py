@@ -23,7 +23,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import modelopt.torch.quantization.model_quant as mq  # noqa: E402
 from modelopt.torch.quantization import extensions  # noqa: E402
 from modelopt.torch.quantization.algorithms import (  # noqa: E402
     AutoQuantizeGradientSearcher,

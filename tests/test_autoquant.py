@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modelopt.torch.quantization.nn import TensorQuantizer
 
 from vlm_autoquant import autoquant, manifest, resume
 from vlm_autoquant.calib_data import pack, split_captions

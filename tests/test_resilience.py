@@ -30,7 +30,7 @@ from vlm_autoquant import artifacts
 from vlm_autoquant.artifacts import sha256_file
 from vlm_autoquant.constants import (
     LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SEARCH_CHECKPOINT, SEARCH_DIR,
-    SEARCH_RECORD, SENSITIVITY_FIGURE,
+    SEARCH_RECORD,
 )
 from vlm_autoquant.errors import RunFailed
 
@@ -254,7 +254,7 @@ def test_sigterm_during_calibration_exits_130_and_marks_run_killed(demo, tmp_pat
     out = tmp_path / "out"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*SCORING_HEAVY]
-    args[args.index("--num-calib-steps") + 1] = "4"  # room to stop inside calibration
+    args[args.index("--num-calib-steps") + 1] = "12"  # room to stop inside calibration, even on a busy machine
     rc, err, sent = run_script(script_cmd(demo, out, args=args),
                                subprocess_env(MLFLOW_TRACKING_URI=uri), tmp_path,
                                trigger=CALIB_BAR, sig=signal.SIGTERM)
@@ -370,7 +370,7 @@ def test_injected_failure_before_manifest_rename_keeps_previous_run(
     assert "Traceback" not in err
     # the failure really came last: the other artifacts were written before the manifest
     assert renamed[-1] == MANIFEST_FILE
-    assert {QUANT_STATE_FILE, SCHEME_FILE, LAYERS_FILE, SENSITIVITY_FIGURE} <= set(renamed)
+    assert {QUANT_STATE_FILE, SCHEME_FILE, LAYERS_FILE} <= set(renamed)
     assert (out / MANIFEST_FILE).read_bytes() == before
     assert leftovers(out) == []
     runs = mlflow_runs(tracking)

@@ -72,7 +72,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=_flag,
                    help="replace a finished run in --output-dir (scores are reused if settings match)")
     p.add_argument("--save-weights", action="store_true",
-                   help=f"also write the LM's BF16 weights (about 6 GB for the 3B)")
+                   help="also write the LM's BF16 weights (about 6 GB for the 3B)")
     p.add_argument("--grad-checkpointing", choices=["on", "off"], default="on",
                    help="gradient checkpointing while scoring: on saves memory, off is faster")
     p.add_argument("--fp8-kernel", choices=["auto", "eager", "cuda-ext"], default="auto",

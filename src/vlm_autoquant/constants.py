@@ -30,7 +30,7 @@ ARTIFACTS = {
     QUANT_STATE_FILE: "ModelOpt state + quantizer amax values (restore onto the original checkpoint)",
     SCHEME_FILE: "the resolved scheme, overrides applied",
     LAYERS_FILE: "one row per LM linear: name, group, format, scores, costs",
-    SENSITIVITY_FIGURE: "per-layer FP8 sensitivity, coloured by the chosen format",
+    SENSITIVITY_FIGURE: "(MLflow only, mlflow.log_figure) per-layer FP8 sensitivity by format",
 }
 
 # Metric keys (stable; listed in the README and in --help).

@@ -1,4 +1,4 @@
-"""Matplotlib figures: per-run layer sensitivity, per-sweep Pareto fronts."""
+"""Matplotlib figures: per-run layer sensitivity, per-sweep Pareto fronts (logged to MLflow)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,3 @@ def pareto(points: list[dict]) -> Figure:
     fig.tight_layout()
     return fig
 
-
-def save_png(fig: Figure, path) -> None:
-    fig.savefig(path, dpi=110, format="png")

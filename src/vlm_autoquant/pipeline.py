@@ -106,8 +106,7 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
     with phases("track", "waiting for the MLflow run to start"):
         tracker = get_tracker()
     fig = figures.sensitivity(rows, scheme.name)
-    rel = {name: name for name in (MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, LAYERS_FILE,
-                                   SENSITIVITY_FIGURE)}
+    rel = {name: name for name in (MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, LAYERS_FILE)}
     with phases("save"):
         quant_state.save(model, out_dir / QUANT_STATE_FILE,
                          extra={"scheme": scheme.name, "model_config_sha256":
@@ -117,7 +116,6 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
             rel[LM_WEIGHTS_FILE] = LM_WEIGHTS_FILE
         artifacts.write_text(out_dir / SCHEME_FILE, scheme.to_yaml())
         artifacts.write_text(out_dir / LAYERS_FILE, manifest.layers_csv(rows))
-        artifacts.write_with(out_dir / SENSITIVITY_FIGURE, lambda f: figures.save_png(fig, f))
     metrics = {
         M_BITS_ACHIEVED: summ["effective_bits_searched"], M_BITS_TARGET: scheme.effective_bits,
         M_BITS_ALL: summ["effective_bits_all_linears"], M_LAYERS_FP8: summ["fp8"],
@@ -210,7 +208,7 @@ def _log_run(tracker, scheme: Scheme, inputs: Inputs, metrics: dict, rows, fig, 
                       "layers.json")
     tracker.log_figure(fig, SENSITIVITY_FIGURE)
     for name in rel.values():
-        if name not in (MANIFEST_FILE, SENSITIVITY_FIGURE) and (out_dir / name).exists():
+        if name != MANIFEST_FILE and (out_dir / name).exists():
             tracker.log_artifact(out_dir / name)
 
 

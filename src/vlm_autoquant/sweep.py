@@ -189,7 +189,6 @@ def _write_comparison(rows: list[dict], out_dir: Path, parent) -> None:
     fig = figures.pareto([{"scheme": r["scheme"], "effective_bits": r["effective_bits"],
                            "kl_mean": r["kl_mean"], "ppl_rel_change": r["ppl_rel_change"]}
                           for r in rows])
-    artifacts.write_with(out_dir / PARETO_FIGURE, lambda f: figures.save_png(fig, f))
     artifacts.write_text(out_dir / COMPARISON_FILE, buf.getvalue())  # last: marks a finished sweep
     if parent is not None:
         parent.log_table(rows, "comparison.json")
