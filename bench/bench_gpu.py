@@ -268,11 +268,6 @@ def main() -> None:
         partial()
         result["driver_b8"] = driver(args, work, "driver_b8", ["--fp8-kernel", "eager"])
         partial()
-    if "peer2" in steps:
-        result["driver_peer_captions_2"] = driver(args, work, "driver_peer_2",
-                                                  ["--num-calib-samples", "256",
-                                                   "--fp8-kernel", "eager"])
-        partial()
     if "loadonly" in steps and "read" not in steps:  # the plain-read floor for the ratio
         pagecache.evict(shard_files(ckpt))
         t = time.perf_counter()
@@ -303,11 +298,11 @@ def main() -> None:
                                                                      "tokens_sha256": fp}
             print(f"[bare_{i + 2}] wall {wall:.1f} s", flush=True)
             partial()
-    if "peer" in steps:
-        result["driver_peer_captions"] = driver(args, work, "driver_peer",
-                                                ["--num-calib-samples", "256",
-                                                 "--fp8-kernel", "eager"])
-        partial()
+    for step, key in (("peer", "driver_peer_captions"), ("peer2", "driver_peer_captions_2")):
+        if step in steps:  # peer2: the same run again, later in the command
+            result[key] = driver(args, work, key.replace("_captions", ""),
+                                 ["--num-calib-samples", "256", "--fp8-kernel", "eager"])
+            partial()
     if "ext" in steps and cuda:
         ext_dir = Path.home() / ".cache" / "torch_extensions"
         result["ext_cache_existed"] = ext_dir.exists() and any(ext_dir.rglob("*fp8*"))

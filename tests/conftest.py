@@ -20,6 +20,20 @@ SHARED = ROOT.parent / "shared" / "data"
 COCO = SHARED / "coco2017_captions" / "train_sample.txt"
 QWEN_TOKENIZER = SHARED / "qwen2_5_vl_tokenizer"
 # Small but real: the catalog's seq/batch shape with few steps keeps a run to a few seconds.
+# The `defaults:` block of a small catalog for tests (few tiny batches; schemes add the rest).
+SMALL_DEFAULTS = """\
+defaults:
+  formats: [FP8_DEFAULT_CFG]
+  method: gradient
+  num_calib_samples: 512
+  num_calib_steps: 2
+  num_score_steps: 2
+  num_eval_samples: 64
+  seq_len: 128
+  batch_size: 8
+  seed: 1234
+  disabled_layers: ["*lm_head*"]
+"""
 QUICK = ["--num-calib-samples", "512", "--num-calib-steps", "2", "--num-score-steps", "2",
          "--num-eval-samples", "64", "--seq-len", "128"]
 

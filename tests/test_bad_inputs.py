@@ -22,7 +22,7 @@ import pytest
 from vlm_autoquant import deps
 from vlm_autoquant.constants import DEFAULT_CATALOG, MANIFEST_FILE
 
-from .conftest import QUICK, run_cli
+from .conftest import QUICK, SMALL_DEFAULTS, run_cli
 
 SCHEME = "fp8-balanced-10b"
 SHARD1 = "model-00001-of-00002.safetensors"
@@ -84,19 +84,7 @@ def write_catalog(tmp_path: Path, text: str) -> Path:
 
 
 # A small valid catalog; the tests below break it in one place each.
-CATALOG = """\
-schema_version: 1
-defaults:
-  formats: [FP8_DEFAULT_CFG]
-  method: gradient
-  num_calib_samples: 512
-  num_calib_steps: 2
-  num_score_steps: 2
-  num_eval_samples: 64
-  seq_len: 128
-  batch_size: 8
-  seed: 1234
-  disabled_layers: ["*lm_head*"]
+CATALOG = "schema_version: 1\n" + SMALL_DEFAULTS + """\
 schemes:
   mine-10b:
     description: a scheme

@@ -150,3 +150,20 @@ def test_mlflow_run_main_entry_point(demo, tmp_path):
     assert data.params["scheme.effective_bits"] == "12.0"  # ...which the driver logged apart
     assert data.metrics[M_BITS_ACHIEVED] <= 12.0 + 1e-9
     assert (tmp_path / "out" / MANIFEST_FILE).exists()
+
+
+def test_save_weights_writes_the_lm_once(demo, tmp_path, tracking):
+    from safetensors import safe_open
+
+    from vlm_autoquant.checkpoint import inspect_checkpoint
+    from vlm_autoquant.constants import LM_WEIGHTS_FILE
+    from vlm_autoquant.errors import Problems
+
+    out = tmp_path / "o"
+    assert run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", demo[0], "--output-dir",
+                    out, "--calib-file", demo[1], "--save-weights", *QUICK]) == 0
+    with safe_open(str(out / LM_WEIGHTS_FILE), "pt") as f:
+        keys = set(f.keys())
+    info = inspect_checkpoint(demo[0], Problems())
+    assert keys == set(info.lm_keys())  # every LM tensor, tied head once, no quantizer state
+    assert json.loads((out / MANIFEST_FILE).read_text())["artifacts"][LM_WEIGHTS_FILE]

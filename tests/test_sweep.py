@@ -10,23 +10,11 @@ import pytest
 from vlm_autoquant.cli import sweep_main
 from vlm_autoquant.constants import COMPARISON_FILE, M_KL, MANIFEST_FILE, PARETO_FIGURE
 
-from .conftest import QUICK, run_cli
+from .conftest import QUICK, SMALL_DEFAULTS, run_cli
 
 BUDGETS = (8, 9, 10, 12, 16)
-CATALOG = """
-defaults:
-  formats: [FP8_DEFAULT_CFG]
-  method: gradient
-  num_calib_samples: 512
-  num_calib_steps: 2
-  num_score_steps: 2
-  num_eval_samples: 64
-  seq_len: 128
-  batch_size: 8
-  seed: 1234
-  disabled_layers: ["*lm_head*"]
-schemes:
-""" + "".join(f"  b{b}:\n    description: {b} bits\n    effective_bits: {b}\n" for b in BUDGETS) + """
+CATALOG = SMALL_DEFAULTS + "schemes:\n" + "".join(
+    f"  b{b}:\n    description: {b} bits\n    effective_bits: {b}\n" for b in BUDGETS) + """
   kl10:
     description: kl
     method: kl_div

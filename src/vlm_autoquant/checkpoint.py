@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from .artifacts import sha256_file
 from .errors import Problems
 
 EXPECTED_MODEL_TYPE = "qwen2_5_vl"
@@ -61,14 +62,6 @@ class CheckpointInfo:
 
     def bytes_of(self, keys: list[str]) -> int:
         return sum(self.tensors[k].nbytes for k in keys)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _header(shard: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -130,7 +123,7 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
         problems.add("--model-dir", f"{cfg_path} is not valid JSON ({exc})",
                      "restore the checkpoint's config.json")
         return None
-    info = CheckpointInfo(path=path, config=config, config_sha256=_sha256_file(cfg_path))
+    info = CheckpointInfo(path=path, config=config, config_sha256=sha256_file(cfg_path))
     if info.model_type != EXPECTED_MODEL_TYPE:
         problems.add("--model-dir", f"model_type is {info.model_type!r}, not {EXPECTED_MODEL_TYPE!r}"
                      f" ({config.get('architectures', ['?'])[0]})",

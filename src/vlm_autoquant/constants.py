@@ -21,7 +21,6 @@ SENSITIVITY_FIGURE = "sensitivity.png"
 SEARCH_DIR = "search"
 SEARCH_CHECKPOINT = "autoquant_search.pth"
 SEARCH_RECORD = "autoquant_search.json"
-RUN_RECORD = "run.json"
 COMPARISON_FILE = "comparison.csv"
 PARETO_FIGURE = "pareto.png"
 

@@ -31,7 +31,6 @@ class RunOptions:
     grad_checkpointing: bool = True
     fp8_kernel: str = "auto"
     experiment: str | None = None
-    track: bool = True
 
 
 @dataclass
@@ -90,8 +89,7 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
     info = inspect_checkpoint(options.model_dir, problems)
     caption_file = check_caption_file(calib_path(options.calib_file), problems)
     check_output_dir(options.output_dir, problems, finished_marker, options.overwrite)
-    if options.track:
-        tracking.check_reachable(problems)
+    tracking.check_reachable(problems)
     text_cfg = numels = None
     if info is not None and info.model_type == "qwen2_5_vl" and info.tensors:
         from .lm import linear_numels, meta_model, text_config

@@ -22,7 +22,7 @@ from .constants import (
 )
 from .inputs import Data, Inputs
 from .phases import Phases, gpu_peak_gib, peak_rss_gib, since_process_start
-from .schemes import Scheme
+from .schemes import CALIBRATION_FIELDS, Scheme
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -52,9 +52,9 @@ def scoring_fingerprint(inputs: Inputs, scheme: Scheme, data: Data) -> dict:
         versions={k: v[k] for k in ("torch", "transformers", "nvidia-modelopt")})
 
 
+# The fingerprint keys that decide the calibration alone (a sweep shares it across methods).
 CALIBRATION_KEYS = ("model.config_sha256", "model.weights", "data.tokens_sha256", "data.steps",
-                    *(f"scheme.{f}" for f in ("formats", "num_calib_samples", "num_calib_steps",
-                                              "seq_len", "batch_size", "seed", "disabled_layers")),
+                    *(f"scheme.{f}" for f in CALIBRATION_FIELDS),
                     "versions.torch", "versions.transformers", "versions.nvidia-modelopt")
 
 

@@ -26,9 +26,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 CALIBRATION_FIELDS = ("formats", "num_calib_samples", "num_calib_steps", "seq_len", "batch_size",
                       "seed", "disabled_layers")
 SCORING_FIELDS = CALIBRATION_FIELDS + ("method", "num_score_steps", "cost_excluded_layers")
-# Fields the CLI may override (flag = "--" + field with "-" for "_").
-OVERRIDABLE = ("effective_bits", "method", "num_score_steps", "num_calib_steps",
-               "num_calib_samples", "num_eval_samples", "seq_len", "batch_size", "seed")
 
 
 class Scheme(BaseModel):
@@ -78,9 +75,6 @@ class Scheme(BaseModel):
         view = {f: getattr(self, f) for f in SCORING_FIELDS}
         view["cost_excluded_layers"] = self.excluded_from_cost
         return view
-
-    def calibration_view(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in CALIBRATION_FIELDS}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)

@@ -114,7 +114,3 @@ class Tracker:
             self._mlflow.end_run(status=status)
         else:
             client.set_terminated(self.run_id, status=status)
-
-    @property
-    def artifact_uri(self) -> str:
-        return self.run.info.artifact_uri
