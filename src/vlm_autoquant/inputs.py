@@ -138,6 +138,16 @@ class Data:
     def used_captions(self) -> int:
         return sum(self.calib.batch_captions[: self.steps])
 
+    def used_tokens(self) -> tuple[int, int]:
+        """(real tokens, padding tokens) in the batches ModelOpt actually runs."""
+        used = self.calib.batches[: self.steps]
+        real = sum(int(b["real"].sum()) for b in used)
+        return real, sum(b["real"].numel() for b in used) - real
+
+    def used_padding_fraction(self) -> float:
+        real, pad = self.used_tokens()
+        return pad / (real + pad) if real + pad else 0.0
+
 
 def build_data(tokenizer, captions: list[str], scheme: Scheme, problems: Problems) -> Data | None:
     """Split and pack the captions for `scheme` (cheap; no weights involved)."""

@@ -121,7 +121,7 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
         M_BITS_ALL: summ["effective_bits_all_linears"], M_LAYERS_FP8: summ["fp8"],
         M_LAYERS_BF16: summ["bf16"], M_WEIGHT_BYTES: summ["weight_bytes"],
         M_WEIGHT_BYTES_BF16: summ["weight_bytes_bf16"], M_COMPRESSION: summ["compression_ratio"],
-        M_PADDING: data.calib.padding_fraction, M_CALIB_TOKENS: data.calib.real_tokens,
+        M_PADDING: data.used_padding_fraction(), M_CALIB_TOKENS: data.used_tokens()[0],
     }
     if qual:
         metrics.update({M_KL: qual["kl_mean"], M_PPL_REF: qual["ppl_ref"],
@@ -152,8 +152,8 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
         calibration={"file": str(inputs.calib_path), "sha256": inputs.caption_file.sha256,
                      "crlf": inputs.caption_file.crlf, "captions_used": data.used_captions(),
                      "captions_packed": data.calib.captions, "batches": data.steps,
-                     "tokens": sum(int(b["real"].sum()) for b in data.calib.batches[: data.steps]),
-                     "padding_fraction": data.calib.padding_fraction,
+                     "tokens": data.used_tokens()[0],
+                     "padding_fraction": data.used_padding_fraction(),
                      "truncated": data.calib.truncated, "seq_len": scheme.seq_len,
                      "batch_size": scheme.batch_size, "split": data.split.record},
         effective_bits={"target": scheme.effective_bits,
