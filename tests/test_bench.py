@@ -1,0 +1,37 @@
+"""The benchmarks' CPU paths run on the tiny model, so they cannot rot (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from .conftest import PY, ROOT, subprocess_env
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_cpu_path(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([PY, str(ROOT / "bench" / "bench_gpu.py"), "--size", "tiny", "--work",
+                           str(tmp_path / "w"), "--steps", "driver,bare", "--out", str(out)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["driver_cold"]["tokens_sha256"] == r["bare"]["tokens_sha256"]  # same batches
+    assert r["driver_warm"]["fp8_groups"] == r["bare"]["fp8_groups"]  # same answer as bare
+    assert 0 < r["driver_cold"]["padding_fraction"] <= 0.10
+    assert r["bytes_read"]["lm"] > 0
+    assert any("driver / (bare" in row[0] for row in r["table"])
+
+
+@pytest.mark.slow
+def test_sweep_benchmark_cpu_path(tmp_path):
+    out = tmp_path / "s.json"
+    proc = subprocess.run([PY, str(ROOT / "bench" / "bench_sweep.py"), "--repeats", "1",
+                           "--work", str(tmp_path / "w"), "--out", str(out)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["schemes_in_sweep"] >= 5 and len(r["groups"]) >= 2
+    assert r["ratio"] > 0 and r["group_ratio"] > 0
