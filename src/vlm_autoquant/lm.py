@@ -70,7 +70,6 @@ def pick_device() -> torch.device:
 @dataclass
 class LoadReport:
     skipped_vision_tensors: int
-    lm_params: int
 
 
 @contextlib.contextmanager
@@ -104,6 +103,5 @@ def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device) -> tuple[Qw
     model.requires_grad_(False)  # ModelOpt enables what scoring needs
     model.eval()
     report = LoadReport(
-        skipped_vision_tensors=sum(1 for k in info["unexpected_keys"] if VISION_RE.match(k)),
-        lm_params=sum(p.numel() for p in model.parameters()))
+        skipped_vision_tensors=sum(1 for k in info["unexpected_keys"] if VISION_RE.match(k)))
     return model, report

@@ -6,7 +6,6 @@ import logging
 import platform
 from concurrent.futures import ThreadPoolExecutor
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,20 +57,14 @@ CALIBRATION_KEYS = ("model.config_sha256", "model.weights", "data.tokens_sha256"
                     "versions.torch", "versions.transformers", "versions.nvidia-modelopt")
 
 
-@dataclass
-class Outcome:
-    manifest: dict
-    output_dir: Path
-
-
 def _on_device(batches: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in batches]
 
 
 def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data, out_dir: Path,
                     checkpoint: Path, fp: dict, get_tracker, phases: Phases, device: torch.device,
-                    stop=None, search_info: dict | None = None) -> Outcome:
-    """Search (or restore) `scheme` on `model`, then evaluate, save and log it.
+                    stop=None, search_info: dict | None = None) -> dict:
+    """Search (or restore) `scheme` on `model`, then evaluate, save and log it; return the manifest.
 
     `get_tracker()` returns the MLflow tracker (or None); it is called only when the results are
     logged, so a run that is still starting in the background overlaps with the search.
@@ -166,7 +159,7 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
     artifacts.write_json(out_dir / MANIFEST_FILE, doc)  # last: its presence marks a finished run
     if tracker is not None:
         tracker.log_artifact(out_dir / MANIFEST_FILE)
-    return Outcome(doc, out_dir)
+    return doc
 
 
 def _param(value) -> str:
@@ -236,7 +229,7 @@ def announce(inputs: Inputs, scheme: Scheme) -> None:
 
 
 def run_single(inputs: Inputs, data: Data, stop, tracker_factory,
-               before: dict[str, float] | None = None) -> Outcome:
+               before: dict[str, float] | None = None) -> dict:
     """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run.
 
     `before` carries timings measured before this call (startup, validate).
@@ -271,7 +264,7 @@ def run_single(inputs: Inputs, data: Data, stop, tracker_factory,
         with phases("load", f"LM only, {len(inputs.checkpoint.vision_keys())} vision tensors "
                             f"left unread"):
             model, _ = load_lm(opts.model_dir, inputs.text_config, device)
-        outcome = quantize_scheme(model, scheme, inputs, data, opts.output_dir, checkpoint, fp,
+        doc = quantize_scheme(model, scheme, inputs, data, opts.output_dir, checkpoint, fp,
                                   pending.result, phases, device, stop,
                                   {"fp8_kernel": kernel, "resumed_from": reuse.stage})
         tracker = pending.result()
@@ -279,7 +272,7 @@ def run_single(inputs: Inputs, data: Data, stop, tracker_factory,
             tracker.log_metrics(final_metrics(phases))
             tracker.end("FINISHED")
         log.info("done in %.1f s: %s", phases.total(), opts.output_dir / MANIFEST_FILE)
-        return outcome
+        return doc
     except BaseException as exc:
         if tracker is None:  # never leave the run RUNNING: wait for it, then mark it
             try:

@@ -97,8 +97,7 @@ def _calibration_match(a: Group, b: Group) -> bool:
     return all(a.fingerprint.get(k) == b.fingerprint.get(k) for k in CALIBRATION_KEYS)
 
 
-def comparison_row(outcome_manifest: dict) -> dict:
-    m = outcome_manifest
+def comparison_row(m: dict) -> dict:
     q = m.get("quality") or {}
     return {"scheme": m["scheme"]["name"], "method": m["scheme"]["method"],
             "formats": "+".join(m["scheme"]["formats"]),
@@ -145,7 +144,7 @@ def run_sweep(inputs: Inputs, groups: list[Group], stop, tracker_factory) -> lis
                 try:
                     model = copy.deepcopy(pristine)
                     scheme_phases = Phases()
-                    outcome = quantize_scheme(
+                    doc = quantize_scheme(
                         model, scheme, inputs, g.data, opts.output_dir / scheme.name,
                         g.checkpoint, g.fingerprint, lambda: child, scheme_phases, device, stop,
                         {"fp8_kernel": kernel, "calibration_seeded_from": seeded,
@@ -164,7 +163,7 @@ def run_sweep(inputs: Inputs, groups: list[Group], stop, tracker_factory) -> lis
                     torch.cuda.empty_cache()
                 for k, v in scheme_phases.seconds.items():
                     phases.add(k, v)
-                rows.append(comparison_row(outcome.manifest))
+                rows.append(comparison_row(doc))
             done.append(g)
         ran = sum(r["scores"] == "ran" for r in rows)
         log.info("scoring ran %d time(s) for %d schemes in %d group(s)", ran, len(rows), len(groups))
