@@ -19,7 +19,7 @@ device = pick_device()
 torch.empty(1, device=device)  # CUDA context up front: not part of the load
 cfg = text_config(ckpt)
 t = time.perf_counter()
-model, _ = load_lm(ckpt, cfg, device)
+model = load_lm(ckpt, cfg, device)
 if device.type == "cuda":
     torch.cuda.synchronize()
 out.write_text(json.dumps({"load_s": time.perf_counter() - t}))

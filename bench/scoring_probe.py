@@ -135,7 +135,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(ckpt)
     caps = split_captions(load_captions(captions_file), 20000, 0, 0).calib
-    pristine, _ = load_lm(ckpt, text_config(ckpt), pick_device())
+    pristine = load_lm(ckpt, text_config(ckpt), pick_device())
     extensions.get_cuda_ext_fp8.extension = None  # eager unless a variant says otherwise
     result: dict = {"seq_len": SEQ, "batch_scan": {}}
     for b in sizes:

@@ -1,4 +1,4 @@
-"""The AutoQuantize stage on the tiny model: the manifest matches the model, resume skips work."""
+"""The AutoQuantize stage on the tiny model: search once, solve per scheme, resume skips work."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from vlm_autoquant import autoquant, manifest, resume
+from vlm_autoquant.autoquant import SearchSpec
 from vlm_autoquant.calib_data import pack, split_captions
 from vlm_autoquant.lm import load_lm, text_config
-from vlm_autoquant.schemes import Scheme
 
-BASE = dict(name="t", description="d", formats=["FP8_DEFAULT_CFG"], effective_bits=10.0,
-            method="gradient", num_calib_samples=256, num_calib_steps=2, num_score_steps=2,
-            num_eval_samples=0, seq_len=64, batch_size=4, seed=0, disabled_layers=["*lm_head*"])
+FP8, PCPT = "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"
+LM_HEAD = ("*lm_head*",)
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +24,35 @@ def batches(demo):
 
 
 def fresh(demo):
-    return load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))[0]
+    return load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))
 
 
-def search(demo, batches, tmp_path, **over):
-    scheme = Scheme(**{**BASE, **over})
+def spec(formats=(FP8,), method="gradient") -> SearchSpec:
+    return SearchSpec(formats=tuple(formats), method=method, num_calib_steps=2,
+                      num_score_steps=2, disabled_layers=LM_HEAD, excluded_from_cost=LM_HEAD)
+
+
+def run_search(model, batches, ckpt, s: SearchSpec, writes: list | None = None):
+    def record(path, stage):
+        if writes is not None:
+            writes.append(stage)
+        return resume.write_record(path, {"k": 1}, stage)
+    return autoquant.search(model, s, batches, ckpt, record)
+
+
+@pytest.fixture(scope="module")
+def union(demo, batches, tmp_path_factory):
+    """One search over both FP8 formats (as a sweep's family does)."""
     model = fresh(demo)
-    ckpt = tmp_path / "search" / "s.pth"
-    state, run = autoquant.run_auto_quantize(
-        model, scheme, batches, ckpt, lambda p, stage: resume.write_record(p, {"k": 1}, stage))
-    return model, scheme, state, run, ckpt
+    found = run_search(model, batches, tmp_path_factory.mktemp("u") / "s.pth", spec((FP8, PCPT)))
+    return model, found
 
 
-@pytest.mark.parametrize("formats", [["FP8_DEFAULT_CFG"],
-                                     ["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"]])
-def test_manifest_agrees_with_enabled_quantizers(demo, batches, tmp_path, formats):
-    model, scheme, state, run, _ = search(demo, batches, tmp_path, formats=formats)
-    rows = manifest.layer_rows(model, state, scheme.disabled_layers, scheme.excluded_from_cost)
+@pytest.mark.parametrize("formats", [[FP8], [FP8, PCPT]])
+def test_manifest_agrees_with_enabled_quantizers(union, formats):
+    model, found = union
+    result = autoquant.solve(model, found, formats, 10.0)
+    rows = manifest.layer_rows(model, result, list(LM_HEAD), list(LM_HEAD))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert [r.name for r in rows] == list(linears)
     for r in rows:
@@ -50,29 +61,63 @@ def test_manifest_agrees_with_enabled_quantizers(demo, batches, tmp_path, format
         if r.format == "FP8":
             assert r.quant_config in formats
             per_channel = m.weight_quantizer.axis is not None
-            assert per_channel == (r.quant_config == "FP8_PER_CHANNEL_PER_TOKEN_CFG")
+            assert per_channel == (r.quant_config == PCPT)
         assert set(r.scores) == {*formats, "BF16"} or r.disabled
     assert next(r for r in rows if r.name == "lm_head").format == "BF16"
-    groups = {}
+    groups: dict[str, set] = {}
     for r in rows:
         groups.setdefault(r.group, set()).add(r.format)
     assert all(len(f) == 1 for f in groups.values())  # q/k/v and gate/up share a format
-    summ = manifest.summary(rows, scheme.excluded_from_cost)
-    assert summ["effective_bits_searched"] <= scheme.effective_bits + 1e-9
-    assert summ["effective_bits_searched"] == pytest.approx(
-        state["best"]["constraints"]["effective_bits"])
+    summ = manifest.summary(rows, list(LM_HEAD))
+    assert summ["effective_bits_searched"] <= 10.0 + 1e-9
+    assert summ["effective_bits_searched"] == pytest.approx(result.achieved_bits)
 
 
-def test_gradient_checkpointing_is_off_after_scoring(demo, batches, tmp_path):
-    model, *_ = search(demo, batches, tmp_path)
+def test_a_scheme_gets_the_same_formats_alone_and_in_a_union_search(demo, batches, union,
+                                                                    tmp_path):
+    """pcpt next to per-tensor FP8: one search over both serves a per-tensor-only scheme too."""
+    model_u, found_u = union
+    alone = fresh(demo)
+    found_a = run_search(alone, batches, tmp_path / "a.pth", spec((FP8,)))
+    for bits in (8.0, 9.0, 10.0, 12.0):
+        in_union = autoquant.solve(model_u, found_u, [FP8], bits)
+        by_itself = autoquant.solve(alone, found_a, [FP8], bits)
+        assert {g.name: g.chosen for g in in_union.groups} == \
+            {g.name: g.chosen for g in by_itself.groups}
+        for a, b in zip(in_union.groups, by_itself.groups):
+            assert a.scores == pytest.approx(b.scores, rel=1e-5)
+        # and the switched union model computes what the per-tensor-only model computes
+        ids = batches[0]["input_ids"][:2]
+        pos = batches[0]["position_ids"][:2]
+        with torch.no_grad():
+            assert torch.equal(model_u(input_ids=ids, position_ids=pos).logits,
+                               alone(input_ids=ids, position_ids=pos).logits)
+
+
+def test_switching_schemes_on_one_model_changes_the_enabled_quantizers(union):
+    model, found = union
+    low = autoquant.solve(model, found, [FP8], 8.0)
+    searchable = [g for g in low.groups if FP8 in g.scores]
+    assert len(searchable) == len(low.groups) - 1  # lm_head is disabled: BF16 only
+    assert all(g.chosen == FP8 for g in searchable)
+    high = autoquant.solve(model, found, [FP8], 16.0)
+    assert all(g.chosen == "BF16" for g in high.groups)
+    assert not any(m.weight_quantizer.is_enabled for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear))
+
+
+def test_gradient_checkpointing_is_off_after_scoring(union):
+    model, _ = union
     assert not model.is_gradient_checkpointing
     assert not model.training and not any(m.training for m in model.modules())
 
 
 def test_checkpoint_rerun_skips_calibration_and_scoring(demo, batches, tmp_path):
-    _, scheme, state, run, ckpt = search(demo, batches, tmp_path)
-    assert run.calibrated and run.scored
-    assert [stage for stage, _ in run.checkpoint_writes] == ["calibrated", "scored"]
+    writes: list[str] = []
+    ckpt = tmp_path / "search" / "s.pth"
+    searched = fresh(demo)
+    first = run_search(searched, batches, ckpt, spec(), writes)
+    assert first.calibrated and first.scored and writes == ["calibrated", "scored"]
     assert resume.check_reusable(ckpt, {"k": 1}, False).stage == "scored"
     calls = {"n": 0}
     model = fresh(demo)
@@ -83,16 +128,30 @@ def test_checkpoint_rerun_skips_calibration_and_scoring(demo, batches, tmp_path)
         return real_forward(*a, **k)
 
     model.forward = counting
-    state2, run2 = autoquant.run_auto_quantize(model, scheme, batches, ckpt, lambda p, s: "")
-    assert not run2.calibrated and not run2.scored and calls["n"] == 0
-    assert state2["best"]["recipe"] == state["best"]["recipe"]
+    again = autoquant.search(model, spec(), batches, ckpt, lambda p, s: "")
+    assert not again.calibrated and not again.scored and calls["n"] == 0
+    a = autoquant.solve(searched, first, [FP8], 10.0)
+    b = autoquant.solve(model, again, [FP8], 10.0)
+    assert [g.chosen for g in a.groups] == [g.chosen for g in b.groups]
 
 
-def test_kl_div_method_runs(demo, batches, tmp_path):
-    model, scheme, state, run, _ = search(demo, batches, tmp_path, method="kl_div")
-    assert state["method"] == "kl_div" and run.scored
-    rows = manifest.layer_rows(model, state, scheme.disabled_layers, scheme.excluded_from_cost)
-    assert any(r.format == "FP8" for r in rows) and any(r.format == "BF16" for r in rows)
+def test_kl_div_ranks_a_planted_outlier_most_sensitive(demo, batches, tmp_path):
+    """Scale one RMSNorm channel up and the matching weight column down: the same BF16
+    function, but per-tensor FP8 of that layer's input now flushes every other channel below
+    E4M3's smallest subnormal (FP8 is floating point, so a 1e6 outlier is needed, not 1e2).
+    kl_div must rank the layer group reading that norm first, and keep it BF16."""
+    model = fresh(demo)
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        layer.post_attention_layernorm.weight[3] *= 1e6
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.weight[:, 3] /= 1e6
+    found = run_search(model, batches, tmp_path / "k.pth", spec(method="kl_div"))
+    result = autoquant.solve(model, found, [FP8], 10.0)
+    worst = max((g for g in result.groups if FP8 in g.scores), key=lambda g: g.scores[FP8])
+    assert worst.name == "model.layers.1.mlp.gate_proj"
+    assert "model.layers.1.mlp.up_proj" in worst.module_names
+    assert worst.chosen == "BF16"
 
 
 def test_interrupt_flag_stops_at_batch_boundary(demo, batches, tmp_path):
@@ -102,6 +161,6 @@ def test_interrupt_flag_stops_at_batch_boundary(demo, batches, tmp_path):
     flag = StopFlag()
     flag.set("SIGINT")
     with pytest.raises(Interrupted):
-        autoquant.run_auto_quantize(fresh(demo), Scheme(**BASE), batches, tmp_path / "c.pth",
-                                    lambda p, s: "", stop=flag)
+        autoquant.search(fresh(demo), spec(), batches, tmp_path / "c.pth", lambda p, s: "",
+                         stop=flag)
     assert not list(tmp_path.glob("*.tmp*"))

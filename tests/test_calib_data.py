@@ -77,7 +77,7 @@ def test_a_packed_caption_sees_only_itself(demo, tokenizer):
     """Block-diagonal attention: logits inside a packed row equal the caption run alone."""
     from vlm_autoquant.lm import load_lm, text_config
 
-    model, _ = load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))
+    model = load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))
     caps = ["A large giraffe stands near the fence.", "A man rides a wave on a surfboard."]
     b = pack(tokenizer, caps, seq_len=48, batch_size=1, seed=0).batches[0]
     with torch.no_grad():

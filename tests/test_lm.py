@@ -38,7 +38,7 @@ def test_every_layout_gives_the_full_vl_models_text_logits(layouts, layout, full
 
 
 def test_loaded_lm_is_frozen_bf16_with_fp32_rope(demo):
-    model, _ = load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))
+    model = load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))
     assert not any(p.requires_grad for p in model.parameters())
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # loaded with dtype=, not cast
@@ -88,7 +88,7 @@ def test_no_vision_bytes_are_read(layouts, monkeypatch):
     monkeypatch.setattr(mu, "safe_open", Recording)
     for layout in ("released", "legacy"):
         read.clear()
-        model, _ = load_lm(layouts[layout], text_config(layouts[layout]), torch.device("cpu"))
+        model = load_lm(layouts[layout], text_config(layouts[layout]), torch.device("cpu"))
         assert read, "the recorder saw no reads: the loader no longer goes through safe_open"
         assert not [k for k in read if VISION_RE.match(k)]
         info = inspect_checkpoint(layouts[layout], Problems())

@@ -26,9 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm_autoquant.constants import (M_BITS_ACHIEVED, M_BITS_ALL, M_BITS_TARGET, M_COMPRESSION,
-                                     M_KL, M_PPL_QUANT, M_PPL_REF, M_PPL_REL, M_TOP1,
-                                     M_WEIGHT_BYTES)
+from vlm_autoquant.tracking import M_BITS_ACHIEVED, M_BITS_ALL, M_BITS_TARGET, M_COMPRESSION, M_KL, M_PPL_QUANT, M_PPL_REF, M_PPL_REL, M_TOP1, M_WEIGHT_BYTES
 
 from .conftest import subprocess_env
 

@@ -28,10 +28,7 @@ import pytest
 
 from vlm_autoquant import artifacts
 from vlm_autoquant.artifacts import sha256_file
-from vlm_autoquant.constants import (
-    LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SEARCH_CHECKPOINT, SEARCH_DIR,
-    SEARCH_RECORD,
-)
+from vlm_autoquant.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SEARCH_CHECKPOINT, SEARCH_DIR, SEARCH_RECORD
 from vlm_autoquant.errors import RunFailed
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env

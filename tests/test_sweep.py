@@ -8,7 +8,8 @@ import json
 import pytest
 
 from vlm_autoquant.cli import sweep_main
-from vlm_autoquant.constants import COMPARISON_FILE, M_KL, MANIFEST_FILE, PARETO_FIGURE
+from vlm_autoquant.artifacts import COMPARISON_FILE, MANIFEST_FILE, PARETO_FIGURE
+from vlm_autoquant.tracking import M_KL
 
 from .conftest import QUICK, SMALL_DEFAULTS, run_cli
 

@@ -19,6 +19,28 @@ from typing import IO, Any
 
 from .errors import Problems, RunFailed
 
+MANIFEST_SCHEMA_VERSION = 1
+# Artifact names: files written into --output-dir, logged to MLflow under the same names.
+MANIFEST_FILE = "manifest.json"
+QUANT_STATE_FILE = "quantized_state.pt"
+LM_WEIGHTS_FILE = "lm_weights.safetensors"
+SCHEME_FILE = "scheme.yaml"
+LAYERS_FILE = "layers.csv"
+SENSITIVITY_FIGURE = "sensitivity.png"
+SEARCH_DIR = "search"
+SEARCH_CHECKPOINT = "autoquant_search.pth"
+SEARCH_RECORD = "autoquant_search.json"
+COMPARISON_FILE = "comparison.csv"
+PARETO_FIGURE = "pareto.png"
+
+ARTIFACTS = {
+    MANIFEST_FILE: "per-layer formats, scores and costs; versioned JSON",
+    QUANT_STATE_FILE: "ModelOpt state + quantizer amax values (restore onto the original checkpoint)",
+    SCHEME_FILE: "the resolved scheme, overrides applied",
+    LAYERS_FILE: "one row per LM linear: name, group, format, scores, costs",
+    SENSITIVITY_FIGURE: "(MLflow only, mlflow.log_figure) per-layer FP8 sensitivity by format",
+}
+
 # Tests inject a failure between the temporary write and the rename through this hook.
 _before_rename: Callable[[Path, Path], None] | None = None
 

@@ -1,11 +1,18 @@
-"""The AutoQuantize stage: forward/loss callables, constraints, and the `mtq.auto_quantize` call.
+"""The AutoQuantize stage: the one owner of ModelOpt's search and its internals.
 
-ModelOpt's searcher is observed, not replaced: a context manager wraps a few of its methods for
-the duration of one call to (1) time calibration, scoring and the solve, (2) write each search
-checkpoint to a temporary name and rename it into place, recording its sha256 so that only a
-checkpoint this tool wrote is ever unpickled again, (3) let a calibration-only checkpoint resume
-(ModelOpt 0.47 restores its empty score table as a plain dict and then fails with KeyError), and
-(4) optionally keep gradient checkpointing off during scoring (faster, more memory).
+One `mtq.auto_quantize` call calibrates and scores a *family* of schemes (same method, data and
+layer settings) over the union of their candidate formats. Each scheme is then solved by
+ModelOpt's own solver over its own formats and budget, and applied by switching the searched
+model's quantizer choices: no second model, no second insertion of quantizers. A scheme alone is
+a family of one and goes through the same two calls, so it gets the same formats alone or in a
+sweep.
+
+ModelOpt's searcher is observed, not replaced: for one call a context manager (1) times
+calibration, scoring and the solve, (2) writes each search checkpoint to a temporary name and
+renames it into place, recording its sha256, (3) lets a calibration-only checkpoint resume
+(ModelOpt 0.47 restores its empty score table as a plain dict), (4) keeps each candidate's raw
+score (ModelOpt stores a running minimum over its sorted candidates, which would make a format's
+score depend on the other formats searched), and (5) optionally keeps gradient checkpointing off.
 """
 
 from __future__ import annotations
@@ -21,32 +28,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import modelopt.torch.quantization as mtq
+import modelopt.torch.quantization.algorithms as mq_algorithms
 import modelopt.torch.quantization.model_quant as mq
 import torch
 import torch.nn.functional as F
+from modelopt.torch.opt.searcher import LPS
+from modelopt.torch.opt.utils import get_hparam, named_hparams
 from modelopt.torch.quantization.algorithms import (
     AutoQuantizeGradientSearcher,
     AutoQuantizeKLDivSearcher,
+    QuantRecipe,
+    QuantRecipeHparam,
     _AutoQuantizeBaseSearcher,
 )
 
 from .errors import RunFailed
 from .interrupt import StopFlag
-from .schemes import Scheme
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
+BF16 = "BF16"
+SEARCHERS = {"gradient": AutoQuantizeGradientSearcher, "kl_div": AutoQuantizeKLDivSearcher}
+# The budget of ModelOpt's own solve inside auto_quantize; every scheme is re-solved afterwards.
+_INTERNAL_BITS = 16.0
 
 
 def make_steps(method: str, stop: StopFlag | None = None) -> tuple[Callable, Callable | None]:
     """`forward_step` (and `loss_func` for gradient) as ModelOpt calls them, once per batch."""
 
-    def check_stop() -> None:
+    def forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         if stop is not None:
             stop.raise_if_set()
-
-    def forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        check_stop()
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      use_cache=False).logits
 
@@ -67,46 +79,132 @@ def make_steps(method: str, stop: StopFlag | None = None) -> tuple[Callable, Cal
     return forward_real_logits, None
 
 
-def constraints_for(scheme: Scheme, effective_bits: float | None = None) -> dict:
-    bits = scheme.effective_bits if effective_bits is None else effective_bits
-    out: dict = {"effective_bits": float(bits)}
-    if scheme.excluded_from_cost:
-        out["cost"] = {"excluded_module_name_patterns": list(scheme.excluded_from_cost)}
-    return out
+def format_name(recipe) -> str:
+    """ModelOpt prints a recipe as 'FP8_DEFAULT_CFG(effective-bits: 8.0)'; 'NONE' is BF16."""
+    name = str(recipe).split("(", 1)[0]
+    return BF16 if name == "NONE" else name
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What one auto_quantize call searches: the settings a family of schemes shares."""
+
+    formats: tuple[str, ...]  # union of the family's candidate formats
+    method: str
+    num_calib_steps: int
+    num_score_steps: int
+    disabled_layers: tuple[str, ...]
+    excluded_from_cost: tuple[str, ...]
 
 
 @dataclass
-class SearchRun:
-    """What happened inside one auto_quantize call."""
+class Search:
+    """A searched model's calibration and scores (raw, per candidate), ready to solve."""
 
+    spec: SearchSpec
+    stats: dict[str, dict]  # hparam name -> ModelOpt candidate stats (+ "raw_scores")
+    checkpoint: Path
+    calibrated: bool  # calibration ran here (False: restored from the checkpoint)
+    scored: bool  # scoring ran here (False: restored)
     timings: dict[str, float] = field(default_factory=dict)
-    calibrated: bool = False  # calibration ran (False: restored from the checkpoint)
-    scored: bool = False  # scoring ran (False: restored from the checkpoint)
-    checkpoint_writes: list[tuple[str, str]] = field(default_factory=list)  # (stage, sha256)
 
 
-_QUIET = (r"Per-rank checkpoint .* not found", r"Checkpoint .* does not exist",
-          r"AutoQuantize: Huggingface model detected", r"get_auto_quantize_config: returned")
+@dataclass(frozen=True)
+class GroupChoice:
+    """One searched group of LM linears (e.g. q/k/v of a layer) and the format it got."""
+
+    name: str
+    module_names: tuple[str, ...]
+    scores: dict[str, float]  # format name -> score, as ModelOpt's solver saw it
+    costs: dict[str, float]  # format name -> weight elements x bits/16 (BF16 = elements)
+    chosen: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One scheme's solve: the only view of ModelOpt's search the rest of the package reads."""
+
+    groups: tuple[GroupChoice, ...]
+    target_bits: float
+    achieved_bits: float  # ModelOpt's count: chosen costs over the cost-counted total
+    predicted_loss: float  # sum of the chosen candidates' scores
+    checkpoint: Path
+    calibrated: bool
+    scored: bool
+    timings: dict[str, float]
+
+    def group_of(self) -> dict[str, GroupChoice]:
+        return {m: g for g in self.groups for m in g.module_names}
+
+
+# CBC's absolute primal feasibility tolerance (its default). With every cost row normalised to
+# its uncompressed total (below), a recipe may exceed the bound by at most this fraction of the
+# total: 16 * 1e-7 = 1.6e-6 effective bits, far below one layer's step (~1e-3 bits at 3B-72B).
+LP_FEASIBILITY_TOLERANCE = 1e-7
+SOLVER_BITS_TOLERANCE = 16 * LP_FEASIBILITY_TOLERANCE
+
+
+class NormalisedLPS(LPS):
+    """ModelOpt's LP solver with each cost constraint stated as a fraction of its total.
+
+    ModelOpt 0.47 states the budget in weight elements (`run_search`: max_weight_size =
+    total * effective_bits / 16; the 3B's 8-bit bound is 1,387,266,048) and hands it unscaled to
+    CBC, whose feasibility tolerances are absolute (1e-7). At 1.4e9 one double ulp is 2.4e-7, so
+    a bound met with equality (every searched layer at the smallest format: `fp8-all-8b`) is
+    lost to rounding inside CBC ("solution discarded", or preprocessing "infeasible"), and
+    ModelOpt reports "AutoQuantize FAILED". Dividing the row (costs and bounds) by the sum of
+    each group's largest cost leaves the same integer solutions (a layer's cost step is >1e-4 of
+    the total) with a tolerance relative to the model's size instead of absolute.
+    """
+
+    def __init__(self, name: str, constraints: dict, constraints_to_candidate_costs: dict,
+                 candidate_scores: list, objective_type: str = "minimize",
+                 verbose: bool = False) -> None:
+        scaled_bounds, scaled_costs = {}, {}
+        for key, costs in constraints_to_candidate_costs.items():
+            scale = sum(max(c) for c in costs if c) or 1.0
+            bound = constraints[key]
+            scaled_bounds[key] = (tuple(None if b is None else b / scale for b in bound)
+                                  if isinstance(bound, tuple)
+                                  else None if bound is None else bound / scale)
+            scaled_costs[key] = [[c / scale for c in layer] for layer in costs]
+        super().__init__(name, scaled_bounds, scaled_costs, candidate_scores, objective_type,
+                         verbose)
 
 
 @contextlib.contextmanager
-def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
+def normalised_lp() -> Iterator[None]:
+    """Let ModelOpt's gradient search (and its re-solves) use `NormalisedLPS` (restored on exit)."""
+    orig = mq_algorithms.LPS
+    mq_algorithms.LPS = NormalisedLPS
+    try:
+        yield
+    finally:
+        mq_algorithms.LPS = orig
+
+
+@contextlib.contextmanager
+def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, str], str],
                      model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
-    orig_calibrate = mq.calibrate
-    orig_save = _AutoQuantizeBaseSearcher.save_search_checkpoint
-    orig_scores = {c: c.__dict__["estimate_sensitivity_scores"]
-                   for c in (AutoQuantizeGradientSearcher, AutoQuantizeKLDivSearcher)}
-    orig_solve = _AutoQuantizeBaseSearcher.run_search
-    orig_load = _AutoQuantizeBaseSearcher.load_search_checkpoint
+    base = _AutoQuantizeBaseSearcher
+    saved = {"calibrate": mq.calibrate, "save": base.save_search_checkpoint,
+             "solve": base.run_search, "load": base.load_search_checkpoint,
+             "init": base.initialize_candidate_stats,
+             "scores": {c: c.__dict__["estimate_sensitivity_scores"] for c in SEARCHERS.values()}}
 
     def load_checkpoint(self) -> bool:
-        # ModelOpt 0.47 saves candidate_stats as a plain dict (sanitised for weights_only), but
-        # scoring after a calibration-only checkpoint fills it as a defaultdict: restore that.
-        loaded = orig_load(self)
+        loaded = saved["load"](self)
         if not isinstance(self.candidate_stats, defaultdict):
             self.candidate_stats = defaultdict(dict, self.candidate_stats)
         return loaded
+
+    def init_stats(self) -> None:
+        saved["init"](self)
+        for name, hparam in named_hparams(self.model, unique=True):
+            if isinstance(hparam, QuantRecipeHparam):
+                self.candidate_stats[name]["raw_scores"] = [
+                    hparam.get_score(r) for r in self.candidate_stats[name]["formats"]]
 
     def timed(key: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
@@ -116,89 +214,96 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
             finally:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                run.timings[key] = run.timings.get(key, 0.0) + time.perf_counter() - t0
-                if key == "calibrate":
-                    run.calibrated = True
-                if key == "score":
-                    run.scored = True
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
         return wrapper
 
     def atomic_save(self, verbose: bool = False) -> None:
         final = self._get_checkpoint_path()
         if final is None:
-            return orig_save(self, verbose)
-        tmp = f"{final}.tmp-{os.getpid()}"
-        configured = self.config["checkpoint"]
-        self.config["checkpoint"] = tmp
-        try:
-            orig_save(self, verbose)
-            os.replace(tmp, final)
-        except (OSError, RuntimeError) as exc:
-            # torch.save writes through C++ streams: a full disk arrives as a RuntimeError
-            # without an errno, so say what most likely happened and what to do.
-            raise RunFailed(f"no space left to write the search checkpoint {final}? Writing it "
-                            f"failed ({exc}). Free disk space (or lift the file-size limit) or "
-                            "choose another --output-dir; nothing partial was left.") from exc
-        finally:
-            self.config["checkpoint"] = configured
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-        stage = "scored" if self.candidate_stats else "calibrated"
-        run.checkpoint_writes.append((stage, on_checkpoint(Path(final), stage)))
+            return saved["save"](self, verbose)
+        _atomic_checkpoint_save(self, final, lambda: saved["save"](self, verbose))
+        on_checkpoint(Path(final), "scored" if self.candidate_stats else "calibrated")
 
-    mq.calibrate = timed("calibrate", orig_calibrate)
-    _AutoQuantizeBaseSearcher.save_search_checkpoint = atomic_save
-    for cls, fn in orig_scores.items():
+    mq.calibrate = timed("calibrate", saved["calibrate"])
+    base.save_search_checkpoint = atomic_save
+    for cls, fn in saved["scores"].items():
         cls.estimate_sensitivity_scores = timed("score", fn)
-    _AutoQuantizeBaseSearcher.run_search = timed("solve", orig_solve)
-    _AutoQuantizeBaseSearcher.load_search_checkpoint = load_checkpoint
+    base.run_search = timed("solve", saved["solve"])
+    base.load_search_checkpoint = load_checkpoint
+    base.initialize_candidate_stats = init_stats
     if not grad_checkpointing:
         # ModelOpt's HF plugin turns it on for scoring; a no-op keeps activations in memory.
         model.gradient_checkpointing_enable = lambda *a, **k: None
     try:
         with warnings.catch_warnings():
-            for pattern in _QUIET:
-                warnings.filterwarnings("ignore", message=pattern)
+            warnings.filterwarnings("ignore", module=r"modelopt\..*")
             yield
     finally:
-        mq.calibrate = orig_calibrate
-        _AutoQuantizeBaseSearcher.save_search_checkpoint = orig_save
-        for cls, fn in orig_scores.items():
+        mq.calibrate = saved["calibrate"]
+        base.save_search_checkpoint = saved["save"]
+        for cls, fn in saved["scores"].items():
             cls.estimate_sensitivity_scores = fn
-        _AutoQuantizeBaseSearcher.run_search = orig_solve
-        _AutoQuantizeBaseSearcher.load_search_checkpoint = orig_load
+        base.run_search = saved["solve"]
+        base.load_search_checkpoint = saved["load"]
+        base.initialize_candidate_stats = saved["init"]
         model.__dict__.pop("gradient_checkpointing_enable", None)
 
 
-def run_auto_quantize(model: torch.nn.Module, scheme: Scheme, batches: list[Batch],
-                      checkpoint: Path, on_checkpoint: Callable[[Path, str], str],
-                      stop: StopFlag | None = None, grad_checkpointing: bool = True,
-                      effective_bits: float | None = None) -> tuple[dict, SearchRun]:
-    """Calibrate, score (or restore both from `checkpoint`) and solve for the budget.
+def _atomic_checkpoint_save(searcher, final: str, save: Callable[[], None]) -> None:
+    tmp = f"{final}.tmp-{os.getpid()}"
+    configured = searcher.config["checkpoint"]
+    searcher.config["checkpoint"] = tmp
+    try:
+        save()
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        # torch.save writes through C++ streams: a full disk arrives as a RuntimeError
+        # without an errno, so say what most likely happened and what to do.
+        raise RunFailed(f"no space left to write the search checkpoint {final}? Writing it "
+                        f"failed ({exc}). Free disk space (or lift the file-size limit) or "
+                        "choose another --output-dir; nothing partial was left.") from exc
+    finally:
+        searcher.config["checkpoint"] = configured
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
-    Returns ModelOpt's search state and what ran. Leaves the model in eval mode with gradient
-    checkpointing off (ModelOpt turns it on for scoring and leaves it on).
+
+class _DebugLog:
+    """A file-like sink for ModelOpt's print() chatter: each line at DEBUG."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("modelopt: %s", text.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], checkpoint: Path,
+           on_checkpoint: Callable[[Path, str], str], stop: StopFlag | None = None,
+           grad_checkpointing: bool = True) -> Search:
+    """Calibrate and score `spec` on `model` in place (or restore both from `checkpoint`).
+
+    Leaves the model in eval mode with gradient checkpointing off (ModelOpt turns it on).
     """
-    forward_step, loss_func = make_steps(scheme.method, stop)
-    run = SearchRun()
+    forward_step, loss_func = make_steps(spec.method, stop)
+    timings: dict[str, float] = {}
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(
-        constraints=constraints_for(scheme, effective_bits),
-        quantization_formats=list(scheme.formats),
-        data_loader=batches,
-        forward_step=forward_step,
-        disabled_layers=list(scheme.disabled_layers) or None,
-        num_calib_steps=scheme.num_calib_steps,
-        num_score_steps=scheme.num_score_steps,
-        method=scheme.method,
-        checkpoint=str(checkpoint),
-        verbose=False,
-    )
+    constraints: dict = {"effective_bits": _INTERNAL_BITS}
+    if spec.excluded_from_cost:
+        constraints["cost"] = {"excluded_module_name_patterns": list(spec.excluded_from_cost)}
+    kwargs = dict(constraints=constraints, quantization_formats=list(spec.formats),
+                  data_loader=batches, forward_step=forward_step,
+                  disabled_layers=list(spec.disabled_layers) or None,
+                  num_calib_steps=spec.num_calib_steps, num_score_steps=spec.num_score_steps,
+                  method=spec.method, checkpoint=str(checkpoint), verbose=False)
     if loss_func is not None:
         kwargs["loss_func"] = loss_func
     t0 = time.perf_counter()
     try:
-        with observe_modelopt(run, on_checkpoint, model, grad_checkpointing):
+        with observe_modelopt(timings, on_checkpoint, model, grad_checkpointing), normalised_lp(), \
+                contextlib.redirect_stdout(_DebugLog()):  # ModelOpt prints; that goes to DEBUG
             model, state = mtq.auto_quantize(model, **kwargs)
     except (AssertionError, ValueError) as exc:
         raise RunFailed(f"ModelOpt's auto_quantize refused the search: {exc}") from exc
@@ -206,49 +311,73 @@ def run_auto_quantize(model: torch.nn.Module, scheme: Scheme, batches: list[Batc
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
         model.eval()
-    run.timings["auto_quantize"] = time.perf_counter() - t0
-    if not state["best"].get("is_satisfied", False):
-        raise RunFailed(f"ModelOpt found no recipe within {scheme.effective_bits} effective bits")
-    return state, run
+    timings["setup"] = time.perf_counter() - t0 - sum(timings.values())
+    stats = {name: dict(s) for name, s in state["candidate_stats"].items()}
+    if any("raw_scores" not in s for s in stats.values()):
+        raise RunFailed(f"the search checkpoint {checkpoint} was written by an older version of "
+                        "this tool (no raw scores); rerun with --overwrite to score again")
+    return Search(spec, stats, checkpoint, "calibrate" in timings, "score" in timings, timings)
 
 
-EXT_NAME = "modelopt_cuda_ext_fp8"
+def _subset_stats(stat: dict, formats: set[str]) -> dict:
+    """Candidate stats restricted to `formats` (+ BF16), as a search of only those would store.
 
-
-def fp8_extension_cached() -> bool:
-    """Whether ModelOpt's FP8 CUDA extension is already built in the torch extensions cache."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        return any(Path(_get_build_directory(EXT_NAME, verbose=False)).glob(f"{EXT_NAME}*.so"))
-    except Exception:  # noqa: BLE001 - a private torch helper; no cache means "not built"
-        return False
-
-
-def select_fp8_kernel(kind: str) -> str:
-    """Choose ModelOpt's FP8 fake-quant kernel and return what will actually run.
-
-    "eager": ModelOpt's PyTorch path (no build). "cuda-ext": ModelOpt's CUDA extension, JIT-built
-    on first use (about 45 s on an H200 machine, cached under TORCH_EXTENSIONS_DIR), ~15% faster
-    per scoring batch. "auto" (the default): the extension when its build is already cached,
-    else eager, so a fresh machine never pays a silent build (docs/PERFORMANCE.md has the numbers).
+    ModelOpt keeps a running minimum of the scores over its sorted candidates; it is recomputed
+    here from the raw scores over the kept candidates only.
     """
-    from modelopt.torch.quantization import extensions
+    keep = [i for i, f in enumerate(stat["formats"]) if format_name(f) in formats | {BF16}]
+    scores, prev = [], float("inf")
+    for i in keep:
+        prev = min(stat["raw_scores"][i], prev)
+        scores.append(prev)
+    return {**stat, "formats": [stat["formats"][i] for i in keep], "scores": scores,
+            "costs": [stat["costs"][i] for i in keep]}
 
-    if not torch.cuda.is_available():
-        return "eager (CPU)"
-    if kind == "auto":
-        kind = "cuda-ext" if fp8_extension_cached() else "eager"
-        if kind == "eager":
-            log.info("FP8 kernel: eager (ModelOpt's CUDA extension is not built here; build it "
-                     "once with --fp8-kernel cuda-ext, ~45 s, for ~15%% faster scoring later)")
-    if kind == "eager":
-        extensions.get_cuda_ext_fp8.extension = None  # ModelOpt then takes its eager path
-        return "eager"
-    cached = fp8_extension_cached()
-    log.info("FP8 kernel: ModelOpt's CUDA extension (%s)", "cached build" if cached else
-             "building it now: a one-time step of about 45 s, cached for later runs")
+
+def solve(model: torch.nn.Module, found: Search, formats: list[str], target_bits: float) -> SearchResult:
+    """Solve one scheme (its formats and budget) with ModelOpt's solver and apply it to `model`."""
     t0 = time.perf_counter()
-    extensions.get_cuda_ext_fp8(raise_if_failed=True)
-    log.info("FP8 CUDA extension ready in %.1f s", time.perf_counter() - t0)
-    return "cuda-ext"
+    stats = {n: _subset_stats(s, set(formats)) for n, s in found.stats.items()}
+    searcher = SEARCHERS[found.spec.method]()
+    searcher.candidate_stats = stats
+    total = sum(s.get("uncompressed_cost", max(s["costs"])) for s in stats.values())
+    with warnings.catch_warnings(), normalised_lp():
+        warnings.filterwarnings("ignore", module=r"modelopt\..*")
+        best, satisfied = searcher.run_search_with_stats(total * target_bits / 16.0, verbose=False)
+    if not satisfied:
+        raise RunFailed(f"ModelOpt's solver found no per-layer mix within {target_bits:g} "
+                        "effective bits for these formats")
+    groups = []
+    for name, info in best.items():
+        get_hparam(model, name).active = info["format"]
+        s = stats[name]
+        groups.append(GroupChoice(
+            name=name.removesuffix(".quant_recipe"), module_names=tuple(s["module_names"]),
+            scores={format_name(f): float(v) for f, v in zip(s["formats"], s["scores"])},
+            costs={format_name(f): float(c) for f, c in zip(s["formats"], s["costs"])},
+            chosen=format_name(info["format"])))
+    cost = sum(info["costs"] for info in best.values())
+    return SearchResult(
+        groups=tuple(groups), target_bits=float(target_bits), 
+        achieved_bits=16.0 * cost / total,
+        predicted_loss=float(sum(info["scores"] for info in best.values())),
+        checkpoint=found.checkpoint, calibrated=found.calibrated, scored=found.scored,
+        timings={**found.timings, "solve": time.perf_counter() - t0})
+
+
+def seed_calibration(source: Path, target: Path, method: str) -> bool:
+    """Start `target`'s search checkpoint from `source`'s calibrated quantizers (no scores).
+
+    Only for a verified `source` whose candidate formats are the target's: ModelOpt checks the
+    formats' signature on restore. Returns whether a seed was written.
+    """
+    from . import artifacts
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    if not state.get("quantizer_states"):
+        return False
+    state["candidate_stats"] = {}
+    state["method"] = method
+    state["best"] = {"recipe": {}, "constraints": {}, "score": float("inf"), "is_satisfied": False}
+    artifacts.write_with(target, lambda f: torch.save(state, f))
+    return True

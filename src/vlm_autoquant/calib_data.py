@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,18 @@ import numpy as np
 import torch
 
 from .errors import Problems, RunFailed
+from .schemes import Scheme
 
 log = logging.getLogger(__name__)
 IGNORE = -100
 TERMINATOR = "<|endoftext|>"  # Qwen2's end-of-document token
+# The CLI contract's default caption file, relative to the working directory (the project root
+# under `mlflow run .`).
+DEFAULT_CALIB_FILE = Path("datasets/vlm-quantize-calib/coco2017_captions.txt")
+
+
+def default_calib_file() -> Path:
+    return DEFAULT_CALIB_FILE
 
 
 @dataclass
@@ -130,11 +139,6 @@ class Packed:
     fingerprint: str = ""
     batch_captions: list[int] = field(default_factory=list)
 
-    @property
-    def padding_fraction(self) -> float:
-        total = self.real_tokens + self.pad_tokens
-        return self.pad_tokens / total if total else 0.0
-
 
 def _best_fit_rows(lengths: list[int], cap: int) -> list[list[int]]:
     rows: list[list[int]] = []
@@ -195,3 +199,50 @@ def pack(tokenizer, captions: list[str], seq_len: int, batch_size: int, seed: in
     total = sum(b["input_ids"].numel() for b in batches)
     return Packed(batches, len(captions), real, total - real, truncated, digest.hexdigest(),
                   batch_captions)
+
+
+@dataclass
+class Data:
+    """One scheme's calibration and held-out batches."""
+
+    split: Split
+    calib: Packed
+    eval: Packed | None
+    steps: int  # batches ModelOpt will use: min(available, max(calib steps, score steps))
+    seconds: float
+
+    def used_captions(self) -> int:
+        return sum(self.calib.batch_captions[: self.steps])
+
+    def used_tokens(self) -> tuple[int, int]:
+        """(real tokens, padding tokens) in the batches ModelOpt actually runs."""
+        used = self.calib.batches[: self.steps]
+        real = sum(int(b["real"].sum()) for b in used)
+        return real, sum(b["real"].numel() for b in used) - real
+
+    def used_padding_fraction(self) -> float:
+        real, pad = self.used_tokens()
+        return pad / (real + pad) if real + pad else 0.0
+
+
+def build_data(tokenizer, captions: list[str], scheme: Scheme, problems: Problems) -> Data | None:
+    """Split and pack the captions for `scheme` (cheap; no weights involved)."""
+    t0 = time.perf_counter()
+    split = split_captions(captions, scheme.num_calib_samples, scheme.num_eval_samples, scheme.seed)
+    if not split.calib:
+        problems.add("--calib-file", "the caption file leaves no caption for calibration",
+                     "use a file with more captions")
+        return None
+    calib = pack(tokenizer, split.calib, scheme.seq_len, scheme.batch_size, scheme.seed)
+    held = pack(tokenizer, split.eval, scheme.seq_len, scheme.batch_size, scheme.seed) \
+        if split.eval else None
+    needed = max(scheme.num_calib_steps, scheme.num_score_steps)
+    have = len(calib.batches)
+    if have < needed:
+        log.warning("%d calibration captions make %d batches of %dx%d; calibration and scoring "
+                    "will run %d step(s) instead of the %d asked", len(split.calib), have,
+                    scheme.batch_size, scheme.seq_len, have, needed)
+    elif have > needed:
+        log.info("%d batches packed; the first %d are used (raise --num-calib-steps to use more)",
+                 have, needed)
+    return Data(split, calib, held, min(have, needed), time.perf_counter() - t0)

@@ -14,18 +14,28 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .constants import ARTIFACTS, DEFAULT_CALIB_FILE, DEFAULT_EXPERIMENT, ENV_DEFAULTS, METRICS
+from typing import get_args, get_origin
+
+from .artifacts import ARTIFACTS
+from .tracking import METRICS
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, RunFailed, UsageError
+from .schemes import Scheme
 
 log = logging.getLogger("vlm_autoquant")
 
-# CLI flag -> scheme field, for the overrides that take their default from the scheme.
-OVERRIDE_FLAGS = {
-    "effective_bits": "--effective-bits", "method": "--auto-quantize-method",
-    "num_score_steps": "--num-score-steps", "num_calib_steps": "--num-calib-steps",
-    "num_calib_samples": "--num-calib-samples", "num_eval_samples": "--num-eval-samples",
-    "seq_len": "--seq-len", "batch_size": "--batch-size", "seed": "--seed",
+ENV_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
+DEFAULT_EXPERIMENT = "qwen2.5-vl-3b-autoquant-fp8"
+# Scheme fields a command line may override, and the contract's flag where it is not --<field>.
+NOT_OVERRIDABLE = ("name", "description", "formats", "disabled_layers", "cost_excluded_layers",
+                   "overrides")
+FLAG_NAMES = {"method": "--auto-quantize-method"}
+OVERRIDE_FLAGS = {f: FLAG_NAMES.get(f, "--" + f.replace("_", "-"))
+                  for f in Scheme.model_fields if f not in NOT_OVERRIDABLE}
 
 
 def _optional(kind: Callable) -> Callable:
@@ -53,22 +63,33 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+def add_overrides(p: argparse.ArgumentParser) -> None:
+    """One flag per overridable Scheme field, typed from the model (generated, never listed)."""
+    o = p.add_argument_group("overrides (default: the scheme's value)")
+    for field, flag in OVERRIDE_FLAGS.items():
+        info = Scheme.model_fields[field]
+        kind = info.annotation
+        choices = list(get_args(kind)) if get_origin(kind) is not None and get_args(kind) else None
+        # The flag, plus its underscore spelling: MLflow passes undeclared -P params as --name.
+        names = [flag] + ([f"--{field}"] if f"--{field}" != flag else []) + \
+            ([f"--{flag[2:].replace('-', '_')}"] if flag != f"--{field}" else [])
+        o.add_argument(*dict.fromkeys(names), dest=field, default=None,
+                       type=_optional(str if choices else kind),
+                       choices=[None, *choices] if choices else None,
+                       metavar="{" + ",".join(choices) + "}" if choices else kind.__name__.upper())
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", type=_optional(Path), default=None,
                    help="Qwen2.5-VL checkpoint directory")
     p.add_argument("--output-dir", type=_optional(Path), default=None,
                    help="where the manifest and state are written (default outputs/<scheme>)")
     p.add_argument("--calib-file", type=_optional(Path), default=None,
-                   help=f"captions, one per line (default {DEFAULT_CALIB_FILE}, from the project root)")
+                   help="captions, one per line (default datasets/vlm-quantize-calib/coco2017_captions.txt, "
+                        "relative to the working directory)")
     p.add_argument("--catalog", type=_optional(Path), default=None,
-                   help="scheme catalog YAML (default configs/schemes.yaml)")
-    o = p.add_argument_group("overrides (default: the scheme's value)")
-    o.add_argument("--effective-bits", type=_optional(float), default=None)
-    o.add_argument("--auto-quantize-method", type=_optional(str), default=None,
-                   choices=[None, "gradient", "kl_div"], metavar="{gradient,kl_div}")
-    for field in ("num_score_steps", "num_calib_steps", "num_calib_samples", "num_eval_samples",
-                  "seq_len", "batch_size", "seed"):
-        o.add_argument(OVERRIDE_FLAGS[field], type=_optional(int), default=None, metavar="N")
+                   help="scheme catalog YAML (default: the catalog shipped with the tool)")
+    add_overrides(p)
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=_flag,
                    help="replace a finished run in --output-dir (scores are reused if settings match)")
     p.add_argument("--save-weights", action="store_true",
@@ -90,25 +111,30 @@ def main_parser() -> argparse.ArgumentParser:
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scheme-name", help="scheme from the catalog (see --list-schemes)")
     p.add_argument("--list-schemes", action="store_true", help="print the catalog and exit")
+    p.add_argument("--log-only", action="store_true",
+                   help="log a finished --output-dir to MLflow as a new run (after a tracking "
+                        "failure), without computing anything")
     add_common(p)
     return p
 
 
 def configure(debug: bool) -> None:
+    """Environment defaults and logging: one line per phase at INFO, library chatter at DEBUG."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # no progress-bar escape codes in logs
+    import warnings
+
+    warnings.filterwarnings("ignore", message="transformers .* is not tested with current")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _attr(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
 def overrides_from(args: argparse.Namespace) -> dict:
-    return {field: getattr(args, _attr(flag)) for field, flag in OVERRIDE_FLAGS.items()}
+    return {field: getattr(args, field) for field in OVERRIDE_FLAGS}
 
 
 def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -> int:
@@ -153,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.debug)
     if args.list_schemes:
         return run_guarded(lambda: _list(args), args.debug, None)
+    if args.log_only:
+        if args.output_dir is None:
+            parser.error("--log-only needs --output-dir (a finished run's directory)")
+        return run_guarded(lambda: _log_only(args), args.debug, None)
     if args.output_dir is None and args.scheme_name:
         args.output_dir = Path("outputs") / args.scheme_name
     missing = [f for f, v in (("--scheme-name", args.scheme_name), ("--model-dir", args.model_dir))
@@ -163,15 +193,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .constants import DEFAULT_CATALOG
-    from .schemes import describe_catalog, load_catalog
+    from .schemes import default_catalog, describe_catalog, load_catalog
 
-    print(describe_catalog(load_catalog(args.catalog or DEFAULT_CATALOG)))
+    print(describe_catalog(load_catalog(args.catalog or default_catalog())))
     return 0
 
 
 def options_from(args: argparse.Namespace):
-    from .inputs import RunOptions
+    from .validate import RunOptions
 
     return RunOptions(model_dir=args.model_dir, output_dir=args.output_dir,
                       calib_file=args.calib_file, catalog=args.catalog, overwrite=args.overwrite,
@@ -179,31 +208,57 @@ def options_from(args: argparse.Namespace):
                       fp8_kernel=args.fp8_kernel, experiment=args.experiment)
 
 
-def _run_main(args: argparse.Namespace) -> int:
+def _validated(args: argparse.Namespace, names: list[str], single: bool):
+    """Validate every input, then plan the searches (tokenizes; no weights): all problems at once."""
     from .errors import Problems
-    from .inputs import build_data, gather
+    from .families import plan
+    from .validate import gather
 
-    import time
-
-    from .phases import since_process_start
-
-    t0 = time.perf_counter()
     problems = Problems()
-    inputs = gather(options_from(args), [args.scheme_name], overrides_from(args), problems,
-                    OVERRIDE_FLAGS)
-    data = build_data(inputs.tokenizer, inputs.captions, inputs.schemes[0], problems) \
-        if inputs is not None else None
+    marker = None if single else "comparison.csv"
+    inputs = gather(options_from(args), names, overrides_from(args), problems, OVERRIDE_FLAGS,
+                    **({"finished_marker": marker} if marker else {}))
+    families = plan(inputs, problems, single) if inputs is not None else []
     problems.raise_if_any()
-    validate = time.perf_counter() - t0
+    return inputs, families
+
+
+def _run_main(args: argparse.Namespace) -> int:
+    from .timing import Phases, since_process_start
+
+    phases = Phases()
+    phases.add("startup", since_process_start())
+    with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
+        inputs, families = _validated(args, [args.scheme_name], single=True)
 
     from .interrupt import StopFlag, stop_on_signals
     from .pipeline import run_single
-    from .tracking import Tracker
 
-    experiment = args.experiment or DEFAULT_EXPERIMENT
     with stop_on_signals(StopFlag()) as stop:
-        run_single(inputs, data, stop, lambda name: Tracker(experiment, name),
-                   {"startup": since_process_start(), "validate": validate - data.seconds})
+        run_single(inputs, families[0], stop, args.experiment or DEFAULT_EXPERIMENT, phases)
+    return 0
+
+
+def _log_only(args: argparse.Namespace) -> int:
+    """Log a finished run's output dir (written while tracking was down) as a new MLflow run."""
+    import json
+
+    from .artifacts import MANIFEST_FILE
+    from .errors import Problem
+    from .report import log_scheme
+    from .tracking import tracked_run
+
+    try:
+        doc = json.loads((args.output_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        name = doc["scheme"]["name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(Problem("--output-dir", f"{args.output_dir} holds no readable "
+                                 f"{MANIFEST_FILE} ({exc})", "pass the --output-dir of a "
+                                 "finished run")) from None
+    with tracked_run(args.experiment or DEFAULT_EXPERIMENT, name) as tracker:
+        log_scheme(tracker, doc, args.output_dir)
+        tracker.set_tags({"logged_later_from": str(args.output_dir.resolve())})
+    log.info("logged %s as MLflow run %s", args.output_dir, tracker.run_id)
     return 0
 
 
@@ -225,14 +280,15 @@ def sweep_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(args.debug)
     if args.model_dir is None:
+        _check_names_first(args, (args.schemes or "").split(","))
         from .demo import DEMO_OVERRIDES, build_demo
 
         log.info("no --model-dir: running the embedded demo (tiny random Qwen2.5-VL, own captions)")
         model_dir, captions = build_demo(Path(".demo"))
         demo_args = parser.parse_args(DEMO_OVERRIDES)
-        for flag in OVERRIDE_FLAGS.values():  # the demo's sizes, unless given explicitly
-            if getattr(args, _attr(flag)) is None:
-                setattr(args, _attr(flag), getattr(demo_args, _attr(flag)))
+        for field in OVERRIDE_FLAGS:  # the demo's sizes, unless given explicitly
+            if getattr(args, field) is None:
+                setattr(args, field, getattr(demo_args, field))
         args.model_dir = model_dir
         args.calib_file = args.calib_file or captions
         args.output_dir = args.output_dir or Path("outputs/demo-sweep")
@@ -241,36 +297,52 @@ def sweep_main(argv: list[str] | None = None) -> int:
     return run_guarded(lambda: _run_sweep(args), args.debug, args.output_dir)
 
 
-def _run_sweep(args: argparse.Namespace) -> int:
-    from .constants import DEFAULT_CATALOG
+def _check_names_first(args: argparse.Namespace, names: list[str]) -> None:
+    """Refuse an unknown scheme or a bad catalog before the demo checkpoint is built."""
     from .errors import Problems
-    from .inputs import gather
-    from .schemes import load_catalog
+    from .validate import check_schemes
 
     problems = Problems()
-    try:
-        catalog_names = list(load_catalog(args.catalog or DEFAULT_CATALOG))
-    except UsageError as exc:
-        problems.extend(exc.problems)
-        catalog_names = []
-    names = [n.strip() for n in args.schemes.split(",") if n.strip()] if args.schemes \
-        else catalog_names
-    options = options_from(args)
-    from .sweep import SWEEP_MARKER, plan, run_sweep
+    check_schemes(args.catalog, [n.strip() for n in names if n.strip()], overrides_from(args),
+                  OVERRIDE_FLAGS, problems)
+    if problems:
+        print(f"error: {UsageError(problems.items).render()}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
-    inputs = gather(options, names, overrides_from(args), problems, OVERRIDE_FLAGS,
-                    finished_marker=SWEEP_MARKER)
-    groups = plan(inputs, problems) if inputs is not None else []
-    problems.raise_if_any()
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from .errors import Problems
+    from .schemes import default_catalog, load_catalog
+
+    names = [n.strip() for n in args.schemes.split(",") if n.strip()] if args.schemes else None
+    if names is None:
+        try:
+            names = list(load_catalog(args.catalog or default_catalog()))
+        except UsageError:
+            names = []  # gather reports the catalog's problems
+    inputs, families = _validated(args, names, single=False)
 
     from .interrupt import StopFlag, stop_on_signals
-    from .tracking import Tracker
-
-    experiment = args.experiment or DEFAULT_EXPERIMENT
-
-    def tracker(name: str, parent):
-        return Tracker(experiment, name, nested=parent is not None, parent=parent)
+    from .sweep import run_sweep
 
     with stop_on_signals(StopFlag()) as stop:
-        run_sweep(inputs, groups, stop, tracker)
+        run_sweep(inputs, families, stop, args.experiment or DEFAULT_EXPERIMENT)
     return 0
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """The embedded demo: a tiny random Qwen2.5-VL checkpoint built on the spot, then `main`."""
+    p = argparse.ArgumentParser(prog="run_demo.py", description=demo_main.__doc__)
+    p.add_argument("--scheme-name", default="fp8-balanced-10b")
+    p.add_argument("--root", type=Path, default=Path(".demo"),
+                   help="where the demo checkpoint and captions are built (default .demo)")
+    args, rest = p.parse_known_args(argv)
+    configure("--debug" in rest)
+    probe = main_parser().parse_args(["--scheme-name", args.scheme_name, *rest])
+    _check_names_first(probe, [args.scheme_name])
+    from .demo import DEMO_OVERRIDES, build_demo
+
+    model_dir, captions = build_demo(args.root)
+    return main(["--scheme-name", args.scheme_name, "--model-dir", str(model_dir),
+                 "--calib-file", str(captions), "--output-dir", f"outputs/demo-{args.scheme_name}",
+                 *DEMO_OVERRIDES, "--overwrite", *rest])

@@ -51,7 +51,8 @@ _PLACE = ("street beach field kitchen park table road river snow grass window tr
 
 # The embedded demo runs on a 2-core CPU in well under a minute: shorter rows and few captions.
 # 512 captions pack into ~6 batches of 8x128 tokens; scoring uses what exists (with a warning).
-DEMO_OVERRIDES = ["--num-calib-samples", "512", "--num-calib-steps", "4", "--num-eval-samples",
+DEMO_OVERRIDES = ["--num-calib-samples", "512", "--num-calib-steps", "4", "--num-score-steps", "2",
+                  "--num-eval-samples",
                   "128", "--seq-len", "128"]
 
 

@@ -58,3 +58,19 @@ def pareto(points: list[dict]) -> Figure:
     fig.tight_layout()
     return fig
 
+
+
+def predicted_vs_measured(rows: list[dict]) -> Figure:
+    """The search's predicted loss (sum of chosen scores) against the measured KL, per scheme."""
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.subplots()
+    for r in rows:
+        ax.scatter(r["predicted_loss"], r["kl_mean"], s=36)
+        ax.annotate(r["scheme"], (r["predicted_loss"], r["kl_mean"]), fontsize="small",
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("predicted loss (sum of chosen candidates' scores)")
+    ax.set_ylabel("measured mean KL(BF16 || quantized) per token")
+    ax.grid(alpha=0.3)
+    fig.suptitle("Does the search's score predict the damage?")
+    fig.tight_layout()
+    return fig

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,11 +66,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-@dataclass
-class LoadReport:
-    skipped_vision_tensors: int
-
-
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers prints a table of every unexpected (vision) key; we report one line."""
@@ -83,8 +77,7 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device) -> tuple[Qwen2ForCausalLM,
-                                                                              LoadReport]:
+def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device) -> Qwen2ForCausalLM:
     """Load the LM in bf16 on `device`, frozen and in eval mode; vision tensors stay unread."""
     with _quiet_transformers():
         model, info = Qwen2ForCausalLM.from_pretrained(
@@ -102,6 +95,4 @@ def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device) -> tuple[Qw
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.requires_grad_(False)  # ModelOpt enables what scoring needs
     model.eval()
-    report = LoadReport(
-        skipped_vision_tensors=sum(1 for k in info["unexpected_keys"] if VISION_RE.match(k)))
-    return model, report
+    return model

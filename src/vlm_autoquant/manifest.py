@@ -1,4 +1,4 @@
-"""The per-layer manifest: built from the quantizers actually enabled in the model."""
+"""The per-layer manifest: built from the search result and the quantizers enabled in the model."""
 
 from __future__ import annotations
 
@@ -6,21 +6,19 @@ import csv
 import io
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from . import cost
-from .constants import MANIFEST_SCHEMA_VERSION
+from .artifacts import MANIFEST_SCHEMA_VERSION
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
-BF16 = "BF16"
 FP8 = "FP8"
+BF16 = "BF16"  # the name autoquant.format_name gives the no-quant candidate
 
-
-def recipe_name(recipe) -> str:
-    """ModelOpt prints a recipe as 'FP8_DEFAULT_CFG(effective-bits: 8.0)'; 'NONE' is BF16."""
-    name = str(recipe).split("(", 1)[0]
-    return BF16 if name == "NONE" else name
+if TYPE_CHECKING:
+    from .autoquant import SearchResult
 
 
 def _group_label(names: list[str]) -> str:
@@ -53,33 +51,22 @@ class LayerRow:
         return (int(m.group(1)), m.group(3)) if m else None
 
 
-def layer_rows(model: nn.Module, state: dict, disabled: list[str], excluded: list[str]) -> list[LayerRow]:
+def layer_rows(model: nn.Module, result: "SearchResult", disabled: list[str],
+               excluded: list[str]) -> list[LayerRow]:
     """One row per LM linear; the format is read from the model's enabled weight quantizer."""
-    member_of: dict[str, str] = {}
-    for hp, stat in state["candidate_stats"].items():
-        for n in stat["module_names"]:
-            member_of[n] = hp
-    best = state["best"]["recipe"]
+    group_of = result.group_of()
     rows = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         wq = getattr(module, "weight_quantizer", None)
         fmt = FP8 if wq is not None and wq.is_enabled else BF16
-        hp = member_of.get(name)
-        stat = state["candidate_stats"].get(hp, {})
-        chosen = recipe_name(best[hp]) if hp in best else BF16
+        g = group_of.get(name)
         rows.append(LayerRow(
-            name=name,
-            group=_group_label(list(stat.get("module_names", [name]))),
-            format=fmt,
-            quant_config=None if fmt == BF16 else chosen,
-            num_weights=module.weight.numel(),
-            scores={recipe_name(f): float(s) for f, s in zip(stat.get("formats", []),
-                                                             stat.get("scores", []))},
-            costs={recipe_name(f): float(c) for f, c in zip(stat.get("formats", []),
-                                                            stat.get("costs", []))},
-            cost_counted=not cost.matches(name, excluded),
+            name=name, group=_group_label(list(g.module_names) if g else [name]), format=fmt,
+            quant_config=None if fmt == BF16 or g is None else g.chosen,
+            num_weights=module.weight.numel(), scores=dict(g.scores) if g else {},
+            costs=dict(g.costs) if g else {}, cost_counted=not cost.matches(name, excluded),
             disabled=cost.matches(name, disabled)))
     return rows
 

@@ -52,5 +52,5 @@ def apply(model: nn.Module, state_file: Path) -> nn.Module:
 
 def restore(model_dir: Path, state_file: Path, device: torch.device | None = None) -> nn.Module:
     """Load the LM of `model_dir` and apply the quantized state: same logits as the run's model."""
-    model, _ = load_lm(Path(model_dir), text_config(Path(model_dir)), device or pick_device())
+    model = load_lm(Path(model_dir), text_config(Path(model_dir)), device or pick_device())
     return apply(model, Path(state_file))

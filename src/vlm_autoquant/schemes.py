@@ -21,6 +21,11 @@ FormatName = Literal["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"]
 Method = Literal["gradient", "kl_div"]
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
+
+def default_catalog() -> Path:
+    """The catalog shipped with the project (configs/schemes.yaml)."""
+    return Path(__file__).resolve().parents[2] / "configs" / "schemes.yaml"
+
 # Fields that decide the calibration (amax values) and the sensitivity scores. Two schemes that
 # agree on these share one AutoQuantize search; effective_bits is only the budget of the solve.
 CALIBRATION_FIELDS = ("formats", "num_calib_samples", "num_calib_steps", "seq_len", "batch_size",

@@ -1,16 +1,10 @@
-"""Score once, compare many: run several schemes on one model with one scoring pass per group.
+"""Score once, compare many: several schemes on one model, one search per family.
 
-Schemes that agree on every scoring setting (formats, method, calibration, score steps, disabled
-and cost-excluded layers) form a group: the group's first scheme calibrates and scores into the
-group's ModelOpt search checkpoint; every other scheme re-runs `mtq.auto_quantize` on a fresh copy
-of the BF16 LM with that checkpoint, which restores the calibrated amax values and the scores and
-only solves for its own budget. The single-scheme driver goes through the very same call, so a
-scheme gets the same per-layer formats alone or in a sweep.
-
-A group whose calibration settings match an already calibrated group (e.g. a `kl_div` scheme next
-to a `gradient` one with the same formats and data) starts from that group's calibration: its
-checkpoint is seeded with the calibrated quantizer states and no scores, so ModelOpt restores the
-amax values instead of calibrating again, and only scores.
+Each family (families.py) is searched once over the union of its members' formats; every member
+is then solved, evaluated, saved and logged as a child run by the same `finish_scheme` a single
+run uses. A scheme that fails is marked FAILED in its child run with the reason, and the sweep
+goes on; the comparison lists it, and the process exits non-zero at the end naming it. A signal
+still stops the whole sweep at once.
 """
 
 from __future__ import annotations
@@ -19,177 +13,177 @@ import copy
 import csv
 import io
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import artifacts, autoquant, figures, resume
-from .constants import COMPARISON_FILE, PARETO_FIGURE, SEARCH_DIR
-from .errors import Interrupted, Problems
-from .inputs import Data, Inputs, build_data
-from .phases import Phases
-from .pipeline import (CALIBRATION_KEYS, announce, final_metrics, quantize_scheme,
-                       scoring_fingerprint)
-from .schemes import Scheme
+from . import artifacts, autoquant, figures, fp8_kernel, resume, tracking
+from .artifacts import COMPARISON_FILE, PARETO_FIGURE
+from .errors import Interrupted, RunFailed
+from .families import Family, calibration_source
+from .interrupt import StopFlag
+from .pipeline import announce, finish_scheme, load, search_family
+from .timing import Phases
+from .tracking import M_SPEARMAN
+from .validate import Inputs
 
 log = logging.getLogger("vlm_autoquant")
 SWEEP_MARKER = COMPARISON_FILE
-COLUMNS = ("scheme", "method", "formats", "target_bits", "effective_bits", "all_linears_bits",
-           "fp8_layers", "bf16_layers", "kl_mean", "ppl_ref", "ppl_quant", "ppl_rel_change",
-           "top1_agreement", "weight_bytes", "compression_ratio", "scoring_group", "scores",
-           "calibration")
-
-
-@dataclass
-class Group:
-    key: str
-    schemes: list[Scheme]
-    data: Data
-    fingerprint: dict
-    checkpoint: Path
-    reuse: resume.Reuse = field(default_factory=lambda: resume.Reuse(None))
-
-
-def data_key(s: Scheme) -> tuple:
-    return (s.num_calib_samples, s.num_eval_samples, s.seq_len, s.batch_size, s.seed)
-
-
-def plan(inputs: Inputs, problems: Problems) -> list[Group]:
-    """Group the schemes by scoring settings; build each distinct data split once."""
-    datas: dict[tuple, Data] = {}
-    groups: dict[str, Group] = {}
-    for s in inputs.schemes:
-        if data_key(s) not in datas:
-            built = build_data(inputs.tokenizer, inputs.captions, s, problems)
-            if built is None:
-                return []
-            datas[data_key(s)] = built
-        data = datas[data_key(s)]
-        fp = scoring_fingerprint(inputs, s, data)
-        key = resume.fingerprint_hash(fp)[:12]
-        if key not in groups:
-            ckpt = inputs.options.output_dir / SEARCH_DIR / f"group-{key}.pth"
-            groups[key] = Group(key, [], data, fp, ckpt)
-        groups[key].schemes.append(s)
-    for g in groups.values():  # refuse foreign or stale checkpoints before loading anything
-        g.reuse = resume.check_reusable(g.checkpoint, g.fingerprint, inputs.options.overwrite)
-    return list(groups.values())
-
-
-def seed_calibration(source: Group, target: Group) -> bool:
-    """Start `target`'s checkpoint from `source`'s calibrated quantizer states (no scores)."""
-    src = resume.check_reusable(source.checkpoint, source.fingerprint, False)
-    if src.stage is None:
-        return False
-    state = torch.load(source.checkpoint, map_location="cpu", weights_only=True)  # verified sha
-    if not state.get("quantizer_states"):
-        return False
-    state["candidate_stats"] = {}
-    state["method"] = target.schemes[0].method
-    state["best"] = {"recipe": {}, "constraints": {}, "score": float("inf"), "is_satisfied": False}
-    artifacts.write_with(target.checkpoint, lambda f: torch.save(state, f))
-    resume.write_record(target.checkpoint, target.fingerprint, "calibrated")
-    return True
-
-
-def _calibration_match(a: Group, b: Group) -> bool:
-    return all(a.fingerprint.get(k) == b.fingerprint.get(k) for k in CALIBRATION_KEYS)
+COLUMNS = ("scheme", "status", "method", "formats", "target_bits", "effective_bits",
+           "all_linears_bits", "fp8_layers", "bf16_layers", "predicted_loss", "kl_mean", "ppl_ref",
+           "ppl_quant", "ppl_rel_change", "top1_agreement", "weight_bytes", "compression_ratio",
+           "scoring_group", "scores", "calibration", "error")
 
 
 def comparison_row(m: dict) -> dict:
     q = m.get("quality") or {}
-    return {"scheme": m["scheme"]["name"], "method": m["scheme"]["method"],
-            "formats": "+".join(m["scheme"]["formats"]),
-            "target_bits": m["effective_bits"]["target"],
+    return {"scheme": m["scheme"]["name"], "status": "FINISHED", "method": m["scheme"]["method"],
+            "formats": "+".join(m["scheme"]["formats"]), "target_bits": m["effective_bits"]["target"],
             "effective_bits": m["effective_bits"]["achieved"],
             "all_linears_bits": m["effective_bits"]["all_linears"],
             "fp8_layers": m["summary"]["fp8"], "bf16_layers": m["summary"]["bf16"],
-            "kl_mean": q.get("kl_mean"), "ppl_ref": q.get("ppl_ref"),
-            "ppl_quant": q.get("ppl_quant"), "ppl_rel_change": q.get("ppl_rel_change"),
-            "top1_agreement": q.get("top1_agreement"),
+            "predicted_loss": m["search"].get("predicted_loss"),
+            **{k: q.get(k) for k in ("kl_mean", "ppl_ref", "ppl_quant", "ppl_rel_change",
+                                     "top1_agreement")},
             "weight_bytes": m["summary"]["weight_bytes"],
             "compression_ratio": m["summary"]["compression_ratio"],
             "scoring_group": m["search"]["scoring_group"], "scores": m["search"]["scores"],
-            "calibration": m["search"]["calibration"]}
+            "calibration": m["search"]["calibration"], "error": ""}
 
 
-def run_sweep(inputs: Inputs, groups: list[Group], stop, tracker_factory) -> list[dict]:
-    """Run every group; returns one comparison row per scheme (also written and logged)."""
-    from .lm import load_lm, pick_device
+def failed_row(scheme, family: Family, exc: BaseException) -> dict:
+    return {**dict.fromkeys(COLUMNS, None), "scheme": scheme.name, "status": "FAILED",
+            "method": scheme.method, "formats": "+".join(scheme.formats),
+            "target_bits": scheme.effective_bits, "scoring_group": family.key,
+            "error": f"{type(exc).__name__}: {exc}"}
 
-    opts = inputs.options
-    phases = Phases()
-    log.info("sweep: %d schemes in %d scoring group(s): %s", len(inputs.schemes), len(groups),
-             "; ".join(f"{g.key}: {', '.join(s.name for s in g.schemes)}" for g in groups))
-    parent = tracker_factory("sweep", None)
+
+def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Phases,
+               parent: tracking.Tracker, experiment: str, info: dict) -> list[dict]:
+    """Search one family, then finish each member as a child run; failures are rows, not raises."""
     rows: list[dict] = []
     try:
-        kernel = autoquant.select_fp8_kernel(opts.fp8_kernel)
-        device = pick_device()
-        with phases("load", "LM only, once for the whole sweep"):
-            pristine, _ = load_lm(opts.model_dir, inputs.text_config, device)
-        done: list[Group] = []
-        for g in groups:
-            seeded = None
-            if g.reuse.stage is None:
-                source = next((d for d in done if _calibration_match(d, g)), None)
-                if source is not None and seed_calibration(source, g):
-                    seeded = source.key
-                    log.info("group %s: calibration reused from group %s (no recalibration)",
-                             g.key, source.key)
-            for i, scheme in enumerate(g.schemes):
-                announce(inputs, scheme)
-                child = tracker_factory(scheme.name, parent)
-                try:
-                    model = copy.deepcopy(pristine)
-                    scheme_phases = Phases()
-                    doc = quantize_scheme(
-                        model, scheme, inputs, g.data, opts.output_dir / scheme.name,
-                        g.checkpoint, g.fingerprint, lambda: child, scheme_phases, device, stop,
-                        {"fp8_kernel": kernel, "calibration_seeded_from": seeded,
-                         "sweep_group_index": i})
-                    if child is not None:
-                        child.log_metrics(final_metrics(scheme_phases))
-                        child.end("FINISHED")
-                except BaseException as exc:
-                    if child is not None:
-                        status = "KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) \
-                            else "FAILED"
-                        child.end(status, f"{type(exc).__name__}: {exc}")
-                    raise
-                del model
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                for k, v in scheme_phases.seconds.items():
-                    phases.add(k, v)
-                rows.append(comparison_row(doc))
-            done.append(g)
-        ran = sum(r["scores"] == "ran" for r in rows)
-        log.info("scoring ran %d time(s) for %d schemes in %d group(s)", ran, len(rows), len(groups))
-        _write_comparison(rows, opts.output_dir, parent)
-        if parent is not None:
-            parent.log_metrics({**final_metrics(phases), "sweep/schemes": len(rows),
-                                "sweep/scoring_groups": len(groups), "sweep/scoring_runs": ran})
-            parent.end("FINISHED")
-        return rows
-    except BaseException as exc:
-        if parent is not None:
-            status = "KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED"
-            parent.end(status, f"{type(exc).__name__}: {exc}")
+        found = search_family(model, family, stop, inputs, phases)
+    except (Interrupted, KeyboardInterrupt):
         raise
+    except Exception as exc:  # noqa: BLE001 - every member fails with the reason
+        found, search_error = None, exc
+    for i, scheme in enumerate(family.schemes):
+        announce(inputs, scheme)
+        try:
+            with tracking.tracked_run(experiment, scheme.name, parent) as child:
+                if found is None:
+                    raise search_error
+                own = Phases()
+                doc = finish_scheme(model, found, scheme, family, inputs,
+                                    inputs.options.output_dir / scheme.name, own, child,
+                                    {**info, "sweep_group_index": i})
+                for key, seconds in own.seconds.items():
+                    phases.add(key, seconds)
+            rows.append(comparison_row(doc))
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the sweep goes on; the row says why
+            log.error("%s FAILED: %s: %s", scheme.name, type(exc).__name__, exc)
+            rows.append(failed_row(scheme, family, exc))
+    return rows
 
 
-def _write_comparison(rows: list[dict], out_dir: Path, parent) -> None:
+def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str) -> list[dict]:
+    """Run every family; write and log the comparison; raise RunFailed naming failed schemes."""
+    opts = inputs.options
+    phases = Phases()
+    log.info("sweep: %d schemes in %d search(es): %s", len(inputs.schemes), len(families),
+             "; ".join(f"{f.key} [{'+'.join(f.spec.formats)}]: "
+                       f"{', '.join(s.name for s in f.schemes)}" for f in families))
+    rows: list[dict] = []
+    with tracking.tracked_run(experiment, "sweep",
+                              system_metrics=torch.cuda.is_available()) as parent:
+        parent.log_params({"model_dir": str(opts.model_dir), "calib_file": str(inputs.calib_path),
+                           "catalog": str(opts.catalog or "default"),
+                           "schemes": ",".join(s.name for s in inputs.schemes)})
+        kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
+        pristine = load(inputs, phases)
+        done: list[Family] = []
+        for n, family in enumerate(families):
+            seeded = _seed(family, done)
+            # The last family searches the loaded LM itself; earlier ones a copy of it.
+            model = pristine if n == len(families) - 1 else copy.deepcopy(pristine)
+            rows += run_family(model, family, inputs, stop, phases, parent, experiment,
+                               {"fp8_kernel": kernel, "calibration_seeded_from": seeded})
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            done.append(family)
+        _write_comparison(rows, opts.output_dir, parent, phases, len(families))
+    failed = [r["scheme"] for r in rows if r["status"] != "FINISHED"]
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(rows)} schemes failed: {', '.join(failed)} "
+                        f"(reasons in {opts.output_dir / COMPARISON_FILE} and their MLflow runs)")
+    return rows
+
+
+def _seed(family: Family, done: list[Family]) -> str | None:
+    if family.reuse.stage is not None:
+        return None
+    source = calibration_source(family, done)
+    if source is None or resume.check_reusable(source.checkpoint, source.fingerprint,
+                                               False).stage is None:
+        return None
+    if not autoquant.seed_calibration(source.checkpoint, family.checkpoint, family.spec.method):
+        return None
+    resume.write_record(family.checkpoint, family.fingerprint, "calibrated")
+    log.info("search %s: calibration reused from search %s", family.key, source.key)
+    return source.key
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None for fewer than 3 points."""
+    import numpy as np
+
+    if len(xs) < 3:
+        return None
+
+    def ranks(v: list[float]):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for value in np.unique(v):
+            r[v == value] = r[v == value].mean()
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _write_comparison(rows: list[dict], out_dir: Path, parent: tracking.Tracker, phases: Phases,
+                      searches: int) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    fig = figures.pareto([{"scheme": r["scheme"], "effective_bits": r["effective_bits"],
-                           "kl_mean": r["kl_mean"], "ppl_rel_change": r["ppl_rel_change"]}
-                          for r in rows])
-    artifacts.write_text(out_dir / COMPARISON_FILE, buf.getvalue())  # last: marks a finished sweep
-    if parent is not None:
-        parent.log_table(rows, "comparison.json")
-        parent.log_figure(fig, PARETO_FIGURE)
-        parent.log_artifact(out_dir / COMPARISON_FILE)
+    ok = [r for r in rows if r["status"] == "FINISHED"]
+    scored = [r for r in ok if r["kl_mean"] is not None]
+    rho = spearman([r["predicted_loss"] for r in scored], [r["kl_mean"] for r in scored])
+    artifacts.write_text(out_dir / COMPARISON_FILE, buf.getvalue())  # marks a finished sweep
+    ran = sum(r["scores"] == "ran" for r in ok)
+    log.info("sweep: %d finished, %d failed; scoring ran %d time(s) in %d search(es)%s",
+             len(ok), len(rows) - len(ok), ran, searches,
+             f"; predicted loss vs KL: Spearman {rho:.3f}" if rho is not None else "")
+    parent.log_table(rows, "comparison.json")
+    parent.log_figure(figures.pareto([{k: r[k] for k in ("scheme", "effective_bits", "kl_mean",
+                                                         "ppl_rel_change")} for r in ok]),
+                      PARETO_FIGURE)
+    if scored:
+        parent.log_figure(figures.predicted_vs_measured(scored), "predicted_vs_kl.png")
+    parent.log_artifact(out_dir / COMPARISON_FILE)
+    parent.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()}
+                       | {"time/total_s": phases.total(), "sweep/schemes": len(rows),
+                          "sweep/failed": len(rows) - len(ok), "sweep/scoring_groups": searches,
+                          "sweep/scoring_runs": ran, M_SPEARMAN: rho})
+    for r in ok:
+        parent.log_metrics({f"sweep/predicted_loss/{r['scheme']}": r["predicted_loss"],
+                            f"sweep/kl_mean/{r['scheme']}": r["kl_mean"]})

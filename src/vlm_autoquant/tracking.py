@@ -1,24 +1,93 @@
-"""MLflow, behind one small class. Nothing else in the package imports mlflow."""
+"""MLflow, behind one small module. Nothing else in the package imports mlflow.
+
+A run is a context manager (`tracked_run`) that ends FINISHED, KILLED (interrupted) or FAILED in
+one place. Its start is a real write to the store; it runs in a background thread so that it
+overlaps with loading and searching, and the first logging call waits for it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import tempfile
+import threading
+import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import Problems
+from .errors import Interrupted, Problems, RunFailed
 
 log = logging.getLogger(__name__)
 
+# Metric keys (stable; listed in the README and in --help).
+M_BITS_ACHIEVED = "effective_bits/achieved"
+M_BITS_TARGET = "effective_bits/target"
+M_BITS_ALL = "effective_bits/all_linears"
+M_LAYERS_FP8 = "layers/fp8"
+M_LAYERS_BF16 = "layers/bf16"
+M_KL = "quality/kl_mean"
+M_PPL_REF = "quality/ppl_ref"
+M_PPL_QUANT = "quality/ppl_quant"
+M_PPL_REL = "quality/ppl_rel_change"
+M_TOP1 = "quality/top1_agreement"
+M_WEIGHT_BYTES = "size/weight_bytes"
+M_WEIGHT_BYTES_BF16 = "size/weight_bytes_bf16"
+M_COMPRESSION = "size/compression_ratio"
+M_PADDING = "data/padding_fraction"
+M_CALIB_TOKENS = "data/calib_tokens"
+M_PEAK_GPU = "memory/peak_gpu_gib"
+M_PEAK_RSS = "memory/peak_rss_gib"
+M_PREDICTED_LOSS = "search/predicted_loss"
+M_SPEARMAN = "sweep/spearman_predicted_vs_kl"
+TIME_PREFIX = "time/"  # time/<phase>_s, one per phase
+SENSITIVITY_PREFIX = "sensitivity/"  # sensitivity/<format>/<projection>, step = decoder layer index
+FORMAT_PREFIX = "fp8/"  # fp8/<projection>: 1 if FP8 else 0, step = decoder layer index
+
+METRICS = {
+    M_BITS_ACHIEVED: "effective bits over the layers the search may quantize (cost-counted)",
+    M_BITS_TARGET: "the effective-bits budget",
+    M_BITS_ALL: "effective bits over all LM linears, lm_head included",
+    M_LAYERS_FP8: "LM linear modules in FP8",
+    M_LAYERS_BF16: "LM linear modules left in BF16",
+    M_KL: "mean per-token KL(BF16 || quantized) on the held-out captions",
+    M_PPL_REF: "perplexity of the BF16 LM on the held-out captions",
+    M_PPL_QUANT: "perplexity of the quantized LM on the same tokens",
+    M_PPL_REL: "ppl_quant / ppl_ref - 1",
+    M_TOP1: "fraction of tokens whose top-1 next token matches BF16",
+    M_WEIGHT_BYTES: "LM linear weight bytes after quantization (FP8 = 1 byte, BF16 = 2)",
+    M_WEIGHT_BYTES_BF16: "LM linear weight bytes in BF16",
+    M_COMPRESSION: "weight_bytes_bf16 / weight_bytes",
+    M_PADDING: "padding tokens / all tokens in the calibration batches",
+    M_CALIB_TOKENS: "real (non-padding) tokens in the calibration batches",
+    M_PEAK_GPU: "peak CUDA memory allocated (GiB; 0 on CPU)",
+    M_PEAK_RSS: "peak host resident memory (GiB)",
+    TIME_PREFIX + "<phase>_s": "wall time per phase: load, data, calibrate, score, solve, evaluate, save, log",
+    SENSITIVITY_PREFIX + "<format>/<projection>": "summed sensitivity score, step = decoder layer",
+    FORMAT_PREFIX + "<projection>": "1 when that layer's projection is FP8, step = decoder layer",
+    M_PREDICTED_LOSS: "sum of the chosen candidates' sensitivity scores (the solver's objective)",
+}
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default when MLFLOW_TRACKING_URI is unset
+# Bounded retries against a server: a few tries within ~30 s, then give up (the result is on disk).
+RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class TrackingFailed(RunFailed):
+    """Logging to MLflow failed after the result was written to disk."""
+
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else MLflow's own default (sqlite:///mlflow.db, artifacts in ./mlruns)."""
-    import mlflow
+    """MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db, artifacts in ./mlruns)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
-    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
 
 
 def check_reachable(problems: Problems) -> None:
@@ -31,43 +100,87 @@ def check_reachable(problems: Problems) -> None:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except Exception as exc:  # any failure means the same thing to the user
             problems.add("MLFLOW_TRACKING_URI", f"tracking server {uri} is unreachable ({exc})", fix)
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).resolve().parent
+    elif (db := _sqlite_file(uri)) is not None:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=db.parent):
                 pass
         except OSError as exc:
-            problems.add("MLFLOW_TRACKING_URI", f"cannot write the SQLite store in {folder} "
+            problems.add("MLFLOW_TRACKING_URI", f"cannot write the SQLite store in {db.parent} "
                          f"({exc.strerror})", fix)
 
 
+@contextlib.contextmanager
+def _store_lock() -> Iterator[None]:
+    """Serialise the first use of a SQLite store (schema creation races between processes)."""
+    db = _sqlite_file(tracking_uri())
+    if db is None:
+        yield
+        return
+    with open(f"{db}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Tracker:
-    """One MLflow run (or a nested child). All logging calls go through here."""
+    """One MLflow run (or a nested child), started in the background. All logging goes here."""
 
-    def __init__(self, experiment: str, run_name: str, nested: bool = False,
-                 parent: "Tracker | None" = None):
-        import mlflow
+    def __init__(self, experiment: str, run_name: str, parent: "Tracker | None" = None,
+                 system_metrics: bool = False) -> None:
+        for key, value in RETRY_ENV.items():
+            os.environ.setdefault(key, value)
+        self.name = run_name
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="mlflow-start", daemon=True,
+                                        args=(experiment, run_name, parent, system_metrics))
+        self._thread.start()
 
-        self._mlflow = mlflow
-        launched = bool(os.environ.get("MLFLOW_RUN_ID")) and mlflow.active_run() is None
-        if parent is None and not launched:
-            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
-        # Under `mlflow run`, MLFLOW_RUN_ID is set and start_run() attaches to that run (in the
-        # experiment `mlflow run` chose).
-        self.run = mlflow.start_run(run_name=None if launched else run_name, nested=nested)
-        if launched:
-            mlflow.set_tag("mlflow.runName", run_name)
-        self.run_id = self.run.info.run_id
-        self._existing = dict(self.run.data.params)
+    def _start(self, experiment: str, run_name: str, parent: "Tracker | None",
+               system_metrics: bool) -> None:
+        try:
+            import mlflow
+
+            self._mlflow = mlflow
+            launched = bool(os.environ.get("MLFLOW_RUN_ID")) and parent is None
+            with _store_lock():
+                if launched:  # under `mlflow run`: attach to the run it made
+                    self.run = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"])
+                else:
+                    exp_id = parent.run.info.experiment_id if parent is not None \
+                        else _experiment_id(mlflow, experiment)
+                    tags = {"mlflow.runName": run_name}
+                    if parent is not None:
+                        tags["mlflow.parentRunId"] = parent.wait().run_id
+                    self.run = mlflow.MlflowClient().create_run(exp_id, tags=tags,
+                                                                run_name=run_name)
+            self.run_id = self.run.info.run_id
+            if launched:
+                self.set_tags({"mlflow.runName": run_name})
+            self._existing = dict(self.run.data.params)
+            self._monitor = None
+            if system_metrics:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(self.run_id)
+                self._monitor.start()
+        except BaseException as exc:  # noqa: BLE001 - reported on first use
+            self._error = exc
+
+    def wait(self) -> "Tracker":
+        """Block until the run exists; raise TrackingFailed if it could not be started."""
+        self._thread.join()
+        if self._error is not None:
+            raise TrackingFailed(f"the MLflow run could not be started at {tracking_uri()} "
+                                 f"({type(self._error).__name__}: {self._error})")
+        return self
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params not yet on the run; never re-log one with a different value."""
+        self.wait()
         fresh = {k: str(v) for k, v in params.items() if k not in self._existing}
-        for k, v in params.items():
-            if k in self._existing and self._existing[k] != str(v):
-                log.warning("param %s already logged as %r; keeping it (now %r)", k,
-                            self._existing[k], v)
         if fresh:
             self._mlflow.log_params(fresh, run_id=self.run_id)
             self._existing.update(fresh)
@@ -75,17 +188,15 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         if clean:
-            self._mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+            self.wait()._mlflow.log_metrics(clean, step=step, run_id=self.run_id)
 
     def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
         """Metrics with a step axis (e.g. one point per decoder layer), in batches of 1000."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         points = [Metric(k, float(v), now, step) for k, pts in series.items() for step, v in pts]
-        client = self._mlflow.MlflowClient()
+        client = self.wait()._mlflow.MlflowClient()
         for i in range(0, len(points), 1000):
             client.log_batch(self.run_id, metrics=points[i:i + 1000])
 
@@ -96,21 +207,103 @@ class Tracker:
             self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        self._mlflow.log_artifact(str(path), artifact_path=subdir, run_id=self.run_id)
+        self.wait()._mlflow.MlflowClient().log_artifact(self.run_id, str(path), subdir)
 
     def log_table(self, rows: list[dict], name: str) -> None:
         columns = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
-        self._mlflow.log_table(data=columns, artifact_file=name, run_id=self.run_id)
+        self.wait()._mlflow.log_table(data=columns, artifact_file=name, run_id=self.run_id)
 
     def log_figure(self, fig, name: str) -> None:
-        self._mlflow.MlflowClient().log_figure(self.run_id, fig, name)
+        self.wait()._mlflow.MlflowClient().log_figure(self.run_id, fig, name)
+
+    def log_captions(self, captions: list[str], source: Path, name: str, context: str) -> None:
+        """Log a caption split as an MLflow dataset input (digest, source, context)."""
+        import datasets
+        import mlflow.data
+
+        ds = mlflow.data.from_huggingface(datasets.Dataset.from_dict({"text": captions}),
+                                          path=str(source), name=name)
+        self.wait()._mlflow.MlflowClient().log_inputs(
+            self.run_id, datasets=[_dataset_input(ds, context)])
 
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        if self._thread.is_alive() or self._error is not None:
+            self._thread.join(timeout=60)
+            if self._error is not None or not hasattr(self, "run_id"):
+                return
+        if self._monitor is not None:
+            self._monitor.finish()
         if reason:
-            self.set_tags({"failure_reason": reason})
-        client = self._mlflow.MlflowClient()
-        active = self._mlflow.active_run()
-        if active is not None and active.info.run_id == self.run_id:
-            self._mlflow.end_run(status=status)
-        else:
-            client.set_terminated(self.run_id, status=status)
+            self.set_tags({"failure_reason": reason[:4000]})
+        self._mlflow.MlflowClient().set_terminated(self.run_id, status=status)
+
+
+def _experiment_id(mlflow, default: str) -> str:
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or default
+    found = mlflow.get_experiment_by_name(name)
+    return found.experiment_id if found else mlflow.create_experiment(name)
+
+
+def _dataset_input(ds, context: str):
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return DatasetInput(dataset=ds._to_mlflow_entity(),
+                        tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
+
+
+@contextlib.contextmanager
+def tracked_run(experiment: str, name: str, parent: Tracker | None = None,
+                system_metrics: bool = False) -> Iterator[Tracker]:
+    """A run that ends FINISHED, KILLED (interrupted) or FAILED (with the reason as a tag)."""
+    tracker = Tracker(experiment, name, parent, system_metrics)
+    try:
+        yield tracker
+    except (Interrupted, KeyboardInterrupt) as exc:
+        _end_quietly(tracker, "KILLED", f"{type(exc).__name__}: {exc}")
+        raise
+    except BaseException as exc:
+        _end_quietly(tracker, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    tracker.end("FINISHED")
+
+
+def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
+    try:
+        tracker.end(status, reason)
+    except Exception as exc:  # noqa: BLE001 - the original error matters more
+        log.warning("could not mark MLflow run %s: %s", status, exc)
+
+
+RUN_ID_FILE = ".mlflow_run_id"  # in an output dir: the run that writes into it
+
+
+def remember(out_dir: Path, tracker: Tracker) -> None:
+    """Record the run writing into `out_dir`, so a rerun can close it if this process is killed."""
+    try:
+        run_id = tracker.wait().run_id
+    except TrackingFailed:
+        return  # reported when the result is logged
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RUN_ID_FILE).write_text(run_id + "\n", encoding="utf-8")
+
+
+def close_stale(out_dir: Path) -> None:
+    """Mark the run a killed process left RUNNING in `out_dir` as KILLED, with a reason tag."""
+    try:
+        run_id = (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "failure_reason", "the process was killed (found RUNNING by a "
+                           f"rerun in {out_dir})")
+            client.set_terminated(run_id, status="KILLED")
+            log.info("closed MLflow run %s, left RUNNING by a killed process, as KILLED", run_id)
+    except Exception as exc:  # noqa: BLE001 - another store, or the run is gone: nothing to close
+        log.debug("no stale run %s to close: %s", run_id, exc)

@@ -1,0 +1,108 @@
+"""Plan the searches: schemes that can share one calibration and scoring pass form a family.
+
+A family shares the method, the data, the score steps and the layer settings; its members may
+differ in budget and in candidate formats. One AutoQuantize search over the union of the
+members' formats serves them all (autoquant.py). A single run is a family of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import resume
+from .artifacts import SEARCH_CHECKPOINT, SEARCH_DIR
+from .autoquant import SearchSpec
+from .calib_data import Data, build_data
+from .errors import Problems
+from .schemes import CALIBRATION_FIELDS, FORMAT_BITS, Scheme
+from .validate import Inputs, versions
+
+# Library versions that decide calibration and scores.
+VERSIONED = ("torch", "transformers", "nvidia-modelopt")
+
+
+@dataclass
+class Family:
+    schemes: list[Scheme]
+    data: Data
+    spec: SearchSpec
+    fingerprint: dict
+    checkpoint: Path
+    reuse: resume.Reuse = field(default_factory=lambda: resume.Reuse(None))
+
+    @property
+    def key(self) -> str:
+        return resume.fingerprint_hash(self.fingerprint)[:12]
+
+
+def spec_of(schemes: list[Scheme]) -> SearchSpec:
+    first = schemes[0]
+    union = sorted({f for s in schemes for f in s.formats}, key=list(FORMAT_BITS).index)
+    return SearchSpec(formats=tuple(union), method=first.method,
+                      num_calib_steps=first.num_calib_steps, num_score_steps=first.num_score_steps,
+                      disabled_layers=tuple(first.disabled_layers),
+                      excluded_from_cost=tuple(first.excluded_from_cost))
+
+
+def fingerprint(inputs: Inputs, spec: SearchSpec, scheme: Scheme, data: Data) -> dict:
+    """Everything that decides a search's calibration and scores (not the budgets)."""
+    v = versions()
+    view = {**{f: getattr(scheme, f) for f in CALIBRATION_FIELDS}, "formats": list(spec.formats),
+            "method": spec.method, "num_score_steps": spec.num_score_steps,
+            "cost_excluded_layers": list(spec.excluded_from_cost)}
+    return resume.fingerprint(
+        model={"config_sha256": inputs.checkpoint.config_sha256,
+               "weights": inputs.checkpoint.weights_fingerprint},
+        data={"tokens_sha256": data.calib.fingerprint, "steps": data.steps},
+        scheme=view, versions={k: v[k] for k in VERSIONED})
+
+
+# The fingerprint keys that decide the calibration alone (shared across methods).
+CALIBRATION_KEYS = ("model.config_sha256", "model.weights", "data.tokens_sha256", "data.steps",
+                    *(f"scheme.{f}" for f in CALIBRATION_FIELDS),
+                    *(f"versions.{k}" for k in VERSIONED))
+
+
+def _family_key(s: Scheme) -> tuple:
+    view = s.scoring_view()
+    view.pop("formats")
+    return tuple(sorted((k, str(v)) for k, v in view.items()))
+
+
+def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Family]:
+    """Group the schemes into families; build each distinct data split once.
+
+    `single`: one scheme into --output-dir, its checkpoint at search/autoquant_search.pth.
+    """
+    by_key: dict[tuple, list[Scheme]] = {}
+    for s in inputs.schemes:
+        by_key.setdefault(_family_key(s), []).append(s)
+    datas: dict[tuple, Data] = {}
+    families = []
+    for members in by_key.values():
+        first = members[0]
+        dkey = (first.num_calib_samples, first.num_eval_samples, first.seq_len, first.batch_size,
+                first.seed, first.num_calib_steps, first.num_score_steps)
+        if dkey not in datas:
+            built = build_data(inputs.tokenizer, inputs.captions, first, problems)
+            if built is None:
+                return []
+            datas[dkey] = built
+        spec = spec_of(members)
+        fp = fingerprint(inputs, spec, first, datas[dkey])
+        name = SEARCH_CHECKPOINT if single else f"group-{resume.fingerprint_hash(fp)[:12]}.pth"
+        families.append(Family(members, datas[dkey], spec, fp,
+                               inputs.options.output_dir / SEARCH_DIR / name))
+    for f in families:  # refuse foreign or stale checkpoints before loading anything
+        f.reuse = resume.check_reusable(f.checkpoint, f.fingerprint, inputs.options.overwrite)
+    return families
+
+
+def calibration_source(family: Family, done: list[Family]) -> Family | None:
+    """An already searched family whose calibration `family` can start from."""
+    for d in done:
+        if d.spec.formats == family.spec.formats and all(
+                d.fingerprint.get(k) == family.fingerprint.get(k) for k in CALIBRATION_KEYS):
+            return d
+    return None

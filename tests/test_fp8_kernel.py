@@ -1,0 +1,125 @@
+"""`--fp8-kernel auto` uses ModelOpt's cached CUDA extension only when torch would not rebuild it.
+
+A fake build directory with a real ninja file stands in for torch's extension cache: the check
+is torch's own decision (same build.ninja, then ninja's dry run), so no CUDA is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from modelopt.torch.quantization import extensions
+
+from vlm_autoquant import fp8_kernel
+
+NAME = "fake_ext"
+NINJA = f"""rule cp
+  command = cp $in $out
+build {NAME}.so: cp src.cu
+default {NAME}.so
+"""
+
+needs_ninja = pytest.mark.skipif(shutil.which("ninja") is None,
+                                 reason="ninja is not installed (torch needs it to build too)")
+
+
+@pytest.fixture
+def build_dir(tmp_path) -> Path:
+    """A build directory as torch leaves it after a successful build."""
+    (tmp_path / "src.cu").write_text("// kernel v1\n")
+    (tmp_path / "build.ninja").write_text(NINJA)
+    if shutil.which("ninja"):
+        subprocess.run(["ninja"], cwd=tmp_path, check=True, capture_output=True)
+    return tmp_path
+
+
+@needs_ninja
+def test_fresh_build_is_used(build_dir):
+    ok, why = fp8_kernel.cached_build_state(build_dir, NAME, NINJA)
+    assert ok, why
+
+
+@needs_ninja
+def test_reinstalled_source_newer_than_the_build_is_stale(build_dir):
+    src = build_dir / "src.cu"
+    later = (build_dir / f"{NAME}.so").stat().st_mtime + 60
+    os.utime(src, (later, later))  # what a reinstall does: same path, new file
+    ok, why = fp8_kernel.cached_build_state(build_dir, NAME, NINJA)
+    assert not ok and "rebuild" in why and "src.cu" in why
+
+
+@needs_ninja
+def test_changed_build_file_is_stale(build_dir):
+    ok, why = fp8_kernel.cached_build_state(build_dir, NAME, NINJA.replace("cp $in", "cp -p $in"))
+    assert not ok and "build.ninja" in why
+
+
+def test_missing_library_or_build_file_is_not_a_cache(build_dir):
+    (build_dir / "build.ninja").unlink()
+    assert not fp8_kernel.cached_build_state(build_dir, NAME, None)[0]
+    (build_dir / f"{NAME}.so").unlink()
+    ok, why = fp8_kernel.cached_build_state(build_dir, NAME, None)
+    assert not ok and "no build" in why
+
+
+def test_modelopt_call_is_captured_without_loading():
+    had = hasattr(extensions.get_cuda_ext_fp8, "extension")
+    name, sources, _ = fp8_kernel._modelopt_fp8_load_call()
+    assert name == fp8_kernel.EXT_NAME
+    assert sources and all(Path(s).is_file() and s.endswith(".cu") for s in sources)
+    assert hasattr(extensions.get_cuda_ext_fp8, "extension") == had
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only failure path")
+def test_state_fails_closed_with_a_reason_without_cuda():
+    ok, why = fp8_kernel.fp8_extension_state()
+    assert not ok and why
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_auto_uses_the_extension_only_when_torch_would_not_rebuild(monkeypatch, caplog, cached):
+    loads = []
+
+    def fake_load(raise_if_failed=False):
+        loads.append(raise_if_failed)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(extensions, "get_cuda_ext_fp8", fake_load)
+    monkeypatch.setattr(fp8_kernel, "fp8_extension_state",
+                        lambda: (cached, "REASON-X"))
+    with caplog.at_level(logging.INFO, logger=fp8_kernel.__name__):
+        kind = fp8_kernel.select_fp8_kernel("auto")
+    assert kind == ("cuda-ext" if cached else "eager")
+    assert bool(loads) == cached  # eager never builds
+    assert "REASON-X" in caplog.text
+
+
+def test_explicit_cuda_ext_says_when_it_builds(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(extensions, "get_cuda_ext_fp8", lambda raise_if_failed=False: None)
+    monkeypatch.setattr(fp8_kernel, "fp8_extension_state",
+                        lambda: (False, "ninja would rebuild it: X"))
+    with caplog.at_level(logging.INFO, logger=fp8_kernel.__name__):
+        assert fp8_kernel.select_fp8_kernel("cuda-ext") == "cuda-ext"
+    assert "building it now (ninja would rebuild it: X)" in caplog.text
+    assert "cached build" not in caplog.text
+
+
+def test_expected_build_file_is_torchs_for_modelopts_source_and_stable(monkeypatch):
+    """The comparison must not call every build stale: same inputs, same file; env restored."""
+    from torch.utils import cpp_extension as ce
+
+    monkeypatch.setattr(ce, "CUDA_HOME", "/opt/fake-cuda")  # no CUDA toolkit on this machine
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    name, sources, kwargs = fp8_kernel._modelopt_fp8_load_call()
+    first = fp8_kernel._torch_ninja_file(name, sources, kwargs)
+    assert first == fp8_kernel._torch_ninja_file(name, sources, kwargs)
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert f"build {name}.so: link" in first and all(s in first for s in sources)
