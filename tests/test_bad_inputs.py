@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from vlm_autoquant import deps
-from vlm_autoquant.constants import DEFAULT_CATALOG, MANIFEST_FILE
+from vlm_autoquant.constants import MANIFEST_FILE
+from vlm_autoquant.schemes import default_catalog
 
 from .conftest import QUICK, SMALL_DEFAULTS, run_cli
 
@@ -309,7 +310,7 @@ def test_bad_effective_bits(value, needles, demo, out, tracking, capsys):
 
 def test_bits_below_minimum_when_lm_head_is_counted(demo, tmp_path, out, tracking, capsys):
     """cost_excluded_layers: [] counts the BF16 lm_head, so the minimum rises above 8."""
-    text = DEFAULT_CATALOG.read_text(encoding="utf-8")
+    text = default_catalog().read_text(encoding="utf-8")
     assert "cost_excluded_layers: null" in text
     catalog = write_catalog(tmp_path, text.replace("cost_excluded_layers: null",
                                                    "cost_excluded_layers: []"))
@@ -323,7 +324,7 @@ def test_bits_below_minimum_when_lm_head_is_counted(demo, tmp_path, out, trackin
 
 def test_scheme_bits_below_minimum_names_the_catalog_field(demo, tmp_path, out, tracking, capsys):
     """The same range check when the catalog (not the flag) sets the budget."""
-    text = DEFAULT_CATALOG.read_text(encoding="utf-8").replace("cost_excluded_layers: null",
+    text = default_catalog().read_text(encoding="utf-8").replace("cost_excluded_layers: null",
                                                               "cost_excluded_layers: []")
     catalog = write_catalog(tmp_path, text)
     expect_usage_error(capsys, base_args(demo, out, *QUICK, "--catalog", catalog,
@@ -528,7 +529,7 @@ def test_installed_dependencies_pass_and_local_versions_count():
     assert not problems, problems.items
     local = {name: None for name in deps.REQUIRED}
     local.update({"torch": "2.13.0+cpu", "transformers": "5.17.0", "nvidia-modelopt": "0.47.0",
-                  "datasets": "5.0.0", "mlflow": "3.13.0"})
+                  "datasets": "5.0.0", "mlflow": "3.13.0", "accelerate": "1.0.0"})
     deps.check(problems, local)
     assert not problems, problems.items
     deps.check(problems, {**local, "transformers": "5.18.0", "torch": None})

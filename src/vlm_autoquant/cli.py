@@ -59,9 +59,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=_optional(Path), default=None,
                    help="where the manifest and state are written (default outputs/<scheme>)")
     p.add_argument("--calib-file", type=_optional(Path), default=None,
-                   help=f"captions, one per line (default {DEFAULT_CALIB_FILE}, from the project root)")
+                   help=f"captions, one per line (default {DEFAULT_CALIB_FILE}, relative to the "
+                        "current directory)")
     p.add_argument("--catalog", type=_optional(Path), default=None,
-                   help="scheme catalog YAML (default configs/schemes.yaml)")
+                   help="scheme catalog YAML (default: the catalog shipped with the package, "
+                        "configs/schemes.yaml in the repo)")
     o = p.add_argument_group("overrides (default: the scheme's value)")
     o.add_argument("--effective-bits", type=_optional(float), default=None)
     o.add_argument("--auto-quantize-method", type=_optional(str), default=None,
@@ -163,10 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .constants import DEFAULT_CATALOG
-    from .schemes import describe_catalog, load_catalog
+    from .schemes import default_catalog, describe_catalog, load_catalog
 
-    print(describe_catalog(load_catalog(args.catalog or DEFAULT_CATALOG)))
+    print(describe_catalog(load_catalog(args.catalog or default_catalog())))
     return 0
 
 
@@ -179,7 +180,23 @@ def options_from(args: argparse.Namespace):
                       fp8_kernel=args.fp8_kernel, experiment=args.experiment)
 
 
+def require_dependencies() -> None:
+    """Check installed versions (metadata only) before torch, transformers or ModelOpt load."""
+    from .deps import require
+
+    require()
+
+
+def _check_dependencies_first(debug: bool) -> int:
+    """Exit code of the dependency check alone (0 when all is installed)."""
+    def body() -> int:
+        require_dependencies()
+        return 0
+    return run_guarded(body, debug, None)
+
+
 def _run_main(args: argparse.Namespace) -> int:
+    require_dependencies()
     from .errors import Problems
     from .inputs import build_data, gather
 
@@ -225,6 +242,9 @@ def sweep_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(args.debug)
     if args.model_dir is None:
+        code = _check_dependencies_first(args.debug)  # building the demo imports torch
+        if code:
+            return code
         from .demo import DEMO_OVERRIDES, build_demo
 
         log.info("no --model-dir: running the embedded demo (tiny random Qwen2.5-VL, own captions)")
@@ -242,14 +262,14 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from .constants import DEFAULT_CATALOG
+    require_dependencies()
     from .errors import Problems
     from .inputs import gather
-    from .schemes import load_catalog
+    from .schemes import default_catalog, load_catalog
 
     problems = Problems()
     try:
-        catalog_names = list(load_catalog(args.catalog or DEFAULT_CATALOG))
+        catalog_names = list(load_catalog(args.catalog or default_catalog()))
     except UsageError as exc:
         problems.extend(exc.problems)
         catalog_names = []
@@ -274,3 +294,31 @@ def _run_sweep(args: argparse.Namespace) -> int:
     with stop_on_signals(StopFlag()) as stop:
         run_sweep(inputs, groups, stop, tracker)
     return 0
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlm-autoquant-demo",
+        description="The embedded demo: build a tiny random Qwen2.5-VL checkpoint and its own "
+                    "captions under --root, then run the main entry point on it with small step "
+                    "counts, writing outputs/demo-<scheme> (both relative to the current "
+                    "directory).")
+    p.add_argument("--scheme-name", default="fp8-balanced-10b")
+    p.add_argument("--root", type=Path, default=Path(".demo"),
+                   help="where the demo checkpoint and captions are built (default .demo)")
+    return p
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """`vlm-autoquant-demo` and scripts/run_demo.py: build the demo, then run `main` on it."""
+    args = demo_parser().parse_args(argv)
+    configure(False)
+    code = _check_dependencies_first(False)
+    if code:
+        return code
+    from .demo import DEMO_OVERRIDES, build_demo
+
+    model_dir, captions = build_demo(args.root)
+    return main(["--scheme-name", args.scheme_name, "--model-dir", str(model_dir),
+                 "--calib-file", str(captions), "--output-dir", f"outputs/demo-{args.scheme_name}",
+                 *DEMO_OVERRIDES, "--overwrite"])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CATALOG = PROJECT_ROOT / "configs" / "schemes.yaml"
-# Relative to the project root, as the CLI contract says.
+# The default catalog ships with the package: schemes.default_catalog().
+# Relative to the current directory (the project root under `mlflow run`).
 DEFAULT_CALIB_FILE = Path("datasets/vlm-quantize-calib/coco2017_captions.txt")
 
 MANIFEST_SCHEMA_VERSION = 1

@@ -1,4 +1,9 @@
-"""Dependency checks that run before torch, transformers or ModelOpt are imported."""
+"""Dependency checks that run before torch, transformers or ModelOpt are imported.
+
+Versions are read from the installed distributions' metadata (importlib.metadata), so a missing
+or out-of-range package is reported as a Problem with its install command instead of an
+ImportError traceback half-way through a run. The CLI calls `require` before anything heavy.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,15 @@ from packaging.version import Version
 
 from .errors import Problems
 
-# Keep in step with pyproject.toml.
+# The same specifiers as pyproject.toml (tests/test_packaging.py checks it).
 REQUIRED = {
     "torch": ">=2.6,<2.15",
     "transformers": ">=5.14.1,<5.18",
     "nvidia-modelopt": ">=0.47.0,<0.48",
     "datasets": ">=5.0,<6",
     "mlflow": ">=3.13,<3.18",
+    # Not imported by this package, but transformers needs it for lm.py's device_map.
+    "accelerate": ">=1.0",
 }
 
 
@@ -48,3 +55,10 @@ def check(problems: Problems, versions: dict[str, str | None] | None = None) -> 
             problems.add(f"dependency {name}", "is not installed", install)
         elif Version(Version(found).base_version) not in SpecifierSet(spec):
             problems.add(f"dependency {name}", f"version {found} is outside {spec}", install)
+
+
+def require() -> None:
+    """Raise one UsageError listing every missing or out-of-range dependency."""
+    problems = Problems()
+    check(problems)
+    problems.raise_if_any()

@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cost, deps, tracking
+from . import cost, tracking
 from .artifacts import check_output_dir
 from .calib_data import CaptionFile, Packed, Split, check_caption_file, load_captions
 from .checkpoint import CheckpointInfo, inspect_checkpoint
-from .constants import DEFAULT_CALIB_FILE, DEFAULT_CATALOG, MANIFEST_FILE, PROJECT_ROOT
+from .constants import DEFAULT_CALIB_FILE, MANIFEST_FILE
 from .errors import Problems, UsageError
-from .schemes import FORMAT_BITS, Scheme, load_catalog, resolve
+from .schemes import FORMAT_BITS, Scheme, default_catalog, load_catalog, resolve
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Inputs:
 
 
 def calib_path(given: Path | None) -> Path:
-    return given if given is not None else PROJECT_ROOT / DEFAULT_CALIB_FILE
+    return given if given is not None else DEFAULT_CALIB_FILE  # relative to the current dir
 
 
 def check_bits(scheme: Scheme, numels: dict[str, int], problems: Problems, flag: str) -> None:
@@ -71,17 +71,14 @@ def check_bits(scheme: Scheme, numels: dict[str, int], problems: Problems, flag:
 def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
            problems: Problems, flags: dict[str, str] | None = None,
            finished_marker: str = MANIFEST_FILE) -> Inputs | None:
-    """Check dependencies, catalog, scheme(s), checkpoint, data file, output dir and tracking.
+    """Check catalog, scheme(s), checkpoint, data file, output dir and tracking.
 
-    Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
+    Adds every problem found to `problems`; returns Inputs only when nothing is wrong. The
+    dependencies were checked before this module was imported (cli.require_dependencies).
     """
-    deps.check(problems)
-    if problems:  # without the libraries nothing below can run
-        return None
-
     schemes: list[Scheme] = []
     try:
-        catalog = load_catalog(options.catalog or DEFAULT_CATALOG)
+        catalog = load_catalog(options.catalog or default_catalog())
         for name in scheme_names:
             schemes.append(resolve(catalog, name, overrides, flags))
     except UsageError as exc:
