@@ -221,8 +221,9 @@ def main() -> None:
         from vlm_autoquant.demo import make_captions
 
         args.captions.write_text("\n".join(make_captions(3000, 0)) + "\n")
-        args.driver_args = ["--num-calib-samples", "512", "--num-calib-steps", "2",
-                            "--num-score-steps", "2", "--num-eval-samples", "64", "--seq-len", "128"]
+        # One 8x128 batch each for calibration and scoring: the CPU path is a smoke run.
+        args.driver_args = ["--num-calib-samples", "256", "--num-calib-steps", "1",
+                            "--num-score-steps", "1", "--num-eval-samples", "32", "--seq-len", "128"]
     from vlm_autoquant.checkpoint import inspect_checkpoint
     from vlm_autoquant.errors import Problems
 

@@ -1,6 +1,7 @@
 """Sweep benchmark: the whole catalog in one sweep against one single-scheme run.
 
     python bench/bench_sweep.py [--repeats 2] [--out bench/results/sweep-cpu.json]
+        [--sizes "--num-calib-steps 1 ..."]   # smaller than the demo's (the tests' smoke run)
 
 Both run as fresh processes on the embedded demo (the same tiny checkpoint, captions and demo
 sizes), each into a fresh output directory and MLflow store, so every process pays its imports,
@@ -51,10 +52,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("/tmp/vlm-bench-sweep"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep-cpu.json")
+    p.add_argument("--sizes", default=" ".join(DEMO_OVERRIDES),
+                   help="size flags for every run (default: the demo's)")
     args = p.parse_args()
+    sizes = args.sizes.split()
     shutil.rmtree(args.work, ignore_errors=True)
     model_dir, captions = build_demo(args.work / "demo")
-    common = ["--model-dir", str(model_dir), "--calib-file", str(captions), *DEMO_OVERRIDES]
+    common = ["--model-dir", str(model_dir), "--calib-file", str(captions), *sizes]
     single, sweep, group = [], [], []
     for i in range(args.repeats):  # alternate, so drift hits both sides alike
         w = args.work / f"single{i}"
@@ -86,7 +90,7 @@ def main() -> None:
               "sweep_wall_s": sweep, "ratio": med(sweep) / med(single),
               "group_sweep_wall_s": group, "group_schemes": GROUP.split(","),
               "group_ratio": med(group) / med(single), "groups": groups,
-              "single_timings": single_m["timings"], "demo_overrides": DEMO_OVERRIDES,
+              "single_timings": single_m["timings"], "sizes": sizes,
               "python": sys.version.split()[0], "cpus": os.cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

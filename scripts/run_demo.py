@@ -3,8 +3,9 @@
 
     python scripts/run_demo.py [--scheme-name fp8-balanced-10b] [--root .demo]
 
-Runs exactly the main entry point's code on the tiny checkpoint (built under .demo/) with its own
-generated captions and small step counts, writing into outputs/demo-<scheme>. Under
+The same as the `vlm-autoquant-demo` console command: runs exactly the main entry point's code on
+the tiny checkpoint (built under --root) with its own generated captions and small step counts,
+writing into outputs/demo-<scheme>, both relative to the current directory. Under
 `mlflow run . -e demo` the result is logged to that run.
 """
 

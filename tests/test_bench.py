@@ -1,4 +1,8 @@
-"""The benchmarks' CPU paths run on the tiny model, so they cannot rot (no timing asserted)."""
+"""The benchmarks' CPU paths run on the tiny model, so they cannot rot (no timing asserted).
+
+Marked `bench`: left out of the default run (pyproject addopts) and run by .ci/run as its own
+step, `python -m pytest -q -m bench`. Sizes are one batch per phase: a smoke run, not a benchmark.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,11 @@ import pytest
 
 from .conftest import PY, ROOT, subprocess_env
 
+SMOKE_SIZES = ("--sizes=--num-calib-samples 256 --num-calib-steps 1 --num-score-steps 1 "
+               "--num-eval-samples 32 --seq-len 128")
 
-@pytest.mark.slow
+
+@pytest.mark.bench
 def test_gpu_benchmark_cpu_path(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([PY, str(ROOT / "bench" / "bench_gpu.py"), "--size", "tiny", "--work",
@@ -25,10 +32,10 @@ def test_gpu_benchmark_cpu_path(tmp_path):
     assert any("driver / (bare" in row[0] for row in r["table"])
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_sweep_benchmark_cpu_path(tmp_path):
     out = tmp_path / "s.json"
-    proc = subprocess.run([PY, str(ROOT / "bench" / "bench_sweep.py"), "--repeats", "1",
+    proc = subprocess.run([PY, str(ROOT / "bench" / "bench_sweep.py"), "--repeats", "1", SMOKE_SIZES,
                            "--work", str(tmp_path / "w"), "--out", str(out)],
                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -27,13 +27,6 @@ from .schemes import Scheme
 log = logging.getLogger(__name__)
 IGNORE = -100
 TERMINATOR = "<|endoftext|>"  # Qwen2's end-of-document token
-# The CLI contract's default caption file, relative to the working directory (the project root
-# under `mlflow run .`).
-DEFAULT_CALIB_FILE = Path("datasets/vlm-quantize-calib/coco2017_captions.txt")
-
-
-def default_calib_file() -> Path:
-    return DEFAULT_CALIB_FILE
 
 
 @dataclass

@@ -223,7 +223,23 @@ def _validated(args: argparse.Namespace, names: list[str], single: bool):
     return inputs, families
 
 
+def require_dependencies() -> None:
+    """Check installed versions (metadata only) before torch, transformers or ModelOpt load."""
+    from .validate import require_dependencies as require
+
+    require()
+
+
+def _check_dependencies_first(debug: bool) -> int:
+    """Exit code of the dependency check alone (0 when all is installed)."""
+    def body() -> int:
+        require_dependencies()
+        return 0
+    return run_guarded(body, debug, None)
+
+
 def _run_main(args: argparse.Namespace) -> int:
+    require_dependencies()
     from .timing import Phases, since_process_start
 
     phases = Phases()
@@ -280,6 +296,9 @@ def sweep_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(args.debug)
     if args.model_dir is None:
+        code = _check_dependencies_first(args.debug)  # building the demo imports torch
+        if code:
+            return code
         _check_names_first(args, (args.schemes or "").split(","))
         from .demo import DEMO_OVERRIDES, build_demo
 
@@ -311,7 +330,7 @@ def _check_names_first(args: argparse.Namespace, names: list[str]) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from .errors import Problems
+    require_dependencies()
     from .schemes import default_catalog, load_catalog
 
     names = [n.strip() for n in args.schemes.split(",") if n.strip()] if args.schemes else None
@@ -330,16 +349,29 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_main(argv: list[str] | None = None) -> int:
-    """The embedded demo: a tiny random Qwen2.5-VL checkpoint built on the spot, then `main`."""
-    p = argparse.ArgumentParser(prog="run_demo.py", description=demo_main.__doc__)
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlm-autoquant-demo",
+        description="The embedded demo: build a tiny random Qwen2.5-VL checkpoint and its own "
+                    "captions under --root, then run the main entry point on it with small step "
+                    "counts, writing outputs/demo-<scheme> (both relative to the current "
+                    "directory). Other flags are passed on to the main entry point.")
     p.add_argument("--scheme-name", default="fp8-balanced-10b")
     p.add_argument("--root", type=Path, default=Path(".demo"),
                    help="where the demo checkpoint and captions are built (default .demo)")
-    args, rest = p.parse_known_args(argv)
-    configure("--debug" in rest)
-    probe = main_parser().parse_args(["--scheme-name", args.scheme_name, *rest])
-    _check_names_first(probe, [args.scheme_name])
+    return p
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """`vlm-autoquant-demo` and scripts/run_demo.py: build the demo, then run `main` on it."""
+    args, rest = demo_parser().parse_known_args(argv)
+    debug = "--debug" in rest
+    configure(debug)
+    code = _check_dependencies_first(debug)
+    if code:
+        return code
+    probe = main_parser().parse_args(["--scheme-name", args.scheme_name, "--model-dir", "-", *rest])
+    _check_names_first(probe, [args.scheme_name])  # before the checkpoint is built
     from .demo import DEMO_OVERRIDES, build_demo
 
     model_dir, captions = build_demo(args.root)

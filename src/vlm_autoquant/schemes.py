@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,11 +22,6 @@ FORMAT_BITS: dict[str, int] = {
 FormatName = Literal["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"]
 Method = Literal["gradient", "kl_div"]
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-
-
-def default_catalog() -> Path:
-    """The catalog shipped with the project (configs/schemes.yaml)."""
-    return Path(__file__).resolve().parents[2] / "configs" / "schemes.yaml"
 
 # Fields that decide the calibration (amax values) and the sensitivity scores. Two schemes that
 # agree on these share one AutoQuantize search; effective_bits is only the budget of the solve.
@@ -127,7 +124,19 @@ def validate_scheme(data: dict[str, Any], where: str) -> Scheme:
         raise UsageError([_describe(e, where) for e in exc.errors()]) from None
 
 
-def load_catalog(path: Path) -> dict[str, Scheme]:
+def default_catalog() -> Traversable:
+    """The catalog that ships with the package: the repo's configs/schemes.yaml.
+
+    An install (wheel or editable) maps configs/ to the package `vlm_autoquant.configs`; a source
+    tree put on sys.path without installing reads the file next to src/.
+    """
+    try:
+        return resources.files("vlm_autoquant.configs") / "schemes.yaml"
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "configs" / "schemes.yaml"
+
+
+def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
     """Load and validate every scheme of a catalog file (`defaults` merged into each)."""
     where = str(path)
     try:

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from importlib import metadata
 
@@ -21,9 +22,11 @@ from packaging.version import Version
 from . import cost, tracking
 from .artifacts import check_output_dir
 from .artifacts import MANIFEST_FILE
-from .calib_data import CaptionFile, check_caption_file, default_calib_file, load_captions
-from .checkpoint import CheckpointInfo, inspect_checkpoint
 from .errors import Problems, UsageError
+
+if TYPE_CHECKING:
+    from .calib_data import CaptionFile
+    from .checkpoint import CheckpointInfo
 from .schemes import FORMAT_BITS, Scheme, default_catalog, load_catalog, resolve
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ REQUIRED = {
     "nvidia-modelopt": ">=0.47.0,<0.48",
     "datasets": ">=5.0,<6",
     "mlflow": ">=3.13,<3.18",
+    # Not imported by this package, but transformers needs it for lm.py's device_map.
+    "accelerate": ">=1.0",
 }
 
 
@@ -71,6 +76,13 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def require_dependencies() -> None:
+    """Raise one UsageError listing every missing or out-of-range dependency."""
+    problems = Problems()
+    check_dependencies(problems)
+    problems.raise_if_any()
 
 
 def check_dependencies(problems: Problems, versions: dict[str, str | None] | None = None) -> None:
@@ -120,8 +132,13 @@ class Inputs:
         return self.caption_file.path
 
 
+# The CLI contract's default caption file, relative to the working directory (the project root
+# under `mlflow run .`).
+DEFAULT_CALIB_FILE = Path("datasets/vlm-quantize-calib/coco2017_captions.txt")
+
+
 def calib_path(given: Path | None) -> Path:
-    return given if given is not None else default_calib_file()
+    return given if given is not None else DEFAULT_CALIB_FILE
 
 
 def check_bits(scheme: Scheme, numels: dict[str, int], problems: Problems, flag: str) -> None:
@@ -144,9 +161,9 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
 
     Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
     """
-    check_dependencies(problems)
-    if problems:  # without the libraries nothing below can run
-        return None
+    from .calib_data import check_caption_file, load_captions
+    from .checkpoint import inspect_checkpoint
+
     schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
     info = inspect_checkpoint(options.model_dir, problems)
     caption_file = check_caption_file(calib_path(options.calib_file), problems)

@@ -1,0 +1,1 @@
+"""The scheme catalog, shipped inside the package as `vlm_autoquant.configs` (see pyproject.toml)."""
