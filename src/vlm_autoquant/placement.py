@@ -207,3 +207,47 @@ def plan_run(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int,
     fixes += "" if grad_checkpointing else ", or --grad-checkpointing on"
     msg = "; ".join(p.message for p in first_error.problems)
     raise UsageError(Problem("--batch-size", f"nothing fits down to {b}x{seq_len}: {msg}", fixes))
+
+
+def cuda_totals_gib() -> dict[int, float]:
+    """Total memory of each visible CUDA device (empty on a CPU machine)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {i: torch.cuda.get_device_properties(i).total_memory / GIB
+            for i in range(torch.cuda.device_count())}
+
+
+def plan_for(cfg, gpus_text: str | None, max_memory_text: str | None, batch_size: int,
+             seq_len: int, calib_steps: int, score_steps: int, method: str,
+             grad_checkpointing: bool, num_formats: int, problems: Problems,
+             totals_gib: dict[int, float] | None = None) -> tuple[LMPlacement, int, int] | None:
+    """Validation before loading: parse the flags, place the LM, pick the batch (or a Problem).
+
+    Returns None on a machine without GPUs (the CPU path loads on the CPU as before).
+    """
+    from .lm import meta_model
+
+    totals = cuda_totals_gib() if totals_gib is None else totals_gib
+    if not totals:
+        return None
+    gpus = parse_gpus(gpus_text, len(totals), problems)
+    caps = parse_max_memory(max_memory_text, gpus, totals, problems) if gpus else {}
+    if not caps:
+        return None
+    from .memory_plan import usable
+
+    dims = Dims.from_config(cfg)
+    try:
+        return plan_run(meta_model(cfg), dims, gpus, usable(caps), batch_size, seq_len,
+                        calib_steps, score_steps, method, grad_checkpointing, num_formats)
+    except UsageError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def measured_peaks_gib() -> dict[str, float]:
+    """torch.cuda.max_memory_allocated of every visible GPU, for the manifest next to the plan."""
+    if not torch.cuda.is_available():
+        return {}
+    return {str(i): round(torch.cuda.max_memory_allocated(i) / GIB, 2)
+            for i in range(torch.cuda.device_count())}
