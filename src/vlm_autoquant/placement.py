@@ -152,15 +152,18 @@ def place(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, fl
     head_dev = gpus[-1]
     even = dims.total_params() * 2 / len(gpus) + 2 * w_layer  # balanced, like "balanced" maps
     for _ in range(len(gpus)):
-        budget = {}
-        for g in gpus:
-            room = usable_gib[g] * GIB - (head_extra if g == head_dev else 0)
-            budget[g] = max(int(min(room * w_layer / (w_layer + act_layer), even)), 0)
-        with _quiet_accelerate():  # it warns that the (absent) CUDA devices are not visible
-            dmap = infer_auto_device_map(meta, max_memory={**budget, "cpu": 0},
-                                         no_split_module_classes=NO_SPLIT, dtype=torch.bfloat16)
-        off = sorted({str(v) for v in dmap.values() if not isinstance(v, int)})
-        if off:
+        for cap in (even, float("inf")):  # balanced first; packed if balancing leaves no room
+            budget = {}
+            for g in gpus:
+                room = usable_gib[g] * GIB - (head_extra if g == head_dev else 0)
+                budget[g] = max(int(min(room * w_layer / (w_layer + act_layer), cap)), 0)
+            with _quiet_accelerate():  # it warns that the (absent) CUDA devices are not visible
+                dmap = infer_auto_device_map(meta, max_memory={**budget, "cpu": 0},
+                                             no_split_module_classes=NO_SPLIT,
+                                             dtype=torch.bfloat16)
+            if all(isinstance(v, int) for v in dmap.values()):
+                break
+        else:
             raise UsageError(Problem(
                 "--gpus", f"the LM ({dims.total_params() * 2 / GIB:.1f} GiB in BF16) plus its "
                 f"activations at {batch_size}x{seq_len} do not fit GPUs {gpus} "
