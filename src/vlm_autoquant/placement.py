@@ -92,6 +92,7 @@ class LMPlacement:
         """For the manifest: `placement` and `memory_plan`."""
         p = self.placement
         return {"placement": {"gpus": p.devices(), "embed_tokens": p.embed, "lm_head": p.head,
+                              "device_map": dict(self.device_map),
                               "layers": {str(d): [i for i, x in enumerate(p.layers) if x == d]
                                          for d in p.devices()},
                               "max_memory_weights_gib": {str(d): round(b / GIB, 2)
