@@ -99,6 +99,11 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-kernel", choices=["auto", "eager", "cuda-ext"], default="auto",
                    help="ModelOpt FP8 fake-quant kernel: auto uses the CUDA extension when its "
                         "build is cached, else eager; cuda-ext builds it once (~45 s)")
+    p.add_argument("--gpus", type=_optional(str), default=None,
+                   help='GPUs to place the LM on: "all", or indices such as "0,1" (default: GPU 0)')
+    p.add_argument("--max-gpu-memory", type=_optional(str), default=None,
+                   help='memory the run may use per GPU: one size ("120GiB") or one per GPU '
+                        '("120GiB,100GiB"); default: each GPU\'s total')
     p.add_argument("--experiment", default=None, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -205,7 +210,8 @@ def options_from(args: argparse.Namespace):
     return RunOptions(model_dir=args.model_dir, output_dir=args.output_dir,
                       calib_file=args.calib_file, catalog=args.catalog, overwrite=args.overwrite,
                       save_weights=args.save_weights, grad_checkpointing=args.grad_checkpointing == "on",
-                      fp8_kernel=args.fp8_kernel, experiment=args.experiment)
+                      fp8_kernel=args.fp8_kernel, experiment=args.experiment, gpus=args.gpus,
+                      max_gpu_memory=args.max_gpu_memory)
 
 
 def _validated(args: argparse.Namespace, names: list[str], single: bool):

@@ -1,8 +1,9 @@
 """Build randomly initialised Qwen2.5-VL checkpoints with the real architecture, offline.
 
-`tiny` is the embedded demo (and the test fixture); `3b` has the released Qwen2.5-VL-3B-Instruct
-dimensions (for benchmarks on a GPU machine). Both carry a vision tower in the file, mrope, GQA
-and tied embeddings. Layouts:
+`tiny` is the embedded demo (and the test fixture); `3b`, `7b`, `32b` and `72b` have the released
+Qwen2.5-VL-*-Instruct dimensions (for benchmarks on a GPU machine). All carry a vision tower in
+the file, mrope and GQA; tiny and 3B tie lm_head to the embeddings, 7B and up do not. The large
+sizes are written shard by shard from a meta-device model (host memory ~one 4 GB shard). Layouts:
 - "released": the published layout: flat config.json, keys model.* and visual.*, no lm_head
   key when tied, sharded with model.safetensors.index.json;
 - "save_pretrained": whatever the installed transformers' save_pretrained writes;
@@ -28,6 +29,23 @@ QWEN25_VL_3B = {
     "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                    out_hidden_size=2048, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
 }
+def _family(hidden: int, inter: int, layers: int, heads: int, kv: int, vis_inter: int) -> dict:
+    """Released Qwen2.5-VL 7B/32B/72B dimensions (vocab 152064, untied lm_head)."""
+    return {
+        "text": dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv, vocab_size=152064,
+                     max_position_embeddings=128000, rope_theta=1000000.0,
+                     mrope_section=[16, 24, 24], tie_word_embeddings=False),
+        "vision": dict(depth=32, hidden_size=1280, intermediate_size=vis_inter, num_heads=16,
+                       out_hidden_size=hidden, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31]),
+    }
+
+
+# Dimensions of Qwen/Qwen2.5-VL-{7B,32B,72B}-Instruct's config.json.
+QWEN25_VL_7B = _family(3584, 18944, 28, 28, 4, 3420)
+QWEN25_VL_32B = _family(5120, 27648, 64, 40, 8, 3456)
+QWEN25_VL_72B = _family(8192, 29568, 80, 64, 8, 3456)
 TINY = {
     "text": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=None, max_position_embeddings=2048,
@@ -101,7 +119,8 @@ def released_config(size: dict, vocab_size: int, token_ids: dict[str, int]) -> d
         "model_type": "qwen2_5_vl", "num_attention_heads": t["num_attention_heads"],
         "num_hidden_layers": t["num_hidden_layers"],
         "num_key_value_heads": t["num_key_value_heads"], "rms_norm_eps": 1e-06,
-        "rope_theta": t["rope_theta"], "sliding_window": 32768, "tie_word_embeddings": True,
+        "rope_theta": t["rope_theta"], "sliding_window": 32768,
+        "tie_word_embeddings": t.get("tie_word_embeddings", True),
         "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
         "use_sliding_window": False,
         "vision_start_token_id": token_ids["<|vision_start|>"],
@@ -122,13 +141,17 @@ def released_config(size: dict, vocab_size: int, token_ids: dict[str, int]) -> d
     }
 
 
-def _released_keys(state: dict[str, torch.Tensor], tied: bool, legacy: bool) -> dict:
+def _released_keys(state: dict[str, torch.Tensor], tied: bool, legacy: bool,
+                   meta: bool = False) -> dict:
     out = {}
     for key, value in state.items():
         if key == "lm_head.weight" and tied and not legacy:
             continue  # the published checkpoints store the tied head once, as the embeddings
         if not legacy:
             key = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        if meta:
+            out[key] = value
+            continue
         out[key] = value.detach().clone() if key == "lm_head.weight" else value.detach().contiguous()
     return out
 
@@ -157,13 +180,64 @@ def write_shards(tensors: dict[str, torch.Tensor], target: Path, num_shards: int
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
+SIZES = {"tiny": TINY, "3b": QWEN25_VL_3B, "7b": QWEN25_VL_7B, "32b": QWEN25_VL_32B,
+         "72b": QWEN25_VL_72B}
+STREAMED = ("7b", "32b", "72b")
+SHARD_BYTES = 4 * 1024**3  # like the released checkpoints' ~4 GB shards
+
+
+def _random_like(key: str, meta: torch.Tensor, gen: torch.Generator, device: str) -> torch.Tensor:
+    """HF-style init for one tensor: norms 1, biases 0, everything else N(0, 0.02)."""
+    if key.endswith(".bias"):
+        return torch.zeros(meta.shape, dtype=torch.bfloat16, device=device)
+    if meta.dim() == 1:  # RMSNorm / LayerNorm weights
+        return torch.ones(meta.shape, dtype=torch.bfloat16, device=device)
+    out = torch.empty(meta.shape, dtype=torch.bfloat16, device=device)
+    return out.normal_(0.0, 0.02, generator=gen)
+
+
+def write_streamed(config, target: Path, seed: int, device: str = "cpu") -> None:
+    """Random weights in the released layout, written shard by shard (~4 GB each).
+
+    The module tree is built on the meta device (no memory); tensors of one shard are created,
+    saved and freed before the next, so host memory stays at about one shard.
+    """
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    metas = _released_keys(model.state_dict(), bool(config.tie_word_embeddings), legacy=False,
+                           meta=True)
+    groups, current, size = [], [], 0
+    for key in sorted(metas):
+        nbytes = metas[key].numel() * 2
+        if current and size + nbytes > SHARD_BYTES:
+            groups.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    groups.append(current)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups, start=1):
+        name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {k: _random_like(k, metas[k], gen, device).cpu() for k in group}
+        total += sum(t.numel() * 2 for t in tensors.values())
+        save_file(tensors, str(target / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, name))
+        del tensors
+    (target / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
 def build_checkpoint(target: Path, size: str = "tiny", layout: str = "released", seed: int = 0,
                      tokenizer_dir: Path | None = None, captions: list[str] | None = None,
                      num_shards: int = 2, device: str = "cpu") -> Path:
     """Write a randomly initialised Qwen2.5-VL checkpoint (weights, config, tokenizer)."""
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    dims = {"tiny": TINY, "3b": QWEN25_VL_3B}[size]
+    dims = SIZES[size]
     target.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
@@ -177,6 +251,9 @@ def build_checkpoint(target: Path, size: str = "tiny", layout: str = "released",
     cfg_dict = released_config(dims, vocab, token_ids)
     (target / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
     config = AutoConfig.from_pretrained(target)
+    if size in STREAMED:  # too large to hold twice in host memory: one shard at a time
+        write_streamed(config, target, seed, device)
+        return target
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # initialise in bf16: half the memory and time

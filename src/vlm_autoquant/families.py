@@ -14,7 +14,8 @@ from . import resume
 from .artifacts import SEARCH_CHECKPOINT, SEARCH_DIR
 from .autoquant import SearchSpec
 from .calib_data import Data, build_data
-from .errors import Problems
+from .errors import Problem, Problems
+from .placement import LMPlacement, plan_for
 from .schemes import CALIBRATION_FIELDS, FORMAT_BITS, Scheme
 from .validate import Inputs, versions
 
@@ -30,6 +31,7 @@ class Family:
     fingerprint: dict
     checkpoint: Path
     reuse: resume.Reuse = field(default_factory=lambda: resume.Reuse(None))
+    placement: LMPlacement | None = None  # GPUs and memory plan (None on a CPU machine)
 
     @property
     def key(self) -> str:
@@ -81,6 +83,10 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
     datas: dict[tuple, Data] = {}
     families = []
     for members in by_key.values():
+        planned = plan_memory(inputs, members, problems)
+        if planned is None and problems:
+            return []
+        placement, members = planned or (None, members)
         first = members[0]
         dkey = (first.num_calib_samples, first.num_eval_samples, first.seq_len, first.batch_size,
                 first.seed, first.num_calib_steps, first.num_score_steps)
@@ -93,10 +99,38 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
         fp = fingerprint(inputs, spec, first, datas[dkey])
         name = SEARCH_CHECKPOINT if single else f"group-{resume.fingerprint_hash(fp)[:12]}.pth"
         families.append(Family(members, datas[dkey], spec, fp,
-                               inputs.options.output_dir / SEARCH_DIR / name))
+                               inputs.options.output_dir / SEARCH_DIR / name, placement=placement))
     for f in families:  # refuse foreign or stale checkpoints before loading anything
         f.reuse = resume.check_reusable(f.checkpoint, f.fingerprint, inputs.options.overwrite)
     return families
+
+
+def plan_memory(inputs: Inputs, members: list[Scheme],
+                problems: Problems) -> tuple[LMPlacement, list[Scheme]] | None:
+    """Place the LM on the GPUs and pick the batch shape that fits, before anything is loaded.
+
+    The catalog's 16x512 steps down to 8x512 with twice the steps (the same tokens), and so on.
+    A batch size the user asked for explicitly is never changed: it is refused if it does not fit.
+    """
+    first, opts = members[0], inputs.options
+    planned = plan_for(inputs.text_config, opts.gpus, opts.max_gpu_memory, first.batch_size,
+                       first.seq_len, first.num_calib_steps, first.num_score_steps, first.method,
+                       opts.grad_checkpointing, len(spec_of(members).formats), problems)
+    if planned is None:
+        return None
+    placement, calib_steps, score_steps = planned
+    batch = placement.plan.batch_size
+    if batch == first.batch_size:
+        return placement, members
+    if "batch_size" in first.overrides:
+        problems.add("--batch-size", f"{first.batch_size}x{first.seq_len} does not fit the "
+                     f"GPUs' memory; {batch}x{first.seq_len} would",
+                     f"pass --batch-size {batch} --num-calib-steps {calib_steps} "
+                     f"--num-score-steps {score_steps} (the same tokens), or more --gpus")
+        return None
+    update = {"batch_size": batch, "num_calib_steps": calib_steps, "num_score_steps": score_steps}
+    return placement, [s.model_copy(update={**update, "overrides": {**s.overrides, **update}})
+                       for s in members]
 
 
 def calibration_source(family: Family, done: list[Family]) -> Family | None:

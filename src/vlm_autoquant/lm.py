@@ -77,11 +77,18 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device) -> Qwen2ForCausalLM:
-    """Load the LM in bf16 on `device`, frozen and in eval mode; vision tensors stay unread."""
+def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device,
+            device_map: dict | None = None, max_memory: dict | None = None) -> Qwen2ForCausalLM:
+    """Load the LM in bf16 on `device`, frozen and in eval mode; vision tensors stay unread.
+
+    `device_map`/`max_memory` (from `placement.place`) split it across GPUs instead; the inputs
+    then go to the embeddings' device and transformers' hooks move activations between GPUs.
+    """
+    extra = {"max_memory": max_memory} if max_memory else {}
     with _quiet_transformers():
         model, info = Qwen2ForCausalLM.from_pretrained(
-            model_dir, config=cfg, dtype=torch.bfloat16, device_map={"": device},
+            model_dir, config=cfg, dtype=torch.bfloat16, device_map=device_map or {"": device},
+            **extra,
             key_mapping=KEY_MAPPING, output_loading_info=True, trust_remote_code=False)
     missing = [k for k in info["missing_keys"] if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     unexpected = [k for k in info["unexpected_keys"] if not VISION_RE.match(k)]

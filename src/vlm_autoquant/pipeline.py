@@ -16,6 +16,7 @@ from torch import nn
 from . import autoquant, fp8_kernel, manifest, quality, report, resume, save, tracking
 from .autoquant import Search
 from .families import Family
+from .placement import LMPlacement
 from .interrupt import StopFlag
 from .schemes import Scheme
 from .timing import Phases, since_process_start
@@ -24,11 +25,18 @@ from .validate import Inputs
 log = logging.getLogger("vlm_autoquant")
 
 
-def load(inputs: Inputs, phases: Phases) -> nn.Module:
+def load(inputs: Inputs, placement: LMPlacement | None, phases: Phases) -> nn.Module:
+    """The LM alone, on one device or placed across the GPUs by the memory plan."""
     from .lm import load_lm, pick_device
+    from .memory_plan import Dims
 
+    where = {}
+    if placement is not None:
+        log.info("memory plan and placement:\n%s",
+                 placement.summary(Dims.from_config(inputs.text_config)))
+        where = {"device_map": placement.device_map, "max_memory": placement.max_memory}
     with phases("load", f"LM only, {len(inputs.checkpoint.vision_keys())} vision tensors unread"):
-        return load_lm(inputs.options.model_dir, inputs.text_config, pick_device())
+        return load_lm(inputs.options.model_dir, inputs.text_config, pick_device(), **where)
 
 
 def search_family(model: nn.Module, family: Family, stop: StopFlag | None, inputs: Inputs,
@@ -70,7 +78,7 @@ def finish_scheme(model: nn.Module, found: Search, scheme: Scheme, family: Famil
         rel = save.save_files(model, scheme, inputs, rows, out_dir)
     timings = {**phases.seconds, "run": phases.total(), "process": since_process_start()}
     doc = save.build_manifest(model, scheme, inputs, family.data, result, rows, qual, info,
-                              timings, rel)
+                              timings, rel, family.placement)
     save.save_manifest(out_dir, doc)
     with phases("log"):
         report.log_scheme(tracker, doc, out_dir)
@@ -104,7 +112,7 @@ def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str,
     with tracking.tracked_run(experiment, scheme.name,
                               system_metrics=torch.cuda.is_available()) as tracker:
         kernel = fp8_kernel.select_fp8_kernel(inputs.options.fp8_kernel)
-        model = load(inputs, phases)
+        model = load(inputs, family.placement, phases)
         tracking.remember(out_dir, tracker)
         found = search_family(model, family, stop, inputs, phases)
         doc = finish_scheme(model, found, scheme, family, inputs, out_dir, phases, tracker,

@@ -15,6 +15,7 @@ from .artifacts import LAYERS_FILE, LM_WEIGHTS_FILE, MANIFEST_FILE, QUANT_STATE_
 from .autoquant import SearchResult
 from .calib_data import Data
 from .manifest import LayerRow
+from .placement import LMPlacement, measured_peaks_gib
 from .schemes import Scheme
 from .timing import gpu_peak_gib, peak_rss_gib
 from .validate import Inputs, versions
@@ -42,7 +43,8 @@ def save_manifest(out_dir: Path, doc: dict) -> None:
 
 def build_manifest(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data,
                    result: SearchResult, rows: list[LayerRow], quality: dict | None,
-                   search_info: dict, timings: dict, rel: dict) -> dict:
+                   search_info: dict, timings: dict, rel: dict,
+                   placement: LMPlacement | None = None) -> dict:
     excluded = scheme.excluded_from_cost
     summ = manifest.summary(rows, excluded)
     ckpt = inputs.checkpoint
@@ -74,5 +76,7 @@ def build_manifest(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data,
                         "all_linears": summ["effective_bits_all_linears"],
                         "excluded_from_cost": excluded},
         search=search, rows=rows, summary=summ, quality=quality, versions=versions(),
-        timings=timings, memory={"peak_gpu_gib": gpu_peak_gib(), "peak_rss_gib": peak_rss_gib()},
+        timings=timings, memory={"peak_gpu_gib": gpu_peak_gib(), "peak_rss_gib": peak_rss_gib(),
+                                 "measured_peak_gib_per_gpu": measured_peaks_gib(),
+                                 **(placement.record() if placement is not None else {})},
         artifacts=rel)

@@ -103,7 +103,7 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
                            "catalog": str(opts.catalog or "default"),
                            "schemes": ",".join(s.name for s in inputs.schemes)})
         kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
-        pristine = load(inputs, phases)
+        pristine = load(inputs, families[0].placement, phases)
         done: list[Family] = []
         for n, family in enumerate(families):
             seeded = _seed(family, done)

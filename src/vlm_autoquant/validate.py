@@ -112,6 +112,8 @@ class RunOptions:
     grad_checkpointing: bool = True
     fp8_kernel: str = "auto"
     experiment: str | None = None
+    gpus: str | None = None  # "all" or "0,1"; None: GPU 0 (the CPU on a machine without one)
+    max_gpu_memory: str | None = None
 
 
 @dataclass

@@ -1,0 +1,257 @@
+"""Place the LM on one or more GPUs: `--gpus`, `--max-gpu-memory` -> accelerate device_map.
+
+The LM is split by whole decoder layers with accelerate's `infer_auto_device_map` on the meta
+model (the mechanism transformers and ModelOpt's hf_ptq use). Each device's weight budget leaves
+room for what the memory plan says its layers and, on lm_head's device, the logits need while
+scoring. Everything here takes the device list and capacities as inputs, so it runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import Problem, Problems, UsageError
+from .memory_plan import GIB, Dims, Placement, Plan, plan_summary, predict
+
+NO_SPLIT = ["Qwen2DecoderLayer"]
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
+_UNIT = {"gib": 1.0, "gb": 1e9 / GIB, "mib": 1 / 1024, "mb": 1e6 / GIB}
+
+
+def parse_gpus(text: str | None, available: int, problems: Problems) -> list[int]:
+    """`--gpus`: "all", "0,1", or None (= GPU 0 only, the previous behaviour)."""
+    if text is None or text.strip() == "":
+        return [0] if available else []
+    if text.strip().lower() == "all":
+        return list(range(available))
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        problems.add("--gpus", f"{text!r} is not a list of GPU indices", 'e.g. --gpus 0,1 or all')
+        return []
+    bad = [i for i in ids if not 0 <= i < available]
+    if bad or len(set(ids)) != len(ids) or not ids:
+        problems.add("--gpus", f"{text!r}: this machine has {available} GPU(s) (0..{available - 1})"
+                     + (f"; {bad} do not exist" if bad else "; each GPU once"),
+                     "list visible GPUs, e.g. --gpus 0,1, or --gpus all")
+        return []
+    return ids
+
+
+def parse_max_memory(text: str | None, gpus: list[int], totals_gib: dict[int, float],
+                     problems: Problems) -> dict[int, float]:
+    """`--max-gpu-memory`: one size for every GPU ("120GiB") or one per GPU ("120GiB,100GiB").
+
+    Returns GiB per GPU, never more than the device has; None means the devices' totals.
+    """
+    if text is None or text.strip() == "":
+        return {g: totals_gib[g] for g in gpus}
+    parts = [p for p in text.split(",") if p.strip()]
+    sizes = []
+    for p in parts:
+        m = _SIZE.match(p)
+        if not m:
+            problems.add("--max-gpu-memory", f"{p!r} is not a size", "e.g. 120GiB or 120GiB,100GiB")
+            return {}
+        sizes.append(float(m.group(1)) * _UNIT[(m.group(2) or "GiB").lower()])
+    if len(sizes) == 1:
+        sizes = sizes * len(gpus)
+    if len(sizes) != len(gpus):
+        problems.add("--max-gpu-memory", f"{len(sizes)} sizes for {len(gpus)} GPUs {gpus}",
+                     "give one size for all GPUs or one per GPU in --gpus order")
+        return {}
+    return {g: min(s, totals_gib[g]) for g, s in zip(gpus, sizes)}
+
+
+def device_of(device_map: dict[str, int | str], name: str) -> int | str:
+    """The device of module `name` under a (possibly compressed) accelerate device_map."""
+    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")),
+               key=len, default=None)
+    if best is None:
+        raise KeyError(name)
+    return device_map[best]
+
+
+@dataclass
+class LMPlacement:
+    """The device_map/max_memory for `from_pretrained`, and the plan they were checked with."""
+
+    device_map: dict[str, int]
+    max_memory: dict[int, int]  # bytes of weights accelerate may put on each GPU
+    placement: Placement
+    plan: Plan
+
+    def record(self) -> dict:
+        """For the manifest: `placement` and `memory_plan`."""
+        p = self.placement
+        return {"placement": {"gpus": p.devices(), "embed_tokens": p.embed, "lm_head": p.head,
+                              "device_map": dict(self.device_map),
+                              "layers": {str(d): [i for i, x in enumerate(p.layers) if x == d]
+                                         for d in p.devices()},
+                              "max_memory_weights_gib": {str(d): round(b / GIB, 2)
+                                                         for d, b in self.max_memory.items()}},
+                "memory_plan": self.plan.record()}
+
+    def summary(self, dims: Dims | None = None) -> str:
+        lines = [plan_summary(self.plan, dims)]
+        for d in self.placement.devices():
+            idx = [i for i, x in enumerate(self.placement.layers) if x == d]
+            span = f"layers {idx[0]}-{idx[-1]}" if idx else "no layers"
+            extra = [n for n, x in (("embed_tokens", self.placement.embed),
+                                    ("lm_head", self.placement.head)) if x == d]
+            lines.append(f"  GPU {d}: {span}" + (f" + {', '.join(extra)}" if extra else ""))
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _quiet_accelerate() -> Iterator[None]:
+    logger = logging.getLogger("accelerate.utils.modeling")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _placement(device_map: dict, num_layers: int, tied: bool) -> Placement:
+    layers = [device_of(device_map, f"model.layers.{i}") for i in range(num_layers)]
+    return Placement(device_of(device_map, "model.embed_tokens"), layers,
+                     device_of(device_map, "lm_head"))
+
+
+def place(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
+          batch_size: int, seq_len: int, method: str = "gradient", grad_checkpointing: bool = True,
+          num_formats: int = 1) -> LMPlacement:
+    """Split the meta LM over `gpus` by whole layers, leaving each GPU room for its activations.
+
+    Raises UsageError when the weights plus activations do not fit the usable memory.
+    """
+    from accelerate import infer_auto_device_map
+
+    if len(gpus) == 1:
+        g = gpus[0]
+        plan = predict(dims, batch_size, seq_len, method, grad_checkpointing,
+                       Placement.single(dims.layers, g), num_formats, usable_gib)
+        return LMPlacement({"": g}, {g: int(usable_gib[g] * GIB)},
+                           Placement.single(dims.layers, g), plan)
+    # Per-layer activation bytes and the head's extra (logits), from a one-device plan.
+    one = predict(dims, batch_size, seq_len, method, grad_checkpointing,
+                  Placement.single(dims.layers, 0), num_formats)
+    w_layer = dims.layer_params() * 2
+    no_head = predict(dims, batch_size, seq_len, method, grad_checkpointing,
+                      Placement(1, [0] * dims.layers, 1), num_formats)
+    act_layer = (no_head.peaks[0]["score"] - no_head.peaks[0]["load"]) * GIB / dims.layers
+    head_extra = (one.peak(0) - one.peaks[0]["load"]) * GIB - act_layer * dims.layers
+    head_dev = gpus[-1]
+    even = dims.total_params() * 2 / len(gpus) + 2 * w_layer  # balanced, like "balanced" maps
+    for _ in range(len(gpus)):
+        for cap in (even, float("inf")):  # balanced first; packed if balancing leaves no room
+            budget = {}
+            for g in gpus:
+                room = usable_gib[g] * GIB - (head_extra if g == head_dev else 0)
+                budget[g] = max(int(min(room * w_layer / (w_layer + act_layer), cap)), 0)
+            with _quiet_accelerate():  # it warns that the (absent) CUDA devices are not visible
+                dmap = infer_auto_device_map(meta, max_memory={**budget, "cpu": 0},
+                                             no_split_module_classes=NO_SPLIT,
+                                             dtype=torch.bfloat16)
+            if all(isinstance(v, int) for v in dmap.values()):
+                break
+        else:
+            raise UsageError(Problem(
+                "--gpus", f"the LM ({dims.total_params() * 2 / GIB:.1f} GiB in BF16) plus its "
+                f"activations at {batch_size}x{seq_len} do not fit GPUs {gpus} "
+                f"({', '.join(f'{usable_gib[g]:.0f}' for g in gpus)} GiB usable)",
+                "use more GPUs (--gpus), a smaller --batch-size, or --grad-checkpointing on"))
+        if dims.tied:  # one weight: lm_head must live with the embeddings
+            dmap["lm_head"] = device_of(dmap, "model.embed_tokens")
+        p = _placement(dmap, dims.layers, dims.tied)
+        if p.head == head_dev:
+            break
+        head_dev = p.head
+    plan = predict(dims, batch_size, seq_len, method, grad_checkpointing, p, num_formats,
+                   usable_gib)
+    return LMPlacement(dict(dmap), budget, p, plan)
+
+
+def plan_run(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
+             batch_size: int, seq_len: int, calib_steps: int, score_steps: int,
+             method: str = "gradient", grad_checkpointing: bool = True,
+             num_formats: int = 1) -> tuple[LMPlacement, int, int]:
+    """The largest batch (halving, steps doubled to keep the tokens) whose placement fits.
+
+    Returns (placement, calib_steps, score_steps); raises UsageError with the figures if none.
+    """
+    b, scale, first_error = batch_size, 1, None
+    while b >= 1:
+        try:
+            lp = place(meta, dims, gpus, usable_gib, b, seq_len, method, grad_checkpointing,
+                       num_formats)
+            if lp.plan.fits():
+                return lp, calib_steps * scale, score_steps * scale
+            worst = max(lp.plan.peaks, key=lambda d: lp.plan.peak(d) - usable_gib[d])
+            err = UsageError(Problem(
+                "--batch-size", f"at {b}x{seq_len} the {method} search needs "
+                f"{lp.plan.peak(worst):.1f} GiB on GPU {worst}, which has "
+                f"{usable_gib[worst]:.1f} GiB usable", ""))
+        except UsageError as exc:
+            err = exc
+        first_error = first_error or err
+        if b % 2:
+            break
+        b, scale = b // 2, scale * 2
+    fixes = "use more GPUs (--gpus), a smaller --batch-size"
+    fixes += "" if grad_checkpointing else ", or --grad-checkpointing on"
+    msg = "; ".join(p.message for p in first_error.problems)
+    raise UsageError(Problem("--batch-size", f"nothing fits down to {b}x{seq_len}: {msg}", fixes))
+
+
+def cuda_totals_gib() -> dict[int, float]:
+    """Total memory of each visible CUDA device (empty on a CPU machine)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {i: torch.cuda.get_device_properties(i).total_memory / GIB
+            for i in range(torch.cuda.device_count())}
+
+
+def plan_for(cfg, gpus_text: str | None, max_memory_text: str | None, batch_size: int,
+             seq_len: int, calib_steps: int, score_steps: int, method: str,
+             grad_checkpointing: bool, num_formats: int, problems: Problems,
+             totals_gib: dict[int, float] | None = None) -> tuple[LMPlacement, int, int] | None:
+    """Validation before loading: parse the flags, place the LM, pick the batch (or a Problem).
+
+    Returns None on a machine without GPUs (the CPU path loads on the CPU as before).
+    """
+    from .lm import meta_model
+
+    totals = cuda_totals_gib() if totals_gib is None else totals_gib
+    if not totals:
+        return None
+    gpus = parse_gpus(gpus_text, len(totals), problems)
+    caps = parse_max_memory(max_memory_text, gpus, totals, problems) if gpus else {}
+    if not caps:
+        return None
+    from .memory_plan import usable
+
+    dims = Dims.from_config(cfg)
+    try:
+        return plan_run(meta_model(cfg), dims, gpus, usable(caps), batch_size, seq_len,
+                        calib_steps, score_steps, method, grad_checkpointing, num_formats)
+    except UsageError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def measured_peaks_gib() -> dict[str, float]:
+    """torch.cuda.max_memory_allocated of every visible GPU, for the manifest next to the plan."""
+    if not torch.cuda.is_available():
+        return {}
+    return {str(i): round(torch.cuda.max_memory_allocated(i) / GIB, 2)
+            for i in range(torch.cuda.device_count())}

@@ -1,0 +1,101 @@
+"""The memory plan on the released Qwen2.5-VL configs (no weights: shapes only)."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import Qwen2Config
+
+from vlm_autoquant.demo import QWEN25_VL_3B, QWEN25_VL_7B, QWEN25_VL_32B, QWEN25_VL_72B
+from vlm_autoquant.errors import UsageError
+from vlm_autoquant.lm import meta_model
+from vlm_autoquant.memory_plan import GIB, Dims, Placement, choose_batch, predict
+
+SIZES = {"3b": (QWEN25_VL_3B, True), "7b": (QWEN25_VL_7B, False), "32b": (QWEN25_VL_32B, False),
+         "72b": (QWEN25_VL_72B, False)}
+
+
+def config(size: str) -> Qwen2Config:
+    dims, tied = SIZES[size]
+    text = {k: v for k, v in dims["text"].items() if k not in ("mrope_section",)}
+    text["tie_word_embeddings"] = tied
+    return Qwen2Config(**text)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_weights_match_the_meta_model(size):
+    cfg = config(size)
+    meta = meta_model(cfg)
+    counted = sum(p.numel() for p in meta.parameters())  # tied weights counted once
+    assert Dims.from_config(cfg).total_params() == counted
+    plan = predict(Dims.from_config(cfg), 16, 512)
+    assert plan.peaks[0]["load"] == pytest.approx(counted * 2 / GIB, rel=1e-6)
+
+
+# torch.cuda.max_memory_allocated on one H200 (docs/PERFORMANCE.md, issue 11), default scheme.
+MEASURED = [("3b", 16, True, 39.0), ("3b", 8, True, 22.4), ("3b", 8, False, 35.6),
+            ("7b", 16, True, 53.0), ("32b", 8, True, 107.0)]
+
+
+@pytest.mark.parametrize("size,batch,ckpt,gib", MEASURED)
+def test_prediction_within_15_percent_of_measured(size, batch, ckpt, gib):
+    plan = predict(Dims.from_config(config(size)), batch, 512, grad_checkpointing=ckpt)
+    assert plan.peak(0) == pytest.approx(gib, rel=0.15)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_monotone_in_batch_and_checkpointing_saves_memory(size):
+    dims = Dims.from_config(config(size))
+    peaks = [predict(dims, b, 512).peak(0) for b in (1, 2, 4, 8, 16, 32)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
+    for b in (4, 16):
+        assert predict(dims, b, 512, grad_checkpointing=True).peak(0) < \
+            predict(dims, b, 512, grad_checkpointing=False).peak(0)
+    assert predict(dims, 16, 512, "kl_div").peak(0) < predict(dims, 16, 512).peak(0)
+
+
+def test_choose_batch_keeps_the_tokens():
+    dims = Dims.from_config(config("32b"))
+    plan, calib, score = choose_batch(dims, 16, 512, 16, 8, {0: 139.8 * 0.9})
+    assert plan.batch_size * calib == 16 * 16 and plan.batch_size * score == 16 * 8
+    assert plan.batch_size < 16 and plan.fits()
+    assert not predict(dims, plan.batch_size * 2, 512, capacity={0: 139.8 * 0.9}).fits()
+    # Room for everything: the default stays.
+    plan, calib, score = choose_batch(dims, 16, 512, 16, 8, {0: 1000.0})
+    assert (plan.batch_size, calib, score) == (16, 16, 8)
+
+
+def test_impossible_budget_is_refused_with_the_figures():
+    dims = Dims.from_config(config("72b"))
+    with pytest.raises(UsageError) as exc:
+        choose_batch(dims, 16, 512, 16, 8, {0: 125.8}, grad_checkpointing=False)
+    text = exc.value.render()
+    assert "--batch-size" in text and "125.8 GiB usable" in text
+    assert "GPU 0" in text and "more GPUs" in text and "--grad-checkpointing on" in text
+
+
+def test_split_placement_puts_logits_on_the_head_device():
+    dims = Dims.from_config(config("7b"))
+    half = dims.layers // 2
+    p = Placement(0, [0] * half + [1] * (dims.layers - half), 1)
+    plan = predict(dims, 16, 512, placement=p)
+    single = predict(dims, 16, 512)
+    assert plan.peak(1) > plan.peak(0)  # logits live with lm_head
+    assert plan.peaks[0]["load"] + plan.peaks[1]["load"] == pytest.approx(single.peaks[0]["load"])
+    assert max(plan.peak(0), plan.peak(1)) < single.peak(0)
+
+
+def test_streamed_build_writes_a_loadable_released_checkpoint(tmp_path, monkeypatch):
+    """The 7B/32B/72B path (shard by shard from the meta model), exercised at the tiny size."""
+    import torch
+
+    from vlm_autoquant import demo
+    from vlm_autoquant.lm import load_lm, text_config
+
+    monkeypatch.setattr(demo, "STREAMED", ("tiny",))
+    monkeypatch.setattr(demo, "SHARD_BYTES", 200_000)
+    target = demo.build_checkpoint(tmp_path / "m", "tiny", captions=demo.make_captions(300))
+    assert len(list(target.glob("model-*.safetensors"))) > 1
+    cfg = text_config(target)
+    model = load_lm(target, cfg, torch.device("cpu"))
+    norm = model.model.layers[0].input_layernorm.weight
+    assert torch.all(norm == 1) and model.model.layers[0].mlp.up_proj.weight.std() > 0.01

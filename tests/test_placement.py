@@ -1,0 +1,82 @@
+"""Placement on fake devices: accelerate's device_map on the meta LM, no GPU needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlm_autoquant.errors import Problems, UsageError
+from vlm_autoquant.lm import meta_model
+from vlm_autoquant.memory_plan import Dims, usable
+from vlm_autoquant.placement import (device_of, parse_gpus, parse_max_memory, place, plan_for,
+                                     plan_run)
+from tests.test_memory_plan import config
+
+
+def test_parse_gpus_and_max_memory():
+    pr = Problems()
+    assert parse_gpus("all", 4, pr) == [0, 1, 2, 3]
+    assert parse_gpus("0,2", 4, pr) == [0, 2]
+    assert parse_gpus(None, 2, pr) == [0]
+    assert not pr
+    assert parse_max_memory("100GiB", [0, 1], {0: 139.8, 1: 139.8}, pr) == {0: 100.0, 1: 100.0}
+    assert parse_max_memory("200GiB,50000MiB", [0, 1], {0: 139.8, 1: 139.8}, pr) == \
+        {0: 139.8, 1: pytest.approx(48.83, abs=0.01)}
+    assert not pr
+    parse_gpus("0,5", 2, pr)
+    parse_gpus("x", 2, pr)
+    parse_max_memory("lots", [0], {0: 80.0}, pr)
+    parse_max_memory("1GiB,2GiB,3GiB", [0, 1], {0: 80.0, 1: 80.0}, pr)
+    assert [p.input for p in pr.items] == ["--gpus", "--gpus", "--max-gpu-memory",
+                                           "--max-gpu-memory"]
+
+
+@pytest.mark.parametrize("size,n", [("7b", 1), ("7b", 2), ("32b", 2), ("72b", 4)])
+def test_layers_split_in_order_and_fit(size, n):
+    cfg = config(size)
+    dims = Dims.from_config(cfg)
+    caps = usable({g: 139.8 for g in range(n)})
+    lp, calib, score = plan_run(meta_model(cfg), dims, list(range(n)), caps, 16, 512, 16, 8)
+    p = lp.placement
+    assert p.layers == sorted(p.layers)  # pipeline order: each GPU holds a contiguous span
+    assert p.embed == p.layers[0] and p.head == p.layers[-1]
+    assert lp.plan.fits() and calib * lp.plan.batch_size == 256
+    for d, per in lp.plan.peaks.items():
+        assert per["load"] * 2**30 <= caps[d] * 2**30
+    if n > 1:
+        assert len(p.devices()) > 1  # balanced: no single GPU takes everything
+        assert device_of(lp.device_map, "model.layers.0") == p.embed
+    rec = lp.record()
+    assert sum(len(v) for v in rec["placement"]["layers"].values()) == dims.layers
+    assert set(rec["memory_plan"]["predicted_gib"]) == {str(d) for d in p.devices()}
+
+
+def test_32b_needs_smaller_batches_on_one_gpu_but_not_on_two():
+    cfg = config("32b")
+    dims, meta = Dims.from_config(cfg), meta_model(cfg)
+    one, _, _ = plan_run(meta, dims, [0], usable({0: 139.8}), 16, 512, 16, 8)
+    two, _, _ = plan_run(meta, dims, [0, 1], usable({0: 139.8, 1: 139.8}), 16, 512, 16, 8)
+    assert one.plan.batch_size < 16 and two.plan.batch_size == 16
+
+
+def test_tied_embeddings_stay_with_lm_head():
+    cfg = config("3b")
+    dims = Dims.from_config(cfg)
+    lp = place(meta_model(cfg), dims, [0, 1, 2], {0: 3.0, 1: 3.0, 2: 30.0}, 2, 512)
+    assert device_of(lp.device_map, "lm_head") == device_of(lp.device_map, "model.embed_tokens")
+    assert lp.placement.head == lp.placement.embed
+
+
+def test_too_small_gpus_are_refused_before_loading():
+    cfg = config("72b")
+    pr = Problems()
+    assert plan_for(cfg, "0,1", "60GiB", 16, 512, 16, 8, "gradient", True, 1, pr,
+                    totals_gib={0: 139.8, 1: 139.8}) is None
+    text = UsageError(pr.items).render()
+    assert "--batch-size" in text and "more GPUs" in text
+    with pytest.raises(UsageError):
+        place(meta_model(cfg), Dims.from_config(cfg), [0, 1], {0: 50.0, 1: 50.0}, 1, 512)
+
+
+def test_no_gpu_means_no_plan():
+    assert plan_for(config("7b"), None, None, 16, 512, 16, 8, "gradient", True, 1, Problems(),
+                    totals_gib={}) is None
