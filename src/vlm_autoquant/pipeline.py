@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import artifacts, autoquant, figures, manifest, quality, quant_state, resume
+from . import artifacts, autoquant, figures, identity, manifest, quality, quant_state, resume
 from .constants import (
     FORMAT_PREFIX, LAYERS_FILE, LM_WEIGHTS_FILE, M_BITS_ACHIEVED, M_BITS_ALL, M_BITS_TARGET,
     M_CALIB_TOKENS, M_COMPRESSION, M_KL, M_LAYERS_BF16, M_LAYERS_FP8, M_PADDING, M_PEAK_GPU,
@@ -103,7 +103,8 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
     with phases("save"):
         quant_state.save(model, out_dir / QUANT_STATE_FILE,
                          extra={"scheme": scheme.name, "model_config_sha256":
-                                inputs.checkpoint.config_sha256})
+                                inputs.checkpoint.config_sha256,
+                                "weights_sha256": identity.result(opts.model_dir)})
         if opts.save_weights:
             quant_state.save_weights(model, out_dir / LM_WEIGHTS_FILE)
             rel[LM_WEIGHTS_FILE] = LM_WEIGHTS_FILE
@@ -136,6 +137,7 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
         model={"directory": str(opts.model_dir), "model_type": inputs.checkpoint.model_type,
                "config_sha256": inputs.checkpoint.config_sha256,
                "weights_fingerprint": inputs.checkpoint.weights_fingerprint,
+               "weights_sha256": identity.result(opts.model_dir),
                "parameters": {"lm": sum(p.numel() for p in model.parameters()
                                         if p.dtype.is_floating_point),
                               "lm_linear_weights": sum(inputs.numels.values()),
@@ -155,7 +157,8 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
                         "excluded_from_cost": excluded},
         search=search, rows=rows, summary=summ, quality=qual, versions=versions(),
         timings=timings, memory={"peak_gpu_gib": gpu_peak_gib(), "peak_rss_gib": peak_rss_gib()},
-        artifacts=rel)
+        artifacts=rel, artifacts_sha256={n: artifacts.sha256_file(out_dir / n) for n in rel.values()
+                                         if n not in (MANIFEST_FILE, LM_WEIGHTS_FILE)})
     artifacts.write_json(out_dir / MANIFEST_FILE, doc)  # last: its presence marks a finished run
     if tracker is not None:
         tracker.log_artifact(out_dir / MANIFEST_FILE)
@@ -258,6 +261,7 @@ def run_single(inputs: Inputs, data: Data, stop, tracker_factory,
     pending = pool.submit(tracker_factory, scheme.name)
     pool.shutdown(wait=False)
     tracker = None
+    identity.start(opts.model_dir)  # the LM weights' digest, hashed while they load
     try:
         kernel = autoquant.select_fp8_kernel(opts.fp8_kernel)
         device = pick_device()
