@@ -287,3 +287,21 @@ def test_script_reports_bad_input_without_traceback(tmp_path):
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--artifacts-dir" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_mlflow_run_export_entry_point(store, demo, tmp_path):
+    """`mlflow run . -e export --env-manager local -P run_id=...` into the source run's store."""
+    import mlflow
+
+    run_id, _, uri = store
+    cmd = ["mlflow", "run", str(ROOT), "-e", "export", "--env-manager", "local",
+           "-P", f"run_id={run_id}", "-P", f"model_dir={demo[0]}",
+           "-P", f"output_dir={tmp_path / 'ckpt'}"]
+    proc = subprocess.run(cmd, env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ckpt" / "export_report.json").read_text())
+    assert report["passed"]
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(report["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["source_run_id"] == run_id
+    assert run.data.params["run_id"] == run_id  # logged by mlflow run itself

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from .cli import _flag, _optional, configure, run_guarded
@@ -68,12 +69,15 @@ def _run(args: argparse.Namespace) -> int:
 
     tracker_factory = None
     if not args.no_mlflow:
-        from .tracking import Tracker, check_reachable
+        from .tracking import Tracker, check_reachable, source_run
 
         problems = Problems()
         check_reachable(problems)
         problems.raise_if_any()
         experiment = args.experiment or DEFAULT_EXPERIMENT
+        launched = os.environ.get("MLFLOW_RUN_ID")
+        if launched and (source_run(launched) or {}).get("status") != "RUNNING":
+            del os.environ["MLFLOW_RUN_ID"]  # launched by a run already done (the demo): own run
         tracker_factory = lambda name: Tracker(experiment, name)  # noqa: E731
     with stop_on_signals(StopFlag()) as stop:
         report = export_run(options_from(args), tracker_factory, stop)

@@ -25,32 +25,9 @@ from .phases import Phases, gpu_peak_gib, peak_rss_gib
 
 log = logging.getLogger("vlm_autoquant")
 REPORT_FILE = "export_report.json"
-HOLDOUT_BATCHES = 2  # held-out batches for the numerics check (scheme's batch shape)
 
 # Test hook: called with the staging directory just before it is renamed into place.
 _before_publish = None
-
-
-def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], str]:
-    """The run's held-out captions when its caption file is here (same split), else generated."""
-    from transformers import AutoTokenizer
-
-    from .calib_data import load_captions, pack, split_captions
-
-    s, cal = manifest["scheme"], manifest["calibration"]
-    path, captions = Path(cal["file"]), []
-    if path.is_file() and artifacts.sha256_file(path) == cal.get("sha256"):
-        split = split_captions(load_captions(path), s["num_calib_samples"],
-                               max(s["num_eval_samples"], 1), s["seed"])
-        captions, source = split.eval, f"held-out split of {path} (seed {s['seed']})"
-    if not captions:
-        from .demo import make_captions
-
-        captions, source = make_captions(512, seed=s["seed"] + 7), \
-            "generated captions (the run's caption file is not on this machine)"
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    packed = pack(tok, captions, s["seq_len"], s["batch_size"], s["seed"])
-    return packed.batches[:HOLDOUT_BATCHES], source
 
 
 def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -> dict:
@@ -61,7 +38,7 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -
     checks = {"formats": export_verify.check_formats(inputs.manifest, out, hf_quant)}
     checks["vision"] = {"passed": True, "skipped": "--lm-only"} if lm_only else \
         export_verify.check_vision(inputs.model_dir, out)
-    batches, source = held_out_batches(inputs.manifest, out)
+    batches, source = export_verify.held_out_batches(inputs.manifest, out)
     candidate = export_verify.dequantized_lm(out, text_config(inputs.model_dir), device)
     checks["numerics"] = {**export_verify.compare_logits(reference, candidate, batches, device),
                           "captions": source}

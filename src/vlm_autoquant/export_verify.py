@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from .artifacts import sha256_file
 from .checkpoint import VISION_RE
 from .export import vision_name
 from .identity import shard_layout, tensor_digests, weight_files
@@ -24,6 +25,7 @@ from .identity import shard_layout, tensor_digests, weight_files
 log = logging.getLogger(__name__)
 KL_LIMIT = 1e-4
 FP8_MAX = 448.0
+HOLDOUT_BATCHES = 2  # held-out batches for the numerics check (the scheme's batch shape)
 SCALE_SUFFIXES = ("weight_scale", "input_scale", "weight_scale_2", "k_scale", "v_scale")
 
 
@@ -122,6 +124,28 @@ def dequantized_lm(out: Path, cfg, device: torch.device) -> nn.Module:
         modules[layer].register_forward_pre_hook(
             _input_quant_hook(None if s is None else s.float().to(device)))
     return model.eval()
+
+
+def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], str]:
+    """The run's held-out captions when its caption file is here (same split), else generated."""
+    from transformers import AutoTokenizer
+
+    from .calib_data import load_captions, pack, split_captions
+
+    s, cal = manifest["scheme"], manifest["calibration"]
+    path, captions = Path(cal["file"]), []
+    if path.is_file() and sha256_file(path) == cal.get("sha256"):
+        split = split_captions(load_captions(path), s["num_calib_samples"],
+                               max(s["num_eval_samples"], 1), s["seed"])
+        captions, source = split.eval, f"held-out split of {path} (seed {s['seed']})"
+    if not captions:
+        from .demo import make_captions
+
+        captions, source = make_captions(512, seed=s["seed"] + 7), \
+            "generated captions (the run's caption file is not on this machine)"
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    packed = pack(tok, captions, s["seq_len"], s["batch_size"], s["seed"])
+    return packed.batches[:HOLDOUT_BATCHES], source
 
 
 @torch.inference_mode()
