@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -248,6 +249,16 @@ def test_interrupted_or_failed_export_leaves_nothing(store, demo, tmp_path, caps
                         tmp_path / "o", "--no-mlflow"], capsys)
     assert code == 1 and "numerics" in err
     assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+    monkeypatch.setattr(export_pipeline.export_verify, "KL_LIMIT", 1e-4)
+
+    def full(*_args):  # the disk fills up while the vision shard is written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_pipeline.export, "_write_shard", full)
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
+                        tmp_path / "o", "--no-mlflow"], capsys)
+    _assert_usage(code, err, "--output-dir", tmp_path / "o")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
 
 

@@ -103,19 +103,22 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
     with phases("modelopt_export", "export_hf_checkpoint"):
         mo_dir = export.run_modelopt_export(model, staging)
     del model
-    stop and stop.raise_if_set()
+    if stop is not None:
+        stop.raise_if_set()
     with phases("assemble", "vision bytes copied, shards indexed"):
         hf_quant = export.write_configs(inputs.model_dir, mo_dir, staging, o.lm_only)
         export.assemble(inputs.model_dir, mo_dir, staging, o.lm_only)
         shutil.rmtree(mo_dir)
-    stop and stop.raise_if_set()
+    if stop is not None:
+        stop.raise_if_set()
     with phases("verify", "formats, vision bytes, numerics, loadability"):
         checks = verify(inputs, reference, staging, hf_quant, device)
     table = engines.assess(hf_quant)
     missing = [f for f in export.REQUIRED_BASE_FILES if not (inputs.model_dir / f).is_file()]
-    warnings = engines.warn(table) + [f"{inputs.model_dir} has no {f}: the export lacks it too"
-                                      for f in missing] + ([f"--lm-only: no vision tower; {staging.name} is a "
-                                       "text-only Qwen2ForCausalLM"] if o.lm_only else [])
+    warnings = engines.warn(table)
+    warnings += [f"{inputs.model_dir} has no {f}: the export lacks it too" for f in missing]
+    if o.lm_only:
+        warnings.append("--lm-only: no vision tower; the export is a text-only Qwen2ForCausalLM")
     return _report(inputs, checks, table, warnings, export.file_list(staging), phases)
 
 
@@ -123,6 +126,12 @@ def _failed(report: dict) -> str:
     bad = {k: {x: y for x, y in c.items() if x != "passed"} for k, c in report["checks"].items()
            if not c["passed"]}
     return json.dumps(bad, default=str)[:2000]
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "os error 28" in str(exc)
 
 
 def export_checkpoint(inputs: ExportInputs, phases: Phases, stop=None) -> dict:
@@ -137,10 +146,10 @@ def export_checkpoint(inputs: ExportInputs, phases: Phases, stop=None) -> dict:
                             f"Failed: {_failed(report)}")
         artifacts.write_json(staging / REPORT_FILE, report)
         _publish(staging, out)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+    except Exception as exc:  # safetensors reports a full disk as its own error type
+        if _disk_full(exc):
             raise UsageError(Problem("--output-dir", f"the disk filled up while writing the "
-                                     f"export ({exc.strerror}); nothing was left behind",
+                                     f"export ({exc}); nothing was left behind",
                                      "free disk space or choose another --output-dir")) from exc
         raise
     finally:
