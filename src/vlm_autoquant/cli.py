@@ -365,6 +365,8 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme-name", default="fp8-balanced-10b")
     p.add_argument("--root", type=Path, default=Path(".demo"),
                    help="where the demo checkpoint and captions are built (default .demo)")
+    p.add_argument("--no-export", action="store_true",
+                   help="stop after quantizing (skip the export to exports/demo-<scheme>)")
     return p
 
 
@@ -381,6 +383,16 @@ def demo_main(argv: list[str] | None = None) -> int:
     from .demo import DEMO_OVERRIDES, build_demo
 
     model_dir, captions = build_demo(args.root)
-    return main(["--scheme-name", args.scheme_name, "--model-dir", str(model_dir),
-                 "--calib-file", str(captions), "--output-dir", f"outputs/demo-{args.scheme_name}",
-                 *DEMO_OVERRIDES, "--overwrite", *rest])
+    out = f"outputs/demo-{args.scheme_name}"
+    code = main(["--scheme-name", args.scheme_name, "--model-dir", str(model_dir),
+                 "--calib-file", str(captions), "--output-dir", out, *DEMO_OVERRIDES,
+                 "--overwrite", *rest])
+    if code or args.no_export:
+        return code
+    from .export_cli import main as export_main  # step 3 of the day: a servable checkpoint
+
+    log.info("demo: exporting %s to a Qwen2.5-VL FP8 checkpoint in exports/demo-%s", out,
+             args.scheme_name)
+    return export_main(["--artifacts-dir", out, "--model-dir", str(model_dir), "--output-dir",
+                        f"exports/demo-{args.scheme_name}", "--overwrite",
+                        *(["--debug"] if debug else [])])

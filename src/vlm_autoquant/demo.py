@@ -229,6 +229,31 @@ def write_streamed(config, target: Path, seed: int, device: str = "cpu") -> None
         del tensors
     (target / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+# The released checkpoint's image processor settings (Qwen2.5-VL-*-Instruct).
+PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class":
+                "Qwen2_5_VLProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,
+                "do_convert_rgb": True, "rescale_factor": 0.00392156862745098,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "min_pixels": 3136,
+                "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                "merge_size": 2}
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+                 "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image'"
+                 " %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+                 "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_processor_files(target: Path, token_ids: dict[str, int]) -> None:
+    """preprocessor_config.json, chat_template.json, generation_config.json as released."""
+    files = {"preprocessor_config.json": PREPROCESSOR,
+             "chat_template.json": {"chat_template": CHAT_TEMPLATE},
+             "generation_config.json": {
+                 "bos_token_id": token_ids["<|endoftext|>"], "pad_token_id": token_ids["<|endoftext|>"],
+                 "eos_token_id": [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
+                 "do_sample": True, "temperature": 1e-6, "repetition_penalty": 1.05}}
+    for name, obj in files.items():
+        (target / name).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def build_checkpoint(target: Path, size: str = "tiny", layout: str = "released", seed: int = 0,
@@ -250,6 +275,7 @@ def build_checkpoint(target: Path, size: str = "tiny", layout: str = "released",
     vocab = dims["text"]["vocab_size"] or -(-len(tok) // 64) * 64  # padded like Qwen's 151936
     cfg_dict = released_config(dims, vocab, token_ids)
     (target / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+    write_processor_files(target, token_ids)
     config = AutoConfig.from_pretrained(target)
     if size in STREAMED:  # too large to hold twice in host memory: one shard at a time
         write_streamed(config, target, seed, device)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import autoquant, fp8_kernel, manifest, quality, report, resume, save, tracking
+from . import autoquant, fp8_kernel, identity, manifest, quality, report, resume, save, tracking
 from .autoquant import Search
 from .families import Family
 from .placement import LMPlacement
@@ -35,6 +35,7 @@ def load(inputs: Inputs, placement: LMPlacement | None, phases: Phases) -> nn.Mo
         log.info("memory plan and placement:\n%s",
                  placement.summary(Dims.from_config(inputs.text_config)))
         where = {"device_map": placement.device_map, "max_memory": placement.max_memory}
+    identity.start(inputs.options.model_dir)  # the LM weights' digest, hashed while they load
     with phases("load", f"LM only, {len(inputs.checkpoint.vision_keys())} vision tensors unread"):
         return load_lm(inputs.options.model_dir, inputs.text_config, pick_device(), **where)
 
@@ -78,7 +79,7 @@ def finish_scheme(model: nn.Module, found: Search, scheme: Scheme, family: Famil
         rel = save.save_files(model, scheme, inputs, rows, out_dir)
     timings = {**phases.seconds, "run": phases.total(), "process": since_process_start()}
     doc = save.build_manifest(model, scheme, inputs, family.data, result, rows, qual, info,
-                              timings, rel, family.placement)
+                              timings, rel, out_dir, family.placement)
     save.save_manifest(out_dir, doc)
     with phases("log"):
         report.log_scheme(tracker, doc, out_dir)

@@ -6,6 +6,7 @@ restores the exact quantized LM from the original checkpoint plus this file.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import modelopt.torch.opt as mto
@@ -14,8 +15,11 @@ from modelopt.torch.quantization.utils import get_quantizer_state_dict, set_quan
 from safetensors.torch import save_file
 from torch import nn
 
-from . import artifacts
+from . import artifacts, identity
+from .errors import UsageError
 from .lm import load_lm, pick_device, text_config
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "vlm_autoquant.quantized_state/1"
 
@@ -50,7 +54,33 @@ def apply(model: nn.Module, state_file: Path) -> nn.Module:
     return model
 
 
-def restore(model_dir: Path, state_file: Path, device: torch.device | None = None) -> nn.Module:
-    """Load the LM of `model_dir` and apply the quantized state: same logits as the run's model."""
+def recorded_identity(state_file: Path) -> str | None:
+    """The base weights' identity the run recorded in the state (None for older states)."""
+    payload = torch.load(state_file, map_location="cpu", weights_only=True)
+    return (payload.get("extra") or {}).get("weights_sha256")
+
+
+def check_identity(model_dir: Path, recorded: str | None, allow_other_weights: bool) -> str:
+    """Refuse (UsageError, exit 2) a model_dir whose LM weights differ from the recorded ones."""
+    actual = identity.result(model_dir)
+    if recorded is None:
+        log.warning("the quantized state records no weights_sha256 (an older run): the base "
+                    "weights cannot be checked")
+    elif actual != recorded:
+        if not allow_other_weights:
+            raise UsageError(identity.mismatch(model_dir, recorded, actual))
+        log.warning("--allow-other-weights: %s is not the checkpoint the run quantized", model_dir)
+    return actual
+
+
+def restore(model_dir: Path, state_file: Path, device: torch.device | None = None,
+            allow_other_weights: bool = False) -> nn.Module:
+    """Load the LM of `model_dir` and apply the quantized state: same logits as the run's model.
+
+    Raises UsageError when `model_dir`'s LM weights are not the ones the run quantized, unless
+    `allow_other_weights`.
+    """
+    identity.start(Path(model_dir))  # hashed while the LM loads
     model = load_lm(Path(model_dir), text_config(Path(model_dir)), device or pick_device())
+    check_identity(Path(model_dir), recorded_identity(Path(state_file)), allow_other_weights)
     return apply(model, Path(state_file))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import artifacts, manifest, quant_state
+from . import artifacts, identity, manifest, quant_state
 from .artifacts import LAYERS_FILE, LM_WEIGHTS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE
 from .autoquant import SearchResult
 from .calib_data import Data
@@ -27,7 +27,8 @@ def save_files(model: nn.Module, scheme: Scheme, inputs: Inputs, rows: list[Laye
     rel = {name: name for name in (MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, LAYERS_FILE)}
     quant_state.save(model, out_dir / QUANT_STATE_FILE,
                      extra={"scheme": scheme.name,
-                            "model_config_sha256": inputs.checkpoint.config_sha256})
+                            "model_config_sha256": inputs.checkpoint.config_sha256,
+                            "weights_sha256": identity.result(inputs.options.model_dir)})
     if inputs.options.save_weights:
         quant_state.save_weights(model, out_dir / LM_WEIGHTS_FILE)
         rel[LM_WEIGHTS_FILE] = LM_WEIGHTS_FILE
@@ -43,7 +44,7 @@ def save_manifest(out_dir: Path, doc: dict) -> None:
 
 def build_manifest(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data,
                    result: SearchResult, rows: list[LayerRow], quality: dict | None,
-                   search_info: dict, timings: dict, rel: dict,
+                   search_info: dict, timings: dict, rel: dict, out_dir: Path,
                    placement: LMPlacement | None = None) -> dict:
     excluded = scheme.excluded_from_cost
     summ = manifest.summary(rows, excluded)
@@ -59,6 +60,7 @@ def build_manifest(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data,
         scheme=scheme.model_dump(),
         model={"directory": str(inputs.options.model_dir), "model_type": ckpt.model_type,
                "config_sha256": ckpt.config_sha256, "weights_fingerprint": ckpt.weights_fingerprint,
+               "weights_sha256": identity.result(inputs.options.model_dir),
                "parameters": {"lm": sum(p.numel() for p in model.parameters()
                                         if p.dtype.is_floating_point),
                               "lm_linear_weights": sum(inputs.numels.values()),
@@ -79,4 +81,6 @@ def build_manifest(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data,
         timings=timings, memory={"peak_gpu_gib": gpu_peak_gib(), "peak_rss_gib": peak_rss_gib(),
                                  "measured_peak_gib_per_gpu": measured_peaks_gib(),
                                  **(placement.record() if placement is not None else {})},
-        artifacts=rel)
+        artifacts=rel, artifacts_sha256={
+            name: artifacts.sha256_file(out_dir / name) for name in rel.values()
+            if name not in (MANIFEST_FILE, LM_WEIGHTS_FILE)})

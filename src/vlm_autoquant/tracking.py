@@ -203,7 +203,7 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self._mlflow.MlflowClient().log_batch(
+        self.wait()._mlflow.MlflowClient().log_batch(
             self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
@@ -307,3 +307,71 @@ def close_stale(out_dir: Path) -> None:
             log.info("closed MLflow run %s, left RUNNING by a killed process, as KILLED", run_id)
     except Exception as exc:  # noqa: BLE001 - another store, or the run is gone: nothing to close
         log.debug("no stale run %s to close: %s", run_id, exc)
+
+
+# --- export (issue #9): reading a source run, linking runs, the Model Registry ---------------
+
+def source_run(run_id: str) -> dict | None:
+    """{status, experiment_id, tags, artifact_uri} of a run in the current store; None if absent."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    return {"status": run.info.status, "experiment_id": run.info.experiment_id,
+            "tags": dict(run.data.tags), "artifact_uri": run.info.artifact_uri}
+
+
+def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Path | None]:
+    """Download the named artifacts of a run into `dst`; None for each one the run lacks."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    present = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    out: dict[str, Path | None] = {}
+    for name in names:
+        if name not in present:
+            out[name] = None
+            continue
+        try:
+            out[name] = Path(mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=name, dst_path=str(dst)))
+        except (MlflowException, OSError):
+            out[name] = None
+    return out
+
+
+def tag_run(run_id: str, tags: dict[str, Any]) -> None:
+    """Tags on another run (e.g. the source run of an export)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v)[:5000])
+
+
+def log_dir(tracker: Tracker, local_dir: Path, subdir: str | None = None) -> None:
+    """Every file of `local_dir` as artifacts of the tracker's run."""
+    tracker.wait()._mlflow.log_artifacts(str(local_dir), artifact_path=subdir, run_id=tracker.run_id)
+
+
+def register_checkpoint(tracker: Tracker, local_dir: Path, name: str, alias: str,
+                        tags: dict[str, str]) -> dict:
+    """Log `local_dir` as an MLflow 3 LoggedModel of the run, register it as `name`, alias it."""
+    mlflow = tracker.wait()._mlflow
+    client = mlflow.MlflowClient()
+    model = client.create_logged_model(experiment_id=tracker.run.info.experiment_id, name=name,
+                                       source_run_id=tracker.run_id, tags=tags,
+                                       model_type="safetensors-checkpoint")
+    try:
+        client.log_model_artifacts(model.model_id, str(local_dir))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    version = mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"model_id": model.model_id, "name": name, "version": version.version, "alias": alias,
+            "uri": f"models:/{name}@{alias}"}

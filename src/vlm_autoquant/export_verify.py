@@ -1,0 +1,187 @@
+"""The export's checks: (a) formats, (b) vision bytes, (c) numerics, (d) loadability.
+
+(c) reads the exported safetensors by its own path: FP8 weights are dequantized with their
+`weight_scale`, and the inputs of each FP8 layer are quantized the way the serving kernel does
+(static per-tensor with `input_scale`, or dynamic per-token where no `input_scale` is stored).
+Its logits are compared with the restored fake-quant model's on held-out captions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from .artifacts import sha256_file
+from .checkpoint import VISION_RE
+from .export import vision_name
+from .identity import shard_layout, tensor_digests, weight_files
+
+log = logging.getLogger(__name__)
+KL_LIMIT = 1e-4
+FP8_MAX = 448.0
+HOLDOUT_BATCHES = 2  # held-out batches for the numerics check (the scheme's batch shape)
+SCALE_SUFFIXES = ("weight_scale", "input_scale", "weight_scale_2", "k_scale", "v_scale")
+
+
+def algo_of(quant_config: str | None) -> str | None:
+    """ModelOpt recipe name -> the quant_algo its export records (FP8_DEFAULT_CFG -> FP8)."""
+    if not quant_config:
+        return None
+    return quant_config.removesuffix("_CFG").removesuffix("_DEFAULT")
+
+
+def stored_algos(hf_quant: dict, names: list[str]) -> dict[str, str | None]:
+    """quant_algo each LM linear is declared with in hf_quant_config.json (None = unquantized)."""
+    q = hf_quant["quantization"]
+    if q.get("quant_algo") == "MIXED_PRECISION":
+        layers = q.get("quantized_layers", {})
+        return {n: layers.get(n, {}).get("quant_algo") for n in names}
+    excluded = q.get("exclude_modules") or []
+    return {n: None if any(fnmatch.fnmatch(n, p) for p in excluded) else q.get("quant_algo")
+            for n in names}
+
+
+def check_formats(manifest: dict, out: Path, hf_quant: dict) -> dict:
+    """(a) every LM linear is stored, and declared, in the format the manifest says."""
+    tensors = {k: v for f in weight_files(out) for k, v in shard_layout(f).items()}
+    rows = manifest["layers"]
+    declared = stored_algos(hf_quant, [r["name"] for r in rows])
+    errors = []
+    for r in rows:
+        name, want = r["name"], algo_of(r["quant_config"]) if r["format"] == "FP8" else None
+        w = tensors.get(f"{name}.weight")
+        if w is None:
+            if not (name == "lm_head" and want is None):  # a tied BF16 head is stored once
+                errors.append(f"{name}: no weight stored")
+            continue
+        if declared[name] != want:
+            errors.append(f"{name}: declared {declared[name]}, manifest {want}")
+        dtype = w[0]
+        if want is None and dtype != "BF16":
+            errors.append(f"{name}: stored {dtype}, manifest BF16")
+        if want is not None and (dtype != "F8_E4M3" or f"{name}.weight_scale" not in tensors):
+            errors.append(f"{name}: stored {dtype} without weight_scale, manifest {want}")
+        if want == "FP8" and f"{name}.input_scale" not in tensors:
+            errors.append(f"{name}: FP8 per-tensor layer without input_scale")
+    fp8 = sum(r["format"] == "FP8" for r in rows)
+    return {"passed": not errors, "layers": len(rows), "fp8": fp8, "bf16": len(rows) - fp8,
+            "errors": errors[:20]}
+
+
+def check_vision(base_dir: Path, out: Path) -> dict:
+    """(b) every vision tensor's bytes equal the base's (sha256 per tensor)."""
+    base = {vision_name(k.split(":", 1)[0]) + ":" + k.split(":", 1)[1]: d for k, d in
+            tensor_digests(base_dir, lambda n: bool(VISION_RE.match(n))).items()}
+    got = tensor_digests(out, lambda n: bool(VISION_RE.match(n)))
+    differ = sorted(k for k in base if got.get(k) != base[k])
+    extra = sorted(set(got) - set(base))
+    return {"passed": bool(base) and not differ and not extra, "tensors": len(base),
+            "differ": differ[:20], "unexpected": extra[:20]}
+
+
+def _input_quant_hook(scale: torch.Tensor | None):
+    def hook(_module, args):
+        x = args[0]
+        s = scale if scale is not None else \
+            x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        q = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+        return (q.to(x.dtype), *args[1:])
+    return hook
+
+
+def dequantized_lm(out: Path, cfg, device: torch.device) -> nn.Module:
+    """The exported LM rebuilt from its safetensors alone, FP8 applied by hand (not ModelOpt)."""
+    from transformers import Qwen2ForCausalLM
+
+    state, fp8 = {}, {}
+    for f in weight_files(out):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for k in st.keys():
+                if not VISION_RE.match(k):
+                    state[k] = st.get_tensor(k)
+    for k in [k for k in state if k.endswith(".weight_scale")]:
+        layer = k.removesuffix(".weight_scale")
+        w, s = state[f"{layer}.weight"].float(), state.pop(k).float()
+        state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.ndim else s)).to(torch.bfloat16)
+        fp8[layer] = state.pop(f"{layer}.input_scale", None)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"exported LM does not fit its config: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    modules = dict(model.named_modules())
+    for layer, s in fp8.items():
+        modules[layer].register_forward_pre_hook(
+            _input_quant_hook(None if s is None else s.float().to(device)))
+    return model.eval()
+
+
+def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], str]:
+    """The run's held-out captions when its caption file is here (same split), else generated."""
+    from transformers import AutoTokenizer
+
+    from .calib_data import load_captions, pack, split_captions
+
+    s, cal = manifest["scheme"], manifest["calibration"]
+    path, captions = Path(cal["file"]), []
+    if path.is_file() and sha256_file(path) == cal.get("sha256"):
+        split = split_captions(load_captions(path), s["num_calib_samples"],
+                               max(s["num_eval_samples"], 1), s["seed"])
+        captions, source = split.eval, f"held-out split of {path} (seed {s['seed']})"
+    if not captions:
+        from .demo import make_captions
+
+        captions, source = make_captions(512, seed=s["seed"] + 7), \
+            "generated captions (the run's caption file is not on this machine)"
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    packed = pack(tok, captions, s["seq_len"], s["batch_size"], s["seed"])
+    return packed.batches[:HOLDOUT_BATCHES], source
+
+
+@torch.inference_mode()
+def compare_logits(reference: nn.Module, candidate: nn.Module, batches: list[dict],
+                   device: torch.device) -> dict:
+    """Mean per-token KL(reference || candidate) and top-1 agreement over real tokens."""
+    kl_sum = agree = tokens = 0.0
+    for b in batches:
+        kw = dict(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                  use_cache=False)
+        ref, cand = reference(**kw).logits, candidate(**kw).logits
+        for r in range(ref.shape[0]):
+            lp_r, lp_c = F.log_softmax(ref[r].float(), -1), F.log_softmax(cand[r].float(), -1)
+            mask = b["real"][r].to(device)
+            kl_sum += (lp_r.exp() * (lp_r - lp_c)).sum(-1)[mask].sum().item()
+            agree += (lp_r.argmax(-1) == lp_c.argmax(-1))[mask].sum().item()
+            tokens += mask.sum().item()
+    kl = max(kl_sum / tokens, 0.0) if tokens else float("nan")
+    return {"passed": tokens > 0 and kl <= KL_LIMIT, "kl_mean": kl, "kl_limit": KL_LIMIT,
+            "top1_agreement": agree / tokens if tokens else float("nan"), "tokens": int(tokens)}
+
+
+def check_loadable(out: Path, lm_only: bool) -> dict:
+    """(d) transformers builds the model from the export with no missing key (meta device)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    cls = Qwen2ForCausalLM if lm_only else Qwen2_5_VLForConditionalGeneration
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "unknown quantization type modelopt" line is expected
+    try:
+        _, info = cls.from_pretrained(out, device_map="meta", output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    missing = sorted(info["missing_keys"])
+    unexpected = sorted(info["unexpected_keys"])
+    odd = [k for k in unexpected if not k.endswith(SCALE_SUFFIXES)]
+    return {"passed": not missing and not odd, "class": cls.__name__, "missing": missing[:20],
+            "unexpected_non_scale": odd[:20], "unexpected_scales": len(unexpected) - len(odd)}

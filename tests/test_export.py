@@ -1,0 +1,318 @@
+"""Export: run -> verified Qwen2.5-VL checkpoint; identity; bad input; interruption; engines."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from vlm_autoquant.constants import MANIFEST_FILE, QUANT_STATE_FILE
+
+from .conftest import PY, QUICK, ROOT, SCRIPT, subprocess_env
+
+EXPORT_SCRIPT = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_export.py"
+
+
+@pytest.fixture(scope="module")
+def source(demo, tmp_path_factory):
+    """One real quantization run through the script, in its own MLflow store: (run_id, out, uri)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("export_src")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    proc = subprocess.run(
+        [PY, str(SCRIPT), "--scheme-name", "fp8-balanced-10b", "--model-dir", str(demo[0]),
+         "--output-dir", str(root / "run"), "--calib-file", str(demo[1]), *QUICK],
+        cwd=root, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    return run.info.run_id, root / "run", uri
+
+
+@pytest.fixture
+def store(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", source[2])
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return source
+
+
+def export(args, capsys=None) -> tuple[int, str]:
+    from vlm_autoquant.export_cli import main
+
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def copy_demo(demo_dir, target):
+    shutil.copytree(demo_dir, target)
+    return target
+
+
+def flip_one_lm_byte(model_dir):
+    from vlm_autoquant.identity import shard_layout, weight_files
+
+    for shard in weight_files(model_dir):
+        layout = shard_layout(shard)
+        if "model.norm.weight" in layout:
+            start = layout["model.norm.weight"][2]
+            with open(shard, "r+b") as f:
+                f.seek(start)
+                b = f.read(1)
+                f.seek(start)
+                f.write(bytes([b[0] ^ 1]))
+            return
+    raise AssertionError("no model.norm.weight in the demo")
+
+
+def drop_vision(model_dir):
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        t = load_file(str(model_dir / shard))
+        save_file({k: v for k, v in t.items() if not k.startswith("visual.")},
+                  str(model_dir / shard), metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items()
+                           if not k.startswith("visual.")}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_export_by_run_id_passes_every_check(store, demo, tmp_path, capsys):
+    import mlflow
+    from safetensors import safe_open
+
+    run_id, _, uri = store
+    out = tmp_path / "ckpt"
+    code, err = export(["--run-id", run_id, "--model-dir", demo[0], "--output-dir", out,
+                        "--register", "qwen-demo-fp8"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["passed"] and all(c["passed"] for c in report["checks"].values())
+    assert report["checks"]["numerics"]["kl_mean"] <= 1e-4
+    assert report["checks"]["vision"]["tensors"] > 0
+    assert report["identity"]["match"] and not report["lm_only"]
+    for name in ("config.json", "hf_quant_config.json", "model.safetensors.index.json",
+                 "tokenizer.json", "preprocessor_config.json", "chat_template.json",
+                 "generation_config.json"):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    base = json.loads((demo[0] / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2_5_vl" and cfg["architectures"] == base["architectures"]
+    assert cfg["quantization_config"]["quant_method"] == "modelopt"
+    assert {k: v for k, v in cfg.items() if k != "quantization_config"} == base
+    # FP8 layers as the manifest says, with scales; vision bytes equal the base's
+    manifest = json.loads((store[1] / MANIFEST_FILE).read_text())
+    fp8 = [r["name"] for r in manifest["layers"] if r["format"] == "FP8"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(out / index[f"{fp8[0]}.weight"]), "pt") as f:
+        assert f.get_tensor(f"{fp8[0]}.weight").dtype == torch.float8_e4m3fn
+        assert f.get_tensor(f"{fp8[0]}.input_scale").dtype == torch.float32
+    vis = next(k for k in index if k.startswith("visual."))
+    base_index = json.loads((demo[0] / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(out / index[vis]), "pt") as a, \
+            safe_open(str(demo[0] / base_index[vis]), "pt") as b:
+        assert torch.equal(a.get_tensor(vis).view(torch.uint8), b.get_tensor(vis).view(torch.uint8))
+    hfq = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert "visual*" in hfq["exclude_modules"]
+    # MLflow: the export's own run, linked both ways
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp_run = client.get_run(report["mlflow"]["run_id"])
+    assert exp_run.info.status == "FINISHED" and exp_run.data.tags["source_run_id"] == run_id
+    assert "export/kl_mean" in exp_run.data.metrics
+    assert client.get_run(run_id).data.tags["export.run_id"] == exp_run.info.run_id
+    assert {"export_report.json", "export_files.json"} <= {
+        a.path for a in client.list_artifacts(exp_run.info.run_id)}
+    # --register: an MLflow 3 LoggedModel holding the files, registered, aliased by scheme
+    version = client.get_model_version_by_alias("qwen-demo-fp8", "fp8-balanced-10b")
+    assert version.version == report["mlflow"]["registered"]["version"]
+    model_files = {f.path for f in client.list_logged_model_artifacts(
+        report["mlflow"]["registered"]["model_id"])}
+    assert {"config.json", "model.safetensors.index.json"} <= model_files
+    assert not list(tmp_path.glob(".ckpt.partial-*"))
+
+
+def _assert_usage(code, err, flag, out=None):
+    assert code == 2, err
+    assert flag in err and "fix:" in err and "Traceback" not in err
+    if out is not None:
+        assert not out.exists()
+
+
+def test_unknown_run_id(store, tmp_path, capsys):
+    code, err = export(["--run-id", "0" * 32, "--output-dir", tmp_path / "o"], capsys)
+    _assert_usage(code, err, "--run-id", tmp_path / "o")
+
+
+def test_unfinished_run_and_run_without_state(store, tmp_path, capsys):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.search_experiments()[0].experiment_id
+    running = client.create_run(exp).info.run_id
+    code, err = export(["--run-id", running, "--output-dir", tmp_path / "o"], capsys)
+    _assert_usage(code, err, "--run-id", tmp_path / "o")
+    assert "RUNNING" in err
+    empty = client.create_run(exp).info.run_id
+    client.set_terminated(empty, "FINISHED")
+    code, err = export(["--run-id", empty, "--output-dir", tmp_path / "o"], capsys)
+    _assert_usage(code, err, "--run-id", tmp_path / "o")
+    assert QUANT_STATE_FILE in err
+
+
+def test_tampered_state_is_refused(store, demo, tmp_path, capsys):
+    art = shutil.copytree(store[1], tmp_path / "art")
+    with open(art / QUANT_STATE_FILE, "ab") as f:
+        f.write(b"\0")
+    code, err = export(["--artifacts-dir", art, "--model-dir", demo[0], "--output-dir",
+                        tmp_path / "o"], capsys)
+    _assert_usage(code, err, "--artifacts-dir", tmp_path / "o")
+    assert "sha256" in err
+
+
+def test_other_weights_refused_in_export_and_restore(store, demo, tmp_path, capsys):
+    from vlm_autoquant import quant_state
+    from vlm_autoquant.errors import UsageError
+    from vlm_autoquant.identity import lm_weights_sha256
+
+    other = copy_demo(demo[0], tmp_path / "other")
+    flip_one_lm_byte(other)  # one value of one tensor
+    assert lm_weights_sha256(other) != lm_weights_sha256(demo[0])
+    code, err = export(["--run-id", store[0], "--model-dir", other, "--output-dir",
+                        tmp_path / "o"], capsys)
+    _assert_usage(code, err, "--model-dir", tmp_path / "o")
+    assert "--allow-other-weights" in err
+    with pytest.raises(UsageError, match="other LM weights"):
+        quant_state.restore(other, store[1] / QUANT_STATE_FILE, torch.device("cpu"))
+    model = quant_state.restore(other, store[1] / QUANT_STATE_FILE, torch.device("cpu"),
+                                allow_other_weights=True)
+    assert model is not None
+
+
+def test_output_dir_not_empty_and_disk_full(store, demo, tmp_path, capsys, monkeypatch):
+    import collections
+
+    from vlm_autoquant import export_inputs
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir", full],
+                       capsys)
+    _assert_usage(code, err, "--output-dir")
+    assert (full / "keep.txt").read_text() == "mine" and "--overwrite" in err
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(export_inputs.shutil, "disk_usage", lambda p: usage(10, 10, 0))
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
+                        tmp_path / "o"], capsys)
+    _assert_usage(code, err, "--output-dir", tmp_path / "o")
+    assert "disk space" in err
+
+
+def test_model_dir_without_vision_tower_needs_lm_only(store, demo, tmp_path, capsys):
+    lm = copy_demo(demo[0], tmp_path / "lm")
+    drop_vision(lm)  # the LM bytes, hence the identity, are unchanged
+    code, err = export(["--run-id", store[0], "--model-dir", lm, "--output-dir",
+                        tmp_path / "o"], capsys)
+    _assert_usage(code, err, "--model-dir", tmp_path / "o")
+    assert "--lm-only" in err
+    code, err = export(["--run-id", store[0], "--model-dir", lm, "--output-dir", tmp_path / "o",
+                        "--lm-only", "--no-mlflow"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "export_report.json").read_text())
+    assert report["lm_only"] and report["passed"]
+    assert report["checks"]["loadability"]["class"] == "Qwen2ForCausalLM"
+
+
+def test_interrupted_or_failed_export_leaves_nothing(store, demo, tmp_path, capsys, monkeypatch):
+    from vlm_autoquant import export_pipeline
+
+    def boom(staging):
+        assert (staging / "config.json").is_file()  # it got as far as a full checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_pipeline, "_before_publish", boom)
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
+                        tmp_path / "o", "--no-mlflow"], capsys)
+    assert code == 130, err
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+    monkeypatch.setattr(export_pipeline.export_verify, "KL_LIMIT", -1.0)  # a check that fails
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
+                        tmp_path / "o", "--no-mlflow"], capsys)
+    assert code == 1 and "numerics" in err
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+    monkeypatch.setattr(export_pipeline.export_verify, "KL_LIMIT", 1e-4)
+
+    def full(*_args):  # the disk fills up while the vision shard is written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_pipeline.export, "_write_shard", full)
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
+                        tmp_path / "o", "--no-mlflow"], capsys)
+    _assert_usage(code, err, "--output-dir", tmp_path / "o")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+def test_pcpt_layers_warn_for_vllm(caplog):
+    from vlm_autoquant import engines
+
+    hf_quant = {"quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": {
+        "model.layers.0.mlp.up_proj": {"quant_algo": "FP8"},
+        "model.layers.0.mlp.down_proj": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}}}}
+    table = engines.assess(hf_quant)
+    assert table["engines"]["vllm"]["layers_not_served_as_fp8"] == {
+        "model.layers.0.mlp.down_proj": "FP8_PER_CHANNEL_PER_TOKEN"}
+    lines = engines.warn(table)
+    assert any("vllm" in x and "model.layers.0.mlp.down_proj" in x for x in lines)
+    plain = engines.assess({"quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head"]}})
+    assert not plain["engines"]["vllm"]["layers_not_served_as_fp8"]
+    assert plain["engines"]["vllm"]["verdict"] == "yes"
+
+
+def test_identity_ignores_the_vision_tower(demo, tmp_path):
+    from vlm_autoquant.identity import lm_weights_sha256, shard_layout, weight_files
+
+    other = copy_demo(demo[0], tmp_path / "v")
+    for shard in weight_files(other):  # change one vision value: the identity must not move
+        vis = [v for k, v in shard_layout(shard).items() if k.startswith("visual.")]
+        if vis:
+            with open(shard, "r+b") as f:
+                f.seek(vis[0][2])
+                f.write(b"\x7f")
+            break
+    assert lm_weights_sha256(other) == lm_weights_sha256(demo[0])
+
+
+def test_script_reports_bad_input_without_traceback(tmp_path):
+    proc = subprocess.run([PY, str(EXPORT_SCRIPT), "--artifacts-dir", str(tmp_path / "none"),
+                           "--output-dir", str(tmp_path / "o"), "--no-mlflow"], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--artifacts-dir" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_mlflow_run_export_entry_point(store, demo, tmp_path):
+    """`mlflow run . -e export --env-manager local -P run_id=...` into the source run's store."""
+    import mlflow
+
+    run_id, _, uri = store
+    cmd = ["mlflow", "run", str(ROOT), "-e", "export", "--env-manager", "local",
+           "-P", f"run_id={run_id}", "-P", f"model_dir={demo[0]}",
+           "-P", f"output_dir={tmp_path / 'ckpt'}"]
+    proc = subprocess.run(cmd, env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ckpt" / "export_report.json").read_text())
+    assert report["passed"]
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(report["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["source_run_id"] == run_id
+    assert run.data.params["run_id"] == run_id  # logged by mlflow run itself
