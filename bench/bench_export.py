@@ -77,7 +77,7 @@ def main() -> None:
     from vlm_autoquant.export_inputs import ExportOptions, gather
     from vlm_autoquant.export_pipeline import _restore
     from vlm_autoquant.lm import pick_device
-    from vlm_autoquant.phases import Phases, gpu_peak_gib, peak_rss_gib
+    from vlm_autoquant.timing import Phases, gpu_peak_gib, peak_rss_gib
 
     configure(False)
     shutil.rmtree(a.work / "export", ignore_errors=True)

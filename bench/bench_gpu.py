@@ -155,14 +155,14 @@ def build_batches(args, work: Path, target: Path) -> str:
     import torch
     from transformers import AutoTokenizer
 
-    from vlm_autoquant.inputs import build_data
+    from vlm_autoquant.calib_data import build_data
     from vlm_autoquant.errors import Problems
     from vlm_autoquant.calib_data import load_captions
-    from vlm_autoquant.schemes import load_catalog, resolve
+    from vlm_autoquant.schemes import default_catalog, load_catalog, resolve
     from vlm_autoquant.cli import OVERRIDE_FLAGS, main_parser, overrides_from
 
     ns = main_parser().parse_args(["--scheme-name", SCHEME, *args.driver_args])
-    s = resolve(load_catalog(ROOT / "configs" / "schemes.yaml"), SCHEME, overrides_from(ns),
+    s = resolve(load_catalog(default_catalog()), SCHEME, overrides_from(ns),
                 OVERRIDE_FLAGS)
     tok = AutoTokenizer.from_pretrained(work / "ckpt")
     data = build_data(tok, load_captions(args.captions), s, Problems())

@@ -144,8 +144,10 @@ def test_mlflow_run_main_entry_point(demo, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     data = runs[0].data
     assert data.params["scheme_name"] == "fp8-conservative-12b"  # logged by mlflow run
-    assert data.params["effective_bits"] in ("", "''")  # left to the scheme (as mlflow quoted it)...
-    assert data.params["scheme.effective_bits"] == "12.0"  # ...which the driver logged apart
+    assert "effective_bits" not in data.params  # not given: no "" placeholder param...
+    assert data.params["scheme.effective_bits"] == "12.0"  # ...the effective value, once
+    assert data.params["num_calib_steps"] == data.params["scheme.num_calib_steps"] == "2"
+    assert "" not in data.params.values() and "''" not in data.params.values()
     assert data.metrics[M_BITS_ACHIEVED] <= 12.0 + 1e-9
     assert (tmp_path / "out" / MANIFEST_FILE).exists()
 

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from vlm_autoquant.constants import MANIFEST_FILE, QUANT_STATE_FILE
+from vlm_autoquant.artifacts import MANIFEST_FILE, QUANT_STATE_FILE
 
 from .conftest import PY, QUICK, ROOT, SCRIPT, subprocess_env
 

@@ -21,6 +21,10 @@ CATALOG = SMALL_DEFAULTS + "schemes:\n" + "".join(
     method: kl_div
     effective_bits: 10
     num_score_steps: 1
+  pcpt10:
+    description: per-channel/per-token next to per-tensor
+    formats: [FP8_DEFAULT_CFG, FP8_PER_CHANNEL_PER_TOKEN_CFG]
+    effective_bits: 10
 """
 
 
@@ -46,21 +50,29 @@ def swept(demo, tmp_path_factory):
     return root
 
 
+def demo_dir(root):
+    return json.loads(next((root / "out").glob(f"*/{MANIFEST_FILE}")).read_text())["model"]["directory"]
+
+
 def manifests(root):
     return {p.parent.name: json.loads(p.read_text()) for p in (root / "out").glob(f"*/{MANIFEST_FILE}")}
 
 
-def test_scoring_ran_once_per_group_and_calibration_is_shared(swept):
+def test_one_search_per_method_whatever_the_formats(swept):
+    """The budgets and pcpt (another candidate set) share one gradient search; kl_div has its own."""
     ms = manifests(swept)
-    assert set(ms) == {f"b{b}" for b in BUDGETS} | {"kl10"}
-    gradient = [ms[f"b{b}"] for b in BUDGETS]
+    assert set(ms) == {f"b{b}" for b in BUDGETS} | {"kl10", "pcpt10"}
+    gradient = [ms[f"b{b}"] for b in BUDGETS] + [ms["pcpt10"]]
     assert len({m["search"]["scoring_group"] for m in gradient}) == 1
     assert [m["search"]["scores"] for m in gradient].count("ran") == 1
     assert [m["search"]["calibration"] for m in gradient].count("ran") == 1
+    assert {m["search"]["scores"] for m in gradient} == {"ran", "shared"}
     kl = ms["kl10"]["search"]
     assert kl["scoring_group"] != gradient[0]["search"]["scoring_group"]
-    assert kl["scores"] == "ran" and kl["calibration"] == "restored"  # seeded, not recalibrated
-    assert kl["calibration_seeded_from"] == gradient[0]["search"]["scoring_group"]
+    assert kl["scores"] == "ran"
+    # each scheme saw only its own candidates
+    assert all(set(x["scores"]) <= {"FP8_DEFAULT_CFG", "BF16"} for x in ms["b10"]["layers"])
+    assert any("FP8_PER_CHANNEL_PER_TOKEN_CFG" in x["scores"] for x in ms["pcpt10"]["layers"])
 
 
 def test_quality_invariants(swept):
@@ -80,7 +92,8 @@ def test_quality_invariants(swept):
 
 def test_comparison_table_and_figure(swept):
     rows = list(csv.DictReader((swept / "out" / COMPARISON_FILE).open()))
-    assert [r["scheme"] for r in rows] == [f"b{b}" for b in BUDGETS] + ["kl10"]
+    assert [r["scheme"] for r in rows] == [f"b{b}" for b in BUDGETS] + ["pcpt10", "kl10"]
+    assert {r["status"] for r in rows} == {"FINISHED"}
     assert rows[0]["kl_mean"] and float(rows[0]["effective_bits"]) == 8.0
 
 
@@ -91,9 +104,11 @@ def test_mlflow_parent_with_a_child_per_scheme(swept):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == len(BUDGETS) + 1
+    assert len(parents) == 1 and len(children) == len(BUDGETS) + 2
     parent = parents[0]
     assert parent.data.metrics["sweep/scoring_runs"] == 2
+    assert parent.data.params["model_dir"] == str(demo_dir(swept))
+    assert -1.0 <= parent.data.metrics["sweep/spearman_predicted_vs_kl"] <= 1.0
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert all(M_KL in c.data.metrics and c.info.status == "FINISHED" for c in children)
     arts = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id)}
@@ -104,12 +119,12 @@ def test_mlflow_parent_with_a_child_per_scheme(swept):
 
 
 def test_single_run_gives_the_same_formats_as_the_sweep(swept, demo, tmp_path, tracking):
-    for b in (9, 12):
+    for b in ("b9", "pcpt10"):  # pcpt alone: its own search, the same formats as in the union
         out = tmp_path / f"single{b}"
-        assert run_cli(["--scheme-name", f"b{b}", "--catalog", swept / "cat.yaml", "--model-dir",
+        assert run_cli(["--scheme-name", b, "--catalog", swept / "cat.yaml", "--model-dir",
                         demo[0], "--calib-file", demo[1], "--output-dir", out]) == 0
         single = json.loads((out / MANIFEST_FILE).read_text())
-        in_sweep = manifests(swept)[f"b{b}"]
+        in_sweep = manifests(swept)[b]
         assert single["search"]["scores"] == "ran"
         assert [(x["name"], x["format"]) for x in single["layers"]] == \
             [(x["name"], x["format"]) for x in in_sweep["layers"]]
@@ -120,3 +135,39 @@ def test_sweep_refuses_a_finished_sweep_without_overwrite(swept, demo, capsys):
                        "--output-dir", str(swept / "out"), "--catalog", str(swept / "cat.yaml"),
                        *QUICK])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from vlm_autoquant import autoquant
+
+    real = autoquant.solve
+
+    def solve(model, found, formats, bits):
+        if bits == 9:
+            raise RuntimeError("injected solver failure")
+        return real(model, found, formats, bits)
+
+    monkeypatch.setattr(autoquant, "solve", solve)
+    (tmp_path / "cat.yaml").write_text(CATALOG)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]), "--output-dir",
+                       str(tmp_path / "out"), "--catalog", str(tmp_path / "cat.yaml"),
+                       "--schemes", "b8,b9,b10"])
+    err = capsys.readouterr().err
+    assert code == 1 and "1 of 3 schemes failed: b9" in err and "Traceback" not in err
+    rows = {r["scheme"]: r for r in csv.DictReader((tmp_path / "out" / COMPARISON_FILE).open())}
+    assert rows["b9"]["status"] == "FAILED" and "injected solver failure" in rows["b9"]["error"]
+    assert rows["b8"]["status"] == rows["b10"]["status"] == "FINISHED"
+    assert (tmp_path / "out" / "b10" / MANIFEST_FILE).exists()
+    assert not (tmp_path / "out" / "b9" / MANIFEST_FILE).exists()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    by_name = {r.data.tags.get("mlflow.runName"): r for r in runs}
+    assert by_name["b9"].info.status == "FAILED"
+    assert "injected solver failure" in by_name["b9"].data.tags["failure_reason"]
+    assert by_name["b10"].info.status == "FINISHED"
+    assert by_name["sweep"].data.metrics["sweep/failed"] == 1

@@ -183,54 +183,64 @@ def normalised_lp() -> Iterator[None]:
         mq_algorithms.LPS = orig
 
 
+def _timed(timings: dict[str, float], key: str, fn: Callable) -> Callable:
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return wrapper
+
+
+def _loading(orig: Callable) -> Callable:
+    def load_checkpoint(self) -> bool:
+        loaded = orig(self)
+        if not isinstance(self.candidate_stats, defaultdict):
+            self.candidate_stats = defaultdict(dict, self.candidate_stats)
+        return loaded
+    return load_checkpoint
+
+
+def _with_raw_scores(orig: Callable) -> Callable:
+    def init_stats(self) -> None:
+        orig(self)
+        for name, hparam in named_hparams(self.model, unique=True):
+            if isinstance(hparam, QuantRecipeHparam):
+                self.candidate_stats[name]["raw_scores"] = [
+                    hparam.get_score(r) for r in self.candidate_stats[name]["formats"]]
+    return init_stats
+
+
+def _saving(orig: Callable, on_checkpoint: Callable[[Path, str], str]) -> Callable:
+    def atomic_save(self, verbose: bool = False) -> None:
+        final = self._get_checkpoint_path()
+        if final is None:
+            return orig(self, verbose)
+        _atomic_checkpoint_save(self, final, lambda: orig(self, verbose))
+        on_checkpoint(Path(final), "scored" if self.candidate_stats else "calibrated")
+    return atomic_save
+
+
 @contextlib.contextmanager
 def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, str], str],
                      model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
     base = _AutoQuantizeBaseSearcher
-    saved = {"calibrate": mq.calibrate, "save": base.save_search_checkpoint,
-             "solve": base.run_search, "load": base.load_search_checkpoint,
-             "init": base.initialize_candidate_stats,
-             "scores": {c: c.__dict__["estimate_sensitivity_scores"] for c in SEARCHERS.values()}}
-
-    def load_checkpoint(self) -> bool:
-        loaded = saved["load"](self)
-        if not isinstance(self.candidate_stats, defaultdict):
-            self.candidate_stats = defaultdict(dict, self.candidate_stats)
-        return loaded
-
-    def init_stats(self) -> None:
-        saved["init"](self)
-        for name, hparam in named_hparams(self.model, unique=True):
-            if isinstance(hparam, QuantRecipeHparam):
-                self.candidate_stats[name]["raw_scores"] = [
-                    hparam.get_score(r) for r in self.candidate_stats[name]["formats"]]
-
-    def timed(key: str, fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-        return wrapper
-
-    def atomic_save(self, verbose: bool = False) -> None:
-        final = self._get_checkpoint_path()
-        if final is None:
-            return saved["save"](self, verbose)
-        _atomic_checkpoint_save(self, final, lambda: saved["save"](self, verbose))
-        on_checkpoint(Path(final), "scored" if self.candidate_stats else "calibrated")
-
-    mq.calibrate = timed("calibrate", saved["calibrate"])
-    base.save_search_checkpoint = atomic_save
-    for cls, fn in saved["scores"].items():
-        cls.estimate_sensitivity_scores = timed("score", fn)
-    base.run_search = timed("solve", saved["solve"])
-    base.load_search_checkpoint = load_checkpoint
-    base.initialize_candidate_stats = init_stats
+    patches = [(mq, "calibrate", _timed(timings, "calibrate", mq.calibrate)),  # (owner, name, new)
+               (base, "save_search_checkpoint", _saving(base.save_search_checkpoint, on_checkpoint)),
+               (base, "run_search", _timed(timings, "solve", base.run_search)),
+               (base, "load_search_checkpoint", _loading(base.load_search_checkpoint)),
+               (base, "initialize_candidate_stats",
+                _with_raw_scores(base.initialize_candidate_stats))]
+    patches += [(c, "estimate_sensitivity_scores",
+                 _timed(timings, "score", c.__dict__["estimate_sensitivity_scores"]))
+                for c in SEARCHERS.values()]
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
+    for owner, name, fn in patches:
+        setattr(owner, name, fn)
     if not grad_checkpointing:
         # ModelOpt's HF plugin turns it on for scoring; a no-op keeps activations in memory.
         model.gradient_checkpointing_enable = lambda *a, **k: None
@@ -239,13 +249,11 @@ def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, s
             warnings.filterwarnings("ignore", module=r"modelopt\..*")
             yield
     finally:
-        mq.calibrate = saved["calibrate"]
-        base.save_search_checkpoint = saved["save"]
-        for cls, fn in saved["scores"].items():
-            cls.estimate_sensitivity_scores = fn
-        base.run_search = saved["solve"]
-        base.load_search_checkpoint = saved["load"]
-        base.initialize_candidate_stats = saved["init"]
+        for owner, name, fn in saved:
+            if fn is None:
+                delattr(owner, name)  # inherited: the parent's method shows through again
+            else:
+                setattr(owner, name, fn)
         model.__dict__.pop("gradient_checkpointing_enable", None)
 
 

@@ -70,10 +70,8 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
         info = Scheme.model_fields[field]
         kind = info.annotation
         choices = list(get_args(kind)) if get_origin(kind) is not None and get_args(kind) else None
-        # The flag, plus its underscore spelling: MLflow passes undeclared -P params as --name.
-        names = [flag] + ([f"--{field}"] if f"--{field}" != flag else []) + \
-            ([f"--{flag[2:].replace('-', '_')}"] if flag != f"--{field}" else [])
-        o.add_argument(*dict.fromkeys(names), dest=field, default=None,
+        names = [flag] + ([f"--{field.replace('_', '-')}"] if field in FLAG_NAMES else [])
+        o.add_argument(*names, dest=field, default=None,
                        type=_optional(str if choices else kind),
                        choices=[None, *choices] if choices else None,
                        metavar="{" + ",".join(choices) + "}" if choices else kind.__name__.upper())
@@ -138,6 +136,18 @@ def configure(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def dashed(argv: list[str] | None) -> list[str]:
+    """`--num_score_steps 4` as `--num-score-steps 4`: MLflow passes undeclared -P params with
+    the parameter's own (underscored) name."""
+    out = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
 def overrides_from(args: argparse.Namespace) -> dict:
     return {field: getattr(args, field) for field in OVERRIDE_FLAGS}
 
@@ -180,7 +190,7 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = main_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(dashed(argv))
     configure(args.debug)
     if args.list_schemes:
         return run_guarded(lambda: _list(args), args.debug, None)
@@ -299,7 +309,7 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 def sweep_main(argv: list[str] | None = None) -> int:
     parser = sweep_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(dashed(argv))
     configure(args.debug)
     if args.model_dir is None:
         code = _check_dependencies_first(args.debug)  # building the demo imports torch
@@ -372,7 +382,7 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def demo_main(argv: list[str] | None = None) -> int:
     """`vlm-autoquant-demo` and scripts/run_demo.py: build the demo, then run `main` on it."""
-    args, rest = demo_parser().parse_known_args(argv)
+    args, rest = demo_parser().parse_known_args(dashed(argv))
     debug = "--debug" in rest
     configure(debug)
     code = _check_dependencies_first(debug)

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from .cli import DEFAULT_EXPERIMENT, _flag, _optional, configure, run_guarded
+from .cli import DEFAULT_EXPERIMENT, _flag, _optional, configure, dashed, run_guarded
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -86,6 +86,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(dashed(argv))
     configure(args.debug)
     return run_guarded(lambda: _run(args), args.debug, None)

@@ -75,9 +75,10 @@ def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Ph
                 if found is None:
                     raise search_error
                 own = Phases()
+                shared = {"scores": "shared", "calibration": "shared"} if i else {}
                 doc = finish_scheme(model, found, scheme, family, inputs,
                                     inputs.options.output_dir / scheme.name, own, child,
-                                    {**info, "sweep_group_index": i})
+                                    {**info, "sweep_group_index": i, **shared})
                 for key, seconds in own.seconds.items():
                     phases.add(key, seconds)
             rows.append(comparison_row(doc))

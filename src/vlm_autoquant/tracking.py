@@ -171,7 +171,8 @@ class Tracker:
 
     def wait(self) -> "Tracker":
         """Block until the run exists; raise TrackingFailed if it could not be started."""
-        self._thread.join()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
         if self._error is not None:
             raise TrackingFailed(f"the MLflow run could not be started at {tracking_uri()} "
                                  f"({type(self._error).__name__}: {self._error})")

@@ -1,0 +1,167 @@
+"""The whole catalog at full size: every scheme alone, the catalog sweep, the gradient-family sweep.
+
+On one H200 (docs/PERFORMANCE.md has the exact command and the results):
+    python bench/bench_catalog.py --size 3b --data .bench_data --work /tmp/vlmcat
+On the CPU, on the tiny model (keeps the script from rotting; the numbers mean nothing):
+    python bench/bench_catalog.py --size tiny --work /tmp/vlmcat-cpu
+
+Timed side by side, one after the other on an otherwise idle GPU, each a fresh process with its
+own output dir and MLflow store: (1) one scheme (fp8-balanced-10b), (2) the whole catalog as one
+sweep, (3) the five non-kl_div schemes as one sweep. Then every other catalog scheme runs alone
+(untimed for the ratios, `--parallel` at a time) to show each one completes.
+
+A planted outlier (one RMSNorm channel x1e6, the matching gate/up weight columns /1e6: the same
+BF16 function) gives the scores something real to find: every scheme above the minimum must keep
+that layer's gate/up group in BF16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import env_for, sh  # noqa: E402
+
+SINGLE = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
+SWEEP = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_sweep.py"
+ANCHOR = "fp8-balanced-10b"
+OUTLIER_LAYER, OUTLIER_CHANNEL, OUTLIER_SCALE = 5, 7, 1e6
+
+
+def build(args) -> tuple[Path, Path]:
+    """The checkpoint (random, released layout, planted outlier) and the caption file."""
+    from vlm_autoquant.demo import build_checkpoint, build_demo, make_captions
+
+    ckpt = args.work / "ckpt"
+    if args.size == "tiny":
+        ckpt, captions = build_demo(args.work / "demo")
+    else:
+        captions = args.data / "coco2017_captions" / "train_sample.txt"
+        if not (ckpt / "config.json").exists():
+            build_checkpoint(ckpt, args.size, "released", seed=0,
+                             tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
+                             captions=make_captions(10, 0), device=args.build_device)
+    plant_outlier(ckpt, OUTLIER_LAYER if args.size != "tiny" else 1)
+    return ckpt, captions
+
+
+def plant_outlier(ckpt: Path, layer: int) -> None:
+    """Scale one post-attention RMSNorm channel up and gate/up's matching column down."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    pre = f"model.layers.{layer}."
+    keys = {"norm": pre + "post_attention_layernorm.weight", "gate": pre + "mlp.gate_proj.weight",
+            "up": pre + "mlp.up_proj.weight"}
+    marker = ckpt / "planted_outlier.json"
+    if marker.exists():
+        return
+    for shard in sorted({index[k] for k in keys.values()}):
+        tensors = load_file(ckpt / shard)
+        with torch.no_grad():
+            for role, key in keys.items():
+                if key in tensors:
+                    t = tensors[key].float()
+                    if role == "norm":
+                        t[OUTLIER_CHANNEL] *= OUTLIER_SCALE
+                    else:
+                        t[:, OUTLIER_CHANNEL] /= OUTLIER_SCALE
+                    tensors[key] = t.to(torch.bfloat16)
+        save_file(tensors, str(ckpt / shard), metadata={"format": "pt"})
+    marker.write_text(json.dumps({"layer": layer, "channel": OUTLIER_CHANNEL,
+                                  "scale": OUTLIER_SCALE}))
+
+
+def run(cmd: list[str], work: Path, name: str) -> dict:
+    out = work / name
+    wall = sh([sys.executable, *map(str, cmd), "--output-dir", str(out / "out")],
+              env_for(out), out / "log.txt", cwd=out)
+    manifests = {p.parent.name: json.loads(p.read_text())
+                 for p in (out / "out").rglob("manifest.json")}
+    peak = max((m["memory"]["peak_gpu_gib"] for m in manifests.values()), default=0.0)
+    print(f"[{name}] {wall:.1f} s, peak GPU {peak:.1f} GiB, {len(manifests)} scheme(s)", flush=True)
+    return {"wall_s": wall, "peak_gpu_gib": peak, "schemes": summarise(manifests)}
+
+
+def summarise(manifests: dict[str, dict]) -> dict:
+    out = {}
+    for name, m in manifests.items():
+        layer = OUTLIER_LAYER if m["summary"]["layers"] > 100 else 1
+        planted = next((x["format"] for x in m["layers"]
+                        if x["name"] == f"model.layers.{layer}.mlp.gate_proj"), None)
+        out[m["scheme"]["name"]] = {
+            "target_bits": m["effective_bits"]["target"],
+            "achieved_bits": m["effective_bits"]["achieved"], "fp8": m["summary"]["fp8"],
+            "bf16": m["summary"]["bf16"], "kl_mean": (m["quality"] or {}).get("kl_mean"),
+            "predicted_loss": m["search"].get("predicted_loss"),
+            "scores": m["search"]["scores"], "planted_outlier_gate_up": planted,
+            "timings": m["timings"], "peak_gpu_gib": m["memory"]["peak_gpu_gib"]}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=["3b", "tiny"], default="3b")
+    p.add_argument("--data", type=Path, default=ROOT / ".bench_data")
+    p.add_argument("--work", type=Path, default=Path("/tmp/vlmcat"))
+    p.add_argument("--parallel", type=int, default=3, help="schemes run alone at a time")
+    p.add_argument("--build-device", default="cuda")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-catalog.json")
+    p.add_argument("--sizes", default="", help="extra size flags for every run (CPU smoke)")
+    args = p.parse_args()
+    args.data, args.work = args.data.resolve(), args.work.resolve()
+    from vlm_autoquant.schemes import default_catalog, load_catalog
+
+    t0 = time.perf_counter()
+    ckpt, captions = build(args)
+    build_s = time.perf_counter() - t0
+    common = ["--model-dir", ckpt, "--calib-file", captions, *args.sizes.split()]
+    catalog = list(load_catalog(default_catalog()))
+    gradient = [n for n, s in load_catalog(default_catalog()).items() if s.method == "gradient"]
+    r = {"size": args.size, "build_s": build_s, "catalog": catalog}
+    r["single"] = run([SINGLE, "--scheme-name", ANCHOR, *common], args.work, "single")
+    r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all")
+    r["sweep_gradient"] = run([SWEEP, "--schemes", ",".join(gradient), *common], args.work,
+                              "sweep_gradient")
+    rest = [n for n in catalog if n != ANCHOR]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        alone = list(pool.map(lambda n: (n, run([SINGLE, "--scheme-name", n, *common],
+                                                 args.work, f"alone-{n}")), rest))
+    r["alone"] = dict(alone)
+    single = r["single"]["wall_s"]
+    r["ratios"] = {"sweep_all_over_single": r["sweep_all"]["wall_s"] / single,
+                   "sweep_gradient_over_single": r["sweep_gradient"]["wall_s"] / single,
+                   "sweep_all_peak_over_single": r["sweep_all"]["peak_gpu_gib"]
+                   / max(r["single"]["peak_gpu_gib"], 1e-9)}
+    same = {n: r["alone"][n]["schemes"][n]["fp8"] == r["sweep_all"]["schemes"][n]["fp8"]
+            for n in rest}
+    same[ANCHOR] = r["single"]["schemes"][ANCHOR]["fp8"] == \
+        r["sweep_all"]["schemes"][ANCHOR]["fp8"]
+    r["alone_equals_sweep_fp8_count"] = same
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"\n{'run':28}{'wall s':>9}{'peak GiB':>10}")
+    for key in ("single", "sweep_all", "sweep_gradient"):
+        print(f"{key:28}{r[key]['wall_s']:>9.1f}{r[key]['peak_gpu_gib']:>10.1f}")
+    for n, v in r["alone"].items():
+        print(f"{'alone ' + n:28}{v['wall_s']:>9.1f}{v['peak_gpu_gib']:>10.1f}  (parallel)")
+    for k, v in r["ratios"].items():
+        print(f"{k:40}{v:>7.2f}")
+    print("per scheme (sweep): " + "; ".join(
+        f"{n}: {s['achieved_bits']:.3f} bits, {s['fp8']} FP8, KL {s['kl_mean']:.3g}, "
+        f"outlier {s['planted_outlier_gate_up']}" for n, s in r["sweep_all"]["schemes"].items()))
+    print(f"alone == sweep (FP8 count): {same}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
