@@ -137,13 +137,23 @@ def summarize(r: dict) -> list[tuple[str, str, str]]:
         for k in phases:
             rows.append((f"driver phase {k} (s, median)",
                          f"{statistics.median(d['timings'].get(k, 0.0) for d in drivers):.2f}", ""))
-        rows.append(("driver teardown: wall - process (s, median)",
+        rows.append(("driver after the manifest: log + exit (s, median)",
                      f"{statistics.median(d['teardown_s'] for d in drivers):.2f}", ""))
         sp = drivers[0]["split"]
         rows.append(("driver captions: packed / used / held out",
                      f"{sp['captions_packed']} / {sp['captions_used']} / {sp['held_out']}", "report"))
         rows.append(("driver FP8 kernel", str(drivers[0]["fp8_kernel"]), "report"))
     return rows
+
+
+def save(r: dict, out: Path, work: Path) -> None:
+    """Write the JSON; under the device tool, copy it and every log to $OUT (brought back)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2, default=str) + "\n")
+    if os.environ.get("OUT"):
+        for f in [out, *work.glob("*.log")]:
+            if f.resolve() != (Path(os.environ["OUT"]) / f.name).resolve():
+                shutil.copy(f, Path(os.environ["OUT"]) / f.name)
 
 
 def main() -> None:
@@ -199,17 +209,14 @@ def main() -> None:
             res = run_bare(args, work, i, cuda)
         r["runs"].append({"side": side, "i": i, **res})
         print(f"[{i}] {side}: {res['wall_s']:.1f} s", flush=True)
+        save(r, args.out, work)  # partial results survive a time limit
     if not args.no_importtime:
         run_driver(args, work, txt, "driver_importtime", ("-X", "importtime"))
         log = (work / "driver_importtime.log").read_text().split("--- stderr ---")[-1]
         r["driver_importtime_top15"] = importtime_top(log)
     r["machine"]["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     r["table"] = rows = summarize(r)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(r, indent=2, default=str) + "\n")
-    if os.environ.get("OUT"):  # the device tool brings $OUT back: the JSON and every log
-        for f in [args.out, *work.glob("*.log")]:
-            shutil.copy(f, Path(os.environ["OUT"]) / f.name)
+    save(r, args.out, work)
     for x in r.get("driver_importtime_top15", []):
         print(f"importtime {x['cumulative_us'] / 1e6:7.2f} s  {x['module']}")
     width = max(len(a) for a, _, _ in rows)
