@@ -6,7 +6,8 @@ Run as its own process (imports counted, like the driver's):
 It loads the LM the plain way (`Qwen2ForCausalLM.from_pretrained` with the VL text config), then
 (with --floors) times a BF16 forward and forward+backward of one batch, then runs auto_quantize
 with the same formats, budget, disabled layers, cost exclusion, loss and step counts as the
-driver's scheme. No data loading, evaluation, saving or tracking.
+driver's scheme. No data loading, evaluation, saving or tracking. It imports nothing from
+vlm_autoquant, on purpose: a floor that shared the driver's code would share its overheads.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,32 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import _common  # noqa: E402
 import pagecache  # noqa: E402
+from _common import env_for, sh  # noqa: E402
 
-SCRIPT = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
+SCRIPT = _common.SCRIPT
 SCHEME = "fp8-conservative-12b"  # FP8 vs BF16 at 12 bits, lm_head off: the anchor and the peer
 PEER_S = (58.7, 67.9)  # hf_ptq whole process, same captions and scheme (issue #5)
 ANCHOR_BARE_S = (23.8, 27.4)
-
-
-def sh(cmd: list[str], env: dict | None = None, log: Path | None = None, timeout: int = 900) -> float:
-    """Run a process; return its wall seconds (process start to exit)."""
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    wall = time.perf_counter() - t
-    if log is not None:
-        log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        print(proc.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return wall
-
-
-def env_for(work: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
-    return env
 
 
 def shard_files(ckpt: Path) -> list[Path]:
@@ -151,28 +132,7 @@ def driver(args, work: Path, name: str, extra: list[str], evict: bool = False) -
 
 
 def build_batches(args, work: Path, target: Path) -> str:
-    """The driver's own batches (same code, same seed) for the bare baseline."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from vlm_autoquant.calib_data import build_data
-    from vlm_autoquant.errors import Problems
-    from vlm_autoquant.calib_data import load_captions
-    from vlm_autoquant.schemes import default_catalog, load_catalog, resolve
-    from vlm_autoquant.cli import OVERRIDE_FLAGS, main_parser, overrides_from
-
-    ns = main_parser().parse_args(["--scheme-name", SCHEME, *args.driver_args])
-    s = resolve(load_catalog(default_catalog()), SCHEME, overrides_from(ns),
-                OVERRIDE_FLAGS)
-    tok = AutoTokenizer.from_pretrained(work / "ckpt")
-    data = build_data(tok, load_captions(args.captions), s, Problems())
-    torch.save({"batches": data.calib.batches[: data.steps],
-                "scheme": {"effective_bits": s.effective_bits, "formats": list(s.formats),
-                           "disabled_layers": list(s.disabled_layers),
-                           "cost_excluded_layers": s.excluded_from_cost,
-                           "num_calib_steps": s.num_calib_steps,
-                           "num_score_steps": s.num_score_steps}}, target)
-    return data.calib.fingerprint
+    return _common.build_batches(work / "ckpt", args.captions, SCHEME, args.driver_args, target)
 
 
 def main() -> None:
