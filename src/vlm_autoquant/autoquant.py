@@ -2,8 +2,8 @@
 
 ModelOpt's searcher is observed, not replaced: a context manager wraps a few of its methods for
 the duration of one call to (1) time calibration, scoring and the solve, (2) write each search
-checkpoint to a temporary name and rename it into place, recording its sha256 so that only a
-checkpoint this tool wrote is ever unpickled again, (3) let a calibration-only checkpoint resume
+checkpoint to a temporary name, record its sha256 (signed) and rename it into place, so that
+only a checkpoint this tool wrote is ever unpickled again, and then with weights_only=True, (3) let a calibration-only checkpoint resume
 (ModelOpt 0.47 restores its empty score table as a plain dict and then fails with KeyError), and
 (4) optionally keep gradient checkpointing off during scoring (faster, more memory).
 """
@@ -30,6 +30,7 @@ from modelopt.torch.quantization.algorithms import (
     _AutoQuantizeBaseSearcher,
 )
 
+from . import resume
 from .errors import RunFailed
 from .interrupt import StopFlag
 from .schemes import Scheme
@@ -90,7 +91,7 @@ _QUIET = (r"Per-rank checkpoint .* not found", r"Checkpoint .* does not exist",
 
 
 @contextlib.contextmanager
-def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
+def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str, Path], str],
                      model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
     orig_calibrate = mq.calibrate
@@ -101,9 +102,11 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
     orig_load = _AutoQuantizeBaseSearcher.load_search_checkpoint
 
     def load_checkpoint(self) -> bool:
+        # ModelOpt's loader leaves weights_only to the environment (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+        # turns it off): load verified bytes with an explicit weights_only=True instead.
+        loaded = resume.load_searcher_state(self)
         # ModelOpt 0.47 saves candidate_stats as a plain dict (sanitised for weights_only), but
         # scoring after a calibration-only checkpoint fills it as a defaultdict: restore that.
-        loaded = orig_load(self)
         if not isinstance(self.candidate_stats, defaultdict):
             self.candidate_stats = defaultdict(dict, self.candidate_stats)
         return loaded
@@ -127,11 +130,15 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
         final = self._get_checkpoint_path()
         if final is None:
             return orig_save(self, verbose)
-        tmp = f"{final}.tmp-{os.getpid()}"
+        tmp = str(resume.tmp_checkpoint(Path(final)))
         configured = self.config["checkpoint"]
         self.config["checkpoint"] = tmp
+        stage = "scored" if self.candidate_stats else "calibrated"
         try:
             orig_save(self, verbose)
+            # The record naming the new checkpoint's sha256 first, then the rename: a kill in
+            # between leaves a finished pair that the next run promotes (resume.py).
+            digest = on_checkpoint(Path(final), stage, Path(tmp))
             os.replace(tmp, final)
         except (OSError, RuntimeError) as exc:
             # torch.save writes through C++ streams: a full disk arrives as a RuntimeError
@@ -143,8 +150,7 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
             self.config["checkpoint"] = configured
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
-        stage = "scored" if self.candidate_stats else "calibrated"
-        run.checkpoint_writes.append((stage, on_checkpoint(Path(final), stage)))
+        run.checkpoint_writes.append((stage, digest))
 
     mq.calibrate = timed("calibrate", orig_calibrate)
     _AutoQuantizeBaseSearcher.save_search_checkpoint = atomic_save
@@ -171,7 +177,7 @@ def observe_modelopt(run: SearchRun, on_checkpoint: Callable[[Path, str], str],
 
 
 def run_auto_quantize(model: torch.nn.Module, scheme: Scheme, batches: list[Batch],
-                      checkpoint: Path, on_checkpoint: Callable[[Path, str], str],
+                      checkpoint: Path, on_checkpoint: Callable[[Path, str, Path], str],
                       stop: StopFlag | None = None, grad_checkpointing: bool = True,
                       effective_bits: float | None = None) -> tuple[dict, SearchRun]:
     """Calibrate, score (or restore both from `checkpoint`) and solve for the budget.

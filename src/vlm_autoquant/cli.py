@@ -113,9 +113,13 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -> int:
     """The error boundary: clean messages and exit codes; no partial output left behind."""
-    existed = output_dir is not None and output_dir.exists()
+    from . import artifacts, paths
+    from .interrupt import terminate_as_interrupt
+
+    existed = output_dir is not None and paths.exists(output_dir)
     try:
-        return body()
+        with terminate_as_interrupt():
+            return body()
     except UsageError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
         code = EXIT_USAGE
@@ -141,8 +145,8 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -
             print(f"error: {type(exc).__name__}: {exc}\n(rerun with --debug for the traceback)",
                   file=sys.stderr)
         code = EXIT_FAILURE
-    if output_dir is not None and not existed and output_dir.exists() and not any(
-            p.is_file() for p in output_dir.rglob("*")):
+    if output_dir is not None and not existed and paths.exists(output_dir) \
+            and artifacts.only_our_bookkeeping(output_dir):
         shutil.rmtree(output_dir, ignore_errors=True)  # we made it and it holds nothing
     return code
 
@@ -200,10 +204,15 @@ def _run_main(args: argparse.Namespace) -> int:
     from .pipeline import run_single
     from .tracking import Tracker
 
+    from .artifacts import locked_output_dir
+    from .constants import MANIFEST_FILE
+
     experiment = args.experiment or DEFAULT_EXPERIMENT
-    with stop_on_signals(StopFlag()) as stop:
+    with locked_output_dir(args.output_dir, MANIFEST_FILE, args.overwrite), \
+            stop_on_signals(StopFlag()) as stop:
         run_single(inputs, data, stop, lambda name: Tracker(experiment, name),
                    {"startup": since_process_start(), "validate": validate - data.seconds})
+        stop.raise_if_set()  # a signal after the search: results are kept, exit 130
     return 0
 
 
@@ -260,9 +269,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
     inputs = gather(options, names, overrides_from(args), problems, OVERRIDE_FLAGS,
                     finished_marker=SWEEP_MARKER)
-    groups = plan(inputs, problems) if inputs is not None else []
-    problems.raise_if_any()
+    if inputs is None:
+        problems.raise_if_any()
 
+    from .artifacts import locked_output_dir
     from .interrupt import StopFlag, stop_on_signals
     from .tracking import Tracker
 
@@ -271,6 +281,11 @@ def _run_sweep(args: argparse.Namespace) -> int:
     def tracker(name: str, parent):
         return Tracker(experiment, name, nested=parent is not None, parent=parent)
 
-    with stop_on_signals(StopFlag()) as stop:
-        run_sweep(inputs, groups, stop, tracker)
+    # plan() inspects (and may promote or discard) search checkpoints: only under the lock.
+    with locked_output_dir(args.output_dir, SWEEP_MARKER, args.overwrite):
+        groups = plan(inputs, problems)
+        problems.raise_if_any()
+        with stop_on_signals(StopFlag()) as stop:
+            run_sweep(inputs, groups, stop, tracker)
+            stop.raise_if_set()  # a signal after the last scheme: results are kept, exit 130
     return 0

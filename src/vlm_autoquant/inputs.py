@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cost, deps, tracking
+from . import cost, deps, paths, tracking
 from .artifacts import check_output_dir
 from .calib_data import CaptionFile, Packed, Split, check_caption_file, load_captions
-from .checkpoint import CheckpointInfo, inspect_checkpoint
+from .checkpoint import CheckpointInfo, check_lm_tensors, inspect_checkpoint
 from .constants import DEFAULT_CALIB_FILE, DEFAULT_CATALOG, MANIFEST_FILE, PROJECT_ROOT
 from .errors import Problems, UsageError
 from .schemes import FORMAT_BITS, Scheme, load_catalog, resolve
@@ -81,14 +81,18 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
 
     schemes: list[Scheme] = []
     try:
-        catalog = load_catalog(options.catalog or DEFAULT_CATALOG)
-        for name in scheme_names:
+        catalog_ok = paths.probe(options.catalog or DEFAULT_CATALOG, "--catalog", problems, "file")
+        catalog = load_catalog(options.catalog or DEFAULT_CATALOG) if catalog_ok else {}
+        for name in scheme_names if catalog_ok else []:
             schemes.append(resolve(catalog, name, overrides, flags))
     except UsageError as exc:
         problems.extend(exc.problems)
-    info = inspect_checkpoint(options.model_dir, problems)
-    caption_file = check_caption_file(calib_path(options.calib_file), problems)
-    check_output_dir(options.output_dir, problems, finished_marker, options.overwrite)
+    info = inspect_checkpoint(options.model_dir, problems) \
+        if paths.probe(options.model_dir, "--model-dir", problems, "dir") else None
+    caption_file = check_caption_file(calib_path(options.calib_file), problems) \
+        if paths.probe(calib_path(options.calib_file), "--calib-file", problems, "file") else None
+    check_output_dir(options.output_dir, problems, finished_marker, options.overwrite,
+                     model_dir=options.model_dir)
     tracking.check_reachable(problems)
     text_cfg = numels = None
     if info is not None and info.model_type == "qwen2_5_vl" and info.tensors:
@@ -96,11 +100,15 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
 
         try:
             text_cfg = text_config(options.model_dir)
-            numels = linear_numels(meta_model(text_cfg))
+            meta = meta_model(text_cfg)
+            numels = linear_numels(meta)
         except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
             problems.add("--model-dir", f"config.json cannot be read as Qwen2.5-VL "
                          f"({type(exc).__name__}: {exc})",
                          "restore the checkpoint's original config.json")
+        else:  # every LM tensor named and shaped as the config's architecture says
+            check_lm_tensors(info, {k: tuple(v.shape) for k, v in meta.state_dict().items()},
+                             bool(text_cfg.tie_word_embeddings), problems)
         for s in schemes if numels else []:
             flag = "--effective-bits" if "effective_bits" in s.overrides \
                 else f"scheme {s.name}.effective_bits"

@@ -72,7 +72,7 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
     opts = inputs.options
     batches = _on_device(data.calib.batches[: data.steps], device)
     state, srun = autoquant.run_auto_quantize(
-        model, scheme, batches, checkpoint, lambda p, stage: resume.write_record(p, fp, stage),
+        model, scheme, batches, checkpoint, lambda p, stage, src=None: resume.write_record(p, fp, stage, src),
         stop=stop, grad_checkpointing=opts.grad_checkpointing)
     for key in ("calibrate", "score", "solve"):
         phases.add(key, srun.timings.get(key, 0.0))

@@ -82,14 +82,14 @@ def seed_calibration(source: Group, target: Group) -> bool:
     src = resume.check_reusable(source.checkpoint, source.fingerprint, False)
     if src.stage is None:
         return False
-    state = torch.load(source.checkpoint, map_location="cpu", weights_only=True)  # verified sha
-    if not state.get("quantizer_states"):
+    state = resume.load_verified(source.checkpoint)  # signed record, weights_only=True
+    if not isinstance(state, dict) or not state.get("quantizer_states"):
         return False
     state["candidate_stats"] = {}
     state["method"] = target.schemes[0].method
     state["best"] = {"recipe": {}, "constraints": {}, "score": float("inf"), "is_satisfied": False}
-    artifacts.write_with(target.checkpoint, lambda f: torch.save(state, f))
-    resume.write_record(target.checkpoint, target.fingerprint, "calibrated")
+    resume.save_with_record(target.checkpoint, target.fingerprint, "calibrated",
+                            lambda tmp: torch.save(state, tmp))
     return True
 
 
@@ -139,6 +139,8 @@ def run_sweep(inputs: Inputs, groups: list[Group], stop, tracker_factory) -> lis
                     log.info("group %s: calibration reused from group %s (no recalibration)",
                              g.key, source.key)
             for i, scheme in enumerate(g.schemes):
+                if stop is not None:
+                    stop.raise_if_set()  # a signal between schemes: finished ones are kept
                 announce(inputs, scheme)
                 child = tracker_factory(scheme.name, parent)
                 try:
