@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import artifacts, autoquant, figures, manifest, quality, quant_state, resume
+from . import artifacts, autoquant, figures, integrity, manifest, quality, quant_state, resume
 from .constants import (
     FORMAT_PREFIX, LAYERS_FILE, LM_WEIGHTS_FILE, M_BITS_ACHIEVED, M_BITS_ALL, M_BITS_TARGET,
     M_CALIB_TOKENS, M_COMPRESSION, M_KL, M_LAYERS_BF16, M_LAYERS_FP8, M_PADDING, M_PEAK_GPU,
@@ -156,6 +156,8 @@ def quantize_scheme(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data
         search=search, rows=rows, summary=summ, quality=qual, versions=versions(),
         timings=timings, memory={"peak_gpu_gib": gpu_peak_gib(), "peak_rss_gib": peak_rss_gib()},
         artifacts=rel)
+    doc["artifact_sha256"] = integrity.artifact_digests(  # quant_state.apply checks these
+        out_dir, [n for n in rel.values() if n != MANIFEST_FILE])
     artifacts.write_json(out_dir / MANIFEST_FILE, doc)  # last: its presence marks a finished run
     if tracker is not None:
         tracker.log_artifact(out_dir / MANIFEST_FILE)
