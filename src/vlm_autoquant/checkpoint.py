@@ -213,15 +213,19 @@ def check_lm_tensors(info: CheckpointInfo, expected: dict[str, tuple[int, ...]],
     fix = ("point --model-dir at an unmodified Qwen2.5-VL checkpoint whose config.json belongs "
            "to its weights (re-download what was changed)")
 
-    def report(names: list[str], what) -> None:
-        for n in names[:limit]:
-            problems.add("--model-dir", what(n), fix)
-        if len(names) > limit:
-            problems.add("--model-dir", f"... and {len(names) - limit} more like these", fix)
+    def names(keys: list[str], show) -> str:
+        more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(show(k) for k in keys[:limit]) + more
 
-    report(missing, lambda n: f"tensor {n} is required by config.json "
-           f"({len(missing)} missing in all) but absent from the weights")
-    report(foreign, lambda n: f"tensor {found[n][0]} ({found[n][1].file}) is not part of the "
-           "language model config.json describes")
-    report(wrong, lambda n: f"tensor {found[n][0]} has shape {list(found[n][1].shape)}, but "
-           f"config.json implies {list(expected[n])}")
+    if missing:
+        problems.add("--model-dir", f"{len(missing)} tensor(s) required by config.json are absent "
+                     f"from the weights: {names(missing, str)}", fix)
+    if foreign:
+        problems.add("--model-dir", f"{len(foreign)} tensor(s) are not part of the language "
+                     f"model config.json describes: {names(foreign, lambda n: found[n][0])}", fix)
+    for n in wrong[:limit]:
+        problems.add("--model-dir", f"tensor {found[n][0]} has shape {list(found[n][1].shape)}, "
+                     f"but config.json implies {list(expected[n])}", fix)
+    if len(wrong) > limit:
+        problems.add("--model-dir", f"... and {len(wrong) - limit} more tensors of the wrong "
+                     "shape", fix)

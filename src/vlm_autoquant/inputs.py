@@ -107,8 +107,9 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
                          f"({type(exc).__name__}: {exc})",
                          "restore the checkpoint's original config.json")
         else:  # every LM tensor named and shaped as the config's architecture says
-            check_lm_tensors(info, {k: tuple(v.shape) for k, v in meta.state_dict().items()},
-                             bool(text_cfg.tie_word_embeddings), problems)
+            if not any(p.input == "--model-dir" for p in problems.items):
+                check_lm_tensors(info, {k: tuple(v.shape) for k, v in meta.state_dict().items()},
+                                 bool(text_cfg.tie_word_embeddings), problems)
         for s in schemes if numels else []:
             flag = "--effective-bits" if "effective_bits" in s.overrides \
                 else f"scheme {s.name}.effective_bits"

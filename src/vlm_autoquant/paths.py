@@ -69,8 +69,8 @@ def probe(path: Path, flag: str, problems: Problems,
         return False
     want = stat.S_ISREG if kind == "file" else stat.S_ISDIR
     if not want(st.st_mode):
-        expected = "a regular file" if kind == "file" else "a directory"
-        problems.add(flag, f"{path} is {_kind(st.st_mode)}, where {expected} is expected",
+        expected = "a file" if kind == "file" else "a directory"
+        problems.add(flag, f"{path} is not {expected} (it is {_kind(st.st_mode)})",
                      f"pass {expected}")
         return False
     try:
