@@ -33,10 +33,10 @@ def spec(formats=(FP8,), method="gradient") -> SearchSpec:
 
 
 def run_search(model, batches, ckpt, s: SearchSpec, writes: list | None = None):
-    def record(path, stage):
+    def record(path, stage, src=None):
         if writes is not None:
             writes.append(stage)
-        return resume.write_record(path, {"k": 1}, stage)
+        return resume.write_record(path, {"k": 1}, stage, src)
     return autoquant.search(model, s, batches, ckpt, record)
 
 
@@ -128,7 +128,7 @@ def test_checkpoint_rerun_skips_calibration_and_scoring(demo, batches, tmp_path)
         return real_forward(*a, **k)
 
     model.forward = counting
-    again = autoquant.search(model, spec(), batches, ckpt, lambda p, s: "")
+    again = autoquant.search(model, spec(), batches, ckpt, lambda p, s, t=None: "")
     assert not again.calibrated and not again.scored and calls["n"] == 0
     a = autoquant.solve(searched, first, [FP8], 10.0)
     b = autoquant.solve(model, again, [FP8], 10.0)
@@ -161,6 +161,6 @@ def test_interrupt_flag_stops_at_batch_boundary(demo, batches, tmp_path):
     flag = StopFlag()
     flag.set("SIGINT")
     with pytest.raises(Interrupted):
-        autoquant.search(fresh(demo), spec(), batches, tmp_path / "c.pth", lambda p, s: "",
+        autoquant.search(fresh(demo), spec(), batches, tmp_path / "c.pth", lambda p, s, t=None: "",
                          stop=flag)
     assert not list(tmp_path.glob("*.tmp*"))

@@ -498,8 +498,9 @@ def test_usage_error_leaves_an_existing_output_dir_alone(demo, tmp_path, trackin
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("mine\n")
+    # Two problems: the unknown scheme, and a non-empty dir this tool did not create (#10).
     expect_usage_error(capsys, base_args(demo, target, scheme="fp8-nope-3b"), "--scheme-name",
-                       out=target, tracking_uri=tracking, problems=1)
+                       "not created by this tool", out=target, tracking_uri=tracking, problems=2)
     assert (target / "notes.txt").read_text() == "mine\n"
 
 

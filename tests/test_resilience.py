@@ -92,7 +92,10 @@ def leftovers(root: Path) -> list[str]:
 
 
 def files_under(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    """Files under `root`, less the directory's lock and ownership marker (artifacts.py)."""
+    bookkeeping = {artifacts.LOCK_FILE, artifacts.MARKER_FILE}
+    return {str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and p.name not in bookkeeping}
 
 
 def mlflow_runs(uri: str) -> list:
@@ -439,6 +442,7 @@ def test_disk_full_writing_quantized_state(demo, interrupted, tmp_path, monkeypa
     skip_unless_posix_limits()
     out = tmp_path / "out"
     shutil.copytree(interrupted["out"] / SEARCH_DIR, out / SEARCH_DIR)
+    shutil.copy(interrupted["out"] / artifacts.MARKER_FILE, out)  # a dir of ours
     ckpt_sha = sha256_file(out / SEARCH_DIR / SEARCH_CHECKPOINT)
     uri, env = _file_store(tmp_path, monkeypatch)
     rc, err, _ = run_script(script_cmd(demo, out), env, tmp_path,

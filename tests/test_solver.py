@@ -80,7 +80,7 @@ def synthetic_search(monkeypatch):
 def run_search(size: str, scheme: Scheme, tmp_path: Path):
     model = meta_lm(size)
     found = autoquant.search(model, families.spec_of([scheme]), [None],
-                             tmp_path / f"{size}.pth", lambda p, stage: "")
+                             tmp_path / f"{size}.pth", lambda p, stage, tmp=None: "")
     return found, model
 
 

@@ -2,22 +2,30 @@
 
 Every artifact is written to a temporary name in the same directory, flushed, fsynced and
 renamed into place, so a reader sees the previous complete file or the new complete file, never
-a partial one. A failure (disk full, signal) removes the temporary file.
+a partial one. A failure (disk full, signal) removes the temporary file; one left by a kill is
+swept by the next run that takes the directory's lock.
+
+An output dir is ours when it holds MARKER_FILE (written when a run claims it). A non-empty
+directory without it is refused unless --overwrite, and even then none of its files is replaced.
+One run at a time holds LOCK_FILE (fcntl.flock); a second refuses at once, naming the PID.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import Problems, RunFailed
+from . import paths
+from .errors import Problem, Problems, RunFailed, UsageError
 
 MANIFEST_SCHEMA_VERSION = 1
 # Artifact names: files written into --output-dir, logged to MLflow under the same names.
@@ -40,6 +48,18 @@ ARTIFACTS = {
     LAYERS_FILE: "one row per LM linear: name, group, format, scores, costs",
     SENSITIVITY_FIGURE: "(MLflow only, mlflow.log_figure) per-layer FP8 sensitivity by format",
 }
+
+MARKER_FILE = ".vlm_autoquant"
+LOCK_FILE = ".vlm_autoquant.lock"
+RUN_ID_FILE = ".mlflow_run_id"  # the MLflow run writing into the dir (tracking.remember)
+# The source tree's root (protected from --output-dir like the home directory).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Names this tool writes into --output-dir; in a directory it did not create, none may exist.
+OUR_NAMES = (MANIFEST_FILE, QUANT_STATE_FILE, LM_WEIGHTS_FILE, SCHEME_FILE, LAYERS_FILE,
+             COMPARISON_FILE, SEARCH_DIR, LOCK_FILE, RUN_ID_FILE)
+# Temporary files of atomic_path: `.<target>.<mkstemp suffix>.tmp`, for targets we write.
+_STALE_TMP = re.compile(r"^\.(?:%s|autoquant_search\.json|group-[0-9a-f]+\.json)\.[A-Za-z0-9_]+\.tmp$"
+                        % "|".join(re.escape(n) for n in OUR_NAMES))
 
 # Tests inject a failure between the temporary write and the rename through this hook.
 _before_rename: Callable[[Path, Path], None] | None = None
@@ -98,20 +118,127 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_output_dir(path: Path, problems: Problems, finished_marker: str, overwrite: bool) -> None:
-    """--output-dir must be a writable directory (or creatable) and not hold a finished run."""
-    if path.exists() and not path.is_dir():
+def _protected(path: Path, model_dir: Path | None) -> str | None:
+    """Why `path` must never be an output dir (None when it may be)."""
+    try:
+        real = Path(os.path.realpath(path))
+        named = {Path("/"): "the filesystem root", Path(os.path.realpath(Path.home())): "your "
+                 "home directory", Path(os.path.realpath(PROJECT_ROOT)): "the project root"}
+        if model_dir is not None:
+            named[Path(os.path.realpath(model_dir))] = "the --model-dir checkpoint"
+    except (OSError, ValueError):
+        return None
+    return named.get(real)
+
+
+def check_output_dir(path: Path, problems: Problems, finished_marker: str, overwrite: bool,
+                     model_dir: Path | None = None, our_names: tuple[str, ...] = OUR_NAMES) -> None:
+    """--output-dir must be a writable directory (or creatable), ours or empty, not protected,
+    and not hold a finished run (unless --overwrite)."""
+    why = _protected(path, model_dir)
+    if why is not None:
+        problems.add("--output-dir", f"{path} is {why}; this tool will not write there",
+                     "pass a new directory for the results, e.g. outputs/<scheme>")
+        return
+    if paths.exists(path) and not path.is_dir():
         problems.add("--output-dir", f"{path} is a file", "pass a directory path")
         return
-    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))
+    if not paths.probe(path, "--output-dir", problems, "dir"):
+        return
+    probe = path if paths.exists(path) else next((p for p in path.parents if paths.exists(p)),
+                                                 Path("/"))
     try:  # a real write: os.access says yes to root even on read-only mounts
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        problems.add("--output-dir", f"{probe} is not writable ({exc.strerror})",
-                     "choose a directory you can write to, or fix its permissions")
+        msg, fix = paths.describe_oserror(path, exc)
+        if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+            msg = f"{probe} is not writable ({exc.strerror})"
+            fix = "choose a directory you can write to, or fix its permissions"
+        problems.add("--output-dir", msg, fix)
+        return
+    if not paths.exists(path):
+        return
+    if not (path / MARKER_FILE).exists() and any(path.iterdir()):
+        if not overwrite:
+            problems.add("--output-dir", f"{path} is not empty and was not created by this tool "
+                         f"(no {MARKER_FILE} marker)", "choose a new or empty --output-dir, or "
+                         "pass --overwrite to add the results beside its files (none of them "
+                         "is ever replaced or deleted)")
+            return
+        clash = [n for n in our_names if paths.exists(path / n)]
+        if clash:
+            problems.add("--output-dir", f"{path} holds {', '.join(clash)}, which this tool did "
+                         "not write (no marker); even with --overwrite it never replaces them",
+                         "move those files away, or choose another --output-dir")
         return
     if (path / finished_marker).exists() and not overwrite:
         problems.add("--output-dir", f"{path} already holds a finished run ({finished_marker})",
                      "pass --overwrite to replace it (its search checkpoint is reused when the "
                      "settings match), or choose another --output-dir")
+
+
+def sweep_stale_tmp(out_dir: Path) -> list[Path]:
+    """Remove temporary files our atomic writes left behind (a kill mid-write); return them.
+
+    Call only while holding the directory's lock: a live run's temporary files look the same.
+    Only names matching our own targets are touched, never a user's file.
+    """
+    removed = []
+    for p in out_dir.rglob(".*.tmp"):
+        if _STALE_TMP.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _holder(lock: Path) -> str:
+    try:
+        return lock.read_text(encoding="ascii").strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def locked_output_dir(path: Path, finished_marker: str | None = None,
+                      overwrite: bool = True) -> Iterator[Path]:
+    """Hold an exclusive lock on `path` for a run; claim it (marker) and sweep stale temp files.
+
+    A second holder is refused at once with UsageError naming the first one's PID. With
+    `finished_marker`, the finished-run check is repeated under the lock (another run may have
+    finished since validation). The lock file stays (unlinking it would let two processes hold
+    locks on different inodes); the kernel drops the lock when the process dies, even by SIGKILL.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(Problem("--output-dir", f"{path} is in use by another run (PID "
+                                 f"{_holder(lock)} holds {LOCK_FILE})", "wait for that run to "
+                                 "finish (or stop it), or choose another --output-dir")) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if finished_marker and not overwrite and (path / finished_marker).exists():
+            raise UsageError(Problem("--output-dir", f"{path} already holds a finished run "
+                                     f"({finished_marker}), finished by another run meanwhile",
+                                     "pass --overwrite to replace it, or choose another "
+                                     "--output-dir"))
+        if not (path / MARKER_FILE).exists():
+            write_json(path / MARKER_FILE, {"written_by": "vlm_autoquant", "pid": os.getpid()})
+        sweep_stale_tmp(path)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def only_our_bookkeeping(path: Path) -> bool:
+    """Whether every file under `path` is our lock or marker (a dir we made and left empty)."""
+    return all(p.name in (LOCK_FILE, MARKER_FILE, RUN_ID_FILE) for p in path.rglob("*")
+               if p.is_file())

@@ -42,6 +42,7 @@ from modelopt.torch.quantization.algorithms import (
     _AutoQuantizeBaseSearcher,
 )
 
+from . import resume
 from .errors import RunFailed
 from .interrupt import StopFlag
 
@@ -197,7 +198,9 @@ def _timed(timings: dict[str, float], key: str, fn: Callable) -> Callable:
 
 def _loading(orig: Callable) -> Callable:
     def load_checkpoint(self) -> bool:
-        loaded = orig(self)
+        # ModelOpt's loader leaves weights_only to the environment (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+        # turns it off): load verified bytes with an explicit weights_only=True instead.
+        loaded = resume.load_searcher_state(self)
         if not isinstance(self.candidate_stats, defaultdict):
             self.candidate_stats = defaultdict(dict, self.candidate_stats)
         return loaded
@@ -214,18 +217,17 @@ def _with_raw_scores(orig: Callable) -> Callable:
     return init_stats
 
 
-def _saving(orig: Callable, on_checkpoint: Callable[[Path, str], str]) -> Callable:
+def _saving(orig: Callable, on_checkpoint: Callable[[Path, str, Path], str]) -> Callable:
     def atomic_save(self, verbose: bool = False) -> None:
         final = self._get_checkpoint_path()
         if final is None:
             return orig(self, verbose)
-        _atomic_checkpoint_save(self, final, lambda: orig(self, verbose))
-        on_checkpoint(Path(final), "scored" if self.candidate_stats else "calibrated")
+        _atomic_checkpoint_save(self, final, lambda: orig(self, verbose), on_checkpoint)
     return atomic_save
 
 
 @contextlib.contextmanager
-def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, str], str],
+def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, str, Path], str],
                      model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
     base = _AutoQuantizeBaseSearcher
@@ -257,12 +259,17 @@ def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, s
         model.__dict__.pop("gradient_checkpointing_enable", None)
 
 
-def _atomic_checkpoint_save(searcher, final: str, save: Callable[[], None]) -> None:
-    tmp = f"{final}.tmp-{os.getpid()}"
+def _atomic_checkpoint_save(searcher, final: str, save: Callable[[], None],
+                            on_checkpoint: Callable[[Path, str, Path], str]) -> None:
+    tmp = str(resume.tmp_checkpoint(Path(final)))
     configured = searcher.config["checkpoint"]
     searcher.config["checkpoint"] = tmp
+    stage = "scored" if searcher.candidate_stats else "calibrated"
     try:
         save()
+        # The signed record naming the new checkpoint's sha256 first, then the rename: a kill in
+        # between leaves a finished pair that the next run promotes (resume.py).
+        on_checkpoint(Path(final), stage, Path(tmp))
         os.replace(tmp, final)
     except (OSError, RuntimeError) as exc:
         # torch.save writes through C++ streams: a full disk arrives as a RuntimeError
@@ -289,7 +296,7 @@ class _DebugLog:
 
 
 def search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], checkpoint: Path,
-           on_checkpoint: Callable[[Path, str], str], stop: StopFlag | None = None,
+           on_checkpoint: Callable[[Path, str, Path], str], stop: StopFlag | None = None,
            grad_checkpointing: bool = True) -> Search:
     """Calibrate and score `spec` on `model` in place (or restore both from `checkpoint`).
 
@@ -373,19 +380,18 @@ def solve(model: torch.nn.Module, found: Search, formats: list[str], target_bits
         timings={**found.timings, "solve": time.perf_counter() - t0})
 
 
-def seed_calibration(source: Path, target: Path, method: str) -> bool:
+def seed_calibration(source: Path, target: Path, method: str, fingerprint: dict) -> bool:
     """Start `target`'s search checkpoint from `source`'s calibrated quantizers (no scores).
 
     Only for a verified `source` whose candidate formats are the target's: ModelOpt checks the
-    formats' signature on restore. Returns whether a seed was written.
+    formats' signature on restore. Writes the seed with its signed record (`fingerprint`);
+    returns whether a seed was written.
     """
-    from . import artifacts
-
-    state = torch.load(source, map_location="cpu", weights_only=True)
-    if not state.get("quantizer_states"):
+    state = resume.load_verified(source)  # signed record, weights_only=True
+    if not isinstance(state, dict) or not state.get("quantizer_states"):
         return False
     state["candidate_stats"] = {}
     state["method"] = method
     state["best"] = {"recipe": {}, "constraints": {}, "score": float("inf"), "is_satisfied": False}
-    artifacts.write_with(target, lambda f: torch.save(state, f))
+    resume.save_with_record(target, fingerprint, "calibrated", lambda tmp: torch.save(state, tmp))
     return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import paths
 from .errors import Problems, RunFailed
 from .schemes import Scheme
 
@@ -38,9 +40,31 @@ class CaptionFile:
     crlf: bool
 
 
+MAX_CALIB_BYTES = 4 << 30  # bounds a wrong file (a FIFO or device is refused before reading)
+MAX_CONTROL_FRACTION = 0.001  # control characters tolerated (other than tab, LF, CR)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# A caption needs one visible character: not whitespace, not a BOM or zero-width mark.
+_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\ufeff\u200b-\u200f\u2028-\u202f\u2060-\u206f]")
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """"UTF-16LE"/"UTF-16BE" when the bytes look like BOM-less UTF-16 text (NULs on one side)."""
+    sample = raw[:65536]
+    if len(sample) < 4 or sample[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return None
+    even, odd = sample[0::2].count(0), sample[1::2].count(0)
+    half = len(sample) // 2
+    if odd > 0.3 * half and even < 0.05 * half:
+        return "UTF-16LE"
+    if even > 0.3 * half and odd < 0.05 * half:
+        return "UTF-16BE"
+    return None
+
+
 def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file") -> CaptionFile | None:
-    """Read the file once: it must exist, be UTF-8 and hold at least one non-blank line."""
-    if not path.exists():
+    """Read the file once: a regular UTF-8 text file with at least one visible caption, and
+    hardly any control characters (a binary or UTF-16 file is refused, naming the line)."""
+    if not paths.exists(path):
         problems.add(flag, f"{path} does not exist",
                      "pass --calib-file with a text file of one caption per line (README: "
                      "'Calibration data' shows how to make one from COCO captions_train2017.json)")
@@ -49,26 +73,49 @@ def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file
         problems.add(flag, f"{path} is not a file", "pass a text file, one caption per line")
         return None
     try:
-        raw = path.read_bytes()
+        raw = paths.read_regular(path, MAX_CALIB_BYTES)
     except OSError as exc:
         problems.add(flag, f"cannot read {path}: {exc}", "check the file's permissions")
+        return None
+    except paths.NotARegularFile as exc:
+        problems.add(flag, str(exc), "pass a text file, one caption per line")
         return None
     if not raw:
         problems.add(flag, f"{path} is empty", "fill it with captions, one per line")
         return None
+    utf16 = _utf16_without_bom(raw)
+    if utf16:
+        problems.add(flag, f"{path} looks like {utf16} text without a byte-order mark (NUL bytes "
+                     "between the characters of line 1)", "re-encode it as UTF-8, e.g. "
+                     f"iconv -f {utf16} -t UTF-8 {path.name} > fixed.txt")
+        return None
     lines = raw.split(b"\n")
-    nonblank = 0
-    for number, line in enumerate(lines, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.add(flag, f"{path} line {number} is not valid UTF-8 ({exc.reason} at byte "
-                         f"{exc.start})", "re-encode the file as UTF-8, e.g. "
-                         f"iconv -f latin1 -t utf-8 {path.name} > fixed.txt")
-            return None
-        nonblank += bool(text.strip())
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        for number, line in enumerate(lines, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.add(flag, f"{path} line {number} is not valid UTF-8 ({exc.reason} at "
+                             f"byte {exc.start})", "re-encode the file as UTF-8, e.g. "
+                             f"iconv -f latin1 -t utf-8 {path.name} > fixed.txt")
+                return None
+        raise
+    controls = len(_CONTROL.findall(text))
+    if controls > MAX_CONTROL_FRACTION * len(text):
+        first = _CONTROL.search(text)
+        line_no = text.count("\n", 0, first.start()) + 1
+        problems.add(flag, f"{path} is not plain text: {controls} control characters (first: "
+                     f"U+{ord(first.group()):04X} on line {line_no}), more than "
+                     f"{MAX_CONTROL_FRACTION:.1%} of the file", "pass a text file of captions, "
+                     "one per line (tabs are fine; NULs and other control characters are not)")
+        return None
+    nonblank = sum(1 for line in text.split("\n") if _VISIBLE.search(line))
     if nonblank == 0:
-        problems.add(flag, f"{path} has only blank lines", "fill it with captions, one per line")
+        problems.add(flag, f"{path} has no printable caption (only blank lines, whitespace, "
+                     "byte-order marks or invisible characters)",
+                     "fill it with captions, one per line")
         return None
     return CaptionFile(path, hashlib.sha256(raw).hexdigest(), len(lines) - (lines[-1] == b""),
                        nonblank, b"\r\n" in raw)

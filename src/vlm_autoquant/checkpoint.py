@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from . import paths
 from .artifacts import sha256_file
 from .errors import Problems
 
@@ -22,6 +23,7 @@ SINGLE_FILE = "model.safetensors"
 LM_PREFIXES = ("model.language_model.", "model.")
 VISION_RE = re.compile(r"^(model\.)?visual\.")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+MAX_JSON_BYTES = 64 << 20  # config and index are KBs to a few MB; this only bounds a wrong file
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -64,23 +66,42 @@ class CheckpointInfo:
         return sum(self.tensors[k].nbytes for k in keys)
 
 
-def _header(shard: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """dtype and shape of every tensor, from the safetensors header (no tensor bytes read)."""
-    with shard.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+def _header(f) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """dtype and shape of every tensor of an open safe_open handle (header only, no bytes)."""
+    out = {}
+    for key in f.keys():
+        sl = f.get_slice(key)
+        out[key] = (str(sl.get_dtype()), tuple(int(d) for d in sl.get_shape()))
+    return out
+
+
+def _inside(name: object) -> bool:
+    """An index entry must be a plain relative path inside the model dir (no /abs, no ..)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return False
+    norm = os.path.normpath(name)
+    return not os.path.isabs(name) and norm != ".." and not norm.startswith(".." + os.sep)
 
 
 def _weight_files(path: Path, problems: Problems) -> list[str]:
     index = path / INDEX_FILE
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = json.loads(paths.read_regular(index, MAX_JSON_BYTES))["weight_map"]
             files = sorted(set(weight_map.values()))
+        except OSError as exc:
+            problems.add("--model-dir", *paths.describe_oserror(index, exc))
+            return []
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             problems.add("--model-dir", f"{index} is not a valid safetensors index ({exc})",
                          "re-download the checkpoint's model.safetensors.index.json")
+            return []
+        outside = [f for f in files if not _inside(f)]
+        for f in outside:
+            problems.add("--model-dir", f"{INDEX_FILE} points at {f!r}, outside the model dir "
+                         "(an index names shards by relative path only)",
+                         "restore the checkpoint's original model.safetensors.index.json")
+        if outside:
             return []
         missing = [f for f in files if not (path / f).is_file()]
         for f in missing:
@@ -110,15 +131,24 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
     if not path.is_dir():
         problems.add("--model-dir", f"{path} is not a directory", "pass the checkpoint directory")
         return None
+    special = paths.special_files(path)
+    for name, kind in special:  # e.g. a FIFO tokenizer_config.json would block its reader
+        problems.add("--model-dir", f"{path / name} is {kind}, not a regular file",
+                     "replace it with the checkpoint's original file")
+    if special:
+        return None
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         problems.add("--model-dir", f"no config.json in {path}",
                      "point --model-dir at the checkpoint root (the folder with config.json)")
         return None
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        config = json.loads(paths.read_regular(cfg_path, MAX_JSON_BYTES))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
+    except OSError as exc:
+        problems.add("--model-dir", *paths.describe_oserror(cfg_path, exc))
+        return None
     except (ValueError, UnicodeDecodeError) as exc:
         problems.add("--model-dir", f"{cfg_path} is not valid JSON ({exc})",
                      "restore the checkpoint's config.json")
@@ -136,10 +166,8 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
     for name in _weight_files(path, problems):
         shard = path / name
         try:
-            with safe_open(str(shard), framework="pt") as f:
-                keys = list(f.keys())  # safe_open validates the header against the file size
-            for key, (dtype, shape) in _header(shard).items():
-                if key in keys:
+            with safe_open(str(shard), framework="pt") as f:  # validates the header vs file size
+                for key, (dtype, shape) in _header(f).items():
                     info.tensors[key] = TensorInfo(name, dtype, shape)
         except (SafetensorError, OSError, ValueError) as exc:
             problems.add("--model-dir", f"shard {name} cannot be read: {exc}",
@@ -154,3 +182,50 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
         fingerprint.update(f"{key}:{t.dtype}:{t.shape}".encode())
     info.weights_fingerprint = fingerprint.hexdigest()
     return info
+
+
+def _lm_name(key: str) -> str | None:
+    """The LM module key a checkpoint key loads into (lm.KEY_MAPPING), or None for vision."""
+    if VISION_RE.match(key):
+        return None
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
+def check_lm_tensors(info: CheckpointInfo, expected: dict[str, tuple[int, ...]], tied: bool,
+                     problems: Problems, limit: int = 8) -> None:
+    """Match the LM tensors in the headers with the architecture the config declares.
+
+    `expected` maps the LM's state-dict keys to shapes (from the meta model of the text config).
+    Missing tensors (a config declaring more layers than the weights hold), foreign keys and
+    wrong shapes are reported by name, before any weight is read.
+    """
+    found: dict[str, tuple[str, TensorInfo]] = {}
+    for key, t in info.tensors.items():
+        name = _lm_name(key)
+        if name is not None:
+            found[name] = (key, t)
+    optional = {"lm_head.weight"} if tied else set()
+    missing = sorted(set(expected) - set(found) - optional)
+    foreign = sorted(set(found) - set(expected))
+    wrong = sorted(n for n in set(found) & set(expected) if found[n][1].shape != expected[n])
+    fix = ("point --model-dir at an unmodified Qwen2.5-VL checkpoint whose config.json belongs "
+           "to its weights (re-download what was changed)")
+
+    def names(keys: list[str], show) -> str:
+        more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(show(k) for k in keys[:limit]) + more
+
+    if missing:
+        problems.add("--model-dir", f"{len(missing)} tensor(s) required by config.json are absent "
+                     f"from the weights: {names(missing, str)}", fix)
+    if foreign:
+        problems.add("--model-dir", f"{len(foreign)} tensor(s) are not part of the language "
+                     f"model config.json describes: {names(foreign, lambda n: found[n][0])}", fix)
+    for n in wrong[:limit]:
+        problems.add("--model-dir", f"tensor {found[n][0]} has shape {list(found[n][1].shape)}, "
+                     f"but config.json implies {list(expected[n])}", fix)
+    if len(wrong) > limit:
+        problems.add("--model-dir", f"... and {len(wrong) - limit} more tensors of the wrong "
+                     "shape", fix)

@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 the run failed, 2 bad input (nothing was loaded or written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -154,9 +155,13 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -> int:
     """The error boundary: clean messages and exit codes; no partial output left behind."""
-    existed = output_dir is not None and output_dir.exists()
+    from . import artifacts, paths
+    from .interrupt import terminate_as_interrupt
+
+    existed = output_dir is not None and paths.exists(output_dir)
     try:
-        return body()
+        with terminate_as_interrupt():
+            return body()
     except UsageError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
         code = EXIT_USAGE
@@ -182,8 +187,8 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -
             print(f"error: {type(exc).__name__}: {exc}\n(rerun with --debug for the traceback)",
                   file=sys.stderr)
         code = EXIT_FAILURE
-    if output_dir is not None and not existed and output_dir.exists() and not any(
-            p.is_file() for p in output_dir.rglob("*")):
+    if output_dir is not None and not existed and paths.exists(output_dir) \
+            and artifacts.only_our_bookkeeping(output_dir):
         shutil.rmtree(output_dir, ignore_errors=True)  # we made it and it holds nothing
     return code
 
@@ -224,19 +229,25 @@ def options_from(args: argparse.Namespace):
                       max_gpu_memory=args.max_gpu_memory)
 
 
+@contextlib.contextmanager
 def _validated(args: argparse.Namespace, names: list[str], single: bool):
-    """Validate every input, then plan the searches (tokenizes; no weights): all problems at once."""
+    """Validate every input, take the output dir's lock, then plan the searches (tokenizes; no
+    weights; may promote or discard search checkpoints, hence under the lock). All problems are
+    reported together; the lock is held until the block ends."""
+    from .artifacts import COMPARISON_FILE, MANIFEST_FILE, locked_output_dir
     from .errors import Problems
     from .families import plan
     from .validate import gather
 
     problems = Problems()
-    marker = None if single else "comparison.csv"
+    marker = MANIFEST_FILE if single else COMPARISON_FILE
     inputs = gather(options_from(args), names, overrides_from(args), problems, OVERRIDE_FLAGS,
-                    **({"finished_marker": marker} if marker else {}))
-    families = plan(inputs, problems, single) if inputs is not None else []
+                    finished_marker=marker)
     problems.raise_if_any()
-    return inputs, families
+    with locked_output_dir(args.output_dir, marker, args.overwrite):
+        families = plan(inputs, problems, single)
+        problems.raise_if_any()
+        yield inputs, families
 
 
 def require_dependencies() -> None:
@@ -260,14 +271,16 @@ def _run_main(args: argparse.Namespace) -> int:
 
     phases = Phases()
     phases.add("startup", since_process_start())
-    with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
-        inputs, families = _validated(args, [args.scheme_name], single=True)
+    with contextlib.ExitStack() as stack:
+        with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
+            inputs, families = stack.enter_context(_validated(args, [args.scheme_name], True))
 
-    from .interrupt import StopFlag, stop_on_signals
-    from .pipeline import run_single
+        from .interrupt import StopFlag, stop_on_signals
+        from .pipeline import run_single
 
-    with stop_on_signals(StopFlag()) as stop:
-        run_single(inputs, families[0], stop, args.experiment or DEFAULT_EXPERIMENT, phases)
+        with stop_on_signals(StopFlag()) as stop:
+            run_single(inputs, families[0], stop, args.experiment or DEFAULT_EXPERIMENT, phases)
+            stop.raise_if_set()  # a signal after the search: the results are kept, exit 130
     return 0
 
 
@@ -355,13 +368,13 @@ def _run_sweep(args: argparse.Namespace) -> int:
             names = list(load_catalog(args.catalog or default_catalog()))
         except UsageError:
             names = []  # gather reports the catalog's problems
-    inputs, families = _validated(args, names, single=False)
-
     from .interrupt import StopFlag, stop_on_signals
     from .sweep import run_sweep
 
-    with stop_on_signals(StopFlag()) as stop:
+    with _validated(args, names, single=False) as (inputs, families), \
+            stop_on_signals(StopFlag()) as stop:
         run_sweep(inputs, families, stop, args.experiment or DEFAULT_EXPERIMENT)
+        stop.raise_if_set()  # a signal after the last scheme: the results are kept, exit 130
     return 0
 
 

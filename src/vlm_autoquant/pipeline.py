@@ -47,7 +47,8 @@ def search_family(model: nn.Module, family: Family, stop: StopFlag | None, input
     batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
                for b in family.data.calib.batches[: family.data.steps]]
     found = autoquant.search(model, family.spec, batches, family.checkpoint,
-                             lambda p, stage: resume.write_record(p, family.fingerprint, stage),
+                             lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage,
+                                                                           src),
                              stop, inputs.options.grad_checkpointing)
     for key in ("calibrate", "score", "setup"):
         phases.add("search_setup" if key == "setup" else key, found.timings.get(key, 0.0))

@@ -11,7 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import paths
 from .errors import Problem, Problems, UsageError
+
+MAX_CATALOG_BYTES = 16 << 20  # a catalog is a few KB; this only bounds a wrong file
 
 # ModelOpt config names a scheme may offer as candidates, with their weight bits.
 # BF16 ("no quant") is always an implicit candidate.
@@ -140,12 +143,15 @@ def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
     """Load and validate every scheme of a catalog file (`defaults` merged into each)."""
     where = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = paths.read_regular(path, MAX_CATALOG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise UsageError(Problem(where, "catalog file not found",
                                  "pass --catalog PATH or restore configs/schemes.yaml")) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(Problem(where, f"cannot read the catalog: {exc}", "check the file")) from None
+    except OSError as exc:
+        raise UsageError(Problem(where, *paths.describe_oserror(path, exc))) from None
+    except (paths.NotARegularFile, UnicodeDecodeError) as exc:
+        raise UsageError(Problem(where, f"cannot read the catalog: {exc}",
+                                 "pass a YAML text file (--catalog PATH)")) from None
     try:
         doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:

@@ -69,6 +69,7 @@ def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Ph
     except Exception as exc:  # noqa: BLE001 - every member fails with the reason
         found, search_error = None, exc
     for i, scheme in enumerate(family.schemes):
+        stop.raise_if_set()  # a signal between schemes: the finished ones are kept
         announce(inputs, scheme)
         try:
             with tracking.tracked_run(experiment, scheme.name, parent) as child:
@@ -131,9 +132,9 @@ def _seed(family: Family, done: list[Family]) -> str | None:
     if source is None or resume.check_reusable(source.checkpoint, source.fingerprint,
                                                False).stage is None:
         return None
-    if not autoquant.seed_calibration(source.checkpoint, family.checkpoint, family.spec.method):
+    if not autoquant.seed_calibration(source.checkpoint, family.checkpoint, family.spec.method,
+                                      family.fingerprint):
         return None
-    resume.write_record(family.checkpoint, family.fingerprint, "calibrated")
     log.info("search %s: calibration reused from search %s", family.key, source.key)
     return source.key
 

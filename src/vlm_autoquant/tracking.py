@@ -278,10 +278,11 @@ def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
         log.warning("could not mark MLflow run %s: %s", status, exc)
 
 
-RUN_ID_FILE = ".mlflow_run_id"  # in an output dir: the run that writes into it
 
 
 def remember(out_dir: Path, tracker: Tracker) -> None:
+    from .artifacts import RUN_ID_FILE
+
     """Record the run writing into `out_dir`, so a rerun can close it if this process is killed."""
     try:
         run_id = tracker.wait().run_id
@@ -293,6 +294,8 @@ def remember(out_dir: Path, tracker: Tracker) -> None:
 
 def close_stale(out_dir: Path) -> None:
     """Mark the run a killed process left RUNNING in `out_dir` as KILLED, with a reason tag."""
+    from .artifacts import RUN_ID_FILE
+
     try:
         run_id = (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip()
     except OSError:

@@ -19,7 +19,7 @@ from importlib import metadata
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from . import cost, tracking
+from . import cost, paths, tracking
 from .artifacts import check_output_dir
 from .artifacts import MANIFEST_FILE
 from .errors import Problems, UsageError
@@ -167,13 +167,17 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
     from .checkpoint import inspect_checkpoint
 
     schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
-    info = inspect_checkpoint(options.model_dir, problems)
-    caption_file = check_caption_file(calib_path(options.calib_file), problems)
-    check_output_dir(options.output_dir, problems, finished_marker, options.overwrite)
+    info = inspect_checkpoint(options.model_dir, problems) \
+        if paths.probe(options.model_dir, "--model-dir", problems, "dir") else None
+    calib = calib_path(options.calib_file)
+    caption_file = check_caption_file(calib, problems) \
+        if paths.probe(calib, "--calib-file", problems, "file") else None
+    check_output_dir(options.output_dir, problems, finished_marker, options.overwrite,
+                     model_dir=options.model_dir)
     tracking.check_reachable(problems)
     if problems or info is None or caption_file is None:
         return None  # refused before transformers is even imported
-    text_cfg, numels = read_text_config(options.model_dir, problems)
+    text_cfg, numels = read_text_config(options.model_dir, info, problems)
     for s in schemes if numels else []:
         flag = "--effective-bits" if "effective_bits" in s.overrides \
             else f"scheme {s.name}.effective_bits"
@@ -191,6 +195,8 @@ def check_schemes(catalog_file: Path | None, names: list[str], overrides: dict,
                   flags: dict[str, str] | None, problems: Problems) -> list[Scheme]:
     """Load the catalog and resolve each named scheme with the CLI overrides."""
     schemes: list[Scheme] = []
+    if catalog_file is not None and not paths.probe(catalog_file, "--catalog", problems, "file"):
+        return schemes
     try:
         catalog = load_catalog(catalog_file or default_catalog())
         for name in names:
@@ -200,17 +206,23 @@ def check_schemes(catalog_file: Path | None, names: list[str], overrides: dict,
     return schemes
 
 
-def read_text_config(model_dir: Path, problems: Problems) -> tuple[object, dict[str, int] | None]:
-    """The LM's config and the weight count of each linear (meta device, no weights)."""
+def read_text_config(model_dir: Path, info: "CheckpointInfo",
+                     problems: Problems) -> tuple[object, dict[str, int] | None]:
+    """The LM's config and the weight count of each linear (meta device, no weights); every LM
+    tensor in the files must be named and shaped as the config's architecture says."""
+    from .checkpoint import check_lm_tensors
     from .lm import linear_numels, meta_model, text_config
 
     try:
         cfg = text_config(model_dir)
-        return cfg, linear_numels(meta_model(cfg))
+        meta = meta_model(cfg)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
         problems.add("--model-dir", f"config.json cannot be read as Qwen2.5-VL "
                      f"({type(exc).__name__}: {exc})", "restore the checkpoint's original config.json")
         return None, None
+    check_lm_tensors(info, {k: tuple(v.shape) for k, v in meta.state_dict().items()},
+                     bool(cfg.tie_word_embeddings), problems)
+    return cfg, linear_numels(meta)
 
 
 def load_tokenizer(model_dir: Path, problems: Problems):
