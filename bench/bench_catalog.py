@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--build-device", default="cuda")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-catalog.json")
     p.add_argument("--sizes", default="", help="extra size flags for every run (CPU smoke)")
+    p.add_argument("--steps", default="single,sweep_all,sweep_gradient,alone",
+                   help="which runs (comma list)")
     args = p.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
     from vlm_autoquant.schemes import default_catalog, load_catalog
@@ -128,31 +130,34 @@ def main() -> None:
     catalog = list(load_catalog(default_catalog()))
     gradient = [n for n, s in load_catalog(default_catalog()).items() if s.method == "gradient"]
     r = {"size": args.size, "build_s": build_s, "catalog": catalog}
+    steps = args.steps.split(",")
     r["single"] = run([SINGLE, "--scheme-name", ANCHOR, *common], args.work, "single")
     r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all")
-    r["sweep_gradient"] = run([SWEEP, "--schemes", ",".join(gradient), *common], args.work,
-                              "sweep_gradient")
+    if "sweep_gradient" in steps:
+        r["sweep_gradient"] = run([SWEEP, "--schemes", ",".join(gradient), *common], args.work,
+                                  "sweep_gradient")
     rest = [n for n in catalog if n != ANCHOR]
-    with ThreadPoolExecutor(args.parallel) as pool:
-        alone = list(pool.map(lambda n: (n, run([SINGLE, "--scheme-name", n, *common],
-                                                 args.work, f"alone-{n}")), rest))
-    r["alone"] = dict(alone)
+    if "alone" in steps:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            alone = list(pool.map(lambda n: (n, run([SINGLE, "--scheme-name", n, *common],
+                                                     args.work, f"alone-{n}")), rest))
+        r["alone"] = dict(alone)
     single = r["single"]["wall_s"]
-    r["ratios"] = {"sweep_all_over_single": r["sweep_all"]["wall_s"] / single,
-                   "sweep_gradient_over_single": r["sweep_gradient"]["wall_s"] / single,
-                   "sweep_all_peak_over_single": r["sweep_all"]["peak_gpu_gib"]
-                   / max(r["single"]["peak_gpu_gib"], 1e-9)}
+    r["ratios"] = {f"{k}_over_single": r[k]["wall_s"] / single
+                   for k in ("sweep_all", "sweep_gradient") if k in r}
+    r["ratios"]["sweep_all_peak_over_single"] = r["sweep_all"]["peak_gpu_gib"] / max(
+        r["single"]["peak_gpu_gib"], 1e-9)
     same = {n: r["alone"][n]["schemes"][n]["fp8"] == r["sweep_all"]["schemes"][n]["fp8"]
-            for n in rest}
+            for n in rest if n in r.get("alone", {})}
     same[ANCHOR] = r["single"]["schemes"][ANCHOR]["fp8"] == \
         r["sweep_all"]["schemes"][ANCHOR]["fp8"]
     r["alone_equals_sweep_fp8_count"] = same
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=2) + "\n")
     print(f"\n{'run':28}{'wall s':>9}{'peak GiB':>10}")
-    for key in ("single", "sweep_all", "sweep_gradient"):
+    for key in (k for k in ("single", "sweep_all", "sweep_gradient") if k in r):
         print(f"{key:28}{r[key]['wall_s']:>9.1f}{r[key]['peak_gpu_gib']:>10.1f}")
-    for n, v in r["alone"].items():
+    for n, v in r.get("alone", {}).items():
         print(f"{'alone ' + n:28}{v['wall_s']:>9.1f}{v['peak_gpu_gib']:>10.1f}  (parallel)")
     for k, v in r["ratios"].items():
         print(f"{k:40}{v:>7.2f}")

@@ -30,8 +30,9 @@ from vlm_autoquant.memory_plan import GIB, Dims, usable  # noqa: E402
 from vlm_autoquant.placement import plan_run  # noqa: E402
 
 DRIVER = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
-TOKENIZER = ROOT.parent / "shared" / "data" / "qwen2_5_vl_tokenizer"
-CAPTIONS = ROOT.parent / "shared" / "data" / "coco2017_captions" / "train_sample.txt"
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import env_for  # noqa: E402
+from bench_catalog import OUTLIER_LAYER, plant_outlier  # noqa: E402
 H200_GIB = 139.8  # torch's total_memory of one H200 (143,771 MiB)
 
 
@@ -127,18 +128,21 @@ def gpu_run(args: argparse.Namespace) -> dict:
         if free < need:
             sys.exit(f"need ~{need / GIB:.0f} GiB free under {work}, have {free / GIB:.0f} GiB")
         t0 = time.perf_counter()
-        demo.build_checkpoint(model_dir, args.size, tokenizer_dir=TOKENIZER, device="cuda")
+        demo.build_checkpoint(model_dir, args.size, tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
+                              device="cuda")
         print(f"built {model_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
+    plant_outlier(model_dir, OUTLIER_LAYER)  # sensible formats: that layer's gate/up stays BF16
     gpus = list(range(torch.cuda.device_count())) if args.gpus == "all" else \
         [int(x) for x in args.gpus.split(",")]
     out = work / f"out-{args.size}-{len(gpus)}gpu"
     cmd = [sys.executable, str(DRIVER), "--scheme-name", "fp8-balanced-10b", "--model-dir",
-           str(model_dir), "--calib-file", str(CAPTIONS), "--output-dir", str(out),
+           str(model_dir), "--calib-file", str(args.data / "coco2017_captions" / "train_sample.txt"),
+           "--output-dir", str(out),
            "--overwrite", "--gpus", ",".join(map(str, gpus)), *args.driver_args]
     sampler = Sampler(gpus)
     sampler.start()
     t0 = time.perf_counter()
-    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    rc = subprocess.run(cmd, cwd=work, env=env_for(work)).returncode
     wall = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
@@ -160,14 +164,20 @@ def gpu_run(args: argparse.Namespace) -> dict:
     result = {
         "size": args.size, "gpus": gpus, "rc": rc, "process_wall_s": round(wall, 1),
         "timings": timings, "formats": doc.get("summary"),
-        "memory_plan": doc.get("memory_plan"), "placement": doc.get("placement"),
-        "measured_max_allocated_gib": doc.get("memory", {}).get("measured_gib")
-        or doc.get("memory", {}).get("peak_gpu_gib"),
+        "memory_plan": doc.get("memory", {}).get("memory_plan"),
+        "placement": doc.get("memory", {}).get("placement"),
+        "measured_max_allocated_gib": doc.get("memory", {}).get("measured_peak_gib_per_gpu"),
+        "planted_outlier_gate_up": next((x["format"] for x in doc.get("layers", [])
+                                         if x["name"] == f"model.layers.{OUTLIER_LAYER}.mlp.gate_proj"),
+                                        None),
+        "fp8_layers": doc.get("summary", {}).get("fp8"),
+        "kl_mean": (doc.get("quality") or {}).get("kl_mean"),
         "nvml_peak_used_gib": peak_used, "utilisation_during_scoring_pct": util,
         "score_s_per_batch": t_score / scheme["num_score_steps"] if t_score else None,
     }
     if rc == 0 and not args.skip_bf16:
-        device_map = (doc.get("placement") or {}).get("device_map") or {"": gpus[0]}
+        device_map = (doc.get("memory", {}).get("placement") or {}).get("device_map") \
+            or {"": gpus[0]}
         result["bf16_fwd_bwd_s_per_batch"] = bf16_step_seconds(
             model_dir, device_map, scheme.get("batch_size", 16), scheme.get("seq_len", 512))
     return result
@@ -184,8 +194,11 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/bench_family", help="checkpoint and output directory")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     p.add_argument("--skip-bf16", action="store_true", help="skip the BF16 fwd+bwd timing")
+    p.add_argument("--data", type=Path, default=ROOT / ".bench_data",
+                   help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt")
     p.add_argument("driver_args", nargs="*", help="extra driver flags after --")
     args = p.parse_args()
+    args.data = args.data.resolve()
     if args.dry_run:
         print(dry_run(args.size, int(args.gpus), args.gpu_gib, args.batch_size, args.seq_len))
         return 0

@@ -150,10 +150,15 @@ def save(r: dict, out: Path, work: Path) -> None:
     """Write the JSON; under the device tool, copy it and every log to $OUT (brought back)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2, default=str) + "\n")
-    if os.environ.get("OUT"):
-        for f in [out, *work.glob("*.log")]:
-            if f.resolve() != (Path(os.environ["OUT"]) / f.name).resolve():
-                shutil.copy(f, Path(os.environ["OUT"]) / f.name)
+    if os.environ.get("OUT"):  # the device tool brings back at most 8 files: logs as one archive
+        import tarfile
+
+        dest = Path(os.environ["OUT"])
+        if out.resolve() != (dest / out.name).resolve():
+            shutil.copy(out, dest / out.name)
+        with tarfile.open(dest / "peer-logs.tgz", "w:gz") as tar:
+            for f in work.glob("*.log"):
+                tar.add(f, arcname=f.name)
 
 
 def main() -> None:

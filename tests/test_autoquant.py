@@ -164,3 +164,25 @@ def test_interrupt_flag_stops_at_batch_boundary(demo, batches, tmp_path):
         autoquant.search(fresh(demo), spec(), batches, tmp_path / "c.pth", lambda p, s, t=None: "",
                          stop=flag)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_stored_output_diffs_are_freed_between_scoring_steps(demo, batches, tmp_path,
+                                                             monkeypatch):
+    """ModelOpt keeps every scored module's Q(Y)-Y until its next forward; the driver frees each
+    once its backward has scored it, so no step starts holding the last step's (memory_plan.py)."""
+    held: list[int] = []
+    real = autoquant.make_steps
+
+    def counting_steps(method, stop=None):
+        forward, loss = real(method, stop)
+
+        def forward_counting(model, batch):
+            held.append(sum("output_diff_dict" in m.__dict__ for m in model.modules()))
+            return forward(model, batch)
+        return forward_counting, loss
+
+    monkeypatch.setattr(autoquant, "make_steps", counting_steps)
+    model = fresh(demo)
+    run_search(model, batches, tmp_path / "f.pth", spec())
+    assert len(held) >= 2 + 2 and held[-2:] == [0, 0]  # the 2 scoring steps start clean
+    assert not [n for n, m in model.named_modules() if "output_diff_dict" in m.__dict__]

@@ -110,5 +110,5 @@ def test_real_coco_padding_at_most_ten_percent(seq_len, batch):
     tok = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
     caps = split_captions(load_captions(COCO), 10240, 512, seed=1234).calib
     packed = pack(tok, caps, seq_len, batch, seed=1234)
-    assert packed.padding_fraction <= 0.10
+    assert packed.pad_tokens / (packed.real_tokens + packed.pad_tokens) <= 0.10
     assert packed.captions == 10240 and packed.truncated == 0

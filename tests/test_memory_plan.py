@@ -31,15 +31,36 @@ def test_weights_match_the_meta_model(size):
     assert plan.peaks[0]["load"] == pytest.approx(counted * 2 / GIB, rel=1e-6)
 
 
-# torch.cuda.max_memory_allocated on one H200 (docs/PERFORMANCE.md, issue 11), default scheme.
-MEASURED = [("3b", 16, True, 39.0), ("3b", 8, True, 22.4), ("3b", 8, False, 35.6),
-            ("7b", 16, True, 53.0), ("32b", 8, True, 107.0)]
+# torch.cuda.max_memory_allocated on one H200 (docs/PERFORMANCE.md, issues 5, 11, 14), default
+# scheme, before the driver freed ModelOpt's stored Q(Y)-Y (ModelOpt's own behaviour).
+MEASURED_UNFREED = [("3b", 16, True, 39.0), ("3b", 8, True, 22.4), ("3b", 8, False, 35.6),
+                    ("7b", 16, True, 53.0), ("32b", 8, True, 107.0)]
 
 
-@pytest.mark.parametrize("size,batch,ckpt,gib", MEASURED)
-def test_prediction_within_15_percent_of_measured(size, batch, ckpt, gib):
-    plan = predict(Dims.from_config(config(size)), batch, 512, grad_checkpointing=ckpt)
+@pytest.mark.parametrize("size,batch,ckpt,gib", MEASURED_UNFREED)
+def test_prediction_within_15_percent_of_measured_unfreed(size, batch, ckpt, gib):
+    plan = predict(Dims.from_config(config(size)), batch, 512, grad_checkpointing=ckpt,
+                   freed_diffs=False)
     assert plan.peak(0) == pytest.approx(gib, rel=0.15)
+
+
+# The same, with the driver freeing the diffs (this session's H200 calls; bench/results/).
+MEASURED_FREED = [("3b", 16, "gradient", 23.2), ("7b", 16, "gradient", 32.12),
+                  ("3b", 16, "kl_div", 33.4)]
+
+
+@pytest.mark.parametrize("size,batch,method,gib", MEASURED_FREED)
+def test_prediction_within_15_percent_of_measured(size, batch, method, gib):
+    plan = predict(Dims.from_config(config(size)), batch, 512, method)
+    assert plan.peak(0) == pytest.approx(gib, rel=0.15)
+
+
+def test_freeing_the_diffs_only_lowers_the_scoring_peak():
+    dims = Dims.from_config(config("32b"))
+    kept, freed = (predict(dims, 8, 512, freed_diffs=f) for f in (False, True))
+    assert freed.peaks[0]["score"] < kept.peaks[0]["score"]
+    assert {k: v for k, v in freed.peaks[0].items() if k != "score"} == \
+        {k: v for k, v in kept.peaks[0].items() if k != "score"}
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -50,15 +71,15 @@ def test_monotone_in_batch_and_checkpointing_saves_memory(size):
     for b in (4, 16):
         assert predict(dims, b, 512, grad_checkpointing=True).peak(0) < \
             predict(dims, b, 512, grad_checkpointing=False).peak(0)
-    assert predict(dims, 16, 512, "kl_div").peak(0) < predict(dims, 16, 512).peak(0)
 
 
 def test_choose_batch_keeps_the_tokens():
     dims = Dims.from_config(config("32b"))
-    plan, calib, score = choose_batch(dims, 16, 512, 16, 8, {0: 139.8 * 0.9})
+    room = {0: predict(dims, 16, 512).peak(0) - 1.0}  # 16x512 just does not fit
+    plan, calib, score = choose_batch(dims, 16, 512, 16, 8, room)
     assert plan.batch_size * calib == 16 * 16 and plan.batch_size * score == 16 * 8
-    assert plan.batch_size < 16 and plan.fits()
-    assert not predict(dims, plan.batch_size * 2, 512, capacity={0: 139.8 * 0.9}).fits()
+    assert plan.batch_size == 8 and plan.fits()
+    assert not predict(dims, plan.batch_size * 2, 512, capacity=room).fits()
     # Room for everything: the default stays.
     plan, calib, score = choose_batch(dims, 16, 512, 16, 8, {0: 1000.0})
     assert (plan.batch_size, calib, score) == (16, 16, 8)

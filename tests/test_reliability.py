@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from vlm_autoquant import artifacts, integrity, paths, quant_state, resume
 from vlm_autoquant.calib_data import check_caption_file
 from vlm_autoquant.checkpoint import check_lm_tensors, inspect_checkpoint
-from vlm_autoquant.constants import (
+from vlm_autoquant.artifacts import (
     MANIFEST_FILE, PROJECT_ROOT, QUANT_STATE_FILE, SEARCH_CHECKPOINT, SEARCH_DIR,
 )
 from vlm_autoquant.errors import Interrupted, Problems, UsageError
@@ -474,7 +474,7 @@ def terminated_after_search(demo, tmp_path_factory):
     deadline = time.time() + 400
     for line in proc.stderr:
         lines.append(line)
-        if not sent and "search: calibration" in line:
+        if not sent and "scores ran, formats" in line:
             proc.send_signal(signal.SIGTERM)
             sent = True
         if time.time() > deadline:

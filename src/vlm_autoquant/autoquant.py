@@ -44,6 +44,7 @@ from modelopt.torch.quantization.algorithms import (
 
 from . import resume
 from .errors import RunFailed
+from .families import SearchSpec
 from .interrupt import StopFlag
 
 log = logging.getLogger(__name__)
@@ -84,18 +85,6 @@ def format_name(recipe) -> str:
     """ModelOpt prints a recipe as 'FP8_DEFAULT_CFG(effective-bits: 8.0)'; 'NONE' is BF16."""
     name = str(recipe).split("(", 1)[0]
     return BF16 if name == "NONE" else name
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    """What one auto_quantize call searches: the settings a family of schemes shares."""
-
-    formats: tuple[str, ...]  # union of the family's candidate formats
-    method: str
-    num_calib_steps: int
-    num_score_steps: int
-    disabled_layers: tuple[str, ...]
-    excluded_from_cost: tuple[str, ...]
 
 
 @dataclass
@@ -186,6 +175,8 @@ def normalised_lp() -> Iterator[None]:
 
 def _timed(timings: dict[str, float], key: str, fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
+        if key in ("calibrate", "score"):
+            log.info("%s: started", key)  # progress without bars in a log (and a test's signal)
         t0 = time.perf_counter()
         try:
             return fn(*args, **kwargs)
@@ -217,6 +208,28 @@ def _with_raw_scores(orig: Callable) -> Callable:
     return init_stats
 
 
+def _drop_diffs(module: torch.nn.Module, grad_input, grad_output) -> None:
+    """After ModelOpt's backward hook has scored a module, free its stored Q(Y) - Y."""
+    module.__dict__.pop("output_diff_dict", None)
+
+
+def _freeing_diffs(orig: Callable) -> Callable:
+    """ModelOpt's gradient scoring keeps every scored module's Q(Y) - Y (one per format) until
+    that module's next forward, so the next step's logits peak also holds every layer's diffs.
+    A backward hook registered after ModelOpt's frees them once scored (same scores)."""
+    def run_func(self, func, num_iters=1, desc=""):
+        handles = [m.register_full_backward_hook(_drop_diffs) for m in self.model.modules()
+                   if hasattr(m, "_backward_hook_handle")]  # ModelOpt's scored modules
+        try:
+            return orig(self, func, num_iters, desc)
+        finally:
+            for h in handles:
+                h.remove()
+            for m in self.model.modules():
+                m.__dict__.pop("output_diff_dict", None)
+    return run_func
+
+
 def _saving(orig: Callable, on_checkpoint: Callable[[Path, str, Path], str]) -> Callable:
     def atomic_save(self, verbose: bool = False) -> None:
         final = self._get_checkpoint_path()
@@ -236,7 +249,8 @@ def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, s
                (base, "run_search", _timed(timings, "solve", base.run_search)),
                (base, "load_search_checkpoint", _loading(base.load_search_checkpoint)),
                (base, "initialize_candidate_stats",
-                _with_raw_scores(base.initialize_candidate_stats))]
+                _with_raw_scores(base.initialize_candidate_stats)),
+               (base, "_run_func", _freeing_diffs(base._run_func))]
     patches += [(c, "estimate_sensitivity_scores",
                  _timed(timings, "score", c.__dict__["estimate_sensitivity_scores"]))
                 for c in SEARCHERS.values()]

@@ -193,6 +193,22 @@ def _lm_name(key: str) -> str | None:
     return key
 
 
+def linear_numels_from_headers(info: CheckpointInfo) -> dict[str, int]:
+    """Weight elements of each LM linear, by module name, read from the headers alone (no
+    transformers import): the 2-D `*_proj` weights and lm_head (the embeddings when tied)."""
+    out: dict[str, int] = {}
+    for key, t in info.tensors.items():
+        name = _lm_name(key)
+        if name and name.endswith("_proj.weight") and len(t.shape) == 2:
+            out[name.removesuffix(".weight")] = t.shape[0] * t.shape[1]
+    head = next((info.tensors[k] for k in ("lm_head.weight", "model.embed_tokens.weight",
+                                           "model.language_model.embed_tokens.weight")
+                 if k in info.tensors), None)
+    if out and head is not None and len(head.shape) == 2:
+        out["lm_head"] = head.shape[0] * head.shape[1]
+    return out
+
+
 def check_lm_tensors(info: CheckpointInfo, expected: dict[str, tuple[int, ...]], tied: bool,
                      problems: Problems, limit: int = 8) -> None:
     """Match the LM tensors in the headers with the architecture the config declares.

@@ -110,8 +110,13 @@ def dequantized_lm(out: Path, cfg, device: torch.device) -> nn.Module:
         w, s = state[f"{layer}.weight"].float(), state.pop(k).float()
         state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.ndim else s)).to(torch.bfloat16)
         fp8[layer] = state.pop(f"{layer}.input_scale", None)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # bf16 parameters, fp32 RoPE buffers (as loaded)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

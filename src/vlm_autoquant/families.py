@@ -12,7 +12,6 @@ from pathlib import Path
 
 from . import resume
 from .artifacts import SEARCH_CHECKPOINT, SEARCH_DIR
-from .autoquant import SearchSpec
 from .calib_data import Data, build_data
 from .errors import Problem, Problems
 from .placement import LMPlacement, plan_for
@@ -21,6 +20,18 @@ from .validate import Inputs, versions
 
 # Library versions that decide calibration and scores.
 VERSIONED = ("torch", "transformers", "nvidia-modelopt")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What one auto_quantize call searches: the settings a family of schemes shares."""
+
+    formats: tuple[str, ...]  # union of the family's candidate formats
+    method: str
+    num_calib_steps: int
+    num_score_steps: int
+    disabled_layers: tuple[str, ...]
+    excluded_from_cost: tuple[str, ...]
 
 
 @dataclass

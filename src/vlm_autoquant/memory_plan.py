@@ -7,11 +7,14 @@ T = batch x seq tokens, V = vocab, H = hidden, I = intermediate, kv = KV width):
   its backward adds the fp32 nll and log_softmax grads (4 + 4): 14 B x V, on lm_head's device;
 - layer inputs kept by gradient checkpointing: 2 B x H per layer;
 - ModelOpt's gradient searcher (algorithms.py, `auto_quantize_score_estimate_forward`) stores
-  Q(Y) - Y of every scored linear, per non-BF16 format, in `module.output_diff_dict`; nothing
-  clears it after the backward hook, so at the next step's logits peak every layer still holds
-  2 B x (q + k + v + o + gate + up + down outputs) = 2 x (3H + 2kv + 2I) per format;
+  Q(Y) - Y of every scored linear, per non-BF16 format, in `module.output_diff_dict`:
+  2 B x (q + k + v + o + gate + up + down outputs) = 2 x (3H + 2kv + 2I) per format and layer.
+  ModelOpt never frees them (every layer's would still be held at the next step's logits peak);
+  autoquant.py frees each module's once its backward has scored it, so with checkpointing only
+  the layer being recomputed holds them, and without it every layer does until its backward;
 - without checkpointing each layer also keeps its autograd activations, 6 B x I + 14 B x H;
 - tied embeddings: the lm_head/embedding weight gradient, V x H bf16, during the backward;
+- kl_div scoring: 22 B x V per token on lm_head's device (see `predict`);
 - calibration (forward only): bf16 logits, 2 B x V; evaluation: BF16 and quantized logits
   (4 B x V) plus one row's fp32 log-softmaxes;
 - the allocator's own workspaces (cuBLAS, rounding): OVERHEAD_GIB per device.
@@ -110,12 +113,15 @@ class Plan:
 
 def predict(dims: Dims, batch_size: int, seq_len: int, method: str = "gradient",
             grad_checkpointing: bool = True, placement: Placement | None = None,
-            num_formats: int = 1, capacity: dict[int, float] | None = None) -> Plan:
+            num_formats: int = 1, capacity: dict[int, float] | None = None,
+            freed_diffs: bool = True) -> Plan:
     """Peak GiB of every device in each phase (see the module docstring for the terms).
 
     Args:
         num_formats: quantization formats searched besides BF16 (one Q(Y)-Y per format).
         capacity: usable GiB per device, for `Plan.fits`.
+        freed_diffs: the driver frees each module's Q(Y)-Y once scored (autoquant.py); False
+            models ModelOpt as it is, which keeps every layer's until the next step.
     """
     place = placement or Placement.single(dims.layers)
     t, h, i, v = batch_size * seq_len, dims.hidden, dims.intermediate, dims.vocab
@@ -133,13 +139,17 @@ def predict(dims: Dims, batch_size: int, seq_len: int, method: str = "gradient",
         calib = w + (2 * t * v if d == place.head else 0)
         evaluate = w + ((4 * t * v + 5 * 4 * seq_len * v) if d == place.head else 0)
         if method == "gradient":
-            score = w + n * (kept + diffs)
+            held = diffs if grad_checkpointing and freed_diffs else n * diffs
+            score = w + n * kept + held
             if d == place.head:
                 score += 14 * t * v
             if dims.tied and d in (place.embed, place.head):
                 score += dims.embed_params() * 2
-        else:  # kl_div: forward only, reference and quantized logits in fp32 for the divergence
-            score = w + (2 * 2 * t * v + 3 * 4 * t * v if d == place.head else 0)
+        else:  # kl_div (forward only; algorithms.py AutoQuantizeKLDivSearcher): the BF16 logits
+            # and their fp32 log-probs stay (2 + 4 B), and per group the quantized logits with
+            # the real-token copy our forward_step returns (2 + 2), log_softmax's fp32 input and
+            # output (4 + 4) and kl_div's elementwise fp32 result (4): 22 B x V per token.
+            score = w + (22 * t * v if d == place.head else 0)
         peaks[d] = {name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
                     for name, x in zip(PHASES, (w, calib, score, evaluate))}
     return Plan(batch_size, seq_len, method, grad_checkpointing, peaks, dict(capacity or {}))

@@ -111,11 +111,10 @@ def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str,
         log.info("resuming: %s search checkpoint %s matches these settings", family.reuse.stage,
                  family.checkpoint)
     tracking.close_stale(out_dir)
-    with tracking.tracked_run(experiment, scheme.name,
-                              system_metrics=torch.cuda.is_available()) as tracker:
+    with tracking.tracked_run(experiment, scheme.name, system_metrics=torch.cuda.is_available(),
+                              out_dir=out_dir) as tracker:
         kernel = fp8_kernel.select_fp8_kernel(inputs.options.fp8_kernel)
         model = load(inputs, family.placement, phases)
-        tracking.remember(out_dir, tracker)
         found = search_family(model, family, stop, inputs, phases)
         doc = finish_scheme(model, found, scheme, family, inputs, out_dir, phases, tracker,
                             {"fp8_kernel": kernel, "resumed_from": family.reuse.stage})

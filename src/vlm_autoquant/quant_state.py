@@ -6,6 +6,8 @@ restores the exact quantized LM from the original checkpoint plus this file.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -86,7 +88,8 @@ def apply(model: nn.Module, state_file: Path, manifest: Path | dict | None = Non
                                  f"Inf (first: {bad[0]}); restoring them gives non-finite logits",
                                  "rerun the quantization (check the calibration data and the "
                                  "checkpoint's weights for NaN/Inf)"))
-    model = mto.restore_from_modelopt_state(model, payload["modelopt_state"])
+    with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints "Inserted N quantizers"
+        model = mto.restore_from_modelopt_state(model, payload["modelopt_state"])
     set_quantizer_state_dict(model, payload["quantizer_state"])
     model.eval()
     return model

@@ -11,7 +11,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import figures
 from .artifacts import MANIFEST_FILE, SENSITIVITY_FIGURE
 from .manifest import FP8, LayerRow
 from .tracking import (
@@ -97,6 +96,8 @@ def _log(tracker: Tracker, doc: dict, out_dir: Path) -> None:
                         "quant_config": r.quant_config or "", "num_weights": r.num_weights,
                         **{f"score:{k}": v for k, v in r.scores.items()}} for r in rows],
                       "layers.json")
+    from . import figures  # matplotlib: imported only when there is something to draw
+
     tracker.log_figure(figures.sensitivity(rows, scheme["name"]), SENSITIVITY_FIGURE)
     for name in doc["artifacts"].values():
         if (out_dir / name).exists():

@@ -72,7 +72,8 @@ def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Ph
         stop.raise_if_set()  # a signal between schemes: the finished ones are kept
         announce(inputs, scheme)
         try:
-            with tracking.tracked_run(experiment, scheme.name, parent) as child:
+            with tracking.tracked_run(experiment, scheme.name, parent,
+                                      out_dir=inputs.options.output_dir / scheme.name) as child:
                 if found is None:
                     raise search_error
                 own = Phases()
@@ -169,12 +170,20 @@ def _write_comparison(rows: list[dict], out_dir: Path, parent: tracking.Tracker,
     w.writerows(rows)
     ok = [r for r in rows if r["status"] == "FINISHED"]
     scored = [r for r in ok if r["kl_mean"] is not None]
-    rho = spearman([r["predicted_loss"] for r in scored], [r["kl_mean"] for r in scored])
+    # Predicted losses are sums of one method's scores: ranks compare within a method only.
+    by_method: dict[str, list[dict]] = {}
+    for r in scored:
+        by_method.setdefault(r["method"], []).append(r)
+    rhos = {m: spearman([r["predicted_loss"] for r in rs], [r["kl_mean"] for r in rs])
+            for m, rs in by_method.items()}
+    main_method = max(by_method, key=lambda m: len(by_method[m]), default=None)
+    rho = rhos.get(main_method)
     artifacts.write_text(out_dir / COMPARISON_FILE, buf.getvalue())  # marks a finished sweep
     ran = sum(r["scores"] == "ran" for r in ok)
     log.info("sweep: %d finished, %d failed; scoring ran %d time(s) in %d search(es)%s",
              len(ok), len(rows) - len(ok), ran, searches,
-             f"; predicted loss vs KL: Spearman {rho:.3f}" if rho is not None else "")
+             f"; predicted loss vs KL ({main_method} schemes): Spearman {rho:.3f}"
+             if rho is not None else "")
     parent.log_table(rows, "comparison.json")
     parent.log_figure(figures.pareto([{k: r[k] for k in ("scheme", "effective_bits", "kl_mean",
                                                          "ppl_rel_change")} for r in ok]),
@@ -185,7 +194,8 @@ def _write_comparison(rows: list[dict], out_dir: Path, parent: tracking.Tracker,
     parent.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()}
                        | {"time/total_s": phases.total(), "sweep/schemes": len(rows),
                           "sweep/failed": len(rows) - len(ok), "sweep/scoring_groups": searches,
-                          "sweep/scoring_runs": ran, M_SPEARMAN: rho})
+                          "sweep/scoring_runs": ran, M_SPEARMAN: rho}
+                      | {f"{M_SPEARMAN}/{m}": v for m, v in rhos.items()})
     for r in ok:
         parent.log_metrics({f"sweep/predicted_loss/{r['scheme']}": r["predicted_loss"],
                             f"sweep/kl_mean/{r['scheme']}": r["kl_mean"]})

@@ -69,6 +69,8 @@ METRICS = {
     SENSITIVITY_PREFIX + "<format>/<projection>": "summed sensitivity score, step = decoder layer",
     FORMAT_PREFIX + "<projection>": "1 when that layer's projection is FP8, step = decoder layer",
     M_PREDICTED_LOSS: "sum of the chosen candidates' sensitivity scores (the solver's objective)",
+    M_SPEARMAN: "(sweep parent) rank correlation of predicted loss and measured KL over the "
+                "schemes of the most common method; .../<method> for each method",
 }
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default when MLFLOW_TRACKING_URI is unset
@@ -129,11 +131,12 @@ class Tracker:
     """One MLflow run (or a nested child), started in the background. All logging goes here."""
 
     def __init__(self, experiment: str, run_name: str, parent: "Tracker | None" = None,
-                 system_metrics: bool = False) -> None:
+                 system_metrics: bool = False, out_dir: Path | None = None) -> None:
         for key, value in RETRY_ENV.items():
             os.environ.setdefault(key, value)
         self.name = run_name
         self._error: BaseException | None = None
+        self._out_dir = out_dir  # where the run id is recorded once the run exists
         self._thread = threading.Thread(target=self._start, name="mlflow-start", daemon=True,
                                         args=(experiment, run_name, parent, system_metrics))
         self._thread.start()
@@ -157,6 +160,8 @@ class Tracker:
                     self.run = mlflow.MlflowClient().create_run(exp_id, tags=tags,
                                                                 run_name=run_name)
             self.run_id = self.run.info.run_id
+            if self._out_dir is not None:
+                remember(self._out_dir, self.run_id)
             if launched:
                 self.set_tags({"mlflow.runName": run_name})
             self._existing = dict(self.run.data.params)
@@ -257,9 +262,11 @@ def _dataset_input(ds, context: str):
 
 @contextlib.contextmanager
 def tracked_run(experiment: str, name: str, parent: Tracker | None = None,
-                system_metrics: bool = False) -> Iterator[Tracker]:
-    """A run that ends FINISHED, KILLED (interrupted) or FAILED (with the reason as a tag)."""
-    tracker = Tracker(experiment, name, parent, system_metrics)
+                system_metrics: bool = False, out_dir: Path | None = None) -> Iterator[Tracker]:
+    """A run that ends FINISHED, KILLED (interrupted) or FAILED (with the reason as a tag).
+
+    With `out_dir`, the run's id is recorded there (see `close_stale`)."""
+    tracker = Tracker(experiment, name, parent, system_metrics, out_dir)
     try:
         yield tracker
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -280,14 +287,10 @@ def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
 
 
 
-def remember(out_dir: Path, tracker: Tracker) -> None:
+def remember(out_dir: Path, run_id: str) -> None:
+    """Record the run writing into `out_dir`, so a rerun can close it if this process is killed."""
     from .artifacts import RUN_ID_FILE
 
-    """Record the run writing into `out_dir`, so a rerun can close it if this process is killed."""
-    try:
-        run_id = tracker.wait().run_id
-    except TrackingFailed:
-        return  # reported when the result is logged
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RUN_ID_FILE).write_text(run_id + "\n", encoding="utf-8")
 

@@ -39,7 +39,7 @@ REQUIRED = {
     "nvidia-modelopt": ">=0.47.0,<0.48",
     "datasets": ">=5.0,<6",
     "mlflow": ">=3.13,<3.18",
-    # Not imported by this package, but transformers needs it for lm.py's device_map.
+    # device_map loading (transformers) and the GPU placement (placement.py).
     "accelerate": ">=1.0",
 }
 
@@ -164,7 +164,7 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
     Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
     """
     from .calib_data import check_caption_file, load_captions
-    from .checkpoint import inspect_checkpoint
+    from .checkpoint import inspect_checkpoint, linear_numels_from_headers
 
     schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
     info = inspect_checkpoint(options.model_dir, problems) \
@@ -175,13 +175,12 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
     check_output_dir(options.output_dir, problems, finished_marker, options.overwrite,
                      model_dir=options.model_dir)
     tracking.check_reachable(problems)
+    if info is not None:  # the budget's range from the headers' shapes: still no transformers
+        _check_budgets(schemes, linear_numels_from_headers(info), problems)
     if problems or info is None or caption_file is None:
         return None  # refused before transformers is even imported
     text_cfg, numels = read_text_config(options.model_dir, info, problems)
-    for s in schemes if numels else []:
-        flag = "--effective-bits" if "effective_bits" in s.overrides \
-            else f"scheme {s.name}.effective_bits"
-        check_bits(s, numels, problems, flag)
+    _check_budgets(schemes, numels or {}, problems)
     if problems or text_cfg is None:
         return None
     tokenizer = load_tokenizer(options.model_dir, problems)
@@ -189,6 +188,14 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
         return None
     return Inputs(options, schemes, info, text_cfg, numels, caption_file, tokenizer,
                   load_captions(caption_file.path))
+
+
+def _check_budgets(schemes: list[Scheme], numels: dict[str, int], problems: Problems) -> None:
+    for s in schemes if numels else []:
+        flag = "--effective-bits" if "effective_bits" in s.overrides \
+            else f"scheme {s.name}.effective_bits"
+        if not any(p.input == flag for p in problems.items):
+            check_bits(s, numels, problems, flag)
 
 
 def check_schemes(catalog_file: Path | None, names: list[str], overrides: dict,
