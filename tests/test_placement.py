@@ -50,12 +50,14 @@ def test_layers_split_in_order_and_fit(size, n):
     assert set(rec["memory_plan"]["predicted_gib"]) == {str(d) for d in p.devices()}
 
 
-def test_32b_needs_smaller_batches_on_one_gpu_but_not_on_two():
-    cfg = config("32b")
+def test_72b_needs_smaller_batches_on_two_gpus_but_not_on_four():
+    cfg = config("72b")
     dims, meta = Dims.from_config(cfg), meta_model(cfg)
-    one, _, _ = plan_run(meta, dims, [0], usable({0: 139.8}), 16, 512, 16, 8)
-    two, _, _ = plan_run(meta, dims, [0, 1], usable({0: 139.8, 1: 139.8}), 16, 512, 16, 8)
-    assert one.plan.batch_size < 16 and two.plan.batch_size == 16
+    two, calib, score = plan_run(meta, dims, [0, 1], usable({0: 100.0, 1: 100.0}), 16, 512, 16, 8)
+    four, _, _ = plan_run(meta, dims, [0, 1, 2, 3], usable(dict.fromkeys(range(4), 100.0)), 16,
+                          512, 16, 8)
+    assert two.plan.batch_size < 16 and four.plan.batch_size == 16
+    assert two.plan.batch_size * calib == 16 * 16 and two.plan.fits()
 
 
 def test_tied_embeddings_stay_with_lm_head():

@@ -107,12 +107,18 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def new_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An entry point's parser: its name, what it does, and the epilog as written."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def main_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = new_parser(
         prog="qwen2_5_vl_3b_autoquant_fp8_schemes.py",
         description="AutoQuantize the Qwen2.5-VL language model to a per-layer FP8/BF16 mix "
                     "under an effective-bits budget (NVIDIA ModelOpt), tracked in MLflow.",
-        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=_epilog())
     p.add_argument("--scheme-name", help="scheme from the catalog (see --list-schemes)")
     p.add_argument("--list-schemes", action="store_true", help="print the catalog and exit")
     p.add_argument("--log-only", action="store_true",
@@ -308,12 +314,13 @@ def _log_only(args: argparse.Namespace) -> int:
 
 
 def sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = new_parser(
         prog="qwen2_5_vl_3b_autoquant_fp8_sweep.py",
-        description="Run several catalog schemes on one model, scoring once per shareable group; "
-                    "one MLflow parent run with a child run per scheme. Without --model-dir it "
-                    "runs the embedded demo (a tiny random checkpoint built on the spot).",
-        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        description="Run several catalog schemes on one model, with one calibration and scoring "
+                    "pass per method (a search over the union of their formats); one MLflow "
+                    "parent run with a child run per scheme. A failing scheme does not stop the "
+                    "others. Without --model-dir it runs the embedded demo.",
+        epilog=_epilog())
     p.add_argument("--schemes", type=_optional(str), default=None,
                    help="comma-separated scheme names (default: the whole catalog)")
     add_common(p)
@@ -378,13 +385,14 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_HELP = ("The embedded demo: build a tiny random Qwen2.5-VL checkpoint and its own captions "
+             "under --root, run the main entry point on it with small step counts (into "
+             "outputs/demo-<scheme>), then export that run (into exports/demo-<scheme>); paths "
+             "relative to the current directory. Other flags are passed on to the main entry point.")
+
+
 def demo_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vlm-autoquant-demo",
-        description="The embedded demo: build a tiny random Qwen2.5-VL checkpoint and its own "
-                    "captions under --root, then run the main entry point on it with small step "
-                    "counts, writing outputs/demo-<scheme> (both relative to the current "
-                    "directory). Other flags are passed on to the main entry point.")
+    p = new_parser("vlm-autoquant-demo", DEMO_HELP)
     p.add_argument("--scheme-name", default="fp8-balanced-10b")
     p.add_argument("--root", type=Path, default=Path(".demo"),
                    help="where the demo checkpoint and captions are built (default .demo)")

@@ -11,13 +11,13 @@ import logging
 import os
 from pathlib import Path
 
-from .cli import DEFAULT_EXPERIMENT, _flag, _optional, configure, dashed, run_guarded
+from .cli import DEFAULT_EXPERIMENT, _flag, _optional, configure, dashed, new_parser, run_guarded
 
 log = logging.getLogger("vlm_autoquant")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = new_parser(
         prog="qwen2_5_vl_3b_autoquant_fp8_export.py",
         description="Turn a finished quantization run into a complete, verified Qwen2.5-VL "
                     "checkpoint (ModelOpt FP8/BF16 LM, original vision tower, tokenizer, "
@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=_optional(Path), default=None,
                    help="the base Qwen2.5-VL checkpoint (default: the one the run recorded)")
     p.add_argument("--output-dir", type=_optional(Path), default=None,
-                   help="where the checkpoint goes (default exports/<scheme>-<run>)")
+                   help="where the checkpoint goes (default exports/<run id>, or exports/<name "
+                        "of --artifacts-dir>)")
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=_flag,
                    help="replace a non-empty --output-dir")
     p.add_argument("--lm-only", nargs="?", const=True, default=False, type=_flag,

@@ -96,7 +96,10 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
     """Restore, export with ModelOpt, assemble and verify in `staging`; return the report."""
     from .lm import pick_device
 
+    from .fp8_kernel import select_fp8_kernel
+
     o, device = inputs.options, pick_device()
+    select_fp8_kernel("auto")  # never a silent JIT build of ModelOpt's CUDA extension here
     with phases("restore", f"LM of {inputs.model_dir} + {inputs.state_file.name}"):
         model = _restore(inputs, device)
     reference = copy.deepcopy(model)  # ModelOpt's export may re-tune the quantizers it exports
