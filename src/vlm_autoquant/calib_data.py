@@ -61,28 +61,8 @@ def _utf16_without_bom(raw: bytes) -> str | None:
     return None
 
 
-def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file") -> CaptionFile | None:
-    """Read the file once: a regular UTF-8 text file with at least one visible caption, and
-    hardly any control characters (a binary or UTF-16 file is refused, naming the line)."""
-    if not paths.exists(path):
-        problems.add(flag, f"{path} does not exist",
-                     "pass --calib-file with a text file of one caption per line (README: "
-                     "'Calibration data' shows how to make one from COCO captions_train2017.json)")
-        return None
-    if not path.is_file():
-        problems.add(flag, f"{path} is not a file", "pass a text file, one caption per line")
-        return None
-    try:
-        raw = paths.read_regular(path, MAX_CALIB_BYTES)
-    except OSError as exc:
-        problems.add(flag, f"cannot read {path}: {exc}", "check the file's permissions")
-        return None
-    except paths.NotARegularFile as exc:
-        problems.add(flag, str(exc), "pass a text file, one caption per line")
-        return None
-    if not raw:
-        problems.add(flag, f"{path} is empty", "fill it with captions, one per line")
-        return None
+def _as_text(raw: bytes, path: Path, flag: str, problems: Problems) -> str | None:
+    """The file's bytes as UTF-8 text, or None with the problem (UTF-16, bad bytes, binary)."""
     utf16 = _utf16_without_bom(raw)
     if utf16:
         problems.add(flag, f"{path} looks like {utf16} text without a byte-order mark (NUL bytes "
@@ -111,6 +91,35 @@ def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file
                      f"{MAX_CONTROL_FRACTION:.1%} of the file", "pass a text file of captions, "
                      "one per line (tabs are fine; NULs and other control characters are not)")
         return None
+    return text
+
+
+def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file") -> CaptionFile | None:
+    """Read the file once: a regular UTF-8 text file with at least one visible caption, and
+    hardly any control characters (a binary or UTF-16 file is refused, naming the line)."""
+    if not paths.exists(path):
+        problems.add(flag, f"{path} does not exist",
+                     "pass --calib-file with a text file of one caption per line (README: "
+                     "'Calibration data' shows how to make one from COCO captions_train2017.json)")
+        return None
+    if not path.is_file():
+        problems.add(flag, f"{path} is not a file", "pass a text file, one caption per line")
+        return None
+    try:
+        raw = paths.read_regular(path, MAX_CALIB_BYTES)
+    except OSError as exc:
+        problems.add(flag, f"cannot read {path}: {exc}", "check the file's permissions")
+        return None
+    except paths.NotARegularFile as exc:
+        problems.add(flag, str(exc), "pass a text file, one caption per line")
+        return None
+    if not raw:
+        problems.add(flag, f"{path} is empty", "fill it with captions, one per line")
+        return None
+    text = _as_text(raw, path, flag, problems)
+    if text is None:
+        return None
+    lines = raw.split(b"\n")
     nonblank = sum(1 for line in text.split("\n") if _VISIBLE.search(line))
     if nonblank == 0:
         problems.add(flag, f"{path} has no printable caption (only blank lines, whitespace, "

@@ -121,16 +121,8 @@ def _weight_files(path: Path, problems: Problems) -> list[str]:
     return []
 
 
-def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
-    """Check the directory's config, shards and tokenizer; add every problem found."""
-    if not path.exists():
-        problems.add("--model-dir", f"{path} does not exist",
-                     "pass the directory of a Qwen2.5-VL checkpoint (e.g. a snapshot of "
-                     "Qwen/Qwen2.5-VL-3B-Instruct), or run the demo to build a tiny one")
-        return None
-    if not path.is_dir():
-        problems.add("--model-dir", f"{path} is not a directory", "pass the checkpoint directory")
-        return None
+def _read_config(path: Path, problems: Problems) -> dict | None:
+    """config.json as a dict, after refusing special files (a FIFO would block its reader)."""
     special = paths.special_files(path)
     for name, kind in special:  # e.g. a FIFO tokenizer_config.json would block its reader
         problems.add("--model-dir", f"{path / name} is {kind}, not a regular file",
@@ -153,15 +145,12 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
         problems.add("--model-dir", f"{cfg_path} is not valid JSON ({exc})",
                      "restore the checkpoint's config.json")
         return None
-    info = CheckpointInfo(path=path, config=config, config_sha256=sha256_file(cfg_path))
-    if info.model_type != EXPECTED_MODEL_TYPE:
-        problems.add("--model-dir", f"model_type is {info.model_type!r}, not {EXPECTED_MODEL_TYPE!r}"
-                     f" ({config.get('architectures', ['?'])[0]})",
-                     "this tool quantizes the language model of Qwen2.5-VL checkpoints only; "
-                     "use a Qwen2.5-VL-*-Instruct directory")
-    if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
-        problems.add("--model-dir", f"no tokenizer files in {path}",
-                     "copy tokenizer.json and tokenizer_config.json from the original checkpoint")
+    return config
+
+
+def _read_shards(info: CheckpointInfo, problems: Problems) -> None:
+    """Every shard's header (names, dtypes, shapes; no tensor bytes) and the layout fingerprint."""
+    path = info.path
     fingerprint = hashlib.sha256(info.config_sha256.encode())
     for name in _weight_files(path, problems):
         shard = path / name
@@ -181,6 +170,32 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
         t = info.tensors[key]
         fingerprint.update(f"{key}:{t.dtype}:{t.shape}".encode())
     info.weights_fingerprint = fingerprint.hexdigest()
+
+
+def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
+    """Check the directory's config, shards and tokenizer; add every problem found."""
+    if not path.exists():
+        problems.add("--model-dir", f"{path} does not exist",
+                     "pass the directory of a Qwen2.5-VL checkpoint (e.g. a snapshot of "
+                     "Qwen/Qwen2.5-VL-3B-Instruct), or run the demo to build a tiny one")
+        return None
+    if not path.is_dir():
+        problems.add("--model-dir", f"{path} is not a directory", "pass the checkpoint directory")
+        return None
+    config = _read_config(path, problems)
+    if config is None:
+        return None
+    cfg_path = path / "config.json"
+    info = CheckpointInfo(path=path, config=config, config_sha256=sha256_file(cfg_path))
+    if info.model_type != EXPECTED_MODEL_TYPE:
+        problems.add("--model-dir", f"model_type is {info.model_type!r}, not {EXPECTED_MODEL_TYPE!r}"
+                     f" ({config.get('architectures', ['?'])[0]})",
+                     "this tool quantizes the language model of Qwen2.5-VL checkpoints only; "
+                     "use a Qwen2.5-VL-*-Instruct directory")
+    if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        problems.add("--model-dir", f"no tokenizer files in {path}",
+                     "copy tokenizer.json and tokenizer_config.json from the original checkpoint")
+    _read_shards(info, problems)
     return info
 
 

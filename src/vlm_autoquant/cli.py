@@ -78,16 +78,18 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
                        metavar="{" + ",".join(choices) + "}" if choices else kind.__name__.upper())
 
 
+def add_paths(p, **flags: str) -> None:
+    """Path flags (`model_dir="help"` -> --model-dir); "" from MLproject means the default."""
+    for name, text in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), type=_optional(Path), default=None, help=text)
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", type=_optional(Path), default=None,
-                   help="Qwen2.5-VL checkpoint directory")
-    p.add_argument("--output-dir", type=_optional(Path), default=None,
-                   help="where the manifest and state are written (default outputs/<scheme>)")
-    p.add_argument("--calib-file", type=_optional(Path), default=None,
-                   help="captions, one per line (default datasets/vlm-quantize-calib/coco2017_captions.txt, "
-                        "relative to the working directory)")
-    p.add_argument("--catalog", type=_optional(Path), default=None,
-                   help="scheme catalog YAML (default: the catalog shipped with the tool)")
+    add_paths(p, model_dir="Qwen2.5-VL checkpoint directory",
+              output_dir="where the manifest and state are written (default outputs/<scheme>)",
+              calib_file="captions, one per line (default datasets/vlm-quantize-calib/"
+                         "coco2017_captions.txt, relative to the working directory)",
+              catalog="scheme catalog YAML (default: the catalog shipped with the tool)")
     add_overrides(p)
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=_flag,
                    help="replace a finished run in --output-dir (scores are reused if settings match)")

@@ -11,7 +11,8 @@ import logging
 import os
 from pathlib import Path
 
-from .cli import DEFAULT_EXPERIMENT, _flag, _optional, configure, dashed, new_parser, run_guarded
+from .cli import (DEFAULT_EXPERIMENT, _flag, _optional, add_paths, configure, dashed, new_parser,
+                  run_guarded)
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -29,11 +30,9 @@ def parser() -> argparse.ArgumentParser:
                      help="MLflow run id of a quantization run (current MLFLOW_TRACKING_URI)")
     src.add_argument("--artifacts-dir", type=_optional(Path), default=None,
                      help="a run's --output-dir instead of --run-id")
-    p.add_argument("--model-dir", type=_optional(Path), default=None,
-                   help="the base Qwen2.5-VL checkpoint (default: the one the run recorded)")
-    p.add_argument("--output-dir", type=_optional(Path), default=None,
-                   help="where the checkpoint goes (default exports/<run id>, or exports/<name "
-                        "of --artifacts-dir>)")
+    add_paths(p, model_dir="the base Qwen2.5-VL checkpoint (default: the one the run recorded)",
+              output_dir="where the checkpoint goes (default exports/<run id>, or exports/<name "
+                         "of --artifacts-dir>)")
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=_flag,
                    help="replace a non-empty --output-dir")
     p.add_argument("--lm-only", nargs="?", const=True, default=False, type=_flag,

@@ -127,29 +127,13 @@ def _placement(device_map: dict, num_layers: int, tied: bool) -> Placement:
                      device_of(device_map, "lm_head"))
 
 
-def place(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
-          batch_size: int, seq_len: int, method: str = "gradient", grad_checkpointing: bool = True,
-          num_formats: int = 1) -> LMPlacement:
-    """Split the meta LM over `gpus` by whole layers, leaving each GPU room for its activations.
-
-    Raises UsageError when the weights plus activations do not fit the usable memory.
-    """
+def _device_map(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
+                w_layer: float, act_layer: float, head_extra: float,
+                shape: str) -> tuple[dict, dict[int, int], Placement]:
+    """accelerate's device map with each GPU's weight budget shrunk by its layers' activations
+    (and the logits on lm_head's GPU), balanced first, packed if balancing leaves no room."""
     from accelerate import infer_auto_device_map
 
-    if len(gpus) == 1:
-        g = gpus[0]
-        plan = predict(dims, batch_size, seq_len, method, grad_checkpointing,
-                       Placement.single(dims.layers, g), num_formats, usable_gib)
-        return LMPlacement({"": g}, {g: int(usable_gib[g] * GIB)},
-                           Placement.single(dims.layers, g), plan)
-    # Per-layer activation bytes and the head's extra (logits), from a one-device plan.
-    one = predict(dims, batch_size, seq_len, method, grad_checkpointing,
-                  Placement.single(dims.layers, 0), num_formats)
-    w_layer = dims.layer_params() * 2
-    no_head = predict(dims, batch_size, seq_len, method, grad_checkpointing,
-                      Placement(1, [0] * dims.layers, 1), num_formats)
-    act_layer = (no_head.peaks[0]["score"] - no_head.peaks[0]["load"]) * GIB / dims.layers
-    head_extra = (one.peak(0) - one.peaks[0]["load"]) * GIB - act_layer * dims.layers
     head_dev = gpus[-1]
     even = dims.total_params() * 2 / len(gpus) + 2 * w_layer  # balanced, like "balanced" maps
     for _ in range(len(gpus)):
@@ -167,7 +151,7 @@ def place(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, fl
         else:
             raise UsageError(Problem(
                 "--gpus", f"the LM ({dims.total_params() * 2 / GIB:.1f} GiB in BF16) plus its "
-                f"activations at {batch_size}x{seq_len} do not fit GPUs {gpus} "
+                f"activations at {shape} do not fit GPUs {gpus} "
                 f"({', '.join(f'{usable_gib[g]:.0f}' for g in gpus)} GiB usable)",
                 "use more GPUs (--gpus), a smaller --batch-size, or --grad-checkpointing on"))
         if dims.tied:  # one weight: lm_head must live with the embeddings
@@ -176,6 +160,32 @@ def place(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, fl
         if p.head == head_dev:
             break
         head_dev = p.head
+    return dmap, budget, p
+
+
+def place(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
+          batch_size: int, seq_len: int, method: str = "gradient", grad_checkpointing: bool = True,
+          num_formats: int = 1) -> LMPlacement:
+    """Split the meta LM over `gpus` by whole layers, leaving each GPU room for its activations.
+
+    Raises UsageError when the weights plus activations do not fit the usable memory.
+    """
+    if len(gpus) == 1:
+        g = gpus[0]
+        plan = predict(dims, batch_size, seq_len, method, grad_checkpointing,
+                       Placement.single(dims.layers, g), num_formats, usable_gib)
+        return LMPlacement({"": g}, {g: int(usable_gib[g] * GIB)},
+                           Placement.single(dims.layers, g), plan)
+    # Per-layer activation bytes and the head's extra (logits), from a one-device plan.
+    one = predict(dims, batch_size, seq_len, method, grad_checkpointing,
+                  Placement.single(dims.layers, 0), num_formats)
+    w_layer = dims.layer_params() * 2
+    no_head = predict(dims, batch_size, seq_len, method, grad_checkpointing,
+                      Placement(1, [0] * dims.layers, 1), num_formats)
+    act_layer = (no_head.peaks[0]["score"] - no_head.peaks[0]["load"]) * GIB / dims.layers
+    head_extra = (one.peak(0) - one.peaks[0]["load"]) * GIB - act_layer * dims.layers
+    dmap, budget, p = _device_map(meta, dims, gpus, usable_gib, w_layer, act_layer, head_extra,
+                                  f"{batch_size}x{seq_len}")
     plan = predict(dims, batch_size, seq_len, method, grad_checkpointing, p, num_formats,
                    usable_gib)
     return LMPlacement(dict(dmap), budget, p, plan)
