@@ -10,12 +10,16 @@ tokenizer, processor, chat template and generation config of the base.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .checkpoint import INDEX_FILE, SINGLE_FILE, VISION_RE
@@ -38,12 +42,35 @@ def vision_name(key: str) -> str:
     return key[len("model."):] if key.startswith("model.visual.") else key
 
 
+@contextlib.contextmanager
+def _fp32_weight_rounding() -> Iterator[None]:
+    """ModelOpt 0.47's `to_quantized_weight` divides a bf16 weight by its fp32 scale in bf16
+    (`weight / scale`, a bf16 result) and only then casts to FP8: a double rounding that puts
+    ~3% of the FP8 weights one step away from the fake-quant weights the search chose and the
+    run evaluated (which scale in fp32). Handing it the weight in fp32 makes the exported FP8
+    bytes exactly the fake-quant model's; the FP8 packing itself stays ModelOpt's."""
+    import modelopt.torch.export.unified_export_hf as hf
+
+    orig = hf.to_quantized_weight
+
+    def in_fp32(weight, *args, **kwargs):
+        return orig(weight.float() if weight.dtype in (torch.bfloat16, torch.float16) else weight,
+                    *args, **kwargs)
+
+    hf.to_quantized_weight = in_fp32
+    try:
+        yield
+    finally:
+        hf.to_quantized_weight = orig
+
+
 def run_modelopt_export(model: nn.Module, staging: Path) -> Path:
     """ModelOpt's own export of the quantized LM into `staging/_modelopt`."""
     from modelopt.torch.export import export_hf_checkpoint
 
     target = staging / MODELOPT_SUBDIR
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _fp32_weight_rounding(), \
+            contextlib.redirect_stdout(io.StringIO()):  # its progress prints
         warnings.simplefilter("ignore", UserWarning)
         export_hf_checkpoint(model, export_dir=target)
     return target

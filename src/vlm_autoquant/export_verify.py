@@ -90,7 +90,8 @@ def _input_quant_hook(scale: torch.Tensor | None):
         x = args[0]
         s = scale if scale is not None else \
             x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-        q = (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
+        # x * (1 / scale), as engines apply a static scale (and ModelOpt's fake quant does)
+        q = (x.float() * (1.0 / s)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s
         return (q.to(x.dtype), *args[1:])
     return hook
 
