@@ -100,7 +100,7 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
         placement, members = planned or (None, members)
         first = members[0]
         dkey = (first.num_calib_samples, first.num_eval_samples, first.seq_len, first.batch_size,
-                first.seed, first.num_calib_steps, first.num_score_steps)
+                first.seed, max(first.num_calib_steps, first.num_score_steps))  # what Data holds
         if dkey not in datas:
             built = build_data(inputs.tokenizer, inputs.captions, first, problems)
             if built is None:
