@@ -340,7 +340,7 @@ def search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], check
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
         model.eval()
-    timings["setup"] = time.perf_counter() - t0 - sum(timings.values())
+    timings["search_setup"] = time.perf_counter() - t0 - sum(timings.values())
     stats = {name: dict(s) for name, s in state["candidate_stats"].items()}
     if any("raw_scores" not in s for s in stats.values()):
         raise RunFailed(f"the search checkpoint {checkpoint} was written by an older version of "

@@ -50,8 +50,8 @@ def search_family(model: nn.Module, family: Family, stop: StopFlag | None, input
                              lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage,
                                                                            src),
                              stop, inputs.options.grad_checkpointing)
-    for key in ("calibrate", "score", "setup"):
-        phases.add("search_setup" if key == "setup" else key, found.timings.get(key, 0.0))
+    for key in ("calibrate", "score", "search_setup"):
+        phases.add(key, found.timings.get(key, 0.0))
     log.info("search %s: calibration %s, scores %s, formats %s (%s)", family.key,
              "ran" if found.calibrated else "restored", "ran" if found.scored else "restored",
              "+".join(family.spec.formats), family.checkpoint)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, autoquant, figures, fp8_kernel, resume, tracking
+from . import artifacts, autoquant, figures, fp8_kernel, tracking
 from .artifacts import COMPARISON_FILE, PARETO_FIGURE
 from .errors import Interrupted, RunFailed
 from .families import Family, calibration_source
@@ -28,7 +28,6 @@ from .tracking import M_SPEARMAN
 from .validate import Inputs
 
 log = logging.getLogger("vlm_autoquant")
-SWEEP_MARKER = COMPARISON_FILE
 COLUMNS = ("scheme", "status", "method", "formats", "target_bits", "effective_bits",
            "all_linears_bits", "fp8_layers", "bf16_layers", "predicted_loss", "kl_mean", "ppl_ref",
            "ppl_quant", "ppl_rel_change", "top1_agreement", "weight_bytes", "compression_ratio",
@@ -130,8 +129,7 @@ def _seed(family: Family, done: list[Family]) -> str | None:
     if family.reuse.stage is not None:
         return None
     source = calibration_source(family, done)
-    if source is None or resume.check_reusable(source.checkpoint, source.fingerprint,
-                                               False).stage is None:
+    if source is None or not source.checkpoint.exists():  # seed_calibration verifies it
         return None
     if not autoquant.seed_calibration(source.checkpoint, family.checkpoint, family.spec.method,
                                       family.fingerprint):

@@ -188,6 +188,10 @@ class Tracker:
         """Log params not yet on the run; never re-log one with a different value."""
         self.wait()
         fresh = {k: str(v) for k, v in params.items() if k not in self._existing}
+        for k, v in params.items():
+            if k in self._existing and self._existing[k] != str(v):
+                log.warning("param %s already logged as %r; keeping it (now %r)", k,
+                            self._existing[k], v)
         if fresh:
             self._mlflow.log_params(fresh, run_id=self.run_id)
             self._existing.update(fresh)
