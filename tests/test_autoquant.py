@@ -186,3 +186,41 @@ def test_stored_output_diffs_are_freed_between_scoring_steps(demo, batches, tmp_
     run_search(model, batches, tmp_path / "f.pth", spec())
     assert len(held) >= 2 + 2 and held[-2:] == [0, 0]  # the 2 scoring steps start clean
     assert not [n for n, m in model.named_modules() if "output_diff_dict" in m.__dict__]
+
+
+def test_row_chunked_kl_equals_the_whole_tensor_kl(monkeypatch):
+    """The kl_div scores are ModelOpt's sum over tokens, computed a few rows at a time."""
+    import torch.nn.functional as F
+    from modelopt.torch.quantization import algorithms as mq_algorithms
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(37, 1000, generator=gen).to(torch.bfloat16)
+    quant = (ref.float() + 0.3 * torch.randn(37, 1000, generator=gen)).to(torch.bfloat16)
+    log_ref = torch.log_softmax(ref.float(), dim=-1)
+    whole = F.kl_div(torch.log_softmax(quant.float(), -1), log_ref, reduction="sum",
+                     log_target=True)
+    monkeypatch.setattr(autoquant, "_KL_CHUNK_BYTES", 4 * 1000 * 5)  # 5 rows: 8 chunks, 2 left
+    chunked = autoquant._chunked_kl_div_loss(log_ref, quant)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-5) and whole.item() > 1.0
+    assert chunked.item() == pytest.approx(
+        mq_algorithms._get_kl_div_loss(log_ref, quant).item(), rel=1e-5)
+
+
+def test_a_narrower_search_seeded_from_a_wider_calibration_scores_the_same(demo, batches,
+                                                                           union, tmp_path):
+    """kl_div over FP8 alone, started from the FP8+pcpt union's calibration, gets the scores a
+    kl_div search calibrated from scratch gets: each format is calibrated on its own."""
+    _, wide = union
+    fp = {"k": 1}
+    seeded_ckpt = tmp_path / "seeded.pth"
+    assert autoquant.seed_calibration(wide.checkpoint, seeded_ckpt, "kl_div", fp, (FP8,))
+    seeded = run_search(fresh(demo), batches, seeded_ckpt, spec(method="kl_div"))
+    scratch = run_search(fresh(demo), batches, tmp_path / "scratch.pth", spec(method="kl_div"))
+    assert not seeded.calibrated and seeded.scored and scratch.calibrated
+    assert seeded.stats.keys() == scratch.stats.keys()
+    for name, stat in scratch.stats.items():
+        assert seeded.stats[name]["raw_scores"] == pytest.approx(stat["raw_scores"], rel=1e-6)
+    # a source that lacks a format seeds nothing (that format would go uncalibrated)
+    assert not autoquant.seed_calibration(scratch.checkpoint, tmp_path / "no.pth", "gradient",
+                                          fp, (FP8, PCPT))
+    assert not (tmp_path / "no.pth").exists()

@@ -63,11 +63,15 @@ def test_a_single_run_is_a_family_of_one_with_the_run_checkpoint(demo, catalog, 
     assert alone.fingerprint == fam.fingerprint  # the budget is not part of the search
 
 
-def test_calibration_is_reused_only_across_identical_candidate_sets(demo, catalog, tmp_path):
+def test_calibration_is_reused_from_a_search_over_the_same_or_more_formats(demo, catalog,
+                                                                            tmp_path):
     from vlm_autoquant.families import calibration_source
 
     fams = plan(demo, catalog, tmp_path, ["b10", "kl10"])
     gradient, kl = fams
     assert calibration_source(kl, [gradient]) is gradient  # same formats and data: seeded
-    with_pcpt = plan(demo, catalog, tmp_path / "p", ["b10", "pcpt10", "kl10"])
-    assert calibration_source(with_pcpt[1], [with_pcpt[0]]) is None  # union differs from kl's
+    union, kl_p = plan(demo, catalog, tmp_path / "p", ["b10", "pcpt10", "kl10"])
+    assert calibration_source(kl_p, [union]) is union  # FP8 alone, from the FP8+pcpt union
+    assert calibration_source(union, [kl_p]) is None  # pcpt was never calibrated there
+    seed7 = plan(demo, catalog, tmp_path / "s", ["seed7"])[0]
+    assert calibration_source(seed7, [gradient]) is None  # other batches

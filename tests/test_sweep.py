@@ -70,6 +70,9 @@ def test_one_search_per_method_whatever_the_formats(swept):
     kl = ms["kl10"]["search"]
     assert kl["scoring_group"] != gradient[0]["search"]["scoring_group"]
     assert kl["scores"] == "ran"
+    # kl_div's FP8 calibration is the gradient union's (FP8 + pcpt), not calibrated again
+    assert kl["calibration_seeded_from"] == gradient[0]["search"]["scoring_group"]
+    assert kl["calibration"] == "restored"
     # each scheme saw only its own candidates
     assert all(set(x["scores"]) <= {"FP8_DEFAULT_CFG", "BF16"} for x in ms["b10"]["layers"])
     assert any("FP8_PER_CHANNEL_PER_TOKEN_CFG" in x["scores"] for x in ms["pcpt10"]["layers"])
@@ -92,7 +95,8 @@ def test_quality_invariants(swept):
 
 def test_comparison_table_and_figure(swept):
     rows = list(csv.DictReader((swept / "out" / COMPARISON_FILE).open()))
-    assert [r["scheme"] for r in rows] == [f"b{b}" for b in BUDGETS] + ["pcpt10", "kl10"]
+    # the catalog's order, whatever order the searches ran in
+    assert [r["scheme"] for r in rows] == [f"b{b}" for b in BUDGETS] + ["kl10", "pcpt10"]
     assert {r["status"] for r in rows} == {"FINISHED"}
     assert rows[0]["kl_mean"] and float(rows[0]["effective_bits"]) == 8.0
 
@@ -119,7 +123,9 @@ def test_mlflow_parent_with_a_child_per_scheme(swept):
 
 
 def test_single_run_gives_the_same_formats_as_the_sweep(swept, demo, tmp_path, tracking):
-    for b in ("b9", "pcpt10"):  # pcpt alone: its own search, the same formats as in the union
+    # pcpt alone: its own search, the same formats as in the union; kl10 alone: calibrated by
+    # itself on its own model, not seeded from the union nor searched beside it
+    for b in ("b9", "pcpt10", "kl10"):
         out = tmp_path / f"single{b}"
         assert run_cli(["--scheme-name", b, "--catalog", swept / "cat.yaml", "--model-dir",
                         demo[0], "--calib-file", demo[1], "--output-dir", out]) == 0

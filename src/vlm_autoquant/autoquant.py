@@ -12,7 +12,8 @@ calibration, scoring and the solve, (2) writes each search checkpoint to a tempo
 renames it into place, recording its sha256, (3) lets a calibration-only checkpoint resume
 (ModelOpt 0.47 restores its empty score table as a plain dict), (4) keeps each candidate's raw
 score (ModelOpt stores a running minimum over its sorted candidates, which would make a format's
-score depend on the other formats searched), and (5) optionally keeps gradient checkpointing off.
+score depend on the other formats searched), (5) frees each module's stored Q(Y) - Y once scored,
+(6) computes the kl_div loss row by row, and (7) optionally keeps gradient checkpointing off.
 """
 
 from __future__ import annotations
@@ -239,6 +240,34 @@ def _saving(orig: Callable, on_checkpoint: Callable[[Path, str, Path], str]) -> 
     return atomic_save
 
 
+# Rows of logits per step of the row-chunked KL: about 256 MiB per fp32 temporary.
+_KL_CHUNK_BYTES = 2**28
+
+
+def _chunked_kl_div_loss(log_prob_unquant: torch.Tensor, logits_quant: torch.Tensor,
+                         lm_head: torch.nn.Module | None = None) -> torch.Tensor:
+    """ModelOpt's `_get_kl_div_loss` (sum of KL(unquantized || quantized) over tokens), by rows.
+
+    ModelOpt computes it over all tokens at once: the fp32 copy of the quantized logits, their
+    log_softmax and kl_div's elementwise result are each 4 B x vocab per token, three times the
+    bf16 logits. Row by row the sum is the same (up to float summation order) and the
+    temporaries stay at about `_KL_CHUNK_BYTES`. A tensor-parallel lm_head (Megatron) keeps
+    ModelOpt's own function.
+    """
+    if getattr(lm_head, "parallel_state", None) is not None:
+        return _MODELOPT_KL(log_prob_unquant, logits_quant, lm_head)
+    lq, lu = logits_quant.flatten(0, -2), log_prob_unquant.flatten(0, -2)
+    rows = max(1, _KL_CHUNK_BYTES // (4 * lq.shape[-1]))
+    total = torch.zeros((), dtype=torch.float32, device=lq.device)
+    for i in range(0, lq.shape[0], rows):
+        log_q = torch.log_softmax(lq[i:i + rows].float(), dim=-1)
+        total += F.kl_div(log_q, lu[i:i + rows], reduction="sum", log_target=True)
+    return total
+
+
+_MODELOPT_KL = mq_algorithms._get_kl_div_loss
+
+
 @contextlib.contextmanager
 def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, str, Path], str],
                      model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
@@ -250,7 +279,8 @@ def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, s
                (base, "load_search_checkpoint", _loading(base.load_search_checkpoint)),
                (base, "initialize_candidate_stats",
                 _with_raw_scores(base.initialize_candidate_stats)),
-               (base, "_run_func", _freeing_diffs(base._run_func))]
+               (base, "_run_func", _freeing_diffs(base._run_func)),
+               (mq_algorithms, "_get_kl_div_loss", _chunked_kl_div_loss)]
     patches += [(c, "estimate_sensitivity_scores",
                  _timed(timings, "score", c.__dict__["estimate_sensitivity_scores"]))
                 for c in SEARCHERS.values()]
@@ -394,16 +424,31 @@ def solve(model: torch.nn.Module, found: Search, formats: list[str], target_bits
         timings={**found.timings, "solve": time.perf_counter() - t0})
 
 
-def seed_calibration(source: Path, target: Path, method: str, fingerprint: dict) -> bool:
+def seed_calibration(source: Path, target: Path, method: str, fingerprint: dict,
+                     formats: tuple[str, ...]) -> bool:
     """Start `target`'s search checkpoint from `source`'s calibrated quantizers (no scores).
 
-    Only for a verified `source` whose candidate formats are the target's: ModelOpt checks the
-    formats' signature on restore. Writes the seed with its signed record (`fingerprint`);
-    returns whether a seed was written.
+    For a verified `source` calibrated on the same model and batches over a superset of
+    `formats`. ModelOpt calibrates each format on its own (its quantizers alone, collecting
+    statistics with quantization off), so a format's calibration does not depend on the other
+    formats searched: the seed keeps `formats`' calibrations and restates the signatures ModelOpt
+    checks on restore for `formats` alone. Writes the seed with its signed record
+    (`fingerprint`); returns whether a seed was written.
     """
     state = resume.load_verified(source)  # signed record, weights_only=True
     if not isinstance(state, dict) or not state.get("quantizer_states"):
         return False
+    keep = {QuantRecipe(quant_cfg=f).checkpoint_signature for f in formats}
+    states = {r: v for r, v in state["quantizer_states"].items() if r.checkpoint_signature in keep}
+    if len(states) != len(keep):
+        return False  # the source lacks one of the formats: calibrate from scratch
+    choices = keep | {QuantRecipe(quant_cfg=None).checkpoint_signature}
+    state["quantizer_states"] = states
+    state["quantization_formats_signature"] = tuple(sorted(keep))
+    # Per group: (name, modules, replay attrs, score modules, choices' signatures, ...).
+    groups = [(*g[:4], tuple(c for c in g[4] if c in choices), *g[5:])
+              for g in state["resolved_search_setup_signature"]]
+    state["resolved_search_setup_signature"] = tuple(sorted(groups, key=repr))  # as ModelOpt
     state["candidate_stats"] = {}
     state["method"] = method
     state["best"] = {"recipe": {}, "constraints": {}, "score": float("inf"), "is_satisfied": False}

@@ -71,9 +71,10 @@ def fingerprint(inputs: Inputs, spec: SearchSpec, scheme: Scheme, data: Data) ->
         scheme=view, versions={k: v[k] for k in VERSIONED})
 
 
-# The fingerprint keys that decide the calibration alone (shared across methods).
+# The fingerprint keys that decide the calibration alone (shared across methods); the formats
+# are compared as sets (`calibration_source`).
 CALIBRATION_KEYS = ("model.config_sha256", "model.weights", "data.tokens_sha256", "data.steps",
-                    *(f"scheme.{f}" for f in CALIBRATION_FIELDS),
+                    *(f"scheme.{f}" for f in CALIBRATION_FIELDS if f != "formats"),
                     *(f"versions.{k}" for k in VERSIONED))
 
 
@@ -145,9 +146,10 @@ def plan_memory(inputs: Inputs, members: list[Scheme],
 
 
 def calibration_source(family: Family, done: list[Family]) -> Family | None:
-    """An already searched family whose calibration `family` can start from."""
+    """An already searched family whose calibration `family` can start from: the same model,
+    batches and calibration settings, calibrated over (a superset of) its formats."""
     for d in done:
-        if d.spec.formats == family.spec.formats and all(
+        if set(family.spec.formats) <= set(d.spec.formats) and all(
                 d.fingerprint.get(k) == family.fingerprint.get(k) for k in CALIBRATION_KEYS):
             return d
     return None

@@ -107,22 +107,37 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
         kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
         pristine = load(inputs, families[0].placement, phases)
         done: list[Family] = []
-        for n, family in enumerate(families):
+        # Wider candidate sets first: a narrower family can then start from their calibration.
+        for n, family in enumerate(sorted(families, key=lambda f: -len(f.spec.formats))):
             seeded = _seed(family, done)
             # The last family searches the loaded LM itself; earlier ones a copy of it.
-            model = pristine if n == len(families) - 1 else copy.deepcopy(pristine)
+            model = pristine if n == len(families) - 1 else sharing_weights(pristine)
             rows += run_family(model, family, inputs, stop, phases, parent, experiment,
                                {"fp8_kernel": kernel, "calibration_seeded_from": seeded})
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             done.append(family)
+        order = {s.name: i for i, s in enumerate(inputs.schemes)}
+        rows.sort(key=lambda r: order[r["scheme"]])  # the catalog's order, not the run order
         _write_comparison(rows, opts.output_dir, parent, phases, len(families))
     failed = [r["scheme"] for r in rows if r["status"] != "FINISHED"]
     if failed:
         raise RunFailed(f"{len(failed)} of {len(rows)} schemes failed: {', '.join(failed)} "
                         f"(reasons in {opts.output_dir / COMPARISON_FILE} and their MLflow runs)")
     return rows
+
+
+def sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters and buffers are the original's own tensors.
+
+    ModelOpt's fake quantization never writes the weights: a search adds quantizer modules
+    beside them and reads them (the gradient searcher toggles `requires_grad` and restores it).
+    So a family can be searched on this copy without a second copy of the weights on the GPU,
+    and the original stays pristine for the next family.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def _seed(family: Family, done: list[Family]) -> str | None:
@@ -132,7 +147,7 @@ def _seed(family: Family, done: list[Family]) -> str | None:
     if source is None or not source.checkpoint.exists():  # seed_calibration verifies it
         return None
     if not autoquant.seed_calibration(source.checkpoint, family.checkpoint, family.spec.method,
-                                      family.fingerprint):
+                                      family.fingerprint, family.spec.formats):
         return None
     log.info("search %s: calibration reused from search %s", family.key, source.key)
     return source.key
