@@ -6,7 +6,7 @@ import pytest
 
 from vlm_autoquant.errors import Problems, UsageError
 from vlm_autoquant.lm import meta_model
-from vlm_autoquant.memory_plan import Dims, usable
+from vlm_autoquant.memory_plan import Dims, Placement, predict, usable
 from vlm_autoquant.placement import (device_of, parse_gpus, parse_max_memory, place, plan_for,
                                      plan_run)
 from tests.test_memory_plan import config
@@ -53,11 +53,28 @@ def test_layers_split_in_order_and_fit(size, n):
 def test_72b_needs_smaller_batches_on_two_gpus_but_not_on_four():
     cfg = config("72b")
     dims, meta = Dims.from_config(cfg), meta_model(cfg)
-    two, calib, score = plan_run(meta, dims, [0, 1], usable({0: 100.0, 1: 100.0}), 16, 512, 16, 8)
-    four, _, _ = plan_run(meta, dims, [0, 1, 2, 3], usable(dict.fromkeys(range(4), 100.0)), 16,
+    two, calib, score = plan_run(meta, dims, [0, 1], usable({0: 90.0, 1: 90.0}), 16, 512, 16, 8)
+    four, _, _ = plan_run(meta, dims, [0, 1, 2, 3], usable(dict.fromkeys(range(4), 90.0)), 16,
                           512, 16, 8)
     assert two.plan.batch_size < 16 and four.plan.batch_size == 16
     assert two.plan.batch_size * calib == 16 * 16 and two.plan.fits()
+
+
+def test_the_embeddings_gpu_gets_the_logits_reservation():
+    """The loss terms land with the embeddings (accelerate returns the outputs to the inputs'
+    device), so on tight GPUs that one takes fewer layers, and the placement fits."""
+    cfg = config("32b")
+    dims = Dims.from_config(cfg)
+    caps = {0: 48.0, 1: 48.0}
+    lp = place(meta_model(cfg), dims, [0, 1], caps, 16, 512)
+    p = lp.placement
+    assert (p.embed, p.head) == (0, 1)
+    assert p.layers.count(p.embed) < p.layers.count(p.head)
+    assert lp.plan.fits()
+    # Reserving on lm_head's GPU instead (the mirrored split) would overflow the embeddings' GPU.
+    mirrored = [0] * p.layers.count(1) + [1] * p.layers.count(0)
+    wrong = predict(dims, 16, 512, placement=Placement(0, mirrored, 1), capacity=caps)
+    assert wrong.peak(0) > caps[0]
 
 
 def test_tied_embeddings_stay_with_lm_head():

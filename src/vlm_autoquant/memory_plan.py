@@ -4,7 +4,14 @@ Every term is counted from the code path, not fitted (bytes per token unless sai
 T = batch x seq tokens, V = vocab, H = hidden, I = intermediate, kv = KV width):
 - weights: bf16 parameters of the layers placed on the device (lm_head separate when untied);
 - logits, scoring: the gradient loss keeps bf16 logits (2 B x V) and fp32 log_softmax (4), and
-  its backward adds the fp32 nll and log_softmax grads (4 + 4): 14 B x V, on lm_head's device;
+  its backward adds the fp32 nll and log_softmax grads (4 + 4): 14 B x V, on the device where
+  the model's outputs land. That is the embeddings' device, not lm_head's: the pipeline puts the
+  batches on `next(model.parameters()).device` (embed_tokens), and on a split model accelerate's
+  `dispatch_model` gives the top-level module an AlignDevicesHook with io_same_device=True
+  (big_modeling.py, hooks.py `attach_align_device_hook_on_blocks`), which sends the outputs back
+  to the inputs' device. When lm_head sits elsewhere, its device holds only its own bf16 output
+  until that copy is made, and in the backward the bf16 grad of the logits arriving from the
+  loss: 2 B x V there, in every phase, transiently;
 - layer inputs kept by gradient checkpointing: 2 B x H per layer;
 - ModelOpt's gradient searcher (algorithms.py, `auto_quantize_score_estimate_forward`) stores
   Q(Y) - Y of every scored linear, per non-BF16 format, in `module.output_diff_dict`:
@@ -14,9 +21,9 @@ T = batch x seq tokens, V = vocab, H = hidden, I = intermediate, kv = KV width):
   the layer being recomputed holds them, and without it every layer does until its backward;
 - without checkpointing each layer also keeps its autograd activations, 6 B x I + 14 B x H;
 - tied embeddings: the lm_head/embedding weight gradient, V x H bf16, during the backward;
-- kl_div scoring: 22 B x V per token on lm_head's device (see `predict`);
+- kl_div scoring: 22 B x V per token where the outputs land (see `predict`);
 - calibration (forward only): bf16 logits, 2 B x V; evaluation: BF16 and quantized logits
-  (4 B x V) plus one row's fp32 log-softmaxes;
+  (4 B x V) plus one row's fp32 log-softmaxes; both where the outputs land;
 - the allocator's own workspaces (cuBLAS, rounding): OVERHEAD_GIB per device.
 Measured peaks (H200, torch.cuda.max_memory_allocated) are checked in tests/test_memory_plan.py.
 """
@@ -136,20 +143,22 @@ def predict(dims: Dims, batch_size: int, seq_len: int, method: str = "gradient",
             w += dims.embed_params() * 2
         if d == place.head:
             w += (0 if dims.tied else dims.embed_params() * 2) + h * 2
-        calib = w + (2 * t * v if d == place.head else 0)
-        evaluate = w + ((4 * t * v + 5 * 4 * seq_len * v) if d == place.head else 0)
+        # The logits' terms land with the inputs (embed's device); lm_head's own device, when
+        # another, holds its bf16 output (forward) or the logits' grad (backward) in passing.
+        lands = d == place.embed
+        passing = 2 * t * v if d == place.head and place.head != place.embed else 0
+        calib = w + (2 * t * v if lands else passing)
+        evaluate = w + ((4 * t * v + 5 * 4 * seq_len * v) if lands else passing)
         if method == "gradient":
             held = diffs if grad_checkpointing and freed_diffs else n * diffs
-            score = w + n * kept + held
-            if d == place.head:
-                score += 14 * t * v
+            score = w + n * kept + held + (14 * t * v if lands else passing)
             if dims.tied and d in (place.embed, place.head):
                 score += dims.embed_params() * 2
         else:  # kl_div (forward only; algorithms.py AutoQuantizeKLDivSearcher): the BF16 logits
             # and their fp32 log-probs stay (2 + 4 B), and per group the quantized logits with
             # the real-token copy our forward_step returns (2 + 2), log_softmax's fp32 input and
             # output (4 + 4) and kl_div's elementwise fp32 result (4): 22 B x V per token.
-            score = w + (22 * t * v if d == place.head else 0)
+            score = w + (22 * t * v if lands else passing)
         peaks[d] = {name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
                     for name, x in zip(PHASES, (w, calib, score, evaluate))}
     return Plan(batch_size, seq_len, method, grad_checkpointing, peaks, dict(capacity or {}))

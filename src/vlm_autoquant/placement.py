@@ -2,8 +2,10 @@
 
 The LM is split by whole decoder layers with accelerate's `infer_auto_device_map` on the meta
 model (the mechanism transformers and ModelOpt's hf_ptq use). Each device's weight budget leaves
-room for what the memory plan says its layers and, on lm_head's device, the logits need while
-scoring. Everything here takes the device list and capacities as inputs, so it runs on a CPU.
+room for what the memory plan says its layers need while scoring, and for the logits where the
+plan puts them: the loss terms on the embeddings' device (where accelerate returns the outputs),
+lm_head's passing bf16 output on its own. Everything here takes the device list and capacities
+as inputs, so it runs on a CPU.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import Problem, Problems, UsageError
-from .memory_plan import GIB, Dims, Placement, Plan, plan_summary, predict
+from .memory_plan import GIB, OVERHEAD_GIB, Dims, Placement, Plan, plan_summary, predict
 
 NO_SPLIT = ["Qwen2DecoderLayer"]
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
@@ -127,20 +129,37 @@ def _placement(device_map: dict, num_layers: int, tied: bool) -> Placement:
                      device_of(device_map, "lm_head"))
 
 
+_ELSEWHERE = -1  # a device id no GPU has: where `_reserve` puts the layers
+
+
+def _reserve(dims: Dims, embed: int, head: int, batch_size: int, seq_len: int, method: str,
+             grad_checkpointing: bool, num_formats: int) -> dict[int, float]:
+    """Bytes beyond their weights that the embeddings' and lm_head's devices need for the logits,
+    from the plan with every layer elsewhere; one entry when they share a device. (The per-device
+    overhead is left out: the layers' activation share already counts it.)"""
+    plan = predict(dims, batch_size, seq_len, method, grad_checkpointing,
+                   Placement(embed, [_ELSEWHERE] * dims.layers, head), num_formats)
+    return {d: (plan.peak(d) - plan.peaks[d]["load"] - OVERHEAD_GIB) * GIB for d in {embed, head}}
+
+
 def _device_map(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
-                w_layer: float, act_layer: float, head_extra: float,
-                shape: str) -> tuple[dict, dict[int, int], Placement]:
+                w_layer: float, act_layer: float,
+                reserve: Callable[[int, int], dict[int, float]], shape: str
+                ) -> tuple[dict, dict[int, int], Placement]:
     """accelerate's device map with each GPU's weight budget shrunk by its layers' activations
-    (and the logits on lm_head's GPU), balanced first, packed if balancing leaves no room."""
+    and by `reserve(embed, head)` on the devices of the embeddings and lm_head, balanced first,
+    packed if balancing leaves no room. accelerate fills the GPUs in order, so the embeddings
+    are assumed on the first and lm_head on the last until the map says otherwise."""
     from accelerate import infer_auto_device_map
 
-    head_dev = gpus[-1]
+    ends = (gpus[0], gpus[0] if dims.tied else gpus[-1])
     even = dims.total_params() * 2 / len(gpus) + 2 * w_layer  # balanced, like "balanced" maps
     for _ in range(len(gpus)):
+        extra = reserve(*ends)
         for cap in (even, float("inf")):  # balanced first; packed if balancing leaves no room
             budget = {}
             for g in gpus:
-                room = usable_gib[g] * GIB - (head_extra if g == head_dev else 0)
+                room = usable_gib[g] * GIB - extra.get(g, 0.0)
                 budget[g] = max(int(min(room * w_layer / (w_layer + act_layer), cap)), 0)
             with _quiet_accelerate():  # it warns that the (absent) CUDA devices are not visible
                 dmap = infer_auto_device_map(meta, max_memory={**budget, "cpu": 0},
@@ -157,9 +176,9 @@ def _device_map(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[i
         if dims.tied:  # one weight: lm_head must live with the embeddings
             dmap["lm_head"] = device_of(dmap, "model.embed_tokens")
         p = _placement(dmap, dims.layers, dims.tied)
-        if p.head == head_dev:
+        if (p.embed, p.head) == ends:
             break
-        head_dev = p.head
+        ends = (p.embed, p.head)
     return dmap, budget, p
 
 
@@ -176,15 +195,17 @@ def place(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, fl
                        Placement.single(dims.layers, g), num_formats, usable_gib)
         return LMPlacement({"": g}, {g: int(usable_gib[g] * GIB)},
                            Placement.single(dims.layers, g), plan)
-    # Per-layer activation bytes and the head's extra (logits), from a one-device plan.
-    one = predict(dims, batch_size, seq_len, method, grad_checkpointing,
-                  Placement.single(dims.layers, 0), num_formats)
+    # Per-layer activation bytes, from a plan with the layers alone on one device.
     w_layer = dims.layer_params() * 2
-    no_head = predict(dims, batch_size, seq_len, method, grad_checkpointing,
+    no_ends = predict(dims, batch_size, seq_len, method, grad_checkpointing,
                       Placement(1, [0] * dims.layers, 1), num_formats)
-    act_layer = (no_head.peaks[0]["score"] - no_head.peaks[0]["load"]) * GIB / dims.layers
-    head_extra = (one.peak(0) - one.peaks[0]["load"]) * GIB - act_layer * dims.layers
-    dmap, budget, p = _device_map(meta, dims, gpus, usable_gib, w_layer, act_layer, head_extra,
+    act_layer = (no_ends.peaks[0]["score"] - no_ends.peaks[0]["load"]) * GIB / dims.layers
+
+    def reserve(embed: int, head: int) -> dict[int, float]:
+        return _reserve(dims, embed, head, batch_size, seq_len, method, grad_checkpointing,
+                        num_formats)
+
+    dmap, budget, p = _device_map(meta, dims, gpus, usable_gib, w_layer, act_layer, reserve,
                                   f"{batch_size}x{seq_len}")
     plan = predict(dims, batch_size, seq_len, method, grad_checkpointing, p, num_formats,
                    usable_gib)
