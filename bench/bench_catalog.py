@@ -18,6 +18,7 @@ that layer's gate/up group in BF16.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -104,6 +105,9 @@ def summarise(manifests: dict[str, dict]) -> dict:
             "bf16": m["summary"]["bf16"], "kl_mean": (m["quality"] or {}).get("kl_mean"),
             "predicted_loss": m["search"].get("predicted_loss"),
             "scores": m["search"]["scores"], "planted_outlier_gate_up": planted,
+            "layer_formats_sha256": hashlib.sha256(json.dumps(
+                [(x["name"], x["format"], x.get("quant_config")) for x in m["layers"]]).encode()
+            ).hexdigest(),
             "timings": m["timings"], "peak_gpu_gib": m["memory"]["peak_gpu_gib"]}
     return out
 
@@ -119,6 +123,8 @@ def main() -> None:
     p.add_argument("--sizes", default="", help="extra size flags for every run (CPU smoke)")
     p.add_argument("--steps", default="single,sweep_all,sweep_gradient,alone",
                    help="which runs (comma list)")
+    p.add_argument("--alone", default="", help="schemes to run alone (comma list; default: all "
+                   "but the anchor)")
     args = p.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
     from vlm_autoquant.schemes import default_catalog, load_catalog
@@ -131,12 +137,20 @@ def main() -> None:
     gradient = [n for n, s in load_catalog(default_catalog()).items() if s.method == "gradient"]
     r = {"size": args.size, "build_s": build_s, "catalog": catalog}
     steps = args.steps.split(",")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial() -> None:  # what ran survives a time limit
+        args.out.write_text(json.dumps(r, indent=2) + "\n")
+
     r["single"] = run([SINGLE, "--scheme-name", ANCHOR, *common], args.work, "single")
+    partial()
     r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all")
+    partial()
     if "sweep_gradient" in steps:
         r["sweep_gradient"] = run([SWEEP, "--schemes", ",".join(gradient), *common], args.work,
                                   "sweep_gradient")
-    rest = [n for n in catalog if n != ANCHOR]
+        partial()
+    rest = args.alone.split(",") if args.alone else [n for n in catalog if n != ANCHOR]
     if "alone" in steps:
         with ThreadPoolExecutor(args.parallel) as pool:
             alone = list(pool.map(lambda n: (n, run([SINGLE, "--scheme-name", n, *common],
@@ -147,13 +161,12 @@ def main() -> None:
                    for k in ("sweep_all", "sweep_gradient") if k in r}
     r["ratios"]["sweep_all_peak_over_single"] = r["sweep_all"]["peak_gpu_gib"] / max(
         r["single"]["peak_gpu_gib"], 1e-9)
-    same = {n: r["alone"][n]["schemes"][n]["fp8"] == r["sweep_all"]["schemes"][n]["fp8"]
+    key = "layer_formats_sha256"  # every layer's format, not just the count
+    same = {n: r["alone"][n]["schemes"][n][key] == r["sweep_all"]["schemes"][n][key]
             for n in rest if n in r.get("alone", {})}
-    same[ANCHOR] = r["single"]["schemes"][ANCHOR]["fp8"] == \
-        r["sweep_all"]["schemes"][ANCHOR]["fp8"]
-    r["alone_equals_sweep_fp8_count"] = same
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(r, indent=2) + "\n")
+    same[ANCHOR] = r["single"]["schemes"][ANCHOR][key] == r["sweep_all"]["schemes"][ANCHOR][key]
+    r["alone_equals_sweep_layer_formats"] = same
+    partial()
     print(f"\n{'run':28}{'wall s':>9}{'peak GiB':>10}")
     for key in (k for k in ("single", "sweep_all", "sweep_gradient") if k in r):
         print(f"{key:28}{r[key]['wall_s']:>9.1f}{r[key]['peak_gpu_gib']:>10.1f}")
@@ -164,7 +177,7 @@ def main() -> None:
     print("per scheme (sweep): " + "; ".join(
         f"{n}: {s['achieved_bits']:.3f} bits, {s['fp8']} FP8, KL {s['kl_mean']:.3g}, "
         f"outlier {s['planted_outlier_gate_up']}" for n, s in r["sweep_all"]["schemes"].items()))
-    print(f"alone == sweep (FP8 count): {same}")
+    print(f"alone == sweep (every layer's format): {same}")
     print(f"wrote {args.out}")
 
 

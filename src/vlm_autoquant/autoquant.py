@@ -47,6 +47,7 @@ from . import resume
 from .errors import RunFailed
 from .families import SearchSpec
 from .interrupt import StopFlag
+from .memory_plan import KL_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -241,7 +242,7 @@ def _saving(orig: Callable, on_checkpoint: Callable[[Path, str, Path], str]) -> 
 
 
 # Rows of logits per step of the row-chunked KL: about 256 MiB per fp32 temporary.
-_KL_CHUNK_BYTES = 2**28
+_KL_CHUNK_BYTES = KL_CHUNK_BYTES
 
 
 def _chunked_kl_div_loss(log_prob_unquant: torch.Tensor, logits_quant: torch.Tensor,

@@ -21,7 +21,8 @@ T = batch x seq tokens, V = vocab, H = hidden, I = intermediate, kv = KV width):
   the layer being recomputed holds them, and without it every layer does until its backward;
 - without checkpointing each layer also keeps its autograd activations, 6 B x I + 14 B x H;
 - tied embeddings: the lm_head/embedding weight gradient, V x H bf16, during the backward;
-- kl_div scoring: 22 B x V per token where the outputs land (see `predict`);
+- kl_div scoring: 10 B x V per token where the outputs land, plus the row-chunked KL's
+  temporaries (see `predict`);
 - calibration (forward only): bf16 logits, 2 B x V; evaluation: BF16 and quantized logits
   (4 B x V) plus one row's fp32 log-softmaxes; both where the outputs land;
 - the allocator's own workspaces (cuBLAS, rounding): OVERHEAD_GIB per device.
@@ -38,6 +39,7 @@ GIB = 1024**3
 OVERHEAD_GIB = 0.25  # cuBLAS workspaces and allocator rounding (max_memory_allocated counts them)
 HEADROOM = 0.90  # use at most 90% of a device: fragmentation and the CUDA context live outside
 PHASES = ("load", "calibrate", "score", "evaluate")
+KL_CHUNK_BYTES = 2**28  # autoquant.py computes kl_div's loss in row chunks of about this size
 
 
 @dataclass(frozen=True)
@@ -155,10 +157,10 @@ def predict(dims: Dims, batch_size: int, seq_len: int, method: str = "gradient",
             if dims.tied and d in (place.embed, place.head):
                 score += dims.embed_params() * 2
         else:  # kl_div (forward only; algorithms.py AutoQuantizeKLDivSearcher): the BF16 logits
-            # and their fp32 log-probs stay (2 + 4 B), and per group the quantized logits with
-            # the real-token copy our forward_step returns (2 + 2), log_softmax's fp32 input and
-            # output (4 + 4) and kl_div's elementwise fp32 result (4): 22 B x V per token.
-            score = w + (22 * t * v if lands else passing)
+            # and their fp32 log-probs stay (2 + 4 B); per group the forward ends holding the
+            # quantized logits and the real-token copy our forward_step returns (2 + 2), and
+            # autoquant.py's row-chunked KL then adds three fp32 temporaries of KL_CHUNK_BYTES.
+            score = w + ((10 * t * v + 3 * KL_CHUNK_BYTES) if lands else passing)
         peaks[d] = {name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
                     for name, x in zip(PHASES, (w, calib, score, evaluate))}
     return Plan(batch_size, seq_len, method, grad_checkpointing, peaks, dict(capacity or {}))
