@@ -300,8 +300,9 @@ def _run_main(args: argparse.Namespace) -> int:
             inputs, families = stack.enter_context(_validated(args, [args.scheme_name], True))
 
         from .interrupt import StopFlag, stop_on_signals
-        from .pipeline import run_single
 
+        with phases("import", "ModelOpt and the search's modules"):
+            from .pipeline import run_single
         with stop_on_signals(StopFlag()) as stop:
             run_single(inputs, families[0], stop, args.experiment or DEFAULT_EXPERIMENT, phases)
             stop.raise_if_set()  # a signal after the search: the results are kept, exit 130

@@ -66,8 +66,8 @@ METRICS = {
     M_CALIB_TOKENS: "real (non-padding) tokens in the calibration batches",
     M_PEAK_GPU: "peak CUDA memory allocated (GiB; 0 on CPU)",
     M_PEAK_RSS: "peak host resident memory (GiB)",
-    TIME_PREFIX + "<phase>_s": "wall time per phase: startup, validate, load, calibrate, score, "
-                               "search_setup, solve, evaluate, save, log",
+    TIME_PREFIX + "<phase>_s": "wall time per phase: startup, validate, import, load, calibrate, "
+                               "score, search_setup, solve, evaluate, save, log",
     SENSITIVITY_PREFIX + "<format>/<projection>": "summed sensitivity score, step = decoder layer",
     FORMAT_PREFIX + "<projection>": "1 when that layer's projection is FP8, step = decoder layer",
     M_PREDICTED_LOSS: "sum of the chosen candidates' sensitivity scores (the solver's objective)",
