@@ -58,11 +58,50 @@ def test_a_run_left_running_by_a_killed_process_is_closed_as_killed(tmp_path, mo
     exp = client.create_experiment("e")
     stale = client.create_run(exp).info.run_id  # RUNNING, as a SIGKILLed process leaves it
     (tmp_path / RUN_ID_FILE).write_text(stale + "\n")
-    close_stale(tmp_path)
+    close_stale(tmp_path).join()  # in the background: mlflow is imported off the main thread
     run = client.get_run(stale)
     assert run.info.status == "KILLED" and "killed" in run.data.tags["failure_reason"]
-    close_stale(tmp_path)  # a finished run is left as it is
+    close_stale(tmp_path).join()  # a finished run is left as it is
     assert client.get_run(stale).info.status == "KILLED"
+
+
+def test_the_next_run_in_that_dir_waits_for_the_stale_run_to_close(tmp_path, monkeypatch):
+    """close_stale returns at once; the run that replaces the recorded id closes the old first."""
+    from vlm_autoquant.tracking import close_stale, tracked_run
+
+    uri, client = store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    stale = client.create_run(client.create_experiment("e")).info.run_id
+    (tmp_path / RUN_ID_FILE).write_text(stale + "\n")
+    close_stale(tmp_path)
+    with tracked_run("e", "r", out_dir=tmp_path) as tracker:
+        tracker.wait()
+        assert client.get_run(stale).info.status == "KILLED"
+    assert (tmp_path / RUN_ID_FILE).read_text().strip() == tracker.run_id != stale
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_system_metrics_are_sampled_often_and_stop_without_waiting(tmp_path, monkeypatch):
+    """A 3 s run still gets system metrics (MLflow's 10 s default gave none), and ending it does
+    not wait out a sampling interval."""
+    import time
+
+    from vlm_autoquant.tracking import SYSTEM_METRICS_INTERVAL_S, tracked_run
+
+    uri, client = store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    with tracked_run("e", "r", system_metrics=True) as tracker:
+        tracker.wait()
+        time.sleep(3.0)  # a sample published, the next one pending
+        t0 = time.perf_counter()
+    stop_s = time.perf_counter() - t0
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert "system/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
+    assert stop_s < SYSTEM_METRICS_INTERVAL_S, f"ending the run took {stop_s:.2f} s"
 
 
 class _Api500(http.server.BaseHTTPRequestHandler):

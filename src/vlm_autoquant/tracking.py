@@ -2,7 +2,8 @@
 
 A run is a context manager (`tracked_run`) that ends FINISHED, KILLED (interrupted) or FAILED in
 one place. Its start is a real write to the store; it runs in a background thread so that it
-overlaps with loading and searching, and the first logging call waits for it.
+overlaps with loading and searching, and the first logging call waits for it. Importing mlflow
+(~2 s) and closing a stale run also happen in that thread, never on the main one.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ METRICS = {
     M_CALIB_TOKENS: "real (non-padding) tokens in the calibration batches",
     M_PEAK_GPU: "peak CUDA memory allocated (GiB; 0 on CPU)",
     M_PEAK_RSS: "peak host resident memory (GiB)",
-    TIME_PREFIX + "<phase>_s": "wall time per phase: startup, validate, load, calibrate, score, "
-                               "search_setup, solve, evaluate, save, log",
+    TIME_PREFIX + "<phase>_s": "wall time per phase: startup, validate, import, load, calibrate, "
+                               "score, search_setup, solve, evaluate, save, log",
     SENSITIVITY_PREFIX + "<format>/<projection>": "summed sensitivity score, step = decoder layer",
     FORMAT_PREFIX + "<projection>": "1 when that layer's projection is FP8, step = decoder layer",
     M_PREDICTED_LOSS: "sum of the chosen candidates' sensitivity scores (the solver's objective)",
@@ -78,6 +79,10 @@ DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default when MLFLOW_TRACKI
 # Bounded retries against a server: a few tries within ~30 s, then give up (the result is on disk).
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# System metrics every 2 s (MLflow's default is 10): a sample is published only when the next
+# interval ends, so a 30 s run got two points and lost the last; stop() does not wait for the
+# interval (it sets an event), so a short interval costs no time at the end. Env wins.
+SYSTEM_METRICS_INTERVAL_S = 2.0
 
 
 class TrackingFailed(RunFailed):
@@ -145,6 +150,8 @@ class Tracker:
     def _start(self, experiment: str, run_name: str, parent: "Tracker | None",
                system_metrics: bool) -> None:
         try:
+            if self._out_dir is not None:
+                wait_closed(self._out_dir)  # the stale run's id is read before ours replaces it
             import mlflow
 
             self._mlflow = mlflow
@@ -170,10 +177,14 @@ class Tracker:
             if system_metrics:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._monitor = SystemMetricsMonitor(self.run_id)
+                self._monitor = SystemMetricsMonitor(
+                    self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
                 self._monitor.start()
         except BaseException as exc:  # noqa: BLE001 - reported on first use
             self._error = exc
+            return
+        if self._out_dir is not None:
+            _prewarm_report_imports()
 
     def wait(self) -> "Tracker":
         """Block until the run exists; raise TrackingFailed if it could not be started."""
@@ -249,6 +260,17 @@ class Tracker:
         self._mlflow.MlflowClient().set_terminated(self.run_id, status=status)
 
 
+def _prewarm_report_imports() -> None:
+    """A scheme's run ends by drawing a figure and logging its captions as datasets: import
+    matplotlib and mlflow.data here, while the main thread loads and searches, not after it."""
+    try:
+        import mlflow.data.huggingface_dataset  # noqa: F401
+
+        from . import figures  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - only a head start; report.py imports them again
+        log.debug("could not pre-import the report's modules: %s", exc)
+
+
 def _experiment_id(mlflow, default: str) -> str:
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return os.environ["MLFLOW_EXPERIMENT_ID"]
@@ -300,14 +322,36 @@ def remember(out_dir: Path, run_id: str) -> None:
     (out_dir / RUN_ID_FILE).write_text(run_id + "\n", encoding="utf-8")
 
 
-def close_stale(out_dir: Path) -> None:
-    """Mark the run a killed process left RUNNING in `out_dir` as KILLED, with a reason tag."""
+_closers: dict[Path, threading.Thread] = {}
+
+
+def close_stale(out_dir: Path) -> threading.Thread | None:
+    """Mark the run a killed process left RUNNING in `out_dir` as KILLED, with a reason tag.
+
+    The run id is read now; mlflow is imported and the store updated in a background thread
+    (returned; None when there is no recorded run). The next run started with this `out_dir`
+    waits for it, and so does the interpreter's exit (not a daemon)."""
     from .artifacts import RUN_ID_FILE
 
     try:
         run_id = (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip()
     except OSError:
-        return
+        return None
+    thread = threading.Thread(target=_close_stale, args=(out_dir, run_id),
+                              name="mlflow-close-stale")
+    _closers[Path(out_dir).resolve()] = thread
+    thread.start()
+    return thread
+
+
+def wait_closed(out_dir: Path) -> None:
+    """Block until a `close_stale(out_dir)` still under way has finished."""
+    thread = _closers.pop(Path(out_dir).resolve(), None)
+    if thread is not None:
+        thread.join()
+
+
+def _close_stale(out_dir: Path, run_id: str) -> None:
     try:
         import mlflow
 
