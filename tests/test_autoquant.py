@@ -224,3 +224,35 @@ def test_a_narrower_search_seeded_from_a_wider_calibration_scores_the_same(demo,
     assert not autoquant.seed_calibration(scratch.checkpoint, tmp_path / "no.pth", "gradient",
                                           fp, (FP8, PCPT))
     assert not (tmp_path / "no.pth").exists()
+
+
+def test_kl_div_replays_the_unquantized_prefix_with_the_same_scores(demo, batches, tmp_path,
+                                                                    monkeypatch):
+    """kl_div scores a group with only that group quantized: the decoder layers before it are
+    replayed from the BF16 pass, not recomputed. The scores must not change, and fewer decoder
+    layers must run."""
+    import contextlib
+
+    def count_layer_calls(model) -> list[int]:
+        calls = [0]
+        for layer in model.model.layers:  # computed, not replayed: its first norm runs
+            layer.input_layernorm.register_forward_pre_hook(
+                lambda *_: calls.__setitem__(0, calls[0] + 1))
+        return calls
+
+    model = fresh(demo)
+    replayed_calls = count_layer_calls(model)
+    replayed = run_search(model, batches, tmp_path / "r.pth", spec(method="kl_div"))
+    monkeypatch.setattr(autoquant.PrefixReplay, "__call__",
+                        lambda self, m, b: contextlib.nullcontext())
+    model = fresh(demo)
+    full_calls = count_layer_calls(model)
+    full = run_search(model, batches, tmp_path / "f.pth", spec(method="kl_div"))
+    for name, stat in full.stats.items():
+        assert replayed.stats[name]["raw_scores"] == stat["raw_scores"], name
+    assert any(s > 0 for st in full.stats.values() for s in st["raw_scores"])
+    n = len(model.model.layers)
+    # the replayed search ran fewer decoder layers: only those from each group's layer on
+    assert replayed_calls[0] < full_calls[0] - n
+    # and nothing is left patched on the model's layers
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)

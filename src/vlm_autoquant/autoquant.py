@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from modelopt.torch.opt.searcher import LPS
 from modelopt.torch.opt.utils import get_hparam, named_hparams
+from modelopt.torch.quantization.nn import TensorQuantizer
 from modelopt.torch.quantization.algorithms import (
     AutoQuantizeGradientSearcher,
     AutoQuantizeKLDivSearcher,
@@ -76,11 +77,88 @@ def make_steps(method: str, stop: StopFlag | None = None) -> tuple[Callable, Cal
                                    ignore_index=-100, reduction="sum")
         return forward_logits, loss_func
 
+    replay = PrefixReplay()
+
     def forward_real_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         # kl_div compares logit distributions; padding positions are left out of the sum.
-        return forward_logits(model, batch)[batch["real"]]
+        with replay(model, batch):
+            return forward_logits(model, batch)[batch["real"]]
 
+    forward_real_logits.replay = replay  # search() drops what it keeps when the search ends
     return forward_real_logits, None
+
+
+class PrefixReplay:
+    """kl_div's forward passes, made cheaper without changing a number.
+
+    ModelOpt's kl_div searcher runs, per batch, one forward with every group BF16 and then one
+    forward per group with only that group's quantizers on. The decoder layers before the
+    group's first layer see the same inputs and weights in both, so they compute the same
+    outputs: those are replayed from the BF16 forward (each layer's output kept, 2 B x hidden
+    per token and layer) instead of computed again; the model's own forward runs the rest. A
+    quantizer on outside the decoder layers, or another batch than the one kept, runs the
+    whole forward.
+    """
+
+    def __init__(self) -> None:
+        self.batch: Batch | None = None
+        self.outputs: list = []
+
+    def clear(self) -> None:
+        self.batch, self.outputs = None, []
+
+    @staticmethod
+    def _first_quantized(model: torch.nn.Module, prefix: str, n: int) -> int | None:
+        """The first decoder layer with a quantizer on (n: none); None: one on outside them."""
+        first = n
+        for name, m in model.named_modules():
+            if isinstance(m, TensorQuantizer) and m.is_enabled:
+                if not name.startswith(prefix):
+                    return None
+                first = min(first, int(name[len(prefix):].split(".", 1)[0]))
+        return first
+
+    @contextlib.contextmanager
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> Iterator[None]:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        prefix = next((f"{n}." for n, m in model.named_modules() if m is layers), None)
+        first = None if prefix is None or torch.is_grad_enabled() else \
+            self._first_quantized(model, prefix, len(layers))
+        if first is not None and first == len(layers):  # the BF16 pass: keep every output
+            self.batch, self.outputs = batch, [None] * len(layers)
+            hooks = [layer.register_forward_hook(self._keeper(i)) for i, layer in enumerate(layers)]
+            try:
+                yield
+            finally:
+                for h in hooks:
+                    h.remove()
+            return
+        if not first or batch is not self.batch:  # 0, None or another batch: the whole forward
+            yield
+            return
+        saved = [layers[i].__dict__.get("forward") for i in range(first)]  # accelerate's hooks
+        for i in range(first):  # these layers return what they returned in the BF16 pass
+            layers[i].forward = self._replayer(self.outputs[i])
+        try:
+            yield
+        finally:
+            for i, fwd in enumerate(saved):
+                if fwd is None:
+                    del layers[i].forward
+                else:
+                    layers[i].forward = fwd
+
+    def _keeper(self, i: int) -> Callable:
+        def keep(_module, _args, output):
+            self.outputs[i] = output
+        return keep
+
+    @staticmethod
+    def _replayer(output) -> Callable:
+        def replay(*_args, **_kwargs):
+            return output
+        return replay
 
 
 def format_name(recipe) -> str:
@@ -368,6 +446,8 @@ def search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], check
     except (AssertionError, ValueError) as exc:
         raise RunFailed(f"ModelOpt's auto_quantize refused the search: {exc}") from exc
     finally:
+        if hasattr(forward_step, "replay"):
+            forward_step.replay.clear()
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
         model.eval()

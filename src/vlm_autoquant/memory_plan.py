@@ -22,7 +22,7 @@ T = batch x seq tokens, V = vocab, H = hidden, I = intermediate, kv = KV width):
 - without checkpointing each layer also keeps its autograd activations, 6 B x I + 14 B x H;
 - tied embeddings: the lm_head/embedding weight gradient, V x H bf16, during the backward;
 - kl_div scoring: 10 B x V per token where the outputs land, plus the row-chunked KL's
-  temporaries (see `predict`);
+  temporaries, and each layer's kept BF16 output (2 B x H) for the prefix replay (`predict`);
 - calibration (forward only): bf16 logits, 2 B x V; evaluation: BF16 and quantized logits
   (4 B x V) plus one row's fp32 log-softmaxes; both where the outputs land;
 - the allocator's own workspaces (cuBLAS, rounding): OVERHEAD_GIB per device.
@@ -160,7 +160,8 @@ def predict(dims: Dims, batch_size: int, seq_len: int, method: str = "gradient",
             # and their fp32 log-probs stay (2 + 4 B); per group the forward ends holding the
             # quantized logits and the real-token copy our forward_step returns (2 + 2), and
             # autoquant.py's row-chunked KL then adds three fp32 temporaries of KL_CHUNK_BYTES.
-            score = w + ((10 * t * v + 3 * KL_CHUNK_BYTES) if lands else passing)
+            # Every decoder layer's BF16 output is kept for the replay (2 B x H per token).
+            score = w + n * 2 * h * t + ((10 * t * v + 3 * KL_CHUNK_BYTES) if lands else passing)
         peaks[d] = {name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
                     for name, x in zip(PHASES, (w, calib, score, evaluate))}
     return Plan(batch_size, seq_len, method, grad_checkpointing, peaks, dict(capacity or {}))
