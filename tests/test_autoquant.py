@@ -256,3 +256,32 @@ def test_kl_div_replays_the_unquantized_prefix_with_the_same_scores(demo, batche
     assert replayed_calls[0] < full_calls[0] - n
     # and nothing is left patched on the model's layers
     assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+
+
+def test_a_format_calibrating_only_weights_takes_one_batch_with_the_same_result(
+        demo, batches, tmp_path, monkeypatch):
+    """pcpt's activations are dynamic (never calibrated): its max calibration sees only the
+    weights, the same in every batch. One batch must give the scores all batches give."""
+    calls: list[str] = []
+    real = autoquant.make_steps
+
+    def counting_steps(method, stop=None):
+        forward, loss = real(method, stop)
+
+        def forward_counting(model, batch):
+            on = [n for n, m in model.named_modules()
+                  if isinstance(m, autoquant.TensorQuantizer) and getattr(m, "_if_calib", False)]
+            calls.append("weights only" if on and all(n.endswith("weight_quantizer") for n in on)
+                         else "other")
+            return forward(model, batch)
+        return forward_counting, loss
+
+    monkeypatch.setattr(autoquant, "make_steps", counting_steps)
+    capped = run_search(fresh(demo), batches, tmp_path / "one.pth", spec((FP8, PCPT)))
+    assert calls.count("weights only") == 1
+    calls.clear()
+    monkeypatch.setattr(autoquant, "_weights_calibrated_once", lambda orig, state: orig)
+    full = run_search(fresh(demo), batches, tmp_path / "all.pth", spec((FP8, PCPT)))
+    assert calls.count("weights only") == 2  # every calibration batch
+    for name, stat in full.stats.items():
+        assert capped.stats[name]["raw_scores"] == pytest.approx(stat["raw_scores"], rel=1e-6)

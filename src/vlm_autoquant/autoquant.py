@@ -13,7 +13,8 @@ renames it into place, recording its sha256, (3) lets a calibration-only checkpo
 (ModelOpt 0.47 restores its empty score table as a plain dict), (4) keeps each candidate's raw
 score (ModelOpt stores a running minimum over its sorted candidates, which would make a format's
 score depend on the other formats searched), (5) frees each module's stored Q(Y) - Y once scored,
-(6) computes the kl_div loss row by row, and (7) optionally keeps gradient checkpointing off.
+(6) computes the kl_div loss row by row, (7) calibrates a format whose statistics are the weights
+alone on one batch, and (8) optionally keeps gradient checkpointing off.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from modelopt.torch.opt.searcher import LPS
 from modelopt.torch.opt.utils import get_hparam, named_hparams
+from modelopt.torch.quantization.calib import MaxCalibrator
 from modelopt.torch.quantization.nn import TensorQuantizer
 from modelopt.torch.quantization.algorithms import (
     AutoQuantizeGradientSearcher,
@@ -293,6 +295,36 @@ def _drop_diffs(module: torch.nn.Module, grad_input, grad_output) -> None:
     module.__dict__.pop("output_diff_dict", None)
 
 
+def _max_calibration(orig: Callable, state: dict) -> Callable:
+    """ModelOpt's `calibrate`, noting while it runs whether the algorithm is plain max."""
+    def calibrate(model, algorithm="max", forward_loop=None):
+        method = algorithm.get("method") if isinstance(algorithm, dict) else \
+            getattr(algorithm, "method", algorithm)
+        state["max"] = method == "max"
+        try:
+            return orig(model, algorithm=algorithm, forward_loop=forward_loop)
+        finally:
+            state["max"] = False
+    return calibrate
+
+
+def _weights_calibrated_once(orig: Callable, state: dict) -> Callable:
+    """Max calibration of a format in which only weight quantizers calibrate (FP8 per-channel
+    weights with per-token activations: ModelOpt never calibrates a dynamic quantizer) sees the
+    same tensors, the weights, in every batch: one batch gives the same amax as all of them."""
+    def run_func(self, func, num_iters=1, desc=""):
+        if state.get("max") and num_iters > 1:
+            calibrating = [(n, m) for n, m in self.model.named_modules()
+                           if isinstance(m, TensorQuantizer) and m.is_enabled
+                           and getattr(m, "_if_calib", False)]
+            if calibrating and all(n.endswith("weight_quantizer")
+                                   and isinstance(m._calibrator, MaxCalibrator)
+                                   for n, m in calibrating):
+                num_iters = 1
+        return orig(self, func, num_iters, desc)
+    return run_func
+
+
 def _freeing_diffs(orig: Callable) -> Callable:
     """ModelOpt's gradient scoring keeps every scored module's Q(Y) - Y (one per format) until
     that module's next forward, so the next step's logits peak also holds every layer's diffs.
@@ -351,14 +383,16 @@ _MODELOPT_KL = mq_algorithms._get_kl_div_loss
 def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, str, Path], str],
                      model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
-    base = _AutoQuantizeBaseSearcher
-    patches = [(mq, "calibrate", _timed(timings, "calibrate", mq.calibrate)),  # (owner, name, new)
+    base, calib = _AutoQuantizeBaseSearcher, {}
+    patches = [(mq, "calibrate",  # (owner, name, new)
+                _max_calibration(_timed(timings, "calibrate", mq.calibrate), calib)),
                (base, "save_search_checkpoint", _saving(base.save_search_checkpoint, on_checkpoint)),
                (base, "run_search", _timed(timings, "solve", base.run_search)),
                (base, "load_search_checkpoint", _loading(base.load_search_checkpoint)),
                (base, "initialize_candidate_stats",
                 _with_raw_scores(base.initialize_candidate_stats)),
-               (base, "_run_func", _freeing_diffs(base._run_func)),
+               (base, "_run_func",
+                _freeing_diffs(_weights_calibrated_once(base._run_func, calib))),
                (mq_algorithms, "_get_kl_div_loss", _chunked_kl_div_loss)]
     patches += [(c, "estimate_sensitivity_scores",
                  _timed(timings, "score", c.__dict__["estimate_sensitivity_scores"]))
