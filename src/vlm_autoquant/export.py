@@ -42,26 +42,61 @@ def vision_name(key: str) -> str:
     return key[len("model."):] if key.startswith("model.visual.") else key
 
 
+FP8_MAX = 448.0
+
+
+def _fake_quant_codes(weight: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """The E4M3 codes ModelOpt's FP8 fake quant rounds `weight` to (tensor_quant._fp8_eager, also
+    what its CUDA kernel computes): the weight in fp32 times 448 / amax, clamped, cast."""
+    amax = amax.float().to(weight.device)
+    safe = torch.where(amax <= 1.0 / (1 << 24), torch.ones_like(amax), amax)
+    scale = FP8_MAX / safe
+    if scale.numel() > 1:
+        scale = scale.reshape(-1, 1)  # per output channel
+    return (weight.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 @contextlib.contextmanager
-def _fp32_weight_rounding() -> Iterator[None]:
-    """ModelOpt 0.47's `to_quantized_weight` divides a bf16 weight by its fp32 scale in bf16
-    (`weight / scale`, a bf16 result) and only then casts to FP8: a double rounding that puts
-    ~3% of the FP8 weights one step away from the fake-quant weights the search chose and the
-    run evaluated (which scale in fp32). Handing it the weight in fp32 makes the exported FP8
-    bytes exactly the fake-quant model's; the FP8 packing itself stays ModelOpt's."""
+def _fake_quant_rounding() -> Iterator[None]:
+    """Export exactly the FP8 codes the run evaluated.
+
+    ModelOpt 0.47's `to_quantized_weight` packs FP8 as `weight / (amax / 448)` on the bf16
+    weight, while its fake quant, which the search scored and the run evaluated, rounds
+    `weight * (448 / amax)` in fp32. bf16 weights over a bf16 amax land exactly on E4M3 rounding
+    ties (x * 448 / amax = 42.0, between codes 40 and 44) about 1% of the time, and the two
+    forms break those ties differently (42.000002 vs 42.0), so one weight in a hundred was
+    exported one code away from what was measured (the 3B export's logits drifted to KL 2e-3).
+    For per-tensor and per-channel FP8 of a 2-D weight, the codes are computed here the fake
+    quant's way from the module's own amax; every other format, the scales, the file layout and
+    the packing of everything else stay ModelOpt's.
+    """
     import modelopt.torch.export.unified_export_hf as hf
+    from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT
 
-    orig = hf.to_quantized_weight
+    orig_pack, orig_export = hf.to_quantized_weight, hf._export_quantized_weight
+    current: dict = {}
 
-    def in_fp32(weight, *args, **kwargs):
-        return orig(weight.float() if weight.dtype in (torch.bfloat16, torch.float16) else weight,
-                    *args, **kwargs)
+    def export_weight(sub_module, dtype, weight_name="weight"):
+        quantizer = getattr(sub_module, f"{weight_name}_quantizer", None)
+        current["amax"] = getattr(quantizer, "amax", None)
+        try:
+            return orig_export(sub_module, dtype, weight_name)
+        finally:
+            current.pop("amax", None)
 
-    hf.to_quantized_weight = in_fp32
+    def pack(weight, scale, quantization, *args, **kwargs):
+        amax = current.get("amax")
+        if quantization in (QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT) and amax is not None \
+                and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                and weight.dtype != torch.float8_e4m3fn:
+            return _fake_quant_codes(weight, amax)
+        return orig_pack(weight, scale, quantization, *args, **kwargs)
+
+    hf.to_quantized_weight, hf._export_quantized_weight = pack, export_weight
     try:
         yield
     finally:
-        hf.to_quantized_weight = orig
+        hf.to_quantized_weight, hf._export_quantized_weight = orig_pack, orig_export
 
 
 def run_modelopt_export(model: nn.Module, staging: Path) -> Path:
@@ -69,7 +104,7 @@ def run_modelopt_export(model: nn.Module, staging: Path) -> Path:
     from modelopt.torch.export import export_hf_checkpoint
 
     target = staging / MODELOPT_SUBDIR
-    with warnings.catch_warnings(), _fp32_weight_rounding(), \
+    with warnings.catch_warnings(), _fake_quant_rounding(), \
             contextlib.redirect_stdout(io.StringIO()):  # its progress prints
         warnings.simplefilter("ignore", UserWarning)
         export_hf_checkpoint(model, export_dir=target)

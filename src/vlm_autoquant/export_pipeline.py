@@ -31,18 +31,27 @@ _before_publish = None
 
 
 def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -> dict:
-    """Checks (a)-(d) on the staged checkpoint."""
+    """Checks (a)-(d) on the staged checkpoint, and the stored input scales against the run's."""
     from .lm import text_config
 
     lm_only = inputs.options.lm_only
     checks = {"formats": export_verify.check_formats(inputs.manifest, out, hf_quant)}
     checks["vision"] = {"passed": True, "skipped": "--lm-only"} if lm_only else \
         export_verify.check_vision(inputs.model_dir, out)
+    amax = export_verify.input_amax(reference)
+    checks["scales"] = export_verify.check_scales(out, amax)
     batches, source = export_verify.held_out_batches(inputs.manifest, out)
-    candidate = export_verify.dequantized_lm(out, text_config(inputs.model_dir), device)
+    cfg = text_config(inputs.model_dir)
+    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax)
     checks["numerics"] = {**export_verify.compare_logits(reference, candidate, batches, device),
-                          "captions": source}
+                          "arithmetic": "modelopt fake quant (x * 448/amax)", "captions": source}
     del candidate
+    engine = export_verify.dequantized_lm(out, cfg, device, "engine")
+    served = export_verify.compare_logits(reference, engine, batches, device)
+    del engine
+    checks["numerics"]["engine_arithmetic"] = {  # reported, not a check (see export_verify)
+        "kl_mean": served["kl_mean"], "top1_agreement": served["top1_agreement"],
+        "arithmetic": "serving kernel (x * 1/input_scale)"}
     checks["loadability"] = export_verify.check_loadable(out, lm_only)
     return checks
 

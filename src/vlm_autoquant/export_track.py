@@ -14,11 +14,13 @@ M_EXPORT_KL = "export/kl_mean"
 M_EXPORT_TOP1 = "export/top1_agreement"
 M_EXPORT_BYTES = "export/bytes"
 M_EXPORT_PASSED = "export/checks_passed"
+M_EXPORT_ENGINE_KL = "export/engine_kl_mean"  # serving-kernel arithmetic: reported, not checked
 
 
 def metrics(report: dict) -> dict[str, float]:
     num = report["checks"]["numerics"]
     out = {M_EXPORT_KL: num["kl_mean"], M_EXPORT_TOP1: num["top1_agreement"],
+           M_EXPORT_ENGINE_KL: (num.get("engine_arithmetic") or {}).get("kl_mean"),
            M_EXPORT_BYTES: report["bytes"],
            M_EXPORT_PASSED: float(sum(c["passed"] for c in report["checks"].values())),
            "memory/peak_gpu_gib": report["memory"]["peak_gpu_gib"],
