@@ -105,6 +105,9 @@ def main() -> None:
               "ours_phases": phases.seconds, "ratio": ours / base["total_s"], "goal_ratio": 1.3,
               "verify_s": phases.seconds["verify"], "checks_passed": report["passed"],
               "kl_mean": report["checks"]["numerics"]["kl_mean"],
+              "engine_arithmetic": report["checks"]["numerics"].get("engine_arithmetic"),
+              "scales": report["checks"].get("scales"),
+              "top1_agreement": report["checks"]["numerics"]["top1_agreement"],
               "export_bytes": report["bytes"], "peak_rss_gib": peak_rss_gib(),
               "peak_gpu_gib": gpu_peak_gib()}
     text = json.dumps(result, indent=2)
