@@ -407,3 +407,23 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
     engine = export_verify.dequantized_lm(staging, cfg, cpu, "engine")
     served = export_verify.compare_logits(reference, engine, batches, cpu)["kl_mean"]
     assert served < 0.1 * quantization, (served, quantization)
+
+
+def test_modelopt_arithmetic_is_modelopt_fake_quant_bit_for_bit():
+    """The verifier's "modelopt" arithmetic reproduces ModelOpt's own FP8 fake quant exactly,
+    also for an amax that 448 x (amax / 448) does not give back, and on rounding ties."""
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    from vlm_autoquant import export_verify
+
+    candidates = (torch.arange(1, 4000) / 256).to(torch.bfloat16).float()
+    amax = next(a for a in candidates if (a / 448) * 448 != a)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 512, generator=gen) * amax / 3).to(torch.bfloat16)
+    ties = torch.tensor([k * amax.item() / 448 for k in (10.5, 21, 42, 84, 168)])
+    x[0, :5] = ties.to(torch.bfloat16)
+    hook = export_verify._input_quant_hook(amax / 448, "modelopt", amax)
+    assert torch.equal(hook(None, (x,))[0], fp8_eager(x, amax))
+    dynamic = export_verify._input_quant_hook(None, "modelopt")
+    per_token = torch.stack([fp8_eager(row, row.abs().amax().float()) for row in x])
+    assert torch.equal(dynamic(None, (x,))[0], per_token)

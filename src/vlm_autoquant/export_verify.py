@@ -105,20 +105,25 @@ def _e4m3_engine(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.float() * scale).to(x.dtype)
 
 
-def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str):
-    """Quantize a layer's input from the stored `input_scale` (None: dynamic per token).
+def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
+                      amax: torch.Tensor | None = None):
+    """Quantize a layer's input from its stored `input_scale` (None: dynamic per token).
 
-    `arithmetic` "modelopt" rounds as the run's fake quant did (448 / amax, amax = 448 x scale);
-    "engine" as a serving kernel does (1 / scale). Both read only the stored scale. They differ
-    at exact E4M3 rounding ties, which bf16 activations hit about once in a hundred values.
+    `arithmetic` "modelopt" rounds as the run's fake quant did (448 / amax; `amax` when given,
+    else 448 x scale), "engine" as a serving kernel does (1 / scale). They differ at exact E4M3
+    rounding ties, which bf16 activations hit about once in a hundred values.
     """
     def hook(_module, args):
         x = args[0]
-        amax = x.abs().amax(dim=-1, keepdim=True).float() if scale is None else scale * FP8_MAX
-        if arithmetic == "modelopt":
-            return (_e4m3_fake(x, amax), *args[1:])
-        return (_e4m3_engine(x, amax.clamp(min=1e-12) / FP8_MAX if scale is None else scale),
-                *args[1:])
+        if scale is None:  # dynamic: each token's own amax
+            a = x.abs().amax(dim=-1, keepdim=True).float()
+            q = _e4m3_fake(x, a) if arithmetic == "modelopt" else \
+                _e4m3_engine(x, a.clamp(min=1e-12) / FP8_MAX)
+        elif arithmetic == "modelopt":
+            q = _e4m3_fake(x, amax if amax is not None else scale * FP8_MAX)
+        else:
+            q = _e4m3_engine(x, scale)
+        return (q, *args[1:])
     return hook
 
 
@@ -127,7 +132,7 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
     """The exported LM rebuilt from its safetensors alone, FP8 applied by hand (not ModelOpt).
 
     `amax` (layer -> the run's input amax) lets the "modelopt" arithmetic use the run's exact
-    amax where 448 x input_scale does not give it back bit for bit (about 7% of fp32 values);
+    amax, which 448 x input_scale does not give back bit for bit for about 7% of values;
     `check_scales` proves each stored input_scale is that amax / 448.
     """
     from transformers import Qwen2ForCausalLM
@@ -159,10 +164,10 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
                            f"unexpected {unexpected[:5]}")
     modules = dict(model.named_modules())
     for layer, s in fp8.items():
-        if s is not None and arithmetic == "modelopt" and amax and layer in amax:
-            s = amax[layer].float() / FP8_MAX  # scale * 448 is then the run's amax exactly
-        modules[layer].register_forward_pre_hook(
-            _input_quant_hook(None if s is None else s.float().to(device), arithmetic))
+        run_amax = (amax or {}).get(layer) if s is not None else None
+        modules[layer].register_forward_pre_hook(_input_quant_hook(
+            None if s is None else s.float().to(device), arithmetic,
+            None if run_amax is None else run_amax.float().to(device)))
     return model.eval()
 
 
