@@ -397,14 +397,18 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
     assert not bad["passed"] and "layers.0.mlp.down_proj" in bad["errors"][0]
     batches, _ = export_verify.held_out_batches(inputs.manifest, staging)
     cfg = text_config(model_dir)
-    candidate = export_verify.dequantized_lm(staging, cfg, cpu, "modelopt", amax)
+    with torch.no_grad():  # buffers no checkpoint holds come from the restored model
+        reference.model.rotary_emb.inv_freq[1:] = torch.nextafter(
+            reference.model.rotary_emb.inv_freq[1:], torch.tensor(1.0))
+    candidate = export_verify.dequantized_lm(staging, cfg, cpu, "modelopt", amax, reference)
+    assert torch.equal(candidate.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
     bf16 = load_lm(model_dir, cfg, cpu)
     exported = export_verify.compare_logits(reference, candidate, batches, cpu)["kl_mean"]
     quantization = export_verify.compare_logits(bf16, reference, batches, cpu)["kl_mean"]
     assert quantization > 1e-5  # the planted outlier makes 8 bits cost something
     # every byte and scale is the run's: in the fake quant's arithmetic, the same logits
     assert exported == 0.0, (exported, quantization)
-    engine = export_verify.dequantized_lm(staging, cfg, cpu, "engine")
+    engine = export_verify.dequantized_lm(staging, cfg, cpu, "engine", reference=reference)
     served = export_verify.compare_logits(reference, engine, batches, cpu)["kl_mean"]
     assert served < 0.1 * quantization, (served, quantization)
 

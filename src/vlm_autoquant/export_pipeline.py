@@ -42,11 +42,11 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -
     checks["scales"] = export_verify.check_scales(out, amax)
     batches, source = export_verify.held_out_batches(inputs.manifest, out)
     cfg = text_config(inputs.model_dir)
-    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax)
+    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax, reference)
     checks["numerics"] = {**export_verify.compare_logits(reference, candidate, batches, device),
                           "arithmetic": "modelopt fake quant (x * 448/amax)", "captions": source}
     del candidate
-    engine = export_verify.dequantized_lm(out, cfg, device, "engine")
+    engine = export_verify.dequantized_lm(out, cfg, device, "engine", reference=reference)
     served = export_verify.compare_logits(reference, engine, batches, device)
     del engine
     checks["numerics"]["engine_arithmetic"] = {  # reported, not a check (see export_verify)

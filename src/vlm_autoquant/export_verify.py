@@ -128,12 +128,16 @@ def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
 
 
 def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "modelopt",
-                   amax: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                   amax: dict[str, torch.Tensor] | None = None,
+                   reference: nn.Module | None = None) -> nn.Module:
     """The exported LM rebuilt from its safetensors alone, FP8 applied by hand (not ModelOpt).
 
     `amax` (layer -> the run's input amax) lets the "modelopt" arithmetic use the run's exact
     amax, which 448 x input_scale does not give back bit for bit for about 7% of values;
-    `check_scales` proves each stored input_scale is that amax / 448.
+    `check_scales` proves each stored input_scale is that amax / 448. `reference` gives the
+    buffers no checkpoint holds (RoPE's inverse frequencies): built here they would be computed
+    on `device` (CUDA's pow is not correctly rounded, and one ulp in RoPE moves a random-init
+    36-layer model's logits by KL ~2e-3), so they are taken from the restored model instead.
     """
     from transformers import Qwen2ForCausalLM
 
@@ -162,6 +166,12 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
     if missing or unexpected:
         raise RuntimeError(f"exported LM does not fit its config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
+    if reference is not None:
+        theirs = dict(reference.named_buffers())
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name not in state and name in theirs and theirs[name].shape == buf.shape:
+                    buf.copy_(theirs[name])
     modules = dict(model.named_modules())
     for layer, s in fp8.items():
         run_amax = (amax or {}).get(layer) if s is not None else None
