@@ -144,13 +144,15 @@ def main() -> None:
 
     r["single"] = run([SINGLE, "--scheme-name", ANCHOR, *common], args.work, "single")
     partial()
-    r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all")
-    partial()
+    if "sweep_all" in steps:
+        r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all")
+        partial()
     if "sweep_gradient" in steps:
         r["sweep_gradient"] = run([SWEEP, "--schemes", ",".join(gradient), *common], args.work,
                                   "sweep_gradient")
         partial()
-    rest = args.alone.split(",") if args.alone else [n for n in catalog if n != ANCHOR]
+    rest = [n for n in args.alone.split(",") if n in catalog] if args.alone else \
+        [n for n in catalog if n != ANCHOR]
     if "alone" in steps:
         with ThreadPoolExecutor(args.parallel) as pool:
             alone = list(pool.map(lambda n: (n, run([SINGLE, "--scheme-name", n, *common],
@@ -159,12 +161,15 @@ def main() -> None:
     single = r["single"]["wall_s"]
     r["ratios"] = {f"{k}_over_single": r[k]["wall_s"] / single
                    for k in ("sweep_all", "sweep_gradient") if k in r}
-    r["ratios"]["sweep_all_peak_over_single"] = r["sweep_all"]["peak_gpu_gib"] / max(
-        r["single"]["peak_gpu_gib"], 1e-9)
+    for k in (k for k in ("sweep_all", "sweep_gradient") if k in r):
+        r["ratios"][f"{k}_peak_over_single"] = r[k]["peak_gpu_gib"] / max(
+            r["single"]["peak_gpu_gib"], 1e-9)
+    swept = r.get("sweep_all") or r.get("sweep_gradient") or {"schemes": {}}
     key = "layer_formats_sha256"  # every layer's format, not just the count
-    same = {n: r["alone"][n]["schemes"][n][key] == r["sweep_all"]["schemes"][n][key]
-            for n in rest if n in r.get("alone", {})}
-    same[ANCHOR] = r["single"]["schemes"][ANCHOR][key] == r["sweep_all"]["schemes"][ANCHOR][key]
+    same = {n: r["alone"][n]["schemes"][n][key] == swept["schemes"][n][key]
+            for n in rest if n in r.get("alone", {}) and n in swept["schemes"]}
+    if ANCHOR in swept["schemes"]:
+        same[ANCHOR] = r["single"]["schemes"][ANCHOR][key] == swept["schemes"][ANCHOR][key]
     r["alone_equals_sweep_layer_formats"] = same
     partial()
     print(f"\n{'run':28}{'wall s':>9}{'peak GiB':>10}")
@@ -176,7 +181,7 @@ def main() -> None:
         print(f"{k:40}{v:>7.2f}")
     print("per scheme (sweep): " + "; ".join(
         f"{n}: {s['achieved_bits']:.3f} bits, {s['fp8']} FP8, KL {s['kl_mean']:.3g}, "
-        f"outlier {s['planted_outlier_gate_up']}" for n, s in r["sweep_all"]["schemes"].items()))
+        f"outlier {s['planted_outlier_gate_up']}" for n, s in swept["schemes"].items()))
     print(f"alone == sweep (every layer's format): {same}")
     print(f"wrote {args.out}")
 
