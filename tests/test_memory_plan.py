@@ -45,7 +45,8 @@ def test_prediction_within_15_percent_of_measured_unfreed(size, batch, ckpt, gib
 
 
 # The same, with the driver freeing the diffs (this session's H200 calls; bench/results/).
-MEASURED_FREED = [("3b", 16, "gradient", 23.2), ("7b", 16, "gradient", 32.12)]
+MEASURED_FREED = [("3b", 16, "gradient", 23.2), ("7b", 16, "gradient", 32.12),
+                  ("3b", 16, "kl_div", 20.73)]  # kl_div: row-chunked KL and prefix replay
 
 
 @pytest.mark.parametrize("size,batch,method,gib", MEASURED_FREED)
@@ -119,6 +120,20 @@ def test_split_placement_puts_the_loss_where_the_outputs_land():
 # on, freed diffs, one format): layers 0-31 with embed_tokens on GPU 0, layers 32-63 with
 # lm_head on GPU 1; torch.cuda.max_memory_allocated per GPU.
 MEASURED_32B_2GPU = {0: 49.38, 1: 38.70}
+
+
+# The 7B across two H200s at 16x512 (bench/results/family-7b-2gpu.json, measured after the plan
+# moved the loss to the embeddings' GPU): layers 0-12 with embed_tokens on GPU 0, 13-27 with
+# lm_head on GPU 1.
+MEASURED_7B_2GPU = {0: 23.71, 1: 12.28}
+
+
+def test_split_7b_within_15_percent_of_measured_per_gpu():
+    dims = Dims.from_config(config("7b"))
+    placement = Placement(0, [0] * 13 + [1] * 15, 1)
+    plan = predict(dims, 16, 512, "gradient", True, placement, num_formats=1)
+    for d, gib in MEASURED_7B_2GPU.items():
+        assert plan.peak(d) == pytest.approx(gib, rel=0.15), d
 
 
 def test_split_32b_within_15_percent_of_measured_per_gpu():
