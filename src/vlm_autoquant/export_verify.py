@@ -127,6 +127,22 @@ def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
     return hook
 
 
+def _dequantized_state(out: Path) -> tuple[dict, dict]:
+    """The export's LM tensors, FP8 weights times their scales (bf16); layer -> input_scale."""
+    state, fp8 = {}, {}
+    for f in weight_files(out):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for k in st.keys():
+                if not VISION_RE.match(k):
+                    state[k] = st.get_tensor(k)
+    for k in [k for k in state if k.endswith(".weight_scale")]:
+        layer = k.removesuffix(".weight_scale")
+        w, s = state[f"{layer}.weight"].float(), state.pop(k).float()
+        state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.ndim else s)).to(torch.bfloat16)
+        fp8[layer] = state.pop(f"{layer}.input_scale", None)
+    return state, fp8
+
+
 def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "modelopt",
                    amax: dict[str, torch.Tensor] | None = None,
                    reference: nn.Module | None = None) -> nn.Module:
@@ -141,17 +157,7 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
     """
     from transformers import Qwen2ForCausalLM
 
-    state, fp8 = {}, {}
-    for f in weight_files(out):
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for k in st.keys():
-                if not VISION_RE.match(k):
-                    state[k] = st.get_tensor(k)
-    for k in [k for k in state if k.endswith(".weight_scale")]:
-        layer = k.removesuffix(".weight_scale")
-        w, s = state[f"{layer}.weight"].float(), state.pop(k).float()
-        state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.ndim else s)).to(torch.bfloat16)
-        fp8[layer] = state.pop(f"{layer}.input_scale", None)
+    state, fp8 = _dequantized_state(out)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # bf16 parameters, fp32 RoPE buffers (as loaded)
     try:
