@@ -98,12 +98,19 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     phases = Phases()
-    report = export_pipeline.export_checkpoint(inputs, phases)
+    from vlm_autoquant.errors import RunFailed
+
+    try:
+        report = export_pipeline.export_checkpoint(inputs, phases)
+    except RunFailed as exc:  # the timings still stand; the failure is part of the result
+        report = {"passed": False, "failure": str(exc), "bytes": None, "checks": {
+            "numerics": {"kl_mean": None, "top1_agreement": None}}}
     ours = phases.seconds["modelopt_export"] + phases.seconds["assemble"]
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "model_dir": str(model_dir), "baseline": base, "ours_s": ours,
               "ours_phases": phases.seconds, "ratio": ours / base["total_s"], "goal_ratio": 1.3,
               "verify_s": phases.seconds["verify"], "checks_passed": report["passed"],
+              "failure": report.get("failure"),
               "kl_mean": report["checks"]["numerics"]["kl_mean"],
               "engine_arithmetic": report["checks"]["numerics"].get("engine_arithmetic"),
               "scales": report["checks"].get("scales"),

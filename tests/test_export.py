@@ -408,6 +408,13 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
     assert quantization > 1e-5  # the planted outlier makes 8 bits cost something
     # every byte and scale is the run's: in the fake quant's arithmetic, the same logits
     assert exported == 0.0, (exported, quantization)
+    assert export_verify.first_divergence(reference, candidate, batches[0], cpu) is None
+    with torch.no_grad():  # one weight off in layer 1's o_proj: the report names that module
+        w = candidate.model.layers[1].self_attn.o_proj.weight
+        w[0, 0] = (w[0, 0].float() * 1.01 + 1e-3).to(w.dtype)
+    where = export_verify.first_divergence(reference, candidate, batches[0], cpu)
+    assert where["module"] == "model.layers.1.self_attn.o_proj", where
+    assert 0 < where["max_abs_diff"] and where["differing_fraction"] < 0.5
     engine = export_verify.dequantized_lm(staging, cfg, cpu, "engine", reference=reference)
     served = export_verify.compare_logits(reference, engine, batches, cpu)["kl_mean"]
     assert served < 0.1 * quantization, (served, quantization)

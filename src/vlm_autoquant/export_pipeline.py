@@ -45,6 +45,9 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -
     candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax, reference)
     checks["numerics"] = {**export_verify.compare_logits(reference, candidate, batches, device),
                           "arithmetic": "modelopt fake quant (x * 448/amax)", "captions": source}
+    if not checks["numerics"]["passed"] and batches:  # say where it first differs
+        checks["numerics"]["first_divergence"] = export_verify.first_divergence(
+            reference, candidate, batches[0], device)
     del candidate
     engine = export_verify.dequantized_lm(out, cfg, device, "engine", reference=reference)
     served = export_verify.compare_logits(reference, engine, batches, device)

@@ -259,6 +259,43 @@ def compare_logits(reference: nn.Module, candidate: nn.Module, batches: list[dic
             "top1_agreement": agree / tokens if tokens else float("nan"), "tokens": int(tokens)}
 
 
+@torch.inference_mode()
+def first_divergence(reference: nn.Module, candidate: nn.Module, batch: dict,
+                     device: torch.device) -> dict | None:
+    """Where the candidate's computation first leaves the reference's, for a failed numerics
+    check: the first module (in the reference's execution order, among the modules both have)
+    whose output is not bit-identical, with its largest difference. None if none differs."""
+    outputs: dict[str, dict[str, torch.Tensor]] = {"ref": {}, "cand": {}}
+    order: list[str] = []
+    names = {n for n, _ in candidate.named_modules()} & {n for n, _ in reference.named_modules()}
+    handles = []
+    for side, model in (("ref", reference), ("cand", candidate)):
+        for name, module in model.named_modules():
+            if name and name in names:
+                def keep(_m, _a, out, side=side, name=name):
+                    t = out[0] if isinstance(out, tuple) else out
+                    if isinstance(t, torch.Tensor) and name not in outputs[side]:
+                        outputs[side][name] = t.detach()
+                        if side == "ref":
+                            order.append(name)
+                handles.append(module.register_forward_hook(keep))
+    try:
+        kw = dict(input_ids=batch["input_ids"][:1, :64].to(device),  # one row's start is enough
+                  position_ids=batch["position_ids"][:1, :64].to(device), use_cache=False)
+        reference(**kw)
+        candidate(**kw)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in order:
+        a, b = outputs["ref"][name], outputs["cand"].get(name)
+        if b is not None and a.shape == b.shape and not torch.equal(a, b):
+            return {"module": name, "max_abs_diff": (a.float() - b.float()).abs().max().item(),
+                    "max_abs": a.float().abs().max().item(),
+                    "differing_fraction": (a != b).float().mean().item()}
+    return None
+
+
 def check_loadable(out: Path, lm_only: bool) -> dict:
     """(d) transformers builds the model from the export with no missing key (meta device)."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
