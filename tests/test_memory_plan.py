@@ -116,31 +116,19 @@ def test_split_placement_puts_the_loss_where_the_outputs_land():
     assert max(split.peak(0), split.peak(1)) < single.peak(0)
 
 
-# The 32B across two H200s at 16x512 (bench/results/family-32b-2gpu.json: gradient, checkpointing
-# on, freed diffs, one format): layers 0-31 with embed_tokens on GPU 0, layers 32-63 with
-# lm_head on GPU 1; torch.cuda.max_memory_allocated per GPU.
-MEASURED_32B_2GPU = {0: 49.38, 1: 38.70}
+# Models split over two H200s at 16x512 (gradient, checkpointing on, freed diffs, one format),
+# torch.cuda.max_memory_allocated per GPU: (size, layers on GPU 0 with embed_tokens, layers on
+# GPU 1 with lm_head, measured GiB per GPU). The 32B: bench/results/family-32b-2gpu.json; the 7B:
+# family-7b-2gpu.json, measured after the plan moved the loss to the embeddings' GPU.
+MEASURED_2GPU = [("32b", 32, 32, {0: 49.38, 1: 38.70}), ("7b", 13, 15, {0: 23.71, 1: 12.28})]
 
 
-# The 7B across two H200s at 16x512 (bench/results/family-7b-2gpu.json, measured after the plan
-# moved the loss to the embeddings' GPU): layers 0-12 with embed_tokens on GPU 0, 13-27 with
-# lm_head on GPU 1.
-MEASURED_7B_2GPU = {0: 23.71, 1: 12.28}
-
-
-def test_split_7b_within_15_percent_of_measured_per_gpu():
-    dims = Dims.from_config(config("7b"))
-    placement = Placement(0, [0] * 13 + [1] * 15, 1)
-    plan = predict(dims, 16, 512, "gradient", True, placement, num_formats=1)
-    for d, gib in MEASURED_7B_2GPU.items():
-        assert plan.peak(d) == pytest.approx(gib, rel=0.15), d
-
-
-def test_split_32b_within_15_percent_of_measured_per_gpu():
-    dims = Dims.from_config(config("32b"))
-    placement = Placement(0, [0] * 32 + [1] * 32, 1)
-    plan = predict(dims, 16, 512, "gradient", True, placement, num_formats=1)
-    for d, gib in MEASURED_32B_2GPU.items():
+@pytest.mark.parametrize("size,on_first,on_second,measured", MEASURED_2GPU)
+def test_split_within_15_percent_of_measured_per_gpu(size, on_first, on_second, measured):
+    placement = Placement(0, [0] * on_first + [1] * on_second, 1)
+    plan = predict(Dims.from_config(config(size)), 16, 512, "gradient", True, placement,
+                   num_formats=1)
+    for d, gib in measured.items():
         assert plan.peak(d) == pytest.approx(gib, rel=0.15), d
 
 
