@@ -45,15 +45,24 @@ def vision_name(key: str) -> str:
 FP8_MAX = 448.0
 
 
+def fake_quant_scale(amax: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's FP8 fake-quant multiplier 448 / amax, in fp32 (tensor_quant._fp8_eager, also
+    what its CUDA kernel computes), with its guard for an all-zero tensor."""
+    amax = amax.float()
+    return FP8_MAX / torch.where(amax <= 1.0 / (1 << 24), torch.ones_like(amax), amax)
+
+
+def e4m3_codes(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """x in fp32 times `multiplier`, clamped to E4M3's range, cast (round to nearest even)."""
+    return (x.float() * multiplier).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 def _fake_quant_codes(weight: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """The E4M3 codes ModelOpt's FP8 fake quant rounds `weight` to (tensor_quant._fp8_eager, also
-    what its CUDA kernel computes): the weight in fp32 times 448 / amax, clamped, cast."""
-    amax = amax.float().to(weight.device)
-    safe = torch.where(amax <= 1.0 / (1 << 24), torch.ones_like(amax), amax)
-    scale = FP8_MAX / safe
+    """The E4M3 codes ModelOpt's FP8 fake quant rounds `weight` to."""
+    scale = fake_quant_scale(amax.to(weight.device))
     if scale.numel() > 1:
         scale = scale.reshape(-1, 1)  # per output channel
-    return (weight.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return e4m3_codes(weight, scale)
 
 
 @contextlib.contextmanager

@@ -24,12 +24,11 @@ from torch import nn
 
 from .artifacts import sha256_file
 from .checkpoint import VISION_RE
-from .export import vision_name
+from .export import FP8_MAX, e4m3_codes, fake_quant_scale, vision_name
 from .identity import shard_layout, tensor_digests, weight_files
 
 log = logging.getLogger(__name__)
 KL_LIMIT = 1e-4
-FP8_MAX = 448.0
 HOLDOUT_BATCHES = 2  # held-out batches for the numerics check (the scheme's batch shape)
 SCALE_SUFFIXES = ("weight_scale", "input_scale", "weight_scale_2", "k_scale", "v_scale")
 
@@ -91,18 +90,14 @@ def check_vision(base_dir: Path, out: Path) -> dict:
 
 
 def _e4m3_fake(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's FP8 fake quant arithmetic (tensor_quant._fp8_eager): x * (448 / amax) in
-    fp32, clamped, cast to E4M3, times 1 / (448 / amax)."""
-    safe = torch.where(amax <= 1.0 / (1 << 24), torch.ones_like(amax), amax)
-    scale = FP8_MAX / safe
-    q = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * (1 / scale)).to(x.dtype)
+    """ModelOpt's FP8 fake quant: x * (448 / amax) to E4M3, times 1 / (448 / amax)."""
+    scale = fake_quant_scale(amax)
+    return (e4m3_codes(x, scale).float() * (1 / scale)).to(x.dtype)
 
 
 def _e4m3_engine(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A serving kernel's static or dynamic FP8 input: x * (1 / scale), cast, times scale."""
-    q = (x.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * scale).to(x.dtype)
+    """A serving kernel's static or dynamic FP8 input: x * (1 / scale) to E4M3, times scale."""
+    return (e4m3_codes(x, 1.0 / scale).float() * scale).to(x.dtype)
 
 
 def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
