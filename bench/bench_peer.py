@@ -173,6 +173,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/vlmpeer"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-peer.json")
     p.add_argument("--no-importtime", action="store_true", help="skip the -X importtime driver run")
+    p.add_argument("--profile", action="store_true",
+                   help="also run the driver and bare once each under bench/stack_sampler.py "
+                        "(not timed against anything; profiles written next to --out)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     work = args.work
@@ -219,6 +222,16 @@ def main() -> None:
         run_driver(args, work, txt, "driver_importtime", ("-X", "importtime"))
         log = (work / "driver_importtime.log").read_text().split("--- stderr ---")[-1]
         r["driver_importtime_top15"] = importtime_top(log)
+    if args.profile:  # where each side's wall time goes, thread by thread (untimed runs)
+        sampler = str(Path(__file__).with_name("stack_sampler.py"))
+        prof = args.out.with_name(args.out.stem + "-profile-driver.json")
+        run_driver(args, work, txt, "driver_profile", (sampler, "--out", str(prof), "--"))
+        prof_bare = args.out.with_name(args.out.stem + "-profile-bare.json")
+        flags = ["--eager"] if cuda and not args.ext_ok else []
+        sh([sys.executable, sampler, "--out", str(prof_bare), "--", str(BARE), str(args.ckpt_dir),
+            str(work / "batches.pt"), str(work / "bare_profile.json"), *flags], env_for(work),
+           work / "bare_profile.log", timeout=600)
+        r["profiles"] = [str(prof), str(prof_bare)]
     r["machine"]["device"] = torch.cuda.get_device_name() if cuda else "cpu"
     r["table"] = rows = summarize(r)
     save(r, args.out, work)

@@ -395,12 +395,30 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
     wrong = {k: v * (2.0 if k.endswith("layers.0.mlp.down_proj") else 1.0) for k, v in amax.items()}
     bad = export_verify.check_scales(staging, wrong)
     assert not bad["passed"] and "layers.0.mlp.down_proj" in bad["errors"][0]
+    weight_amax = export_verify.quantizer_amax(reference, "weight")
+    scales = export_verify.check_scales(staging, amax, weight_amax)
+    assert scales["passed"] and scales["weight_scales"] == checked, scales
+    off = {k: v * (1.5 if k.endswith("layers.1.mlp.up_proj") else 1.0)
+           for k, v in weight_amax.items()}
+    bad = export_verify.check_scales(staging, amax, off)
+    assert not bad["passed"] and "layers.1.mlp.up_proj: weight_scale" in bad["errors"][0], bad
+    codes = export_verify.check_weight_codes(staging, reference)
+    assert codes["passed"] and codes["layers"] == checked, codes
+    with torch.no_grad():  # a base weight the export did not round from: that layer is named
+        w = reference.model.layers[2].mlp.down_proj.weight
+        saved = w[3, :8].clone()
+        w[3, :8] = w[3, :8] * 0.5
+        codes = export_verify.check_weight_codes(staging, reference)
+        w[3, :8] = saved
+    assert not codes["passed"] and codes["layers_differing"] == 1
+    assert codes["errors"][0].startswith("model.layers.2.mlp.down_proj:"), codes
     batches, _ = export_verify.held_out_batches(inputs.manifest, staging)
     cfg = text_config(model_dir)
     with torch.no_grad():  # buffers no checkpoint holds come from the restored model
         reference.model.rotary_emb.inv_freq[1:] = torch.nextafter(
             reference.model.rotary_emb.inv_freq[1:], torch.tensor(1.0))
-    candidate = export_verify.dequantized_lm(staging, cfg, cpu, "modelopt", amax, reference)
+    candidate = export_verify.dequantized_lm(staging, cfg, cpu, "modelopt", amax, reference,
+                                             weight_amax)
     assert torch.equal(candidate.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
     bf16 = load_lm(model_dir, cfg, cpu)
     exported = export_verify.compare_logits(reference, candidate, batches, cpu)["kl_mean"]
@@ -418,6 +436,32 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
     engine = export_verify.dequantized_lm(staging, cfg, cpu, "engine", reference=reference)
     served = export_verify.compare_logits(reference, engine, batches, cpu)["kl_mean"]
     assert served < 0.1 * quantization, (served, quantization)
+
+
+def test_weights_dequantized_in_the_fake_quant_arithmetic(tmp_path):
+    """Given the run's weight amax, the verifier dequantizes FP8 codes exactly as ModelOpt's fake
+    quant does (codes x 1 / (448 / amax)), not codes x weight_scale: for this amax the two
+    multipliers differ in the last fp32 bit and move some weights one bf16 ulp."""
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+    from safetensors.torch import save_file
+
+    from vlm_autoquant import export_verify
+    from vlm_autoquant.export import e4m3_codes, fake_quant_scale
+
+    amax = torch.tensor(0.57421875)  # a bf16 value: 1 / (448 / amax) != amax / 448 in fp32
+    assert 1 / (448 / amax) != amax / 448
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 256, generator=gen) * amax / 3).clamp(-amax, amax).to(torch.bfloat16)
+    x[0, 0] = amax.to(torch.bfloat16)
+    layer = "model.layers.0.mlp.down_proj"
+    save_file({f"{layer}.weight": e4m3_codes(x, fake_quant_scale(amax)),
+               f"{layer}.weight_scale": (amax / 448).reshape(()).float()},
+              str(tmp_path / "model.safetensors"))
+    fake = fp8_eager(x, amax)
+    state, _ = export_verify._dequantized_state(tmp_path, {layer: amax})
+    assert torch.equal(state[f"{layer}.weight"], fake)
+    engine, _ = export_verify._dequantized_state(tmp_path)
+    assert not torch.equal(engine[f"{layer}.weight"], fake)  # the test can fail without amax
 
 
 def test_modelopt_arithmetic_is_modelopt_fake_quant_bit_for_bit():

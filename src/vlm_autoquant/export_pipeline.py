@@ -31,7 +31,7 @@ _before_publish = None
 
 
 def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -> dict:
-    """Checks (a)-(d) on the staged checkpoint, and the stored input scales against the run's."""
+    """Checks (a)-(d) on the staged checkpoint, and its scales and FP8 codes against the run's."""
     from .lm import text_config
 
     lm_only = inputs.options.lm_only
@@ -39,10 +39,13 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -
     checks["vision"] = {"passed": True, "skipped": "--lm-only"} if lm_only else \
         export_verify.check_vision(inputs.model_dir, out)
     amax = export_verify.input_amax(reference)
-    checks["scales"] = export_verify.check_scales(out, amax)
+    weight_amax = export_verify.quantizer_amax(reference, "weight")
+    checks["scales"] = export_verify.check_scales(out, amax, weight_amax)
+    checks["weights"] = export_verify.check_weight_codes(out, reference)
     batches, source = export_verify.held_out_batches(inputs.manifest, out)
     cfg = text_config(inputs.model_dir)
-    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax, reference)
+    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax, reference,
+                                             weight_amax)
     checks["numerics"] = {**export_verify.compare_logits(reference, candidate, batches, device),
                           "arithmetic": "modelopt fake quant (x * 448/amax)", "captions": source}
     if not checks["numerics"]["passed"] and batches:  # say where it first differs

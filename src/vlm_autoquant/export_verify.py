@@ -122,8 +122,15 @@ def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
     return hook
 
 
-def _dequantized_state(out: Path) -> tuple[dict, dict]:
-    """The export's LM tensors, FP8 weights times their scales (bf16); layer -> input_scale."""
+def _dequantized_state(out: Path, weight_amax: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[dict, dict]:
+    """The export's LM tensors, FP8 weights dequantized to bf16; layer -> input_scale.
+
+    A layer in `weight_amax` (the run's weight amax) is dequantized as the fake quant does,
+    codes x 1 / (448 / amax); any other as a serving engine does, codes x weight_scale. The two
+    multipliers differ in the last fp32 bit for about a third of the layers, which moves about
+    one layer in a hundred one bf16 ulp; `check_scales` proves weight_scale is amax / 448.
+    """
     state, fp8 = {}, {}
     for f in weight_files(out):
         with safe_open(str(f), framework="pt", device="cpu") as st:
@@ -133,26 +140,32 @@ def _dequantized_state(out: Path) -> tuple[dict, dict]:
     for k in [k for k in state if k.endswith(".weight_scale")]:
         layer = k.removesuffix(".weight_scale")
         w, s = state[f"{layer}.weight"].float(), state.pop(k).float()
-        state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.ndim else s)).to(torch.bfloat16)
+        amax = (weight_amax or {}).get(layer)
+        if amax is not None:
+            s = 1 / fake_quant_scale(amax)
+        state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))
+                                    ).to(torch.bfloat16)
         fp8[layer] = state.pop(f"{layer}.input_scale", None)
     return state, fp8
 
 
 def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "modelopt",
                    amax: dict[str, torch.Tensor] | None = None,
-                   reference: nn.Module | None = None) -> nn.Module:
+                   reference: nn.Module | None = None,
+                   weight_amax: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The exported LM rebuilt from its safetensors alone, FP8 applied by hand (not ModelOpt).
 
     `amax` (layer -> the run's input amax) lets the "modelopt" arithmetic use the run's exact
     amax, which 448 x input_scale does not give back bit for bit for about 7% of values;
-    `check_scales` proves each stored input_scale is that amax / 448. `reference` gives the
+    `weight_amax` does the same for the weights' dequantization (`_dequantized_state`);
+    `check_scales` proves each stored scale is that amax / 448. `reference` gives the
     buffers no checkpoint holds (RoPE's inverse frequencies): built here they would be computed
     on `device` (CUDA's pow is not correctly rounded, and one ulp in RoPE moves a random-init
     36-layer model's logits by KL ~2e-3), so they are taken from the restored model instead.
     """
     from transformers import Qwen2ForCausalLM
 
-    state, fp8 = _dequantized_state(out)
+    state, fp8 = _dequantized_state(out, weight_amax)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # bf16 parameters, fp32 RoPE buffers (as loaded)
     try:
@@ -182,34 +195,89 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
     return model.eval()
 
 
-def input_amax(reference: nn.Module) -> dict[str, torch.Tensor]:
-    """The restored run's static input amax per FP8 layer (for `dequantized_lm`)."""
+def quantizer_amax(reference: nn.Module, which: str = "input") -> dict[str, torch.Tensor]:
+    """The restored run's calibrated amax per layer, of its "input" or "weight" quantizer
+    (static ones only: a dynamic quantizer keeps none)."""
     out = {}
     for name, m in reference.named_modules():
-        q = getattr(m, "input_quantizer", None)
+        q = getattr(m, f"{which}_quantizer", None)
         if q is not None and q.is_enabled and getattr(q, "amax", None) is not None:
-            out[name] = q.amax.detach().float().reshape(()).cpu() if q.amax.numel() == 1 \
-                else q.amax.detach().float().cpu()
+            a = q.amax.detach().float().cpu()
+            out[name] = a.reshape(()) if a.numel() == 1 else a.reshape(-1)
     return out
 
 
-def check_scales(out: Path, amax: dict[str, torch.Tensor]) -> dict:
-    """Every stored static input_scale is the run's amax / 448 (to fp32 rounding)."""
+def input_amax(reference: nn.Module) -> dict[str, torch.Tensor]:
+    """The restored run's static input amax per FP8 layer (for `dequantized_lm`)."""
+    return quantizer_amax(reference, "input")
+
+
+def _stored(out: Path, suffix: str) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in weight_files(out):
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for k in st.keys():
-                if k.endswith(".input_scale"):
-                    tensors[k.removesuffix(".input_scale")] = st.get_tensor(k).float()
+                if k.endswith(suffix) and not VISION_RE.match(k):
+                    tensors[k.removesuffix(suffix)] = st.get_tensor(k).float()
+    return tensors
+
+
+def _scale_errors(kind: str, stored: dict[str, torch.Tensor], amax: dict[str, torch.Tensor]
+                  ) -> list[str]:
     errors = []
-    for layer, s in tensors.items():
+    for layer, s in stored.items():
         want = amax.get(layer)
         if want is None:
-            errors.append(f"{layer}: input_scale stored, no calibrated input in the run")
-        elif not torch.allclose(s.reshape(want.shape), want / FP8_MAX, rtol=2.5e-7, atol=0):
-            errors.append(f"{layer}: input_scale {s.flatten()[0].item():.9g}, run amax/448 "
+            errors.append(f"{layer}: {kind} stored, no calibrated amax in the run")
+        elif s.numel() != want.numel() or not torch.allclose(
+                s.reshape(want.shape), want / FP8_MAX, rtol=2.5e-7, atol=0):
+            errors.append(f"{layer}: {kind} {s.flatten()[0].item():.9g}, run amax/448 "
                           f"{(want / FP8_MAX).flatten()[0].item():.9g}")
-    return {"passed": not errors, "input_scales": len(tensors), "errors": errors[:20]}
+    return errors
+
+
+def check_scales(out: Path, amax: dict[str, torch.Tensor],
+                 weight_amax: dict[str, torch.Tensor] | None = None) -> dict:
+    """Every stored static input_scale (and, given the run's weight amax, every weight_scale) is
+    the run's amax / 448 (to fp32 rounding)."""
+    inputs = _stored(out, ".input_scale")
+    errors = _scale_errors("input_scale", inputs, amax)
+    result = {"input_scales": len(inputs)}
+    if weight_amax is not None:
+        weights = _stored(out, ".weight_scale")
+        errors += _scale_errors("weight_scale", weights, weight_amax)
+        result["weight_scales"] = len(weights)
+    return {"passed": not errors, **result, "errors": errors[:20]}
+
+
+@torch.no_grad()
+def check_weight_codes(out: Path, reference: nn.Module) -> dict:
+    """Every stored FP8 weight holds, byte for byte, the E4M3 codes the run's fake quant rounds
+    the base weight to (the weights the search scored and the run evaluated)."""
+    modules = dict(reference.named_modules())
+    layers = differ = 0
+    errors = []
+    for f in weight_files(out):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for k in st.keys():
+                if not k.endswith(".weight_scale") or VISION_RE.match(k):
+                    continue
+                layer = k.removesuffix(".weight_scale")
+                m = modules.get(layer)
+                q = getattr(m, "weight_quantizer", None)
+                if q is None or getattr(q, "amax", None) is None:
+                    errors.append(f"{layer}: FP8 in the export, no calibrated weight in the run")
+                    continue
+                scale = fake_quant_scale(q.amax.detach())
+                want = e4m3_codes(m.weight, scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+                got = st.get_tensor(f"{layer}.weight").to(want.device)
+                layers += 1
+                n = int((got.view(torch.uint8) != want.view(torch.uint8)).sum())
+                if n:
+                    differ += 1
+                    errors.append(f"{layer}: {n} of {got.numel()} codes differ from the run's")
+    return {"passed": not errors and layers > 0, "layers": layers, "layers_differing": differ,
+            "errors": errors[:20]}
 
 
 def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], str]:
