@@ -123,3 +123,75 @@ def test_expected_build_file_is_torchs_for_modelopts_source_and_stable(monkeypat
     assert first == fp8_kernel._torch_ninja_file(name, sources, kwargs)
     assert "TORCH_CUDA_ARCH_LIST" not in os.environ
     assert f"build {name}.so: link" in first and all(s in first for s in sources)
+
+
+def _division_matters() -> tuple[torch.Tensor, torch.Tensor]:
+    """An amax whose 448 / amax differs between one division and reciprocal x 448, and bf16
+    inputs on which the two round to different E4M3 codes."""
+    for a in (torch.arange(1, 4000) / 256).to(torch.bfloat16).float():
+        div, rec = fp8_kernel.fake_quant_scale(a, True), fp8_kernel.fake_quant_scale(a, False)
+        if div == rec:
+            continue
+        x = (torch.linspace(-1, 1, 20001) * a).to(torch.bfloat16)
+        c_div = (x.float() * div).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+        c_rec = (x.float() * rec).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+        if (c_div != c_rec).any():
+            return a.reshape(()), x
+    raise AssertionError("no amax separates the two arithmetics")
+
+
+def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu():
+    """A run on ModelOpt's CUDA extension (one division for 448 / amax) is reproduced on a
+    machine without it: inside run_arithmetic("cuda-ext") ModelOpt's own TensorQuantizer rounds
+    as the extension does, which differs from its eager path for this amax; per-token amax keeps
+    the eager path, as ModelOpt's dispatch does; everything is restored on exit."""
+    from modelopt.torch.quantization import tensor_quant
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    from vlm_autoquant.export import _fake_quant_codes
+    from vlm_autoquant.export_verify import _e4m3_fake
+
+    amax, x = _division_matters()
+    q = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3)), amax=amax)
+    eager = q(x)
+    assert torch.equal(eager, fp8_eager(x, amax))
+    impl = tensor_quant.scaled_e4m3_impl
+    with fp8_kernel.run_arithmetic("cuda-ext") as what:
+        ext = q(x)
+        per_token = x[:20000].reshape(2, 2, 5000)
+        tok_amax = per_token.abs().amax(-1, keepdim=True).float()
+        assert torch.equal(tensor_quant.scaled_e4m3_impl(per_token, tok_amax),
+                           fp8_eager(per_token, tok_amax))
+    assert what.startswith("cuda-ext") and tensor_quant.scaled_e4m3_impl is impl
+    assert not torch.equal(ext, eager)
+    assert torch.equal(ext, fp8_kernel._fp8_dividing(x, amax))
+    # the verifier's emulation and the exporter's codes follow the run's kernel
+    assert torch.equal(_e4m3_fake(x, amax, "cuda-ext"), ext)
+    assert torch.equal(_e4m3_fake(x, amax, "eager"), eager)
+    codes = _fake_quant_codes(x.reshape(1, -1), amax, "cuda-ext").float()
+    assert torch.equal((codes * (1 / fp8_kernel.fake_quant_scale(amax, True))).to(x.dtype),
+                       ext.reshape(1, -1))
+    with fp8_kernel.run_arithmetic("eager") as what:
+        assert what == "eager" and torch.equal(q(x), eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (ModelOpt's CUDA "
+                    "extension); run on the H200: see docs/PERFORMANCE.md")
+def test_cuda_extension_divides_once():
+    """On a GPU: ModelOpt's CUDA extension is exactly `_fp8_dividing` (one division for
+    448 / amax), per tensor and per output channel, and not its eager path for this amax."""
+    from modelopt.torch.quantization.tensor_quant import fp8_eager
+
+    ext = extensions.get_cuda_ext_fp8(raise_if_failed=True)
+    amax, x = _division_matters()
+    amax, x = amax.cuda(), x.cuda()
+    got = ext.fake_e4m3fy(x, amax)
+    assert torch.equal(got, fp8_kernel._fp8_dividing(x, amax))
+    assert not torch.equal(got, fp8_eager(x, amax))
+    w = x[:20000].reshape(8, 2500)
+    per_channel = torch.full((8, 1), amax.item(), device="cuda") * torch.linspace(0.5, 1, 8,
+                                                                                  device="cuda")[:, None]
+    got = ext.fake_e4m3fy_with_axis(w, per_channel.squeeze(), 0)
+    assert torch.equal(got, fp8_kernel._fp8_dividing(w, per_channel))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import INDEX_FILE, SINGLE_FILE, VISION_RE
+from .fp8_kernel import FP8_MAX, divides, fake_quant_scale
 from .identity import shard_layout, weight_files
 
 HF_QUANT_FILE = "hf_quant_config.json"
@@ -42,31 +43,22 @@ def vision_name(key: str) -> str:
     return key[len("model."):] if key.startswith("model.visual.") else key
 
 
-FP8_MAX = 448.0
-
-
-def fake_quant_scale(amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's FP8 fake-quant multiplier 448 / amax, in fp32 (tensor_quant._fp8_eager, also
-    what its CUDA kernel computes), with its guard for an all-zero tensor."""
-    amax = amax.float()
-    return FP8_MAX / torch.where(amax <= 1.0 / (1 << 24), torch.ones_like(amax), amax)
-
-
 def e4m3_codes(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
     """x in fp32 times `multiplier`, clamped to E4M3's range, cast (round to nearest even)."""
     return (x.float() * multiplier).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def _fake_quant_codes(weight: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """The E4M3 codes ModelOpt's FP8 fake quant rounds `weight` to."""
-    scale = fake_quant_scale(amax.to(weight.device))
+def _fake_quant_codes(weight: torch.Tensor, amax: torch.Tensor, run_kernel: str | None
+                      ) -> torch.Tensor:
+    """The E4M3 codes the run's FP8 fake quant rounded `weight` to."""
+    scale = fake_quant_scale(amax.to(weight.device), divides(run_kernel, amax))
     if scale.numel() > 1:
         scale = scale.reshape(-1, 1)  # per output channel
     return e4m3_codes(weight, scale)
 
 
 @contextlib.contextmanager
-def _fake_quant_rounding() -> Iterator[None]:
+def _fake_quant_rounding(run_kernel: str | None) -> Iterator[None]:
     """Export exactly the FP8 codes the run evaluated.
 
     ModelOpt 0.47's `to_quantized_weight` packs FP8 as `weight / (amax / 448)` on the bf16
@@ -76,8 +68,9 @@ def _fake_quant_rounding() -> Iterator[None]:
     forms break those ties differently (42.000002 vs 42.0), so one weight in a hundred was
     exported one code away from what was measured (the 3B export's logits drifted to KL 2e-3).
     For per-tensor and per-channel FP8 of a 2-D weight, the codes are computed here the fake
-    quant's way from the module's own amax; every other format, the scales, the file layout and
-    the packing of everything else stay ModelOpt's.
+    quant's way from the module's own amax, in the arithmetic of the kernel the run used
+    (`fp8_kernel.divides`); every other format, the scales, the file layout and the packing of
+    everything else stay ModelOpt's.
     """
     import modelopt.torch.export.unified_export_hf as hf
     from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT
@@ -98,7 +91,7 @@ def _fake_quant_rounding() -> Iterator[None]:
         if quantization in (QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT) and amax is not None \
                 and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
                 and weight.dtype != torch.float8_e4m3fn:
-            return _fake_quant_codes(weight, amax)
+            return _fake_quant_codes(weight, amax, run_kernel)
         return orig_pack(weight, scale, quantization, *args, **kwargs)
 
     hf.to_quantized_weight, hf._export_quantized_weight = pack, export_weight
@@ -108,12 +101,13 @@ def _fake_quant_rounding() -> Iterator[None]:
         hf.to_quantized_weight, hf._export_quantized_weight = orig_pack, orig_export
 
 
-def run_modelopt_export(model: nn.Module, staging: Path) -> Path:
-    """ModelOpt's own export of the quantized LM into `staging/_modelopt`."""
+def run_modelopt_export(model: nn.Module, staging: Path, run_kernel: str | None = None) -> Path:
+    """ModelOpt's own export of the quantized LM into `staging/_modelopt` (FP8 weight codes as
+    the run's kernel, `run_kernel` from its manifest, rounded them)."""
     from modelopt.torch.export import export_hf_checkpoint
 
     target = staging / MODELOPT_SUBDIR
-    with warnings.catch_warnings(), _fake_quant_rounding(), \
+    with warnings.catch_warnings(), _fake_quant_rounding(run_kernel), \
             contextlib.redirect_stdout(io.StringIO()):  # its progress prints
         warnings.simplefilter("ignore", UserWarning)
         export_hf_checkpoint(model, export_dir=target)

@@ -30,7 +30,8 @@ REPORT_FILE = "export_report.json"
 _before_publish = None
 
 
-def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -> dict:
+def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
+           run_kernel: str | None = None) -> dict:
     """Checks (a)-(d) on the staged checkpoint, and its scales and FP8 codes against the run's."""
     from .lm import text_config
 
@@ -45,7 +46,7 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device) -
     batches, source = export_verify.held_out_batches(inputs.manifest, out)
     cfg = text_config(inputs.model_dir)
     candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax, reference,
-                                             weight_amax)
+                                             weight_amax, run_kernel)
     checks["numerics"] = {**export_verify.compare_logits(reference, candidate, batches, device),
                           "arithmetic": "modelopt fake quant (x * 448/amax)", "captions": source}
     if not checks["numerics"]["passed"] and batches:  # say where it first differs
@@ -108,29 +109,36 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=None) -> dict:
-    """Restore, export with ModelOpt, assemble and verify in `staging`; return the report."""
+    """Restore, export with ModelOpt, assemble and verify in `staging`; return the report.
+
+    ModelOpt's FP8 fake quant runs throughout in the arithmetic of the kernel the run used
+    (`fp8_kernel.run_arithmetic`; never a JIT build of its CUDA extension here), so the
+    reference is the model the run evaluated and the export holds its codes.
+    """
+    from .fp8_kernel import run_arithmetic
     from .lm import pick_device
 
-    from .fp8_kernel import select_fp8_kernel
-
     o, device = inputs.options, pick_device()
-    select_fp8_kernel("auto")  # never a silent JIT build of ModelOpt's CUDA extension here
-    with phases("restore", f"LM of {inputs.model_dir} + {inputs.state_file.name}"):
-        model = _restore(inputs, device)
-    reference = copy.deepcopy(model)  # ModelOpt's export may re-tune the quantizers it exports
-    with phases("modelopt_export", "export_hf_checkpoint"):
-        mo_dir = export.run_modelopt_export(model, staging)
-    del model
-    if stop is not None:
-        stop.raise_if_set()
-    with phases("assemble", "vision bytes copied, shards indexed"):
-        hf_quant = export.write_configs(inputs.model_dir, mo_dir, staging, o.lm_only)
-        export.assemble(inputs.model_dir, mo_dir, staging, o.lm_only)
-        shutil.rmtree(mo_dir)
-    if stop is not None:
-        stop.raise_if_set()
-    with phases("verify", "formats, vision bytes, numerics, loadability"):
-        checks = verify(inputs, reference, staging, hf_quant, device)
+    run_kernel = (inputs.manifest.get("search") or {}).get("fp8_kernel")
+    with run_arithmetic(run_kernel) as arithmetic:
+        log.info("FP8 fake quant: the run used %s; here: %s", run_kernel or "eager", arithmetic)
+        with phases("restore", f"LM of {inputs.model_dir} + {inputs.state_file.name}"):
+            model = _restore(inputs, device)
+        reference = copy.deepcopy(model)  # ModelOpt's export may re-tune the quantizers it exports
+        with phases("modelopt_export", "export_hf_checkpoint"):
+            mo_dir = export.run_modelopt_export(model, staging, run_kernel)
+        del model
+        if stop is not None:
+            stop.raise_if_set()
+        with phases("assemble", "vision bytes copied, shards indexed"):
+            hf_quant = export.write_configs(inputs.model_dir, mo_dir, staging, o.lm_only)
+            export.assemble(inputs.model_dir, mo_dir, staging, o.lm_only)
+            shutil.rmtree(mo_dir)
+        if stop is not None:
+            stop.raise_if_set()
+        with phases("verify", "formats, vision bytes, scales, codes, numerics, loadability"):
+            checks = verify(inputs, reference, staging, hf_quant, device, run_kernel)
+        checks["numerics"]["fp8_arithmetic"] = {"run": run_kernel, "here": arithmetic}
     table = engines.assess(hf_quant)
     missing = [f for f in export.REQUIRED_BASE_FILES if not (inputs.model_dir / f).is_file()]
     warnings = engines.warn(table)

@@ -24,7 +24,8 @@ from torch import nn
 
 from .artifacts import sha256_file
 from .checkpoint import VISION_RE
-from .export import FP8_MAX, e4m3_codes, fake_quant_scale, vision_name
+from .export import e4m3_codes, vision_name
+from .fp8_kernel import FP8_MAX, divides, fake_quant_scale
 from .identity import shard_layout, tensor_digests, weight_files
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,10 @@ def check_vision(base_dir: Path, out: Path) -> dict:
             "differ": differ[:20], "unexpected": extra[:20]}
 
 
-def _e4m3_fake(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's FP8 fake quant: x * (448 / amax) to E4M3, times 1 / (448 / amax)."""
-    scale = fake_quant_scale(amax)
+def _e4m3_fake(x: torch.Tensor, amax: torch.Tensor, run_kernel: str | None) -> torch.Tensor:
+    """ModelOpt's FP8 fake quant: x * (448 / amax) to E4M3, times 1 / (448 / amax), with 448 /
+    amax computed as the run's kernel did (`fp8_kernel.divides`)."""
+    scale = fake_quant_scale(amax, divides(run_kernel, amax))
     return (e4m3_codes(x, scale).float() * (1 / scale)).to(x.dtype)
 
 
@@ -101,7 +103,7 @@ def _e4m3_engine(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
-                      amax: torch.Tensor | None = None):
+                      amax: torch.Tensor | None = None, run_kernel: str | None = None):
     """Quantize a layer's input from its stored `input_scale` (None: dynamic per token).
 
     `arithmetic` "modelopt" rounds as the run's fake quant did (448 / amax; `amax` when given,
@@ -112,18 +114,18 @@ def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
         x = args[0]
         if scale is None:  # dynamic: each token's own amax
             a = x.abs().amax(dim=-1, keepdim=True).float()
-            q = _e4m3_fake(x, a) if arithmetic == "modelopt" else \
+            q = _e4m3_fake(x, a, run_kernel) if arithmetic == "modelopt" else \
                 _e4m3_engine(x, a.clamp(min=1e-12) / FP8_MAX)
         elif arithmetic == "modelopt":
-            q = _e4m3_fake(x, amax if amax is not None else scale * FP8_MAX)
+            q = _e4m3_fake(x, amax if amax is not None else scale * FP8_MAX, run_kernel)
         else:
             q = _e4m3_engine(x, scale)
         return (q, *args[1:])
     return hook
 
 
-def _dequantized_state(out: Path, weight_amax: dict[str, torch.Tensor] | None = None
-                       ) -> tuple[dict, dict]:
+def _dequantized_state(out: Path, weight_amax: dict[str, torch.Tensor] | None = None,
+                       run_kernel: str | None = None) -> tuple[dict, dict]:
     """The export's LM tensors, FP8 weights dequantized to bf16; layer -> input_scale.
 
     A layer in `weight_amax` (the run's weight amax) is dequantized as the fake quant does,
@@ -142,7 +144,7 @@ def _dequantized_state(out: Path, weight_amax: dict[str, torch.Tensor] | None = 
         w, s = state[f"{layer}.weight"].float(), state.pop(k).float()
         amax = (weight_amax or {}).get(layer)
         if amax is not None:
-            s = 1 / fake_quant_scale(amax)
+            s = 1 / fake_quant_scale(amax, divides(run_kernel, amax))
         state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))
                                     ).to(torch.bfloat16)
         fp8[layer] = state.pop(f"{layer}.input_scale", None)
@@ -152,12 +154,14 @@ def _dequantized_state(out: Path, weight_amax: dict[str, torch.Tensor] | None = 
 def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "modelopt",
                    amax: dict[str, torch.Tensor] | None = None,
                    reference: nn.Module | None = None,
-                   weight_amax: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                   weight_amax: dict[str, torch.Tensor] | None = None,
+                   run_kernel: str | None = None) -> nn.Module:
     """The exported LM rebuilt from its safetensors alone, FP8 applied by hand (not ModelOpt).
 
     `amax` (layer -> the run's input amax) lets the "modelopt" arithmetic use the run's exact
     amax, which 448 x input_scale does not give back bit for bit for about 7% of values;
-    `weight_amax` does the same for the weights' dequantization (`_dequantized_state`);
+    `weight_amax` does the same for the weights' dequantization (`_dequantized_state`), and
+    `run_kernel` (the manifest's `search.fp8_kernel`) picks how 448 / amax is rounded;
     `check_scales` proves each stored scale is that amax / 448. `reference` gives the
     buffers no checkpoint holds (RoPE's inverse frequencies): built here they would be computed
     on `device` (CUDA's pow is not correctly rounded, and one ulp in RoPE moves a random-init
@@ -165,7 +169,7 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
     """
     from transformers import Qwen2ForCausalLM
 
-    state, fp8 = _dequantized_state(out, weight_amax)
+    state, fp8 = _dequantized_state(out, weight_amax, run_kernel)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # bf16 parameters, fp32 RoPE buffers (as loaded)
     try:
@@ -191,7 +195,7 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
         run_amax = (amax or {}).get(layer) if s is not None else None
         modules[layer].register_forward_pre_hook(_input_quant_hook(
             None if s is None else s.float().to(device), arithmetic,
-            None if run_amax is None else run_amax.float().to(device)))
+            None if run_amax is None else run_amax.float().to(device), run_kernel))
     return model.eval()
 
 
@@ -252,8 +256,11 @@ def check_scales(out: Path, amax: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def check_weight_codes(out: Path, reference: nn.Module) -> dict:
-    """Every stored FP8 weight holds, byte for byte, the E4M3 codes the run's fake quant rounds
-    the base weight to (the weights the search scored and the run evaluated)."""
+    """Every stored FP8 weight holds, byte for byte, the E4M3 codes of ModelOpt's own fake quant
+    of the base weight (the reference's weight quantizer, run here in the run's arithmetic):
+    the weights the search scored and the run evaluated. The codes are read back from the fake
+    quant's output, codes x 1 / scale in bf16, which keeps them apart: neighbouring E4M3 codes
+    are at least 1/16 apart, bf16 rounding moves a value by at most 1/512."""
     modules = dict(reference.named_modules())
     layers = differ = 0
     errors = []
@@ -269,7 +276,7 @@ def check_weight_codes(out: Path, reference: nn.Module) -> dict:
                     errors.append(f"{layer}: FP8 in the export, no calibrated weight in the run")
                     continue
                 scale = fake_quant_scale(q.amax.detach())
-                want = e4m3_codes(m.weight, scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+                want = e4m3_codes(q(m.weight), scale.reshape(-1, 1) if scale.numel() > 1 else scale)
                 got = st.get_tensor(f"{layer}.weight").to(want.device)
                 layers += 1
                 n = int((got.view(torch.uint8) != want.view(torch.uint8)).sum())

@@ -7,9 +7,11 @@ the eager path and says why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -159,3 +161,70 @@ def select_fp8_kernel(kind: str) -> str:
     extensions.get_cuda_ext_fp8(raise_if_failed=True)
     log.info("FP8 CUDA extension ready in %.1f s", time.perf_counter() - t0)
     return "cuda-ext"
+
+
+# ModelOpt 0.47's two FP8 fake-quant kernels compute the multiplier 448 / amax differently:
+# its CUDA extension divides once (C++ `448.f / amax` is `fill_(448).div_(amax)`), its eager
+# path writes `448.0 / amax` in Python, which torch evaluates as `amax.reciprocal() * 448`, two
+# roundings. They differ in the last fp32 bit for about a quarter of all amax values, and so
+# break some E4M3 rounding ties differently. The export reproduces the run's own arithmetic.
+FP8_MAX = 448.0
+_EPS = 1.0 / (1 << 24)  # both kernels treat amax <= 2^-24 as 1
+
+
+def divides(run_kernel: str | None, amax: torch.Tensor | None) -> bool:
+    """Whether the run's fake quant of a tensor with this amax divided once: ModelOpt's CUDA
+    extension, which `tensor_quant.scaled_e4m3_impl` uses for a per-tensor or per-axis amax
+    (a per-token amax of a batch takes the eager path even with the extension)."""
+    return run_kernel == "cuda-ext" and amax is not None and amax.squeeze().ndim <= 1
+
+
+def fake_quant_scale(amax: torch.Tensor, division: bool = False) -> torch.Tensor:
+    """ModelOpt's FP8 fake-quant multiplier 448 / amax in fp32, with its guard for an all-zero
+    tensor: one correctly rounded division (`division`, the CUDA extension) or, as its eager path
+    computes it, reciprocal(amax) x 448."""
+    amax = amax.float()
+    safe = torch.where(amax <= _EPS, torch.ones_like(amax), amax)
+    return torch.full_like(safe, FP8_MAX) / safe if division else FP8_MAX / safe
+
+
+def _fp8_dividing(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's CUDA-extension FP8 fake quant, in PyTorch: x * (448 / amax), rounded to E4M3
+    (saturating), times 1 / (448 / amax), back in x's dtype."""
+    scale = fake_quant_scale(amax.to(x.device), division=True)
+    codes = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (codes.float() * (1 / scale)).to(x.dtype)
+
+
+@contextlib.contextmanager
+def run_arithmetic(run_kernel: str | None) -> Iterator[str]:
+    """Run ModelOpt's FP8 fake quant in this block in the arithmetic the run used.
+
+    A run on the CUDA extension is reproduced by the extension itself when its cached build
+    loads here, else (a CPU, or no build) by the extension's arithmetic written in PyTorch for the
+    tensors the extension handled; any other run uses ModelOpt's eager path. Returns what runs.
+    """
+    from modelopt.torch.quantization import extensions, tensor_quant
+
+    if run_kernel == "cuda-ext" and torch.cuda.is_available() and fp8_extension_state()[0]:
+        extensions.get_cuda_ext_fp8(raise_if_failed=True)
+        yield "cuda-ext"
+        return
+    had = hasattr(extensions.get_cuda_ext_fp8, "extension")
+    saved_ext = getattr(extensions.get_cuda_ext_fp8, "extension", None)
+    saved_impl = tensor_quant.scaled_e4m3_impl
+    extensions.get_cuda_ext_fp8.extension = None  # ModelOpt's eager path
+    if run_kernel == "cuda-ext":
+        def impl(inputs, amax=None):
+            if divides(run_kernel, amax):
+                return _fp8_dividing(inputs, amax)
+            return saved_impl(inputs, amax)
+        tensor_quant.scaled_e4m3_impl = impl
+    try:
+        yield "cuda-ext arithmetic (PyTorch)" if run_kernel == "cuda-ext" else "eager"
+    finally:
+        tensor_quant.scaled_e4m3_impl = saved_impl
+        if had:
+            extensions.get_cuda_ext_fp8.extension = saved_ext
+        else:
+            del extensions.get_cuda_ext_fp8.extension
