@@ -140,7 +140,7 @@ def _division_matters() -> tuple[torch.Tensor, torch.Tensor]:
     raise AssertionError("no amax separates the two arithmetics")
 
 
-def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu():
+def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu(monkeypatch):
     """A run on ModelOpt's CUDA extension (one division for 448 / amax) is reproduced on a
     machine without it: inside run_arithmetic("cuda-ext") ModelOpt's own TensorQuantizer rounds
     as the extension does, which differs from its eager path for this amax; per-token amax keeps
@@ -153,6 +153,7 @@ def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu():
     from vlm_autoquant.export import _fake_quant_codes
     from vlm_autoquant.export_verify import _e4m3_fake
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without the GPU
     amax, x = _division_matters()
     q = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3)), amax=amax)
     eager = q(x)
