@@ -143,9 +143,6 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-SWITCH_INTERVAL_S = 0.001
-
-
 def configure(debug: bool) -> None:
     """Environment defaults and logging: one line per phase at INFO, library chatter at DEBUG."""
     if _freeze_heap not in _registered:
@@ -153,10 +150,6 @@ def configure(debug: bool) -> None:
         _registered.append(_freeze_heap)
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    # The main thread waits on the GPU thousands of times per search (ModelOpt's calibration
-    # and scoring synchronise per quantizer) while MLflow's threads run Python; at the default
-    # 5 ms switch interval each wait can cost up to 5 ms more before it gets the lock back.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")  # no progress-bar escape codes in logs
     import warnings

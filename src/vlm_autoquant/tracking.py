@@ -260,34 +260,6 @@ class Tracker:
         self._mlflow.MlflowClient().set_terminated(self.run_id, status=status)
 
 
-_warming: list[threading.Thread] = []
-
-
-def warm_up() -> None:
-    """Start importing MLflow's client, its SQL store and the report's modules in the background.
-
-    Called once the inputs that need no weights have passed, just before torch and transformers
-    are imported: MLflow's own imports (SQLAlchemy, alembic, datasets, matplotlib: 4-6 s on an
-    H200 host) then overlap the main thread's imports instead of competing for the interpreter
-    lock with the load and the calibration, whose many GPU synchronisations each wait for it.
-    Imports only: nothing is created or written.
-    """
-    if not _warming:
-        _warming.append(threading.Thread(target=_warm_imports, name="mlflow-warmup", daemon=True))
-        _warming[0].start()
-
-
-def _warm_imports() -> None:
-    try:
-        import mlflow  # noqa: F401
-
-        if _sqlite_file(tracking_uri()) is not None:
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - only a head start; the run imports it again
-        log.debug("could not pre-import MLflow: %s", exc)
-    _prewarm_report_imports()
-
-
 def _prewarm_report_imports() -> None:
     """A scheme's run ends by drawing a figure and logging its captions as datasets: import
     matplotlib and mlflow.data here, while the main thread loads and searches, not after it."""

@@ -179,7 +179,6 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
         _check_budgets(schemes, linear_numels_from_headers(info), problems)
     if problems or info is None or caption_file is None:
         return None  # refused before transformers is even imported
-    tracking.warm_up()  # MLflow's imports, beside torch's and transformers'
     text_cfg, numels = read_text_config(options.model_dir, info, problems)
     _check_budgets(schemes, numels or {}, problems)
     if problems or text_cfg is None:
