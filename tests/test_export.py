@@ -390,7 +390,7 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
                                    fake.view(torch.uint8)), layer
                 checked += 1
     assert checked > 0
-    amax = export_verify.input_amax(reference)
+    amax = export_verify.quantizer_amax(reference, "input")
     assert export_verify.check_scales(staging, amax)["passed"]
     wrong = {k: v * (2.0 if k.endswith("layers.0.mlp.down_proj") else 1.0) for k, v in amax.items()}
     bad = export_verify.check_scales(staging, wrong)
@@ -446,8 +446,7 @@ def test_weights_dequantized_in_the_fake_quant_arithmetic(tmp_path):
     from safetensors.torch import save_file
 
     from vlm_autoquant import export_verify
-    from vlm_autoquant.export import e4m3_codes
-    from vlm_autoquant.fp8_kernel import fake_quant_scale
+    from vlm_autoquant.fp8_kernel import e4m3_codes, fake_quant_scale
 
     amax = torch.tensor(0.57421875)  # a bf16 value: 1 / (448 / amax) != amax / 448 in fp32
     assert 1 / (448 / amax) != amax / 448

@@ -150,8 +150,7 @@ def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu(monkeypatch):
     from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.tensor_quant import fp8_eager
 
-    from vlm_autoquant.export import _fake_quant_codes
-    from vlm_autoquant.export_verify import _e4m3_fake
+    from vlm_autoquant.export_verify import _input_quant_hook
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without the GPU
     amax, x = _division_matters()
@@ -167,11 +166,13 @@ def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu(monkeypatch):
                            fp8_eager(per_token, tok_amax))
     assert what.startswith("cuda-ext") and tensor_quant.scaled_e4m3_impl is impl
     assert not torch.equal(ext, eager)
-    assert torch.equal(ext, fp8_kernel._fp8_dividing(x, amax))
+    assert torch.equal(ext, fp8_kernel.fake_quant(x, amax, division=True))
     # the verifier's emulation and the exporter's codes follow the run's kernel
-    assert torch.equal(_e4m3_fake(x, amax, "cuda-ext"), ext)
-    assert torch.equal(_e4m3_fake(x, amax, "eager"), eager)
-    codes = _fake_quant_codes(x.reshape(1, -1), amax, "cuda-ext").float()
+    for run_kernel, want in (("cuda-ext", ext), ("eager", eager)):
+        hook = _input_quant_hook(amax / 448, "modelopt", amax, run_kernel)
+        assert torch.equal(hook(None, (x,))[0], want), run_kernel
+    codes = fp8_kernel.weight_codes(x.reshape(1, -1), amax,
+                                    fp8_kernel.divides("cuda-ext", amax)).float()
     assert torch.equal((codes * (1 / fp8_kernel.fake_quant_scale(amax, True))).to(x.dtype),
                        ext.reshape(1, -1))
     with fp8_kernel.run_arithmetic("eager") as what:
@@ -181,18 +182,19 @@ def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (ModelOpt's CUDA "
                     "extension); run on the H200: see docs/PERFORMANCE.md")
 def test_cuda_extension_divides_once():
-    """On a GPU: ModelOpt's CUDA extension is exactly `_fp8_dividing` (one division for
-    448 / amax), per tensor and per output channel, and not its eager path for this amax."""
+    """On a GPU: ModelOpt's CUDA extension is exactly `fake_quant(division=True)` (one
+    division for 448 / amax), per tensor and per output channel, and not its eager path for
+    this amax."""
     from modelopt.torch.quantization.tensor_quant import fp8_eager
 
     ext = extensions.get_cuda_ext_fp8(raise_if_failed=True)
     amax, x = _division_matters()
     amax, x = amax.cuda(), x.cuda()
     got = ext.fake_e4m3fy(x, amax)
-    assert torch.equal(got, fp8_kernel._fp8_dividing(x, amax))
+    assert torch.equal(got, fp8_kernel.fake_quant(x, amax, division=True))
     assert not torch.equal(got, fp8_eager(x, amax))
     w = x[:20000].reshape(8, 2500)
     per_channel = torch.full((8, 1), amax.item(), device="cuda") * torch.linspace(0.5, 1, 8,
                                                                                   device="cuda")[:, None]
     got = ext.fake_e4m3fy_with_axis(w, per_channel.squeeze(), 0)
-    assert torch.equal(got, fp8_kernel._fp8_dividing(w, per_channel))
+    assert torch.equal(got, fp8_kernel.fake_quant(w, per_channel, division=True))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import INDEX_FILE, SINGLE_FILE, VISION_RE
-from .fp8_kernel import FP8_MAX, divides, fake_quant_scale
+from .fp8_kernel import divides, weight_codes
 from .identity import shard_layout, weight_files
 
 HF_QUANT_FILE = "hf_quant_config.json"
@@ -41,20 +41,6 @@ VISION_SHARD_BYTES = 5 << 30
 def vision_name(key: str) -> str:
     """Released name of a vision tensor (`model.visual.x` in some layouts -> `visual.x`)."""
     return key[len("model."):] if key.startswith("model.visual.") else key
-
-
-def e4m3_codes(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """x in fp32 times `multiplier`, clamped to E4M3's range, cast (round to nearest even)."""
-    return (x.float() * multiplier).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-
-
-def _fake_quant_codes(weight: torch.Tensor, amax: torch.Tensor, run_kernel: str | None
-                      ) -> torch.Tensor:
-    """The E4M3 codes the run's FP8 fake quant rounded `weight` to."""
-    scale = fake_quant_scale(amax.to(weight.device), divides(run_kernel, amax))
-    if scale.numel() > 1:
-        scale = scale.reshape(-1, 1)  # per output channel
-    return e4m3_codes(weight, scale)
 
 
 @contextlib.contextmanager
@@ -91,7 +77,7 @@ def _fake_quant_rounding(run_kernel: str | None) -> Iterator[None]:
         if quantization in (QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT) and amax is not None \
                 and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
                 and weight.dtype != torch.float8_e4m3fn:
-            return _fake_quant_codes(weight, amax, run_kernel)
+            return weight_codes(weight, amax, divides(run_kernel, amax))
         return orig_pack(weight, scale, quantization, *args, **kwargs)
 
     hf.to_quantized_weight, hf._export_quantized_weight = pack, export_weight

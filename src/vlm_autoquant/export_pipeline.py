@@ -39,7 +39,7 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
     checks = {"formats": export_verify.check_formats(inputs.manifest, out, hf_quant)}
     checks["vision"] = {"passed": True, "skipped": "--lm-only"} if lm_only else \
         export_verify.check_vision(inputs.model_dir, out)
-    amax = export_verify.input_amax(reference)
+    amax = export_verify.quantizer_amax(reference, "input")
     weight_amax = export_verify.quantizer_amax(reference, "weight")
     checks["scales"] = export_verify.check_scales(out, amax, weight_amax)
     checks["weights"] = export_verify.check_weight_codes(out, reference)

@@ -1,14 +1,16 @@
 """The export's checks: (a) formats, (b) vision bytes, (c) numerics, (d) loadability.
 
-(c) reads the exported safetensors by its own path: FP8 weights are dequantized with their
-`weight_scale`, and the inputs of each FP8 layer are quantized from their stored `input_scale`
-(dynamic per token where none is stored). Its logits are compared with the restored fake-quant
-model's on held-out captions, twice:
-- in ModelOpt's fake-quant arithmetic (x * 448 / amax): the check, KL <= 1e-4. It is 0.0 when
-  every exported byte and scale is the run's;
-- in a serving kernel's arithmetic (x * 1 / scale): reported, not checked. The two break exact
-  E4M3 rounding ties of bf16 activations differently (about one value in a hundred), which no
-  export can change; a random-init 36-layer 3B amplifies that to KL ~2e-3.
+(c) reads the exported safetensors by its own path: FP8 codes are dequantized and the inputs of
+each FP8 layer quantized from their stored scales (dynamic per token where no `input_scale` is
+stored). Its logits are compared with the restored fake-quant model's on held-out captions,
+twice:
+- in the arithmetic of the fake quant the run used (x * 448 / amax, `fp8_kernel`), with the
+  run's amax, which `check_scales` ties to the stored scales: the check, KL <= 1e-4. It is 0.0
+  when every exported byte and scale is the run's;
+- in a serving kernel's arithmetic (x * 1 / scale, codes x weight_scale): reported, not
+  checked. The two break exact E4M3 rounding ties of bf16 activations differently (about one
+  value in a hundred), which no export can change; a random-init 36-layer 3B amplifies that to
+  KL ~1e-3 to 2e-3.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from torch import nn
 
 from .artifacts import sha256_file
 from .checkpoint import VISION_RE
-from .export import e4m3_codes, vision_name
-from .fp8_kernel import FP8_MAX, divides, fake_quant_scale
+from .export import vision_name
+from .fp8_kernel import (FP8_MAX, divides, e4m3_codes, fake_quant, fake_quant_scale,
+                         weight_codes)
 from .identity import shard_layout, tensor_digests, weight_files
 
 log = logging.getLogger(__name__)
@@ -90,13 +93,6 @@ def check_vision(base_dir: Path, out: Path) -> dict:
             "differ": differ[:20], "unexpected": extra[:20]}
 
 
-def _e4m3_fake(x: torch.Tensor, amax: torch.Tensor, run_kernel: str | None) -> torch.Tensor:
-    """ModelOpt's FP8 fake quant: x * (448 / amax) to E4M3, times 1 / (448 / amax), with 448 /
-    amax computed as the run's kernel did (`fp8_kernel.divides`)."""
-    scale = fake_quant_scale(amax, divides(run_kernel, amax))
-    return (e4m3_codes(x, scale).float() * (1 / scale)).to(x.dtype)
-
-
 def _e4m3_engine(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """A serving kernel's static or dynamic FP8 input: x * (1 / scale) to E4M3, times scale."""
     return (e4m3_codes(x, 1.0 / scale).float() * scale).to(x.dtype)
@@ -114,10 +110,11 @@ def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
         x = args[0]
         if scale is None:  # dynamic: each token's own amax
             a = x.abs().amax(dim=-1, keepdim=True).float()
-            q = _e4m3_fake(x, a, run_kernel) if arithmetic == "modelopt" else \
+            q = fake_quant(x, a, divides(run_kernel, a)) if arithmetic == "modelopt" else \
                 _e4m3_engine(x, a.clamp(min=1e-12) / FP8_MAX)
         elif arithmetic == "modelopt":
-            q = _e4m3_fake(x, amax if amax is not None else scale * FP8_MAX, run_kernel)
+            a = amax if amax is not None else scale * FP8_MAX
+            q = fake_quant(x, a, divides(run_kernel, a))
         else:
             q = _e4m3_engine(x, scale)
         return (q, *args[1:])
@@ -199,7 +196,7 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
     return model.eval()
 
 
-def quantizer_amax(reference: nn.Module, which: str = "input") -> dict[str, torch.Tensor]:
+def quantizer_amax(reference: nn.Module, which: str) -> dict[str, torch.Tensor]:
     """The restored run's calibrated amax per layer, of its "input" or "weight" quantizer
     (static ones only: a dynamic quantizer keeps none)."""
     out = {}
@@ -209,11 +206,6 @@ def quantizer_amax(reference: nn.Module, which: str = "input") -> dict[str, torc
             a = q.amax.detach().float().cpu()
             out[name] = a.reshape(()) if a.numel() == 1 else a.reshape(-1)
     return out
-
-
-def input_amax(reference: nn.Module) -> dict[str, torch.Tensor]:
-    """The restored run's static input amax per FP8 layer (for `dequantized_lm`)."""
-    return quantizer_amax(reference, "input")
 
 
 def _stored(out: Path, suffix: str) -> dict[str, torch.Tensor]:
@@ -275,8 +267,7 @@ def check_weight_codes(out: Path, reference: nn.Module) -> dict:
                 if q is None or getattr(q, "amax", None) is None:
                     errors.append(f"{layer}: FP8 in the export, no calibrated weight in the run")
                     continue
-                scale = fake_quant_scale(q.amax.detach())
-                want = e4m3_codes(q(m.weight), scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+                want = weight_codes(q(m.weight), q.amax.detach())
                 got = st.get_tensor(f"{layer}.weight").to(want.device)
                 layers += 1
                 n = int((got.view(torch.uint8) != want.view(torch.uint8)).sum())

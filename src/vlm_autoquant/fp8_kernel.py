@@ -188,12 +188,25 @@ def fake_quant_scale(amax: torch.Tensor, division: bool = False) -> torch.Tensor
     return torch.full_like(safe, FP8_MAX) / safe if division else FP8_MAX / safe
 
 
-def _fp8_dividing(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's CUDA-extension FP8 fake quant, in PyTorch: x * (448 / amax), rounded to E4M3
-    (saturating), times 1 / (448 / amax), back in x's dtype."""
-    scale = fake_quant_scale(amax.to(x.device), division=True)
-    codes = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return (codes.float() * (1 / scale)).to(x.dtype)
+def e4m3_codes(x: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """x in fp32 times `multiplier`, clamped to E4M3's range, cast (round to nearest even)."""
+    return (x.float() * multiplier).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fake_quant(x: torch.Tensor, amax: torch.Tensor, division: bool = False) -> torch.Tensor:
+    """ModelOpt's FP8 fake quant: x * (448 / amax) rounded to E4M3 (saturating), times
+    1 / (448 / amax), back in x's dtype; `division` as in `fake_quant_scale`. `amax` broadcasts
+    against x (per tensor, per token)."""
+    scale = fake_quant_scale(amax.to(x.device), division)
+    return (e4m3_codes(x, scale).float() * (1 / scale)).to(x.dtype)
+
+
+def weight_codes(weight: torch.Tensor, amax: torch.Tensor, division: bool = False
+                 ) -> torch.Tensor:
+    """The E4M3 codes ModelOpt's fake quant rounds a 2-D weight to, for a per-tensor or
+    per-output-channel amax."""
+    scale = fake_quant_scale(amax.to(weight.device), division)
+    return e4m3_codes(weight, scale.reshape(-1, 1) if scale.numel() > 1 else scale)
 
 
 @contextlib.contextmanager
@@ -217,7 +230,7 @@ def run_arithmetic(run_kernel: str | None) -> Iterator[str]:
     if run_kernel == "cuda-ext":
         def impl(inputs, amax=None):
             if divides(run_kernel, amax):
-                return _fp8_dividing(inputs, amax)
+                return fake_quant(inputs, amax, division=True)
             return saved_impl(inputs, amax)
         tensor_quant.scaled_e4m3_impl = impl
     try:

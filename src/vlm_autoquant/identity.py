@@ -3,9 +3,10 @@
 Every language-model tensor is hashed (sha256) straight from its byte range in the safetensors
 shard, in a thread pool (pread and hashlib release the GIL; largest tensors first, one reused
 buffer per thread, at the lowest CPU priority so that a load running beside it keeps the cores),
-and the per-tensor digests are combined over the sorted tensor names. The vision tower is never read. Two checkpoints of the same architecture
-differing in one value of one tensor get different identities. Key layouts are normalised
-(`model.language_model.` -> `model.`), so one set of weights has one identity in every layout.
+and the per-tensor digests are combined over the sorted tensor names. The vision tower is never
+read. Two checkpoints of the same architecture differing in one value of one tensor get
+different identities. Key layouts are normalised (`model.language_model.` -> `model.`), so one
+set of weights has one identity in every layout.
 """
 
 from __future__ import annotations
