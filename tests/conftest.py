@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,6 +63,24 @@ def layouts(demo, tmp_path_factory) -> dict[str, Path]:
         out[layout] = build_checkpoint(root / layout, "tiny", layout, seed=0,
                                        captions=make_captions(3000, 0))
     return out
+
+
+@pytest.fixture(scope="session")
+def script_run(demo, tmp_path_factory) -> tuple[Path, str, str]:
+    """(out, uri, stderr): one real run of the script in a subprocess (fp8-balanced-10b, QUICK)
+    into its own SQLite store. Shared by every test that only reads a finished run (its
+    artifacts, manifest and MLflow run), so none of them may change `out` or the store: a
+    test that writes to a store copies the database first (test_export.source)."""
+    root = tmp_path_factory.mktemp("script_run")
+    out = root / "out"
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    proc = subprocess.run(
+        [PY, str(SCRIPT), "--scheme-name", "fp8-balanced-10b", "--model-dir", str(demo[0]),
+         "--output-dir", str(out), "--calib-file", str(demo[1]), *QUICK],
+        cwd=root, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, uri, proc.stderr
 
 
 @pytest.fixture

@@ -386,16 +386,10 @@ def run_ok(args: list, capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished(demo, tmp_path_factory):
-    """One quick real run (LF captions) into its own --output-dir and MLflow store."""
-    root = tmp_path_factory.mktemp("finished")
-    out = root / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(root)
-        code = run_cli(base_args(demo, out, *QUICK))
-    assert code == 0
+def finished(script_run):
+    """A quick real run (LF captions, QUICK) in its own --output-dir and MLflow store:
+    conftest.script_run, shared read-only (the tests below check that it stays unchanged)."""
+    out = script_run[0]
     assert (out / MANIFEST_FILE).is_file()
     return out
 

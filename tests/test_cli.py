@@ -11,25 +11,17 @@ import torch
 from vlm_autoquant.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SENSITIVITY_FIGURE
 from vlm_autoquant.tracking import M_BITS_ACHIEVED, M_KL, M_PPL_QUANT, M_PPL_REF, M_TOP1, M_WEIGHT_BYTES
 
-from .conftest import PY, QUICK, ROOT, SCRIPT, run_cli, subprocess_env
+from .conftest import PY, QUICK, ROOT, run_cli, subprocess_env
 
 REQUIRED_KEYS = {"schema_version", "scheme", "model", "calibration", "effective_bits", "layers",
                  "summary", "versions", "timings"}
 
 
 @pytest.fixture(scope="module")
-def finished(demo, tmp_path_factory):
-    """One real run through the script in a subprocess, into a temporary MLflow store."""
-    root = tmp_path_factory.mktemp("e2e")
-    out = root / "out"
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    proc = subprocess.run(
-        [PY, str(SCRIPT), "--scheme-name", "fp8-balanced-10b", "--model-dir", str(demo[0]),
-         "--output-dir", str(out), "--calib-file", str(demo[1]), *QUICK],
-        cwd=root, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
-        timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, uri, proc.stderr
+def finished(script_run):
+    """One real run through the script in a subprocess, into a temporary MLflow store
+    (conftest.script_run, shared read-only with other modules)."""
+    return script_run
 
 
 def test_artifacts_and_manifest_contract(finished):

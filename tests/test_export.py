@@ -12,27 +12,27 @@ import torch
 
 from vlm_autoquant.artifacts import MANIFEST_FILE, QUANT_STATE_FILE
 
-from .conftest import PY, QUICK, ROOT, SCRIPT, subprocess_env
+from .conftest import PY, QUICK, ROOT, subprocess_env
 
 EXPORT_SCRIPT = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_export.py"
 
 
 @pytest.fixture(scope="module")
-def source(demo, tmp_path_factory):
-    """One real quantization run through the script, in its own MLflow store: (run_id, out, uri)."""
+def source(script_run, tmp_path_factory):
+    """One real quantization run through the script, in its own MLflow store: (run_id, out, uri).
+
+    The run is conftest.script_run's; its SQLite database is copied here, so the runs, tags and
+    registered models these tests add stay out of the shared store. The copy's run still points
+    at the shared run's artifacts, which are only read (new runs add their own directories)."""
     import mlflow
 
+    out, shared_uri, _ = script_run
     root = tmp_path_factory.mktemp("export_src")
+    shutil.copyfile(shared_uri[len("sqlite:///"):], root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    proc = subprocess.run(
-        [PY, str(SCRIPT), "--scheme-name", "fp8-balanced-10b", "--model-dir", str(demo[0]),
-         "--output-dir", str(root / "run"), "--calib-file", str(demo[1]), *QUICK],
-        cwd=root, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
-        timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=uri)
-    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
-    return run.info.run_id, root / "run", uri
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return run.info.run_id, out, uri
 
 
 @pytest.fixture
