@@ -85,6 +85,34 @@ def run_script(cmd: list[str], env: dict, cwd: Path, trigger: str | None = None,
     return rc, stderr, sent
 
 
+def run_in_process(args: list[str], uri: str, cwd: Path) -> tuple[int, str]:
+    """conftest.run_cli with its own store and cwd; returns (exit code, stderr and INFO log).
+
+    Under pytest the root logger already has handlers, so the CLI's logging.basicConfig adds no
+    stderr handler: the log lines are collected by a handler of our own."""
+    import contextlib
+    import io
+    import logging
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(buf):
+            mp.setenv("MLFLOW_TRACKING_URI", uri)
+            for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+                mp.delenv(leftover, raising=False)  # also removes what MLflow sets during the run
+            mp.chdir(cwd)
+            rc = run_cli(args)
+    finally:
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(level)
+    return rc, buf.getvalue()
+
+
 def leftovers(root: Path) -> list[str]:
     """Temporary files of atomic writes: `.<name>.XXXX.tmp` (artifacts) and `<name>.tmp-<pid>`
     (the search checkpoint)."""
@@ -133,7 +161,8 @@ def file_size_limit(n: int):
 
 @pytest.fixture(scope="module")
 def interrupted(demo, tmp_path_factory) -> dict:
-    """SIGINT during scoring, rerun, rerun with --overwrite; a snapshot after each step.
+    """SIGINT during scoring (the script, in a subprocess), then a rerun and a rerun with
+    --overwrite (the CLI in-process); a snapshot after each step.
 
     Snapshots are taken right after each step because the later steps change the same
     --output-dir and MLflow store.
@@ -150,13 +179,15 @@ def interrupted(demo, tmp_path_factory) -> dict:
                       "leftovers": leftovers(out), "manifest": (out / MANIFEST_FILE).exists(),
                       "checkpoint": checkpoint_state(out), "runs": mlflow_runs(uri)}
 
-    rc, err, _ = run_script(script_cmd(demo, out), env, root)
+    # The reruns go through the same entry point in-process (the stop above is the subprocess
+    # that exit codes and signals need); the rerun with the same command resumes.
+    rc, err = run_in_process(script_cmd(demo, out)[2:], uri, root)
     result["resume"] = {"rc": rc, "stderr": err, "leftovers": leftovers(out),
                         "checkpoint": checkpoint_state(out),
                         "manifest": json.loads((out / MANIFEST_FILE).read_text())
                         if (out / MANIFEST_FILE).exists() else None}
 
-    rc, err, _ = run_script(script_cmd(demo, out, "--overwrite"), env, root)
+    rc, err = run_in_process(script_cmd(demo, out, "--overwrite")[2:], uri, root)
     result["overwrite"] = {"rc": rc, "stderr": err, "leftovers": leftovers(out),
                            "checkpoint": checkpoint_state(out),
                            "manifest": json.loads((out / MANIFEST_FILE).read_text())
