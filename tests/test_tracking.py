@@ -11,7 +11,7 @@ import pytest
 
 from vlm_autoquant.artifacts import MANIFEST_FILE, RUN_ID_FILE
 
-from .conftest import PY, QUICK, SCRIPT, subprocess_env
+from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
 
 
 def store(tmp_path):
@@ -119,27 +119,35 @@ class _Api500(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(demo, tmp_path):
+def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(demo, tmp_path, monkeypatch,
+                                                                     capsys, caplog):
+    """The failing run goes through the CLI in-process (against a live server that fails every
+    API call); --log-only then runs as the script, in a subprocess, into a working store."""
+    import logging
+
+    caplog.set_level(logging.INFO)  # what the script shows on stderr
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Api500)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "out"
-    args = [PY, str(SCRIPT), "--scheme-name", "fp8-balanced-10b", "--model-dir", str(demo[0]),
-            "--calib-file", str(demo[1]), "--output-dir", str(out), *QUICK]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
     try:
-        broken = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=400,
-                                env=subprocess_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:"
-                                                   f"{server.server_address[1]}"))
+        code = run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", demo[0],
+                        "--calib-file", demo[1], "--output-dir", out, *QUICK])
     finally:
         server.shutdown()
-    assert broken.returncode == 1, broken.stderr[-3000:]
-    assert "safe on disk" in broken.stderr and "--log-only" in broken.stderr
-    assert "Traceback" not in broken.stderr
+    err = capsys.readouterr().err + caplog.text
+    assert code == 1, err[-3000:]
+    assert "safe on disk" in err and "--log-only" in err
+    assert "Traceback" not in err
     doc = json.loads((out / MANIFEST_FILE).read_text())  # the whole result is there
     uri, client = store(tmp_path)
     later = subprocess.run([PY, str(SCRIPT), "--log-only", "--output-dir", str(out)],
                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
                            env=subprocess_env(MLFLOW_TRACKING_URI=uri))
     assert later.returncode == 0, later.stderr[-3000:]
+    assert "Traceback" not in later.stderr
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["effective_bits/achieved"] == doc["effective_bits"]["achieved"]
