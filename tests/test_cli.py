@@ -101,14 +101,28 @@ def test_fresh_process_restore_gives_the_same_logits(finished, demo, tmp_path):
         assert not torch.equal(bf16(input_ids=ids).logits, fresh)
 
 
-def test_restore_matches_the_run_model_in_process(demo, tmp_path, tracking):
+@pytest.fixture(scope="module")
+def in_process_run(demo, tmp_path_factory):
+    """One run through the CLI in-process (fp8-aggressive-9b, --save-weights), into its own
+    store; the output dir, read by the two tests that use it."""
+    root = tmp_path_factory.mktemp("in_process")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(leftover, raising=False)  # also removes what MLflow sets during the run
+        mp.chdir(root)  # MLflow's default artifact root is ./mlruns
+        assert run_cli(["--scheme-name", "fp8-aggressive-9b", "--model-dir", demo[0],
+                        "--output-dir", root / "o", "--calib-file", demo[1], "--save-weights",
+                        *QUICK]) == 0
+    return root / "o"
+
+
+def test_restore_matches_the_run_model_in_process(demo, in_process_run):
     """Same logits as the model the run quantized (compared in one process, no reload tricks)."""
     from vlm_autoquant import quant_state
 
-    assert run_cli(["--scheme-name", "fp8-aggressive-9b", "--model-dir", demo[0], "--output-dir",
-                    tmp_path / "o", "--calib-file", demo[1], *QUICK]) == 0
-    m = json.loads((tmp_path / "o" / MANIFEST_FILE).read_text())
-    restored = quant_state.restore(demo[0], tmp_path / "o" / QUANT_STATE_FILE, torch.device("cpu"))
+    m = json.loads((in_process_run / MANIFEST_FILE).read_text())
+    restored = quant_state.restore(demo[0], in_process_run / QUANT_STATE_FILE, torch.device("cpu"))
     fp8 = {n for n, mod in restored.named_modules()
            if getattr(getattr(mod, "weight_quantizer", None), "is_enabled", False)}
     assert fp8 == {layer["name"] for layer in m["layers"] if layer["format"] == "FP8"}
@@ -147,16 +161,14 @@ def test_mlflow_run_main_entry_point(demo, tmp_path):
     assert (tmp_path / "out" / MANIFEST_FILE).exists()
 
 
-def test_save_weights_writes_the_lm_once(demo, tmp_path, tracking):
+def test_save_weights_writes_the_lm_once(demo, in_process_run):
     from safetensors import safe_open
 
     from vlm_autoquant.checkpoint import inspect_checkpoint
     from vlm_autoquant.artifacts import LM_WEIGHTS_FILE
     from vlm_autoquant.errors import Problems
 
-    out = tmp_path / "o"
-    assert run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", demo[0], "--output-dir",
-                    out, "--calib-file", demo[1], "--save-weights", *QUICK]) == 0
+    out = in_process_run
     with safe_open(str(out / LM_WEIGHTS_FILE), "pt") as f:
         keys = set(f.keys())
     info = inspect_checkpoint(demo[0], Problems())
