@@ -48,6 +48,38 @@ def union(demo, batches, tmp_path_factory):
     return model, found
 
 
+@pytest.fixture(scope="module")
+def fp8_alone(demo, batches, tmp_path_factory):
+    """One gradient search over per-tensor FP8 alone from a fresh model: (model, found,
+    checkpoint, the record stages written). Tests solve the model as they need (solve sets
+    every quantizer each time) and only read the search and its checkpoint."""
+    writes: list[str] = []
+    ckpt = tmp_path_factory.mktemp("fp8") / "search" / "s.pth"
+    model = fresh(demo)
+    found = run_search(model, batches, ckpt, spec((FP8,)), writes)
+    return model, found, ckpt, writes
+
+
+@pytest.fixture(scope="module")
+def kl_scratch(demo, batches, tmp_path_factory):
+    """One kl_div search over FP8 calibrated from scratch, with each decoder layer's computed
+    (not replayed) forwards counted: (model, found, [decoder layers run]). The counting hooks
+    only count."""
+    model = fresh(demo)
+    calls = count_layer_calls(model)
+    found = run_search(model, batches, tmp_path_factory.mktemp("kl") / "r.pth",
+                       spec(method="kl_div"))
+    return model, found, calls
+
+
+def count_layer_calls(model) -> list[int]:
+    calls = [0]
+    for layer in model.model.layers:  # computed, not replayed: its first norm runs
+        layer.input_layernorm.register_forward_pre_hook(
+            lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
 @pytest.mark.parametrize("formats", [[FP8], [FP8, PCPT]])
 def test_manifest_agrees_with_enabled_quantizers(union, formats):
     model, found = union
@@ -73,12 +105,10 @@ def test_manifest_agrees_with_enabled_quantizers(union, formats):
     assert summ["effective_bits_searched"] == pytest.approx(result.achieved_bits)
 
 
-def test_a_scheme_gets_the_same_formats_alone_and_in_a_union_search(demo, batches, union,
-                                                                    tmp_path):
+def test_a_scheme_gets_the_same_formats_alone_and_in_a_union_search(batches, union, fp8_alone):
     """pcpt next to per-tensor FP8: one search over both serves a per-tensor-only scheme too."""
     model_u, found_u = union
-    alone = fresh(demo)
-    found_a = run_search(alone, batches, tmp_path / "a.pth", spec((FP8,)))
+    alone, found_a, _, _ = fp8_alone
     for bits in (8.0, 9.0, 10.0, 12.0):
         in_union = autoquant.solve(model_u, found_u, [FP8], bits)
         by_itself = autoquant.solve(alone, found_a, [FP8], bits)
@@ -112,11 +142,8 @@ def test_gradient_checkpointing_is_off_after_scoring(union):
     assert not model.training and not any(m.training for m in model.modules())
 
 
-def test_checkpoint_rerun_skips_calibration_and_scoring(demo, batches, tmp_path):
-    writes: list[str] = []
-    ckpt = tmp_path / "search" / "s.pth"
-    searched = fresh(demo)
-    first = run_search(searched, batches, ckpt, spec(), writes)
+def test_checkpoint_rerun_skips_calibration_and_scoring(demo, batches, fp8_alone):
+    searched, first, ckpt, writes = fp8_alone
     assert first.calibrated and first.scored and writes == ["calibrated", "scored"]
     assert resume.check_reusable(ckpt, {"k": 1}, False).stage == "scored"
     calls = {"n": 0}
@@ -207,15 +234,16 @@ def test_row_chunked_kl_equals_the_whole_tensor_kl(monkeypatch):
 
 
 def test_a_narrower_search_seeded_from_a_wider_calibration_scores_the_same(demo, batches,
-                                                                           union, tmp_path):
+                                                                           union, kl_scratch,
+                                                                           tmp_path):
     """kl_div over FP8 alone, started from the FP8+pcpt union's calibration, gets the scores a
     kl_div search calibrated from scratch gets: each format is calibrated on its own."""
     _, wide = union
+    _, scratch, _ = kl_scratch
     fp = {"k": 1}
     seeded_ckpt = tmp_path / "seeded.pth"
     assert autoquant.seed_calibration(wide.checkpoint, seeded_ckpt, "kl_div", fp, (FP8,))
     seeded = run_search(fresh(demo), batches, seeded_ckpt, spec(method="kl_div"))
-    scratch = run_search(fresh(demo), batches, tmp_path / "scratch.pth", spec(method="kl_div"))
     assert not seeded.calibrated and seeded.scored and scratch.calibrated
     assert seeded.stats.keys() == scratch.stats.keys()
     for name, stat in scratch.stats.items():
@@ -227,22 +255,13 @@ def test_a_narrower_search_seeded_from_a_wider_calibration_scores_the_same(demo,
 
 
 def test_kl_div_replays_the_unquantized_prefix_with_the_same_scores(demo, batches, tmp_path,
-                                                                    monkeypatch):
+                                                                    kl_scratch, monkeypatch):
     """kl_div scores a group with only that group quantized: the decoder layers before it are
     replayed from the BF16 pass, not recomputed. The scores must not change, and fewer decoder
     layers must run."""
     import contextlib
 
-    def count_layer_calls(model) -> list[int]:
-        calls = [0]
-        for layer in model.model.layers:  # computed, not replayed: its first norm runs
-            layer.input_layernorm.register_forward_pre_hook(
-                lambda *_: calls.__setitem__(0, calls[0] + 1))
-        return calls
-
-    model = fresh(demo)
-    replayed_calls = count_layer_calls(model)
-    replayed = run_search(model, batches, tmp_path / "r.pth", spec(method="kl_div"))
+    replayed_model, replayed, replayed_calls = kl_scratch  # searched with the replay, as shipped
     monkeypatch.setattr(autoquant.PrefixReplay, "__call__",
                         lambda self, m, b: contextlib.nullcontext())
     model = fresh(demo)
@@ -254,8 +273,9 @@ def test_kl_div_replays_the_unquantized_prefix_with_the_same_scores(demo, batche
     n = len(model.model.layers)
     # the replayed search ran fewer decoder layers: only those from each group's layer on
     assert replayed_calls[0] < full_calls[0] - n
-    # and nothing is left patched on the model's layers
-    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
+    # and nothing is left patched on either model's layers
+    for m in (replayed_model, model):
+        assert not any("forward" in layer.__dict__ for layer in m.model.layers)
 
 
 def test_a_format_calibrating_only_weights_takes_one_batch_with_the_same_result(
