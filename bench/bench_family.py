@@ -2,6 +2,7 @@
 
     python bench/bench_family.py --dry-run --size 72b --gpus 4          # plan only, no GPU
     python bench/bench_family.py --size 7b --gpus 0 --work /tmp/fam     # on a CUDA machine
+    python bench/bench_family.py --size 32b --gpus 0,1 --tag replicas -- --parallel replicas
 
 The GPU path builds the checkpoint (after checking the disk), runs the driver with the default
 scheme, samples per-GPU utilisation and memory (pynvml, else nvidia-smi) while it runs, then
@@ -134,7 +135,8 @@ def gpu_run(args: argparse.Namespace) -> dict:
     plant_outlier(model_dir, OUTLIER_LAYER)  # sensible formats: that layer's gate/up stays BF16
     gpus = list(range(torch.cuda.device_count())) if args.gpus == "all" else \
         [int(x) for x in args.gpus.split(",")]
-    out = work / f"out-{args.size}-{len(gpus)}gpu"
+    tag = f"-{args.tag}" if args.tag else ""
+    out = work / f"out-{args.size}-{len(gpus)}gpu{tag}"
     cmd = [sys.executable, str(DRIVER), "--scheme-name", "fp8-balanced-10b", "--model-dir",
            str(model_dir), "--calib-file", str(args.data / "coco2017_captions" / "train_sample.txt"),
            "--output-dir", str(out),
@@ -194,6 +196,8 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/bench_family", help="checkpoint and output directory")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     p.add_argument("--skip-bf16", action="store_true", help="skip the BF16 fwd+bwd timing")
+    p.add_argument("--tag", default="", help="suffix of the output dir and the JSON name, e.g. "
+                   "replicas (with -- --parallel replicas)")
     p.add_argument("--data", type=Path, default=ROOT / ".bench_data",
                    help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt")
     p.add_argument("driver_args", nargs="*", help="extra driver flags after --")
@@ -203,7 +207,8 @@ def main() -> int:
         print(dry_run(args.size, int(args.gpus), args.gpu_gib, args.batch_size, args.seq_len))
         return 0
     result = gpu_run(args)
-    path = Path(args.results) / f"family-{args.size}-{len(result['gpus'])}gpu.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    path = Path(args.results) / f"family-{args.size}-{len(result['gpus'])}gpu{tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

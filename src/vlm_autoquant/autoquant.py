@@ -14,7 +14,8 @@ renames it into place, recording its sha256, (3) lets a calibration-only checkpo
 score (ModelOpt stores a running minimum over its sorted candidates, which would make a format's
 score depend on the other formats searched), (5) frees each module's stored Q(Y) - Y once scored,
 (6) computes the kl_div loss row by row, (7) calibrates a format whose statistics are the weights
-alone on one batch, and (8) optionally keeps gradient checkpointing off.
+alone on one batch, (8) optionally keeps gradient checkpointing off, and (9) under data-parallel
+replicas (replicas.py) lets rank 0 alone write the checkpoint, under its single-process name.
 """
 
 from __future__ import annotations
@@ -347,6 +348,18 @@ def _saving(orig: Callable, on_checkpoint: Callable[[Path, str, Path], str]) -> 
         final = self._get_checkpoint_path()
         if final is None:
             return orig(self, verbose)
+        if torch.distributed.is_initialized():
+            # Data-parallel replicas (replicas.py) hold the same state after ModelOpt's reduction:
+            # rank 0 alone writes it, under the single-process name, so any run can resume it.
+            if torch.distributed.get_rank() != 0:
+                return None
+            final = self.config["checkpoint"]
+            self._get_checkpoint_path = lambda: self.config["checkpoint"]  # (its per-rank name)
+            try:
+                return _atomic_checkpoint_save(self, final, lambda: orig(self, verbose),
+                                               on_checkpoint)
+            finally:
+                del self._get_checkpoint_path
         _atomic_checkpoint_save(self, final, lambda: orig(self, verbose), on_checkpoint)
     return atomic_save
 

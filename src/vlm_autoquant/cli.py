@@ -110,6 +110,10 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gpu-memory", type=_optional(str), default=None,
                    help='memory the run may use per GPU: one size ("120GiB") or one per GPU '
                         '("120GiB,100GiB"); default: each GPU\'s total')
+    p.add_argument("--parallel", choices=["auto", "replicas", "layers"], default="auto",
+                   help="with several --gpus: replicas (each GPU holds the LM and searches part of "
+                        "the batches), layers (the LM split across them); auto: replicas when "
+                        "the LM and the batch fit one GPU")
     p.add_argument("--experiment", default=None, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -250,7 +254,7 @@ def options_from(args: argparse.Namespace):
                       calib_file=args.calib_file, catalog=args.catalog, overwrite=args.overwrite,
                       save_weights=args.save_weights, grad_checkpointing=args.grad_checkpointing == "on",
                       fp8_kernel=args.fp8_kernel, experiment=args.experiment, gpus=args.gpus,
-                      max_gpu_memory=args.max_gpu_memory)
+                      max_gpu_memory=args.max_gpu_memory, parallel=args.parallel)
 
 
 @contextlib.contextmanager
@@ -300,11 +304,15 @@ def _run_main(args: argparse.Namespace) -> int:
             inputs, families = stack.enter_context(_validated(args, [args.scheme_name], True))
 
         from .interrupt import StopFlag, stop_on_signals
+        from .replicas import start_for
 
+        # Other GPUs' replicas import and load while this process does.
+        replicas = stack.enter_context(start_for(inputs, families[0].placement))
         with phases("import", "ModelOpt and the search's modules"):
             from .pipeline import run_single
         with stop_on_signals(StopFlag()) as stop:
-            run_single(inputs, families[0], stop, args.experiment or DEFAULT_EXPERIMENT, phases)
+            run_single(inputs, families[0], stop, args.experiment or DEFAULT_EXPERIMENT, phases,
+                       replicas)
             stop.raise_if_set()  # a signal after the search: the results are kept, exit 130
     return 0
 

@@ -127,7 +127,8 @@ def plan_memory(inputs: Inputs, members: list[Scheme],
     first, opts = members[0], inputs.options
     planned = plan_for(inputs.text_config, opts.gpus, opts.max_gpu_memory, first.batch_size,
                        first.seq_len, first.num_calib_steps, first.num_score_steps, first.method,
-                       opts.grad_checkpointing, len(spec_of(members).formats), problems)
+                       opts.grad_checkpointing, len(spec_of(members).formats), problems,
+                       parallel=opts.parallel)
     if planned is None:
         return None
     placement, calib_steps, score_steps = planned

@@ -7,8 +7,11 @@ The sweep (sweep.py) runs the same `search_family` and `finish_scheme` for sever
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +20,9 @@ from . import autoquant, fp8_kernel, identity, manifest, quality, report, resume
 from .autoquant import Search
 from .families import Family
 from .placement import LMPlacement
+
+if TYPE_CHECKING:
+    from .replicas import Replicas
 from .interrupt import StopFlag
 from .schemes import Scheme
 from .timing import Phases, since_process_start
@@ -40,16 +46,38 @@ def load(inputs: Inputs, placement: LMPlacement | None, phases: Phases) -> nn.Mo
         return load_lm(inputs.options.model_dir, inputs.text_config, pick_device(), **where)
 
 
+@contextlib.contextmanager
+def replicas_for(inputs: Inputs, placement: LMPlacement | None, kernel: str,
+                 started: "Replicas | None" = None) -> Iterator["Replicas | None"]:
+    """The data-parallel replicas the placement asks for (None: this process searches alone),
+    `started` already or started now, and closed on exit: evaluation, saving and tracking run
+    in this process alone."""
+    from .replicas import start_for
+
+    with contextlib.nullcontext(started) if started is not None else \
+            start_for(inputs, placement) as replicas:
+        if replicas is None:
+            yield None
+            return
+        replicas.fp8_kernel = kernel
+        try:
+            yield replicas
+        finally:
+            replicas.close(ok=replicas.failure is None)
+
+
 def search_family(model: nn.Module, family: Family, stop: StopFlag | None, inputs: Inputs,
-                  phases: Phases) -> Search:
-    """Calibrate and score the family's union of formats on `model` (or restore both)."""
+                  phases: Phases, replicas: "Replicas | None" = None) -> Search:
+    """Calibrate and score the family's union of formats on `model` (or restore both); with
+    `replicas`, each searches its share of the batches and ModelOpt reduces the results."""
     device = next(model.parameters()).device
     batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
                for b in family.data.calib.batches[: family.data.steps]]
-    found = autoquant.search(model, family.spec, batches, family.checkpoint,
-                             lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage,
-                                                                           src),
-                             stop, inputs.options.grad_checkpointing)
+    args = (family.spec, batches, family.checkpoint,
+            lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage, src),
+            stop)
+    found = replicas.search(model, *args) if replicas is not None else \
+        autoquant.search(model, *args, inputs.options.grad_checkpointing)
     for key in ("calibrate", "score", "search_setup"):
         phases.add(key, found.timings.get(key, 0.0))
     log.info("search %s: calibration %s, scores %s, formats %s (%s)", family.key,
@@ -103,8 +131,9 @@ def announce(inputs: Inputs, scheme: Scheme) -> None:
 
 
 def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str,
-               phases: Phases) -> dict:
-    """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run."""
+               phases: Phases, replicas: "Replicas | None" = None) -> dict:
+    """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run
+    (`replicas`: the data-parallel replicas the CLI started, if the placement has them)."""
     scheme, out_dir = family.schemes[0], inputs.options.output_dir
     announce(inputs, scheme)
     if family.reuse.stage:
@@ -114,8 +143,9 @@ def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str,
     with tracking.tracked_run(experiment, scheme.name, system_metrics=torch.cuda.is_available(),
                               out_dir=out_dir) as tracker:
         kernel = fp8_kernel.select_fp8_kernel(inputs.options.fp8_kernel)
-        model = load(inputs, family.placement, phases)
-        found = search_family(model, family, stop, inputs, phases)
+        with replicas_for(inputs, family.placement, kernel, replicas) as replicas:
+            model = load(inputs, family.placement, phases)
+            found = search_family(model, family, stop, inputs, phases, replicas)
         doc = finish_scheme(model, found, scheme, family, inputs, out_dir, phases, tracker,
                             {"fp8_kernel": kernel, "resumed_from": family.reuse.stage})
     log.info("done in %.1f s: %s", phases.total(), out_dir / "manifest.json")

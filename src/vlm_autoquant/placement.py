@@ -1,6 +1,10 @@
-"""Place the LM on one or more GPUs: `--gpus`, `--max-gpu-memory` -> accelerate device_map.
+"""Place the LM on one or more GPUs: `--gpus`, `--max-gpu-memory`, `--parallel`.
 
-The LM is split by whole decoder layers with accelerate's `infer_auto_device_map` on the meta
+Two ways to use several GPUs. Replicas (replicas.py): when the whole LM and its activations fit
+one GPU, each GPU holds a copy and searches part of the batches, so none waits (the default,
+`--parallel auto`, picks them then). Layers: otherwise
+
+the LM is split by whole decoder layers with accelerate's `infer_auto_device_map` on the meta
 model (the mechanism transformers and ModelOpt's hf_ptq use). Each device's weight budget leaves
 room for what the memory plan says its layers need while scoring, and for the logits where the
 plan puts them: the loss terms on the embeddings' device (where accelerate returns the outputs),
@@ -11,6 +15,7 @@ as inputs, so it runs on a CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -89,11 +94,21 @@ class LMPlacement:
     max_memory: dict[int, int]  # bytes of weights accelerate may put on each GPU
     placement: Placement
     plan: Plan
+    replicas: tuple[int, ...] = ()  # data-parallel: GPUs each holding the whole LM (rank order)
+
+    @property
+    def mode(self) -> str:
+        """"replicas", "layers" (one LM split across GPUs) or "single" (one GPU)."""
+        return "replicas" if self.replicas else \
+            "layers" if len(self.placement.devices()) > 1 else "single"
 
     def record(self) -> dict:
-        """For the manifest: `placement` and `memory_plan`."""
+        """For the manifest: `placement` and `memory_plan` (with replicas, every GPU's plan is
+        the one shown for the first: each holds the same LM and the same batch shape)."""
         p = self.placement
-        return {"placement": {"gpus": p.devices(), "embed_tokens": p.embed, "lm_head": p.head,
+        return {"placement": {"mode": self.mode, "replicas": list(self.replicas),
+                              "gpus": list(self.replicas) or p.devices(),
+                              "embed_tokens": p.embed, "lm_head": p.head,
                               "device_map": dict(self.device_map),
                               "layers": {str(d): [i for i, x in enumerate(p.layers) if x == d]
                                          for d in p.devices()},
@@ -103,6 +118,11 @@ class LMPlacement:
 
     def summary(self, dims: Dims | None = None) -> str:
         lines = [plan_summary(self.plan, dims)]
+        if self.replicas:
+            lines.append(f"  data-parallel replicas on GPUs {', '.join(map(str, self.replicas))}: "
+                         f"each holds the whole LM (the plan above, per GPU) and searches "
+                         f"1/{len(self.replicas)} of the batches")
+            return "\n".join(lines)
         for d in self.placement.devices():
             idx = [i for i, x in enumerate(self.placement.layers) if x == d]
             span = f"layers {idx[0]}-{idx[-1]}" if idx else "no layers"
@@ -244,6 +264,38 @@ def plan_run(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int,
     raise UsageError(Problem("--batch-size", f"nothing fits down to {b}x{seq_len}: {msg}", fixes))
 
 
+def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
+                  batch_size: int, seq_len: int, calib_steps: int, score_steps: int,
+                  method: str, grad_checkpointing: bool, num_formats: int,
+                  explicit: bool) -> tuple[LMPlacement, int, int] | None:
+    """One whole LM per GPU, the plan of one GPU (the smallest usable memory) for each.
+
+    `--parallel auto` (explicit False) takes replicas only where the LM and the requested batch
+    fit one GPU and every replica gets at least one calibration and one score step; otherwise it
+    returns None (the layers are split instead). `--parallel replicas` may halve the batch like
+    a single GPU would, and raises UsageError with the figures when replicas cannot work.
+    """
+    world, first = len(gpus), gpus[0]
+    cap = {first: min(usable_gib[g] for g in gpus)}
+    if explicit:
+        lp, calib_steps, score_steps = plan_run(meta, dims, [first], cap, batch_size, seq_len,
+                                                calib_steps, score_steps, method,
+                                                grad_checkpointing, num_formats)
+    else:
+        lp = place(meta, dims, [first], cap, batch_size, seq_len, method, grad_checkpointing,
+                   num_formats)
+        if not lp.plan.fits():
+            return None
+    if min(calib_steps, score_steps) < world:
+        if not explicit:
+            return None
+        raise UsageError(Problem(
+            "--parallel", f"replicas on {world} GPUs need at least {world} calibration and score "
+            f"steps (one batch each); the run has {calib_steps} and {score_steps}",
+            "raise --num-calib-steps/--num-score-steps, use fewer --gpus, or --parallel layers"))
+    return dataclasses.replace(lp, replicas=tuple(gpus)), calib_steps, score_steps
+
+
 def cuda_totals_gib() -> dict[int, float]:
     """Total memory of each visible CUDA device (empty on a CPU machine)."""
     if not torch.cuda.is_available():
@@ -255,8 +307,11 @@ def cuda_totals_gib() -> dict[int, float]:
 def plan_for(cfg, gpus_text: str | None, max_memory_text: str | None, batch_size: int,
              seq_len: int, calib_steps: int, score_steps: int, method: str,
              grad_checkpointing: bool, num_formats: int, problems: Problems,
-             totals_gib: dict[int, float] | None = None) -> tuple[LMPlacement, int, int] | None:
+             totals_gib: dict[int, float] | None = None,
+             parallel: str = "auto") -> tuple[LMPlacement, int, int] | None:
     """Validation before loading: parse the flags, place the LM, pick the batch (or a Problem).
+
+    `parallel`: "auto" (replicas where the LM fits one GPU, else layers), "replicas", "layers".
 
     Returns None on a machine without GPUs (the CPU path loads on the CPU as before).
     """
@@ -272,8 +327,15 @@ def plan_for(cfg, gpus_text: str | None, max_memory_text: str | None, batch_size
     from .memory_plan import usable
 
     dims = Dims.from_config(cfg)
+    meta = meta_model(cfg)
     try:
-        return plan_run(meta_model(cfg), dims, gpus, usable(caps), batch_size, seq_len,
+        if len(gpus) > 1 and parallel != "layers":
+            planned = plan_replicas(meta, dims, gpus, usable(caps), batch_size, seq_len,
+                                    calib_steps, score_steps, method, grad_checkpointing,
+                                    num_formats, explicit=parallel == "replicas")
+            if planned is not None:
+                return planned
+        return plan_run(meta, dims, gpus, usable(caps), batch_size, seq_len,
                         calib_steps, score_steps, method, grad_checkpointing, num_formats)
     except UsageError as exc:
         problems.extend(exc.problems)
@@ -281,8 +343,12 @@ def plan_for(cfg, gpus_text: str | None, max_memory_text: str | None, batch_size
 
 
 def measured_peaks_gib() -> dict[str, float]:
-    """torch.cuda.max_memory_allocated of every visible GPU, for the manifest next to the plan."""
+    """torch.cuda.max_memory_allocated of every visible GPU, for the manifest next to the plan
+    (a GPU searched by a replica process: that process's own figure, replicas.py)."""
     if not torch.cuda.is_available():
         return {}
-    return {str(i): round(torch.cuda.max_memory_allocated(i) / GIB, 2)
-            for i in range(torch.cuda.device_count())}
+    from .replicas import worker_peaks_gib
+
+    own = {str(i): round(torch.cuda.max_memory_allocated(i) / GIB, 2)
+           for i in range(torch.cuda.device_count())}
+    return {d: max(gib, worker_peaks_gib.get(d, 0.0)) for d, gib in own.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -22,7 +23,7 @@ from .artifacts import COMPARISON_FILE, PARETO_FIGURE
 from .errors import Interrupted, RunFailed
 from .families import Family, calibration_source
 from .interrupt import StopFlag
-from .pipeline import announce, finish_scheme, load, search_family
+from .pipeline import announce, finish_scheme, load, replicas_for, search_family
 from .timing import Phases
 from .tracking import M_SPEARMAN
 from .validate import Inputs
@@ -58,11 +59,12 @@ def failed_row(scheme, family: Family, exc: BaseException) -> dict:
 
 
 def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Phases,
-               parent: tracking.Tracker, experiment: str, info: dict) -> list[dict]:
+               parent: tracking.Tracker, experiment: str, info: dict,
+               replicas=None) -> list[dict]:
     """Search one family, then finish each member as a child run; failures are rows, not raises."""
     rows: list[dict] = []
     try:
-        found = search_family(model, family, stop, inputs, phases)
+        found = search_family(model, family, stop, inputs, phases, replicas)
     except (Interrupted, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - every member fails with the reason
@@ -105,19 +107,30 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
                            "catalog": str(opts.catalog or "default"),
                            "schemes": ",".join(s.name for s in inputs.schemes)})
         kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
-        pristine = load(inputs, families[0].placement, phases)
-        done: list[Family] = []
-        # Wider candidate sets first: a narrower family can then start from their calibration.
-        for n, family in enumerate(sorted(families, key=lambda f: -len(f.spec.formats))):
-            seeded = _seed(family, done)
-            # The last family searches the loaded LM itself; earlier ones a copy of it.
-            model = pristine if n == len(families) - 1 else sharing_weights(pristine)
-            rows += run_family(model, family, inputs, stop, phases, parent, experiment,
-                               {"fp8_kernel": kernel, "calibration_seeded_from": seeded})
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            done.append(family)
+        # Replicas only when every family's plan takes them (the LM is loaded once for all).
+        placement = families[0].placement
+        if placement is not None and placement.replicas and not all(
+                f.placement is not None and f.placement.replicas for f in families):
+            log.info("sweep: not every search fits one GPU; the LM is not replicated")
+            placement = dataclasses.replace(placement, replicas=())
+            for f in families:  # each manifest records the placement that ran
+                if f.placement is not None:
+                    f.placement = dataclasses.replace(f.placement, replicas=())
+        with replicas_for(inputs, placement, kernel) as replicas:
+            pristine = load(inputs, placement, phases)
+            done: list[Family] = []
+            # Wider candidate sets first: a narrower family can then start from their calibration.
+            for n, family in enumerate(sorted(families, key=lambda f: -len(f.spec.formats))):
+                seeded = _seed(family, done)
+                # The last family searches the loaded LM itself; earlier ones a copy of it.
+                model = pristine if n == len(families) - 1 else sharing_weights(pristine)
+                rows += run_family(model, family, inputs, stop, phases, parent, experiment,
+                                   {"fp8_kernel": kernel, "calibration_seeded_from": seeded},
+                                   replicas)
+                del model
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                done.append(family)
         order = {s.name: i for i, s in enumerate(inputs.schemes)}
         rows.sort(key=lambda r: order[r["scheme"]])  # the catalog's order, not the run order
         _write_comparison(rows, opts.output_dir, parent, phases, len(families))

@@ -114,6 +114,7 @@ class RunOptions:
     experiment: str | None = None
     gpus: str | None = None  # "all" or "0,1"; None: GPU 0 (the CPU on a machine without one)
     max_gpu_memory: str | None = None
+    parallel: str = "auto"  # several GPUs: "replicas" (one LM each), "layers" (one LM split), auto
 
 
 @dataclass

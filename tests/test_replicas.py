@@ -1,0 +1,204 @@
+"""Data-parallel replicas on the CPU: two processes joined by torch.distributed's gloo backend run
+the real code path (replicas.py, ModelOpt's reductions, rank 0's checkpoint), compared with one
+process over all batches. The plan's choice between replicas and split layers is tested on the
+released 7B/32B/72B configs (meta device)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from vlm_autoquant.errors import Problems, RunFailed, UsageError
+from vlm_autoquant.memory_plan import Placement, predict
+from vlm_autoquant.placement import LMPlacement, plan_for
+from vlm_autoquant.replicas import Replicas, Setup, shard, spec_for_rank
+from tests.conftest import QUICK, SCRIPT  # noqa: F401
+from tests.test_memory_plan import config
+
+H200 = {0: 139.8, 1: 139.8}
+
+
+@pytest.mark.parametrize("calib,score,world", [(16, 8, 2), (7, 3, 3), (5, 5, 4)])
+def test_the_shards_cover_each_batch_once(calib, score, world):
+    from vlm_autoquant.families import SearchSpec
+
+    spec = SearchSpec(("FP8_DEFAULT_CFG",), "gradient", calib, score, (), ())
+    for steps, field in ((calib, "num_calib_steps"), (score, "num_score_steps")):
+        seen = []
+        for r in range(world):
+            n = getattr(spec_for_rank(spec, r, world), field)
+            assert n == shard(steps, r, world)
+            seen += list(range(max(calib, score)))[r::world][:n]  # what ModelOpt takes of a shard
+        assert sorted(seen) == list(range(steps))
+
+
+@pytest.mark.parametrize("size", ["7b", "32b"])
+def test_auto_replicates_what_fits_one_gpu(size):
+    planned = plan_for(config(size), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
+                       Problems(), totals_gib=H200)
+    lp, calib, score = planned
+    assert lp.replicas == (0, 1) and lp.mode == "replicas"
+    assert (lp.plan.batch_size, calib, score) == (16, 16, 8)  # the requested batch, unchanged
+    assert lp.device_map == {"": 0} and lp.plan.fits()
+    rec = lp.record()["placement"]
+    assert rec["mode"] == "replicas" and rec["gpus"] == [0, 1]
+    layers, _, _ = plan_for(config(size), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
+                            Problems(), totals_gib=H200, parallel="layers")
+    assert layers.mode == "layers" and not layers.replicas
+
+
+def test_auto_splits_the_layers_of_what_does_not_fit_one_gpu():
+    lp, _, _ = plan_for(config("72b"), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
+                        Problems(), totals_gib=H200)
+    assert lp.mode == "layers" and len(lp.placement.devices()) == 2
+
+
+def test_auto_splits_when_a_replica_would_get_no_step():
+    lp, _, _ = plan_for(config("7b"), "0,1", None, 16, 512, 1, 1, "gradient", True, 1,
+                        Problems(), totals_gib=H200)
+    assert lp.mode == "layers"
+
+
+@pytest.mark.parametrize("size,steps,needles", [
+    ("72b", 16, ["nothing fits", "GiB on GPU 0", "more GPUs"]),  # 145 GB of weights per replica
+    ("7b", 1, ["at least 2 calibration", "--parallel layers"])])
+def test_explicit_replicas_that_cannot_work_are_refused_with_the_figures(size, steps, needles):
+    pr = Problems()
+    assert plan_for(config(size), "0,1", None, 16, 512, steps, steps, "gradient", True, 1, pr,
+                    totals_gib=H200, parallel="replicas") is None
+    text = UsageError(pr.items).render()
+    assert all(n in text for n in needles), text
+
+
+# -- the real thing on two CPU processes ---------------------------------------------------------
+
+def _spec():
+    from vlm_autoquant.families import SearchSpec
+
+    return SearchSpec(("FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"), "gradient", 4, 4,
+                      ("*lm_head*",), ())
+
+
+def _batches(demo):
+    from transformers import AutoTokenizer
+
+    from vlm_autoquant.calib_data import load_captions, pack, split_captions
+
+    model_dir, captions = demo
+    split = split_captions(load_captions(captions), 512, 0, 1234)
+    return pack(AutoTokenizer.from_pretrained(model_dir), split.calib, 128, 4, 1234).batches[:4]
+
+
+def _model(model_dir):
+    from vlm_autoquant.lm import load_lm, text_config
+
+    torch.manual_seed(0)
+    return load_lm(model_dir, text_config(model_dir), torch.device("cpu"))
+
+
+def _amax(model) -> dict:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {n: m.amax.clone() for n, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and m.is_enabled and m.amax is not None}
+
+
+def _setup(model_dir, world=2):
+    from vlm_autoquant.lm import text_config
+
+    return Setup(model_dir, text_config(model_dir), ("cpu",) * world, True)
+
+
+def test_two_replicas_search_what_one_process_searches(demo, tmp_path):
+    """Same amax bit for bit, the same scores (to summation order), the same formats; rank 0
+    alone writes the checkpoint, under the single-process name."""
+    from vlm_autoquant import autoquant
+
+    model_dir, _ = demo
+    batches, spec = _batches(demo), _spec()
+    records = []
+
+    def record(path, stage, tmp):
+        records.append((path.name, stage))
+        return "sha"
+
+    one = _model(model_dir)
+    alone = autoquant.search(one, spec, batches, tmp_path / "one" / "s.pth", lambda *a: "", None)
+    two = _model(model_dir)
+    with Replicas(_setup(model_dir)) as replicas:
+        found = replicas.search(two, spec, batches, tmp_path / "two" / "s.pth", record, None)
+    assert not torch.distributed.is_initialized()  # torn down: the rest runs as one process
+    assert found.spec == spec and found.calibrated and found.scored
+    for name, stat in alone.stats.items():
+        assert stat["raw_scores"] == pytest.approx(found.stats[name]["raw_scores"], rel=1e-5)
+    chosen = set()
+    for bits in (10.0, 11.0, 12.0):
+        fa = {g.name: g.chosen for g in autoquant.solve(one, alone, list(spec.formats), bits).groups}
+        fb = {g.name: g.chosen for g in autoquant.solve(two, found, list(spec.formats), bits).groups}
+        assert fa == fb
+        chosen |= set(fa.values())
+        a, b = _amax(one), _amax(two)  # the calibration of the formats now active
+        assert a.keys() == b.keys() and len(a) >= 10
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(chosen) >= 2  # the budgets made the solver choose, not one format everywhere
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["s.pth"]
+    assert records == [("s.pth", "calibrated"), ("s.pth", "scored")]
+
+
+def test_a_replica_that_fails_to_load_fails_the_search_with_its_reason(demo, tmp_path):
+    model_dir, _ = demo
+    setup = dataclasses.replace(_setup(model_dir), model_dir=tmp_path / "gone")
+    with pytest.raises(RunFailed) as err, Replicas(setup) as replicas:
+        replicas.search(_model(model_dir), _spec(), _batches(demo), tmp_path / "s.pth",
+                        lambda *a: "", None)
+    text = str(err.value)
+    assert "rank 1" in text and "gone" in text and "--parallel layers" in text
+    assert not any(p.is_alive() for p in replicas.procs)
+
+
+def test_a_replica_killed_mid_run_fails_the_search_instead_of_hanging(demo, tmp_path):
+    model_dir, _ = demo
+    with pytest.raises(RunFailed) as err, Replicas(_setup(model_dir)) as replicas:
+        replicas.join()
+        replicas.procs[0].kill()
+        replicas.search(_model(model_dir), _spec(), _batches(demo), tmp_path / "s.pth",
+                        lambda *a: "", None)
+    assert "rank 1" in str(err.value) and "-9" in str(err.value)
+    assert not (tmp_path / "s.pth").exists()
+
+
+def test_a_run_with_replicas_matches_a_run_without(demo, tmp_path, monkeypatch):
+    """The driver end to end, its placement made of two CPU replicas: the same layer formats
+    and scores as the plain run, and the manifest says how it ran."""
+    from vlm_autoquant import families
+    from vlm_autoquant.cli import main
+    from vlm_autoquant.lm import text_config
+    from vlm_autoquant.memory_plan import Dims
+
+    model_dir, captions = demo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = ["--scheme-name", "fp8-pcpt-10b", "--model-dir", str(model_dir), "--calib-file",
+            str(captions), *QUICK]
+    assert main([*args, "--output-dir", str(tmp_path / "plain")]) == 0
+    dims = Dims.from_config(text_config(model_dir))
+
+    def two_cpu_replicas(cfg, gpus, max_memory, batch, seq_len, calib, score, *rest, **kw):
+        plan = predict(dims, batch, seq_len)  # the requested batch: nothing to halve
+        return LMPlacement({"": "cpu"}, {}, Placement.single(dims.layers, "cpu"), plan,
+                           replicas=("cpu", "cpu")), calib, score
+
+    monkeypatch.setattr(families, "plan_for", two_cpu_replicas)
+    assert main([*args, "--output-dir", str(tmp_path / "replicas")]) == 0
+    plain, reps = (json.loads((tmp_path / d / "manifest.json").read_text())
+                   for d in ("plain", "replicas"))
+    assert [(r["name"], r["format"]) for r in plain["layers"]] == \
+        [(r["name"], r["format"]) for r in reps["layers"]]
+    assert reps["memory"]["placement"]["mode"] == "replicas"
+    assert reps["memory"]["placement"]["replicas"] == ["cpu", "cpu"]
+    for a, b in zip(plain["layers"], reps["layers"]):
+        assert a["scores"] == pytest.approx(b["scores"], rel=1e-5)
+    assert reps["quality"]["kl_mean"] == pytest.approx(plain["quality"]["kl_mean"], rel=1e-4)
+    assert reps["calibration"]["batch_size"] == plain["calibration"]["batch_size"]
