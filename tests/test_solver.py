@@ -147,15 +147,18 @@ def test_3b_minimum_bound_is_infeasible_to_plain_modelopt_lp(synthetic_search, t
 
 
 def test_fp8_all_8b_solves_at_3b_shapes(synthetic_search, tmp_path):
-    """Fails without the fix: RunFailed('ModelOpt found no recipe within 8.0 effective bits')."""
+    """Fails without the fix: RunFailed('ModelOpt found no recipe within 8.0 effective bits').
+    Also fp8-all-8b's case of the catalog test below, which is parametrized without it."""
     scheme = CATALOG["fp8-all-8b"]
     result, model = solve("3b", scheme, tmp_path)
-    check_solution("3b", scheme, result, model)
+    achieved = check_solution("3b", scheme, result, model)
+    assert abs(result.achieved_bits - achieved) < 1e-9
     bits = chosen_bits(result, linear_numels(model))
     assert sum(1 for n, b in bits.items() if b == FP8_BITS) == 252  # 36 layers x 7 linears
 
 
-@pytest.mark.parametrize("name", sorted(CATALOG))
+# fp8-all-8b is solved, with the same checks and more, by the test above.
+@pytest.mark.parametrize("name", sorted(set(CATALOG) - {"fp8-all-8b"}))
 def test_every_catalog_scheme_solves_at_3b_shapes(synthetic_search, tmp_path, name):
     scheme = CATALOG[name]
     result, model = solve("3b", scheme, tmp_path)
