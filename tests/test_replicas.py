@@ -14,7 +14,8 @@ import torch
 from vlm_autoquant.errors import Problems, RunFailed, UsageError
 from vlm_autoquant.memory_plan import Placement, predict
 from vlm_autoquant.placement import LMPlacement, plan_for
-from vlm_autoquant.replicas import Replicas, Setup, shard, spec_for_rank
+from vlm_autoquant.replicas import (Replicas, Setup, prestart, prestart_devices, shard,
+                                    spec_for_rank, start_for)
 from tests.conftest import QUICK, SCRIPT  # noqa: F401
 from tests.test_memory_plan import config
 
@@ -71,6 +72,23 @@ def test_explicit_replicas_that_cannot_work_are_refused_with_the_figures(size, s
                     totals_gib=H200, parallel="replicas") is None
     text = UsageError(pr.items).render()
     assert all(n in text for n in needles), text
+
+
+def test_processes_start_before_validation_only_for_listed_gpus():
+    assert prestart_devices("0,1", "auto") == ("cuda:0", "cuda:1")
+    assert prestart_devices("2,3,1", "replicas") == ("cuda:2", "cuda:3", "cuda:1")
+    for gpus, parallel in (("0,1", "layers"), ("0", "auto"), (None, "auto"), ("all", "auto"),
+                           ("0,0", "auto"), ("x", "auto")):
+        assert prestart_devices(gpus, parallel) is None
+
+
+def test_prestarted_processes_the_plan_does_not_claim_are_stopped():
+    """A refused input or a plan without replicas (the layers split, a CPU machine) must not
+    leave the processes started before validation running."""
+    with prestart("0,1", "auto") as pool, start_for(None, None, pool) as replicas:
+        assert replicas is None and len(pool.procs) == 1 and pool.procs[0].is_alive()
+    pool.procs[0].join(timeout=5)
+    assert not pool.procs[0].is_alive()
 
 
 # -- the real thing on two CPU processes ---------------------------------------------------------

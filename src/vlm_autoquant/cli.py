@@ -300,14 +300,17 @@ def _run_main(args: argparse.Namespace) -> int:
     phases = Phases()
     phases.add("startup", since_process_start())
     with contextlib.ExitStack() as stack:
+        from .replicas import prestart, start_for
+
+        # With several --gpus, the other GPUs' processes import while this one validates.
+        pool = stack.enter_context(prestart(args.gpus, args.parallel))
         with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
             inputs, families = stack.enter_context(_validated(args, [args.scheme_name], True))
 
         from .interrupt import StopFlag, stop_on_signals
-        from .replicas import start_for
 
-        # Other GPUs' replicas import and load while this process does.
-        replicas = stack.enter_context(start_for(inputs, families[0].placement))
+        # They load their replica while this process imports ModelOpt and loads its own.
+        replicas = stack.enter_context(start_for(inputs, families[0].placement, pool))
         with phases("import", "ModelOpt and the search's modules"):
             from .pipeline import run_single
         with stop_on_signals(StopFlag()) as stop:

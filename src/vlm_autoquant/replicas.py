@@ -34,9 +34,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from .errors import RunFailed
 
 log = logging.getLogger(__name__)
@@ -84,6 +81,9 @@ def _free_port() -> int:
 
 
 def _init_group(setup: Setup, rank: int, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
     kwargs = {}
     if setup.backend == "nccl":
         device = torch.device(setup.devices[rank])
@@ -94,21 +94,30 @@ def _init_group(setup: Setup, rank: int, port: int) -> None:
 
 
 def _peak_gib(device: str) -> float:
+    import torch
+
     if not device.startswith("cuda"):
         return 0.0
     return torch.cuda.max_memory_allocated(torch.device(device)) / 1024**3
 
 
-def _worker(rank: int, setup: Setup, port: int, jobs, results) -> None:
-    """A replica: load the LM on its device, join the group, run every search handed to it."""
+def _worker(rank: int, port: int, jobs, results) -> None:
+    """A replica: import, wait for its Setup (None: not needed after all), load the LM on its
+    device, join the group, run every search handed to it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and stops the replicas
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s replica {rank}: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        from . import autoquant, fp8_kernel
+        import torch
+        import torch.distributed as dist
+
+        from . import autoquant, fp8_kernel  # the slow imports, before the Setup is known
         from .lm import load_lm
         from .sweep import sharing_weights
 
+        setup = jobs.get()
+        if setup is None:
+            return
         device = torch.device(setup.devices[rank])
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -136,20 +145,84 @@ def _worker(rank: int, setup: Setup, port: int, jobs, results) -> None:
         raise SystemExit(1) from None
 
 
+class Pool:
+    """The other ranks' processes, started before their Setup is known: they import torch,
+    transformers and ModelOpt (the slow part of a start) while this process validates."""
+
+    def __init__(self, devices: tuple[str, ...]) -> None:
+        import multiprocessing as mp  # torch's tensor reductions apply once torch is imported
+
+        self.devices = devices
+        self.port = _free_port()
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.jobs = [ctx.Queue() for _ in devices[1:]]
+        self.procs = [ctx.Process(target=_worker, name=f"replica-{r}",
+                                  args=(r, self.port, self.jobs[r - 1], self.results), daemon=True)
+                      for r in range(1, len(devices))]
+        for p in self.procs:
+            p.start()
+
+    def dismiss(self) -> None:
+        """Not needed after all (the plan split the layers, or the inputs were refused)."""
+        for q in self.jobs:
+            q.put(None)
+        for p in self.procs:  # still importing, most likely: nothing of theirs to keep
+            p.join(timeout=0.2)
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+
+
+def prestart_devices(gpus: str | None, parallel: str) -> tuple[str, ...] | None:
+    """The devices replicas would use, from the flags alone (explicit indices only: "all" needs
+    the device count, which waits for torch), or None when they cannot be wanted."""
+    if parallel == "layers" or not gpus:
+        return None
+    try:
+        ids = [int(x) for x in gpus.split(",") if x.strip()]
+    except ValueError:
+        return None
+    if len(ids) < 2 or len(set(ids)) != len(ids) or min(ids) < 0:
+        return None
+    return tuple(f"cuda:{i}" for i in ids)
+
+
 @contextlib.contextmanager
-def start_for(inputs, placement) -> Iterator[Replicas | None]:
-    """The replicas `placement` asks for, started now (None: this process searches alone).
+def prestart(gpus: str | None, parallel: str) -> Iterator[Pool | None]:
+    """Start the other ranks' processes before validation when `--gpus` asks for several GPUs;
+    whatever `start_for` does not claim is dismissed on exit."""
+    devices = prestart_devices(gpus, parallel)
+    pool = Pool(devices) if devices else None
+    try:
+        yield pool
+    finally:
+        if pool is not None and not getattr(pool, "claimed", False):
+            pool.dismiss()
+
+
+@contextlib.contextmanager
+def start_for(inputs, placement, pool: Pool | None = None) -> Iterator[Replicas | None]:
+    """The replicas `placement` asks for (None: this process searches alone), in `pool`'s
+    processes when they match, else started now.
 
     Started as soon as the inputs are validated, before this process imports ModelOpt and loads
-    its own replica, so the others import and load meanwhile. Stopped on exit (the pipeline
-    closes them earlier, after the last search).
+    its own replica, so the others load meanwhile. Stopped on exit (the pipeline closes them
+    earlier, after the last search).
     """
     if placement is None or not placement.replicas:
         yield None
         return
     devices = tuple(g if isinstance(g, str) else f"cuda:{g}" for g in placement.replicas)
+    if pool is not None and pool.devices == devices:
+        pool.claimed = True
+    else:
+        pool = None
     with Replicas(Setup(inputs.options.model_dir, inputs.text_config, devices,
-                        inputs.options.grad_checkpointing)) as replicas:
+                        inputs.options.grad_checkpointing), pool) as replicas:
         yield replicas
 
 
@@ -165,20 +238,13 @@ class Replicas:
     with its reason instead of leaving this process waiting in a collective.
     """
 
-    def __init__(self, setup: Setup) -> None:
-        import torch.multiprocessing as mp
-
+    def __init__(self, setup: Setup, pool: Pool | None = None) -> None:
+        pool = pool or Pool(setup.devices)
         self.setup = setup
-        self.port = _free_port()
-        ctx = mp.get_context("spawn")
-        self.results = ctx.Queue()
-        self.jobs = [ctx.Queue() for _ in range(setup.world - 1)]
-        self.procs = [ctx.Process(target=_worker, name=f"replica-{r}",
-                                  args=(r, setup, self.port, self.jobs[r - 1], self.results),
-                                  daemon=True)
-                      for r in range(1, setup.world)]
-        for p in self.procs:
-            p.start()
+        self.port, self.results, self.jobs, self.procs = pool.port, pool.results, pool.jobs, \
+            pool.procs
+        for q in self.jobs:
+            q.put(setup)
         self.joined = False
         self.closed = False
         self.fp8_kernel = "eager"  # set by the pipeline once it has chosen (fp8_kernel.py)
@@ -216,6 +282,8 @@ class Replicas:
         while self._searching.is_set() and time.monotonic() < deadline:
             time.sleep(0.2)
         if self._searching.is_set() and self.setup.backend == "nccl":
+            import torch.distributed as dist
+
             dist.distributed_c10d._abort_process_group()
             deadline = time.monotonic() + _GRACE_S
             while self._searching.is_set() and time.monotonic() < deadline:
@@ -339,6 +407,8 @@ class Replicas:
         first: a replica's own teardown may wait for it."""
         if self.closed:
             return
+        import torch.distributed as dist
+
         self.closed = self._closing = True
         clean = ok and not self.failure
         if clean:
