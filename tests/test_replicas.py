@@ -220,3 +220,58 @@ def test_a_run_with_replicas_matches_a_run_without(demo, tmp_path, monkeypatch):
         assert a["scores"] == pytest.approx(b["scores"], rel=1e-5)
     assert reps["quality"]["kl_mean"] == pytest.approx(plain["quality"]["kl_mean"], rel=1e-4)
     assert reps["calibration"]["batch_size"] == plain["calibration"]["batch_size"]
+
+
+SWEEP_CATALOG = """schemes:
+  b10:
+    description: per-tensor FP8
+    effective_bits: 10
+  pcpt10:
+    description: both FP8 formats (searched with b10)
+    formats: [FP8_DEFAULT_CFG, FP8_PER_CHANNEL_PER_TOKEN_CFG]
+    effective_bits: 10
+  kl10:
+    description: kl_div, calibration seeded from the gradient search
+    method: kl_div
+    effective_bits: 10
+"""
+
+
+def test_a_sweep_with_replicas_matches_a_sweep_without(demo, tmp_path, monkeypatch):
+    """Two searches handed to the replicas in turn, the second (kl_div) starting from the
+    first's calibration, which rank 0 writes before handing it out."""
+    import csv
+
+    from vlm_autoquant import families
+    from vlm_autoquant.cli import sweep_main
+    from vlm_autoquant.lm import text_config
+    from vlm_autoquant.memory_plan import Dims
+    from tests.conftest import SMALL_DEFAULTS
+
+    model_dir, captions = demo
+    (tmp_path / "cat.yaml").write_text(SMALL_DEFAULTS + SWEEP_CATALOG)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    args = ["--model-dir", str(model_dir), "--calib-file", str(captions), "--catalog",
+            str(tmp_path / "cat.yaml")]
+    assert sweep_main([*args, "--output-dir", str(tmp_path / "plain")]) == 0
+    dims = Dims.from_config(text_config(model_dir))
+
+    def two_cpu_replicas(cfg, gpus, max_memory, batch, seq_len, calib, score, *rest, **kw):
+        return LMPlacement({"": "cpu"}, {}, Placement.single(dims.layers, "cpu"),
+                           predict(dims, batch, seq_len), replicas=("cpu", "cpu")), calib, score
+
+    monkeypatch.setattr(families, "plan_for", two_cpu_replicas)
+    assert sweep_main([*args, "--output-dir", str(tmp_path / "replicas")]) == 0
+    rows = {d: {r["scheme"]: r for r in csv.DictReader(open(tmp_path / d / "comparison.csv"))}
+            for d in ("plain", "replicas")}
+    assert set(rows["plain"]) == set(rows["replicas"]) == {"b10", "pcpt10", "kl10"}
+    for name, plain in rows["plain"].items():
+        reps = rows["replicas"][name]
+        assert reps["status"] == plain["status"] == "FINISHED"
+        assert (reps["fp8_layers"], reps["effective_bits"]) == \
+            (plain["fp8_layers"], plain["effective_bits"])
+        assert float(reps["kl_mean"]) == pytest.approx(float(plain["kl_mean"]), rel=1e-4)
+    kl = json.loads((tmp_path / "replicas" / "kl10" / "manifest.json").read_text())
+    assert kl["search"]["calibration_seeded_from"] and kl["search"]["calibration"] == "restored"
+    assert kl["memory"]["placement"]["mode"] == "replicas"

@@ -48,14 +48,14 @@ def load(inputs: Inputs, placement: LMPlacement | None, phases: Phases) -> nn.Mo
 
 @contextlib.contextmanager
 def replicas_for(inputs: Inputs, placement: LMPlacement | None, kernel: str,
-                 started: "Replicas | None" = None) -> Iterator["Replicas | None"]:
+                 started: "Replicas | None" = None, pool=None) -> Iterator["Replicas | None"]:
     """The data-parallel replicas the placement asks for (None: this process searches alone),
-    `started` already or started now, and closed on exit: evaluation, saving and tracking run
-    in this process alone."""
+    `started` already or started now (in `pool`'s processes, `replicas.prestart`), and closed on
+    exit: evaluation, saving and tracking run in this process alone."""
     from .replicas import start_for
 
     with contextlib.nullcontext(started) if started is not None else \
-            start_for(inputs, placement) as replicas:
+            start_for(inputs, placement, pool) as replicas:
         if replicas is None:
             yield None
             return

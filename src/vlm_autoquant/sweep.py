@@ -93,8 +93,10 @@ def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Ph
     return rows
 
 
-def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str) -> list[dict]:
-    """Run every family; write and log the comparison; raise RunFailed naming failed schemes."""
+def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str,
+              pool=None) -> list[dict]:
+    """Run every family; write and log the comparison; raise RunFailed naming failed schemes.
+    `pool`: processes started for replicas before validation (`replicas.prestart`)."""
     opts = inputs.options
     phases = Phases()
     log.info("sweep: %d schemes in %d search(es): %s", len(inputs.schemes), len(families),
@@ -116,7 +118,7 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
             for f in families:  # each manifest records the placement that ran
                 if f.placement is not None:
                     f.placement = dataclasses.replace(f.placement, replicas=())
-        with replicas_for(inputs, placement, kernel) as replicas:
+        with replicas_for(inputs, placement, kernel, pool=pool) as replicas:
             pristine = load(inputs, placement, phases)
             done: list[Family] = []
             # Wider candidate sets first: a narrower family can then start from their calibration.
