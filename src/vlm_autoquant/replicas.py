@@ -165,12 +165,8 @@ class Pool:
 
     def dismiss(self) -> None:
         """Not needed after all (the plan split the layers, or the inputs were refused)."""
-        for q in self.jobs:
-            q.put(None)
         for p in self.procs:  # still importing, most likely: nothing of theirs to keep
-            p.join(timeout=0.2)
-            if p.is_alive():
-                p.terminate()
+            p.terminate()
         for p in self.procs:
             p.join(timeout=2)
             if p.is_alive():
