@@ -39,6 +39,48 @@ QUICK = ["--num-calib-samples", "512", "--num-calib-steps", "2", "--num-score-st
          "--num-eval-samples", "64", "--seq-len", "128"]
 
 
+# The sweep's test catalog: five budgets, kl_div and pcpt beside them (tests/test_sweep.py).
+BUDGETS = (8, 9, 10, 12, 16)
+SWEEP_CATALOG = SMALL_DEFAULTS + "schemes:\n" + "".join(
+    f"  b{b}:\n    description: {b} bits\n    effective_bits: {b}\n" for b in BUDGETS) + """
+  kl10:
+    description: kl
+    method: kl_div
+    effective_bits: 10
+    num_score_steps: 2
+  pcpt10:
+    description: per-channel/per-token next to per-tensor
+    formats: [FP8_DEFAULT_CFG, FP8_PER_CHANNEL_PER_TOKEN_CFG]
+    effective_bits: 10
+"""
+
+
+@pytest.fixture(scope="session")
+def swept(demo, tmp_path_factory):
+    """One sweep of SWEEP_CATALOG on the demo (its root: out/, cat.yaml, mlflow.db), read by
+    tests/test_sweep.py and compared with by tests/test_replicas.py."""
+    import os
+
+    from vlm_autoquant.cli import sweep_main
+
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "cat.yaml").write_text(SWEEP_CATALOG)
+    old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.chdir(root)  # MLflow's default artifact root is ./mlruns
+    try:
+        code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
+                           "--output-dir", str(root / "out"), "--catalog", str(root / "cat.yaml")])
+    finally:
+        os.chdir(cwd)
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    assert code == 0
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _datasets_cache(tmp_path_factory):
     os.environ["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets"))

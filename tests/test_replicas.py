@@ -182,35 +182,21 @@ def test_a_run_with_replicas_matches_a_run_without(demo, script_run, tmp_path, m
         ["autoquant_search.pth"]
 
 
-SWEEP_CATALOG = """schemes:
-  b10:
-    description: per-tensor FP8
-    effective_bits: 10
-  kl10:
-    description: kl_div, calibration seeded from the gradient search
-    method: kl_div
-    effective_bits: 10
-"""
-
-
-def test_a_sweep_with_replicas_matches_a_sweep_without(demo, tmp_path, monkeypatch):
+def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, tmp_path, monkeypatch):
     """Two searches handed to the replicas in turn, the second (kl_div) starting from the
-    first's calibration, which rank 0 writes before handing it out."""
+    first's calibration, which rank 0 writes before handing it out; compared with the same
+    schemes in the plain sweep (conftest.swept: a scheme gets the same formats alone or in a
+    sweep, tests/test_sweep.py)."""
     import csv
 
     from vlm_autoquant import families
     from vlm_autoquant.cli import sweep_main
     from vlm_autoquant.lm import text_config
     from vlm_autoquant.memory_plan import Dims
-    from tests.conftest import SMALL_DEFAULTS
 
     model_dir, captions = demo
-    (tmp_path / "cat.yaml").write_text(SMALL_DEFAULTS + SWEEP_CATALOG)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    args = ["--model-dir", str(model_dir), "--calib-file", str(captions), "--catalog",
-            str(tmp_path / "cat.yaml")]
-    assert sweep_main([*args, "--output-dir", str(tmp_path / "plain")]) == 0
     dims = Dims.from_config(text_config(model_dir))
 
     def two_cpu_replicas(cfg, gpus, max_memory, batch, seq_len, calib, score, *rest, **kw):
@@ -218,16 +204,25 @@ def test_a_sweep_with_replicas_matches_a_sweep_without(demo, tmp_path, monkeypat
                            predict(dims, batch, seq_len), replicas=("cpu", "cpu")), calib, score
 
     monkeypatch.setattr(families, "plan_for", two_cpu_replicas)
-    assert sweep_main([*args, "--output-dir", str(tmp_path / "replicas")]) == 0
-    rows = {d: {r["scheme"]: r for r in csv.DictReader(open(tmp_path / d / "comparison.csv"))}
-            for d in ("plain", "replicas")}
-    assert set(rows["plain"]) == set(rows["replicas"]) == {"b10", "kl10"}
-    for name, plain in rows["plain"].items():
-        reps = rows["replicas"][name]
+    assert sweep_main(["--model-dir", str(model_dir), "--calib-file", str(captions), "--catalog",
+                       str(swept / "cat.yaml"), "--schemes", "b10,kl10", "--output-dir",
+                       str(tmp_path / "replicas")]) == 0
+    rows = {d: {r["scheme"]: r for r in csv.DictReader(open(root / "comparison.csv"))}
+            for d, root in (("plain", swept / "out"), ("replicas", tmp_path / "replicas"))}
+    assert set(rows["replicas"]) == {"b10", "kl10"}
+    for name, reps in rows["replicas"].items():
+        plain = rows["plain"][name]
         assert reps["status"] == plain["status"] == "FINISHED"
         assert (reps["fp8_layers"], reps["effective_bits"]) == \
             (plain["fp8_layers"], plain["effective_bits"])
-        assert float(reps["kl_mean"]) == pytest.approx(float(plain["kl_mean"]), rel=1e-4)
+        assert float(reps["kl_mean"]) == pytest.approx(float(plain["kl_mean"]), rel=1e-6)
+    for name in ("b10", "kl10"):
+        a, b = (json.loads((root / name / "manifest.json").read_text())
+                for root in (swept / "out", tmp_path / "replicas"))
+        assert [(x["name"], x["format"]) for x in a["layers"]] == \
+            [(x["name"], x["format"]) for x in b["layers"]]
+        for x, y in zip(a["layers"], b["layers"]):
+            assert x["scores"] == pytest.approx(y["scores"], rel=1e-5)
+        assert b["memory"]["placement"]["mode"] == "replicas"
     kl = json.loads((tmp_path / "replicas" / "kl10" / "manifest.json").read_text())
     assert kl["search"]["calibration_seeded_from"] and kl["search"]["calibration"] == "restored"
-    assert kl["memory"]["placement"]["mode"] == "replicas"

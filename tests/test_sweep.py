@@ -11,44 +11,7 @@ from vlm_autoquant.cli import sweep_main
 from vlm_autoquant.artifacts import COMPARISON_FILE, MANIFEST_FILE, PARETO_FIGURE
 from vlm_autoquant.tracking import M_KL
 
-from .conftest import QUICK, SMALL_DEFAULTS, run_cli
-
-BUDGETS = (8, 9, 10, 12, 16)
-CATALOG = SMALL_DEFAULTS + "schemes:\n" + "".join(
-    f"  b{b}:\n    description: {b} bits\n    effective_bits: {b}\n" for b in BUDGETS) + """
-  kl10:
-    description: kl
-    method: kl_div
-    effective_bits: 10
-    num_score_steps: 1
-  pcpt10:
-    description: per-channel/per-token next to per-tensor
-    formats: [FP8_DEFAULT_CFG, FP8_PER_CHANNEL_PER_TOKEN_CFG]
-    effective_bits: 10
-"""
-
-
-@pytest.fixture(scope="module")
-def swept(demo, tmp_path_factory):
-    import os
-
-    root = tmp_path_factory.mktemp("sweep")
-    (root / "cat.yaml").write_text(CATALOG)
-    old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    os.chdir(root)  # MLflow's default artifact root is ./mlruns
-    try:
-        code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
-                           "--output-dir", str(root / "out"), "--catalog", str(root / "cat.yaml")])
-    finally:
-        os.chdir(cwd)
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
-    assert code == 0
-    return root
-
+from .conftest import BUDGETS, QUICK, SWEEP_CATALOG, run_cli
 
 def demo_dir(root):
     return json.loads(next((root / "out").glob(f"*/{MANIFEST_FILE}")).read_text())["model"]["directory"]
@@ -156,7 +119,7 @@ def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkey
         return real(model, found, formats, bits)
 
     monkeypatch.setattr(autoquant, "solve", solve)
-    (tmp_path / "cat.yaml").write_text(CATALOG)
+    (tmp_path / "cat.yaml").write_text(SWEEP_CATALOG)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
