@@ -350,17 +350,16 @@ def _saving(orig: Callable, on_checkpoint: Callable[[Path, str, Path], str]) -> 
             return orig(self, verbose)
         if torch.distributed.is_initialized():
             # Data-parallel replicas (replicas.py) hold the same state after ModelOpt's reduction:
-            # rank 0 alone writes it, under the single-process name, so any run can resume it.
+            # rank 0 alone writes it, under the single-process name (not ModelOpt's per-rank
+            # one), so any run can resume it.
             if torch.distributed.get_rank() != 0:
                 return None
             final = self.config["checkpoint"]
-            self._get_checkpoint_path = lambda: self.config["checkpoint"]  # (its per-rank name)
-            try:
-                return _atomic_checkpoint_save(self, final, lambda: orig(self, verbose),
-                                               on_checkpoint)
-            finally:
-                del self._get_checkpoint_path
-        _atomic_checkpoint_save(self, final, lambda: orig(self, verbose), on_checkpoint)
+            self._get_checkpoint_path = lambda: self.config["checkpoint"]
+        try:
+            _atomic_checkpoint_save(self, final, lambda: orig(self, verbose), on_checkpoint)
+        finally:
+            self.__dict__.pop("_get_checkpoint_path", None)
     return atomic_save
 
 

@@ -74,6 +74,11 @@ def spec_for_rank(spec, rank: int, world: int):
                                num_score_steps=shard(spec.num_score_steps, rank, world))
 
 
+def device_name(gpu: int | str) -> str:
+    """A replica's torch device: "cuda:<index>" for a GPU index (a name such as "cpu" as is)."""
+    return gpu if isinstance(gpu, str) else f"cuda:{gpu}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -184,7 +189,7 @@ def prestart_devices(gpus: str | None, parallel: str) -> tuple[str, ...] | None:
         return None
     if len(ids) < 2 or len(set(ids)) != len(ids) or min(ids) < 0:
         return None
-    return tuple(f"cuda:{i}" for i in ids)
+    return tuple(device_name(i) for i in ids)
 
 
 @contextlib.contextmanager
@@ -212,7 +217,7 @@ def start_for(inputs, placement, pool: Pool | None = None) -> Iterator[Replicas 
     if placement is None or not placement.replicas:
         yield None
         return
-    devices = tuple(g if isinstance(g, str) else f"cuda:{g}" for g in placement.replicas)
+    devices = tuple(device_name(g) for g in placement.replicas)
     if pool is not None and pool.devices == devices:
         pool.claimed = True
     else:
@@ -265,10 +270,12 @@ class Replicas:
                     self._failed(p)
                     return
 
+    def _describe(self, rank: int, what: str) -> str:
+        return f"the replica on {self.setup.devices[rank]} (rank {rank}) failed: {what}"
+
     def _failed(self, p) -> None:
         msg = self._drain_error() or f"exited with code {p.exitcode}"
-        rank = self.procs.index(p) + 1
-        self.failure = f"the replica on {self.setup.devices[rank]} (rank {rank}) failed: {msg}"
+        self.failure = self._describe(self.procs.index(p) + 1, msg)
         log.error("%s", self.failure)
         if not self._searching.wait(0):
             return  # rank 0 is not in a collective: the next search or close() raises it
@@ -309,8 +316,7 @@ class Replicas:
         while True:
             for i, (got_kind, got_rank, payload) in enumerate(self._pending):
                 if got_kind == "error":
-                    self.failure = (f"the replica on {self.setup.devices[got_rank]} "
-                                    f"(rank {got_rank}) failed: {payload}")
+                    self.failure = self._describe(got_rank, payload)
                 if (got_kind, got_rank) == (kind, rank):
                     del self._pending[i]
                     return payload
@@ -327,8 +333,7 @@ class Replicas:
         while True:
             for rank, p in enumerate(self.procs, start=1):
                 if p.exitcode not in (None, 0):
-                    return (f"the replica on {self.setup.devices[rank]} (rank {rank}) failed: "
-                            f"exited with code {p.exitcode}")
+                    return self._describe(rank, f"exited with code {p.exitcode}")
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.1)
