@@ -74,6 +74,24 @@ def test_explicit_replicas_that_cannot_work_are_refused_with_the_figures(size, s
     assert all(n in text for n in needles), text
 
 
+def test_a_sweep_replicates_only_if_every_search_takes_replicas():
+    """The LM is loaded once for all the searches: one that does not fit one GPU turns the
+    replicas off for all, and every manifest then records the placement that ran."""
+    from types import SimpleNamespace
+
+    from vlm_autoquant.families import _replicas_for_all_or_none
+
+    fits, splits = (plan_for(config(s), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
+                             Problems(), totals_gib=H200)[0] for s in ("32b", "72b"))
+    assert fits.replicas and not splits.replicas
+    both = [SimpleNamespace(placement=fits), SimpleNamespace(placement=fits)]
+    _replicas_for_all_or_none(both)
+    assert [f.placement.replicas for f in both] == [(0, 1), (0, 1)]
+    mixed = [SimpleNamespace(placement=fits), SimpleNamespace(placement=splits)]
+    _replicas_for_all_or_none(mixed)
+    assert [f.placement.mode for f in mixed] == ["single", "layers"]
+
+
 def test_processes_start_before_validation_only_for_listed_gpus():
     assert prestart_devices("0,1", "auto") == ("cuda:0", "cuda:1")
     assert prestart_devices("2,3,1", "replicas") == ("cuda:2", "cuda:3", "cuda:1")
@@ -145,26 +163,32 @@ def test_a_replica_killed_mid_run_fails_the_search_instead_of_hanging(demo, tmp_
     assert not (tmp_path / "s.pth").exists()
 
 
-def test_a_run_with_replicas_matches_a_run_without(demo, script_run, tmp_path, monkeypatch):
+@pytest.fixture
+def two_cpu_replicas(demo, monkeypatch) -> None:
+    """Every plan places the LM on two CPU replicas, at the batch asked for (nothing halved)."""
+    from vlm_autoquant import families
+    from vlm_autoquant.lm import text_config
+    from vlm_autoquant.memory_plan import Dims
+
+    dims = Dims.from_config(text_config(demo[0]))
+
+    def plan_for(cfg, gpus, max_memory, batch, seq_len, calib, score, *rest, **kw):
+        return LMPlacement({"": "cpu"}, {}, Placement.single(dims.layers, "cpu"),
+                           predict(dims, batch, seq_len), replicas=("cpu", "cpu")), calib, score
+
+    monkeypatch.setattr(families, "plan_for", plan_for)
+
+
+def test_a_run_with_replicas_matches_a_run_without(demo, script_run, two_cpu_replicas, tmp_path,
+                                                    monkeypatch):
     """The driver end to end, its placement made of two CPU replicas, against the same command
     run plainly (conftest.script_run): the same layer formats, the same scores (to summation
     order) and the same KL bit for bit (so the same amax: ModelOpt's max over the ranks); one
     search checkpoint under the single-process name; the manifest says how it ran."""
-    from vlm_autoquant import families
     from vlm_autoquant.cli import main
-    from vlm_autoquant.lm import text_config
-    from vlm_autoquant.memory_plan import Dims
 
     model_dir, captions = demo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    dims = Dims.from_config(text_config(model_dir))
-
-    def two_cpu_replicas(cfg, gpus, max_memory, batch, seq_len, calib, score, *rest, **kw):
-        plan = predict(dims, batch, seq_len)  # the requested batch: nothing to halve
-        return LMPlacement({"": "cpu"}, {}, Placement.single(dims.layers, "cpu"), plan,
-                           replicas=("cpu", "cpu")), calib, score
-
-    monkeypatch.setattr(families, "plan_for", two_cpu_replicas)
     out = tmp_path / "replicas"
     assert main(["--scheme-name", "fp8-balanced-10b", "--model-dir", str(model_dir),
                  "--calib-file", str(captions), *QUICK, "--output-dir", str(out)]) == 0
@@ -182,28 +206,19 @@ def test_a_run_with_replicas_matches_a_run_without(demo, script_run, tmp_path, m
         ["autoquant_search.pth"]
 
 
-def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, tmp_path, monkeypatch):
+def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, two_cpu_replicas, tmp_path,
+                                                      monkeypatch):
     """Two searches handed to the replicas in turn, the second (kl_div) starting from the
     first's calibration, which rank 0 writes before handing it out; compared with the same
     schemes in the plain sweep (conftest.swept: a scheme gets the same formats alone or in a
     sweep, tests/test_sweep.py)."""
     import csv
 
-    from vlm_autoquant import families
     from vlm_autoquant.cli import sweep_main
-    from vlm_autoquant.lm import text_config
-    from vlm_autoquant.memory_plan import Dims
 
     model_dir, captions = demo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    dims = Dims.from_config(text_config(model_dir))
-
-    def two_cpu_replicas(cfg, gpus, max_memory, batch, seq_len, calib, score, *rest, **kw):
-        return LMPlacement({"": "cpu"}, {}, Placement.single(dims.layers, "cpu"),
-                           predict(dims, batch, seq_len), replicas=("cpu", "cpu")), calib, score
-
-    monkeypatch.setattr(families, "plan_for", two_cpu_replicas)
     assert sweep_main(["--model-dir", str(model_dir), "--calib-file", str(captions), "--catalog",
                        str(swept / "cat.yaml"), "--schemes", "b10,kl10", "--output-dir",
                        str(tmp_path / "replicas")]) == 0

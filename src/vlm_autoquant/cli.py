@@ -406,15 +406,16 @@ def _run_sweep(args: argparse.Namespace) -> int:
         except UsageError:
             names = []  # gather reports the catalog's problems
     from .interrupt import StopFlag, stop_on_signals
-    from .replicas import prestart
+    from .replicas import prestart, start_for
 
     # With several --gpus, the other GPUs' processes import while this one does and validates.
     with prestart(args.gpus, args.parallel) as pool:
         from .sweep import run_sweep
 
         with _validated(args, names, single=False) as (inputs, families), \
+                start_for(inputs, families[0].placement, pool) as replicas, \
                 stop_on_signals(StopFlag()) as stop:
-            run_sweep(inputs, families, stop, args.experiment or DEFAULT_EXPERIMENT, pool)
+            run_sweep(inputs, families, stop, args.experiment or DEFAULT_EXPERIMENT, replicas)
             stop.raise_if_set()  # a signal after the last scheme: the results are kept, exit 130
     return 0
 

@@ -7,6 +7,8 @@ members' formats serves them all (autoquant.py). A single run is a family of one
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from .placement import LMPlacement, plan_for
 from .schemes import CALIBRATION_FIELDS, FORMAT_BITS, Scheme
 from .validate import Inputs, versions
 
+log = logging.getLogger(__name__)
 # Library versions that decide calibration and scores.
 VERSIONED = ("torch", "transformers", "nvidia-modelopt")
 
@@ -114,7 +117,20 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
                                inputs.options.output_dir / SEARCH_DIR / name, placement=placement))
     for f in families:  # refuse foreign or stale checkpoints before loading anything
         f.reuse = resume.check_reusable(f.checkpoint, f.fingerprint, inputs.options.overwrite)
+    _replicas_for_all_or_none(families)
     return families
+
+
+def _replicas_for_all_or_none(families: list[Family]) -> None:
+    """The LM is loaded once for every family: replicas only if every family's plan takes them
+    (each manifest then records the placement that ran)."""
+    placed = [f.placement for f in families]
+    if any(p is not None and p.replicas for p in placed) and \
+            not all(p is not None and p.replicas for p in placed):
+        log.info("not every search fits one GPU: the LM is not replicated")
+        for f in families:
+            if f.placement is not None:
+                f.placement = dataclasses.replace(f.placement, replicas=())
 
 
 def plan_memory(inputs: Inputs, members: list[Scheme],

@@ -47,23 +47,18 @@ def load(inputs: Inputs, placement: LMPlacement | None, phases: Phases) -> nn.Mo
 
 
 @contextlib.contextmanager
-def replicas_for(inputs: Inputs, placement: LMPlacement | None, kernel: str,
-                 started: "Replicas | None" = None, pool=None) -> Iterator["Replicas | None"]:
-    """The data-parallel replicas the placement asks for (None: this process searches alone),
-    `started` already or started now (in `pool`'s processes, `replicas.prestart`), and closed on
-    exit: evaluation, saving and tracking run in this process alone."""
-    from .replicas import start_for
-
-    with contextlib.nullcontext(started) if started is not None else \
-            start_for(inputs, placement, pool) as replicas:
-        if replicas is None:
-            yield None
-            return
-        replicas.fp8_kernel = kernel
-        try:
-            yield replicas
-        finally:
-            replicas.close(ok=replicas.failure is None)
+def searching_with(replicas: "Replicas | None", kernel: str) -> Iterator["Replicas | None"]:
+    """The searches of this block on `replicas` (the CLI started them: `replicas.start_for`;
+    None: this process searches alone), closed on exit, so evaluation, saving and tracking run
+    in this process alone."""
+    if replicas is None:
+        yield None
+        return
+    replicas.fp8_kernel = kernel
+    try:
+        yield replicas
+    finally:
+        replicas.close(ok=replicas.failure is None)
 
 
 def search_family(model: nn.Module, family: Family, stop: StopFlag | None, inputs: Inputs,
@@ -133,7 +128,7 @@ def announce(inputs: Inputs, scheme: Scheme) -> None:
 def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str,
                phases: Phases, replicas: "Replicas | None" = None) -> dict:
     """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run
-    (`replicas`: the data-parallel replicas the CLI started, if the placement has them)."""
+    (`replicas`: the data-parallel replicas the CLI started where the placement has them)."""
     scheme, out_dir = family.schemes[0], inputs.options.output_dir
     announce(inputs, scheme)
     if family.reuse.stage:
@@ -143,7 +138,7 @@ def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str,
     with tracking.tracked_run(experiment, scheme.name, system_metrics=torch.cuda.is_available(),
                               out_dir=out_dir) as tracker:
         kernel = fp8_kernel.select_fp8_kernel(inputs.options.fp8_kernel)
-        with replicas_for(inputs, family.placement, kernel, replicas) as replicas:
+        with searching_with(replicas, kernel):
             model = load(inputs, family.placement, phases)
             found = search_family(model, family, stop, inputs, phases, replicas)
         doc = finish_scheme(model, found, scheme, family, inputs, out_dir, phases, tracker,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -23,7 +22,7 @@ from .artifacts import COMPARISON_FILE, PARETO_FIGURE
 from .errors import Interrupted, RunFailed
 from .families import Family, calibration_source
 from .interrupt import StopFlag
-from .pipeline import announce, finish_scheme, load, replicas_for, search_family
+from .pipeline import announce, finish_scheme, load, search_family, searching_with
 from .timing import Phases
 from .tracking import M_SPEARMAN
 from .validate import Inputs
@@ -94,9 +93,9 @@ def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Ph
 
 
 def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str,
-              pool=None) -> list[dict]:
+              replicas=None) -> list[dict]:
     """Run every family; write and log the comparison; raise RunFailed naming failed schemes.
-    `pool`: processes started for replicas before validation (`replicas.prestart`)."""
+    `replicas`: the data-parallel replicas the CLI started where the placement has them."""
     opts = inputs.options
     phases = Phases()
     log.info("sweep: %d schemes in %d search(es): %s", len(inputs.schemes), len(families),
@@ -109,17 +108,8 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
                            "catalog": str(opts.catalog or "default"),
                            "schemes": ",".join(s.name for s in inputs.schemes)})
         kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
-        # Replicas only when every family's plan takes them (the LM is loaded once for all).
-        placement = families[0].placement
-        if placement is not None and placement.replicas and not all(
-                f.placement is not None and f.placement.replicas for f in families):
-            log.info("sweep: not every search fits one GPU; the LM is not replicated")
-            placement = dataclasses.replace(placement, replicas=())
-            for f in families:  # each manifest records the placement that ran
-                if f.placement is not None:
-                    f.placement = dataclasses.replace(f.placement, replicas=())
-        with replicas_for(inputs, placement, kernel, pool=pool) as replicas:
-            pristine = load(inputs, placement, phases)
+        with searching_with(replicas, kernel):
+            pristine = load(inputs, families[0].placement, phases)
             done: list[Family] = []
             # Wider candidate sets first: a narrower family can then start from their calibration.
             for n, family in enumerate(sorted(families, key=lambda f: -len(f.spec.formats))):
