@@ -108,7 +108,8 @@ def summarise(manifests: dict[str, dict]) -> dict:
             "layer_formats_sha256": hashlib.sha256(json.dumps(
                 [(x["name"], x["format"], x.get("quant_config")) for x in m["layers"]]).encode()
             ).hexdigest(),
-            "timings": m["timings"], "peak_gpu_gib": m["memory"]["peak_gpu_gib"]}
+            "timings": m["timings"], "peak_gpu_gib": m["memory"]["peak_gpu_gib"],
+            "placement_mode": ((m["memory"].get("placement") or {}).get("mode"))}
     return out
 
 
@@ -121,6 +122,8 @@ def main() -> None:
     p.add_argument("--build-device", default="cuda")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-catalog.json")
     p.add_argument("--sizes", default="", help="extra size flags for every run (CPU smoke)")
+    p.add_argument("--tag", default="", help="suffix of the run folders (a second pass over the "
+                   "same --work, e.g. with other --sizes)")
     p.add_argument("--steps", default="single,sweep_all,sweep_gradient,alone",
                    help="which runs (comma list)")
     p.add_argument("--alone", default="", help="schemes to run alone (comma list; default: all "
@@ -142,21 +145,21 @@ def main() -> None:
     def partial() -> None:  # what ran survives a time limit
         args.out.write_text(json.dumps(r, indent=2) + "\n")
 
-    r["single"] = run([SINGLE, "--scheme-name", ANCHOR, *common], args.work, "single")
+    r["single"] = run([SINGLE, "--scheme-name", ANCHOR, *common], args.work, "single" + args.tag)
     partial()
     if "sweep_all" in steps:
-        r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all")
+        r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all" + args.tag)
         partial()
     if "sweep_gradient" in steps:
         r["sweep_gradient"] = run([SWEEP, "--schemes", ",".join(gradient), *common], args.work,
-                                  "sweep_gradient")
+                                  "sweep_gradient" + args.tag)
         partial()
     rest = [n for n in args.alone.split(",") if n in catalog] if args.alone else \
         [n for n in catalog if n != ANCHOR]
     if "alone" in steps:
         with ThreadPoolExecutor(args.parallel) as pool:
             alone = list(pool.map(lambda n: (n, run([SINGLE, "--scheme-name", n, *common],
-                                                     args.work, f"alone-{n}")), rest))
+                                                     args.work, f"alone-{n}{args.tag}")), rest))
         r["alone"] = dict(alone)
     single = r["single"]["wall_s"]
     r["ratios"] = {f"{k}_over_single": r[k]["wall_s"] / single
