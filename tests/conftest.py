@@ -47,7 +47,7 @@ SWEEP_CATALOG = SMALL_DEFAULTS + "schemes:\n" + "".join(
     description: kl
     method: kl_div
     effective_bits: 10
-    num_score_steps: 2
+    num_score_steps: 1
   pcpt10:
     description: per-channel/per-token next to per-tensor
     formats: [FP8_DEFAULT_CFG, FP8_PER_CHANNEL_PER_TOKEN_CFG]

@@ -57,10 +57,13 @@ def test_auto_splits_the_layers_of_what_does_not_fit_one_gpu():
     assert lp.mode == "layers" and len(lp.placement.devices()) == 2
 
 
-def test_auto_splits_when_a_replica_would_get_no_step():
-    lp, _, _ = plan_for(config("7b"), "0,1", None, 16, 512, 1, 1, "gradient", True, 1,
-                        Problems(), totals_gib=H200)
-    assert lp.mode == "layers"
+def test_auto_searches_on_the_first_gpu_alone_when_a_replica_would_get_no_step():
+    """kl_div's one score batch: the LM fits one GPU, so it stays whole on the GPU that rank 0
+    of a sweep's replicas holds, rather than split across the GPUs."""
+    lp, calib, score = plan_for(config("7b"), "0,1", None, 16, 512, 8, 1, "kl_div", True, 1,
+                                Problems(), totals_gib=H200)
+    assert lp.mode == "single" and not lp.replicas and (calib, score) == (8, 1)
+    assert lp.device_map == {"": 0} and lp.placement.devices() == [0]
 
 
 @pytest.mark.parametrize("size,steps,needles", [
@@ -74,19 +77,27 @@ def test_explicit_replicas_that_cannot_work_are_refused_with_the_figures(size, s
     assert all(n in text for n in needles), text
 
 
-def test_a_sweep_replicates_only_if_every_search_takes_replicas():
+def test_a_sweep_replicates_only_if_every_search_takes_replicas_or_fits_rank_0():
     """The LM is loaded once for all the searches: one that does not fit one GPU turns the
-    replicas off for all, and every manifest then records the placement that ran."""
+    replicas off for all, and every manifest then records the placement that ran. A search
+    with too few steps to share (kl_div) runs on rank 0's GPU alone, beside replicated ones."""
     from types import SimpleNamespace
 
     from vlm_autoquant.families import _replicas_for_all_or_none
 
     fits, splits = (plan_for(config(s), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
                              Problems(), totals_gib=H200)[0] for s in ("32b", "72b"))
-    assert fits.replicas and not splits.replicas
-    both = [SimpleNamespace(placement=fits), SimpleNamespace(placement=fits)]
+    alone = plan_for(config("32b"), "0,1", None, 16, 512, 16, 1, "kl_div", True, 1, Problems(),
+                     totals_gib=H200)[0]
+    assert fits.replicas and not splits.replicas and alone.mode == "single"
+    both = [SimpleNamespace(placement=fits), SimpleNamespace(placement=fits),
+            SimpleNamespace(placement=alone)]
     _replicas_for_all_or_none(both)
-    assert [f.placement.replicas for f in both] == [(0, 1), (0, 1)]
+    assert [f.placement.replicas for f in both] == [(0, 1), (0, 1), ()]
+    on_gpu_1 = dataclasses.replace(alone, placement=Placement.single(64, 1))
+    other = [SimpleNamespace(placement=fits), SimpleNamespace(placement=on_gpu_1)]
+    _replicas_for_all_or_none(other)  # not the GPU rank 0 holds: no replicas
+    assert [f.placement.replicas for f in other] == [(), ()]
     mixed = [SimpleNamespace(placement=fits), SimpleNamespace(placement=splits)]
     _replicas_for_all_or_none(mixed)
     assert [f.placement.mode for f in mixed] == ["single", "layers"]
@@ -173,8 +184,10 @@ def two_cpu_replicas(demo, monkeypatch) -> None:
     dims = Dims.from_config(text_config(demo[0]))
 
     def plan_for(cfg, gpus, max_memory, batch, seq_len, calib, score, *rest, **kw):
+        shared = min(calib, score) >= 2  # as placement.plan_replicas: a step for each replica
         return LMPlacement({"": "cpu"}, {}, Placement.single(dims.layers, "cpu"),
-                           predict(dims, batch, seq_len), replicas=("cpu", "cpu")), calib, score
+                           predict(dims, batch, seq_len),
+                           replicas=("cpu", "cpu") if shared else ()), calib, score
 
     monkeypatch.setattr(families, "plan_for", plan_for)
 
@@ -208,10 +221,10 @@ def test_a_run_with_replicas_matches_a_run_without(demo, script_run, two_cpu_rep
 
 def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, two_cpu_replicas, tmp_path,
                                                       monkeypatch):
-    """Two searches handed to the replicas in turn, the second (kl_div) starting from the
-    first's calibration, which rank 0 writes before handing it out; compared with the same
-    schemes in the plain sweep (conftest.swept: a scheme gets the same formats alone or in a
-    sweep, tests/test_sweep.py)."""
+    """The gradient search on the replicas; then, the replicas closed, the kl_div search (one
+    score step: nothing to share) by this process alone, starting from the first's calibration,
+    which rank 0 wrote. Compared with the same schemes in the plain sweep (conftest.swept: a
+    scheme gets the same formats alone or in a sweep, tests/test_sweep.py)."""
     import csv
 
     from vlm_autoquant.cli import sweep_main
@@ -238,6 +251,6 @@ def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, two_cpu_repl
             [(x["name"], x["format"]) for x in b["layers"]]
         for x, y in zip(a["layers"], b["layers"]):
             assert x["scores"] == pytest.approx(y["scores"], rel=1e-5)
-        assert b["memory"]["placement"]["mode"] == "replicas"
+        assert b["memory"]["placement"]["mode"] == ("replicas" if name == "b10" else "single")
     kl = json.loads((tmp_path / "replicas" / "kl10" / "manifest.json").read_text())
     assert kl["search"]["calibration_seeded_from"] and kl["search"]["calibration"] == "restored"

@@ -122,15 +122,19 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
 
 
 def _replicas_for_all_or_none(families: list[Family]) -> None:
-    """The LM is loaded once for every family: replicas only if every family's plan takes them
-    (each manifest then records the placement that ran)."""
+    """The LM is loaded once for every family. Replicas stay if every family's plan takes them,
+    or searches on the first replica's GPU alone (too few steps to share: those run after the
+    replicated ones, sweep.py); otherwise none are used. Each manifest records the placement
+    that ran."""
     placed = [f.placement for f in families]
-    if any(p is not None and p.replicas for p in placed) and \
-            not all(p is not None and p.replicas for p in placed):
-        log.info("not every search fits one GPU: the LM is not replicated")
-        for f in families:
-            if f.placement is not None:
-                f.placement = dataclasses.replace(f.placement, replicas=())
+    reps = next((p.replicas for p in placed if p is not None and p.replicas), ())
+    if not reps or all(p is not None and (p.replicas or p.placement.devices() == [reps[0]])
+                       for p in placed):
+        return
+    log.info("not every search fits one GPU: the LM is not replicated")
+    for f in families:
+        if f.placement is not None:
+            f.placement = dataclasses.replace(f.placement, replicas=())
 
 
 def plan_memory(inputs: Inputs, members: list[Scheme],

@@ -271,9 +271,12 @@ def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict
     """One whole LM per GPU, the plan of one GPU (the smallest usable memory) for each.
 
     `--parallel auto` (explicit False) takes replicas only where the LM and the requested batch
-    fit one GPU and every replica gets at least one calibration and one score step; otherwise it
-    returns None (the layers are split instead). `--parallel replicas` may halve the batch like
-    a single GPU would, and raises UsageError with the figures when replicas cannot work.
+    fit one GPU and every replica gets at least one calibration and one score step. Where they
+    fit but a replica would get no step (kl_div's single score batch), the first GPU searches
+    alone (a sweep runs such searches after the replicated ones, sweep.py); where they do not
+    fit, it returns None (the layers are split instead). `--parallel replicas` may halve the
+    batch like a single GPU would, and raises UsageError with the figures when replicas cannot
+    work.
     """
     world, first = len(gpus), gpus[0]
     cap = {first: min(usable_gib[g] for g in gpus)}
@@ -288,7 +291,7 @@ def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict
             return None
     if min(calib_steps, score_steps) < world:
         if not explicit:
-            return None
+            return lp, calib_steps, score_steps  # one GPU, the one rank 0 of replicas holds
         raise UsageError(Problem(
             "--parallel", f"replicas on {world} GPUs need at least {world} calibration and score "
             f"steps (one batch each); the run has {calib_steps} and {score_steps}",

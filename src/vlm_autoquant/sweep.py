@@ -109,16 +109,18 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
                            "schemes": ",".join(s.name for s in inputs.schemes)})
         kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
         with searching_with(replicas, kernel):
-            pristine = load(inputs, families[0].placement, phases)
+            ordered = run_order(families)
+            pristine = load(inputs, ordered[0].placement, phases)
             done: list[Family] = []
-            # Wider candidate sets first: a narrower family can then start from their calibration.
-            for n, family in enumerate(sorted(families, key=lambda f: -len(f.spec.formats))):
+            for n, family in enumerate(ordered):
                 seeded = _seed(family, done)
                 # The last family searches the loaded LM itself; earlier ones a copy of it.
                 model = pristine if n == len(families) - 1 else sharing_weights(pristine)
+                on = replicas if _replicated(family) else None
+                if replicas is not None and on is None:
+                    replicas.close()  # this process searches the rest alone, outside the group
                 rows += run_family(model, family, inputs, stop, phases, parent, experiment,
-                                   {"fp8_kernel": kernel, "calibration_seeded_from": seeded},
-                                   replicas)
+                                   {"fp8_kernel": kernel, "calibration_seeded_from": seeded}, on)
                 del model
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -131,6 +133,17 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
         raise RunFailed(f"{len(failed)} of {len(rows)} schemes failed: {', '.join(failed)} "
                         f"(reasons in {opts.output_dir / COMPARISON_FILE} and their MLflow runs)")
     return rows
+
+
+def _replicated(family: Family) -> bool:
+    return family.placement is not None and bool(family.placement.replicas)
+
+
+def run_order(families: list[Family]) -> list[Family]:
+    """The families searched on replicas first (after them the replicas are closed, and the rest
+    search on rank 0's GPU alone: families._replicas_for_all_or_none); within each, wider
+    candidate sets first, so that a narrower family can start from their calibration."""
+    return sorted(families, key=lambda f: (not _replicated(f), -len(f.spec.formats)))
 
 
 def sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
