@@ -78,12 +78,17 @@ def run_peer(args, work: Path, jsonl: Path, i: int) -> dict:
     return {"wall_s": wall}
 
 
-def run_driver(args, work: Path, txt: Path, name: str, python_flags: tuple[str, ...] = ()) -> dict:
+def run_driver(args, work: Path, txt: Path, name: str, python_flags: tuple[str, ...] = (),
+               src: Path | None = None) -> dict:
+    """The driver as a user runs it; `src`: another source tree of the package (--before-src)."""
     out = work / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, *python_flags, str(SCRIPT), "--scheme-name", SCHEME, "--model-dir",
            str(args.ckpt_dir), "--calib-file", str(txt), "--output-dir", str(out), *args.driver_args]
-    wall = sh(cmd, env_for(work), work / f"{name}.log", timeout=600)
+    env = env_for(work)
+    if src is not None:
+        env["PYTHONPATH"] = f"{src.resolve()}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    wall = sh(cmd, env, work / f"{name}.log", timeout=600)
     m = json.loads((out / "manifest.json").read_text())
     rec = json.loads((out / "search" / "autoquant_search.json").read_text())
     fp = rec.get("fingerprint", {})
@@ -110,7 +115,7 @@ def run_bare(args, work: Path, i: int, cuda: bool) -> dict:
 
 def summarize(r: dict) -> list[tuple[str, str, str]]:
     sides = {}
-    for side in ("peer", "driver", "bare"):
+    for side in ("peer", "driver", "before", "bare"):
         walls = [x["wall_s"] for x in r["runs"] if x["side"] == side]
         if walls:
             sides[side] = {"walls": walls, "median": statistics.median(walls), "min": min(walls)}
@@ -118,13 +123,15 @@ def summarize(r: dict) -> list[tuple[str, str, str]]:
     rows = [(f"{s} wall, median / min of {len(v['walls'])} (s)", f"{v['median']:.1f} / {v['min']:.1f}",
              "") for s, v in sides.items()]
     r["ratios"] = {}
-    for other in ("peer", "bare"):
-        if "driver" in sides and other in sides:
-            key = f"driver/{other}"
-            med = sides["driver"]["median"] / sides[other]["median"]
-            best = sides["driver"]["min"] / sides[other]["min"]
+    for one, other in (("driver", "peer"), ("driver", "bare"), ("before", "peer"),
+                       ("before", "bare"), ("driver", "before")):
+        if one in sides and other in sides:
+            key = f"{one}/{other}"
+            med = sides[one]["median"] / sides[other]["median"]
+            best = sides[one]["min"] / sides[other]["min"]
             r["ratios"][key] = {"median": med, "min": best}
-            rows.append((f"{key}, median (min/min)", f"{med:.2f} ({best:.2f})", f"<= {TARGETS[key]}"))
+            rows.append((f"{key}, median (min/min)", f"{med:.2f} ({best:.2f})",
+                         f"<= {TARGETS[key]}" if key in TARGETS else "report"))
     drivers = [x for x in r["runs"] if x["side"] == "driver"]
     bares = [x for x in r["runs"] if x["side"] == "bare"]
     if drivers and bares:
@@ -132,13 +139,17 @@ def summarize(r: dict) -> list[tuple[str, str, str]]:
                      str(drivers[0]["tokens_sha256"] == bares[0]["tokens_sha256"]), "True"))
         rows.append(("FP8 groups: driver vs bare",
                      f"{drivers[0]['fp8_groups']} vs {bares[0]['fp8_groups']}", "report"))
-    if drivers:
-        phases = [k for k in drivers[0]["timings"] if k not in ("run", "process")]
+    for side in ("driver", "before"):
+        runs = [x for x in r["runs"] if x["side"] == side]
+        if not runs:
+            continue
+        phases = [k for k in runs[0]["timings"] if k not in ("run", "process")]
         for k in phases:
-            rows.append((f"driver phase {k} (s, median)",
-                         f"{statistics.median(d['timings'].get(k, 0.0) for d in drivers):.2f}", ""))
-        rows.append(("driver after the manifest: log + exit (s, median)",
-                     f"{statistics.median(d['teardown_s'] for d in drivers):.2f}", ""))
+            rows.append((f"{side} phase {k} (s, median)",
+                         f"{statistics.median(d['timings'].get(k, 0.0) for d in runs):.2f}", ""))
+        rows.append((f"{side} after the manifest: log + exit (s, median)",
+                     f"{statistics.median(d['teardown_s'] for d in runs):.2f}", ""))
+    if drivers:
         sp = drivers[0]["split"]
         rows.append(("driver captions: packed / used / held out",
                      f"{sp['captions_packed']} / {sp['captions_used']} / {sp['held_out']}", "report"))
@@ -173,6 +184,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/vlmpeer"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-peer.json")
     p.add_argument("--no-importtime", action="store_true", help="skip the -X importtime driver run")
+    p.add_argument("--before-src", type=Path, default=None,
+                   help="the package's src/ at an earlier commit (git archive COMMIT src | tar -x "
+                        "-C .before): a 'before' side, timed in the same alternation")
     p.add_argument("--profile", action="store_true",
                    help="also run the driver and bare once each under bench/stack_sampler.py "
                         "(not timed against anything; profiles written next to --out)")
@@ -208,11 +222,15 @@ def main() -> None:
         args.driver_args += ["--fp8-kernel", "eager"]
     args.batches_fp = build_batches(args.ckpt_dir, txt, SCHEME, args.driver_args, work / "batches.pt")
     order = ["peer", "driver", "bare", "driver", "peer"] if peer else ["driver", "bare", "driver"]
+    if args.before_src is not None:  # each driver run next to a 'before' run, alternating
+        order = ["peer", "driver", "before", "bare", "before", "driver", "peer"] if peer else \
+            ["driver", "before", "bare", "before", "driver"]
     for i, side in enumerate(order):
         if side == "peer":
             res = run_peer(args, work, jsonl, i)
-        elif side == "driver":
-            res = run_driver(args, work, txt, f"driver_{i}")
+        elif side in ("driver", "before"):
+            res = run_driver(args, work, txt, f"{side}_{i}",
+                             src=args.before_src / "src" if side == "before" else None)
         else:
             res = run_bare(args, work, i, cuda)
         r["runs"].append({"side": side, "i": i, **res})
