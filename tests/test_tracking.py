@@ -21,32 +21,23 @@ def store(tmp_path):
     return uri, mlflow.MlflowClient(tracking_uri=uri)
 
 
-def where(mode: str):
-    """"thread": the run in this process; "process": in the tracking process (the CLI's way)."""
-    from vlm_autoquant.tracking import tracking_process
-
-    return tracking_process() if mode == "process" else _nothing()
-
-
-@pytest.mark.parametrize("mode", ["thread", "process"])
 @pytest.mark.parametrize("exc,status", [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"),
                                         (KeyboardInterrupt(), "KILLED")])
-def test_tracked_run_ends_finished_failed_or_killed(tmp_path, monkeypatch, exc, status, mode):
+def test_tracked_run_ends_finished_failed_or_killed(tmp_path, monkeypatch, exc, status):
     from vlm_autoquant.tracking import tracked_run
 
     uri, client = store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     out = tmp_path / "out"
-    with pytest.raises(type(exc)) if exc else _nothing(), where(mode):
+    with pytest.raises(type(exc)) if exc else _nothing():
         with tracked_run("e", "r", out_dir=out) as tracker:
             tracker.log_metrics({"m": 1.0})
-            run_id = tracker.run_id
             if exc:
                 raise exc
-    run = client.get_run(run_id)
-    assert run.info.status == status and run.data.metrics["m"] == 1.0
-    assert (out / RUN_ID_FILE).read_text().strip() == run_id
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == status
+    assert (out / RUN_ID_FILE).read_text().strip() == tracker.run_id
     if exc:
         assert type(exc).__name__ in run.data.tags["failure_reason"]
 
@@ -74,8 +65,7 @@ def test_a_run_left_running_by_a_killed_process_is_closed_as_killed(tmp_path, mo
     assert client.get_run(stale).info.status == "KILLED"
 
 
-@pytest.mark.parametrize("mode", ["thread", "process"])
-def test_the_next_run_in_that_dir_waits_for_the_stale_run_to_close(tmp_path, monkeypatch, mode):
+def test_the_next_run_in_that_dir_waits_for_the_stale_run_to_close(tmp_path, monkeypatch):
     """close_stale returns at once; the run that replaces the recorded id closes the old first."""
     from vlm_autoquant.tracking import close_stale, tracked_run
 
@@ -84,61 +74,12 @@ def test_the_next_run_in_that_dir_waits_for_the_stale_run_to_close(tmp_path, mon
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     stale = client.create_run(client.create_experiment("e")).info.run_id
     (tmp_path / RUN_ID_FILE).write_text(stale + "\n")
-    with where(mode):
-        close_stale(tmp_path)
-        with tracked_run("e", "r", out_dir=tmp_path) as tracker:
-            tracker.wait()
-            assert client.get_run(stale).info.status == "KILLED"
-            run_id = tracker.run_id
-    assert (tmp_path / RUN_ID_FILE).read_text().strip() == run_id != stale
-    assert client.get_run(run_id).info.status == "FINISHED"
-
-
-def test_the_driver_process_never_imports_mlflow(tmp_path):
-    """Inside tracking_process() a run, its nested child and the report's figure (drawn by
-    report.log_sweep) are all made by the tracking process: the calling process imports
-    neither mlflow nor matplotlib, and the store holds everything."""
-    code = (
-        "import sys\nfrom pathlib import Path\n"
-        "from vlm_autoquant import report\n"
-        "from vlm_autoquant.tracking import tracked_run, tracking_process\n"
-        "with tracking_process():\n"
-        "    with tracked_run('e', 'parent') as p, tracked_run('e', 'child', p) as c:\n"
-        "        c.log_params({'a': 1})\n"
-        "        Path('c.csv').write_text('x\\n')\n"
-        "        rows = [{'scheme': 's', 'status': 'FINISHED', 'effective_bits': 9.0,\n"
-        "                 'kl_mean': 0.1, 'ppl_rel_change': 0.01, 'predicted_loss': 1.0}]\n"
-        "        p.apply(report.log_sweep, rows, Path('c.csv').resolve(), {'m': 2.0})\n"
-        "print(sorted(m for m in ('mlflow', 'matplotlib', 'torch') if m in sys.modules))\n")
-    uri, client = store(tmp_path)
-    done = subprocess.run([PY, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env=subprocess_env(MLFLOW_TRACKING_URI=uri))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "[]", done.stdout
-    runs = {r.data.tags["mlflow.runName"]: r for r in
-            client.search_runs([client.get_experiment_by_name("e").experiment_id])}
-    assert {r.info.status for r in runs.values()} == {"FINISHED"}
-    assert runs["child"].data.tags["mlflow.parentRunId"] == runs["parent"].info.run_id
-    assert runs["child"].data.params == {"a": "1"} and runs["parent"].data.metrics["m"] == 2.0
-    assert {a.path for a in client.list_artifacts(runs["parent"].info.run_id)} >= \
-        {"pareto.png", "c.csv", "comparison.json"}
-
-
-def test_a_tracking_process_that_dies_fails_the_run_with_its_reason(tmp_path, monkeypatch):
-    """The tracking process killed mid-run: the next logging call raises TrackingFailed (exit
-    code 1 at the CLI) naming it, instead of hanging; leaving the block does not hang either."""
-    from vlm_autoquant import tracking
-
-    uri, _ = store(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    with pytest.raises(tracking.TrackingFailed, match="tracking process stopped"):
-        with tracking.tracking_process(), tracking.tracked_run("e", "r") as t:
-            t.wait()
-            tracking._process._proc.kill()
-            tracking._process._proc.join()
-            t.log_metrics({"m": 1.0})
-    assert tracking._process is None
+    close_stale(tmp_path)
+    with tracked_run("e", "r", out_dir=tmp_path) as tracker:
+        tracker.wait()
+        assert client.get_run(stale).info.status == "KILLED"
+    assert (tmp_path / RUN_ID_FILE).read_text().strip() == tracker.run_id != stale
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
 def test_system_metrics_are_sampled_often_and_stop_without_waiting(tmp_path, monkeypatch):

@@ -31,7 +31,6 @@ ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow sets its loggers' level on import (INFO)
 }
 DEFAULT_EXPERIMENT = "qwen2.5-vl-3b-autoquant-fp8"
 # Scheme fields a command line may override, and the contract's flag where it is not --<field>.
@@ -302,10 +301,7 @@ def _run_main(args: argparse.Namespace) -> int:
     phases.add("startup", since_process_start())
     with contextlib.ExitStack() as stack:
         from .replicas import prestart, start_for
-        from .tracking import tracking_process
 
-        # MLflow in a process of its own, started now: it imports while this one validates.
-        stack.enter_context(tracking_process())
         # With several --gpus, the other GPUs' processes import while this one validates.
         pool = stack.enter_context(prestart(args.gpus, args.parallel))
         with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
@@ -412,11 +408,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from .interrupt import StopFlag, stop_on_signals
     from .replicas import prestart, start_for
 
-    from .tracking import tracking_process
-
-    # MLflow in a process of its own; with several --gpus, the other GPUs' processes: all of
-    # them import while this one does and validates.
-    with tracking_process(), prestart(args.gpus, args.parallel) as pool:
+    # With several --gpus, the other GPUs' processes import while this one does and validates.
+    with prestart(args.gpus, args.parallel) as pool:
         from .sweep import run_sweep
 
         with _validated(args, names, single=False) as (inputs, families), \

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from . import cost
 from .artifacts import MANIFEST_SCHEMA_VERSION
 
@@ -15,9 +17,7 @@ LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 FP8 = "FP8"
 BF16 = "BF16"  # the name autoquant.format_name gives the no-quant candidate
 
-if TYPE_CHECKING:  # torch is imported only where a model is read (not by the report's process)
-    from torch import nn
-
+if TYPE_CHECKING:
     from .autoquant import SearchResult
 
 
@@ -51,11 +51,9 @@ class LayerRow:
         return (int(m.group(1)), m.group(3)) if m else None
 
 
-def layer_rows(model: "nn.Module", result: "SearchResult", disabled: list[str],
+def layer_rows(model: nn.Module, result: "SearchResult", disabled: list[str],
                excluded: list[str]) -> list[LayerRow]:
     """One row per LM linear; the format is read from the model's enabled weight quantizer."""
-    from torch import nn
-
     group_of = result.group_of()
     rows = []
     for name, module in model.named_modules():

@@ -106,7 +106,7 @@ def finish_scheme(model: nn.Module, found: Search, scheme: Scheme, family: Famil
                               timings, rel, out_dir, family.placement)
     save.save_manifest(out_dir, doc)
     with phases("log"):
-        tracker.apply(report.log_scheme, doc, out_dir)  # in the tracking process, if any
+        report.log_scheme(tracker, doc, out_dir)
         tracker.log_captions(family.data.split.calib, inputs.calib_path, "calibration", "training")
         if family.data.split.eval:
             tracker.log_captions(family.data.split.eval, inputs.calib_path, "held-out", "evaluation")

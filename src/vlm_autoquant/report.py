@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .artifacts import MANIFEST_FILE, PARETO_FIGURE, SENSITIVITY_FIGURE
+from .artifacts import MANIFEST_FILE, SENSITIVITY_FIGURE
 from .manifest import FP8, LayerRow
 from .tracking import (
     FORMAT_PREFIX, M_BITS_ACHIEVED, M_BITS_ALL, M_BITS_TARGET, M_CALIB_TOKENS, M_COMPRESSION, M_KL,
@@ -102,23 +102,3 @@ def _log(tracker: Tracker, doc: dict, out_dir: Path) -> None:
     for name in doc["artifacts"].values():
         if (out_dir / name).exists():
             tracker.log_artifact(out_dir / name)
-
-
-def log_sweep(parent: Tracker, rows: list[dict], comparison: Path,
-              metrics: dict[str, float | None]) -> None:
-    """The sweep parent's table, figures, comparison file and metrics (rows: comparison rows)."""
-    from . import figures
-
-    ok = [r for r in rows if r["status"] == "FINISHED"]
-    scored = [r for r in ok if r["kl_mean"] is not None]
-    parent.log_table(rows, "comparison.json")
-    parent.log_figure(figures.pareto([{k: r[k] for k in ("scheme", "effective_bits", "kl_mean",
-                                                         "ppl_rel_change")} for r in ok]),
-                      PARETO_FIGURE)
-    if scored:
-        parent.log_figure(figures.predicted_vs_measured(scored), "predicted_vs_kl.png")
-    parent.log_artifact(comparison)
-    parent.log_metrics(metrics)
-    for r in ok:
-        parent.log_metrics({f"sweep/predicted_loss/{r['scheme']}": r["predicted_loss"],
-                            f"sweep/kl_mean/{r['scheme']}": r["kl_mean"]})

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, autoquant, fp8_kernel, report, tracking
-from .artifacts import COMPARISON_FILE
+from . import artifacts, autoquant, figures, fp8_kernel, tracking
+from .artifacts import COMPARISON_FILE, PARETO_FIGURE
 from .errors import Interrupted, RunFailed
 from .families import Family, calibration_source
 from .interrupt import StopFlag
@@ -215,9 +215,18 @@ def _write_comparison(rows: list[dict], out_dir: Path, parent: tracking.Tracker,
              len(ok), len(rows) - len(ok), ran, searches,
              f"; predicted loss vs KL ({main_method} schemes): Spearman {rho:.3f}"
              if rho is not None else "")
-    parent.apply(report.log_sweep, rows, out_dir / COMPARISON_FILE,
-               {f"time/{k}_s": v for k, v in phases.seconds.items()}
-               | {"time/total_s": phases.total(), "sweep/schemes": len(rows),
-                  "sweep/failed": len(rows) - len(ok), "sweep/scoring_groups": searches,
-                  "sweep/scoring_runs": ran, M_SPEARMAN: rho}
-               | {f"{M_SPEARMAN}/{m}": v for m, v in rhos.items()})
+    parent.log_table(rows, "comparison.json")
+    parent.log_figure(figures.pareto([{k: r[k] for k in ("scheme", "effective_bits", "kl_mean",
+                                                         "ppl_rel_change")} for r in ok]),
+                      PARETO_FIGURE)
+    if scored:
+        parent.log_figure(figures.predicted_vs_measured(scored), "predicted_vs_kl.png")
+    parent.log_artifact(out_dir / COMPARISON_FILE)
+    parent.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()}
+                       | {"time/total_s": phases.total(), "sweep/schemes": len(rows),
+                          "sweep/failed": len(rows) - len(ok), "sweep/scoring_groups": searches,
+                          "sweep/scoring_runs": ran, M_SPEARMAN: rho}
+                      | {f"{M_SPEARMAN}/{m}": v for m, v in rhos.items()})
+    for r in ok:
+        parent.log_metrics({f"sweep/predicted_loss/{r['scheme']}": r["predicted_loss"],
+                            f"sweep/kl_mean/{r['scheme']}": r["kl_mean"]})

@@ -4,28 +4,19 @@ A run is a context manager (`tracked_run`) that ends FINISHED, KILLED (interrupt
 one place. Its start is a real write to the store; it runs in a background thread so that it
 overlaps with loading and searching, and the first logging call waits for it. Importing mlflow
 (~2 s) and closing a stale run also happen in that thread, never on the main one.
-
-The driver and the sweep go one step further (`tracking_process`): their runs live in a process
-of their own, started first thing, so MLflow's imports, the run's start, the report's figures and
-every store write take another core and never this process's interpreter lock, which loading and
-calibrating need (docs/PERFORMANCE.md, issue #13). `tracked_run` then hands out a
-`RemoteTracker`: the same methods, each a call to that process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
-import signal
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,11 +248,6 @@ class Tracker:
         self.wait()._mlflow.MlflowClient().log_inputs(
             self.run_id, datasets=[_dataset_input(ds, context)])
 
-    def apply(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(self, *args)`: a report step (report.log_scheme, report.log_sweep) that draws and
-        logs; a RemoteTracker runs it in the tracking process."""
-        return fn(self, *args)
-
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
         if self._thread.is_alive() or self._error is not None:
             self._thread.join(timeout=60)
@@ -301,199 +287,13 @@ def _dataset_input(ds, context: str):
                         tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
 
 
-# --- the tracking process ------------------------------------------------------------------
-
-class _Process:
-    """The process that holds this process's MLflow runs; one call at a time over a pipe."""
-
-    def __init__(self) -> None:
-        import multiprocessing as mp
-
-        root = logging.getLogger()
-        fmt = next((h.formatter for h in root.handlers if h.formatter is not None), None)
-        ctx = mp.get_context("spawn")  # no fork of a process that may hold CUDA or threads
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, name="mlflow-tracking", daemon=True, args=(
-            child, root.level, fmt._fmt if fmt else None, fmt.datefmt if fmt else None))
-        self._proc.start()
-        child.close()
-        self._lock = threading.Lock()
-        self._keys = itertools.count(1)
-
-    def new_key(self) -> int:
-        return next(self._keys)
-
-    def call(self, op: str, key: int | None, *args: Any) -> Any:
-        with self._lock:
-            try:
-                self._conn.send((op, key, args))
-                ok, value = self._conn.recv()
-            except (EOFError, OSError) as exc:
-                raise TrackingFailed(f"the MLflow tracking process stopped (exit code "
-                                     f"{self._proc.exitcode}; {type(exc).__name__})") from None
-        if not ok:
-            raise value
-        return value
-
-    def stop(self) -> None:
-        with contextlib.suppress(TrackingFailed):
-            self.call("stop", None)
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=5)
-        self._conn.close()
-
-
-_process: _Process | None = None
-
-
 @contextlib.contextmanager
-def tracking_process() -> Iterator[None]:
-    """Within this block, `tracked_run` and `close_stale` work in a tracking process of their
-    own (started here, so that it imports MLflow while this one validates and loads)."""
-    global _process
-    if _process is not None:
-        yield
-        return
-    _process = _Process()
-    try:
-        yield
-    finally:
-        proc, _process = _process, None
-        proc.stop()
-
-
-def _serve(conn, level: int, fmt: str | None, datefmt: str | None) -> None:
-    """The tracking process: one request at a time until "stop" or the driver is gone."""
-    # A terminal's Ctrl-C reaches the whole process group: the driver ends the runs KILLED.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=level, stream=sys.stderr, format=fmt, datefmt=datefmt)
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    threading.Thread(target=_import_mlflow, daemon=True).start()  # before the first run asks
-    trackers: dict[int, Tracker] = {}
-    while True:
-        try:
-            op, key, args = conn.recv()
-        except (EOFError, OSError):  # the driver died: its runs stay RUNNING (close_stale)
-            os._exit(0)
-        try:
-            if op == "stop":
-                for thread in list(_closers.values()):
-                    thread.join()
-                conn.send((True, None))
-                return
-            conn.send((True, _handle(trackers, op, key, args)))
-        except BaseException as exc:  # noqa: BLE001 - raised again in the driver
-            conn.send((False, _portable(exc)))
-
-
-def _handle(trackers: dict[int, "Tracker"], op: str, key: int | None, args: tuple) -> Any:
-    if op == "new":
-        experiment, name, parent, system_metrics, out_dir = args
-        trackers[key] = Tracker(experiment, name, trackers.get(parent), system_metrics, out_dir)
-        return None
-    if op == "close_stale":
-        close_stale(*args)
-        return None
-    tracker = trackers[key]
-    if op == "run_id":
-        return tracker.wait().run_id
-    if op == "apply":
-        fn, fn_args = args
-        return fn(tracker, *fn_args)
-    method, m_args, m_kwargs = args  # "call"
-    result = getattr(tracker, method)(*m_args, **m_kwargs)
-    return None if result is tracker else result
-
-
-def _portable(exc: BaseException) -> BaseException:
-    """The exception as the driver can unpickle it without importing what raised it."""
-    if isinstance(exc, (TrackingFailed, RunFailed, Interrupted)):
-        return exc
-    if type(exc).__module__ == "builtins":
-        with contextlib.suppress(Exception):
-            import pickle
-
-            pickle.loads(pickle.dumps(exc))
-            return exc
-    return TrackingFailed(f"{type(exc).__name__}: {exc}")
-
-
-def _import_mlflow() -> None:
-    try:
-        import datasets  # noqa: F401 - log_captions builds one
-        import mlflow  # noqa: F401
-        import mlflow.data.huggingface_dataset  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - only a head start; the run imports it again
-        log.debug("could not pre-import mlflow: %s", exc)
-
-
-class RemoteTracker:
-    """A `Tracker` held by the tracking process: the same methods, each a call to it."""
-
-    def __init__(self, proc: _Process, experiment: str, run_name: str,
-                 parent: "RemoteTracker | None", system_metrics: bool,
-                 out_dir: Path | None) -> None:
-        self.name = run_name
-        self._proc, self._key, self._run_id = proc, proc.new_key(), None
-        proc.call("new", self._key, experiment, run_name,
-                  parent._key if parent is not None else None, system_metrics, out_dir)
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._proc.call("call", self._key, method, args, kwargs)
-
-    @property
-    def run_id(self) -> str:
-        if self._run_id is None:
-            self._run_id = self._proc.call("run_id", self._key)
-        return self._run_id
-
-    def wait(self) -> "RemoteTracker":
-        self._call("wait")
-        return self
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self._call("log_params", params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._call("log_metrics", metrics, step)
-
-    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
-        self._call("log_series", series)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self._call("set_tags", tags)
-
-    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        self._call("log_artifact", path, subdir)
-
-    def log_table(self, rows: list[dict], name: str) -> None:
-        self._call("log_table", rows, name)
-
-    def log_captions(self, captions: list[str], source: Path, name: str, context: str) -> None:
-        self._call("log_captions", captions, source, name, context)
-
-    def apply(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(tracker, *args)` in the tracking process (`fn` is imported there by name)."""
-        return self._proc.call("apply", self._key, fn, args)
-
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
-        self._call("end", status, reason)
-
-
-@contextlib.contextmanager
-def tracked_run(experiment: str, name: str, parent: "Tracker | RemoteTracker | None" = None,
-                system_metrics: bool = False,
-                out_dir: Path | None = None) -> "Iterator[Tracker | RemoteTracker]":
+def tracked_run(experiment: str, name: str, parent: Tracker | None = None,
+                system_metrics: bool = False, out_dir: Path | None = None) -> Iterator[Tracker]:
     """A run that ends FINISHED, KILLED (interrupted) or FAILED (with the reason as a tag).
 
-    With `out_dir`, the run's id is recorded there (see `close_stale`). Inside
-    `tracking_process()`, the run is held by the tracking process."""
-    tracker = RemoteTracker(_process, experiment, name, parent, system_metrics, out_dir) \
-        if _process is not None else Tracker(experiment, name, parent, system_metrics, out_dir)
+    With `out_dir`, the run's id is recorded there (see `close_stale`)."""
+    tracker = Tracker(experiment, name, parent, system_metrics, out_dir)
     try:
         yield tracker
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -505,7 +305,7 @@ def tracked_run(experiment: str, name: str, parent: "Tracker | RemoteTracker | N
     tracker.end("FINISHED")
 
 
-def _end_quietly(tracker: "Tracker | RemoteTracker", status: str, reason: str) -> None:
+def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
     try:
         tracker.end(status, reason)
     except Exception as exc:  # noqa: BLE001 - the original error matters more
@@ -530,13 +330,8 @@ def close_stale(out_dir: Path) -> threading.Thread | None:
 
     The run id is read now; mlflow is imported and the store updated in a background thread
     (returned; None when there is no recorded run). The next run started with this `out_dir`
-    waits for it, and so does the interpreter's exit (not a daemon). Inside
-    `tracking_process()`, that thread runs in the tracking process (None is returned)."""
+    waits for it, and so does the interpreter's exit (not a daemon)."""
     from .artifacts import RUN_ID_FILE
-
-    if _process is not None:
-        _process.call("close_stale", None, out_dir)
-        return None
 
     try:
         run_id = (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip()

@@ -67,7 +67,7 @@ def versions() -> dict[str, str | None]:
 
     import torch
 
-    out = {"python": platform.python_version(), "torch": str(torch.__version__),
+    out = {"python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "device": torch.cuda.get_device_name()
            if torch.cuda.is_available() else "cpu"}
     for name in ("transformers", "nvidia-modelopt", "datasets", "mlflow", "safetensors"):
