@@ -31,6 +31,7 @@ ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow sets its loggers' level on import (else INFO)
 }
 DEFAULT_EXPERIMENT = "qwen2.5-vl-3b-autoquant-fp8"
 # Scheme fields a command line may override, and the contract's flag where it is not --<field>.
