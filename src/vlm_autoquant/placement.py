@@ -28,6 +28,12 @@ from .errors import Problem, Problems, UsageError
 from .memory_plan import GIB, OVERHEAD_GIB, Dims, Placement, Plan, plan_summary, predict
 
 NO_SPLIT = ["Qwen2DecoderLayer"]
+# `--parallel auto` replicates an LM only from this size (BF16 weights): below it, the second
+# process's start, the group and the per-module reductions cost what halving the search saves.
+# Measured on two H200s, replicas / one GPU or layers, whole process: 3B 1.00 (one scheme) and
+# 1.16 (the catalog sweep), 7B 1.02, 32B 0.94 (docs/PERFORMANCE.md).
+REPLICAS_MIN_LM_GIB = 24.0
+log = logging.getLogger(__name__)
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
 _UNIT = {"gib": 1.0, "gb": 1e9 / GIB, "mib": 1 / 1024, "mb": 1e6 / GIB}
 
@@ -271,10 +277,11 @@ def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict
     """One whole LM per GPU, the plan of one GPU (the smallest usable memory) for each.
 
     `--parallel auto` (explicit False) takes replicas only where the LM and the requested batch
-    fit one GPU and every replica gets at least one calibration and one score step. Where they
-    fit but a replica would get no step (kl_div's single score batch), the first GPU searches
-    alone (a sweep runs such searches after the replicated ones, sweep.py); where they do not
-    fit, it returns None (the layers are split instead). `--parallel replicas` may halve the
+    fit one GPU, the LM is large enough to gain (REPLICAS_MIN_LM_GIB) and every replica gets at
+    least one calibration and one score step. Where they fit but the LM is smaller, or a replica
+    would get no step (kl_div's single score batch), the first GPU searches alone (a sweep runs
+    such searches after the replicated ones, sweep.py); where they do not fit, it returns None
+    (the layers are split instead). `--parallel replicas` may halve the
     batch like a single GPU would, and raises UsageError with the figures when replicas cannot
     work.
     """
@@ -289,6 +296,12 @@ def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict
                    num_formats)
         if not lp.plan.fits():
             return None
+        lm_gib = dims.total_params() * 2 / GIB
+        if lm_gib < REPLICAS_MIN_LM_GIB:
+            log.info("the LM (%.1f GiB) searches on GPU %s alone: replicas pay from %g GiB "
+                     "(docs/PERFORMANCE.md); --parallel replicas forces them", lm_gib, first,
+                     REPLICAS_MIN_LM_GIB)
+            return lp, calib_steps, score_steps
     if min(calib_steps, score_steps) < world:
         if not explicit:
             return lp, calib_steps, score_steps  # one GPU, the one rank 0 of replicas holds
