@@ -34,6 +34,7 @@ NO_SPLIT = ["Qwen2DecoderLayer"]
 # 1.16 (the catalog sweep), 7B 1.02, 32B 0.94 (docs/PERFORMANCE.md).
 REPLICAS_MIN_LM_GIB = 24.0
 log = logging.getLogger(__name__)
+_said: dict[str, int] = {}  # a sweep plans each family: say why the LM is not replicated once
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
 _UNIT = {"gib": 1.0, "gb": 1e9 / GIB, "mib": 1 / 1024, "mb": 1e6 / GIB}
 
@@ -298,9 +299,11 @@ def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict
             return None
         lm_gib = dims.total_params() * 2 / GIB
         if lm_gib < REPLICAS_MIN_LM_GIB:
-            log.info("the LM (%.1f GiB) searches on GPU %s alone: replicas pay from %g GiB "
-                     "(docs/PERFORMANCE.md); --parallel replicas forces them", lm_gib, first,
-                     REPLICAS_MIN_LM_GIB)
+            log.log(logging.DEBUG if _said.get("alone") == first else logging.INFO,  # once
+                    "the LM (%.1f GiB) searches on GPU %s alone: replicas pay from %g GiB "
+                    "(docs/PERFORMANCE.md); --parallel replicas forces them", lm_gib, first,
+                    REPLICAS_MIN_LM_GIB)
+            _said["alone"] = first
             return lp, calib_steps, score_steps
     if min(calib_steps, score_steps) < world:
         if not explicit:
