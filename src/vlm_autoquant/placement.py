@@ -31,7 +31,7 @@ NO_SPLIT = ["Qwen2DecoderLayer"]
 # `--parallel auto` replicates an LM only from this size (BF16 weights): below it, the second
 # process's start, the group and the per-module reductions cost what halving the search saves.
 # Measured on two H200s, replicas / one GPU or layers, whole process: 3B 1.00 (one scheme) and
-# 1.16 (the catalog sweep), 7B 1.02, 32B 0.94 (docs/PERFORMANCE.md).
+# 1.16 (the catalog sweep), 7B 1.02, 32B 0.85 (docs/PERFORMANCE.md).
 REPLICAS_MIN_LM_GIB = 24.0
 log = logging.getLogger(__name__)
 _said: dict[str, int] = {}  # a sweep plans each family: say why the LM is not replicated once
@@ -282,9 +282,8 @@ def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict
     least one calibration and one score step. Where they fit but the LM is smaller, or a replica
     would get no step (kl_div's single score batch), the first GPU searches alone (a sweep runs
     such searches after the replicated ones, sweep.py); where they do not fit, it returns None
-    (the layers are split instead). `--parallel replicas` may halve the
-    batch like a single GPU would, and raises UsageError with the figures when replicas cannot
-    work.
+    (the layers are split instead). `--parallel replicas` may halve the batch like a single GPU
+    would, and raises UsageError with the figures when replicas cannot work.
     """
     world, first = len(gpus), gpus[0]
     cap = {first: min(usable_gib[g] for g in gpus)}
