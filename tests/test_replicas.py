@@ -43,6 +43,7 @@ def test_auto_searches_an_lm_too_small_to_gain_on_the_first_gpu_alone(size):
                                 Problems(), totals_gib=H200)
     assert lp.mode == "single" and not lp.replicas and lp.device_map == {"": 0}
     assert (lp.plan.batch_size, calib, score) == (16, 16, 8)
+    assert "alone" in lp.note and "--parallel replicas" in lp.note  # logged once per run
     forced, _, _ = plan_for(config(size), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
                             Problems(), totals_gib=H200, parallel="replicas")
     assert forced.mode == "replicas" and forced.replicas == (0, 1)
@@ -95,7 +96,7 @@ def test_a_sweep_replicates_only_if_every_search_takes_replicas_or_fits_rank_0()
     with too few steps to share (kl_div) runs on rank 0's GPU alone, beside replicated ones."""
     from types import SimpleNamespace
 
-    from vlm_autoquant.families import _replicas_for_all_or_none
+    from vlm_autoquant.families import _share_replicas
 
     fits, splits = (plan_for(config(s), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
                              Problems(), totals_gib=H200)[0] for s in ("32b", "72b"))
@@ -104,14 +105,14 @@ def test_a_sweep_replicates_only_if_every_search_takes_replicas_or_fits_rank_0()
     assert fits.replicas and not splits.replicas and alone.mode == "single"
     both = [SimpleNamespace(placement=fits), SimpleNamespace(placement=fits),
             SimpleNamespace(placement=alone)]
-    _replicas_for_all_or_none(both)
+    _share_replicas(both)
     assert [f.placement.replicas for f in both] == [(0, 1), (0, 1), ()]
     on_gpu_1 = dataclasses.replace(alone, placement=Placement.single(64, 1))
     other = [SimpleNamespace(placement=fits), SimpleNamespace(placement=on_gpu_1)]
-    _replicas_for_all_or_none(other)  # not the GPU rank 0 holds: no replicas
+    _share_replicas(other)  # not the GPU rank 0 holds: no replicas
     assert [f.placement.replicas for f in other] == [(), ()]
     mixed = [SimpleNamespace(placement=fits), SimpleNamespace(placement=splits)]
-    _replicas_for_all_or_none(mixed)
+    _share_replicas(mixed)
     assert [f.placement.mode for f in mixed] == ["single", "layers"]
 
 

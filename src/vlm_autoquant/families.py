@@ -117,11 +117,14 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
                                inputs.options.output_dir / SEARCH_DIR / name, placement=placement))
     for f in families:  # refuse foreign or stale checkpoints before loading anything
         f.reuse = resume.check_reusable(f.checkpoint, f.fingerprint, inputs.options.overwrite)
-    _replicas_for_all_or_none(families)
+    _share_replicas(families)
+    for note in dict.fromkeys(f.placement.note for f in families if f.placement is not None):
+        if note:  # one line per run, not per family
+            log.info(note)
     return families
 
 
-def _replicas_for_all_or_none(families: list[Family]) -> None:
+def _share_replicas(families: list[Family]) -> None:
     """The LM is loaded once for every family. Replicas stay if every family's plan takes them,
     or searches on the first replica's GPU alone (too few steps to share: those run after the
     replicated ones, sweep.py); otherwise none are used. Each manifest records the placement

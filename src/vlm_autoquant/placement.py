@@ -33,8 +33,6 @@ NO_SPLIT = ["Qwen2DecoderLayer"]
 # Measured on two H200s, replicas / one GPU or layers, whole process: 3B 1.00 (one scheme) and
 # 1.16 (the catalog sweep), 7B 1.02, 32B 0.85 (docs/PERFORMANCE.md).
 REPLICAS_MIN_LM_GIB = 24.0
-log = logging.getLogger(__name__)
-_said: dict[str, int] = {}  # a sweep plans each family: say why the LM is not replicated once
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
 _UNIT = {"gib": 1.0, "gb": 1e9 / GIB, "mib": 1 / 1024, "mb": 1e6 / GIB}
 
@@ -102,6 +100,7 @@ class LMPlacement:
     placement: Placement
     plan: Plan
     replicas: tuple[int, ...] = ()  # data-parallel: GPUs each holding the whole LM (rank order)
+    note: str = ""  # why several GPUs asked for were not used (logged once per run: families.plan)
 
     @property
     def mode(self) -> str:
@@ -298,12 +297,10 @@ def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict
             return None
         lm_gib = dims.total_params() * 2 / GIB
         if lm_gib < REPLICAS_MIN_LM_GIB:
-            log.log(logging.DEBUG if _said.get("alone") == first else logging.INFO,  # once
-                    "the LM (%.1f GiB) searches on GPU %s alone: replicas pay from %g GiB "
-                    "(docs/PERFORMANCE.md); --parallel replicas forces them", lm_gib, first,
-                    REPLICAS_MIN_LM_GIB)
-            _said["alone"] = first
-            return lp, calib_steps, score_steps
+            note = (f"the LM ({lm_gib:.1f} GiB) searches on GPU {first} alone: replicas pay from "
+                    f"{REPLICAS_MIN_LM_GIB:g} GiB (docs/PERFORMANCE.md); --parallel replicas "
+                    "forces them")
+            return dataclasses.replace(lp, note=note), calib_steps, score_steps
     if min(calib_steps, score_steps) < world:
         if not explicit:
             return lp, calib_steps, score_steps  # one GPU, the one rank 0 of replicas holds

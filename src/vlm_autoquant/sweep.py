@@ -141,7 +141,7 @@ def _replicated(family: Family) -> bool:
 
 def run_order(families: list[Family]) -> list[Family]:
     """The families searched on replicas first (after them the replicas are closed, and the rest
-    search on rank 0's GPU alone: families._replicas_for_all_or_none); within each, wider
+    search on rank 0's GPU alone: families._share_replicas); within each, wider
     candidate sets first, so that a narrower family can start from their calibration."""
     return sorted(families, key=lambda f: (not _replicated(f), -len(f.spec.formats)))
 
