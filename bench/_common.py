@@ -28,11 +28,11 @@ def sh(cmd: list[str], env: dict | None = None, log: Path | None = None, timeout
     return wall
 
 
-def env_for(work: Path) -> dict:
-    """The driver's environment: the source tree first, MLflow in a sqlite file under `work`,
-    offline, and no MLflow run inherited from a caller."""
+def env_for(work: Path, src: Path = ROOT / "src") -> dict:
+    """The driver's environment: the source tree (`src`) first, MLflow in a sqlite file under
+    `work`, offline, and no MLflow run inherited from a caller."""
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = dict(os.environ, PYTHONPATH=f"{src.resolve()}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):

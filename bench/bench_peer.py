@@ -79,16 +79,13 @@ def run_peer(args, work: Path, jsonl: Path, i: int) -> dict:
 
 
 def run_driver(args, work: Path, txt: Path, name: str, python_flags: tuple[str, ...] = (),
-               src: Path | None = None) -> dict:
+               src: Path = ROOT / "src") -> dict:
     """The driver as a user runs it; `src`: another source tree of the package (--before-src)."""
     out = work / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, *python_flags, str(SCRIPT), "--scheme-name", SCHEME, "--model-dir",
            str(args.ckpt_dir), "--calib-file", str(txt), "--output-dir", str(out), *args.driver_args]
-    env = env_for(work)
-    if src is not None:
-        env["PYTHONPATH"] = f"{src.resolve()}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    wall = sh(cmd, env, work / f"{name}.log", timeout=600)
+    wall = sh(cmd, env_for(work, src), work / f"{name}.log", timeout=600)
     m = json.loads((out / "manifest.json").read_text())
     rec = json.loads((out / "search" / "autoquant_search.json").read_text())
     fp = rec.get("fingerprint", {})
@@ -230,7 +227,7 @@ def main() -> None:
             res = run_peer(args, work, jsonl, i)
         elif side in ("driver", "before"):
             res = run_driver(args, work, txt, f"{side}_{i}",
-                             src=args.before_src / "src" if side == "before" else None)
+                             src=args.before_src / "src" if side == "before" else ROOT / "src")
         else:
             res = run_bare(args, work, i, cuda)
         r["runs"].append({"side": side, "i": i, **res})
