@@ -46,10 +46,11 @@ def build_batches(ckpt: Path, captions: Path, scheme: str, driver_args: list[str
     import torch
     from transformers import AutoTokenizer
 
-    from vlm_autoquant.calib_data import build_data, load_captions
-    from vlm_autoquant.cli import OVERRIDE_FLAGS, main_parser, overrides_from
-    from vlm_autoquant.errors import Problems
-    from vlm_autoquant.schemes import default_catalog, load_catalog, resolve
+    from vlm_autoquant.plan.calib_data import build_data, load_captions
+    from vlm_autoquant.cli.common import OVERRIDE_FLAGS, overrides_from
+    from vlm_autoquant.cli.main import main_parser
+    from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.plan.schemes import default_catalog, load_catalog, resolve
 
     ns = main_parser().parse_args(["--scheme-name", scheme, *driver_args])
     s = resolve(load_catalog(default_catalog()), scheme, overrides_from(ns), OVERRIDE_FLAGS)

@@ -39,7 +39,7 @@ OUTLIER_LAYER, OUTLIER_CHANNEL, OUTLIER_SCALE = 5, 7, 1e6
 
 def build(args) -> tuple[Path, Path]:
     """The checkpoint (random, released layout, planted outlier) and the caption file."""
-    from vlm_autoquant.demo import build_checkpoint, build_demo, make_captions
+    from vlm_autoquant.model.demo import build_checkpoint, build_demo, make_captions
 
     ckpt = args.work / "ckpt"
     if args.size == "tiny":
@@ -130,7 +130,7 @@ def main() -> None:
                    "but the anchor)")
     args = p.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
-    from vlm_autoquant.schemes import default_catalog, load_catalog
+    from vlm_autoquant.plan.schemes import default_catalog, load_catalog
 
     t0 = time.perf_counter()
     ckpt, captions = build(args)

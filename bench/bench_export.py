@@ -31,7 +31,7 @@ def baseline(model, model_dir: Path, target: Path) -> dict:
 
     from modelopt.torch.export import export_hf_checkpoint
 
-    from vlm_autoquant.export import vision_tensors
+    from vlm_autoquant.exporter.assemble import vision_tensors
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -50,7 +50,7 @@ def baseline(model, model_dir: Path, target: Path) -> dict:
 def demo_run(work: Path) -> tuple[Path, Path]:
     """A tiny checkpoint and one quick run of it (CPU smoke test)."""
     from vlm_autoquant.cli import main
-    from vlm_autoquant.demo import build_demo
+    from vlm_autoquant.model.demo import build_demo
 
     model_dir, captions = build_demo(work / "demo")
     code = main(["--scheme-name", "fp8-balanced-10b", "--model-dir", str(model_dir),
@@ -70,14 +70,14 @@ def main() -> None:
     p.add_argument("--demo", action="store_true", help="build the tiny demo and a quick run")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     a = p.parse_args()
-    from vlm_autoquant import export_pipeline
-    from vlm_autoquant.cli import configure
-    from vlm_autoquant.errors import Problems
-    from vlm_autoquant.export import vision_tensors
-    from vlm_autoquant.export_inputs import ExportOptions, gather
-    from vlm_autoquant.export_pipeline import _restore
-    from vlm_autoquant.lm import pick_device
-    from vlm_autoquant.timing import Phases, gpu_peak_gib, peak_rss_gib
+    from vlm_autoquant.exporter import pipeline as export_pipeline
+    from vlm_autoquant.cli.common import configure
+    from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.exporter.assemble import vision_tensors
+    from vlm_autoquant.exporter.inputs import ExportOptions, gather
+    from vlm_autoquant.exporter.pipeline import _restore
+    from vlm_autoquant.model.lm import pick_device
+    from vlm_autoquant.core.timing import Phases, gpu_peak_gib, peak_rss_gib
 
     configure(False)
     shutil.rmtree(a.work / "export", ignore_errors=True)
@@ -98,7 +98,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     phases = Phases()
-    from vlm_autoquant.errors import RunFailed
+    from vlm_autoquant.core.errors import RunFailed
 
     try:
         report = export_pipeline.export_checkpoint(inputs, phases)

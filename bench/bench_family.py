@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from transformers import Qwen2Config  # noqa: E402
 
-from vlm_autoquant import demo  # noqa: E402
-from vlm_autoquant.lm import meta_model  # noqa: E402
-from vlm_autoquant.memory_plan import GIB, Dims, usable  # noqa: E402
-from vlm_autoquant.placement import plan_run  # noqa: E402
+from vlm_autoquant.model import demo  # noqa: E402
+from vlm_autoquant.model.lm import meta_model  # noqa: E402
+from vlm_autoquant.plan.memory_plan import GIB, Dims, usable  # noqa: E402
+from vlm_autoquant.plan.placement import plan_run  # noqa: E402
 
 DRIVER = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
 sys.path.insert(0, str(ROOT / "bench"))
@@ -93,7 +93,7 @@ def bf16_step_seconds(model_dir: Path, device_map, batch: int, seq: int, steps: 
     import torch
     import torch.nn.functional as F
 
-    from vlm_autoquant.lm import load_lm, text_config
+    from vlm_autoquant.model.lm import load_lm, text_config
 
     model = load_lm(model_dir, text_config(model_dir), torch.device("cuda:0"),
                        device_map=device_map)

@@ -43,7 +43,7 @@ def shard_files(ckpt: Path) -> list[Path]:
 
 
 def split_ranges(ckpt: Path) -> dict[Path, dict[str, list]]:
-    from vlm_autoquant.checkpoint import VISION_RE
+    from vlm_autoquant.model.checkpoint import VISION_RE
 
     out = {}
     for f in shard_files(ckpt):
@@ -82,8 +82,8 @@ def resident(ckpt: Path) -> dict:
 
 def r_lm_bytes(work: Path) -> float:
     """LM bytes of the checkpoint (the load phase's tokens/s column is bytes/s instead)."""
-    from vlm_autoquant.checkpoint import inspect_checkpoint
-    from vlm_autoquant.errors import Problems
+    from vlm_autoquant.model.checkpoint import inspect_checkpoint
+    from vlm_autoquant.core.errors import Problems
 
     info = inspect_checkpoint(work / "ckpt", Problems())
     return float(info.bytes_of(info.lm_keys()))
@@ -164,7 +164,7 @@ def main() -> None:
     ckpt = work / "ckpt"
     t = time.perf_counter()
     if not (ckpt / "config.json").exists():
-        from vlm_autoquant.demo import build_checkpoint, make_captions
+        from vlm_autoquant.model.demo import build_checkpoint, make_captions
 
         if args.size == "3b":
             build_checkpoint(ckpt, "3b", "released", seed=0,
@@ -178,14 +178,14 @@ def main() -> None:
         args.driver_args = []
     else:
         args.captions = work / "captions.txt"
-        from vlm_autoquant.demo import make_captions
+        from vlm_autoquant.model.demo import make_captions
 
         args.captions.write_text("\n".join(make_captions(3000, 0)) + "\n")
         # One 8x128 batch each for calibration and scoring: the CPU path is a smoke run.
         args.driver_args = ["--num-calib-samples", "256", "--num-calib-steps", "1",
                             "--num-score-steps", "1", "--num-eval-samples", "32", "--seq-len", "128"]
-    from vlm_autoquant.checkpoint import inspect_checkpoint
-    from vlm_autoquant.errors import Problems
+    from vlm_autoquant.model.checkpoint import inspect_checkpoint
+    from vlm_autoquant.core.errors import Problems
 
     info = inspect_checkpoint(ckpt, Problems())
     lm_bytes, vision_bytes = info.bytes_of(info.lm_keys()), info.bytes_of(info.vision_keys())

@@ -41,13 +41,13 @@ def checkpoint(args, cuda: bool) -> tuple[Path, list[str], float]:
     """The checkpoint dir and the caption pool its first 256 captions come from (built if absent)."""
     t = time.perf_counter()
     if args.size == "tiny":
-        from vlm_autoquant.demo import build_demo
+        from vlm_autoquant.model.demo import build_demo
 
         ckpt, captions = build_demo(args.work / "demo")
     else:
         ckpt, captions = args.ckpt, args.data / "coco2017_captions" / "train_sample.txt"
         if not (ckpt / "config.json").exists():
-            from vlm_autoquant.demo import build_checkpoint
+            from vlm_autoquant.model.demo import build_checkpoint
 
             build_checkpoint(ckpt, "3b", "released", seed=0, device="cuda" if cuda else "cpu",
                              tokenizer_dir=args.data / "qwen2_5_vl_tokenizer")

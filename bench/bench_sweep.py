@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vlm_autoquant.demo import DEMO_OVERRIDES, build_demo  # noqa: E402
+from vlm_autoquant.model.demo import DEMO_OVERRIDES, build_demo  # noqa: E402
 
 SINGLE = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
 SWEEP = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_sweep.py"

@@ -30,10 +30,10 @@ def _search(model_dir: Path, captions: Path, rank: int, world: int, work: Path) 
     import torch
     from transformers import AutoTokenizer
 
-    from vlm_autoquant import autoquant
-    from vlm_autoquant.calib_data import load_captions, pack, split_captions
-    from vlm_autoquant.families import SearchSpec
-    from vlm_autoquant.lm import load_lm, text_config
+    from vlm_autoquant.search import autoquant
+    from vlm_autoquant.plan.calib_data import load_captions, pack, split_captions
+    from vlm_autoquant.plan.families import SearchSpec
+    from vlm_autoquant.model.lm import load_lm, text_config
 
     torch.manual_seed(0)
     steps = 4
@@ -83,7 +83,7 @@ def main() -> int:
 
     import torch.multiprocessing as mp
 
-    from vlm_autoquant.demo import build_demo
+    from vlm_autoquant.model.demo import build_demo
 
     work = Path(tempfile.mkdtemp(prefix="dp-spike-"))
     model_dir, captions = build_demo(work / "demo")

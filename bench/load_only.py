@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from vlm_autoquant.lm import load_lm, pick_device, text_config  # noqa: E402
+from vlm_autoquant.model.lm import load_lm, pick_device, text_config  # noqa: E402
 
 ckpt, out = Path(sys.argv[1]), Path(sys.argv[2])
 device = pick_device()

@@ -28,10 +28,10 @@ from modelopt.torch.quantization.algorithms import (  # noqa: E402
     AutoQuantizeGradientSearcher,
 )
 
-from vlm_autoquant import autoquant  # noqa: E402
-from vlm_autoquant.calib_data import load_captions, pack, split_captions  # noqa: E402
-from vlm_autoquant.lm import load_lm, pick_device, text_config  # noqa: E402
-from vlm_autoquant.schemes import Scheme  # noqa: E402
+from vlm_autoquant.search import autoquant  # noqa: E402
+from vlm_autoquant.plan.calib_data import load_captions, pack, split_captions  # noqa: E402
+from vlm_autoquant.model.lm import load_lm, pick_device, text_config  # noqa: E402
+from vlm_autoquant.plan.schemes import Scheme  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 SEQ = 512

@@ -9,7 +9,7 @@ Prints the model directory and caption file it wrote.
 import argparse
 from pathlib import Path
 
-from vlm_autoquant.demo import build_demo
+from vlm_autoquant.model.demo import build_demo
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

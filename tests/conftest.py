@@ -89,7 +89,7 @@ def _datasets_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> tuple[Path, Path]:
     """(model_dir, captions): the embedded demo's tiny checkpoint, released layout."""
-    from vlm_autoquant.demo import build_demo
+    from vlm_autoquant.model.demo import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo"))
 
@@ -97,7 +97,7 @@ def demo(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def layouts(demo, tmp_path_factory) -> dict[str, Path]:
     """The same random weights (same seed) in every supported checkpoint layout."""
-    from vlm_autoquant.demo import build_checkpoint, make_captions
+    from vlm_autoquant.model.demo import build_checkpoint, make_captions
 
     root = tmp_path_factory.mktemp("layouts")
     out = {"released": demo[0]}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_autoquant import autoquant, manifest, resume
-from vlm_autoquant.autoquant import SearchSpec
-from vlm_autoquant.calib_data import pack, split_captions
-from vlm_autoquant.lm import load_lm, text_config
+from vlm_autoquant.search import autoquant, resume
+from vlm_autoquant.run import manifest
+from vlm_autoquant.search.autoquant import SearchSpec
+from vlm_autoquant.plan.calib_data import pack, split_captions
+from vlm_autoquant.model.lm import load_lm, text_config
 
 FP8, PCPT = "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"
 LM_HEAD = ("*lm_head*",)
@@ -182,8 +183,8 @@ def test_kl_div_ranks_a_planted_outlier_most_sensitive(demo, batches, tmp_path):
 
 
 def test_interrupt_flag_stops_at_batch_boundary(demo, batches, tmp_path):
-    from vlm_autoquant.errors import Interrupted
-    from vlm_autoquant.interrupt import StopFlag
+    from vlm_autoquant.core.errors import Interrupted
+    from vlm_autoquant.core.interrupt import StopFlag
 
     flag = StopFlag()
     flag.set("SIGINT")

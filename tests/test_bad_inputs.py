@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from vlm_autoquant import validate as deps
-from vlm_autoquant.artifacts import MANIFEST_FILE
-from vlm_autoquant.schemes import default_catalog
+from vlm_autoquant.plan import validate as deps
+from vlm_autoquant.core.artifacts import MANIFEST_FILE
+from vlm_autoquant.plan.schemes import default_catalog
 
 from .conftest import QUICK, SMALL_DEFAULTS, run_cli
 
@@ -517,7 +517,7 @@ def test_bad_dependency(package, state, demo, out, tracking, capsys, monkeypatch
 
 
 def test_installed_dependencies_pass_and_local_versions_count():
-    from vlm_autoquant.errors import Problems
+    from vlm_autoquant.core.errors import Problems
 
     problems = Problems()
     deps.check_dependencies(problems)
@@ -538,12 +538,12 @@ def test_installed_dependencies_pass_and_local_versions_count():
     ("sqlite:////sys/vlm_test_mlflow/mlflow.db", ["cannot write the SQLite store"]),
 ], ids=["http-unreachable", "sqlite-unwritable"])
 def test_unusable_tracking_store(uri, needles, demo, out, tracking, capsys, monkeypatch):
-    import vlm_autoquant.validate
-    import vlm_autoquant.lm
+    import vlm_autoquant.plan.validate
+    import vlm_autoquant.model.lm
 
     loaded = []
-    monkeypatch.setattr(vlm_autoquant.lm, "load_lm", lambda *a, **k: loaded.append(a))
-    monkeypatch.setattr(vlm_autoquant.validate, "load_tokenizer",
+    monkeypatch.setattr(vlm_autoquant.model.lm, "load_lm", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(vlm_autoquant.plan.validate, "load_tokenizer",
                         lambda *a, **k: loaded.append(a))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     if uri.startswith("sqlite") and _writable("/sys"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_autoquant.calib_data import IGNORE, check_caption_file, load_captions, pack, split_captions
-from vlm_autoquant.errors import Problems
+from vlm_autoquant.plan.calib_data import IGNORE, check_caption_file, load_captions, pack, split_captions
+from vlm_autoquant.core.errors import Problems
 
 from .conftest import COCO, QWEN_TOKENIZER
 
@@ -75,7 +75,7 @@ def test_packing_labels_positions_and_padding(tokenizer):
 
 def test_a_packed_caption_sees_only_itself(demo, tokenizer):
     """Block-diagonal attention: logits inside a packed row equal the caption run alone."""
-    from vlm_autoquant.lm import load_lm, text_config
+    from vlm_autoquant.model.lm import load_lm, text_config
 
     model = load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))
     caps = ["A large giraffe stands near the fence.", "A man rides a wave on a surfboard."]

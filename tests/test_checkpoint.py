@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vlm_autoquant.checkpoint import inspect_checkpoint
-from vlm_autoquant.errors import Problems
+from vlm_autoquant.model.checkpoint import inspect_checkpoint
+from vlm_autoquant.core.errors import Problems
 
 
 def copy(demo, tmp_path) -> Path:

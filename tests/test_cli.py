@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from vlm_autoquant.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SENSITIVITY_FIGURE
+from vlm_autoquant.core.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SENSITIVITY_FIGURE
 from vlm_autoquant.tracking import M_BITS_ACHIEVED, M_KL, M_PPL_QUANT, M_PPL_REF, M_TOP1, M_WEIGHT_BYTES
 
 from .conftest import PY, QUICK, ROOT, run_cli, subprocess_env
@@ -72,7 +72,7 @@ def test_mlflow_run_holds_params_metrics_artifacts(finished):
 RESTORE = """
 import sys, torch
 from pathlib import Path
-from vlm_autoquant import quant_state
+from vlm_autoquant.model import quant_state
 model = quant_state.restore(Path(sys.argv[1]), Path(sys.argv[2]), torch.device("cpu"))
 ids = torch.arange(2 * 40).reshape(2, 40) % 400
 with torch.no_grad():
@@ -81,8 +81,8 @@ with torch.no_grad():
 
 
 def test_fresh_process_restore_gives_the_same_logits(finished, demo, tmp_path):
-    from vlm_autoquant import quant_state
-    from vlm_autoquant.lm import load_lm, text_config
+    from vlm_autoquant.model import quant_state
+    from vlm_autoquant.model.lm import load_lm, text_config
 
     out, _, _ = finished
     target = tmp_path / "logits.pt"
@@ -119,7 +119,7 @@ def in_process_run(demo, tmp_path_factory):
 
 def test_restore_matches_the_run_model_in_process(demo, in_process_run):
     """Same logits as the model the run quantized (compared in one process, no reload tricks)."""
-    from vlm_autoquant import quant_state
+    from vlm_autoquant.model import quant_state
 
     m = json.loads((in_process_run / MANIFEST_FILE).read_text())
     restored = quant_state.restore(demo[0], in_process_run / QUANT_STATE_FILE, torch.device("cpu"))
@@ -164,9 +164,9 @@ def test_mlflow_run_main_entry_point(demo, tmp_path):
 def test_save_weights_writes_the_lm_once(demo, in_process_run):
     from safetensors import safe_open
 
-    from vlm_autoquant.checkpoint import inspect_checkpoint
-    from vlm_autoquant.artifacts import LM_WEIGHTS_FILE
-    from vlm_autoquant.errors import Problems
+    from vlm_autoquant.model.checkpoint import inspect_checkpoint
+    from vlm_autoquant.core.artifacts import LM_WEIGHTS_FILE
+    from vlm_autoquant.core.errors import Problems
 
     out = in_process_run
     with safe_open(str(out / LM_WEIGHTS_FILE), "pt") as f:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from vlm_autoquant import cost
-from vlm_autoquant.demo import QWEN25_VL_3B, released_config
+from vlm_autoquant.plan import cost
+from vlm_autoquant.model.demo import QWEN25_VL_3B, released_config
 
 
 @pytest.fixture(scope="module")
 def numels_3b(tmp_path_factory):
     import json
 
-    from vlm_autoquant.lm import linear_numels, meta_model, text_config
+    from vlm_autoquant.model.lm import linear_numels, meta_model, text_config
 
     d = tmp_path_factory.mktemp("cfg3b")
     ids = {t: 151643 + i for i, t in enumerate(

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from vlm_autoquant.artifacts import MANIFEST_FILE, QUANT_STATE_FILE
+from vlm_autoquant.core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE
 
 from .conftest import PY, QUICK, ROOT, subprocess_env
 
@@ -44,7 +44,7 @@ def store(source, tmp_path, monkeypatch):
 
 
 def export(args, capsys=None) -> tuple[int, str]:
-    from vlm_autoquant.export_cli import main
+    from vlm_autoquant.cli.export import main
 
     code = main([str(a) for a in args])
     err = capsys.readouterr().err if capsys is not None else ""
@@ -57,7 +57,7 @@ def copy_demo(demo_dir, target):
 
 
 def flip_one_lm_byte(model_dir):
-    from vlm_autoquant.identity import shard_layout, weight_files
+    from vlm_autoquant.model.identity import shard_layout, weight_files
 
     for shard in weight_files(model_dir):
         layout = shard_layout(shard)
@@ -180,9 +180,9 @@ def test_tampered_state_is_refused(store, demo, tmp_path, capsys):
 
 
 def test_other_weights_refused_in_export_and_restore(store, demo, tmp_path, capsys):
-    from vlm_autoquant import quant_state
-    from vlm_autoquant.errors import UsageError
-    from vlm_autoquant.identity import lm_weights_sha256
+    from vlm_autoquant.model import quant_state
+    from vlm_autoquant.core.errors import UsageError
+    from vlm_autoquant.model.identity import lm_weights_sha256
 
     other = copy_demo(demo[0], tmp_path / "other")
     flip_one_lm_byte(other)  # one value of one tensor
@@ -201,7 +201,7 @@ def test_other_weights_refused_in_export_and_restore(store, demo, tmp_path, caps
 def test_output_dir_not_empty_and_disk_full(store, demo, tmp_path, capsys, monkeypatch):
     import collections
 
-    from vlm_autoquant import export_inputs
+    from vlm_autoquant.exporter import inputs as export_inputs
 
     full = tmp_path / "full"
     full.mkdir()
@@ -234,7 +234,7 @@ def test_model_dir_without_vision_tower_needs_lm_only(store, demo, tmp_path, cap
 
 
 def test_interrupted_or_failed_export_leaves_nothing(store, demo, tmp_path, capsys, monkeypatch):
-    from vlm_autoquant import export_pipeline
+    from vlm_autoquant.exporter import pipeline as export_pipeline
 
     def boom(staging):
         assert (staging / "config.json").is_file()  # it got as far as a full checkpoint
@@ -265,7 +265,7 @@ def test_interrupted_or_failed_export_leaves_nothing(store, demo, tmp_path, caps
 
 
 def test_pcpt_layers_warn_for_vllm(caplog):
-    from vlm_autoquant import engines
+    from vlm_autoquant.exporter import engines
 
     hf_quant = {"quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": {
         "model.layers.0.mlp.up_proj": {"quant_algo": "FP8"},
@@ -281,7 +281,7 @@ def test_pcpt_layers_warn_for_vllm(caplog):
 
 
 def test_identity_ignores_the_vision_tower(demo, tmp_path):
-    from vlm_autoquant.identity import lm_weights_sha256, shard_layout, weight_files
+    from vlm_autoquant.model.identity import lm_weights_sha256, shard_layout, weight_files
 
     other = copy_demo(demo[0], tmp_path / "v")
     for shard in weight_files(other):  # change one vision value: the identity must not move
@@ -351,12 +351,12 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
 
     from safetensors import safe_open
 
-    from vlm_autoquant import export as export_mod
-    from vlm_autoquant import export_pipeline, export_verify
+    from vlm_autoquant.exporter import assemble as export_mod
+    from vlm_autoquant.exporter import pipeline as export_pipeline, verify as export_verify
     from vlm_autoquant.cli import main
-    from vlm_autoquant.errors import Problems
-    from vlm_autoquant.export_inputs import ExportOptions, gather
-    from vlm_autoquant.lm import load_lm, text_config
+    from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.exporter.inputs import ExportOptions, gather
+    from vlm_autoquant.model.lm import load_lm, text_config
 
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_catalog import plant_outlier
@@ -445,8 +445,8 @@ def test_weights_dequantized_in_the_fake_quant_arithmetic(tmp_path):
     from modelopt.torch.quantization.tensor_quant import fp8_eager
     from safetensors.torch import save_file
 
-    from vlm_autoquant import export_verify
-    from vlm_autoquant.fp8_kernel import e4m3_codes, fake_quant_scale
+    from vlm_autoquant.exporter import verify as export_verify
+    from vlm_autoquant.search.fp8_kernel import e4m3_codes, fake_quant_scale
 
     amax = torch.tensor(0.57421875)  # a bf16 value: 1 / (448 / amax) != amax / 448 in fp32
     assert 1 / (448 / amax) != amax / 448
@@ -469,7 +469,7 @@ def test_modelopt_arithmetic_is_modelopt_fake_quant_bit_for_bit():
     also for an amax that 448 x (amax / 448) does not give back, and on rounding ties."""
     from modelopt.torch.quantization.tensor_quant import fp8_eager
 
-    from vlm_autoquant import export_verify
+    from vlm_autoquant.exporter import verify as export_verify
 
     candidates = (torch.arange(1, 4000) / 256).to(torch.bfloat16).float()
     amax = next(a for a in candidates if (a / 448) * 448 != a)

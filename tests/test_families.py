@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlm_autoquant.errors import Problems
+from vlm_autoquant.core.errors import Problems
 
 from .conftest import SMALL_DEFAULTS
 
@@ -28,8 +28,9 @@ def catalog(tmp_path_factory):
 
 
 def plan(demo, catalog, tmp_path, names, single=False):
-    from vlm_autoquant import families
-    from vlm_autoquant.validate import RunOptions, gather
+    from vlm_autoquant.plan import families
+    from vlm_autoquant.plan.inputs import RunOptions
+    from vlm_autoquant.plan.validate import gather
 
     problems = Problems()
     opts = RunOptions(model_dir=demo[0], output_dir=tmp_path / "out", calib_file=demo[1],
@@ -65,7 +66,7 @@ def test_a_single_run_is_a_family_of_one_with_the_run_checkpoint(demo, catalog, 
 
 def test_calibration_is_reused_from_a_search_over_the_same_or_more_formats(demo, catalog,
                                                                             tmp_path):
-    from vlm_autoquant.families import calibration_source
+    from vlm_autoquant.plan.families import calibration_source
 
     fams = plan(demo, catalog, tmp_path, ["b10", "kl10"])
     gradient, kl = fams

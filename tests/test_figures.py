@@ -8,8 +8,8 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 
-from vlm_autoquant import figures
-from vlm_autoquant.manifest import LayerRow
+from vlm_autoquant.run import figures
+from vlm_autoquant.run.manifest import LayerRow
 
 PCPT = ("FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG")
 

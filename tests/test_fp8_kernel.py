@@ -16,7 +16,7 @@ import pytest
 import torch
 from modelopt.torch.quantization import extensions
 
-from vlm_autoquant import fp8_kernel
+from vlm_autoquant.search import fp8_kernel
 
 NAME = "fake_ext"
 NINJA = f"""rule cp
@@ -150,7 +150,7 @@ def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu(monkeypatch):
     from modelopt.torch.quantization.nn import TensorQuantizer
     from modelopt.torch.quantization.tensor_quant import fp8_eager
 
-    from vlm_autoquant.export_verify import _input_quant_hook
+    from vlm_autoquant.exporter.verify import _input_quant_hook
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without the GPU
     amax, x = _division_matters()

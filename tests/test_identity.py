@@ -24,7 +24,7 @@ def shard(tmp_path):
 
 @pytest.mark.parametrize("workers,background", [(1, False), (3, True)])
 def test_each_tensor_digest_is_the_sha256_of_its_bytes(shard, monkeypatch, workers, background):
-    from vlm_autoquant import identity
+    from vlm_autoquant.model import identity
 
     monkeypatch.setattr(identity, "CHUNK", 1000)  # the embedding spans 24 chunks
     got = identity.tensor_digests(shard.parent, lambda n: not n.startswith("visual."), workers,
@@ -37,7 +37,7 @@ def test_each_tensor_digest_is_the_sha256_of_its_bytes(shard, monkeypatch, worke
 
 
 def test_one_changed_value_changes_the_identity_and_vision_is_not_read(shard, monkeypatch):
-    from vlm_autoquant import identity
+    from vlm_autoquant.model import identity
 
     monkeypatch.setattr(identity, "CHUNK", 1000)
     before = identity.lm_weights_sha256(shard.parent)

@@ -6,9 +6,9 @@ import pytest
 import safetensors
 import torch
 
-from vlm_autoquant.checkpoint import VISION_RE, inspect_checkpoint
-from vlm_autoquant.errors import Problems
-from vlm_autoquant.lm import load_lm, text_config
+from vlm_autoquant.model.checkpoint import VISION_RE, inspect_checkpoint
+from vlm_autoquant.core.errors import Problems
+from vlm_autoquant.model.lm import load_lm, text_config
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_missing_lm_tensor_is_refused(demo, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from vlm_autoquant.errors import RunFailed
+    from vlm_autoquant.core.errors import RunFailed
 
     broken = tmp_path / "broken"
     shutil.copytree(demo[0], broken)

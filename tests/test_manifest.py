@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from vlm_autoquant.manifest import LayerRow, layers_csv, summary
+from vlm_autoquant.run.manifest import LayerRow, layers_csv, summary
 
 
 def row(name, fmt, n, counted=True):

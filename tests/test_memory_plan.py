@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import Qwen2Config
 
-from vlm_autoquant.demo import QWEN25_VL_3B, QWEN25_VL_7B, QWEN25_VL_32B, QWEN25_VL_72B
-from vlm_autoquant.errors import UsageError
-from vlm_autoquant.lm import meta_model
-from vlm_autoquant.memory_plan import GIB, Dims, Placement, choose_batch, predict
+from vlm_autoquant.model.demo import QWEN25_VL_3B, QWEN25_VL_7B, QWEN25_VL_32B, QWEN25_VL_72B
+from vlm_autoquant.core.errors import UsageError
+from vlm_autoquant.model.lm import meta_model
+from vlm_autoquant.plan.memory_plan import GIB, Dims, Placement, choose_batch, predict
 
 SIZES = {"3b": (QWEN25_VL_3B, True), "7b": (QWEN25_VL_7B, False), "32b": (QWEN25_VL_32B, False),
          "72b": (QWEN25_VL_72B, False)}
@@ -136,8 +136,8 @@ def test_streamed_build_writes_a_loadable_released_checkpoint(tmp_path, monkeypa
     """The 7B/32B/72B path (shard by shard from the meta model), exercised at the tiny size."""
     import torch
 
-    from vlm_autoquant import demo
-    from vlm_autoquant.lm import load_lm, text_config
+    from vlm_autoquant.model import demo
+    from vlm_autoquant.model.lm import load_lm, text_config
 
     monkeypatch.setattr(demo, "STREAMED", ("tiny",))
     monkeypatch.setattr(demo, "SHARD_BYTES", 200_000)

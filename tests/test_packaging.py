@@ -68,11 +68,21 @@ def test_every_import_is_declared_and_every_declaration_used():
                                        f"{sorted(providers)}, none declared in pyproject.toml")
         used |= providers & set(have)
     assert set(have) - used == set(NOT_IMPORTED), "declared in pyproject.toml but never imported"
-    assert "device_map" in (ROOT / "src" / "vlm_autoquant" / "lm.py").read_text()
+    assert "device_map" in (ROOT / "src" / "vlm_autoquant" / "model" / "lm.py").read_text()
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """A subpackage missing from pyproject's list works editable and is absent from the wheel."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    src = ROOT / "src"
+    on_disk = {".".join(p.parent.relative_to(src).parts) for p in src.rglob("__init__.py")}
+    assert {"vlm_autoquant.core", "vlm_autoquant.cli"} <= on_disk  # the walk found them
+    assert on_disk | {"vlm_autoquant.configs"} == set(tool["packages"])
+    assert tool["package-dir"]["vlm_autoquant.configs"] == "configs"
 
 
 def test_dependency_check_uses_pyproject_specifiers():
-    from vlm_autoquant import validate as deps
+    from vlm_autoquant.plan import validate as deps
 
     have = declared()
     for name, spec in deps.REQUIRED.items():
@@ -84,7 +94,7 @@ def test_missing_dependency_is_refused_before_heavy_imports(tmp_path):
     """Every entry point reports a missing package (exit 2) with torch & co. still unimported."""
     code = """
 import sys
-from vlm_autoquant import validate as deps
+from vlm_autoquant.plan import validate as deps
 real = deps.installed_versions()
 deps.installed_versions = lambda: {**real, "accelerate": None, "transformers": "4.0"}
 from vlm_autoquant.cli import demo_main, main, sweep_main
@@ -103,7 +113,7 @@ print(codes, heavy)
 
 
 def test_default_catalog_is_the_repo_file():
-    from vlm_autoquant.schemes import default_catalog
+    from vlm_autoquant.plan.schemes import default_catalog
 
     assert default_catalog().read_bytes() == (ROOT / "configs" / "schemes.yaml").read_bytes()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vlm_autoquant.errors import Problems, UsageError
-from vlm_autoquant.lm import meta_model
-from vlm_autoquant.memory_plan import Dims, Placement, predict, usable
-from vlm_autoquant.placement import (device_of, parse_gpus, parse_max_memory, place, plan_for,
+from vlm_autoquant.core.errors import Problems, UsageError
+from vlm_autoquant.model.lm import meta_model
+from vlm_autoquant.plan.memory_plan import Dims, Placement, predict, usable
+from vlm_autoquant.plan.placement import (device_of, parse_gpus, parse_max_memory, place, plan_for,
                                      plan_run)
 from tests.test_memory_plan import config
 

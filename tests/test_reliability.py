@@ -31,13 +31,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlm_autoquant import artifacts, integrity, paths, quant_state, resume
-from vlm_autoquant.calib_data import check_caption_file
-from vlm_autoquant.checkpoint import check_lm_tensors, inspect_checkpoint
-from vlm_autoquant.artifacts import (
+from vlm_autoquant.core import artifacts, integrity, paths
+from vlm_autoquant.model import quant_state
+from vlm_autoquant.search import resume
+from vlm_autoquant.plan.calib_data import check_caption_file
+from vlm_autoquant.model.checkpoint import check_lm_tensors, inspect_checkpoint
+from vlm_autoquant.core.artifacts import (
     MANIFEST_FILE, PROJECT_ROOT, QUANT_STATE_FILE, SEARCH_CHECKPOINT, SEARCH_DIR,
 )
-from vlm_autoquant.errors import Interrupted, Problems, UsageError
+from vlm_autoquant.core.errors import Interrupted, Problems, UsageError
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
 
@@ -143,8 +145,8 @@ def test_searcher_state_loads_only_with_a_signed_record(tmp_path):
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from vlm_autoquant import artifacts
-    from vlm_autoquant.errors import UsageError
+    from vlm_autoquant.core import artifacts
+    from vlm_autoquant.core.errors import UsageError
     sys.stdout.write("ready\\n"); sys.stdout.flush()
     sys.stdin.readline()  # start together
     try:
@@ -305,7 +307,7 @@ def test_kill_between_record_and_rename_resumes_from_the_finished_pair(tmp_path)
 
 
 def test_sigterm_before_the_run_handlers_is_exit_130_not_a_kill():
-    from vlm_autoquant.interrupt import terminate_as_interrupt
+    from vlm_autoquant.core.interrupt import terminate_as_interrupt
 
     with pytest.raises(Interrupted):
         with terminate_as_interrupt():
@@ -320,7 +322,7 @@ def _copy(demo, tmp_path) -> Path:
 
 
 def _arch_problems(d: Path) -> str:
-    from vlm_autoquant.lm import meta_model, text_config
+    from vlm_autoquant.model.lm import meta_model, text_config
 
     problems = Problems()
     info = inspect_checkpoint(d, problems)

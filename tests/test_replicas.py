@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 
-from vlm_autoquant.errors import Problems, RunFailed, UsageError
-from vlm_autoquant.memory_plan import Placement, predict
-from vlm_autoquant.placement import LMPlacement, plan_for
-from vlm_autoquant.replicas import (Replicas, Setup, prestart, prestart_devices, shard,
+from vlm_autoquant.core.errors import Problems, RunFailed, UsageError
+from vlm_autoquant.plan.memory_plan import Placement, predict
+from vlm_autoquant.plan.placement import LMPlacement, plan_for
+from vlm_autoquant.search.replicas import (Replicas, Setup, prestart, prestart_devices, shard,
                                     spec_for_rank, start_for)
 from tests.conftest import QUICK, SCRIPT  # noqa: F401
 from tests.test_memory_plan import config
@@ -24,7 +24,7 @@ H200 = {0: 139.8, 1: 139.8}
 
 @pytest.mark.parametrize("calib,score,world", [(16, 8, 2), (7, 3, 3), (5, 5, 4)])
 def test_the_shards_cover_each_batch_once(calib, score, world):
-    from vlm_autoquant.families import SearchSpec
+    from vlm_autoquant.plan.families import SearchSpec
 
     spec = SearchSpec(("FP8_DEFAULT_CFG",), "gradient", calib, score, (), ())
     for steps, field in ((calib, "num_calib_steps"), (score, "num_score_steps")):
@@ -96,7 +96,7 @@ def test_a_sweep_replicates_only_if_every_search_takes_replicas_or_fits_rank_0()
     with too few steps to share (kl_div) runs on rank 0's GPU alone, beside replicated ones."""
     from types import SimpleNamespace
 
-    from vlm_autoquant.families import _share_replicas
+    from vlm_autoquant.plan.families import _share_replicas
 
     fits, splits = (plan_for(config(s), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
                              Problems(), totals_gib=H200)[0] for s in ("32b", "72b"))
@@ -136,7 +136,7 @@ def test_prestarted_processes_the_plan_does_not_claim_are_stopped():
 # -- the real thing on two CPU processes ---------------------------------------------------------
 
 def _spec():
-    from vlm_autoquant.families import SearchSpec
+    from vlm_autoquant.plan.families import SearchSpec
 
     return SearchSpec(("FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"), "gradient", 4, 4,
                       ("*lm_head*",), ())
@@ -145,7 +145,7 @@ def _spec():
 def _batches(demo):
     from transformers import AutoTokenizer
 
-    from vlm_autoquant.calib_data import load_captions, pack, split_captions
+    from vlm_autoquant.plan.calib_data import load_captions, pack, split_captions
 
     model_dir, captions = demo
     split = split_captions(load_captions(captions), 512, 0, 1234)
@@ -153,14 +153,14 @@ def _batches(demo):
 
 
 def _model(model_dir):
-    from vlm_autoquant.lm import load_lm, text_config
+    from vlm_autoquant.model.lm import load_lm, text_config
 
     torch.manual_seed(0)
     return load_lm(model_dir, text_config(model_dir), torch.device("cpu"))
 
 
 def _setup(model_dir, world=2):
-    from vlm_autoquant.lm import text_config
+    from vlm_autoquant.model.lm import text_config
 
     return Setup(model_dir, text_config(model_dir), ("cpu",) * world, True)
 
@@ -190,9 +190,9 @@ def test_a_replica_killed_mid_run_fails_the_search_instead_of_hanging(demo, tmp_
 @pytest.fixture
 def two_cpu_replicas(demo, monkeypatch) -> None:
     """Every plan places the LM on two CPU replicas, at the batch asked for (nothing halved)."""
-    from vlm_autoquant import families
-    from vlm_autoquant.lm import text_config
-    from vlm_autoquant.memory_plan import Dims
+    from vlm_autoquant.plan import families
+    from vlm_autoquant.model.lm import text_config
+    from vlm_autoquant.plan.memory_plan import Dims
 
     dims = Dims.from_config(text_config(demo[0]))
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from vlm_autoquant import artifacts
-from vlm_autoquant.artifacts import sha256_file
-from vlm_autoquant.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SEARCH_CHECKPOINT, SEARCH_DIR, SEARCH_RECORD
-from vlm_autoquant.errors import RunFailed
+from vlm_autoquant.core import artifacts
+from vlm_autoquant.core.artifacts import sha256_file
+from vlm_autoquant.core.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SEARCH_CHECKPOINT, SEARCH_DIR, SEARCH_RECORD
+from vlm_autoquant.core.errors import RunFailed
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
 
@@ -413,7 +413,7 @@ def test_injected_failure_before_manifest_rename_keeps_previous_run(
 
 def test_failure_in_evaluation_marks_mlflow_run_failed(demo, tmp_path, tracking, monkeypatch,
                                                        capsys):
-    from vlm_autoquant import pipeline
+    from vlm_autoquant.run import pipeline
 
     def broken(*a, **k):
         raise RuntimeError("injected evaluation failure")
@@ -497,7 +497,7 @@ def test_disk_full_writing_search_checkpoint(demo, tmp_path, monkeypatch):
     uri, env = _file_store(tmp_path, monkeypatch)
     # The datasets text loader caches the caption file as Arrow; build that cache first (the
     # child shares HF_DATASETS_CACHE) so the size limit hits the search checkpoint, not the cache.
-    from vlm_autoquant.calib_data import load_captions
+    from vlm_autoquant.plan.calib_data import load_captions
 
     load_captions(demo[1])
     rc, err, _ = run_script(script_cmd(demo, out), env, tmp_path,

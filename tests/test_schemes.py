@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlm_autoquant.errors import UsageError
-from vlm_autoquant.schemes import FORMAT_BITS, load_catalog, resolve
+from vlm_autoquant.core.errors import UsageError
+from vlm_autoquant.plan.schemes import FORMAT_BITS, load_catalog, resolve
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

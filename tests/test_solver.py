@@ -22,10 +22,11 @@ from modelopt.torch.opt.searcher import LPS
 from modelopt.torch.quantization import algorithms as alg
 from transformers import Qwen2Config
 
-from vlm_autoquant import autoquant, cost, families
-from vlm_autoquant.demo import QWEN25_VL_3B
-from vlm_autoquant.lm import linear_numels, meta_model
-from vlm_autoquant.schemes import Scheme, default_catalog, load_catalog
+from vlm_autoquant.search import autoquant
+from vlm_autoquant.plan import cost, families
+from vlm_autoquant.model.demo import QWEN25_VL_3B
+from vlm_autoquant.model.lm import linear_numels, meta_model
+from vlm_autoquant.plan.schemes import Scheme, default_catalog, load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = load_catalog(default_catalog())

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vlm_autoquant.cli import sweep_main
-from vlm_autoquant.artifacts import COMPARISON_FILE, MANIFEST_FILE, PARETO_FIGURE
+from vlm_autoquant.core.artifacts import COMPARISON_FILE, MANIFEST_FILE, PARETO_FIGURE
 from vlm_autoquant.tracking import M_KL
 
 from .conftest import BUDGETS, QUICK, SWEEP_CATALOG, run_cli
@@ -109,7 +109,7 @@ def test_sweep_refuses_a_finished_sweep_without_overwrite(swept, demo, capsys):
 def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkeypatch, capsys):
     import mlflow
 
-    from vlm_autoquant import autoquant
+    from vlm_autoquant.search import autoquant
 
     real = autoquant.solve
 
@@ -148,8 +148,8 @@ def test_a_child_run_exports_by_run_id_and_passes_every_check(swept, demo, schem
     """Any catalog scheme's run, here a sweep's child runs (all FP8; kl_div; per-channel weights
     with per-token activations), exports by its run id into a checkpoint that passes every
     check, with the FP8 codes byte for byte the run's."""
-    from vlm_autoquant.artifacts import RUN_ID_FILE
-    from vlm_autoquant.export_cli import main as export_main
+    from vlm_autoquant.core.artifacts import RUN_ID_FILE
+    from vlm_autoquant.cli.export import main as export_main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{swept / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

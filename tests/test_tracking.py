@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from vlm_autoquant.artifacts import MANIFEST_FILE, RUN_ID_FILE
+from vlm_autoquant.core.artifacts import MANIFEST_FILE, RUN_ID_FILE
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
 

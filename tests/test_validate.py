@@ -39,9 +39,9 @@ def test_bad_input_is_refused_before_transformers_modelopt_or_mlflow_load(bad, d
 
 def test_header_linear_counts_equal_the_architecture(layouts):
     """The cheap pre-check counts exactly what the meta model of the config holds."""
-    from vlm_autoquant.checkpoint import inspect_checkpoint, linear_numels_from_headers
-    from vlm_autoquant.errors import Problems
-    from vlm_autoquant.lm import linear_numels, meta_model, text_config
+    from vlm_autoquant.model.checkpoint import inspect_checkpoint, linear_numels_from_headers
+    from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.model.lm import linear_numels, meta_model, text_config
 
     for name, path in layouts.items():
         info = inspect_checkpoint(path, Problems())

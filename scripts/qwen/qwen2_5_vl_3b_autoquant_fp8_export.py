@@ -9,7 +9,7 @@ Run with --help for every flag. Serve the result with vLLM (quantization="modelo
 
 import sys
 
-from vlm_autoquant.export_cli import main
+from vlm_autoquant.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

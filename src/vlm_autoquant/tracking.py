@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import Interrupted, Problems, RunFailed
+from .core.errors import Interrupted, Problems, RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +264,10 @@ def _prewarm_report_imports() -> None:
     """A scheme's run ends by drawing a figure and logging its captions as datasets: import
     matplotlib and mlflow.data here, while the main thread loads and searches, not after it."""
     try:
+        import matplotlib.figure  # noqa: F401 - what run/figures.py draws with
+        import matplotlib.patches  # noqa: F401
+        import matplotlib.ticker  # noqa: F401
         import mlflow.data.huggingface_dataset  # noqa: F401
-
-        from . import figures  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - only a head start; report.py imports them again
         log.debug("could not pre-import the report's modules: %s", exc)
 
@@ -316,7 +317,7 @@ def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
 
 def remember(out_dir: Path, run_id: str) -> None:
     """Record the run writing into `out_dir`, so a rerun can close it if this process is killed."""
-    from .artifacts import RUN_ID_FILE
+    from .core.artifacts import RUN_ID_FILE
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RUN_ID_FILE).write_text(run_id + "\n", encoding="utf-8")
@@ -331,7 +332,7 @@ def close_stale(out_dir: Path) -> threading.Thread | None:
     The run id is read now; mlflow is imported and the store updated in a background thread
     (returned; None when there is no recorded run). The next run started with this `out_dir`
     waits for it, and so does the interpreter's exit (not a daemon)."""
-    from .artifacts import RUN_ID_FILE
+    from .core.artifacts import RUN_ID_FILE
 
     try:
         run_id = (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip()

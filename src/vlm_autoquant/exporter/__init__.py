@@ -1,0 +1,1 @@
+"""A finished run into a servable checkpoint: inputs, assembly, verification, engines, tracking."""

@@ -1,0 +1,157 @@
+"""Everything the export needs, validated before any weight is loaded; every problem at once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, sha256_file
+from ..core.errors import Problems
+from ..model import identity
+from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportOptions:
+    """The export's inputs, one field per CLI flag / MLproject parameter."""
+
+    output_dir: Path
+    run_id: str | None = None
+    artifacts_dir: Path | None = None
+    model_dir: Path | None = None  # default: the manifest's model.directory
+    overwrite: bool = False
+    lm_only: bool = False
+    allow_other_weights: bool = False
+    log_checkpoint: bool = False
+    register: str | None = None
+    experiment: str | None = None
+
+
+@dataclass
+class ExportInputs:
+    options: ExportOptions
+    model_dir: Path
+    manifest: dict
+    state_file: Path
+    weights_sha256: str
+    recorded_sha256: str | None
+
+
+def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, dict | None]:
+    """Download a run's manifest and quantized state; (artifacts dir, run info) or problems."""
+    from .. import tracking
+
+    run = tracking.source_run(run_id)
+    fix = "pass the id of a finished quantization run (see `mlflow runs list`) and check " \
+          f"MLFLOW_TRACKING_URI (now {tracking.tracking_uri()})"
+    if run is None:
+        problems.add("--run-id", f"no run {run_id!r} in the tracking store", fix)
+        return None, None
+    if run["status"] != "FINISHED":
+        problems.add("--run-id", f"run {run_id} is {run['status']}, not FINISHED",
+                     "export a finished run; rerun the quantization to finish this one")
+        return None, run
+    files = tracking.download_run_files(run_id, [MANIFEST_FILE, QUANT_STATE_FILE], dst)
+    missing = [n for n, p in files.items() if p is None]
+    if missing:
+        problems.add("--run-id", f"run {run_id} has no {' or '.join(missing)} artifact (a sweep "
+                     "parent or a run of another tool?)",
+                     "pass the run id of a scheme's run (a sweep's child runs hold one each)")
+        return None, run
+    return dst, run
+
+
+def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, Path] | None:
+    """The manifest and the quantized state of a run's output, checked against the run's record."""
+    man_path, state = folder / MANIFEST_FILE, folder / QUANT_STATE_FILE
+    if not man_path.is_file() or not state.is_file():
+        absent = [p.name for p in (man_path, state) if not p.is_file()]
+        problems.add(flag, f"{folder} has no {' or '.join(absent)}: not a finished run's output",
+                     "pass the --output-dir of a finished quantization run (or --run-id)")
+        return None
+    try:
+        manifest = json.loads(man_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest.get("layers"), list) or "directory" not in manifest["model"]:
+            raise ValueError("no layer list or model directory")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        problems.add(flag, f"{man_path} is not a valid manifest ({exc})",
+                     "rerun the quantization, or download the run's artifacts again")
+        return None
+    recorded = (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE)
+    if recorded is None:
+        log.warning("the manifest records no sha256 of %s (an older run): not checked", state)
+    elif sha256_file(state) != recorded:
+        problems.add(flag, f"{state} does not match the run's record (sha256 "
+                     f"{sha256_file(state)[:12]}..., recorded {recorded[:12]}...)",
+                     "download the run's artifacts again (--run-id), or rerun the quantization")
+        return None
+    return manifest, state
+
+
+def check_output(out: Path, overwrite: bool, needed: int, problems: Problems) -> None:
+    """Not a non-empty directory (unless --overwrite); writable; room for the checkpoint."""
+    if out.exists() and not out.is_dir():
+        problems.add("--output-dir", f"{out} is a file", "pass a directory path")
+        return
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        problems.add("--output-dir", f"{out} is not empty",
+                     "pass --overwrite to replace it, or choose another --output-dir")
+    probe = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        problems.add("--output-dir", f"{probe} is not writable ({exc.strerror})",
+                     "choose a directory you can write to")
+        return
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        problems.add("--output-dir", f"not enough disk space in {probe}: the checkpoint needs "
+                     f"about {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free",
+                     "free disk space or choose an --output-dir on another disk")
+
+
+def check_base(opts: ExportOptions, model_dir: Path, problems: Problems) -> CheckpointInfo | None:
+    before = len(problems.items)
+    base = inspect_checkpoint(model_dir, problems)
+    if base is not None and not base.vision_keys() and not opts.lm_only:
+        problems.add("--model-dir", f"{model_dir} has no vision tower (no visual.* tensors): "
+                     "the export would not be a Qwen2.5-VL checkpoint",
+                     "point --model-dir at the full Qwen2.5-VL checkpoint, or pass --lm-only to "
+                     "export the language model alone (recorded in the report)")
+    return base if len(problems.items) == before else None
+
+
+def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInputs | None:
+    """Resolve the run's artifacts and the base checkpoint; add every problem found."""
+    run, folder, flag = None, opts.artifacts_dir, "--artifacts-dir"
+    if (opts.run_id is None) == (opts.artifacts_dir is None):
+        problems.add("--run-id", "pass exactly one of --run-id and --artifacts-dir",
+                     "--run-id <MLflow run id> or --artifacts-dir <a run's --output-dir>")
+        return None
+    if opts.run_id is not None:
+        folder, run = fetch_run(opts.run_id, workdir, problems)
+        flag = "--run-id"
+    got = read_artifacts(folder, flag, problems) if folder is not None else None
+    if got is None:
+        return None
+    manifest, state = got
+    model_dir = Path(opts.model_dir or manifest["model"]["directory"])
+    base = check_base(opts, model_dir, problems)
+    if base is None:
+        return None
+    needed = base.bytes_of(base.lm_keys()) + base.bytes_of(base.vision_keys()) + (64 << 20)
+    check_output(opts.output_dir, opts.overwrite, needed, problems)
+    recorded = manifest["model"].get("weights_sha256")
+    actual = identity.result(model_dir)
+    if recorded is not None and actual != recorded and not opts.allow_other_weights:
+        problems.items.append(identity.mismatch(model_dir, recorded, actual))
+    if problems:
+        return None
+    return ExportInputs(opts, model_dir, manifest, state, actual, recorded)

@@ -1,0 +1,223 @@
+"""The export, end to end: validate, restore, ModelOpt export, assemble, verify, publish, track.
+
+Everything is written into a hidden staging directory beside --output-dir, which is renamed into
+place only after every check passed; any failure or signal removes it, so --output-dir holds a
+complete, verified checkpoint or is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..core import artifacts
+from ..core.errors import Problem, Problems, RunFailed, UsageError
+from ..core.timing import Phases, gpu_peak_gib, peak_rss_gib
+from . import assemble as export
+from . import engines
+from . import verify as export_verify
+from .inputs import ExportInputs, ExportOptions, gather
+
+log = logging.getLogger("vlm_autoquant")
+REPORT_FILE = "export_report.json"
+
+# Test hook: called with the staging directory just before it is renamed into place.
+_before_publish = None
+
+
+def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
+           run_kernel: str | None = None) -> dict:
+    """Checks (a)-(d) on the staged checkpoint, and its scales and FP8 codes against the run's."""
+    from ..model.lm import text_config
+
+    lm_only = inputs.options.lm_only
+    checks = {"formats": export_verify.check_formats(inputs.manifest, out, hf_quant)}
+    checks["vision"] = {"passed": True, "skipped": "--lm-only"} if lm_only else \
+        export_verify.check_vision(inputs.model_dir, out)
+    amax = export_verify.quantizer_amax(reference, "input")
+    weight_amax = export_verify.quantizer_amax(reference, "weight")
+    checks["scales"] = export_verify.check_scales(out, amax, weight_amax)
+    checks["weights"] = export_verify.check_weight_codes(out, reference)
+    batches, source = export_verify.held_out_batches(inputs.manifest, out)
+    cfg = text_config(inputs.model_dir)
+    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax, reference,
+                                             weight_amax, run_kernel)
+    checks["numerics"] = {**export_verify.compare_logits(reference, candidate, batches, device),
+                          "arithmetic": "modelopt fake quant (x * 448/amax)", "captions": source}
+    if not checks["numerics"]["passed"] and batches:  # say where it first differs
+        checks["numerics"]["first_divergence"] = export_verify.first_divergence(
+            reference, candidate, batches[0], device)
+    del candidate
+    engine = export_verify.dequantized_lm(out, cfg, device, "engine", reference=reference)
+    served = export_verify.compare_logits(reference, engine, batches, device)
+    del engine
+    checks["numerics"]["engine_arithmetic"] = {  # reported, not a check (see export_verify)
+        "kl_mean": served["kl_mean"], "top1_agreement": served["top1_agreement"],
+        "arithmetic": "serving kernel (x * 1/input_scale)"}
+    checks["loadability"] = export_verify.check_loadable(out, lm_only)
+    return checks
+
+
+def _restore(inputs: ExportInputs, device: torch.device):
+    from ..model import quant_state
+    from ..model.lm import load_lm, text_config
+
+    model = load_lm(inputs.model_dir, text_config(inputs.model_dir), device)
+    return quant_state.apply(model, inputs.state_file)
+
+
+def _report(inputs: ExportInputs, checks: dict, table: dict, warnings: list[str],
+            files: dict[str, int], phases: Phases) -> dict:
+    o, m = inputs.options, inputs.manifest
+    return {
+        "passed": all(c["passed"] for c in checks.values()),
+        "checks": checks,
+        "scheme": m["scheme"]["name"],
+        "source": {"run_id": o.run_id, "artifacts_dir": str(o.artifacts_dir or "") or None},
+        "model_dir": str(inputs.model_dir),
+        "lm_only": o.lm_only,
+        "identity": {"recorded": inputs.recorded_sha256, "model_dir": inputs.weights_sha256,
+                     "match": inputs.recorded_sha256 == inputs.weights_sha256,
+                     "allow_other_weights": o.allow_other_weights},
+        "engines": table, "warnings": warnings,
+        "files": files, "bytes": sum(files.values()),
+        "timings": dict(phases.seconds),
+        "memory": {"peak_gpu_gib": gpu_peak_gib(), "peak_rss_gib": peak_rss_gib()},
+    }
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename the staged checkpoint into place (an old one, with --overwrite, goes after)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [staging, *staging.rglob("*")]:  # mkdtemp and ModelOpt leave some at 0600/0700
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    if _before_publish is not None:
+        _before_publish(staging)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=None) -> dict:
+    """Restore, export with ModelOpt, assemble and verify in `staging`; return the report.
+
+    ModelOpt's FP8 fake quant runs throughout in the arithmetic of the kernel the run used
+    (`fp8_kernel.run_arithmetic`; never a JIT build of its CUDA extension here), so the
+    reference is the model the run evaluated and the export holds its codes.
+    """
+    from ..model.lm import pick_device
+    from ..search.fp8_kernel import run_arithmetic
+
+    o, device = inputs.options, pick_device()
+    run_kernel = (inputs.manifest.get("search") or {}).get("fp8_kernel")
+    with run_arithmetic(run_kernel) as arithmetic:
+        log.info("FP8 fake quant: the run used %s; here: %s", run_kernel or "eager", arithmetic)
+        with phases("restore", f"LM of {inputs.model_dir} + {inputs.state_file.name}"):
+            model = _restore(inputs, device)
+        reference = copy.deepcopy(model)  # ModelOpt's export may re-tune the quantizers it exports
+        with phases("modelopt_export", "export_hf_checkpoint"):
+            mo_dir = export.run_modelopt_export(model, staging, run_kernel)
+        del model
+        if stop is not None:
+            stop.raise_if_set()
+        with phases("assemble", "vision bytes copied, shards indexed"):
+            hf_quant = export.write_configs(inputs.model_dir, mo_dir, staging, o.lm_only)
+            export.assemble(inputs.model_dir, mo_dir, staging, o.lm_only)
+            shutil.rmtree(mo_dir)
+        if stop is not None:
+            stop.raise_if_set()
+        with phases("verify", "formats, vision bytes, scales, codes, numerics, loadability"):
+            checks = verify(inputs, reference, staging, hf_quant, device, run_kernel)
+        checks["numerics"]["fp8_arithmetic"] = {"run": run_kernel, "here": arithmetic}
+    table = engines.assess(hf_quant)
+    missing = [f for f in export.REQUIRED_BASE_FILES if not (inputs.model_dir / f).is_file()]
+    warnings = engines.warn(table)
+    warnings += [f"{inputs.model_dir} has no {f}: the export lacks it too" for f in missing]
+    if o.lm_only:
+        warnings.append("--lm-only: no vision tower; the export is a text-only Qwen2ForCausalLM")
+    return _report(inputs, checks, table, warnings, export.file_list(staging), phases)
+
+
+def _failed(report: dict) -> str:
+    bad = {k: {x: y for x, y in c.items() if x != "passed"} for k, c in report["checks"].items()
+           if not c["passed"]}
+    return json.dumps(bad, default=str)[:2000]
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "os error 28" in str(exc)
+
+
+def export_checkpoint(inputs: ExportInputs, phases: Phases, stop=None) -> dict:
+    """Build in a staging directory beside --output-dir; publish only a fully verified result."""
+    out = inputs.options.output_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        report = build_checkpoint(inputs, staging, phases, stop)
+        if not report["passed"]:
+            raise RunFailed(f"the export failed its checks; nothing was written to {out}. "
+                            f"Failed: {_failed(report)}")
+        artifacts.write_json(staging / REPORT_FILE, report)
+        _publish(staging, out)
+    except Exception as exc:  # safetensors reports a full disk as its own error type
+        if _disk_full(exc):
+            raise UsageError(Problem("--output-dir", f"the disk filled up while writing the "
+                                     f"export ({exc}); nothing was left behind",
+                                     "free disk space or choose another --output-dir")) from exc
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("export written: %s (%.2f GiB, %d files)", out, report["bytes"] / 2**30,
+             len(report["files"]))
+    return report
+
+
+def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
+    """Export a quantization run into a verified Qwen2.5-VL checkpoint; return the report.
+
+    Args:
+        options: the run (run_id or artifacts_dir), model_dir, output_dir and flags.
+        tracker_factory: `name -> tracking.Tracker` for the export's own MLflow run, or None.
+        stop: an interrupt.StopFlag checked between phases, or None.
+    Raises UsageError (exit 2) for bad input, RunFailed (exit 1) when a check fails.
+    """
+    from . import track as export_track
+
+    phases = Phases()
+    problems = Problems()
+    with tempfile.TemporaryDirectory(prefix="vlm-export-") as work:
+        with phases("validate", "artifacts, sha256, base checkpoint, identity, output dir"):
+            inputs = gather(options, Path(work), problems)
+            problems.raise_if_any()
+        tracker = tracker_factory(f"export-{inputs.manifest['scheme']['name']}") \
+            if tracker_factory else None
+        try:
+            report = export_checkpoint(inputs, phases, stop)
+            if tracker is not None:
+                report["mlflow"] = export_track.log_export(tracker, inputs, report)
+                artifacts.write_json(options.output_dir / REPORT_FILE, report)
+                tracker.end("FINISHED")
+        except BaseException as exc:
+            if tracker is not None:
+                from ..core.errors import Interrupted
+
+                killed = isinstance(exc, (Interrupted, KeyboardInterrupt))
+                tracker.end("KILLED" if killed else "FAILED", f"{type(exc).__name__}: {exc}")
+            raise
+    return report

@@ -1,0 +1,133 @@
+"""Identity of a checkpoint's base LM weights: a digest of the LM tensors' bytes.
+
+Every language-model tensor is hashed (sha256) straight from its byte range in the safetensors
+shard, in a thread pool (pread and hashlib release the GIL; largest tensors first, one reused
+buffer per thread, at the lowest CPU priority so that a load running beside it keeps the cores),
+and the per-tensor digests are combined over the sorted tensor names. The vision tower is never
+read. Two checkpoints of the same architecture differing in one value of one tensor get
+different identities. Key layouts are normalised (`model.language_model.` -> `model.`), so one
+set of weights has one identity in every layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from .checkpoint import INDEX_FILE, SINGLE_FILE, VISION_RE
+
+CHUNK = 16 << 20
+WORKERS = min(8, os.cpu_count() or 1)
+_futures: dict[Path, Future] = {}
+_lock = threading.Lock()
+_buffers = threading.local()
+
+
+def shard_layout(shard: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """{name: (dtype, shape, start, end)} with absolute byte offsets, from the header only."""
+    with shard.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    base = 8 + size
+    return {k: (v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0],
+                base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [model_dir / n for n in names]
+    return [model_dir / SINGLE_FILE]
+
+
+def sha256_range(path: Path, start: int, end: int) -> str:
+    """sha256 of bytes [start, end) of `path` (pread into this thread's own buffer: safe to
+    call from many threads, and no fresh 16 MiB allocation, with its page faults, per chunk)."""
+    if getattr(_buffers, "view", None) is None:
+        _buffers.view = memoryview(bytearray(CHUNK))
+    view = _buffers.view
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = start
+        while pos < end:
+            n = os.preadv(fd, [view[:min(CHUNK, end - pos)]], pos)
+            if not n:
+                raise OSError(f"{path} ends at byte {pos}, before {end}")
+            h.update(view[:n])
+            pos += n
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _lowest_priority() -> None:
+    """This thread only (Linux: a thread id is a process id to setpriority): nice 19."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: same digest, normal priority
+        pass
+
+
+def tensor_digests(model_dir: Path, keep, workers: int = WORKERS,
+                   background: bool = False) -> dict[str, str]:
+    """{name: sha256 of its bytes} for every tensor whose name `keep(name)` accepts.
+
+    `background`: the hashing threads run at the lowest CPU priority."""
+    jobs = []
+    for shard in weight_files(model_dir):
+        for name, (dtype, shape, start, end) in shard_layout(shard).items():
+            if keep(name):
+                jobs.append((f"{name}:{dtype}:{list(shape)}", shard, start, end))
+    jobs.sort(key=lambda j: j[2] - j[3])  # largest first: no big tensor left for the end
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256",
+                            initializer=_lowest_priority if background else None) as pool:
+        digests = pool.map(lambda j: sha256_range(j[1], j[2], j[3]), jobs)
+        return {j[0]: d for j, d in zip(jobs, digests)}
+
+
+def canonical_lm_name(name: str) -> str:
+    return "model." + name[len("model.language_model."):] \
+        if name.startswith("model.language_model.") else name
+
+
+def lm_weights_sha256(model_dir: Path, workers: int = WORKERS, background: bool = False) -> str:
+    """The identity of `model_dir`'s LM weights (vision tensors are not read)."""
+    digests = tensor_digests(Path(model_dir), lambda n: not VISION_RE.match(n), workers,
+                             background)
+    combined = hashlib.sha256()
+    for key in sorted(digests, key=canonical_lm_name):
+        combined.update(f"{canonical_lm_name(key)}={digests[key]}\n".encode())
+    return combined.hexdigest()
+
+
+def start(model_dir: Path) -> Future:
+    """Start computing the identity in a background thread (e.g. while the LM loads)."""
+    key = Path(model_dir).resolve()
+    with _lock:
+        if key not in _futures:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity")
+            _futures[key] = pool.submit(lm_weights_sha256, key, WORKERS, True)
+            pool.shutdown(wait=False)
+        return _futures[key]
+
+
+def result(model_dir: Path) -> str:
+    """The identity of `model_dir`, reusing a computation already started."""
+    return start(model_dir).result()
+
+
+def mismatch(model_dir: Path, recorded: str, actual: str, flag: str = "--model-dir"):
+    """The Problem for a model_dir whose LM weights are not the ones the run quantized."""
+    from ..core.errors import Problem
+
+    return Problem(flag, f"{model_dir} holds other LM weights than the run quantized: run "
+                   f"weights_sha256 {recorded[:16]}..., this directory {actual[:16]}...",
+                   "point it at the checkpoint the run used (the manifest's model.directory), "
+                   "or pass --allow-other-weights to use these weights anyway (recorded)")

@@ -1,0 +1,123 @@
+"""The report stage: one scheme's result, read back from its output dir, logged to MLflow.
+
+It reads only the manifest and the files beside it, so a run that could not log (tracking down)
+is logged later, unchanged, with `--log-only --output-dir DIR`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from ..core.artifacts import MANIFEST_FILE, SENSITIVITY_FIGURE
+from ..tracking import (
+    FORMAT_PREFIX,
+    M_BITS_ACHIEVED,
+    M_BITS_ALL,
+    M_BITS_TARGET,
+    M_CALIB_TOKENS,
+    M_COMPRESSION,
+    M_KL,
+    M_LAYERS_BF16,
+    M_LAYERS_FP8,
+    M_PADDING,
+    M_PEAK_GPU,
+    M_PEAK_RSS,
+    M_PPL_QUANT,
+    M_PPL_REF,
+    M_PPL_REL,
+    M_PREDICTED_LOSS,
+    M_TOP1,
+    M_WEIGHT_BYTES,
+    M_WEIGHT_BYTES_BF16,
+    SENSITIVITY_PREFIX,
+    TIME_PREFIX,
+    Tracker,
+    TrackingFailed,
+)
+from .manifest import FP8, LayerRow
+
+log = logging.getLogger("vlm_autoquant")
+
+
+def _param(value) -> str:
+    """Params as a user reads them in the UI: lists comma-joined, None as "null"."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "null" if value is None else str(value)
+
+
+def metrics_of(doc: dict) -> dict[str, float]:
+    """The run's scalar metrics, all read from its manifest."""
+    summ, bits, cal, q = doc["summary"], doc["effective_bits"], doc["calibration"], doc["quality"]
+    out = {M_BITS_ACHIEVED: bits["achieved"], M_BITS_TARGET: bits["target"],
+           M_BITS_ALL: bits["all_linears"], M_LAYERS_FP8: summ["fp8"], M_LAYERS_BF16: summ["bf16"],
+           M_WEIGHT_BYTES: summ["weight_bytes"], M_WEIGHT_BYTES_BF16: summ["weight_bytes_bf16"],
+           M_COMPRESSION: summ["compression_ratio"], M_PADDING: cal["padding_fraction"],
+           M_CALIB_TOKENS: cal["tokens"], M_PREDICTED_LOSS: doc["search"].get("predicted_loss"),
+           M_PEAK_GPU: doc["memory"]["peak_gpu_gib"], M_PEAK_RSS: doc["memory"]["peak_rss_gib"]}
+    if q:
+        out.update({M_KL: q["kl_mean"], M_PPL_REF: q["ppl_ref"], M_PPL_QUANT: q["ppl_quant"],
+                    M_PPL_REL: q["ppl_rel_change"], M_TOP1: q["top1_agreement"]})
+    out.update({f"{TIME_PREFIX}{k}_s": v for k, v in doc["timings"].items()
+                if k not in ("run", "process")})
+    out[f"{TIME_PREFIX}total_s"] = doc["timings"].get("run")
+    return out
+
+
+def rows_of(doc: dict) -> list[LayerRow]:
+    return [LayerRow(**{k: layer[k] for k in LayerRow.__dataclass_fields__})
+            for layer in doc["layers"]]
+
+
+def log_scheme(tracker: Tracker, doc: dict, out_dir: Path) -> None:
+    """Params, tags, metrics, per-layer series, table, figure and artifacts of one scheme."""
+    try:
+        _log(tracker, doc, out_dir)
+    except Exception as exc:  # noqa: BLE001 - any tracking failure means the same to the user
+        cmd = " ".join(shlex.quote(a) for a in (Path(sys.argv[0]).name, "--log-only",
+                                                  "--output-dir", str(out_dir)))
+        raise TrackingFailed(
+            f"logging to MLflow failed ({type(exc).__name__}: {exc}). The result is complete "
+            f"and safe on disk in {out_dir} ({MANIFEST_FILE} and the files beside it). Once "
+            f"tracking works again, log it with: {cmd}") from exc
+
+
+def _log(tracker: Tracker, doc: dict, out_dir: Path) -> None:
+    scheme = doc["scheme"]
+    tracker.log_params({f"scheme.{k}": _param(v) for k, v in scheme.items()
+                        if k not in ("description", "overrides")}
+                       | {"scheme.overrides": ",".join(sorted(scheme["overrides"])) or "none",
+                          "model_dir": doc["model"]["directory"],
+                          "calib_file": doc["calibration"]["file"]})
+    tracker.set_tags({"scheme": scheme["name"], "model.config_sha256": doc["model"]["config_sha256"],
+                      "data.sha256": doc["calibration"]["sha256"],
+                      "search.scoring_group": doc["search"].get("scoring_group"),
+                      "search.scores": doc["search"]["scores"],
+                      **{f"versions.{k}": v for k, v in doc["versions"].items()},
+                      **{f"override.{k}": v for k, v in scheme["overrides"].items()}})
+    tracker.log_metrics(metrics_of(doc))
+    rows = rows_of(doc)
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        pos = r.position()
+        if pos is None:
+            continue
+        layer, proj = pos
+        for fmt, score in r.scores.items():
+            if fmt != "BF16":
+                series.setdefault(f"{SENSITIVITY_PREFIX}{fmt}/{proj}", []).append((layer, score))
+        series.setdefault(f"{FORMAT_PREFIX}{proj}", []).append((layer, float(r.format == FP8)))
+    tracker.log_series(series)
+    tracker.log_table([{"name": r.name, "group": r.group, "format": r.format,
+                        "quant_config": r.quant_config or "", "num_weights": r.num_weights,
+                        **{f"score:{k}": v for k, v in r.scores.items()}} for r in rows],
+                      "layers.json")
+    from . import figures  # matplotlib: imported only when there is something to draw
+
+    tracker.log_figure(figures.sensitivity(rows, scheme["name"]), SENSITIVITY_FIGURE)
+    for name in doc["artifacts"].values():
+        if (out_dir / name).exists():
+            tracker.log_artifact(out_dir / name)

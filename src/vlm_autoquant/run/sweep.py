@@ -1,0 +1,223 @@
+"""Score once, compare many: several schemes on one model, one search per family.
+
+Each family (families.py) is searched once over the union of its members' formats; every member
+is then solved, evaluated, saved and logged as a child run by the same `finish_scheme` a single
+run uses. A scheme that fails is marked FAILED in its child run with the reason, and the sweep
+goes on; the comparison lists it, and the process exits non-zero at the end naming it. A signal
+still stops the whole sweep at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+import torch
+
+from .. import tracking
+from ..core import artifacts
+from ..core.artifacts import COMPARISON_FILE, PARETO_FIGURE
+from ..core.errors import Interrupted, RunFailed
+from ..core.interrupt import StopFlag
+from ..core.timing import Phases
+from ..model.weights import sharing_weights
+from ..plan.families import Family, calibration_source
+from ..plan.inputs import Inputs
+from ..search import autoquant, fp8_kernel
+from ..tracking import M_SPEARMAN
+from . import figures
+from .pipeline import announce, finish_scheme, load, search_family, searching_with
+
+log = logging.getLogger("vlm_autoquant")
+COLUMNS = ("scheme", "status", "method", "formats", "target_bits", "effective_bits",
+           "all_linears_bits", "fp8_layers", "bf16_layers", "predicted_loss", "kl_mean", "ppl_ref",
+           "ppl_quant", "ppl_rel_change", "top1_agreement", "weight_bytes", "compression_ratio",
+           "scoring_group", "scores", "calibration", "error")
+
+
+def comparison_row(m: dict) -> dict:
+    q = m.get("quality") or {}
+    return {"scheme": m["scheme"]["name"], "status": "FINISHED", "method": m["scheme"]["method"],
+            "formats": "+".join(m["scheme"]["formats"]), "target_bits": m["effective_bits"]["target"],
+            "effective_bits": m["effective_bits"]["achieved"],
+            "all_linears_bits": m["effective_bits"]["all_linears"],
+            "fp8_layers": m["summary"]["fp8"], "bf16_layers": m["summary"]["bf16"],
+            "predicted_loss": m["search"].get("predicted_loss"),
+            **{k: q.get(k) for k in ("kl_mean", "ppl_ref", "ppl_quant", "ppl_rel_change",
+                                     "top1_agreement")},
+            "weight_bytes": m["summary"]["weight_bytes"],
+            "compression_ratio": m["summary"]["compression_ratio"],
+            "scoring_group": m["search"]["scoring_group"], "scores": m["search"]["scores"],
+            "calibration": m["search"]["calibration"], "error": ""}
+
+
+def failed_row(scheme, family: Family, exc: BaseException) -> dict:
+    return {**dict.fromkeys(COLUMNS, None), "scheme": scheme.name, "status": "FAILED",
+            "method": scheme.method, "formats": "+".join(scheme.formats),
+            "target_bits": scheme.effective_bits, "scoring_group": family.key,
+            "error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Phases,
+               parent: tracking.Tracker, experiment: str, info: dict,
+               replicas=None) -> list[dict]:
+    """Search one family, then finish each member as a child run; failures are rows, not raises."""
+    rows: list[dict] = []
+    try:
+        found = search_family(model, family, stop, inputs, phases, replicas)
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every member fails with the reason
+        found, search_error = None, exc
+    for i, scheme in enumerate(family.schemes):
+        stop.raise_if_set()  # a signal between schemes: the finished ones are kept
+        announce(inputs, scheme)
+        try:
+            with tracking.tracked_run(experiment, scheme.name, parent,
+                                      out_dir=inputs.options.output_dir / scheme.name) as child:
+                if found is None:
+                    raise search_error
+                own = Phases()
+                shared = {"scores": "shared", "calibration": "shared"} if i else {}
+                doc = finish_scheme(model, found, scheme, family, inputs,
+                                    inputs.options.output_dir / scheme.name, own, child,
+                                    {**info, "sweep_group_index": i, **shared})
+                for key, seconds in own.seconds.items():
+                    phases.add(key, seconds)
+            rows.append(comparison_row(doc))
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the sweep goes on; the row says why
+            log.error("%s FAILED: %s: %s", scheme.name, type(exc).__name__, exc)
+            rows.append(failed_row(scheme, family, exc))
+    return rows
+
+
+def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str,
+              replicas=None) -> list[dict]:
+    """Run every family; write and log the comparison; raise RunFailed naming failed schemes.
+    `replicas`: the data-parallel replicas the CLI started where the placement has them."""
+    opts = inputs.options
+    phases = Phases()
+    log.info("sweep: %d schemes in %d search(es): %s", len(inputs.schemes), len(families),
+             "; ".join(f"{f.key} [{'+'.join(f.spec.formats)}]: "
+                       f"{', '.join(s.name for s in f.schemes)}" for f in families))
+    rows: list[dict] = []
+    with tracking.tracked_run(experiment, "sweep",
+                              system_metrics=torch.cuda.is_available()) as parent:
+        parent.log_params({"model_dir": str(opts.model_dir), "calib_file": str(inputs.calib_path),
+                           "catalog": str(opts.catalog or "default"),
+                           "schemes": ",".join(s.name for s in inputs.schemes)})
+        kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
+        with searching_with(replicas, kernel):
+            ordered = run_order(families)
+            pristine = load(inputs, ordered[0].placement, phases)
+            done: list[Family] = []
+            for n, family in enumerate(ordered):
+                seeded = _seed(family, done)
+                # The last family searches the loaded LM itself; earlier ones a copy of it.
+                model = pristine if n == len(families) - 1 else sharing_weights(pristine)
+                on = replicas if _replicated(family) else None
+                if replicas is not None and on is None:
+                    replicas.close()  # this process searches the rest alone, outside the group
+                rows += run_family(model, family, inputs, stop, phases, parent, experiment,
+                                   {"fp8_kernel": kernel, "calibration_seeded_from": seeded}, on)
+                del model
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                done.append(family)
+        order = {s.name: i for i, s in enumerate(inputs.schemes)}
+        rows.sort(key=lambda r: order[r["scheme"]])  # the catalog's order, not the run order
+        _write_comparison(rows, opts.output_dir, parent, phases, len(families))
+    failed = [r["scheme"] for r in rows if r["status"] != "FINISHED"]
+    if failed:
+        raise RunFailed(f"{len(failed)} of {len(rows)} schemes failed: {', '.join(failed)} "
+                        f"(reasons in {opts.output_dir / COMPARISON_FILE} and their MLflow runs)")
+    return rows
+
+
+def _replicated(family: Family) -> bool:
+    return family.placement is not None and bool(family.placement.replicas)
+
+
+def run_order(families: list[Family]) -> list[Family]:
+    """The families searched on replicas first (after them the replicas are closed, and the rest
+    search on rank 0's GPU alone: families._share_replicas); within each, wider
+    candidate sets first, so that a narrower family can start from their calibration."""
+    return sorted(families, key=lambda f: (not _replicated(f), -len(f.spec.formats)))
+
+
+def _seed(family: Family, done: list[Family]) -> str | None:
+    if family.reuse.stage is not None:
+        return None
+    source = calibration_source(family, done)
+    if source is None or not source.checkpoint.exists():  # seed_calibration verifies it
+        return None
+    if not autoquant.seed_calibration(source.checkpoint, family.checkpoint, family.spec.method,
+                                      family.fingerprint, family.spec.formats):
+        return None
+    log.info("search %s: calibration reused from search %s", family.key, source.key)
+    return source.key
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None for fewer than 3 points."""
+    import numpy as np
+
+    if len(xs) < 3:
+        return None
+
+    def ranks(v: list[float]):
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for value in np.unique(v):
+            r[v == value] = r[v == value].mean()
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _write_comparison(rows: list[dict], out_dir: Path, parent: tracking.Tracker, phases: Phases,
+                      searches: int) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    ok = [r for r in rows if r["status"] == "FINISHED"]
+    scored = [r for r in ok if r["kl_mean"] is not None]
+    # Predicted losses are sums of one method's scores: ranks compare within a method only.
+    by_method: dict[str, list[dict]] = {}
+    for r in scored:
+        by_method.setdefault(r["method"], []).append(r)
+    rhos = {m: spearman([r["predicted_loss"] for r in rs], [r["kl_mean"] for r in rs])
+            for m, rs in by_method.items()}
+    main_method = max(by_method, key=lambda m: len(by_method[m]), default=None)
+    rho = rhos.get(main_method)
+    artifacts.write_text(out_dir / COMPARISON_FILE, buf.getvalue())  # marks a finished sweep
+    ran = sum(r["scores"] == "ran" for r in ok)
+    log.info("sweep: %d finished, %d failed; scoring ran %d time(s) in %d search(es)%s",
+             len(ok), len(rows) - len(ok), ran, searches,
+             f"; predicted loss vs KL ({main_method} schemes): Spearman {rho:.3f}"
+             if rho is not None else "")
+    parent.log_table(rows, "comparison.json")
+    parent.log_figure(figures.pareto([{k: r[k] for k in ("scheme", "effective_bits", "kl_mean",
+                                                         "ppl_rel_change")} for r in ok]),
+                      PARETO_FIGURE)
+    if scored:
+        parent.log_figure(figures.predicted_vs_measured(scored), "predicted_vs_kl.png")
+    parent.log_artifact(out_dir / COMPARISON_FILE)
+    parent.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()}
+                       | {"time/total_s": phases.total(), "sweep/schemes": len(rows),
+                          "sweep/failed": len(rows) - len(ok), "sweep/scoring_groups": searches,
+                          "sweep/scoring_runs": ran, M_SPEARMAN: rho}
+                      | {f"{M_SPEARMAN}/{m}": v for m, v in rhos.items()})
+    for r in ok:
+        parent.log_metrics({f"sweep/predicted_loss/{r['scheme']}": r["predicted_loss"],
+                            f"sweep/kl_mean/{r['scheme']}": r["kl_mean"]})

@@ -1,0 +1,19 @@
+"""What one AutoQuantize search is, independent of the schemes it serves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KL_CHUNK_BYTES = 2**28  # autoquant.py computes kl_div's loss in row chunks of about this size
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What one auto_quantize call searches: the settings a family of schemes shares."""
+
+    formats: tuple[str, ...]  # union of the family's candidate formats
+    method: str
+    num_calib_steps: int
+    num_score_steps: int
+    disabled_layers: tuple[str, ...]
+    excluded_from_cost: tuple[str, ...]
