@@ -52,7 +52,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("/tmp/vlm-bench-sweep"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep-cpu.json")
-    p.add_argument("--sizes", default=" ".join(DEMO_OVERRIDES),
+    demo_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_OVERRIDES.items())
+    p.add_argument("--sizes", default=demo_flags,
                    help="size flags for every run (default: the demo's)")
     args = p.parse_args()
     sizes = args.sizes.split()

@@ -18,9 +18,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import get_args, get_origin
 
+from ..api import DEFAULT_EXPERIMENT
+from ..core import artifacts, paths
 from ..core.artifacts import ARTIFACTS
-from ..core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, RunFailed, UsageError
+from ..core.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Interrupted,
+    Problems,
+    RunFailed,
+    UsageError,
+)
+from ..core.interrupt import terminate_as_interrupt
+from ..plan.inputs import FLAG_NAMES, OVERRIDE_FLAGS
 from ..plan.schemes import Scheme
+from ..plan.validate import check_schemes
+from ..plan.validate import require_dependencies as require
 from ..tracking import METRICS
 
 log = logging.getLogger("vlm_autoquant")
@@ -33,23 +47,6 @@ ENV_DEFAULTS = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow sets its loggers' level on import (else INFO)
 }
-
-
-DEFAULT_EXPERIMENT = "qwen2.5-vl-3b-autoquant-fp8"
-
-
-# Scheme fields a command line may override, and the contract's flag where it is not --<field>.
-NOT_OVERRIDABLE = ("name", "description", "formats", "disabled_layers", "cost_excluded_layers",
-                   "overrides")
-
-
-FLAG_NAMES = {"method": "--auto-quantize-method"}
-
-
-OVERRIDE_FLAGS = {f: FLAG_NAMES.get(f, "--" + f.replace("_", "-"))
-                  for f in Scheme.model_fields if f not in NOT_OVERRIDABLE}
-
-
 _registered: list[Callable] = []
 
 
@@ -175,11 +172,17 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return {field: getattr(args, field) for field in OVERRIDE_FLAGS}
 
 
+def run_kwargs(args: argparse.Namespace) -> dict:
+    """The API's keyword arguments of the shared flags: run options and scheme overrides."""
+    return {"catalog": args.catalog, "overwrite": args.overwrite,
+            "save_weights": args.save_weights, "grad_checkpointing": args.grad_checkpointing == "on",
+            "fp8_kernel": args.fp8_kernel, "experiment": args.experiment, "gpus": args.gpus,
+            "max_gpu_memory": args.max_gpu_memory, "parallel": args.parallel,
+            **overrides_from(args)}
+
+
 def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -> int:
     """The error boundary: clean messages and exit codes; no partial output left behind."""
-    from ..core import artifacts, paths
-    from ..core.interrupt import terminate_as_interrupt
-
     existed = output_dir is not None and paths.exists(output_dir)
     try:
         with terminate_as_interrupt():
@@ -217,8 +220,6 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -
 
 def require_dependencies() -> None:
     """Check installed versions (metadata only) before torch, transformers or ModelOpt load."""
-    from ..plan.validate import require_dependencies as require
-
     require()
 
 
@@ -232,9 +233,6 @@ def _check_dependencies_first(debug: bool) -> int:
 
 def _check_names_first(args: argparse.Namespace, names: list[str]) -> None:
     """Refuse an unknown scheme or a bad catalog before the demo checkpoint is built."""
-    from ..core.errors import Problems
-    from ..plan.validate import check_schemes
-
     problems = Problems()
     check_schemes(args.catalog, [n.strip() for n in names if n.strip()], overrides_from(args),
                   OVERRIDE_FLAGS, problems)

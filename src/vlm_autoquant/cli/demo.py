@@ -6,9 +6,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from .common import _check_dependencies_first, _check_names_first, configure, dashed, new_parser
-from .export import main as export_main
-from .main import main, main_parser
+from .. import api
+from .common import (
+    _check_dependencies_first,
+    _check_names_first,
+    configure,
+    dashed,
+    new_parser,
+    run_guarded,
+    run_kwargs,
+)
+from .main import main_parser
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -30,26 +38,32 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def demo_main(argv: list[str] | None = None) -> int:
-    """`vlm-autoquant-demo` and scripts/run_demo.py: build the demo, then run `main` on it."""
+    """`vlm-autoquant-demo` and scripts/run_demo.py: build the demo, quantize it, export it."""
     args, rest = demo_parser().parse_known_args(dashed(argv))
     debug = "--debug" in rest
     configure(debug)
     code = _check_dependencies_first(debug)
     if code:
         return code
-    probe = main_parser().parse_args(["--scheme-name", args.scheme_name, "--model-dir", "-", *rest])
-    _check_names_first(probe, [args.scheme_name])  # before the checkpoint is built
-    from ..model.demo import DEMO_OVERRIDES, build_demo
+    given = main_parser().parse_args(["--scheme-name", args.scheme_name, "--model-dir", "-", *rest])
+    _check_names_first(given, [args.scheme_name])  # before the checkpoint is built
+    out = Path(f"outputs/demo-{args.scheme_name}")
+    return run_guarded(lambda: _demo(args, given, out), debug, out)
+
+
+def _demo(args: argparse.Namespace, given: argparse.Namespace, out: Path) -> int:
+    from ..model.demo import DEMO_OVERRIDES, build_demo  # torch: after the checks
 
     model_dir, captions = build_demo(args.root)
-    out = f"outputs/demo-{args.scheme_name}"
-    code = main(["--scheme-name", args.scheme_name, "--model-dir", str(model_dir),
-                 "--calib-file", str(captions), "--output-dir", out, *DEMO_OVERRIDES,
-                 "--overwrite", *rest])
-    if code or args.no_export:
-        return code
+    kwargs = {**run_kwargs(given), "overwrite": True}
+    kwargs.update({k: v for k, v in DEMO_OVERRIDES.items() if kwargs.get(k) is None})
+    api.quantize(model_dir, args.scheme_name, output_dir=out, calib_file=captions, **kwargs)
+    if args.no_export:
+        return 0
     log.info("demo: exporting %s to a Qwen2.5-VL FP8 checkpoint in exports/demo-%s", out,
              args.scheme_name)
-    return export_main(["--artifacts-dir", out, "--model-dir", str(model_dir), "--output-dir",
-                        f"exports/demo-{args.scheme_name}", "--overwrite",
-                        *(["--debug"] if debug else [])])
+    done = api.export(out, model_dir=model_dir, output_dir=f"exports/demo-{args.scheme_name}",
+                      overwrite=True)
+    print(f"exported {done.report['scheme']} to {done.output_dir}: checks passed, "
+          f"KL {done.report['checks']['numerics']['kl_mean']:.3g}")
+    return 0

@@ -1,4 +1,4 @@
-"""The export command line: flags -> ExportOptions -> export_run, inside the error boundary.
+"""The export command line: flags -> `api.export`, inside the error boundary.
 
 Exit codes: 0 exported and verified, 1 a check or the export failed (nothing written),
 2 bad input (nothing loaded or written), 130 interrupted (nothing written).
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
+from .. import api
 from .common import DEFAULT_EXPERIMENT, add_paths, configure, dashed, flag, new_parser, optional, run_guarded
 
 log = logging.getLogger("vlm_autoquant")
@@ -49,38 +49,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from(args: argparse.Namespace):
-    from ..exporter.inputs import ExportOptions
-
-    out = args.output_dir or Path("exports") / (args.run_id or Path(args.artifacts_dir or "x").name)
-    return ExportOptions(output_dir=out, run_id=args.run_id, artifacts_dir=args.artifacts_dir,
-                         model_dir=args.model_dir, overwrite=args.overwrite, lm_only=args.lm_only,
-                         allow_other_weights=args.allow_other_weights,
-                         log_checkpoint=args.log_checkpoint, register=args.register,
-                         experiment=args.experiment)
-
-
 def _run(args: argparse.Namespace) -> int:
-    from ..core.errors import Problems
-    from ..core.interrupt import StopFlag, stop_on_signals
-    from ..exporter.pipeline import export_run
-
-    tracker_factory = None
-    if not args.no_mlflow:
-        from ..tracking import Tracker, check_reachable, source_run
-
-        problems = Problems()
-        check_reachable(problems)
-        problems.raise_if_any()
-        experiment = args.experiment or DEFAULT_EXPERIMENT
-        launched = os.environ.get("MLFLOW_RUN_ID")
-        if launched and (source_run(launched) or {}).get("status") != "RUNNING":
-            del os.environ["MLFLOW_RUN_ID"]  # launched by a run already done (the demo): own run
-        tracker_factory = lambda name: Tracker(experiment, name)  # noqa: E731
-    with stop_on_signals(StopFlag()) as stop:
-        report = export_run(options_from(args), tracker_factory, stop)
-    print(f"exported {report['scheme']} to {options_from(args).output_dir}: checks passed, "
-          f"KL {report['checks']['numerics']['kl_mean']:.3g}")
+    source = args.artifacts_dir if args.artifacts_dir is not None else args.run_id
+    done = api.export(source, model_dir=args.model_dir, output_dir=args.output_dir,
+                      overwrite=args.overwrite, lm_only=args.lm_only,
+                      allow_other_weights=args.allow_other_weights,
+                      log_checkpoint=args.log_checkpoint, register=args.register,
+                      experiment=args.experiment, mlflow=not args.no_mlflow)
+    print(f"exported {done.report['scheme']} to {done.output_dir}: checks passed, "
+          f"KL {done.report['checks']['numerics']['kl_mean']:.3g}")
     return 0
 
 

@@ -7,14 +7,17 @@ Exit codes: 0 done, 1 the run failed, 2 bad input (nothing was loaded or written
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import logging
 from pathlib import Path
 
-from ..core.errors import UsageError
+from .. import api
+from ..core.artifacts import MANIFEST_FILE
+from ..core.errors import Problem, UsageError
+from ..plan.schemes import default_catalog, describe_catalog, load_catalog
+from ..tracking import tracked_run
 from .common import (
     DEFAULT_EXPERIMENT,
-    OVERRIDE_FLAGS,
     _check_dependencies_first,
     _check_names_first,
     _epilog,
@@ -23,9 +26,8 @@ from .common import (
     dashed,
     new_parser,
     optional,
-    overrides_from,
-    require_dependencies,
     run_guarded,
+    run_kwargs,
 )
 
 log = logging.getLogger("vlm_autoquant")
@@ -66,78 +68,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ..plan.schemes import default_catalog, describe_catalog, load_catalog
-
     print(describe_catalog(load_catalog(args.catalog or default_catalog())))
     return 0
 
 
-def options_from(args: argparse.Namespace):
-    from ..plan.inputs import RunOptions
-
-    return RunOptions(model_dir=args.model_dir, output_dir=args.output_dir,
-                      calib_file=args.calib_file, catalog=args.catalog, overwrite=args.overwrite,
-                      save_weights=args.save_weights, grad_checkpointing=args.grad_checkpointing == "on",
-                      fp8_kernel=args.fp8_kernel, experiment=args.experiment, gpus=args.gpus,
-                      max_gpu_memory=args.max_gpu_memory, parallel=args.parallel)
-
-
-@contextlib.contextmanager
-def _validated(args: argparse.Namespace, names: list[str], single: bool):
-    """Validate every input, take the output dir's lock, then plan the searches (tokenizes; no
-    weights; may promote or discard search checkpoints, hence under the lock). All problems are
-    reported together; the lock is held until the block ends."""
-    from ..core.artifacts import COMPARISON_FILE, MANIFEST_FILE, locked_output_dir
-    from ..core.errors import Problems
-    from ..plan.families import plan
-    from ..plan.validate import gather
-
-    problems = Problems()
-    marker = MANIFEST_FILE if single else COMPARISON_FILE
-    inputs = gather(options_from(args), names, overrides_from(args), problems, OVERRIDE_FLAGS,
-                    finished_marker=marker)
-    problems.raise_if_any()
-    with locked_output_dir(args.output_dir, marker, args.overwrite):
-        families = plan(inputs, problems, single)
-        problems.raise_if_any()
-        yield inputs, families
-
-
 def _run_main(args: argparse.Namespace) -> int:
-    require_dependencies()
-    from ..core.timing import Phases, since_process_start
-
-    phases = Phases()
-    phases.add("startup", since_process_start())
-    with contextlib.ExitStack() as stack:
-        from ..search.replicas import prestart, start_for
-
-        # With several --gpus, the other GPUs' processes import while this one validates.
-        pool = stack.enter_context(prestart(args.gpus, args.parallel))
-        with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
-            inputs, families = stack.enter_context(_validated(args, [args.scheme_name], True))
-
-        from ..core.interrupt import StopFlag, stop_on_signals
-
-        # They load their replica while this process imports ModelOpt and loads its own.
-        replicas = stack.enter_context(start_for(inputs, families[0].placement, pool))
-        with phases("import", "ModelOpt and the search's modules"):
-            from ..run.pipeline import run_single
-        with stop_on_signals(StopFlag()) as stop:
-            run_single(inputs, families[0], stop, args.experiment or DEFAULT_EXPERIMENT, phases,
-                       replicas)
-            stop.raise_if_set()  # a signal after the search: the results are kept, exit 130
+    api.quantize(args.model_dir, args.scheme_name, output_dir=args.output_dir,
+                 calib_file=args.calib_file, **run_kwargs(args))
     return 0
 
 
 def _log_only(args: argparse.Namespace) -> int:
     """Log a finished run's output dir (written while tracking was down) as a new MLflow run."""
-    import json
-
-    from ..core.artifacts import MANIFEST_FILE
-    from ..core.errors import Problem
-    from ..run.report import log_scheme
-    from ..tracking import tracked_run
+    from ..run.report import log_scheme  # torch: only for --log-only
 
     try:
         doc = json.loads((args.output_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -176,14 +119,13 @@ def sweep_main(argv: list[str] | None = None) -> int:
         if code:
             return code
         _check_names_first(args, (args.schemes or "").split(","))
-        from ..model.demo import DEMO_OVERRIDES, build_demo
+        from ..model.demo import DEMO_OVERRIDES, build_demo  # torch: only for the demo
 
         log.info("no --model-dir: running the embedded demo (tiny random Qwen2.5-VL, own captions)")
         model_dir, captions = build_demo(Path(".demo"))
-        demo_args = parser.parse_args(DEMO_OVERRIDES)
-        for field in OVERRIDE_FLAGS:  # the demo's sizes, unless given explicitly
+        for field, value in DEMO_OVERRIDES.items():  # the demo's sizes, unless given explicitly
             if getattr(args, field) is None:
-                setattr(args, field, getattr(demo_args, field))
+                setattr(args, field, value)
         args.model_dir = model_dir
         args.calib_file = args.calib_file or captions
         args.output_dir = args.output_dir or Path("outputs/demo-sweep")
@@ -193,27 +135,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    require_dependencies()
-    from ..plan.schemes import default_catalog, load_catalog
-
     names = [n.strip() for n in args.schemes.split(",") if n.strip()] if args.schemes else None
-    if names is None:
-        try:
-            names = list(load_catalog(args.catalog or default_catalog()))
-        except UsageError:
-            names = []  # gather reports the catalog's problems
-    from ..core.interrupt import StopFlag, stop_on_signals
-    from ..search.replicas import prestart, start_for
-
-    # With several --gpus, the other GPUs' processes import while this one does and validates.
-    with prestart(args.gpus, args.parallel) as pool:
-        from ..run.sweep import run_sweep
-
-        with _validated(args, names, single=False) as (inputs, families), \
-                start_for(inputs, families[0].placement, pool) as replicas, \
-                stop_on_signals(StopFlag()) as stop:
-            run_sweep(inputs, families, stop, args.experiment or DEFAULT_EXPERIMENT, replicas)
-            stop.raise_if_set()  # a signal after the last scheme: the results are kept, exit 130
+    api.sweep(args.model_dir, names, output_dir=args.output_dir, calib_file=args.calib_file,
+              **run_kwargs(args))
     return 0
-
-

@@ -22,23 +22,35 @@ class Problem:
         return f"{text}\n    fix: {self.fix}" if self.fix else text
 
 
-class UsageError(Exception):
+class VlmAutoquantError(Exception):
+    """What the API raises: `problems` is the list the CLI prints (the subclass: its exit code)."""
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [Problem("run", str(self))]
+
+
+class UsageError(VlmAutoquantError):
     """Raised with every problem found; exit code 2 at the CLI boundary."""
 
     def __init__(self, problems: list[Problem] | Problem):
-        self.problems = [problems] if isinstance(problems, Problem) else list(problems)
+        self._problems = [problems] if isinstance(problems, Problem) else list(problems)
         super().__init__(self.render())
+
+    @property
+    def problems(self) -> list[Problem]:
+        return self._problems
 
     def render(self) -> str:
         head = "1 problem" if len(self.problems) == 1 else f"{len(self.problems)} problems"
         return f"{head} with the input:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
-class RunFailed(Exception):
+class RunFailed(VlmAutoquantError):
     """A run that started but could not finish (disk full, ModelOpt refused, ...); exit code 1."""
 
 
-class Interrupted(Exception):
+class Interrupted(VlmAutoquantError):
     """SIGINT/SIGTERM asked the run to stop; raised at the next safe point."""
 
     def __init__(self, signal_name: str):

@@ -69,9 +69,8 @@ _PLACE = ("street beach field kitchen park table road river snow grass window tr
 
 # The embedded demo runs on a 2-core CPU in well under a minute: shorter rows and few captions.
 # 512 captions pack into ~6 batches of 8x128 tokens; scoring uses what exists (with a warning).
-DEMO_OVERRIDES = ["--num-calib-samples", "512", "--num-calib-steps", "4", "--num-score-steps", "2",
-                  "--num-eval-samples",
-                  "128", "--seq-len", "128"]
+DEMO_OVERRIDES = {"num_calib_samples": 512, "num_calib_steps": 4, "num_score_steps": 2,
+                  "num_eval_samples": 128, "seq_len": 128}
 
 
 def make_captions(n: int, seed: int = 0) -> list[str]:

@@ -1,0 +1,268 @@
+"""The Python API: quantize, sweep, export and restore, the calls the command lines wrap.
+
+Every function raises `VlmAutoquantError` (core/errors.py) for anything it cannot do; its
+`problems` are the `Problem(input, message, fix)` list the CLI prints, naming each input by its
+CLI flag. Bad input is `UsageError`, a failed run `RunFailed`, a signal `Interrupted`.
+
+Imports of the search, the sweep and the export are made inside the functions, after the inputs
+are validated, so that a refusal stays as cheap as the CLI's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .core import artifacts, paths
+from .core.artifacts import COMPARISON_FILE, MANIFEST_FILE, QUANT_STATE_FILE, locked_output_dir
+from .core.errors import Problem, Problems, UsageError
+from .core.interrupt import StopFlag, stop_on_signals
+from .core.timing import Phases, since_process_start
+from .plan.inputs import OVERRIDE_FLAGS, Inputs, RunOptions
+from .plan.schemes import default_catalog, load_catalog
+from .plan.validate import gather, require_dependencies
+from .search.replicas import prestart, start_for
+
+log = logging.getLogger("vlm_autoquant")
+DEFAULT_SCHEME = "fp8-balanced-10b"
+DEFAULT_EXPERIMENT = "qwen2.5-vl-3b-autoquant-fp8"
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions)
+                       if f.name not in ("model_dir", "output_dir", "calib_file"))
+_EXPORT_OPTIONS = ("overwrite", "lm_only", "allow_other_weights", "log_checkpoint", "register",
+                   "experiment", "mlflow")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One finished scheme: where its files are and what its manifest says."""
+
+    output_dir: Path
+    manifest: dict
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A verified checkpoint: where it is and its export report (export_report.json)."""
+
+    output_dir: Path
+    report: dict
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """A finished sweep: its output dir, the comparison table and each scheme's manifest."""
+
+    output_dir: Path
+    comparison: Path
+    manifests: dict[str, dict]
+
+
+def split_options(model_dir: Path, output_dir: Path, calib_file: Path | None,
+                  kwargs: dict[str, Any]) -> tuple[RunOptions, dict]:
+    """RunOptions from the keyword arguments that name one of its fields; the rest are scheme
+    overrides (None: the scheme's value). An unknown name is a UsageError listing the known."""
+    unknown = sorted(set(kwargs) - set(_OPTION_FIELDS) - set(OVERRIDE_FLAGS))
+    if unknown:
+        raise UsageError([Problem(k, "is neither a run option nor a scheme field",
+                                  f"use one of: {', '.join((*_OPTION_FIELDS, *OVERRIDE_FLAGS))}")
+                          for k in unknown])
+    opts = {k: v for k, v in kwargs.items() if k in _OPTION_FIELDS and v is not None}
+    options = RunOptions(model_dir=Path(model_dir), output_dir=Path(output_dir),
+                         calib_file=None if calib_file is None else Path(calib_file), **opts)
+    return options, {f: kwargs.get(f) for f in OVERRIDE_FLAGS}
+
+
+@contextlib.contextmanager
+def _discarded_if_empty(output_dir: Path) -> Iterator[None]:
+    """On failure, remove `output_dir` if this call made it and it holds only our bookkeeping."""
+    existed = paths.exists(output_dir)
+    try:
+        yield
+    except BaseException:
+        if not existed and paths.exists(output_dir) and artifacts.only_our_bookkeeping(output_dir):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _validated(options: RunOptions, names: list[str], overrides: dict,
+               single: bool) -> Iterator[tuple[Inputs, list]]:
+    """Validate every input, take the output dir's lock, then plan the searches (tokenizes; no
+    weights; may promote or discard search checkpoints, hence under the lock). All problems are
+    reported together; the lock is held until the block ends."""
+    from .plan.families import plan  # torch: only once the inputs are valid
+
+    problems = Problems()
+    marker = MANIFEST_FILE if single else COMPARISON_FILE
+    inputs = gather(options, names, overrides, problems, OVERRIDE_FLAGS, finished_marker=marker)
+    problems.raise_if_any()
+    with locked_output_dir(options.output_dir, marker, options.overwrite):
+        families = plan(inputs, problems, single)
+        problems.raise_if_any()
+        yield inputs, families
+
+
+def run_scheme(options: RunOptions, scheme: str, overrides: dict) -> Result:
+    """`quantize` on RunOptions: validate, plan, search, solve, evaluate, save and log."""
+    require_dependencies()
+    phases = Phases()
+    phases.add("startup", since_process_start())
+    with _discarded_if_empty(options.output_dir), contextlib.ExitStack() as stack:
+        # With several --gpus, the other GPUs' processes import while this one validates.
+        pool = stack.enter_context(prestart(options.gpus, options.parallel))
+        with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
+            inputs, families = stack.enter_context(_validated(options, [scheme], overrides, True))
+        # They load their replica while this process imports ModelOpt and loads its own.
+        replicas = stack.enter_context(start_for(inputs, families[0].placement, pool))
+        with phases("import", "ModelOpt and the search's modules"):
+            from .run.pipeline import run_single  # ModelOpt: only once the inputs are valid
+        with stop_on_signals(StopFlag()) as stop:
+            doc = run_single(inputs, families[0], stop, options.experiment or DEFAULT_EXPERIMENT,
+                             phases, replicas)
+            stop.raise_if_set()  # a signal after the search: the results are kept
+    return Result(options.output_dir, doc)
+
+
+def quantize(model_dir: str | Path, scheme: str = DEFAULT_SCHEME, *,
+             output_dir: str | Path | None = None, calib_file: str | Path | None = None,
+             **overrides: Any) -> Result:
+    """AutoQuantize the LM of the Qwen2.5-VL checkpoint `model_dir` with one catalog scheme.
+
+    Args:
+        output_dir: where the manifest and state are written (default outputs/<scheme>).
+        calib_file: captions, one per line (default datasets/vlm-quantize-calib/...).
+        overrides: scheme fields (effective_bits=9, batch_size=8, ...) and run options
+            (overwrite, save_weights, grad_checkpointing, fp8_kernel, experiment, gpus,
+            max_gpu_memory, parallel, catalog), by the CLI flags' names with underscores.
+
+    Raises:
+        VlmAutoquantError: with the problems the CLI would print.
+    """
+    out = Path(output_dir) if output_dir is not None else Path("outputs") / scheme
+    options, scheme_overrides = split_options(Path(model_dir), out, calib_file, overrides)
+    return run_scheme(options, scheme, scheme_overrides)
+
+
+def run_schemes(options: RunOptions, schemes: list[str] | None, overrides: dict) -> SweepResult:
+    """`sweep` on RunOptions: every scheme, one search per family, one MLflow parent run."""
+    require_dependencies()
+    names = schemes
+    if names is None:
+        try:
+            names = list(load_catalog(options.catalog or default_catalog()))
+        except UsageError:
+            names = []  # gather reports the catalog's problems
+    with _discarded_if_empty(options.output_dir), \
+            prestart(options.gpus, options.parallel) as pool:
+        from .run.sweep import run_sweep  # ModelOpt: imported while the replicas start
+
+        with _validated(options, names, overrides, single=False) as (inputs, families), \
+                start_for(inputs, families[0].placement, pool) as replicas, \
+                stop_on_signals(StopFlag()) as stop:
+            run_sweep(inputs, families, stop, options.experiment or DEFAULT_EXPERIMENT, replicas)
+            stop.raise_if_set()  # a signal after the last scheme: the results are kept
+    return _sweep_result(options.output_dir)
+
+
+def _sweep_result(out: Path) -> SweepResult:
+    manifests = {p.parent.name: json.loads(p.read_text(encoding="utf-8"))
+                 for p in sorted(out.glob(f"*/{MANIFEST_FILE}"))}
+    return SweepResult(out, out / COMPARISON_FILE,
+                       {m["scheme"]["name"]: m for m in manifests.values()})
+
+
+def sweep(model_dir: str | Path, schemes: list[str] | None = None, *,
+          output_dir: str | Path | None = None, calib_file: str | Path | None = None,
+          **overrides: Any) -> SweepResult:
+    """Run several catalog schemes (default: all of them) on one model, each family of schemes
+    searched once; overrides as for `quantize`, applied to every scheme.
+
+    Raises:
+        VlmAutoquantError: with the problems the CLI would print; a scheme that fails is a
+            FAILED row of the comparison and a RunFailed at the end naming it.
+    """
+    out = Path(output_dir) if output_dir is not None else Path("outputs/sweep")
+    options, scheme_overrides = split_options(Path(model_dir), out, calib_file, overrides)
+    return run_schemes(options, schemes, scheme_overrides)
+
+
+def _export_options(source: str | Path | None, model_dir: str | Path | None,
+                    output_dir: str | Path | None, options: dict[str, Any]):
+    from .exporter.inputs import ExportOptions  # safetensors: only for an export
+
+    unknown = sorted(set(options) - set(_EXPORT_OPTIONS))
+    if unknown:
+        raise UsageError([Problem(k, "is not an export option", f"use one of: "
+                                  f"{', '.join(_EXPORT_OPTIONS)}") for k in unknown])
+    folder = Path(source) if isinstance(source, Path) or (
+        source is not None and Path(source).is_dir()) else None
+    run_id = None if folder is not None or source is None else str(source)
+    name = run_id or (folder.name if folder is not None else "x")
+    out = Path(output_dir) if output_dir is not None else Path("exports") / name
+    kept = {k: v for k, v in options.items() if k != "mlflow" and v is not None}
+    return ExportOptions(output_dir=out, run_id=run_id, artifacts_dir=folder,
+                         model_dir=None if model_dir is None else Path(model_dir), **kept)
+
+
+def export(source: str | Path | None, *, model_dir: str | Path | None = None,
+           output_dir: str | Path | None = None, **options: Any) -> ExportResult:
+    """Turn a finished run (an MLflow run id, or a run's output dir as a Path or an existing
+    directory) into a verified Qwen2.5-VL checkpoint.
+
+    Args:
+        model_dir: the base checkpoint (default: the one the run recorded).
+        output_dir: default exports/<run id> or exports/<name of the run's dir>.
+        options: overwrite, lm_only, allow_other_weights, log_checkpoint, register, experiment,
+            mlflow (False: do not log the export).
+
+    Raises:
+        VlmAutoquantError: with the problems the CLI would print.
+    """
+    from .exporter.pipeline import export_run  # torch: only for an export
+
+    opts = _export_options(source, model_dir, output_dir, options)
+    tracker_factory = None
+    if options.get("mlflow", True):
+        problems = Problems()
+        tracking.check_reachable(problems)
+        problems.raise_if_any()
+        experiment = opts.experiment or DEFAULT_EXPERIMENT
+        launched = os.environ.get("MLFLOW_RUN_ID")
+        if launched and (tracking.source_run(launched) or {}).get("status") != "RUNNING":
+            del os.environ["MLFLOW_RUN_ID"]  # launched by a run already done (the demo): own run
+        tracker_factory = lambda name: tracking.Tracker(experiment, name)  # noqa: E731
+    with stop_on_signals(StopFlag()) as stop:
+        return ExportResult(opts.output_dir, export_run(opts, tracker_factory, stop))
+
+
+def restore(run_dir: str | Path, model_dir: str | Path | None = None, device: str | None = None,
+            allow_other_weights: bool = False):
+    """The quantized LM of a finished run (its output dir), on `device` (default: the GPU if
+    any): the same logits as the run's model. `model_dir` defaults to the one the run recorded.
+
+    Raises:
+        VlmAutoquantError: the run's files are missing or not its own, or the weights differ.
+    """
+    from .model import quant_state  # ModelOpt: only for a restore
+
+    run_dir = Path(run_dir)
+    try:
+        doc = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(Problem("run_dir", f"{run_dir} holds no readable {MANIFEST_FILE} ({exc})",
+                                 "pass the --output-dir of a finished run")) from None
+    base = Path(model_dir) if model_dir is not None else Path(doc["model"]["directory"])
+    import torch  # only for a restore
+
+    return quant_state.restore(base, run_dir / QUANT_STATE_FILE,
+                               torch.device(device) if device else None,
+                               allow_other_weights=allow_other_weights, manifest=doc)
