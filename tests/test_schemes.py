@@ -122,3 +122,19 @@ def test_overrides_are_recorded_and_validated(tmp_path):
     with pytest.raises(UsageError) as exc:
         resolve(catalog, "nope", {})
     assert "ok-one" in exc.value.render()
+
+
+def test_a_source_tree_without_install_finds_the_repo_catalog(monkeypatch):
+    """Run from a checkout on sys.path (no install, as on a bare GPU machine): configs/ beside src/."""
+    from importlib import resources
+
+    from vlm_autoquant.plan import schemes as schemes_mod
+
+    def not_installed(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(resources, "files", not_installed)
+    path = schemes_mod.default_catalog()
+    repo_catalog = Path(__file__).resolve().parents[1] / "configs" / "schemes.yaml"
+    assert Path(path) == repo_catalog
+    assert "fp8-balanced-10b" in schemes_mod.load_catalog(path)

@@ -136,7 +136,7 @@ def default_catalog() -> Traversable:
     try:
         return resources.files("vlm_autoquant.configs") / "schemes.yaml"
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "configs" / "schemes.yaml"
+        return Path(__file__).resolve().parents[3] / "configs" / "schemes.yaml"
 
 
 def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
