@@ -48,7 +48,8 @@ def spec_of(schemes: list[Scheme]) -> SearchSpec:
     return SearchSpec(formats=tuple(union), method=first.method,
                       num_calib_steps=first.num_calib_steps, num_score_steps=first.num_score_steps,
                       disabled_layers=tuple(first.disabled_layers),
-                      excluded_from_cost=tuple(first.excluded_from_cost))
+                      excluded_from_cost=tuple(first.excluded_from_cost),
+                      fused_scales=first.fused_scales)
 
 
 def fingerprint(inputs: Inputs, spec: SearchSpec, scheme: Scheme, data: Data) -> dict:

@@ -24,12 +24,17 @@ FORMAT_BITS: dict[str, int] = {
 }
 FormatName = Literal["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"]
 Method = Literal["gradient", "kl_div"]
+# How fused siblings (q/k/v of one attention, gate/up of one MLP) in per-tensor FP8 are scaled.
+# "shared-max": one weight and one input scale per group, the group's largest, as vLLM, SGLang
+# and TensorRT-LLM re-quantize them when they fuse the projections at load; "per-module": each
+# projection keeps its own calibrated scales (what the engines then change at load).
+FusedScales = Literal["shared-max", "per-module"]
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # Fields that decide the calibration (amax values) and the sensitivity scores. Two schemes that
 # agree on these share one AutoQuantize search; effective_bits is only the budget of the solve.
 CALIBRATION_FIELDS = ("formats", "num_calib_samples", "num_calib_steps", "seq_len", "batch_size",
-                      "seed", "disabled_layers")
+                      "seed", "disabled_layers", "fused_scales")
 SCORING_FIELDS = CALIBRATION_FIELDS + ("method", "num_score_steps", "cost_excluded_layers")
 
 
@@ -53,6 +58,7 @@ class Scheme(BaseModel):
     disabled_layers: list[str]  # never quantized (the tied lm_head by default)
     # Excluded from the effective-bits cost; null means "the disabled layers".
     cost_excluded_layers: list[str] | None = None
+    fused_scales: FusedScales = "shared-max"  # the served arithmetic (see FusedScales)
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")

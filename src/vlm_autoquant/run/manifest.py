@@ -90,7 +90,7 @@ def summary(rows: list[LayerRow], excluded: list[str]) -> dict:
 def build(*, scheme: dict, model: dict, calibration: dict, effective_bits: dict, search: dict,
           rows: list[LayerRow], summary: dict, quality: dict | None, versions: dict,
           timings: dict, memory: dict, artifacts: dict,
-          artifacts_sha256: dict | None = None) -> dict:
+          artifacts_sha256: dict | None = None, export: dict | None = None) -> dict:
     """Assemble the versioned manifest; the required keys are a contract with the export tool."""
     return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -110,6 +110,7 @@ def build(*, scheme: dict, model: dict, calibration: dict, effective_bits: dict,
         "memory": memory,
         "artifacts": artifacts,
         "artifacts_sha256": artifacts_sha256 or {},
+        "export": export or {},
     }
 
 

@@ -87,4 +87,5 @@ def build_manifest(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data,
                                  **(placement.record() if placement is not None else {})},
         artifacts=rel, artifacts_sha256={
             name: artifacts.sha256_file(out_dir / name) for name in rel.values()
-            if name not in (MANIFEST_FILE, LM_WEIGHTS_FILE)})
+            if name not in (MANIFEST_FILE, LM_WEIGHTS_FILE)},
+        export={"fused_scales": scheme.fused_scales})  # how an engine's fused layers are scaled

@@ -14,8 +14,11 @@ renames it into place, recording its sha256, (3) lets a calibration-only checkpo
 score (ModelOpt stores a running minimum over its sorted candidates, which would make a format's
 score depend on the other formats searched), (5) frees each module's stored Q(Y) - Y once scored,
 (6) computes the kl_div loss row by row, (7) calibrates a format whose statistics are the weights
-alone on one batch, (8) optionally keeps gradient checkpointing off, and (9) under data-parallel
-replicas (replicas.py) lets rank 0 alone write the checkpoint, under its single-process name.
+alone on one batch, (8) optionally keeps gradient checkpointing off, (9) under data-parallel
+replicas (replicas.py) lets rank 0 alone write the checkpoint, under its single-process name,
+and (10) with `fused_scales: shared-max`, gives the projections an engine fuses (q/k/v, gate/up)
+their group's largest per-tensor scales right after each format's calibration, so that
+everything after it (scores, solve, quality, export) is in the arithmetic the engines serve.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 
 from ..core.errors import RunFailed
 from ..core.interrupt import StopFlag
+from ..model.fused import fused_layer_groups
 from . import resume
 from .spec import KL_CHUNK_BYTES, SearchSpec
 
@@ -309,6 +313,53 @@ def _max_calibration(orig: Callable, state: dict) -> Callable:
     return calibrate
 
 
+FUSED_QUANTIZERS = ("weight_quantizer", "input_quantizer")
+
+
+def _static_amax(quantizer: TensorQuantizer | None) -> torch.Tensor | None:
+    """A quantizer's calibrated per-tensor amax; None if off, dynamic, per-channel or unset."""
+    if quantizer is None or not quantizer.is_enabled or getattr(quantizer, "_dynamic", False):
+        return None
+    amax = quantizer.amax
+    return amax if amax is not None and amax.numel() == 1 else None
+
+
+def share_fused_scales(model: torch.nn.Module) -> int:
+    """Give every fused group's per-tensor FP8 quantizers the group's largest amax; return how
+    many (group, weight or input) sets were tied.
+
+    What the engines do at load, done at calibration: vLLM's ModelOpt FP8 linear
+    (`process_weights_after_loading`) re-quantizes each sibling's weight to the group's largest
+    weight scale (`requantize_with_max_scale`) and keeps the largest input scale; SGLang and
+    TensorRT-LLM do the same (exporter/engine_load.py). Per-channel weights (one scale per output row)
+    and dynamic per-token inputs have nothing to share, and a group whose members are not all
+    quantized per tensor (BF16, another format) is left alone.
+    """
+    modules = dict(model.named_modules())
+    tied = 0
+    for group in fused_layer_groups(list(modules)):
+        for attr in FUSED_QUANTIZERS:
+            quantizers = [getattr(modules[n], attr, None) for n in group]
+            amaxes = [_static_amax(q) for q in quantizers]
+            if any(a is None for a in amaxes):
+                continue
+            shared = torch.max(torch.stack([a.reshape(()) for a in amaxes]))
+            for q, a in zip(quantizers, amaxes):
+                q.amax = shared.reshape(a.shape).to(a.dtype)
+            tied += 1
+    return tied
+
+
+def _sharing_fused_scales(orig: Callable) -> Callable:
+    """ModelOpt's `calibrate` for one candidate format, then `share_fused_scales`: the amax it
+    stores for that format (and scores, solves, saves and exports) are the served ones."""
+    def calibrate(model, algorithm="max", forward_loop=None):
+        out = orig(model, algorithm=algorithm, forward_loop=forward_loop)
+        log.debug("fused scales: %d groups share their largest amax", share_fused_scales(model))
+        return out
+    return calibrate
+
+
 def _weights_calibrated_once(orig: Callable, state: dict) -> Callable:
     """Max calibration of a format in which only weight quantizers calibrate (FP8 per-channel
     weights with per-token activations: ModelOpt never calibrates a dynamic quantizer) sees the
@@ -393,11 +444,14 @@ _MODELOPT_KL = mq_algorithms._get_kl_div_loss
 
 @contextlib.contextmanager
 def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, str, Path], str],
-                     model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None]:
+                     model: torch.nn.Module, grad_checkpointing: bool,
+                     fused_scales: str = "shared-max") -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
     base, calib = _AutoQuantizeBaseSearcher, {}
-    patches = [(mq, "calibrate",  # (owner, name, new)
-                _max_calibration(_timed(timings, "calibrate", mq.calibrate), calib)),
+    calibrate = _timed(timings, "calibrate", mq.calibrate)
+    if fused_scales == "shared-max":
+        calibrate = _sharing_fused_scales(calibrate)
+    patches = [(mq, "calibrate", _max_calibration(calibrate, calib)),  # (owner, name, new)
                (base, "save_search_checkpoint", _saving(base.save_search_checkpoint, on_checkpoint)),
                (base, "run_search", _timed(timings, "solve", base.run_search)),
                (base, "load_search_checkpoint", _loading(base.load_search_checkpoint)),
@@ -486,7 +540,8 @@ def search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], check
         kwargs["loss_func"] = loss_func
     t0 = time.perf_counter()
     try:
-        with observe_modelopt(timings, on_checkpoint, model, grad_checkpointing), normalised_lp(), \
+        with observe_modelopt(timings, on_checkpoint, model, grad_checkpointing,
+                              spec.fused_scales), normalised_lp(), \
                 contextlib.redirect_stdout(_DebugLog()):  # ModelOpt prints; that goes to DEBUG
             model, state = mtq.auto_quantize(model, **kwargs)
     except (AssertionError, ValueError) as exc:

@@ -17,3 +17,4 @@ class SearchSpec:
     num_score_steps: int
     disabled_layers: tuple[str, ...]
     excluded_from_cost: tuple[str, ...]
+    fused_scales: str = "shared-max"  # schemes.FusedScales: applied right after calibration
