@@ -9,6 +9,7 @@ from vlm_autoquant.search import autoquant, resume
 from vlm_autoquant.run import manifest
 from vlm_autoquant.search.autoquant import SearchSpec
 from vlm_autoquant.plan.calib_data import pack, split_captions
+from vlm_autoquant.model.fused import fused_layer_groups
 from vlm_autoquant.model.lm import load_lm, text_config
 
 FP8, PCPT = "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"
@@ -28,9 +29,10 @@ def fresh(demo):
     return load_lm(demo[0], text_config(demo[0]), torch.device("cpu"))
 
 
-def spec(formats=(FP8,), method="gradient") -> SearchSpec:
+def spec(formats=(FP8,), method="gradient", fused_scales="shared-max") -> SearchSpec:
     return SearchSpec(formats=tuple(formats), method=method, num_calib_steps=2,
-                      num_score_steps=2, disabled_layers=LM_HEAD, excluded_from_cost=LM_HEAD)
+                      num_score_steps=2, disabled_layers=LM_HEAD, excluded_from_cost=LM_HEAD,
+                      fused_scales=fused_scales)
 
 
 def run_search(model, batches, ckpt, s: SearchSpec, writes: list | None = None):
@@ -161,6 +163,74 @@ def test_checkpoint_rerun_skips_calibration_and_scoring(demo, batches, fp8_alone
     a = autoquant.solve(searched, first, [FP8], 10.0)
     b = autoquant.solve(model, again, [FP8], 10.0)
     assert [g.chosen for g in a.groups] == [g.chosen for g in b.groups]
+
+
+@pytest.fixture(scope="module")
+def per_module(demo, batches, tmp_path_factory):
+    """One gradient search over per-tensor FP8 that keeps each projection's own scales."""
+    model = fresh(demo)
+    found = run_search(model, batches, tmp_path_factory.mktemp("pm") / "s.pth",
+                       spec((FP8,), fused_scales="per-module"))
+    return model, found
+
+
+def fused(model) -> list[list[torch.nn.Module]]:
+    modules = dict(model.named_modules())
+    return [[modules[n] for n in g] for g in fused_layer_groups(list(modules))]
+
+
+def absmax(module) -> float:
+    """What max calibration gives a per-tensor weight quantizer: the largest |weight|."""
+    return float(module.weight.detach().abs().max())
+
+
+def test_shared_max_gives_each_fused_group_its_largest_scales(union):
+    model, found = union
+    autoquant.solve(model, found, [FP8], 8.0)  # every searched group per-tensor FP8
+    groups = fused(model)
+    n = len(model.model.layers)
+    assert sorted(len(g) for g in groups) == [2] * n + [3] * n  # gate/up, q/k/v per layer
+    for group in groups:
+        largest = max(absmax(m) for m in group)
+        assert [float(m.weight_quantizer.amax) for m in group] == [largest] * len(group)
+        inputs = {float(m.input_quantizer.amax) for m in group}
+        assert len(inputs) == 1 and inputs.pop() > 0
+    # per-channel weights keep one scale per output row, their own; inputs are per token
+    autoquant.solve(model, found, [PCPT], 8.0)
+    for group in groups:
+        for m in group:
+            assert torch.equal(m.weight_quantizer.amax.float().flatten(),
+                               m.weight.detach().abs().amax(dim=1).float())
+            assert m.input_quantizer._dynamic
+
+
+def test_per_module_keeps_each_projections_own_scales_and_scores_differ(union, per_module):
+    model, found = per_module
+    autoquant.solve(model, found, [FP8], 8.0)
+    differs = 0
+    for group in fused(model):
+        own = [absmax(m) for m in group]
+        assert [float(m.weight_quantizer.amax) for m in group] == own
+        differs += len(set(own)) > 1
+    assert differs > 0  # random weights: most groups' maxima differ
+    # the scores are the search's view of the arithmetic: shared scales change them
+    assert any(fp8_score(union[1].stats[n]) != fp8_score(s) for n, s in found.stats.items())
+
+
+def fp8_score(stat: dict) -> float | None:
+    """A group's raw per-tensor FP8 score (None: the group is never quantized, e.g. lm_head)."""
+    names = [autoquant.format_name(f) for f in stat["formats"]]
+    return stat["raw_scores"][names.index(FP8)] if FP8 in names else None
+
+
+def test_restored_calibration_keeps_the_shared_scales(demo, batches, fp8_alone):
+    _, _, ckpt, _ = fp8_alone
+    model = fresh(demo)
+    again = autoquant.search(model, spec(), batches, ckpt, lambda p, s, t=None: "")
+    assert not again.calibrated
+    autoquant.solve(model, again, [FP8], 8.0)
+    for group in fused(model):
+        assert {float(m.weight_quantizer.amax) for m in group} == {max(absmax(m) for m in group)}
 
 
 def test_kl_div_ranks_a_planted_outlier_most_sensitive(demo, batches, tmp_path):
