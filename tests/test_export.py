@@ -482,3 +482,57 @@ def test_modelopt_arithmetic_is_modelopt_fake_quant_bit_for_bit():
     dynamic = export_verify._input_quant_hook(None, "modelopt")
     per_token = torch.stack([fp8_eager(row, row.abs().amax().float()) for row in x])
     assert torch.equal(dynamic(None, (x,))[0], per_token)
+
+
+def lm_tensors(export_dir) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    from vlm_autoquant.model.identity import weight_files
+
+    out = {}
+    for f in weight_files(export_dir):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys() if not k.startswith("visual.")})
+    return out
+
+
+def test_shared_max_export_is_what_the_engines_serve_byte_for_byte(demo, tmp_path, monkeypatch,
+                                                                     capsys):
+    """fp8-all-8b (every q/k/v and gate/up group FP8) run and exported once per --fused-scales.
+    shared-max: one weight_scale and one input_scale per group, the largest of the per-module
+    run's, and vLLM's load transformation (also SGLang's, which always re-quantizes) changes no
+    byte. per-module: the siblings' weight scales differ, and the engines re-quantize them."""
+    from vlm_autoquant.cli import main
+    from vlm_autoquant.exporter.engine_load import served_tensors
+    from vlm_autoquant.model.fused import fused_layer_groups
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exported = {}
+    for mode in ("shared-max", "per-module"):
+        run = tmp_path / f"run-{mode}"
+        assert main(["--scheme-name", "fp8-all-8b", "--model-dir", str(demo[0]), "--calib-file",
+                     str(demo[1]), "--output-dir", str(run), "--fused-scales", mode, *QUICK]) == 0
+        doc = json.loads((run / MANIFEST_FILE).read_text())
+        assert doc["export"]["fused_scales"] == mode == doc["scheme"]["fused_scales"]
+        code, err = export(["--artifacts-dir", run, "--model-dir", demo[0], "--output-dir",
+                            tmp_path / f"x-{mode}", "--no-mlflow"], capsys)
+        assert code == 0, err
+        exported[mode] = lm_tensors(tmp_path / f"x-{mode}")
+    shared, old = exported["shared-max"], exported["per-module"]
+    groups = fused_layer_groups({k.removesuffix(".weight_scale") for k in shared
+                                 if k.endswith(".weight_scale")})
+    assert len(groups) == 2 * 4  # the demo's 4 layers, all FP8 at 8 bits
+    for group in groups:
+        for suffix in ("weight_scale", "input_scale"):
+            largest = max(float(old[f"{n}.{suffix}"]) for n in group)
+            assert [float(shared[f"{n}.{suffix}"]) for n in group] == [largest] * len(group)
+    for always in (False, True):  # vLLM, SGLang
+        served, stats = served_tensors(shared, always)
+        assert stats["groups"] == len(groups) and stats["bytes_changed"] == 0, stats
+        for key, value in shared.items():
+            assert torch.equal(served[key].reshape(-1).view(torch.uint8),
+                               value.reshape(-1).view(torch.uint8)), key
+    assert any(len({float(old[f"{n}.weight_scale"]) for n in g}) > 1 for g in groups)
+    served, stats = served_tensors(old)
+    assert stats["requantized"] > 0 and stats["bytes_changed"] > 0, stats
