@@ -42,3 +42,21 @@ def test_sweep_benchmark_cpu_path(tmp_path):
     r = json.loads(out.read_text())
     assert r["schemes_in_sweep"] >= 5 and len(r["groups"]) >= 2
     assert r["ratio"] > 0 and r["group_ratio"] > 0
+
+
+@pytest.mark.bench
+def test_served_benchmark_cpu_path(tmp_path):
+    """The shared-max run is what vLLM serves (its load transformation changes no byte, the KL
+    is the run's); per-module is re-quantized at load."""
+    out = tmp_path / "served.json"
+    proc = subprocess.run([PY, str(ROOT / "bench" / "bench_served.py"), "--size", "tiny",
+                           "--work", str(tmp_path / "w"), "--out", str(out)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    shared, old = r["modes"]["shared-max"], r["modes"]["per-module"]
+    assert shared["manifest_export"] == {"fused_scales": "shared-max"}
+    assert shared["vllm_transform"]["groups"] > 0 and shared["vllm_transform"]["bytes_changed"] == 0
+    assert shared["served"] == shared["written"] and r["goal_met"]
+    assert old["vllm_transform"]["bytes_changed"] > 0
+    assert old["served"]["modelopt"]["kl_mean"] != old["written"]["modelopt"]["kl_mean"]

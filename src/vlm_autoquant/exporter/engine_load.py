@@ -77,8 +77,8 @@ def served_tensors(tensors: dict[str, torch.Tensor], always: bool = False
         inputs = [tensors.get(f"{n}.input_scale") for n in group]
         shared_input = max(inputs, key=float) if all(s is not None for s in inputs) else None
         for n in group:
-            out[f"{n}.weight_scale"] = max_scale.reshape(tensors[f"{n}.weight_scale"].shape).to(
-                tensors[f"{n}.weight_scale"].dtype)
+            own = tensors[f"{n}.weight_scale"]
+            out[f"{n}.weight_scale"] = max_scale.reshape(own.shape).to(own.dtype).clone()
             if shared_input is not None:
                 out[f"{n}.input_scale"] = shared_input.clone()
     return out, stats
