@@ -184,6 +184,9 @@ def main() -> None:
         # One 8x128 batch each for calibration and scoring: the CPU path is a smoke run.
         args.driver_args = ["--num-calib-samples", "256", "--num-calib-steps", "1",
                             "--num-score-steps", "1", "--num-eval-samples", "32", "--seq-len", "128"]
+    # Bare ModelOpt keeps each projection's own scales: the driver is compared in that arithmetic
+    # (sharing the fused groups' largest scale costs one pass over the groups per format).
+    args.driver_args = [*args.driver_args, "--fused-scales", "per-module"]
     from vlm_autoquant.model.checkpoint import inspect_checkpoint
     from vlm_autoquant.core.errors import Problems
 
