@@ -40,7 +40,8 @@ def test_served_tensors_share_both_maxima_and_requantize_only_where_scales_diffe
         t[f"a.{name}.weight_scale"], t[f"a.{name}.input_scale"] = torch.tensor(ws), torch.tensor(xs)
     for name in ("gate_proj", "up_proj"):  # equal scales: vLLM keeps the bytes as they are
         t[f"b.{name}.weight"] = torch.tensor([[1.0, 2.0]]).to(E4M3)
-        t[f"b.{name}.weight_scale"], t[f"b.{name}.input_scale"] = torch.tensor(0.5), torch.tensor(1.0)
+        t[f"b.{name}.weight_scale"] = torch.tensor(0.5)
+        t[f"b.{name}.input_scale"] = torch.tensor(1.0)
     out, stats = served_tensors(t)
     assert stats == {"groups": 2, "requantized": 1, "bytes_changed": 2}  # q's 8 -> 4, -3 -> -1.5
     assert out["a.q_proj.weight"].float().tolist() == [[4.0, -1.5]]
@@ -48,3 +49,19 @@ def test_served_tensors_share_both_maxima_and_requantize_only_where_scales_diffe
     assert {float(out[f"a.{n}.input_scale"]) for n in ("q_proj", "k_proj", "v_proj")} == {0.75}
     assert torch.equal(t["a.q_proj.weight"].float(), torch.tensor([[8.0, -3.0]]))  # not changed
     assert served_tensors(t, always=True)[1]["requantized"] == 2  # SGLang: every group
+
+
+def test_the_export_warns_only_for_per_tensor_fp8_groups_kept_per_module():
+    from vlm_autoquant.exporter.engine_load import fused_scales_warning
+
+    def manifest(rule, config):
+        layers = [{"name": f"model.layers.0.self_attn.{p}_proj", "quant_config": config}
+                  for p in "qkvo"]
+        return {"layers": layers, **({"export": {"fused_scales": rule}} if rule else {})}
+
+    kept = fused_scales_warning(manifest("per-module", "FP8_DEFAULT_CFG"))
+    assert "--fused-scales shared-max" in kept
+    assert fused_scales_warning(manifest(None, "FP8_DEFAULT_CFG"))  # a run from before the setting
+    assert fused_scales_warning(manifest("shared-max", "FP8_DEFAULT_CFG")) is None
+    assert fused_scales_warning(manifest("per-module", "FP8_PER_CHANNEL_PER_TOKEN_CFG")) is None
+    assert fused_scales_warning(manifest("per-module", None)) is None  # BF16

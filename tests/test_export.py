@@ -518,6 +518,9 @@ def test_shared_max_export_is_what_the_engines_serve_byte_for_byte(demo, tmp_pat
         code, err = export(["--artifacts-dir", run, "--model-dir", demo[0], "--output-dir",
                             tmp_path / f"x-{mode}", "--no-mlflow"], capsys)
         assert code == 0, err
+        report = json.loads((tmp_path / f"x-{mode}" / "export_report.json").read_text())
+        warned = [w for w in report["warnings"] if "fused_scales" in w]
+        assert len(warned) == (mode == "per-module"), report["warnings"]
         exported[mode] = lm_tensors(tmp_path / f"x-{mode}")
     shared, old = exported["shared-max"], exported["per-module"]
     groups = fused_layer_groups({k.removesuffix(".weight_scale") for k in shared

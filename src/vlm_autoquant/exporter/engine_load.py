@@ -84,6 +84,19 @@ def served_tensors(tensors: dict[str, torch.Tensor], always: bool = False
     return out, stats
 
 
+def fused_scales_warning(manifest: dict) -> str | None:
+    """The export's warning for a run that kept per-module scales (or predates the setting)."""
+    rule = (manifest.get("export") or {}).get("fused_scales", "per-module")
+    per_tensor = [r["name"] for r in manifest.get("layers", [])
+                  if r.get("quant_config") == "FP8_DEFAULT_CFG"]
+    if rule == "shared-max" or not fused_layer_groups(per_tensor):
+        return None
+    return ("the run kept per-module FP8 scales for q/k/v and gate/up (fused_scales: "
+            f"{rule}): vLLM, SGLang and TensorRT-LLM re-quantize those groups to their largest "
+            "scale at load, so the served model is not the one the run measured; rerun with "
+            "--fused-scales shared-max to serve what was searched")
+
+
 def write_served(export_dir: Path, target: Path, always: bool = False) -> dict[str, int]:
     """Write the export's LM tensors as the engine serves them to `target/model.safetensors`
     (the vision tower left out); return `served_tensors`' counts."""

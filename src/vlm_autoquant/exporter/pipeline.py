@@ -22,7 +22,7 @@ from ..core import artifacts
 from ..core.errors import Problem, Problems, RunFailed, UsageError
 from ..core.timing import Phases, gpu_peak_gib, peak_rss_gib
 from . import assemble as export
-from . import engines
+from . import engine_load, engines
 from . import verify as export_verify
 from .inputs import ExportInputs, ExportOptions, gather
 
@@ -145,6 +145,10 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
     table = engines.assess(hf_quant)
     missing = [f for f in export.REQUIRED_BASE_FILES if not (inputs.model_dir / f).is_file()]
     warnings = engines.warn(table)
+    fused = engine_load.fused_scales_warning(inputs.manifest)
+    if fused:
+        log.warning(fused)
+        warnings.append(fused)
     warnings += [f"{inputs.model_dir} has no {f}: the export lacks it too" for f in missing]
     if o.lm_only:
         warnings.append("--lm-only: no vision tower; the export is a text-only Qwen2ForCausalLM")
