@@ -27,13 +27,14 @@ from transformers import Qwen2Config  # noqa: E402
 
 from vlm_autoquant.model import demo  # noqa: E402
 from vlm_autoquant.model.lm import meta_model  # noqa: E402
-from vlm_autoquant.plan.memory_plan import GIB, Dims, usable  # noqa: E402
-from vlm_autoquant.plan.placement import plan_run  # noqa: E402
+from vlm_autoquant.plan.memory_plan import GIB, Dims, Shape, usable  # noqa: E402
+from vlm_autoquant.plan.placement import Devices, plan_run  # noqa: E402
 
 DRIVER = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
 sys.path.insert(0, str(ROOT / "bench"))
 from _common import env_for  # noqa: E402
 from bench_catalog import OUTLIER_LAYER, plant_outlier  # noqa: E402
+
 H200_GIB = 139.8  # torch's total_memory of one H200 (143,771 MiB)
 
 
@@ -47,8 +48,8 @@ def size_config(size: str) -> Qwen2Config:
 def dry_run(size: str, n_gpus: int, gib: float, batch: int, seq: int) -> str:
     cfg = size_config(size)
     dims = Dims.from_config(cfg)
-    lp, calib, score = plan_run(meta_model(cfg), dims, list(range(n_gpus)),
-                                usable({g: gib for g in range(n_gpus)}), batch, seq, 16, 8)
+    devices = Devices(meta_model(cfg), dims, list(range(n_gpus)), usable({g: gib for g in range(n_gpus)}))
+    lp, calib, score = plan_run(devices, Shape(batch, seq), 16, 8)
     head = (f"Qwen2.5-VL-{size.upper()} LM on {n_gpus}x {gib:.1f} GiB (usable 90%): "
             f"{dims.total_params() / 1e9:.2f}B parameters, {dims.layers} layers; default "
             f"{batch}x{seq} -> {lp.plan.batch_size}x{seq}, {calib} calibration / {score} scoring "

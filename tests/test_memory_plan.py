@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from transformers import Qwen2Config
 
-from vlm_autoquant.model.demo import QWEN25_VL_3B, QWEN25_VL_7B, QWEN25_VL_32B, QWEN25_VL_72B
 from vlm_autoquant.core.errors import UsageError
+from vlm_autoquant.model.demo import QWEN25_VL_3B, QWEN25_VL_7B, QWEN25_VL_32B, QWEN25_VL_72B
 from vlm_autoquant.model.lm import meta_model
-from vlm_autoquant.plan.memory_plan import GIB, Dims, Placement, choose_batch, predict
+from vlm_autoquant.plan.memory_plan import GIB, Dims, Placement, Shape, predict
+from vlm_autoquant.plan.placement import Devices, plan_run
 
 SIZES = {"3b": (QWEN25_VL_3B, True), "7b": (QWEN25_VL_7B, False), "32b": (QWEN25_VL_32B, False),
          "72b": (QWEN25_VL_72B, False)}
@@ -27,7 +28,7 @@ def test_weights_match_the_meta_model(size):
     meta = meta_model(cfg)
     counted = sum(p.numel() for p in meta.parameters())  # tied weights counted once
     assert Dims.from_config(cfg).total_params() == counted
-    plan = predict(Dims.from_config(cfg), 16, 512)
+    plan = predict(Dims.from_config(cfg), Shape(16, 512))
     assert plan.peaks[0]["load"] == pytest.approx(counted * 2 / GIB, rel=1e-6)
 
 
@@ -39,7 +40,7 @@ MEASURED_UNFREED = [("3b", 16, True, 39.0), ("3b", 8, True, 22.4), ("3b", 8, Fal
 
 @pytest.mark.parametrize("size,batch,ckpt,gib", MEASURED_UNFREED)
 def test_prediction_within_15_percent_of_measured_unfreed(size, batch, ckpt, gib):
-    plan = predict(Dims.from_config(config(size)), batch, 512, grad_checkpointing=ckpt,
+    plan = predict(Dims.from_config(config(size)), Shape(batch, 512, grad_checkpointing=ckpt),
                    freed_diffs=False)
     assert plan.peak(0) == pytest.approx(gib, rel=0.15)
 
@@ -51,13 +52,13 @@ MEASURED_FREED = [("3b", 16, "gradient", 23.2), ("7b", 16, "gradient", 32.12),
 
 @pytest.mark.parametrize("size,batch,method,gib", MEASURED_FREED)
 def test_prediction_within_15_percent_of_measured(size, batch, method, gib):
-    plan = predict(Dims.from_config(config(size)), batch, 512, method)
+    plan = predict(Dims.from_config(config(size)), Shape(batch, 512, method))
     assert plan.peak(0) == pytest.approx(gib, rel=0.15)
 
 
 def test_freeing_the_diffs_only_lowers_the_scoring_peak():
     dims = Dims.from_config(config("32b"))
-    kept, freed = (predict(dims, 8, 512, freed_diffs=f) for f in (False, True))
+    kept, freed = (predict(dims, Shape(8, 512), freed_diffs=f) for f in (False, True))
     assert freed.peaks[0]["score"] < kept.peaks[0]["score"]
     assert {k: v for k, v in freed.peaks[0].items() if k != "score"} == \
         {k: v for k, v in kept.peaks[0].items() if k != "score"}
@@ -66,29 +67,34 @@ def test_freeing_the_diffs_only_lowers_the_scoring_peak():
 @pytest.mark.parametrize("size", list(SIZES))
 def test_monotone_in_batch_and_checkpointing_saves_memory(size):
     dims = Dims.from_config(config(size))
-    peaks = [predict(dims, b, 512).peak(0) for b in (1, 2, 4, 8, 16, 32)]
+    peaks = [predict(dims, Shape(b, 512)).peak(0) for b in (1, 2, 4, 8, 16, 32)]
     assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
     for b in (4, 16):
-        assert predict(dims, b, 512, grad_checkpointing=True).peak(0) < \
-            predict(dims, b, 512, grad_checkpointing=False).peak(0)
+        assert predict(dims, Shape(b, 512, grad_checkpointing=True)).peak(0) < \
+            predict(dims, Shape(b, 512, grad_checkpointing=False)).peak(0)
 
 
-def test_choose_batch_keeps_the_tokens():
+def one_gpu(dims: Dims, size: str, room: dict[int, float]) -> Devices:
+    return Devices(meta_model(config(size)), dims, [0], room)
+
+
+def test_a_batch_that_does_not_fit_is_halved_keeping_the_tokens():
     dims = Dims.from_config(config("32b"))
-    room = {0: predict(dims, 16, 512).peak(0) - 1.0}  # 16x512 just does not fit
-    plan, calib, score = choose_batch(dims, 16, 512, 16, 8, room)
+    room = {0: predict(dims, Shape(16, 512)).peak(0) - 1.0}  # 16x512 just does not fit
+    lp, calib, score = plan_run(one_gpu(dims, "32b", room), Shape(16, 512), 16, 8)
+    plan = lp.plan
     assert plan.batch_size * calib == 16 * 16 and plan.batch_size * score == 16 * 8
     assert plan.batch_size == 8 and plan.fits()
-    assert not predict(dims, plan.batch_size * 2, 512, capacity=room).fits()
+    assert not predict(dims, Shape(plan.batch_size * 2, 512), capacity=room).fits()
     # Room for everything: the default stays.
-    plan, calib, score = choose_batch(dims, 16, 512, 16, 8, {0: 1000.0})
-    assert (plan.batch_size, calib, score) == (16, 16, 8)
+    lp, calib, score = plan_run(one_gpu(dims, "32b", {0: 1000.0}), Shape(16, 512), 16, 8)
+    assert (lp.plan.batch_size, calib, score) == (16, 16, 8)
 
 
 def test_impossible_budget_is_refused_with_the_figures():
     dims = Dims.from_config(config("72b"))
     with pytest.raises(UsageError) as exc:
-        choose_batch(dims, 16, 512, 16, 8, {0: 125.8}, grad_checkpointing=False)
+        plan_run(one_gpu(dims, "72b", {0: 125.8}), Shape(16, 512, grad_checkpointing=False), 16, 8)
     text = exc.value.render()
     assert "--batch-size" in text and "125.8 GiB usable" in text
     assert "GPU 0" in text and "more GPUs" in text and "--grad-checkpointing on" in text
@@ -100,9 +106,9 @@ def test_split_placement_puts_the_loss_where_the_outputs_land():
     dims = Dims.from_config(config("7b"))
     half = dims.layers // 2
     layers = [0] * half + [1] * (dims.layers - half)
-    split = predict(dims, 16, 512, placement=Placement(0, layers, 1))
-    joint = predict(dims, 16, 512, placement=Placement(0, layers, 0))  # lm_head with embed
-    single = predict(dims, 16, 512)
+    split = predict(dims, Shape(16, 512), placement=Placement(0, layers, 1))
+    joint = predict(dims, Shape(16, 512), placement=Placement(0, layers, 0))  # lm_head with embed
+    single = predict(dims, Shape(16, 512))
     assert split.peak(0) > split.peak(1)
 
     def extra(plan, d, phase="score"):
@@ -126,8 +132,8 @@ MEASURED_2GPU = [("32b", 32, 32, {0: 49.38, 1: 38.70}), ("7b", 13, 15, {0: 23.71
 @pytest.mark.parametrize("size,on_first,on_second,measured", MEASURED_2GPU)
 def test_split_within_15_percent_of_measured_per_gpu(size, on_first, on_second, measured):
     placement = Placement(0, [0] * on_first + [1] * on_second, 1)
-    plan = predict(Dims.from_config(config(size)), 16, 512, "gradient", True, placement,
-                   num_formats=1)
+    plan = predict(Dims.from_config(config(size)), Shape(16, 512, "gradient", True, num_formats=1),
+                   placement=placement)
     for d, gib in measured.items():
         assert plan.peak(d) == pytest.approx(gib, rel=0.15), d
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+from tests.test_memory_plan import config
 from vlm_autoquant.core.errors import Problems, UsageError
 from vlm_autoquant.model.lm import meta_model
-from vlm_autoquant.plan.memory_plan import Dims, Placement, predict, usable
-from vlm_autoquant.plan.placement import (device_of, parse_gpus, parse_max_memory, place, plan_for,
-                                     plan_run)
-from tests.test_memory_plan import config
+from vlm_autoquant.plan.memory_plan import Dims, Placement, Shape, predict, usable
+from vlm_autoquant.plan.placement import (
+    Devices,
+    PlanRequest,
+    device_of,
+    parse_gpus,
+    parse_max_memory,
+    place,
+    plan_for,
+    plan_run,
+)
 
 
 def test_parse_gpus_and_max_memory():
@@ -35,7 +43,8 @@ def test_layers_split_in_order_and_fit(size, n):
     cfg = config(size)
     dims = Dims.from_config(cfg)
     caps = usable({g: 139.8 for g in range(n)})
-    lp, calib, score = plan_run(meta_model(cfg), dims, list(range(n)), caps, 16, 512, 16, 8)
+    lp, calib, score = plan_run(Devices(meta_model(cfg), dims, list(range(n)), caps),
+                                Shape(16, 512), 16, 8)
     p = lp.placement
     assert p.layers == sorted(p.layers)  # pipeline order: each GPU holds a contiguous span
     assert p.embed == p.layers[0] and p.head == p.layers[-1]
@@ -53,9 +62,10 @@ def test_layers_split_in_order_and_fit(size, n):
 def test_72b_needs_smaller_batches_on_two_gpus_but_not_on_four():
     cfg = config("72b")
     dims, meta = Dims.from_config(cfg), meta_model(cfg)
-    two, calib, score = plan_run(meta, dims, [0, 1], usable({0: 90.0, 1: 90.0}), 16, 512, 16, 8)
-    four, _, _ = plan_run(meta, dims, [0, 1, 2, 3], usable(dict.fromkeys(range(4), 90.0)), 16,
-                          512, 16, 8)
+    two, calib, score = plan_run(Devices(meta, dims, [0, 1], usable({0: 90.0, 1: 90.0})),
+                                 Shape(16, 512), 16, 8)
+    four, _, _ = plan_run(Devices(meta, dims, [0, 1, 2, 3], usable(dict.fromkeys(range(4), 90.0))),
+                          Shape(16, 512), 16, 8)
     assert two.plan.batch_size < 16 and four.plan.batch_size == 16
     assert two.plan.batch_size * calib == 16 * 16 and two.plan.fits()
 
@@ -66,21 +76,21 @@ def test_the_embeddings_gpu_gets_the_logits_reservation():
     cfg = config("32b")
     dims = Dims.from_config(cfg)
     caps = {0: 48.0, 1: 48.0}
-    lp = place(meta_model(cfg), dims, [0, 1], caps, 16, 512)
+    lp = place(Devices(meta_model(cfg), dims, [0, 1], caps), Shape(16, 512))
     p = lp.placement
     assert (p.embed, p.head) == (0, 1)
     assert p.layers.count(p.embed) < p.layers.count(p.head)
     assert lp.plan.fits()
     # Reserving on lm_head's GPU instead (the mirrored split) would overflow the embeddings' GPU.
     mirrored = [0] * p.layers.count(1) + [1] * p.layers.count(0)
-    wrong = predict(dims, 16, 512, placement=Placement(0, mirrored, 1), capacity=caps)
+    wrong = predict(dims, Shape(16, 512), placement=Placement(0, mirrored, 1), capacity=caps)
     assert wrong.peak(0) > caps[0]
 
 
 def test_tied_embeddings_stay_with_lm_head():
     cfg = config("3b")
     dims = Dims.from_config(cfg)
-    lp = place(meta_model(cfg), dims, [0, 1, 2], {0: 3.0, 1: 3.0, 2: 30.0}, 2, 512)
+    lp = place(Devices(meta_model(cfg), dims, [0, 1, 2], {0: 3.0, 1: 3.0, 2: 30.0}), Shape(2, 512))
     assert device_of(lp.device_map, "lm_head") == device_of(lp.device_map, "model.embed_tokens")
     assert lp.placement.head == lp.placement.embed
 
@@ -88,14 +98,14 @@ def test_tied_embeddings_stay_with_lm_head():
 def test_too_small_gpus_are_refused_before_loading():
     cfg = config("72b")
     pr = Problems()
-    assert plan_for(cfg, "0,1", "60GiB", 16, 512, 16, 8, "gradient", True, 1, pr,
-                    totals_gib={0: 139.8, 1: 139.8}) is None
+    assert plan_for(cfg, PlanRequest("0,1", "60GiB", Shape(16, 512, "gradient", True, 1), 16, 8), 
+                    pr, totals_gib={0: 139.8, 1: 139.8}) is None
     text = UsageError(pr.items).render()
     assert "--batch-size" in text and "more GPUs" in text
     with pytest.raises(UsageError):
-        place(meta_model(cfg), Dims.from_config(cfg), [0, 1], {0: 50.0, 1: 50.0}, 1, 512)
+        place(Devices(meta_model(cfg), Dims.from_config(cfg), [0, 1], {0: 50.0, 1: 50.0}), Shape(1, 512))
 
 
 def test_no_gpu_means_no_plan():
-    assert plan_for(config("7b"), None, None, 16, 512, 16, 8, "gradient", True, 1, Problems(),
-                    totals_gib={}) is None
+    assert plan_for(config("7b"), PlanRequest(None, None, Shape(16, 512, "gradient", True, 1), 16, 8), 
+                    Problems(), totals_gib={}) is None

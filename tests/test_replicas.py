@@ -11,15 +11,27 @@ import json
 import pytest
 import torch
 
-from vlm_autoquant.core.errors import Problems, RunFailed, UsageError
-from vlm_autoquant.plan.memory_plan import Placement, predict
-from vlm_autoquant.plan.placement import LMPlacement, plan_for
-from vlm_autoquant.search.replicas import (Replicas, Setup, prestart, prestart_devices, shard,
-                                    spec_for_rank, start_for)
 from tests.conftest import QUICK, SCRIPT  # noqa: F401
 from tests.test_memory_plan import config
+from vlm_autoquant.core.errors import Problems, RunFailed, UsageError
+from vlm_autoquant.plan.memory_plan import Placement, Shape, predict
+from vlm_autoquant.plan.placement import LMPlacement, PlanRequest, plan_for
+from vlm_autoquant.search.replicas import (
+    Replicas,
+    Setup,
+    prestart,
+    prestart_devices,
+    shard,
+    spec_for_rank,
+    start_for,
+)
 
 H200 = {0: 139.8, 1: 139.8}
+
+
+def req(calib: int, score: int, method: str = "gradient", parallel: str = "auto") -> PlanRequest:
+    """GPUs 0 and 1 at their whole memory, the catalog's 16x512 batches."""
+    return PlanRequest("0,1", None, Shape(16, 512, method), calib, score, parallel)
 
 
 @pytest.mark.parametrize("calib,score,world", [(16, 8, 2), (7, 3, 3), (5, 5, 4)])
@@ -39,42 +51,36 @@ def test_the_shards_cover_each_batch_once(calib, score, world):
 @pytest.mark.parametrize("size", ["3b", "7b"])
 def test_auto_searches_an_lm_too_small_to_gain_on_the_first_gpu_alone(size):
     """Measured on two H200s: replicas gained nothing on the 3B and the 7B (docs/PERFORMANCE)."""
-    lp, calib, score = plan_for(config(size), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
-                                Problems(), totals_gib=H200)
+    lp, calib, score = plan_for(config(size), req(16, 8), Problems(), totals_gib=H200)
     assert lp.mode == "single" and not lp.replicas and lp.device_map == {"": 0}
     assert (lp.plan.batch_size, calib, score) == (16, 16, 8)
     assert "alone" in lp.note and "--parallel replicas" in lp.note  # logged once per run
-    forced, _, _ = plan_for(config(size), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
-                            Problems(), totals_gib=H200, parallel="replicas")
+    forced, _, _ = plan_for(config(size), req(16, 8, parallel="replicas"), Problems(), totals_gib=H200)
     assert forced.mode == "replicas" and forced.replicas == (0, 1)
 
 
 @pytest.mark.parametrize("size", ["32b"])
 def test_auto_replicates_what_fits_one_gpu(size):
-    planned = plan_for(config(size), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
-                       Problems(), totals_gib=H200)
+    planned = plan_for(config(size), req(16, 8), Problems(), totals_gib=H200)
     lp, calib, score = planned
     assert lp.replicas == (0, 1) and lp.mode == "replicas"
     assert (lp.plan.batch_size, calib, score) == (16, 16, 8)  # the requested batch, unchanged
     assert lp.device_map == {"": 0} and lp.plan.fits()
     rec = lp.record()["placement"]
     assert rec["mode"] == "replicas" and rec["gpus"] == [0, 1]
-    layers, _, _ = plan_for(config(size), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
-                            Problems(), totals_gib=H200, parallel="layers")
+    layers, _, _ = plan_for(config(size), req(16, 8, parallel="layers"), Problems(), totals_gib=H200)
     assert layers.mode == "layers" and not layers.replicas
 
 
 def test_auto_splits_the_layers_of_what_does_not_fit_one_gpu():
-    lp, _, _ = plan_for(config("72b"), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
-                        Problems(), totals_gib=H200)
+    lp, _, _ = plan_for(config("72b"), req(16, 8), Problems(), totals_gib=H200)
     assert lp.mode == "layers" and len(lp.placement.devices()) == 2
 
 
 def test_auto_searches_on_the_first_gpu_alone_when_a_replica_would_get_no_step():
     """kl_div's one score batch: the LM fits one GPU, so it stays whole on the GPU that rank 0
     of a sweep's replicas holds, rather than split across the GPUs."""
-    lp, calib, score = plan_for(config("32b"), "0,1", None, 16, 512, 8, 1, "kl_div", True, 1,
-                                Problems(), totals_gib=H200)
+    lp, calib, score = plan_for(config("32b"), req(8, 1, "kl_div"), Problems(), totals_gib=H200)
     assert lp.mode == "single" and not lp.replicas and (calib, score) == (8, 1)
     assert lp.device_map == {"": 0} and lp.placement.devices() == [0]
 
@@ -84,8 +90,7 @@ def test_auto_searches_on_the_first_gpu_alone_when_a_replica_would_get_no_step()
     ("7b", 1, ["at least 2 calibration", "--parallel layers"])])
 def test_explicit_replicas_that_cannot_work_are_refused_with_the_figures(size, steps, needles):
     pr = Problems()
-    assert plan_for(config(size), "0,1", None, 16, 512, steps, steps, "gradient", True, 1, pr,
-                    totals_gib=H200, parallel="replicas") is None
+    assert plan_for(config(size), req(steps, steps, parallel="replicas"), pr, totals_gib=H200) is None
     text = UsageError(pr.items).render()
     assert all(n in text for n in needles), text
 
@@ -98,10 +103,8 @@ def test_a_sweep_replicates_only_if_every_search_takes_replicas_or_fits_rank_0()
 
     from vlm_autoquant.plan.families import _share_replicas
 
-    fits, splits = (plan_for(config(s), "0,1", None, 16, 512, 16, 8, "gradient", True, 1,
-                             Problems(), totals_gib=H200)[0] for s in ("32b", "72b"))
-    alone = plan_for(config("32b"), "0,1", None, 16, 512, 16, 1, "kl_div", True, 1, Problems(),
-                     totals_gib=H200)[0]
+    fits, splits = (plan_for(config(s), req(16, 8), Problems(), totals_gib=H200)[0] for s in ("32b", "72b"))
+    alone = plan_for(config("32b"), req(16, 1, "kl_div"), Problems(), totals_gib=H200)[0]
     assert fits.replicas and not splits.replicas and alone.mode == "single"
     both = [SimpleNamespace(placement=fits), SimpleNamespace(placement=fits),
             SimpleNamespace(placement=alone)]
@@ -190,16 +193,17 @@ def test_a_replica_killed_mid_run_fails_the_search_instead_of_hanging(demo, tmp_
 @pytest.fixture
 def two_cpu_replicas(demo, monkeypatch) -> None:
     """Every plan places the LM on two CPU replicas, at the batch asked for (nothing halved)."""
-    from vlm_autoquant.plan import families
     from vlm_autoquant.model.lm import text_config
+    from vlm_autoquant.plan import families
     from vlm_autoquant.plan.memory_plan import Dims
 
     dims = Dims.from_config(text_config(demo[0]))
 
-    def plan_for(cfg, gpus, max_memory, batch, seq_len, calib, score, *rest, **kw):
+    def plan_for(cfg, request, problems, **kw):
+        calib, score = request.calib_steps, request.score_steps
         shared = min(calib, score) >= 2  # as placement.plan_replicas: a step for each replica
         return LMPlacement({"": "cpu"}, {}, Placement.single(dims.layers, "cpu"),
-                           predict(dims, batch, seq_len),
+                           predict(dims, Shape(request.shape.batch_size, request.shape.seq_len)),
                            replicas=("cpu", "cpu") if shared else ()), calib, score
 
     monkeypatch.setattr(families, "plan_for", plan_for)

@@ -99,12 +99,12 @@ def _validated(options: RunOptions, names: list[str], overrides: dict,
     """Validate every input, take the output dir's lock, then plan the searches (tokenizes; no
     weights; may promote or discard search checkpoints, hence under the lock). All problems are
     reported together; the lock is held until the block ends."""
-    from .plan.families import plan  # torch: only once the inputs are valid
-
     problems = Problems()
     marker = MANIFEST_FILE if single else COMPARISON_FILE
     inputs = gather(options, names, overrides, problems, OVERRIDE_FLAGS, finished_marker=marker)
     problems.raise_if_any()
+    from .plan.families import plan  # torch and transformers: only once the inputs are valid
+
     with locked_output_dir(options.output_dir, marker, options.overwrite):
         families = plan(inputs, problems, single)
         problems.raise_if_any()

@@ -18,7 +18,8 @@ from ..search import resume
 from ..search.spec import SearchSpec
 from .calib_data import Data, build_data
 from .inputs import Inputs
-from .placement import LMPlacement, plan_for
+from .memory_plan import Shape
+from .placement import LMPlacement, PlanRequest, plan_for
 from .schemes import CALIBRATION_FIELDS, FORMAT_BITS, Scheme
 from .validate import versions
 
@@ -139,10 +140,11 @@ def plan_memory(inputs: Inputs, members: list[Scheme],
     A batch size the user asked for explicitly is never changed: it is refused if it does not fit.
     """
     first, opts = members[0], inputs.options
-    planned = plan_for(inputs.text_config, opts.gpus, opts.max_gpu_memory, first.batch_size,
-                       first.seq_len, first.num_calib_steps, first.num_score_steps, first.method,
-                       opts.grad_checkpointing, len(spec_of(members).formats), problems,
-                       parallel=opts.parallel)
+    shape = Shape(first.batch_size, first.seq_len, first.method, opts.grad_checkpointing,
+                  len(spec_of(members).formats))
+    request = PlanRequest(opts.gpus, opts.max_gpu_memory, shape, first.num_calib_steps,
+                          first.num_score_steps, opts.parallel)
+    planned = plan_for(inputs.text_config, request, problems)
     if planned is None:
         return None
     placement, calib_steps, score_steps = planned

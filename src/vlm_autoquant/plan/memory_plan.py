@@ -1,4 +1,5 @@
-"""Predict the peak GPU memory of each phase before loading, and pick the batch shape that fits.
+"""Predict the peak GPU memory of each phase of a search before loading (placement.py picks
+the batch shape that fits).
 
 Every term is counted from the code path, not fitted (bytes per token unless said otherwise;
 T = batch x seq tokens, V = vocab, H = hidden, I = intermediate, kv = KV width):
@@ -31,9 +32,9 @@ Measured peaks (H200, torch.cuda.max_memory_allocated) are checked in tests/test
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from ..core.errors import Problem, UsageError
 from ..search.spec import KL_CHUNK_BYTES
 
 GIB = 1024**3
@@ -75,6 +76,23 @@ class Dims:
     def total_params(self) -> int:
         head = 0 if self.tied else self.embed_params()
         return self.layers * self.layer_params() + self.embed_params() + head + self.hidden
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a search holds besides the weights: its batch shape and how it scores."""
+
+    batch_size: int
+    seq_len: int
+    method: str = "gradient"
+    grad_checkpointing: bool = True
+    num_formats: int = 1  # formats searched besides BF16 (one Q(Y)-Y per format)
+
+    def halved(self) -> "Shape":
+        return dataclasses.replace(self, batch_size=self.batch_size // 2)
+
+    def __str__(self) -> str:
+        return f"{self.batch_size}x{self.seq_len}"
 
 
 @dataclass
@@ -120,22 +138,21 @@ class Plan:
                 "usable_gib": {str(d): round(c, 2) for d, c in self.capacity.items()}}
 
 
-def predict(dims: Dims, batch_size: int, seq_len: int, method: str = "gradient",
-            grad_checkpointing: bool = True, placement: Placement | None = None,
-            num_formats: int = 1, capacity: dict[int, float] | None = None,
-            freed_diffs: bool = True) -> Plan:
+def predict(dims: Dims, shape: Shape, placement: Placement | None = None,
+            capacity: dict[int, float] | None = None, freed_diffs: bool = True) -> Plan:
     """Peak GiB of every device in each phase (see the module docstring for the terms).
 
     Args:
-        num_formats: quantization formats searched besides BF16 (one Q(Y)-Y per format).
         capacity: usable GiB per device, for `Plan.fits`.
         freed_diffs: the driver frees each module's Q(Y)-Y once scored (autoquant.py); False
             models ModelOpt as it is, which keeps every layer's until the next step.
     """
     place = placement or Placement.single(dims.layers)
+    batch_size, seq_len, method = shape.batch_size, shape.seq_len, shape.method
+    grad_checkpointing = shape.grad_checkpointing
     t, h, i, v = batch_size * seq_len, dims.hidden, dims.intermediate, dims.vocab
     per_layer_w = dims.layer_params() * 2
-    diffs = 2 * (3 * h + 2 * dims.kv + 2 * i) * num_formats * t  # output_diff_dict per layer
+    diffs = 2 * (3 * h + 2 * dims.kv + 2 * i) * shape.num_formats * t  # output_diff_dict per layer
     kept = 2 * h * t if grad_checkpointing else (6 * i + 14 * h) * t
     peaks: dict[int, dict[str, float]] = {}
     for d in place.devices():
@@ -165,40 +182,6 @@ def predict(dims: Dims, batch_size: int, seq_len: int, method: str = "gradient",
         peaks[d] = {name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
                     for name, x in zip(PHASES, (w, calib, score, evaluate))}
     return Plan(batch_size, seq_len, method, grad_checkpointing, peaks, dict(capacity or {}))
-
-
-def choose_batch(dims: Dims, batch_size: int, seq_len: int, calib_steps: int, score_steps: int,
-                 capacity: dict[int, float], method: str = "gradient",
-                 grad_checkpointing: bool = True, placement: Placement | None = None,
-                 num_formats: int = 1) -> tuple[Plan, int, int]:
-    """The largest batch (halving from `batch_size`) that fits, with steps scaled to keep tokens.
-
-    Returns (plan, calib_steps, score_steps). Raises UsageError naming the figures and the fix
-    when even one row per batch does not fit. `capacity` is usable GiB per device (headroom
-    already applied: see `usable`).
-    """
-    b, scale = batch_size, 1
-    while b >= 1:
-        plan = predict(dims, b, seq_len, method, grad_checkpointing, placement, num_formats,
-                       capacity)
-        if plan.fits():
-            return plan, calib_steps * scale, score_steps * scale
-        if b % 2:
-            break
-        b, scale = b // 2, scale * 2
-    first = predict(dims, batch_size, seq_len, method, grad_checkpointing, placement,
-                    num_formats, capacity)
-    worst = max(first.peaks, key=lambda d: first.peak(d) - capacity.get(d, 0.0))
-    fixes = ["more GPUs (--gpus)", f"a smaller --batch-size (tried {batch_size} down to {b})"]
-    if not grad_checkpointing:
-        fixes.append("--grad-checkpointing on")
-    raise UsageError(Problem(
-        "--batch-size",
-        f"the {method} search at {batch_size}x{seq_len} needs {first.peak(worst):.1f} GiB on "
-        f"GPU {worst} (weights {first.peaks[worst]['load']:.1f} GiB), which has "
-        f"{capacity.get(worst, 0.0):.1f} GiB usable; the smallest batch tried ({b}x{seq_len}) "
-        f"still needs {plan.peak(worst):.1f} GiB",
-        "use " + ", or ".join(fixes)))
 
 
 def usable(capacities_gib: dict[int, float]) -> dict[int, float]:

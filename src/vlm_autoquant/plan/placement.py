@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..core.errors import Problem, Problems, UsageError
-from .memory_plan import GIB, OVERHEAD_GIB, Dims, Placement, Plan, plan_summary, predict
+from ..model.lm import meta_model
+from .memory_plan import GIB, OVERHEAD_GIB, Dims, Placement, Plan, Shape, plan_summary, predict, usable
 
 NO_SPLIT = ["Qwen2DecoderLayer"]
 # `--parallel auto` replicates an LM only from this size (BF16 weights): below it, the second
@@ -138,6 +139,29 @@ class LMPlacement:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Devices:
+    """Where the LM may go: its meta model and dimensions, the GPUs and their usable GiB."""
+
+    meta: nn.Module
+    dims: Dims
+    gpus: list[int]
+    usable_gib: dict[int, float]
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the flags ask of a placement: the GPUs, their memory, the parallel mode, and the
+    search's shape and steps (a batch that does not fit is halved, its steps doubled)."""
+
+    gpus: str | None
+    max_memory: str | None
+    shape: Shape
+    calib_steps: int
+    score_steps: int
+    parallel: str = "auto"  # "auto" (replicas where the LM fits one GPU, else layers), ...
+
+
 @contextlib.contextmanager
 def _quiet_accelerate() -> Iterator[None]:
     logger = logging.getLogger("accelerate.utils.modeling")
@@ -158,19 +182,16 @@ def _placement(device_map: dict, num_layers: int, tied: bool) -> Placement:
 _ELSEWHERE = -1  # a device id no GPU has: where `_reserve` puts the layers
 
 
-def _reserve(dims: Dims, embed: int, head: int, batch_size: int, seq_len: int, method: str,
-             grad_checkpointing: bool, num_formats: int) -> dict[int, float]:
+def _reserve(dims: Dims, embed: int, head: int, shape: Shape) -> dict[int, float]:
     """Bytes beyond their weights that the embeddings' and lm_head's devices need for the logits,
     from the plan with every layer elsewhere; one entry when they share a device. (The per-device
     overhead is left out: the layers' activation share already counts it.)"""
-    plan = predict(dims, batch_size, seq_len, method, grad_checkpointing,
-                   Placement(embed, [_ELSEWHERE] * dims.layers, head), num_formats)
+    plan = predict(dims, shape, Placement(embed, [_ELSEWHERE] * dims.layers, head))
     return {d: (plan.peak(d) - plan.peaks[d]["load"] - OVERHEAD_GIB) * GIB for d in {embed, head}}
 
 
-def _device_map(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
-                w_layer: float, act_layer: float,
-                reserve: Callable[[int, int], dict[int, float]], shape: str
+def _device_map(devices: Devices, shape: Shape, w_layer: float, act_layer: float,
+                reserve: Callable[[int, int], dict[int, float]]
                 ) -> tuple[dict, dict[int, int], Placement]:
     """accelerate's device map with each GPU's weight budget shrunk by its layers' activations
     and by `reserve(embed, head)` on the devices of the embeddings and lm_head, balanced first,
@@ -178,6 +199,7 @@ def _device_map(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[i
     are assumed on the first and lm_head on the last until the map says otherwise."""
     from accelerate import infer_auto_device_map
 
+    meta, dims, gpus, usable_gib = devices.meta, devices.dims, devices.gpus, devices.usable_gib
     ends = (gpus[0], gpus[0] if dims.tied else gpus[-1])
     even = dims.total_params() * 2 / len(gpus) + 2 * w_layer  # balanced, like "balanced" maps
     for _ in range(len(gpus)):
@@ -208,71 +230,59 @@ def _device_map(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[i
     return dmap, budget, p
 
 
-def place(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
-          batch_size: int, seq_len: int, method: str = "gradient", grad_checkpointing: bool = True,
-          num_formats: int = 1) -> LMPlacement:
-    """Split the meta LM over `gpus` by whole layers, leaving each GPU room for its activations.
+def place(devices: Devices, shape: Shape) -> LMPlacement:
+    """Split the meta LM over the GPUs by whole layers, leaving each room for its activations.
 
     Raises UsageError when the weights plus activations do not fit the usable memory.
     """
+    dims, gpus, usable_gib = devices.dims, devices.gpus, devices.usable_gib
     if len(gpus) == 1:
         g = gpus[0]
-        plan = predict(dims, batch_size, seq_len, method, grad_checkpointing,
-                       Placement.single(dims.layers, g), num_formats, usable_gib)
+        plan = predict(dims, shape, Placement.single(dims.layers, g), usable_gib)
         return LMPlacement({"": g}, {g: int(usable_gib[g] * GIB)},
                            Placement.single(dims.layers, g), plan)
     # Per-layer activation bytes, from a plan with the layers alone on one device.
     w_layer = dims.layer_params() * 2
-    no_ends = predict(dims, batch_size, seq_len, method, grad_checkpointing,
-                      Placement(1, [0] * dims.layers, 1), num_formats)
+    no_ends = predict(dims, shape, Placement(1, [0] * dims.layers, 1))
     act_layer = (no_ends.peaks[0]["score"] - no_ends.peaks[0]["load"]) * GIB / dims.layers
 
     def reserve(embed: int, head: int) -> dict[int, float]:
-        return _reserve(dims, embed, head, batch_size, seq_len, method, grad_checkpointing,
-                        num_formats)
+        return _reserve(dims, embed, head, shape)
 
-    dmap, budget, p = _device_map(meta, dims, gpus, usable_gib, w_layer, act_layer, reserve,
-                                  f"{batch_size}x{seq_len}")
-    plan = predict(dims, batch_size, seq_len, method, grad_checkpointing, p, num_formats,
-                   usable_gib)
-    return LMPlacement(dict(dmap), budget, p, plan)
+    dmap, budget, p = _device_map(devices, shape, w_layer, act_layer, reserve)
+    return LMPlacement(dict(dmap), budget, p, predict(dims, shape, p, usable_gib))
 
 
-def plan_run(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
-             batch_size: int, seq_len: int, calib_steps: int, score_steps: int,
-             method: str = "gradient", grad_checkpointing: bool = True,
-             num_formats: int = 1) -> tuple[LMPlacement, int, int]:
+def plan_run(devices: Devices, shape: Shape, calib_steps: int,
+             score_steps: int) -> tuple[LMPlacement, int, int]:
     """The largest batch (halving, steps doubled to keep the tokens) whose placement fits.
 
     Returns (placement, calib_steps, score_steps); raises UsageError with the figures if none.
     """
-    b, scale, first_error = batch_size, 1, None
-    while b >= 1:
+    usable_gib, first, scale, first_error = devices.usable_gib, shape, 1, None
+    while shape.batch_size >= 1:
         try:
-            lp = place(meta, dims, gpus, usable_gib, b, seq_len, method, grad_checkpointing,
-                       num_formats)
+            lp = place(devices, shape)
             if lp.plan.fits():
                 return lp, calib_steps * scale, score_steps * scale
             worst = max(lp.plan.peaks, key=lambda d: lp.plan.peak(d) - usable_gib[d])
             err = UsageError(Problem(
-                "--batch-size", f"at {b}x{seq_len} the {method} search needs "
+                "--batch-size", f"at {shape} the {shape.method} search needs "
                 f"{lp.plan.peak(worst):.1f} GiB on GPU {worst}, which has "
                 f"{usable_gib[worst]:.1f} GiB usable", ""))
         except UsageError as exc:
             err = exc
         first_error = first_error or err
-        if b % 2:
+        if shape.batch_size % 2:
             break
-        b, scale = b // 2, scale * 2
+        shape, scale = shape.halved(), scale * 2
     fixes = "use more GPUs (--gpus), a smaller --batch-size"
-    fixes += "" if grad_checkpointing else ", or --grad-checkpointing on"
+    fixes += "" if first.grad_checkpointing else ", or --grad-checkpointing on"
     msg = "; ".join(p.message for p in first_error.problems)
-    raise UsageError(Problem("--batch-size", f"nothing fits down to {b}x{seq_len}: {msg}", fixes))
+    raise UsageError(Problem("--batch-size", f"nothing fits down to {shape}: {msg}", fixes))
 
 
-def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict[int, float],
-                  batch_size: int, seq_len: int, calib_steps: int, score_steps: int,
-                  method: str, grad_checkpointing: bool, num_formats: int,
+def plan_replicas(devices: Devices, shape: Shape, calib_steps: int, score_steps: int,
                   explicit: bool) -> tuple[LMPlacement, int, int] | None:
     """One whole LM per GPU, the plan of one GPU (the smallest usable memory) for each.
 
@@ -284,15 +294,14 @@ def plan_replicas(meta: nn.Module, dims: Dims, gpus: list[int], usable_gib: dict
     (the layers are split instead). `--parallel replicas` may halve the batch like a single GPU
     would, and raises UsageError with the figures when replicas cannot work.
     """
+    gpus, dims = devices.gpus, devices.dims
     world, first = len(gpus), gpus[0]
-    cap = {first: min(usable_gib[g] for g in gpus)}
+    one = dataclasses.replace(devices, gpus=[first],
+                              usable_gib={first: min(devices.usable_gib[g] for g in gpus)})
     if explicit:
-        lp, calib_steps, score_steps = plan_run(meta, dims, [first], cap, batch_size, seq_len,
-                                                calib_steps, score_steps, method,
-                                                grad_checkpointing, num_formats)
+        lp, calib_steps, score_steps = plan_run(one, shape, calib_steps, score_steps)
     else:
-        lp = place(meta, dims, [first], cap, batch_size, seq_len, method, grad_checkpointing,
-                   num_formats)
+        lp = place(one, shape)
         if not lp.plan.fits():
             return None
         lm_gib = dims.total_params() * 2 / GIB
@@ -319,39 +328,28 @@ def cuda_totals_gib() -> dict[int, float]:
             for i in range(torch.cuda.device_count())}
 
 
-def plan_for(cfg, gpus_text: str | None, max_memory_text: str | None, batch_size: int,
-             seq_len: int, calib_steps: int, score_steps: int, method: str,
-             grad_checkpointing: bool, num_formats: int, problems: Problems,
-             totals_gib: dict[int, float] | None = None,
-             parallel: str = "auto") -> tuple[LMPlacement, int, int] | None:
+def plan_for(cfg, request: PlanRequest, problems: Problems,
+             totals_gib: dict[int, float] | None = None) -> tuple[LMPlacement, int, int] | None:
     """Validation before loading: parse the flags, place the LM, pick the batch (or a Problem).
 
-    `parallel`: "auto" (replicas where the LM fits one GPU, else layers), "replicas", "layers".
-
-    Returns None on a machine without GPUs (the CPU path loads on the CPU as before).
+    Returns None on a machine without GPUs (the CPU path loads on the CPU).
     """
-    from ..model.lm import meta_model
-
     totals = cuda_totals_gib() if totals_gib is None else totals_gib
     if not totals:
         return None
-    gpus = parse_gpus(gpus_text, len(totals), problems)
-    caps = parse_max_memory(max_memory_text, gpus, totals, problems) if gpus else {}
+    gpus = parse_gpus(request.gpus, len(totals), problems)
+    caps = parse_max_memory(request.max_memory, gpus, totals, problems) if gpus else {}
     if not caps:
         return None
-    from .memory_plan import usable
-
-    dims = Dims.from_config(cfg)
-    meta = meta_model(cfg)
+    devices = Devices(meta_model(cfg), Dims.from_config(cfg), gpus, usable(caps))
+    steps = (request.calib_steps, request.score_steps)
     try:
-        if len(gpus) > 1 and parallel != "layers":
-            planned = plan_replicas(meta, dims, gpus, usable(caps), batch_size, seq_len,
-                                    calib_steps, score_steps, method, grad_checkpointing,
-                                    num_formats, explicit=parallel == "replicas")
+        if len(gpus) > 1 and request.parallel != "layers":
+            planned = plan_replicas(devices, request.shape, *steps,
+                                    explicit=request.parallel == "replicas")
             if planned is not None:
                 return planned
-        return plan_run(meta, dims, gpus, usable(caps), batch_size, seq_len,
-                        calib_steps, score_steps, method, grad_checkpointing, num_formats)
+        return plan_run(devices, request.shape, *steps)
     except UsageError as exc:
         problems.extend(exc.problems)
         return None
