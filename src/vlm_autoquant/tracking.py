@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .core.artifacts import RUN_ID_FILE
 from .core.errors import Interrupted, Problems, RunFailed
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Tracker:
         try:
             if self._out_dir is not None:
                 wait_closed(self._out_dir)  # the stale run's id is read before ours replaces it
-            import mlflow
+            import mlflow  # mlflow: imported on first use, off the refusal path
 
             self._mlflow = mlflow
             launched = bool(os.environ.get("MLFLOW_RUN_ID")) and parent is None
@@ -175,6 +176,7 @@ class Tracker:
             self._existing = dict(self.run.data.params)
             self._monitor = None
             if system_metrics:
+                # mlflow: imported on first use, off the refusal path
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
                 self._monitor = SystemMetricsMonitor(
@@ -214,7 +216,7 @@ class Tracker:
 
     def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
         """Metrics with a step axis (e.g. one point per decoder layer), in batches of 1000."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: imported on first use, off the refusal path
 
         now = int(time.time() * 1000)
         points = [Metric(k, float(v), now, step) for k, pts in series.items() for step, v in pts]
@@ -223,7 +225,7 @@ class Tracker:
             client.log_batch(self.run_id, metrics=points[i:i + 1000])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # mlflow: imported on first use, off the refusal path
 
         self.wait()._mlflow.MlflowClient().log_batch(
             self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
@@ -240,7 +242,7 @@ class Tracker:
 
     def log_captions(self, captions: list[str], source: Path, name: str, context: str) -> None:
         """Log a caption split as an MLflow dataset input (digest, source, context)."""
-        import datasets
+        import datasets  # datasets: imported on first use, off the refusal path
         import mlflow.data
 
         ds = mlflow.data.from_huggingface(datasets.Dataset.from_dict({"text": captions}),
@@ -281,7 +283,7 @@ def _experiment_id(mlflow, default: str) -> str:
 
 
 def _dataset_input(ds, context: str):
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import DatasetInput, InputTag  # mlflow: imported on first use, off the refusal path
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     return DatasetInput(dataset=ds._to_mlflow_entity(),
@@ -317,8 +319,6 @@ def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
 
 def remember(out_dir: Path, run_id: str) -> None:
     """Record the run writing into `out_dir`, so a rerun can close it if this process is killed."""
-    from .core.artifacts import RUN_ID_FILE
-
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RUN_ID_FILE).write_text(run_id + "\n", encoding="utf-8")
 
@@ -332,8 +332,6 @@ def close_stale(out_dir: Path) -> threading.Thread | None:
     The run id is read now; mlflow is imported and the store updated in a background thread
     (returned; None when there is no recorded run). The next run started with this `out_dir`
     waits for it, and so does the interpreter's exit (not a daemon)."""
-    from .core.artifacts import RUN_ID_FILE
-
     try:
         run_id = (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip()
     except OSError:
@@ -354,7 +352,7 @@ def wait_closed(out_dir: Path) -> None:
 
 def _close_stale(out_dir: Path, run_id: str) -> None:
     try:
-        import mlflow
+        import mlflow  # mlflow: imported on first use, off the refusal path
 
         client = mlflow.MlflowClient()
         if client.get_run(run_id).info.status == "RUNNING":
@@ -370,7 +368,7 @@ def _close_stale(out_dir: Path, run_id: str) -> None:
 
 def source_run(run_id: str) -> dict | None:
     """{status, experiment_id, tags, artifact_uri} of a run in the current store; None if absent."""
-    import mlflow
+    import mlflow  # mlflow: imported on first use, off the refusal path
     from mlflow.exceptions import MlflowException
 
     try:
@@ -383,7 +381,7 @@ def source_run(run_id: str) -> dict | None:
 
 def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Path | None]:
     """Download the named artifacts of a run into `dst`; None for each one the run lacks."""
-    import mlflow
+    import mlflow  # mlflow: imported on first use, off the refusal path
     from mlflow.exceptions import MlflowException
 
     present = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
@@ -402,7 +400,7 @@ def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Pa
 
 def tag_run(run_id: str, tags: dict[str, Any]) -> None:
     """Tags on another run (e.g. the source run of an export)."""
-    import mlflow
+    import mlflow  # mlflow: imported on first use, off the refusal path
 
     client = mlflow.MlflowClient()
     for k, v in tags.items():

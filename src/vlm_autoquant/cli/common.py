@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args, get_origin
@@ -147,7 +148,6 @@ def configure(debug: bool) -> None:
         os.environ.setdefault(key, value)
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")  # no progress-bar escape codes in logs
-    import warnings
 
     warnings.filterwarnings("ignore", message="transformers .* is not tested with current")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,

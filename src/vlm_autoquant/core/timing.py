@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import time
 from collections.abc import Iterator
 
@@ -20,13 +21,11 @@ def since_process_start() -> float:
 
 def peak_rss_gib() -> float:
     """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
 def gpu_peak_gib() -> float:
-    import torch
+    import torch  # torch: this module is imported on the refusal path
 
     return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
 

@@ -58,6 +58,7 @@ def _fake_quant_rounding(run_kernel: str | None) -> Iterator[None]:
     (`fp8_kernel.divides`); every other format, the scales, the file layout and the packing of
     everything else stay ModelOpt's.
     """
+    # ModelOpt: imported only when this runs, off the refusal path
     import modelopt.torch.export.unified_export_hf as hf
     from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT
 
@@ -90,6 +91,7 @@ def _fake_quant_rounding(run_kernel: str | None) -> Iterator[None]:
 def run_modelopt_export(model: nn.Module, staging: Path, run_kernel: str | None = None) -> Path:
     """ModelOpt's own export of the quantized LM into `staging/_modelopt` (FP8 weight codes as
     the run's kernel, `run_kernel` from its manifest, rounded them)."""
+    # ModelOpt: imported only when this runs, off the refusal path
     from modelopt.torch.export import export_hf_checkpoint
 
     target = staging / MODELOPT_SUBDIR

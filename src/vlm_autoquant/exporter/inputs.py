@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import tracking
 from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, sha256_file
 from ..core.errors import Problems
 from ..model import identity
@@ -45,8 +46,6 @@ class ExportInputs:
 
 def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, dict | None]:
     """Download a run's manifest and quantized state; (artifacts dir, run info) or problems."""
-    from .. import tracking
-
     run = tracking.source_run(run_id)
     fix = "pass the id of a finished quantization run (see `mlflow runs list`) and check " \
           f"MLFLOW_TRACKING_URI (now {tracking.tracking_uri()})"

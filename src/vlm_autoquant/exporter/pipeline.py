@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 
 from ..core import artifacts
-from ..core.errors import Problem, Problems, RunFailed, UsageError
+from ..core.errors import Interrupted, Problem, Problems, RunFailed, UsageError
 from ..core.timing import Phases, gpu_peak_gib, peak_rss_gib
+from ..search.fp8_kernel import run_arithmetic
 from . import assemble as export
 from . import engine_load, engines
+from . import track as export_track
 from . import verify as export_verify
 from .inputs import ExportInputs, ExportOptions, gather
 
@@ -36,7 +38,7 @@ _before_publish = None
 def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
            run_kernel: str | None = None) -> dict:
     """Checks (a)-(d) on the staged checkpoint, and its scales and FP8 codes against the run's."""
-    from ..model.lm import text_config
+    from ..model.lm import text_config  # transformers: after the export's inputs are valid
 
     lm_only = inputs.options.lm_only
     checks = {"formats": export_verify.check_formats(inputs.manifest, out, hf_quant)}
@@ -67,7 +69,7 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
 
 
 def _restore(inputs: ExportInputs, device: torch.device):
-    from ..model import quant_state
+    from ..model import quant_state  # ModelOpt: after the export's inputs are valid
     from ..model.lm import load_lm, text_config
 
     model = load_lm(inputs.model_dir, text_config(inputs.model_dir), device)
@@ -118,8 +120,7 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
     (`fp8_kernel.run_arithmetic`; never a JIT build of its CUDA extension here), so the
     reference is the model the run evaluated and the export holds its codes.
     """
-    from ..model.lm import pick_device
-    from ..search.fp8_kernel import run_arithmetic
+    from ..model.lm import pick_device  # transformers: after the export's inputs are valid
 
     o, device = inputs.options, pick_device()
     run_kernel = (inputs.manifest.get("search") or {}).get("fp8_kernel")
@@ -201,8 +202,6 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
         stop: an interrupt.StopFlag checked between phases, or None.
     Raises UsageError (exit 2) for bad input, RunFailed (exit 1) when a check fails.
     """
-    from . import track as export_track
-
     phases = Phases()
     problems = Problems()
     with tempfile.TemporaryDirectory(prefix="vlm-export-") as work:
@@ -219,7 +218,6 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
                 tracker.end("FINISHED")
         except BaseException as exc:
             if tracker is not None:
-                from ..core.errors import Interrupted
 
                 killed = isinstance(exc, (Interrupted, KeyboardInterrupt))
                 tracker.end("KILLED" if killed else "FAILED", f"{type(exc).__name__}: {exc}")

@@ -26,7 +26,9 @@ from torch import nn
 
 from ..core.artifacts import sha256_file
 from ..model.checkpoint import VISION_RE
+from ..model.demo import make_captions
 from ..model.identity import shard_layout, tensor_digests, weight_files
+from ..plan.calib_data import load_captions, pack, split_captions
 from ..search.fp8_kernel import FP8_MAX, divides, e4m3_codes, fake_quant, fake_quant_scale, weight_codes
 from .assemble import vision_name
 
@@ -163,6 +165,7 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
     on `device` (CUDA's pow is not correctly rounded, and one ulp in RoPE moves a random-init
     36-layer model's logits by KL ~2e-3), so they are taken from the restored model instead.
     """
+    # transformers: imported only when this runs, off the refusal path
     from transformers import Qwen2ForCausalLM
 
     state, fp8 = _dequantized_state(out, weight_amax, run_kernel)
@@ -279,9 +282,8 @@ def check_weight_codes(out: Path, reference: nn.Module) -> dict:
 
 def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], str]:
     """The run's held-out captions when its caption file is here (same split), else generated."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers: imported only when this runs, off the refusal path
 
-    from ..plan.calib_data import load_captions, pack, split_captions
 
     s, cal = manifest["scheme"], manifest["calibration"]
     path, captions = Path(cal["file"]), []
@@ -290,7 +292,6 @@ def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], s
                                max(s["num_eval_samples"], 1), s["seed"])
         captions, source = split.eval, f"held-out split of {path} (seed {s['seed']})"
     if not captions:
-        from ..model.demo import make_captions
 
         captions, source = make_captions(512, seed=s["seed"] + 7), \
             "generated captions (the run's caption file is not on this machine)"
@@ -358,6 +359,7 @@ def first_divergence(reference: nn.Module, candidate: nn.Module, batch: dict,
 
 def check_loadable(out: Path, lm_only: bool) -> dict:
     """(d) transformers builds the model from the export with no missing key (meta device)."""
+    # transformers: imported only when this runs, off the refusal path
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
 

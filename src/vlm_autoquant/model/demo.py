@@ -89,6 +89,7 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
 
 def train_tokenizer(captions: list[str], target: Path, vocab_size: int = 512) -> int:
     """A byte-level BPE tokenizer in the Qwen2 style; returns its length."""
+    # tokenizers, transformers: only when the demo's tokenizer is trained
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -157,7 +158,7 @@ def _released_keys(state: dict[str, torch.Tensor], tied: bool, legacy: bool,
 
 def write_shards(tensors: dict[str, torch.Tensor], target: Path, num_shards: int) -> None:
     """Safetensors shards plus model.safetensors.index.json, split by bytes in key order."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # safetensors' torch API: only when a checkpoint is written
 
     keys = sorted(tensors)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -201,7 +202,7 @@ def write_streamed(config, target: Path, seed: int, device: str = "cpu") -> None
     The module tree is built on the meta device (no memory); tensors of one shard are created,
     saved and freed before the next, so host memory stays at about one shard.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # safetensors' torch API: only when a checkpoint is written
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with torch.device("meta"):
@@ -259,6 +260,7 @@ def build_checkpoint(target: Path, size: str = "tiny", layout: str = "released",
                      tokenizer_dir: Path | None = None, captions: list[str] | None = None,
                      num_shards: int = 2, device: str = "cpu") -> Path:
     """Write a randomly initialised Qwen2.5-VL checkpoint (weights, config, tokenizer)."""
+    # transformers: imported only when this runs, off the refusal path
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     dims = SIZES[size]

@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from ..core.errors import Problem
 from .checkpoint import INDEX_FILE, SINGLE_FILE, VISION_RE
 
 CHUNK = 16 << 20
@@ -125,8 +126,6 @@ def result(model_dir: Path) -> str:
 
 def mismatch(model_dir: Path, recorded: str, actual: str, flag: str = "--model-dir"):
     """The Problem for a model_dir whose LM weights are not the ones the run quantized."""
-    from ..core.errors import Problem
-
     return Problem(flag, f"{model_dir} holds other LM weights than the run quantized: run "
                    f"weights_sha256 {recorded[:16]}..., this directory {actual[:16]}...",
                    "point it at the checkpoint the run used (the manifest's model.directory), "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -49,7 +50,6 @@ def save_weights(model: nn.Module, target: Path) -> None:
 def _manifest_dict(manifest: Path | dict | None) -> dict | None:
     if manifest is None or isinstance(manifest, dict):
         return manifest
-    import json
 
     return json.loads(Path(manifest).read_text(encoding="utf-8"))
 

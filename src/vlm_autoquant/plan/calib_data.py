@@ -132,14 +132,14 @@ def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file
 
 def load_captions(path: Path) -> list[str]:
     """Non-blank, stripped captions via the datasets `text` loader (CRLF handled there)."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # datasets: imported on first use, off the refusal path
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
     try:
         ds = load_dataset("text", data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - datasets wraps I/O errors in its own types
-        from datasets import config
+        from datasets import config  # datasets: imported on first use, off the refusal path
 
         raise RunFailed(f"the datasets text loader could not read {path} ({type(exc).__name__}: "
                         f"{exc}). It caches the file as Arrow under {config.HF_DATASETS_CACHE}: "

@@ -9,6 +9,7 @@ seconds, before anything heavy is imported.
 from __future__ import annotations
 
 import logging
+import platform
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from . import cost
 
 if TYPE_CHECKING:
     from ..model.checkpoint import CheckpointInfo
+from ..model.checkpoint import check_lm_tensors, inspect_checkpoint, linear_numels_from_headers
 from .inputs import Inputs, RunOptions
 from .schemes import FORMAT_BITS, Scheme, default_catalog, load_catalog, resolve
 
@@ -61,9 +63,7 @@ def installed_versions() -> dict[str, str | None]:
 
 def versions() -> dict[str, str | None]:
     """Python, torch, CUDA, device and the installed versions of the libraries that matter."""
-    import platform
-
-    import torch
+    import torch  # torch: this module is imported on the refusal path
 
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "device": torch.cuda.get_device_name()
@@ -126,8 +126,7 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
 
     Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
     """
-    from ..model.checkpoint import inspect_checkpoint, linear_numels_from_headers
-    from .calib_data import check_caption_file, load_captions
+    from .calib_data import check_caption_file, load_captions  # torch: not on the refusal path
 
     schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
     info = inspect_checkpoint(options.model_dir, problems) \
@@ -180,8 +179,7 @@ def read_text_config(model_dir: Path, info: "CheckpointInfo",
                      problems: Problems) -> tuple[object, dict[str, int] | None]:
     """The LM's config and the weight count of each linear (meta device, no weights); every LM
     tensor in the files must be named and shaped as the config's architecture says."""
-    from ..model.checkpoint import check_lm_tensors
-    from ..model.lm import linear_numels, meta_model, text_config
+    from ..model.lm import linear_numels, meta_model, text_config  # transformers: after the cheap checks
 
     try:
         cfg = text_config(model_dir)
@@ -196,7 +194,7 @@ def read_text_config(model_dir: Path, info: "CheckpointInfo",
 
 
 def load_tokenizer(model_dir: Path, problems: Problems):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers: imported only when this runs, off the refusal path
 
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from ..search.replicas import Replicas
 from ..core.interrupt import StopFlag
 from ..core.timing import Phases, since_process_start
+from ..model.lm import load_lm, pick_device
 from ..plan.inputs import Inputs
+from ..plan.memory_plan import Dims
 from ..plan.schemes import Scheme
 
 log = logging.getLogger("vlm_autoquant")
@@ -36,9 +38,6 @@ log = logging.getLogger("vlm_autoquant")
 
 def load(inputs: Inputs, placement: LMPlacement | None, phases: Phases) -> nn.Module:
     """The LM alone, on one device or placed across the GPUs by the memory plan."""
-    from ..model.lm import load_lm, pick_device
-    from ..plan.memory_plan import Dims
-
     where = {}
     if placement is not None:
         log.info("memory plan and placement:\n%s",

@@ -14,6 +14,7 @@ import io
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import tracking
@@ -164,8 +165,6 @@ def _seed(family: Family, done: list[Family]) -> str | None:
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
     """Spearman rank correlation (average ranks for ties); None for fewer than 3 points."""
-    import numpy as np
-
     if len(xs) < 3:
         return None
 

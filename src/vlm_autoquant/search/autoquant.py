@@ -599,7 +599,7 @@ def solve(model: torch.nn.Module, found: Search, formats: list[str], target_bits
             chosen=format_name(info["format"])))
     cost = sum(info["costs"] for info in best.values())
     return SearchResult(
-        groups=tuple(groups), target_bits=float(target_bits), 
+        groups=tuple(groups), target_bits=float(target_bits),
         achieved_bits=16.0 * cost / total,
         predicted_loss=float(sum(info["scores"] for info in best.values())),
         checkpoint=found.checkpoint, calibrated=found.calibrated, scored=found.scored,

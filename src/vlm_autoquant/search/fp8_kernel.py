@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,10 +34,7 @@ def cached_build_state(build_dir: Path, name: str, expected_ninja: str | None) -
     what torch would write now (`expected_ninja`; None skips that check), and a dry run
     (`ninja -n`, nothing is built) finds no work to do.
     """
-    import shutil
-    import subprocess
-
-    from torch.utils.cpp_extension import LIB_EXT
+    from torch.utils.cpp_extension import LIB_EXT  # torch: this module is imported on the refusal path
 
     if not (build_dir / f"{name}{LIB_EXT}").is_file():
         return False, f"no build of {name} in {build_dir}"
@@ -61,6 +61,7 @@ def cached_build_state(build_dir: Path, name: str, expected_ninja: str | None) -
 
 def _modelopt_fp8_load_call() -> tuple[str, list[str], dict]:
     """The (name, sources, kwargs) ModelOpt passes to load_cpp_extension, captured, not run."""
+    # ModelOpt: imported only when this runs, off the refusal path
     from modelopt.torch.quantization import extensions
 
     seen: dict = {}
@@ -86,9 +87,7 @@ def _modelopt_fp8_load_call() -> tuple[str, list[str], dict]:
 
 def _torch_ninja_file(name: str, sources: list[str], kwargs: dict) -> str:
     """The build.ninja torch's JIT load would write for ModelOpt's call (written to a temp dir)."""
-    import tempfile
-
-    from torch.utils import cpp_extension as ce
+    from torch.utils import cpp_extension as ce  # torch: this module is imported on the refusal path
 
     with_cuda = any(map(ce._is_cuda_file, sources))
     arch_set = "TORCH_CUDA_ARCH_LIST" in os.environ
@@ -115,11 +114,13 @@ def _torch_ninja_file(name: str, sources: list[str], kwargs: dict) -> str:
 
 def fp8_extension_state() -> tuple[bool, str]:
     """Whether ModelOpt's FP8 CUDA extension loads here without a build, and the reason."""
+    # ModelOpt: imported only when this runs, off the refusal path
     from modelopt.torch.quantization import extensions
 
     if getattr(extensions.get_cuda_ext_fp8, "extension", None) is not None:
         return True, "already loaded in this process"
     try:
+        # torch: this module is imported on the refusal path
         from torch.utils.cpp_extension import _get_build_directory
 
         name, sources, kwargs = _modelopt_fp8_load_call()
@@ -139,6 +140,7 @@ def select_fp8_kernel(kind: str) -> str:
     without compiling (`fp8_extension_state`), else eager with the reason logged, so no run pays
     a silent build, not even after ModelOpt or torch was reinstalled (docs/PERFORMANCE.md).
     """
+    # ModelOpt: imported only when this runs, off the refusal path
     from modelopt.torch.quantization import extensions
 
     if not torch.cuda.is_available():
@@ -218,6 +220,7 @@ def run_arithmetic(run_kernel: str | None) -> Iterator[str]:
     loads here, else (a CPU, or no build) by the extension's arithmetic written in PyTorch for the
     tensors the extension handled; any other run uses ModelOpt's eager path. Returns what runs.
     """
+    # ModelOpt: imported only when this runs, off the refusal path
     from modelopt.torch.quantization import extensions, tensor_quant
 
     if run_kernel == "cuda-ext" and torch.cuda.is_available() and fp8_extension_state()[0]:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.connection import wait
 from pathlib import Path
 
 from ..core.errors import RunFailed
@@ -84,7 +85,7 @@ def _free_port() -> int:
 
 
 def _init_group(setup: Setup, rank: int, port: int) -> None:
-    import torch
+    import torch  # torch: this module is imported on the refusal path
     import torch.distributed as dist
 
     kwargs = {}
@@ -97,7 +98,7 @@ def _init_group(setup: Setup, rank: int, port: int) -> None:
 
 
 def _peak_gib(device: str) -> float:
-    import torch
+    import torch  # torch: this module is imported on the refusal path
 
     if not device.startswith("cuda"):
         return 0.0
@@ -111,10 +112,10 @@ def _worker(rank: int, port: int, jobs, results) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s replica {rank}: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        import torch
+        import torch  # torch: this module is imported on the refusal path
         import torch.distributed as dist
 
-        from ..model.lm import load_lm
+        from ..model.lm import load_lm  # in the spawned worker: replicas.py stays cheap to import
         from ..model.weights import sharing_weights
         from . import autoquant, fp8_kernel  # the slow imports, before the Setup is known
 
@@ -260,7 +261,6 @@ class Replicas:
 
     # -- failure handling -------------------------------------------------------------------
     def _watchdog(self) -> None:
-        from multiprocessing.connection import wait
 
         pending = {p.sentinel: p for p in self.procs}
         while pending and not self._closing:
@@ -285,7 +285,7 @@ class Replicas:
         while self._searching.is_set() and time.monotonic() < deadline:
             time.sleep(0.2)
         if self._searching.is_set() and self.setup.backend == "nccl":
-            import torch.distributed as dist
+            import torch.distributed as dist  # torch: this module is imported on the refusal path
 
             dist.distributed_c10d._abort_process_group()
             deadline = time.monotonic() + _GRACE_S
@@ -359,7 +359,7 @@ class Replicas:
 
         Returns rank 0's Search, whose calibration and scores are those of all the batches.
         """
-        from . import autoquant
+        from . import autoquant  # ModelOpt: replicas.py is imported on the CLI's cheap path
 
         world = self.setup.world
         if min(spec.num_calib_steps, spec.num_score_steps) < world:
@@ -408,7 +408,7 @@ class Replicas:
         first: a replica's own teardown may wait for it."""
         if self.closed:
             return
-        import torch.distributed as dist
+        import torch.distributed as dist  # torch: this module is imported on the refusal path
 
         self.closed = self._closing = True
         clean = ok and not self.failure

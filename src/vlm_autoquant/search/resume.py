@@ -7,10 +7,10 @@ outside the output dir), and then only with an explicit weights_only=True.
 Checkpoint and record are one atomic step: the checkpoint is written to `<name>.tmp-<pid>`, the
 record naming its sha256 is written under its final name, and only then is the checkpoint renamed
 into place. A kill between the two renames leaves a finished record and a finished temporary
-checkpoint, which the next run promotes instead of refusing. The record also stores a fingerprint of everything that
-decides the calibration and the scores (model config and tensor layout, the packed calibration
-tokens, the scheme's scoring settings, library versions). A changed setting is reported by name
-and the checkpoint is not reused.
+checkpoint, which the next run promotes instead of refusing. The record also stores a fingerprint
+of everything that decides the calibration and the scores (model config and tensor layout, the
+packed calibration tokens, the scheme's scoring settings, library versions). A changed setting is
+reported by name and the checkpoint is not reused.
 """
 
 from __future__ import annotations
