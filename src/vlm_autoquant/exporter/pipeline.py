@@ -48,6 +48,10 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
     amax = export_verify.quantizer_amax(reference, "input")
     weight_amax = export_verify.quantizer_amax(reference, "weight")
     checks["scales"] = export_verify.check_scales(out, amax, weight_amax)
+    implausible = export_verify.implausible_scales(reference)
+    if implausible:
+        checks["scales"]["passed"] = False
+        checks["scales"]["errors"] = (implausible + checks["scales"]["errors"])[:20]
     checks["weights"] = export_verify.check_weight_codes(out, reference)
     batches, source = export_verify.held_out_batches(inputs.manifest, out)
     cfg = text_config(inputs.model_dir)

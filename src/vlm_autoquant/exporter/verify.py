@@ -245,6 +245,52 @@ def check_scales(out: Path, amax: dict[str, torch.Tensor],
     return {"passed": not errors, **result, "errors": errors[:20]}
 
 
+# A weight's amax against the weight itself. ModelOpt's max calibration sets it to max|w| (of
+# the tensor, or of each output channel), so a run's amax/max|w| is 1. A factor of 2 either way
+# is one binade of E4M3: above it the top binade of codes is never used (a bit lost on every
+# weight), below it more than half of the largest weights are clipped. Calibration never gives
+# either, and other weights of the same model (--allow-other-weights) move max|w| far less.
+WEIGHT_AMAX_RATIO = (0.5, 2.0)
+# An input amax has no tensor to compare with, only the number formats: a static scale
+# amax / 448 must be a normal fp32 number, and no bf16 activation exceeds bf16's largest value.
+INPUT_AMAX_RANGE = (FP8_MAX * torch.finfo(torch.float32).tiny, torch.finfo(torch.bfloat16).max)
+
+
+def _weight_amax_errors(name: str, amax: torch.Tensor, weight: torch.Tensor) -> list[str]:
+    amax = amax.detach().float().reshape(-1).cpu()
+    w = weight.detach().float().abs().cpu()
+    w_max = w.amax().reshape(1) if amax.numel() == 1 else w.reshape(amax.numel(), -1).amax(-1)
+    if not bool(torch.isfinite(amax).all()) or bool((amax <= 0).any()):
+        return [f"{name}: weight amax {amax.min().item():.6g}..{amax.max().item():.6g} is not a "
+                "finite positive number"]
+    live = w_max > 0  # an all-zero channel codes as 0 whatever its scale
+    ratio = amax[live] / w_max[live]
+    lo, hi = WEIGHT_AMAX_RATIO
+    if ratio.numel() and (ratio.min() < lo or ratio.max() > hi):
+        worst = ratio.max() if ratio.max() > hi else ratio.min()
+        return [f"{name}: weight amax is {worst.item():.6g} x max|weight| (calibration gives 1; "
+                f"plausible {lo:g}..{hi:g})"]
+    return []
+
+
+def implausible_scales(reference: nn.Module) -> list[str]:
+    """Every static amax of the restored run, checked against what could have produced it:
+    weight amax against max|w| (WEIGHT_AMAX_RATIO), input amax against the number formats
+    (INPUT_AMAX_RANGE). Both must be finite and positive."""
+    errors = []
+    for name, m in reference.named_modules():
+        wq, iq = getattr(m, "weight_quantizer", None), getattr(m, "input_quantizer", None)
+        if wq is not None and wq.is_enabled and getattr(wq, "amax", None) is not None:
+            errors += _weight_amax_errors(name, wq.amax, m.weight)
+        if iq is not None and iq.is_enabled and getattr(iq, "amax", None) is not None:
+            a = iq.amax.detach().float().cpu()
+            lo, hi = INPUT_AMAX_RANGE
+            if not bool(torch.isfinite(a).all()) or bool((a < lo).any()) or bool((a > hi).any()):
+                errors.append(f"{name}: input amax {a.min().item():.6g}..{a.max().item():.6g} "
+                              f"is outside {lo:.3g}..{hi:.3g} (finite, positive, bf16)")
+    return errors
+
+
 @torch.no_grad()
 def check_weight_codes(out: Path, reference: nn.Module) -> dict:
     """Every stored FP8 weight holds, byte for byte, the E4M3 codes of ModelOpt's own fake quant
