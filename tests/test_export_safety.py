@@ -139,10 +139,10 @@ def test_stale_staging_dirs_are_swept_live_and_foreign_ones_kept(tmp_path):
     finally:
         os.close(fd)
     assert not stale.exists() and foreign.exists() and live.exists()
-    with staging.staging_dir(tmp_path / "q") as built:
+    with staging.staging_dir(tmp_path / "q") as built:  # a new build sweeps its parent
         assert (built / staging.STAGING_MARKER).is_file()
-        assert staging.sweep_stale(tmp_path) == [live]  # its builder has gone now
-        assert built.exists()  # ours, locked: never swept while we build
+        assert not live.exists() and foreign.exists()  # its builder has gone now
+        assert staging.sweep_stale(tmp_path) == [] and built.exists()  # ours: locked
     assert not built.exists()
 
 

@@ -107,13 +107,12 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, P
     return manifest, state, payload
 
 
-def check_output(opts: ExportOptions, needed: int, problems: Problems) -> None:
+def check_output(opts: ExportOptions, model_dir: Path, needed: int, problems: Problems) -> None:
     """Not protected, new or replaceable (artifacts.check_replaced_dir); writable; room for the
     checkpoint."""
     out = opts.output_dir
     before = len(problems.items)
-    check_replaced_dir(out, problems, opts.overwrite, REPORT_FILE, opts.model_dir,
-                       opts.artifacts_dir)
+    check_replaced_dir(out, problems, opts.overwrite, REPORT_FILE, model_dir, opts.artifacts_dir)
     if len(problems.items) > before:
         return
     probe = next((p for p in (out, *out.parents) if paths.exists(p)), Path("/"))
@@ -161,7 +160,7 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
     if base is None:
         return None
     needed = base.bytes_of(base.lm_keys()) + base.bytes_of(base.vision_keys()) + (64 << 20)
-    check_output(opts, needed, problems)
+    check_output(opts, model_dir, needed, problems)
     recorded = manifest["model"].get("weights_sha256")
     actual = identity.result(model_dir)
     if recorded is not None and actual != recorded and not opts.allow_other_weights:
