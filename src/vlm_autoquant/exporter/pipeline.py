@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,10 @@ from . import track as export_track
 from . import verify as export_verify
 from .inputs import ExportInputs, ExportOptions, gather
 from .staging import BOOKKEEPING, STAGING_MARKER, mark_finished, staging_dir
+
+if TYPE_CHECKING:
+    from ..core.interrupt import StopFlag
+    from ..tracking import Tracker
 
 log = logging.getLogger("vlm_autoquant")
 REPORT_FILE = artifacts.EXPORT_REPORT_FILE
@@ -230,7 +235,8 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
             return _export_tracked(inputs, staging, phases, stop, tracker)
 
 
-def _export_tracked(inputs: ExportInputs, staging: Path, phases: Phases, stop, tracker) -> dict:
+def _export_tracked(inputs: ExportInputs, staging: Path, phases: Phases,
+                    stop: StopFlag | None, tracker: Tracker | None) -> dict:
     """The export inside its lock, its MLflow run ended on every path out."""
     try:
         report = export_checkpoint(inputs, staging, phases, stop)
