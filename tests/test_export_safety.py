@@ -469,3 +469,20 @@ def test_log_only_refuses_a_changed_state_and_logs_the_checked_bytes(script_run,
                                               artifact_path=QUANT_STATE_FILE,
                                               dst_path=str(tmp_path / "dl"))
     assert Path(got).read_bytes() == good
+
+
+def test_weight_amax_must_be_within_a_binade_of_the_weights_own_max():
+    from vlm_autoquant.exporter.verify import _weight_amax_errors
+
+    w = torch.tensor([[0.5, -2.0], [1.0, 0.25], [0.0, 0.0]], dtype=torch.bfloat16)
+    per_channel = torch.tensor([[2.0], [1.0], [0.5]])  # max|w| per row; a zero row codes 0
+    #                                                     under any positive amax
+    assert _weight_amax_errors("l", per_channel, w) == []
+    assert _weight_amax_errors("l", torch.tensor(2.0), w) == []
+    assert _weight_amax_errors("l", torch.tensor(3.9), w) == []  # within 2x
+    for bad in ([[2.0], [2.5], [1.0]], [[2.0], [0.4], [1.0]]):  # one channel beyond 2x
+        (err,) = _weight_amax_errors("l", torch.tensor(bad), w)
+        assert "x max|weight|" in err
+    for bad in (0.0, -2.0, float("inf"), float("nan")):
+        (err,) = _weight_amax_errors("l", torch.tensor(bad), w)
+        assert "not a finite positive number" in err

@@ -258,8 +258,9 @@ INPUT_AMAX_RANGE = (FP8_MAX * torch.finfo(torch.float32).tiny, torch.finfo(torch
 
 def _weight_amax_errors(name: str, amax: torch.Tensor, weight: torch.Tensor) -> list[str]:
     amax = amax.detach().float().reshape(-1).cpu()
-    w = weight.detach().float().abs().cpu()
-    w_max = w.amax().reshape(1) if amax.numel() == 1 else w.reshape(amax.numel(), -1).amax(-1)
+    w = weight.detach().abs()  # on its device, in its dtype: a max is exact in any of them
+    w_max = (w.amax().reshape(1) if amax.numel() == 1 else
+             w.reshape(amax.numel(), -1).amax(-1)).float().cpu()
     if not bool(torch.isfinite(amax).all()) or bool((amax <= 0).any()):
         return [f"{name}: weight amax {amax.min().item():.6g}..{amax.max().item():.6g} is not a "
                 "finite positive number"]
