@@ -75,6 +75,8 @@ def staging_dir(target: Path) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)  # gone already when published
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # published, it is the output dir's lock: no holder now
         os.close(fd)
 
 
