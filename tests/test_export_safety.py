@@ -486,3 +486,30 @@ def test_weight_amax_must_be_within_a_binade_of_the_weights_own_max():
     for bad in (0.0, -2.0, float("inf"), float("nan")):
         (err,) = _weight_amax_errors("l", torch.tensor(bad), w)
         assert "not a finite positive number" in err
+
+
+def test_a_fused_groups_shared_weight_amax_is_plausible_for_each_member():
+    """shared-max gives q/k/v one weight amax, the group's max|w|: plausible for a member whose
+    own max|w| is 4x smaller; the same amax on a layer outside any fused group is not."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from vlm_autoquant.exporter.verify import implausible_scales
+
+    attn = nn.Module()
+    for leaf, top in (("q_proj", 4.0), ("k_proj", 1.0), ("v_proj", 2.0)):
+        lin = nn.Linear(2, 2, bias=False)
+        lin.weight.data = torch.tensor([[top, 0.5], [-0.25, 0.1]])
+        lin.weight_quantizer = SimpleNamespace(is_enabled=True, amax=torch.tensor(4.0))
+        setattr(attn, leaf, lin)
+    model = nn.Module()
+    model.self_attn = attn
+    assert implausible_scales(model) == []
+    model.o_proj = nn.Linear(2, 2, bias=False)
+    model.o_proj.weight.data = torch.tensor([[1.0, 0.5], [-0.25, 0.1]])
+    model.o_proj.weight_quantizer = SimpleNamespace(is_enabled=True, amax=torch.tensor(4.0))
+    (err,) = implausible_scales(model)
+    assert err.startswith("o_proj: weight amax is 4 x max|weight|")
+    attn.k_proj.weight_quantizer.amax = torch.tensor(9.0)  # beyond 2x of the group's max too
+    assert sorted(e.split(":")[0] for e in implausible_scales(model)) == ["o_proj", "self_attn.k_proj"]

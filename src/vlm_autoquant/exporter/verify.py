@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.artifacts import sha256_file
 from ..model.checkpoint import VISION_RE
+from ..model.fused import fused_layer_groups
 from ..model.identity import shard_layout, tensor_digests, weight_files
 from ..search.fp8_kernel import FP8_MAX, divides, e4m3_codes, fake_quant, fake_quant_scale, weight_codes
 from .assemble import vision_name
@@ -256,11 +257,19 @@ WEIGHT_AMAX_RATIO = (0.5, 2.0)
 INPUT_AMAX_RANGE = (FP8_MAX * torch.finfo(torch.float32).tiny, torch.finfo(torch.bfloat16).max)
 
 
-def _weight_amax_errors(name: str, amax: torch.Tensor, weight: torch.Tensor) -> list[str]:
+def _weight_amax_errors(name: str, amax: torch.Tensor, weight: torch.Tensor,
+                        group_max: torch.Tensor | None = None) -> list[str]:
+    """`group_max`: max|w| over the fused group of a per-tensor weight (`_fused_weight_max`),
+    the amax a `fused_scales: shared-max` run gives every member; the weight's own max|w| is
+    the per-module one."""
     amax = amax.detach().float().reshape(-1).cpu()
     w = weight.detach().abs()  # on its device, in its dtype: a max is exact in any of them
     w_max = (w.amax().reshape(1) if amax.numel() == 1 else
              w.reshape(amax.numel(), -1).amax(-1)).float().cpu()
+    if group_max is not None and amax.numel() == 1 and bool(group_max > 0):
+        shared = amax / group_max.float().cpu().reshape(1)
+        if WEIGHT_AMAX_RATIO[0] <= shared.item() <= WEIGHT_AMAX_RATIO[1]:
+            w_max = group_max.float().cpu().reshape(1)
     if not bool(torch.isfinite(amax).all()) or bool((amax <= 0).any()):
         return [f"{name}: weight amax {amax.min().item():.6g}..{amax.max().item():.6g} is not a "
                 "finite positive number"]
@@ -274,15 +283,31 @@ def _weight_amax_errors(name: str, amax: torch.Tensor, weight: torch.Tensor) -> 
     return []
 
 
+def _fused_weight_max(reference: nn.Module) -> dict[str, torch.Tensor]:
+    """{layer: max|w| over its fused group} for the groups (q/k/v, gate/up) whose members all
+    hold a per-tensor weight amax."""
+    modules = dict(reference.named_modules())
+    out = {}
+    for group in fused_layer_groups(list(modules)):
+        quantizers = [getattr(modules[n], "weight_quantizer", None) for n in group]
+        if all(q is not None and q.is_enabled and getattr(q, "amax", None) is not None
+               and q.amax.numel() == 1 for q in quantizers):
+            top = torch.stack([modules[n].weight.detach().abs().amax().float().cpu()
+                               for n in group]).max()
+            out.update(dict.fromkeys(group, top))
+    return out
+
+
 def implausible_scales(reference: nn.Module) -> list[str]:
     """Every static amax of the restored run, checked against what could have produced it:
     weight amax against max|w| (WEIGHT_AMAX_RATIO), input amax against the number formats
     (INPUT_AMAX_RANGE). Both must be finite and positive."""
     errors = []
+    group_max = _fused_weight_max(reference)
     for name, m in reference.named_modules():
         wq, iq = getattr(m, "weight_quantizer", None), getattr(m, "input_quantizer", None)
         if wq is not None and wq.is_enabled and getattr(wq, "amax", None) is not None:
-            errors += _weight_amax_errors(name, wq.amax, m.weight)
+            errors += _weight_amax_errors(name, wq.amax, m.weight, group_max.get(name))
         if iq is not None and iq.is_enabled and getattr(iq, "amax", None) is not None:
             a = iq.amax.detach().float().cpu()
             lo, hi = INPUT_AMAX_RANGE
