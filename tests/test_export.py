@@ -195,7 +195,23 @@ def test_other_weights_refused_in_export_and_restore(store, demo, tmp_path, caps
         quant_state.restore(other, store[1] / QUANT_STATE_FILE, torch.device("cpu"))
     model = quant_state.restore(other, store[1] / QUANT_STATE_FILE, torch.device("cpu"),
                                 allow_other_weights=True)
-    assert model is not None
+    # the weights are the other dir's (its flipped byte included), the quantizers the run's
+    from safetensors import safe_open
+
+    from vlm_autoquant.model.identity import shard_layout, weight_files
+
+    shard = next(f for f in weight_files(other) if "model.norm.weight" in shard_layout(f))
+    with safe_open(str(shard), "pt") as f:
+        theirs = f.get_tensor("model.norm.weight")
+    with safe_open(str(next(f for f in weight_files(demo[0])
+                            if "model.norm.weight" in shard_layout(f))), "pt") as f:
+        assert not torch.equal(theirs, f.get_tensor("model.norm.weight"))
+    assert torch.equal(dict(model.named_parameters())["model.norm.weight"].cpu(), theirs)
+    saved = torch.load(store[1] / QUANT_STATE_FILE, weights_only=True)["quantizer_state"]
+    amax = {k: v["_amax"] for k, v in saved.items() if torch.is_tensor(v.get("_amax"))}
+    assert amax
+    for key, value in amax.items():
+        assert torch.equal(model.get_submodule(key).amax.float().cpu(), value.float()), key
 
 
 def test_output_dir_not_empty_and_disk_full(store, demo, tmp_path, capsys, monkeypatch):
@@ -244,6 +260,7 @@ def test_interrupted_or_failed_export_leaves_nothing(store, demo, tmp_path, caps
     code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
                         tmp_path / "o", "--no-mlflow"], capsys)
     assert code == 130, err
+    assert "Nothing was written" in err and "calibration" not in err
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
     monkeypatch.setattr(export_pipeline.export_verify, "KL_LIMIT", -1.0)  # a check that fails

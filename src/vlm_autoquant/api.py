@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,8 @@ def _discarded_if_empty(output_dir: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if not existed and paths.exists(output_dir) and artifacts.only_our_bookkeeping(output_dir):
+        if not existed and paths.exists(output_dir) and artifacts.only_our_bookkeeping(
+                output_dir, tracking.ended_here(output_dir)):
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
 
@@ -195,6 +196,22 @@ def sweep(model_dir: str | Path, schemes: list[str] | None = None, *,
     return run_schemes(options, schemes, scheme_overrides)
 
 
+def _export_source(source: str | Path | None) -> tuple[Path | None, str | None]:
+    """(the run's output dir, None) for a Path or an existing directory, else (None, run id)."""
+    folder = Path(source) if isinstance(source, Path) or (
+        source is not None and Path(source).is_dir()) else None
+    return folder, None if folder is not None or source is None else str(source)
+
+
+def export_output_dir(source: str | Path | None, output_dir: str | Path | None) -> Path:
+    """Where `export` writes: `output_dir`, else exports/<run id> or exports/<name of the run's
+    output dir>."""
+    if output_dir is not None:
+        return Path(output_dir)
+    folder, run_id = _export_source(source)
+    return Path("exports") / (run_id or (folder.name if folder is not None else "x"))
+
+
 def _export_options(source: str | Path | None, model_dir: str | Path | None,
                     output_dir: str | Path | None, options: dict[str, Any]):
     from .exporter.inputs import ExportOptions  # safetensors: only for an export
@@ -203,11 +220,8 @@ def _export_options(source: str | Path | None, model_dir: str | Path | None,
     if unknown:
         raise UsageError([Problem(k, "is not an export option", f"use one of: "
                                   f"{', '.join(_EXPORT_OPTIONS)}") for k in unknown])
-    folder = Path(source) if isinstance(source, Path) or (
-        source is not None and Path(source).is_dir()) else None
-    run_id = None if folder is not None or source is None else str(source)
-    name = run_id or (folder.name if folder is not None else "x")
-    out = Path(output_dir) if output_dir is not None else Path("exports") / name
+    folder, run_id = _export_source(source)
+    out = export_output_dir(source, output_dir)
     kept = {k: v for k, v in options.items() if k != "mlflow" and v is not None}
     return ExportOptions(output_dir=out, run_id=run_id, artifacts_dir=folder,
                          model_dir=None if model_dir is None else Path(model_dir), **kept)
@@ -230,18 +244,28 @@ def export(source: str | Path | None, *, model_dir: str | Path | None = None,
     from .exporter.pipeline import export_run  # torch: only for an export
 
     opts = _export_options(source, model_dir, output_dir, options)
-    tracker_factory = None
-    if options.get("mlflow", True):
-        problems = Problems()
-        tracking.check_reachable(problems)
-        problems.raise_if_any()
-        experiment = opts.experiment or DEFAULT_EXPERIMENT
-        launched = os.environ.get("MLFLOW_RUN_ID")
-        if launched and (tracking.source_run(launched) or {}).get("status") != "RUNNING":
-            del os.environ["MLFLOW_RUN_ID"]  # launched by a run already done (the demo): own run
-        tracker_factory = lambda name: tracking.Tracker(experiment, name)  # noqa: E731
-    with stop_on_signals(StopFlag()) as stop:
+    tracker_factory = _export_tracker_factory(opts.experiment) \
+        if options.get("mlflow", True) else None
+    with _discarded_if_empty(opts.output_dir), stop_on_signals(StopFlag()) as stop:
         return ExportResult(opts.output_dir, export_run(opts, tracker_factory, stop))
+
+
+def _export_tracker_factory(experiment: str | None) -> Callable[[str, Path], tracking.Tracker]:
+    """`(name, output dir) -> Tracker` for the export's own MLflow run, recorded in the output
+    dir; refuses an unreachable tracking server first."""
+    problems = Problems()
+    tracking.check_reachable(problems)
+    problems.raise_if_any()
+    experiment = experiment or DEFAULT_EXPERIMENT
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched and (tracking.source_run(launched) or {}).get("status") != "RUNNING":
+        del os.environ["MLFLOW_RUN_ID"]  # launched by a run already done (the demo): own run
+
+    def tracker_factory(name: str, out_dir: Path) -> tracking.Tracker:
+        tracking.close_stale(out_dir)  # a killed export's run, left RUNNING, is closed first
+        return tracking.Tracker(experiment, name, out_dir=out_dir)
+
+    return tracker_factory
 
 
 def restore(run_dir: str | Path, model_dir: str | Path | None = None, device: str | None = None,

@@ -260,6 +260,7 @@ class Tracker:
         if reason:
             self.set_tags({"failure_reason": reason[:4000]})
         self._mlflow.MlflowClient().set_terminated(self.run_id, status=status)
+        _ended.add(self.run_id)
 
 
 def _prewarm_report_imports() -> None:
@@ -324,6 +325,19 @@ def remember(out_dir: Path, run_id: str) -> None:
 
 
 _closers: dict[Path, threading.Thread] = {}
+_ended: set[str] = set()  # runs this process ended (any status)
+
+
+def ended_here(out_dir: Path) -> bool:
+    """Whether the run recorded in `out_dir` was ended by this process: its record is then
+    no longer needed to close it (a run that could not be ended keeps its record for
+    `close_stale`)."""
+    from .core.artifacts import RUN_ID_FILE
+
+    try:
+        return (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip() in _ended
+    except OSError:
+        return True
 
 
 def close_stale(out_dir: Path) -> threading.Thread | None:

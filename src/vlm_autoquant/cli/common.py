@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import get_args, get_origin
 
+from .. import tracking
 from ..api import DEFAULT_EXPERIMENT
 from ..core import artifacts, paths
 from ..core.artifacts import ARTIFACTS
@@ -181,8 +182,16 @@ def run_kwargs(args: argparse.Namespace) -> dict:
             **overrides_from(args)}
 
 
-def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -> int:
-    """The error boundary: clean messages and exit codes; no partial output left behind."""
+INTERRUPTED_NOTE = ("Finished calibration/scoring was kept in the search checkpoint: rerun the "
+                    "same command to resume.")
+
+
+def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
+                interrupted_note: str = INTERRUPTED_NOTE) -> int:
+    """The error boundary: clean messages and exit codes; no partial output left behind.
+
+    A dir the run created is removed when it holds only our bookkeeping, unless it records an
+    MLflow run this process could not end (the next run into it closes that run)."""
     existed = output_dir is not None and paths.exists(output_dir)
     try:
         with terminate_as_interrupt():
@@ -191,8 +200,7 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -
         print(f"error: {exc.render()}", file=sys.stderr)
         code = EXIT_USAGE
     except (Interrupted, KeyboardInterrupt) as exc:
-        print(f"stopped ({exc or 'KeyboardInterrupt'}). Finished calibration/scoring was kept in "
-              "the search checkpoint: rerun the same command to resume.", file=sys.stderr)
+        print(f"stopped ({exc or 'KeyboardInterrupt'}). {interrupted_note}", file=sys.stderr)
         code = EXIT_INTERRUPTED
     except RunFailed as exc:
         if debug:
@@ -213,7 +221,7 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None) -
                   file=sys.stderr)
         code = EXIT_FAILURE
     if output_dir is not None and not existed and paths.exists(output_dir) \
-            and artifacts.only_our_bookkeeping(output_dir):
+            and artifacts.only_our_bookkeeping(output_dir, tracking.ended_here(output_dir)):
         shutil.rmtree(output_dir, ignore_errors=True)  # we made it and it holds nothing
     return code
 

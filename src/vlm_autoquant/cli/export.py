@@ -49,9 +49,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _source(args: argparse.Namespace) -> str | Path | None:
+    return args.artifacts_dir if args.artifacts_dir is not None else args.run_id
+
+
 def _run(args: argparse.Namespace) -> int:
-    source = args.artifacts_dir if args.artifacts_dir is not None else args.run_id
-    done = api.export(source, model_dir=args.model_dir, output_dir=args.output_dir,
+    done = api.export(_source(args), model_dir=args.model_dir, output_dir=args.output_dir,
                       overwrite=args.overwrite, lm_only=args.lm_only,
                       allow_other_weights=args.allow_other_weights,
                       log_checkpoint=args.log_checkpoint, register=args.register,
@@ -64,4 +67,6 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(dashed(argv))
     configure(args.debug)
-    return run_guarded(lambda: _run(args), args.debug, None)
+    return run_guarded(lambda: _run(args), args.debug,
+                       api.export_output_dir(_source(args), args.output_dir),
+                       "Nothing was written to the output dir; rerun the same command to export.")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from .. import api
+from ..core import paths
 from ..core.artifacts import MANIFEST_FILE
 from ..core.errors import Problem, UsageError
 from ..plan.schemes import default_catalog, describe_catalog, load_catalog
@@ -79,19 +81,25 @@ def _run_main(args: argparse.Namespace) -> int:
 
 
 def _log_only(args: argparse.Namespace) -> int:
-    """Log a finished run's output dir (written while tracking was down) as a new MLflow run."""
-    from ..run.report import log_scheme  # torch: only for --log-only
+    """Log a finished run's output dir (written while tracking was down) as a new MLflow run.
+
+    The manifest is read once and every artifact is checked against it (`checked_artifacts`)
+    before the MLflow run is made; what is logged are the bytes that were checked."""
+    from ..run.report import checked_artifacts, log_scheme  # torch: only for --log-only
 
     try:
-        doc = json.loads((args.output_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        raw = paths.read_regular(args.output_dir / MANIFEST_FILE, 64 << 20)
+        doc = json.loads(raw)
         name = doc["scheme"]["name"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, paths.NotARegularFile, ValueError, KeyError, TypeError) as exc:
         raise UsageError(Problem("--output-dir", f"{args.output_dir} holds no readable "
                                  f"{MANIFEST_FILE} ({exc})", "pass the --output-dir of a "
                                  "finished run")) from None
-    with tracked_run(args.experiment or DEFAULT_EXPERIMENT, name) as tracker:
-        log_scheme(tracker, doc, args.output_dir)
-        tracker.set_tags({"logged_later_from": str(args.output_dir.resolve())})
+    with tempfile.TemporaryDirectory(prefix="vlm-log-only-") as tmp:
+        files = checked_artifacts(doc, raw, args.output_dir, Path(tmp))
+        with tracked_run(args.experiment or DEFAULT_EXPERIMENT, name) as tracker:
+            log_scheme(tracker, doc, args.output_dir, files)
+            tracker.set_tags({"logged_later_from": str(args.output_dir.resolve())})
     log.info("logged %s as MLflow run %s", args.output_dir, tracker.run_id)
     return 0
 

@@ -40,6 +40,7 @@ SEARCH_CHECKPOINT = "autoquant_search.pth"
 SEARCH_RECORD = "autoquant_search.json"
 COMPARISON_FILE = "comparison.csv"
 PARETO_FIGURE = "pareto.png"
+EXPORT_REPORT_FILE = "export_report.json"  # the export's finished-result marker and report
 
 ARTIFACTS = {
     MANIFEST_FILE: "per-layer formats, scores and costs; versioned JSON",
@@ -118,27 +119,48 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _protected(path: Path, model_dir: Path | None) -> str | None:
-    """Why `path` must never be an output dir (None when it may be)."""
+def protected_reason(path: Path, model_dir: Path | None = None,
+                     artifacts_dir: Path | None = None) -> str | None:
+    """Why `path` must never be an output dir (None when it may be): the filesystem root, the
+    home directory, the project root, the current directory, the model dir, a run's artifacts
+    dir, or a folder holding any of them (replacing it would replace them too). Symlinks are
+    followed: a link to a protected dir is that dir."""
     try:
         real = Path(os.path.realpath(path))
-        named = {Path("/"): "the filesystem root", Path(os.path.realpath(Path.home())): "your "
-                 "home directory", Path(os.path.realpath(PROJECT_ROOT)): "the project root"}
+        named = [(Path("/"), "the filesystem root"), (Path.home(), "your home directory"),
+                 (PROJECT_ROOT, "the project root"), (Path.cwd(), "the current directory")]
         if model_dir is not None:
-            named[Path(os.path.realpath(model_dir))] = "the --model-dir checkpoint"
+            named.append((model_dir, "the --model-dir checkpoint"))
+        if artifacts_dir is not None:
+            named.append((artifacts_dir, "the run's --artifacts-dir"))
+        named = [(Path(os.path.realpath(p)), why) for p, why in named]
     except (OSError, ValueError):
         return None
-    return named.get(real)
+    for p, why in named:
+        if real == p:
+            return why
+    for p, why in named:
+        if real in p.parents:
+            return f"a folder that holds {why} ({p})"
+    return None
+
+
+def refuse_protected(path: Path, problems: Problems, model_dir: Path | None = None,
+                     artifacts_dir: Path | None = None) -> bool:
+    """Add a problem and return True when `path` is protected (`protected_reason`)."""
+    why = protected_reason(path, model_dir, artifacts_dir)
+    if why is not None:
+        problems.add("--output-dir", f"{path} is {why}; this tool will not write there, "
+                     "with or without --overwrite",
+                     "pass a new directory for the results, e.g. outputs/<scheme>")
+    return why is not None
 
 
 def check_output_dir(path: Path, problems: Problems, finished_marker: str, overwrite: bool,
                      model_dir: Path | None = None, our_names: tuple[str, ...] = OUR_NAMES) -> None:
     """--output-dir must be a writable directory (or creatable), ours or empty, not protected,
     and not hold a finished run (unless --overwrite)."""
-    why = _protected(path, model_dir)
-    if why is not None:
-        problems.add("--output-dir", f"{path} is {why}; this tool will not write there",
-                     "pass a new directory for the results, e.g. outputs/<scheme>")
+    if refuse_protected(path, problems, model_dir):
         return
     if paths.exists(path) and not path.is_dir():
         problems.add("--output-dir", f"{path} is a file", "pass a directory path")
@@ -176,6 +198,32 @@ def check_output_dir(path: Path, problems: Problems, finished_marker: str, overw
         problems.add("--output-dir", f"{path} already holds a finished run ({finished_marker})",
                      "pass --overwrite to replace it (its search checkpoint is reused when the "
                      "settings match), or choose another --output-dir")
+
+
+def check_replaced_dir(path: Path, problems: Problems, overwrite: bool, finished_marker: str,
+                       model_dir: Path | None = None, artifacts_dir: Path | None = None) -> None:
+    """An --output-dir that a writer replaces as a whole (the export): not protected, a new or
+    empty directory, or, with --overwrite, one this tool wrote (MARKER_FILE) holding nothing
+    but a finished result of the same writer (`finished_marker`) and our bookkeeping."""
+    if refuse_protected(path, problems, model_dir, artifacts_dir):
+        return
+    if paths.exists(path) and not path.is_dir():
+        problems.add("--output-dir", f"{path} is a file", "pass a directory path")
+        return
+    if not paths.probe(path, "--output-dir", problems, "dir") or not paths.exists(path):
+        return
+    if not any(path.iterdir()):
+        return
+    fix = "choose a new or empty --output-dir, or move its files away"
+    if not (path / MARKER_FILE).exists():
+        problems.add("--output-dir", f"{path} is not empty and was not created by this tool (no "
+                     f"{MARKER_FILE} marker); even with --overwrite it is never replaced", fix)
+    elif not (path / finished_marker).exists() and not only_our_bookkeeping(path):
+        problems.add("--output-dir", f"{path} holds another kind of result of this tool (no "
+                     f"{finished_marker}); even with --overwrite it is never replaced", fix)
+    elif not overwrite and not only_our_bookkeeping(path):
+        problems.add("--output-dir", f"{path} already holds a result ({finished_marker})",
+                     "pass --overwrite to replace it, or choose another --output-dir")
 
 
 def sweep_stale_tmp(out_dir: Path) -> list[Path]:
@@ -238,7 +286,8 @@ def locked_output_dir(path: Path, finished_marker: str | None = None,
         os.close(fd)
 
 
-def only_our_bookkeeping(path: Path) -> bool:
-    """Whether every file under `path` is our lock or marker (a dir we made and left empty)."""
-    return all(p.name in (LOCK_FILE, MARKER_FILE, RUN_ID_FILE) for p in path.rglob("*")
-               if p.is_file())
+def only_our_bookkeeping(path: Path, run_record: bool = True) -> bool:
+    """Whether every file under `path` is our lock or marker (a dir we made and left empty),
+    or, with `run_record`, the record of its MLflow run."""
+    names = (LOCK_FILE, MARKER_FILE, RUN_ID_FILE) if run_record else (LOCK_FILE, MARKER_FILE)
+    return all(p.name in names for p in path.rglob("*") if p.is_file())

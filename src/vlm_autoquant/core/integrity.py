@@ -98,6 +98,13 @@ def load_weights_only(path: Path, expected_sha256: str | None = None, where: str
         raise UsageError(Problem(where, f"{path} changed after it was verified; it will not be "
                                  "loaded", "make sure no other process writes this directory, "
                                  "then rerun (or pass --overwrite)"))
+    return load_bytes(data, path, where)
+
+
+def load_bytes(data: bytes, path: Path, where: str = "") -> Any:
+    """torch.load of bytes already read (and checked) with an explicit weights_only=True; a
+    refused or unparsable pickle raises UsageError naming `path`."""
+    where = where or str(path)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:

@@ -106,8 +106,8 @@ def read_regular(path: Path, limit: int) -> bytes:
             raise NotARegularFile(f"{path} is {st.st_size} bytes, more than the {limit} "
                                   "this input can be")
         os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)[:limit]
+        with os.fdopen(fd, "rb", closefd=False) as f:  # never a buffer of `limit` bytes
+            return f.read(min(limit, st.st_size + 1))
     finally:
         os.close(fd)
 

@@ -6,16 +6,19 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import tracking
-from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, sha256_file
-from ..core.errors import Problems
+from ..core import paths
+from ..core.artifacts import EXPORT_REPORT_FILE as REPORT_FILE
+from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, check_replaced_dir
+from ..core.errors import Problems, UsageError
 from ..model import identity
 from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
 
 log = logging.getLogger(__name__)
+MAX_MANIFEST_BYTES = 64 << 20  # a 3B manifest is ~200 KB; this only bounds a wrong file
 
 
 @dataclass
@@ -42,6 +45,7 @@ class ExportInputs:
     state_file: Path
     weights_sha256: str
     recorded_sha256: str | None
+    payload: dict = field(default_factory=dict)  # the state as read and checked (read once)
 
 
 def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, dict | None]:
@@ -66,8 +70,12 @@ def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, 
     return dst, run
 
 
-def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, Path] | None:
-    """The manifest and the quantized state of a run's output, checked against the run's record."""
+def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, Path, dict] | None:
+    """The manifest, the quantized state's path and its payload, checked against the run's
+    record: the state's bytes are read once, hashed and loaded from memory, so what is restored
+    later is what was checked here."""
+    from ..model import quant_state  # ModelOpt: only once a run's artifacts are found
+
     man_path, state = folder / MANIFEST_FILE, folder / QUANT_STATE_FILE
     if not man_path.is_file() or not state.is_file():
         absent = [p.name for p in (man_path, state) if not p.is_file()]
@@ -75,33 +83,38 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, P
                      "pass the --output-dir of a finished quantization run (or --run-id)")
         return None
     try:
-        manifest = json.loads(man_path.read_text(encoding="utf-8"))
+        manifest = json.loads(paths.read_regular(man_path, MAX_MANIFEST_BYTES))
         if not isinstance(manifest.get("layers"), list) or "directory" not in manifest["model"]:
             raise ValueError("no layer list or model directory")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, paths.NotARegularFile, ValueError, KeyError, TypeError,
+            AttributeError) as exc:
         problems.add(flag, f"{man_path} is not a valid manifest ({exc})",
                      "rerun the quantization, or download the run's artifacts again")
         return None
-    recorded = (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE)
-    if recorded is None:
+    if (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE) is None:
         log.warning("the manifest records no sha256 of %s (an older run): not checked", state)
-    elif sha256_file(state) != recorded:
-        problems.add(flag, f"{state} does not match the run's record (sha256 "
-                     f"{sha256_file(state)[:12]}..., recorded {recorded[:12]}...)",
-                     "download the run's artifacts again (--run-id), or rerun the quantization")
+    try:
+        payload = quant_state.read_state(state, manifest if (manifest.get(
+            "artifacts_sha256") or {}).get(QUANT_STATE_FILE) else None, where=flag)
+    except UsageError as exc:
+        problems.extend(exc.problems)
         return None
-    return manifest, state
+    found = quant_state.state_problems(payload, flag, manifest)
+    if found:
+        problems.extend(found)
+        return None
+    return manifest, state, payload
 
 
-def check_output(out: Path, overwrite: bool, needed: int, problems: Problems) -> None:
-    """Not a non-empty directory (unless --overwrite); writable; room for the checkpoint."""
-    if out.exists() and not out.is_dir():
-        problems.add("--output-dir", f"{out} is a file", "pass a directory path")
+def check_output(opts: ExportOptions, model_dir: Path, needed: int, problems: Problems) -> None:
+    """Not protected, new or replaceable (artifacts.check_replaced_dir); writable; room for the
+    checkpoint."""
+    out = opts.output_dir
+    before = len(problems.items)
+    check_replaced_dir(out, problems, opts.overwrite, REPORT_FILE, model_dir, opts.artifacts_dir)
+    if len(problems.items) > before:
         return
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        problems.add("--output-dir", f"{out} is not empty",
-                     "pass --overwrite to replace it, or choose another --output-dir")
-    probe = next((p for p in (out, *out.parents) if p.exists()), Path("/"))
+    probe = next((p for p in (out, *out.parents) if paths.exists(p)), Path("/"))
     try:
         with tempfile.TemporaryFile(dir=probe):
             pass
@@ -140,17 +153,17 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
     got = read_artifacts(folder, flag, problems) if folder is not None else None
     if got is None:
         return None
-    manifest, state = got
+    manifest, state, payload = got
     model_dir = Path(opts.model_dir or manifest["model"]["directory"])
     base = check_base(opts, model_dir, problems)
     if base is None:
         return None
     needed = base.bytes_of(base.lm_keys()) + base.bytes_of(base.vision_keys()) + (64 << 20)
-    check_output(opts.output_dir, opts.overwrite, needed, problems)
+    check_output(opts, model_dir, needed, problems)
     recorded = manifest["model"].get("weights_sha256")
     actual = identity.result(model_dir)
     if recorded is not None and actual != recorded and not opts.allow_other_weights:
         problems.items.append(identity.mismatch(model_dir, recorded, actual))
     if problems:
         return None
-    return ExportInputs(opts, model_dir, manifest, state, actual, recorded)
+    return ExportInputs(opts, model_dir, manifest, state, actual, recorded, payload=payload)

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,14 +23,20 @@ from ..core import artifacts
 from ..core.errors import Interrupted, Problem, Problems, RunFailed, UsageError
 from ..core.timing import Phases, gpu_peak_gib, peak_rss_gib
 from ..search.fp8_kernel import run_arithmetic
+from ..tracking import remember
 from . import assemble as export
 from . import engine_load, engines
 from . import track as export_track
 from . import verify as export_verify
 from .inputs import ExportInputs, ExportOptions, gather
+from .staging import BOOKKEEPING, STAGING_MARKER, mark_finished, staging_dir
+
+if TYPE_CHECKING:
+    from ..core.interrupt import StopFlag
+    from ..tracking import Tracker
 
 log = logging.getLogger("vlm_autoquant")
-REPORT_FILE = "export_report.json"
+REPORT_FILE = artifacts.EXPORT_REPORT_FILE
 
 # Test hook: called with the staging directory just before it is renamed into place.
 _before_publish = None
@@ -47,6 +54,10 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
     amax = export_verify.quantizer_amax(reference, "input")
     weight_amax = export_verify.quantizer_amax(reference, "weight")
     checks["scales"] = export_verify.check_scales(out, amax, weight_amax)
+    implausible = export_verify.implausible_scales(reference)
+    if implausible:
+        checks["scales"]["passed"] = False
+        checks["scales"]["errors"] = (implausible + checks["scales"]["errors"])[:20]
     checks["weights"] = export_verify.check_weight_codes(out, reference)
     batches, source = export_verify.held_out_batches(inputs.manifest, out)
     cfg = text_config(inputs.model_dir)
@@ -73,7 +84,7 @@ def _restore(inputs: ExportInputs, device: torch.device):
     from ..model.lm import load_lm, text_config
 
     model = load_lm(inputs.model_dir, text_config(inputs.model_dir), device)
-    return quant_state.apply(model, inputs.state_file)
+    return quant_state.apply(model, inputs.payload or inputs.state_file, inputs.manifest)
 
 
 def _report(inputs: ExportInputs, checks: dict, table: dict, warnings: list[str],
@@ -97,7 +108,10 @@ def _report(inputs: ExportInputs, checks: dict, table: dict, warnings: list[str]
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Rename the staged checkpoint into place (an old one, with --overwrite, goes after)."""
+    """Rename the staged checkpoint into place (an old one, with --overwrite, goes after).
+
+    `out` is the real directory (symlinks resolved by the caller), so a symlinked --output-dir
+    keeps its link and the checkpoint is written where it points."""
     mask = os.umask(0)
     os.umask(mask)
     for p in [staging, *staging.rglob("*")]:  # mkdtemp and ModelOpt leave some at 0600/0700
@@ -106,9 +120,11 @@ def _publish(staging: Path, out: Path) -> None:
         _before_publish(staging)
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.partial-old-{os.getpid()}")
+        (out / STAGING_MARKER).write_text("{}\n")  # a kill before the rmtree: swept next time
         os.replace(out, old)
     os.replace(staging, out)
+    (out / STAGING_MARKER).unlink(missing_ok=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -153,7 +169,8 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
     warnings += [f"{inputs.model_dir} has no {f}: the export lacks it too" for f in missing]
     if o.lm_only:
         warnings.append("--lm-only: no vision tower; the export is a text-only Qwen2ForCausalLM")
-    return _report(inputs, checks, table, warnings, export.file_list(staging), phases)
+    files = {k: v for k, v in export.file_list(staging).items() if k not in BOOKKEEPING}
+    return _report(inputs, checks, table, warnings, files, phases)
 
 
 def _failed(report: dict) -> str:
@@ -165,20 +182,21 @@ def _failed(report: dict) -> str:
 def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return True
-    return "No space left on device" in str(exc) or "os error 28" in str(exc)
+    text = str(exc)
+    return any(m in text for m in ("No space left on device", "os error 28", "File too large",
+                                   "os error 27", "Disk quota exceeded", "os error 122"))
 
 
-def export_checkpoint(inputs: ExportInputs, phases: Phases, stop=None) -> dict:
-    """Build in a staging directory beside --output-dir; publish only a fully verified result."""
-    out = inputs.options.output_dir
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+def export_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=None) -> dict:
+    """Build in `staging` (beside the real --output-dir); publish only a fully verified result."""
+    out = Path(os.path.realpath(inputs.options.output_dir))
     try:
         report = build_checkpoint(inputs, staging, phases, stop)
         if not report["passed"]:
-            raise RunFailed(f"the export failed its checks; nothing was written to {out}. "
-                            f"Failed: {_failed(report)}")
+            raise RunFailed(f"the export failed its checks; nothing was written to "
+                            f"{inputs.options.output_dir}. Failed: {_failed(report)}")
         artifacts.write_json(staging / REPORT_FILE, report)
+        mark_finished(staging, out)
         _publish(staging, out)
     except Exception as exc:  # safetensors reports a full disk as its own error type
         if _disk_full(exc):
@@ -186,10 +204,8 @@ def export_checkpoint(inputs: ExportInputs, phases: Phases, stop=None) -> dict:
                                      f"export ({exc}); nothing was left behind",
                                      "free disk space or choose another --output-dir")) from exc
         raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("export written: %s (%.2f GiB, %d files)", out, report["bytes"] / 2**30,
-             len(report["files"]))
+    log.info("export written: %s (%.2f GiB, %d files)", inputs.options.output_dir,
+             report["bytes"] / 2**30, len(report["files"]))
     return report
 
 
@@ -198,9 +214,12 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
 
     Args:
         options: the run (run_id or artifacts_dir), model_dir, output_dir and flags.
-        tracker_factory: `name -> tracking.Tracker` for the export's own MLflow run, or None.
+        tracker_factory: `(name, output dir) -> tracking.Tracker` for the export's own MLflow
+            run (recorded in the output dir, so a killed export's run is closed by the next
+            one), or None.
         stop: an interrupt.StopFlag checked between phases, or None.
     Raises UsageError (exit 2) for bad input, RunFailed (exit 1) when a check fails.
+    The output dir is locked for the whole export (a second export into it is refused).
     """
     phases = Phases()
     problems = Problems()
@@ -208,18 +227,30 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
         with phases("validate", "artifacts, sha256, base checkpoint, identity, output dir"):
             inputs = gather(options, Path(work), problems)
             problems.raise_if_any()
-        tracker = tracker_factory(f"export-{inputs.manifest['scheme']['name']}") \
-            if tracker_factory else None
-        try:
-            report = export_checkpoint(inputs, phases, stop)
-            if tracker is not None:
-                report["mlflow"] = export_track.log_export(tracker, inputs, report)
-                artifacts.write_json(options.output_dir / REPORT_FILE, report)
-                tracker.end("FINISHED")
-        except BaseException as exc:
-            if tracker is not None:
+        target = Path(os.path.realpath(options.output_dir))  # a symlink is written through
+        with artifacts.locked_output_dir(target, REPORT_FILE, options.overwrite), \
+                staging_dir(target) as staging:
+            tracker = tracker_factory(f"export-{inputs.manifest['scheme']['name']}", target) \
+                if tracker_factory else None
+            return _export_tracked(inputs, staging, phases, stop, tracker)
 
-                killed = isinstance(exc, (Interrupted, KeyboardInterrupt))
+
+def _export_tracked(inputs: ExportInputs, staging: Path, phases: Phases,
+                    stop: StopFlag | None, tracker: Tracker | None) -> dict:
+    """The export inside its lock, its MLflow run ended on every path out."""
+    try:
+        report = export_checkpoint(inputs, staging, phases, stop)
+        if tracker is not None:
+            remember(Path(os.path.realpath(inputs.options.output_dir)), tracker.wait().run_id)
+            report["mlflow"] = export_track.log_export(tracker, inputs, report)
+            artifacts.write_json(inputs.options.output_dir / REPORT_FILE, report)
+            tracker.end("FINISHED")
+    except BaseException as exc:
+        if tracker is not None:
+            killed = isinstance(exc, (Interrupted, KeyboardInterrupt))
+            try:
                 tracker.end("KILLED" if killed else "FAILED", f"{type(exc).__name__}: {exc}")
-            raise
+            except Exception as end_exc:  # noqa: BLE001 - the original error matters more
+                log.warning("could not end the export's MLflow run: %s", end_exc)
+        raise
     return report

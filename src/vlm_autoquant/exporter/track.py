@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import tracking
 from .inputs import ExportInputs
+from .staging import result_files
 
 M_EXPORT_KL = "export/kl_mean"
 M_EXPORT_TOP1 = "export/top1_agreement"
@@ -48,11 +49,13 @@ def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) ->
             tracker.log_artifact(Path(tmp) / name)
     out: dict = {"run_id": tracker.run_id}
     if o.register:
-        out["registered"] = tracking.register_checkpoint(
-            tracker, o.output_dir, o.register, scheme,
-            {"scheme": scheme, "source_run_id": o.run_id or ""})
+        with result_files(o.output_dir) as files:
+            out["registered"] = tracking.register_checkpoint(
+                tracker, files, o.register, scheme,
+                {"scheme": scheme, "source_run_id": o.run_id or ""})
     elif o.log_checkpoint:
-        tracking.log_dir(tracker, o.output_dir, "checkpoint")
+        with result_files(o.output_dir) as files:
+            tracking.log_dir(tracker, files, "checkpoint")
         out["checkpoint_artifacts"] = "checkpoint/"
     if o.run_id:
         tracking.tag_run(o.run_id, {"export.run_id": tracker.run_id,

@@ -27,6 +27,7 @@ from torch import nn
 from ..core.artifacts import sha256_file
 from ..model.checkpoint import VISION_RE
 from ..model.demo import make_captions
+from ..model.fused import fused_layer_groups
 from ..model.identity import shard_layout, tensor_digests, weight_files
 from ..plan.calib_data import load_captions, pack, split_captions
 from ..search.fp8_kernel import FP8_MAX, divides, e4m3_codes, fake_quant, fake_quant_scale, weight_codes
@@ -246,6 +247,77 @@ def check_scales(out: Path, amax: dict[str, torch.Tensor],
         errors += _scale_errors("weight_scale", weights, weight_amax)
         result["weight_scales"] = len(weights)
     return {"passed": not errors, **result, "errors": errors[:20]}
+
+
+# A weight's amax against the weight itself. ModelOpt's max calibration sets it to max|w| (of
+# the tensor, or of each output channel), so a run's amax/max|w| is 1. A factor of 2 either way
+# is one binade of E4M3: above it the top binade of codes is never used (a bit lost on every
+# weight), below it more than half of the largest weights are clipped. Calibration never gives
+# either, and other weights of the same model (--allow-other-weights) move max|w| far less.
+WEIGHT_AMAX_RATIO = (0.5, 2.0)
+# An input amax has no tensor to compare with, only the number formats: a static scale
+# amax / 448 must be a normal fp32 number, and no bf16 activation exceeds bf16's largest value.
+INPUT_AMAX_RANGE = (FP8_MAX * torch.finfo(torch.float32).tiny, torch.finfo(torch.bfloat16).max)
+
+
+def _weight_amax_errors(name: str, amax: torch.Tensor, weight: torch.Tensor,
+                        group_max: torch.Tensor | None = None) -> list[str]:
+    """`group_max`: max|w| over the fused group of a per-tensor weight (`_fused_weight_max`),
+    the amax a `fused_scales: shared-max` run gives every member; the weight's own max|w| is
+    the per-module one."""
+    amax = amax.detach().float().reshape(-1).cpu()
+    w = weight.detach().abs()  # on its device, in its dtype: a max is exact in any of them
+    w_max = (w.amax().reshape(1) if amax.numel() == 1 else
+             w.reshape(amax.numel(), -1).amax(-1)).float().cpu()
+    if group_max is not None and amax.numel() == 1 and bool(group_max > 0):
+        shared = amax / group_max.float().cpu().reshape(1)
+        if WEIGHT_AMAX_RATIO[0] <= shared.item() <= WEIGHT_AMAX_RATIO[1]:
+            w_max = group_max.float().cpu().reshape(1)
+    if not bool(torch.isfinite(amax).all()) or bool((amax <= 0).any()):
+        return [f"{name}: weight amax {amax.min().item():.6g}..{amax.max().item():.6g} is not a "
+                "finite positive number"]
+    live = w_max > 0  # an all-zero channel codes as 0 whatever its scale
+    ratio = amax[live] / w_max[live]
+    lo, hi = WEIGHT_AMAX_RATIO
+    if ratio.numel() and (ratio.min() < lo or ratio.max() > hi):
+        worst = ratio.max() if ratio.max() > hi else ratio.min()
+        return [f"{name}: weight amax is {worst.item():.6g} x max|weight| (calibration gives 1; "
+                f"plausible {lo:g}..{hi:g})"]
+    return []
+
+
+def _fused_weight_max(reference: nn.Module) -> dict[str, torch.Tensor]:
+    """{layer: max|w| over its fused group} for the groups (q/k/v, gate/up) whose members all
+    hold a per-tensor weight amax."""
+    modules = dict(reference.named_modules())
+    out = {}
+    for group in fused_layer_groups(list(modules)):
+        quantizers = [getattr(modules[n], "weight_quantizer", None) for n in group]
+        if all(q is not None and q.is_enabled and getattr(q, "amax", None) is not None
+               and q.amax.numel() == 1 for q in quantizers):
+            top = torch.stack([modules[n].weight.detach().abs().amax().float().cpu()
+                               for n in group]).max()
+            out.update(dict.fromkeys(group, top))
+    return out
+
+
+def implausible_scales(reference: nn.Module) -> list[str]:
+    """Every static amax of the restored run, checked against what could have produced it:
+    weight amax against max|w| (WEIGHT_AMAX_RATIO), input amax against the number formats
+    (INPUT_AMAX_RANGE). Both must be finite and positive."""
+    errors = []
+    group_max = _fused_weight_max(reference)
+    for name, m in reference.named_modules():
+        wq, iq = getattr(m, "weight_quantizer", None), getattr(m, "input_quantizer", None)
+        if wq is not None and wq.is_enabled and getattr(wq, "amax", None) is not None:
+            errors += _weight_amax_errors(name, wq.amax, m.weight, group_max.get(name))
+        if iq is not None and iq.is_enabled and getattr(iq, "amax", None) is not None:
+            a = iq.amax.detach().float().cpu()
+            lo, hi = INPUT_AMAX_RANGE
+            if not bool(torch.isfinite(a).all()) or bool((a < lo).any()) or bool((a > hi).any()):
+                errors.append(f"{name}: input amax {a.min().item():.6g}..{a.max().item():.6g} "
+                              f"is outside {lo:.3g}..{hi:.3g} (finite, positive, bf16)")
+    return errors
 
 
 @torch.no_grad()

@@ -154,6 +154,11 @@ def _read_shards(info: CheckpointInfo, problems: Problems) -> None:
         try:
             with safe_open(str(shard), framework="pt") as f:  # validates the header vs file size
                 for key, (dtype, shape) in _header(f).items():
+                    if key in info.tensors:  # which copy a loader takes is up to the loader
+                        problems.add("--model-dir", f"tensor {key} is stored twice, in "
+                                     f"{info.tensors[key].file} and in {name}",
+                                     "re-download the checkpoint (each tensor belongs to "
+                                     "exactly one shard)")
                     info.tensors[key] = TensorInfo(name, dtype, shape)
         except (SafetensorError, OSError, ValueError) as exc:
             problems.add("--model-dir", f"shard {name} cannot be read: {exc}",

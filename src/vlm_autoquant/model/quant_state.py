@@ -7,6 +7,7 @@ restores the exact quantized LM from the original checkpoint plus this file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -18,7 +19,7 @@ from modelopt.torch.quantization.utils import get_quantizer_state_dict, set_quan
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core import artifacts, integrity
+from ..core import artifacts, integrity, paths
 from ..core.errors import Problem, UsageError
 from . import identity
 from .lm import load_lm, pick_device, text_config
@@ -54,41 +55,96 @@ def _manifest_dict(manifest: Path | dict | None) -> dict | None:
     return json.loads(Path(manifest).read_text(encoding="utf-8"))
 
 
-def check_against_manifest(state_file: Path, manifest: Path | dict) -> None:
-    """Refuse `state_file` unless its sha256 is the one the run's manifest recorded."""
-    doc = _manifest_dict(manifest)
+def _recorded_sha256(state_file: Path, doc: dict | None) -> str:
     recorded = (doc.get("artifacts_sha256") or {}).get(state_file.name) if doc else None
-    if recorded is None:
+    if not isinstance(recorded, str):
         raise UsageError(Problem(str(state_file), "the manifest records no sha256 for "
                                  f"{state_file.name}", "pass the manifest.json written by the "
                                  "same run (made by a version that records artifact digests)"))
-    actual = artifacts.sha256_file(state_file)
-    if actual != recorded:
-        raise UsageError(Problem(str(state_file), f"sha256 {actual[:12]}... differs from the "
-                                 f"manifest's {recorded[:12]}...: not the state this run wrote",
-                                 "use the quantized_state.pt from the same output dir as the "
-                                 "manifest, or rerun the quantization"))
+    return recorded
 
 
-def apply(model: nn.Module, state_file: Path, manifest: Path | dict | None = None) -> nn.Module:
+def read_state(state_file: Path, manifest: Path | dict | None = None,
+               where: str | None = None) -> dict:
+    """The payload of `state_file`, read once: with `manifest`, the bytes loaded are the bytes
+    whose sha256 was checked against the manifest's record (nothing is re-read after the check).
+    """
+    state_file, where = Path(state_file), where or str(state_file)
+    try:
+        data = paths.read_regular(state_file, integrity.MAX_PICKLE_BYTES)
+    except (OSError, paths.NotARegularFile) as exc:
+        msg = paths.describe_oserror(state_file, exc)[0] if isinstance(exc, OSError) else str(exc)
+        raise UsageError(Problem(where, msg, "pass the quantized_state.pt a run wrote")) from None
+    if manifest is not None:
+        recorded = _recorded_sha256(state_file, _manifest_dict(manifest))
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != recorded:
+            raise UsageError(Problem(where, f"{state_file} does not match the run's record: "
+                                     f"sha256 {actual[:12]}... differs from the manifest's "
+                                     f"{recorded[:12]}...: not the state this run wrote",
+                                     "use the quantized_state.pt from the same output dir as the "
+                                     "manifest (or download the run's artifacts again), or "
+                                     "rerun the quantization"))
+    payload = integrity.load_bytes(data, state_file, where)
+    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+        raise UsageError(Problem(where, f"{state_file} is not a {STATE_FORMAT} file",
+                                 "pass the quantized_state.pt written by this tool"))
+    return payload
+
+
+def check_against_manifest(state_file: Path, manifest: Path | dict) -> None:
+    """Refuse `state_file` unless its sha256 is the one the run's manifest recorded."""
+    read_state(state_file, manifest)
+
+
+def _amax_of(state: dict, key: str) -> torch.Tensor | None:
+    entry = state.get(key)
+    amax = entry.get("_amax") if isinstance(entry, dict) else None
+    return amax if torch.is_tensor(amax) else None
+
+
+def state_problems(payload: dict, where: str, manifest: dict | None = None) -> list[Problem]:
+    """What makes a quantized state unusable: amax values that are NaN, Inf, zero or negative
+    (a scale, amax / 448, must be a positive number), and, with the run's manifest, an FP8
+    layer without its weight amax (or its input amax, for a static per-tensor layer)."""
+    state = payload.get("quantizer_state")
+    state = state if isinstance(state, dict) else {}
+    fix = ("rerun the quantization (check the calibration data and the checkpoint's weights "
+           "for NaN/Inf)")
+    out = []
+    bad = integrity.nonfinite_amax(state)
+    if bad:
+        out.append(Problem(where, f"{len(bad)} quantizer amax value(s) are NaN or Inf (first: "
+                           f"{bad[0]}); restoring them gives non-finite logits", fix))
+    nonpositive = sorted(k for k in state if (a := _amax_of(state, k)) is not None
+                         and a.is_floating_point() and bool((a <= 0).any()))
+    if nonpositive:
+        out.append(Problem(where, f"{len(nonpositive)} quantizer(s) hold a zero or negative amax "
+                           f"(first: {nonpositive[0]}); a scale must be positive", fix))
+    for row in (manifest or {}).get("layers") or []:
+        if not isinstance(row, dict) or row.get("format") != "FP8":
+            continue
+        needed = ["weight"] + (["input"] if row.get("quant_config") == "FP8_DEFAULT_CFG" else [])
+        absent = [w for w in needed if _amax_of(state, f"{row.get('name')}.{w}_quantizer") is None]
+        if absent:
+            out.append(Problem(where, f"FP8 layer {row.get('name')} (manifest) has no "
+                               f"{' or '.join(absent)} quantizer amax in the state", fix))
+    return out
+
+
+def apply(model: nn.Module, state_file: Path | dict, manifest: Path | dict | None = None
+          ) -> nn.Module:
     """Restore the saved quantizers onto an unquantized LM loaded from the original checkpoint.
 
-    With `manifest` (its path or its dict), the file must carry the sha256 the manifest recorded.
-    Non-finite amax values are refused (they would turn every logit into NaN).
+    `state_file` is a path, or a payload `read_state` returned. With `manifest` (its path or its
+    dict), the file must carry the sha256 the manifest recorded, and every FP8 layer the manifest
+    names must have its quantizer state. Non-finite, zero or negative amax values are refused.
     """
-    state_file = Path(state_file)
-    if manifest is not None:
-        check_against_manifest(state_file, manifest)
-    payload = integrity.load_weights_only(state_file, where=str(state_file))
-    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-        raise UsageError(Problem(str(state_file), f"not a {STATE_FORMAT} file",
-                                 "pass the quantized_state.pt written by this tool"))
-    bad = integrity.nonfinite_amax(payload.get("quantizer_state"))
-    if bad:
-        raise UsageError(Problem(str(state_file), f"{len(bad)} quantizer amax value(s) are NaN or "
-                                 f"Inf (first: {bad[0]}); restoring them gives non-finite logits",
-                                 "rerun the quantization (check the calibration data and the "
-                                 "checkpoint's weights for NaN/Inf)"))
+    where = "quantized state" if isinstance(state_file, dict) else str(state_file)
+    payload = state_file if isinstance(state_file, dict) else read_state(state_file, manifest)
+    problems = state_problems(payload, where, _manifest_dict(manifest))
+    if problems:
+        raise UsageError(problems)
     with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints "Inserted N quantizers"
         model = mto.restore_from_modelopt_state(model, payload["modelopt_state"])
     set_quantizer_state_dict(model, payload["quantizer_state"])
@@ -96,9 +152,10 @@ def apply(model: nn.Module, state_file: Path, manifest: Path | dict | None = Non
     return model
 
 
-def recorded_identity(state_file: Path) -> str | None:
+def recorded_identity(state_file: Path | dict) -> str | None:
     """The base weights' identity the run recorded in the state (None for older states)."""
-    payload = integrity.load_weights_only(Path(state_file), where=str(state_file))
+    payload = state_file if isinstance(state_file, dict) else \
+        integrity.load_weights_only(Path(state_file), where=str(state_file))
     return (payload.get("extra") or {}).get("weights_sha256")
 
 
@@ -121,10 +178,14 @@ def restore(model_dir: Path, state_file: Path, device: torch.device | None = Non
 
     Raises UsageError when `model_dir`'s LM weights are not the ones the run quantized, unless
     `allow_other_weights`; with `manifest`, also when the state file is not the one it records.
+    The state file is read once: what was checked is what is applied.
     """
-    if manifest is not None:
-        check_against_manifest(Path(state_file), manifest)
+    doc = _manifest_dict(manifest)
+    payload = read_state(Path(state_file), doc)
+    problems = state_problems(payload, str(state_file), doc)
+    if problems:
+        raise UsageError(problems)
     identity.start(Path(model_dir))  # hashed while the LM loads
     model = load_lm(Path(model_dir), text_config(Path(model_dir)), device or pick_device())
-    check_identity(Path(model_dir), recorded_identity(Path(state_file)), allow_other_weights)
-    return apply(model, Path(state_file), manifest)
+    check_identity(Path(model_dir), recorded_identity(payload), allow_other_weights)
+    return apply(model, payload, doc)

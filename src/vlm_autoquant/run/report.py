@@ -6,12 +6,17 @@ is logged later, unchanged, with `--log-only --output-dir DIR`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shlex
+import stat
 import sys
 from pathlib import Path
 
+from ..core import paths
 from ..core.artifacts import MANIFEST_FILE, SENSITIVITY_FIGURE
+from ..core.errors import Problem, Problems, UsageError
 from ..tracking import (
     FORMAT_PREFIX,
     M_BITS_ACHIEVED,
@@ -72,10 +77,76 @@ def rows_of(doc: dict) -> list[LayerRow]:
             for layer in doc["layers"]]
 
 
-def log_scheme(tracker: Tracker, doc: dict, out_dir: Path) -> None:
-    """Params, tags, metrics, per-layer series, table, figure and artifacts of one scheme."""
+def _inside(out_dir: Path, name: object) -> Path | None:
+    """`out_dir / name` when `name` is a plain relative path that stays inside `out_dir`
+    (symlinks followed), else None."""
+    if not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name):
+        return None
+    path = out_dir / name
+    root = os.path.realpath(out_dir)
+    return path if os.path.realpath(path).startswith(root + os.sep) else None
+
+
+def _copy_checked(src: Path, dst: Path) -> str:
+    """Copy `src` to `dst` in one read, hashing the bytes copied; their sha256."""
+    h = hashlib.sha256()
+    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        _log(tracker, doc, out_dir)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(Problem("--output-dir", f"{src} is not a regular file",
+                                     "restore the run's output dir as it was written"))
+        with os.fdopen(fd, "rb", closefd=False) as f, open(dst, "wb") as out:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def checked_artifacts(doc: dict, manifest_bytes: bytes, out_dir: Path, dst: Path
+                      ) -> dict[str, Path]:
+    """{name: copy in `dst`} of a finished run's artifacts, for --log-only: what is logged is
+    what was checked. Every name must be a relative path inside `out_dir`, and every file is
+    read once, into its copy, and its sha256 compared with the manifest's record; a file the
+    manifest records no sha256 for is not logged. The manifest is logged as the bytes read."""
+    names, digests = doc.get("artifacts"), doc.get("artifacts_sha256") or {}
+    if not isinstance(names, dict) or not isinstance(digests, dict):
+        raise UsageError(Problem("--output-dir", f"{out_dir / MANIFEST_FILE} has no artifacts "
+                                 "map", "pass the --output-dir of a finished run"))
+    problems, files = Problems(), {}
+    for name in names.values():
+        path = _inside(out_dir, name)
+        if path is None:
+            problems.add("--output-dir", f"{MANIFEST_FILE} names the artifact {name!r}, which is "
+                         f"not a relative path inside {out_dir}; nothing was logged",
+                         "restore the manifest the run wrote")
+            continue
+        if name == MANIFEST_FILE:
+            (dst / name).write_bytes(manifest_bytes)
+            files[name] = dst / name
+        elif name not in digests:
+            log.warning("%s records no sha256 of %s: not logged", MANIFEST_FILE, name)
+        elif paths.exists(path):
+            copy = dst / f"{len(files)}" / Path(name).name
+            copy.parent.mkdir()
+            if _copy_checked(path, copy) != digests[name]:
+                problems.add("--output-dir", f"{path} does not match the manifest's sha256: it "
+                             "changed after the run wrote it; nothing was logged",
+                             "restore the file, or rerun the quantization")
+            files[name] = copy
+    problems.raise_if_any()
+    return files
+
+
+def log_scheme(tracker: Tracker, doc: dict, out_dir: Path,
+               files: dict[str, Path] | None = None) -> None:
+    """Params, tags, metrics, per-layer series, table, figure and artifacts of one scheme.
+
+    `files`: the artifacts to log ({name: path}, from `checked_artifacts`); by default the
+    files the manifest names in `out_dir`, as this run wrote them."""
+    try:
+        _log(tracker, doc, out_dir, files)
     except Exception as exc:  # noqa: BLE001 - any tracking failure means the same to the user
         cmd = " ".join(shlex.quote(a) for a in (Path(sys.argv[0]).name, "--log-only",
                                                   "--output-dir", str(out_dir)))
@@ -85,7 +156,7 @@ def log_scheme(tracker: Tracker, doc: dict, out_dir: Path) -> None:
             f"tracking works again, log it with: {cmd}") from exc
 
 
-def _log(tracker: Tracker, doc: dict, out_dir: Path) -> None:
+def _log(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | None) -> None:
     scheme = doc["scheme"]
     tracker.log_params({f"scheme.{k}": _param(v) for k, v in scheme.items()
                         if k not in ("description", "overrides")}
@@ -118,6 +189,8 @@ def _log(tracker: Tracker, doc: dict, out_dir: Path) -> None:
     from . import figures  # matplotlib: imported only when there is something to draw
 
     tracker.log_figure(figures.sensitivity(rows, scheme["name"]), SENSITIVITY_FIGURE)
-    for name in doc["artifacts"].values():
-        if (out_dir / name).exists():
-            tracker.log_artifact(out_dir / name)
+    if files is None:
+        files = {n: out_dir / n for n in doc["artifacts"].values()
+                 if _inside(out_dir, n) is not None and (out_dir / n).is_file()}
+    for path in files.values():
+        tracker.log_artifact(path)
