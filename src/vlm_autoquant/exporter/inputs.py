@@ -49,7 +49,7 @@ def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, 
 
     run = tracking.source_run(run_id)
     fix = "pass the id of a finished quantization run (see `mlflow runs list`) and check " \
-          f"MLFLOW_TRACKING_URI (now {tracking.tracking_uri()})"
+          f"MLFLOW_TRACKING_URI (now {tracking.shown_uri()})"
     if run is None:
         problems.add("--run-id", f"no run {run_id!r} in the tracking store", fix)
         return None, None

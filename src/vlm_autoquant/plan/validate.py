@@ -137,7 +137,7 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
         if paths.probe(calib, "--calib-file", problems, "file") else None
     check_output_dir(options.output_dir, problems, finished_marker, options.overwrite,
                      model_dir=options.model_dir)
-    tracking.check_reachable(problems)
+    tracking.check_reachable(problems, options.experiment)
     if info is not None:  # the budget's range from the headers' shapes: still no transformers
         _check_budgets(schemes, linear_numels_from_headers(info), problems)
     if problems or info is None or caption_file is None:
@@ -148,6 +148,9 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
         return None
     tokenizer = load_tokenizer(options.model_dir, problems)
     if tokenizer is None:
+        return None
+    tracking.create_store(problems)  # a new SQLite store, whole, before any weight is loaded
+    if problems:
         return None
     return Inputs(options, schemes, info, text_cfg, numels, caption_file, tokenizer,
                   load_captions(caption_file.path))
