@@ -302,7 +302,7 @@ def test_a_deleted_experiment_is_found_before_the_run(tmp_path, monkeypatch):
 class _AuthServer(http.server.BaseHTTPRequestHandler):
     """An MLflow server behind basic auth (user:secret); experiment 'gone' is deleted."""
 
-    def do_GET(self):  # noqa: N802 - the stdlib's name
+    def do_GET(self):
         import base64
 
         good = "Basic " + base64.b64encode(b"user:secret").decode()

@@ -35,7 +35,7 @@ PROBE_TIMEOUT_S = 5  # one try, no retries: a store that does not answer in 5 s 
 PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/get-by-name"  # authenticated, unlike /health
 # `scheme://user:password@host`: everything between :// and the last @ before the path.
 _CREDENTIALS = re.compile(r"(?<=://)[^/\s]*@")
-_REVISION = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*(.+)$", re.M)
+_REVISION = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*(.+)$", re.MULTILINE)
 
 
 def redact(text: object) -> str:
