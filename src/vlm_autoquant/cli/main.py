@@ -80,7 +80,8 @@ def _run_main(args: argparse.Namespace) -> int:
 
 def _log_only(args: argparse.Namespace) -> int:
     """Log a finished run's output dir (written while tracking was down) as a new MLflow run."""
-    from ..run.report import log_scheme  # torch: only for --log-only
+    from ..run.manifest import field_problems  # torch: only for --log-only
+    from ..run.report import log_scheme
 
     try:
         doc = json.loads((args.output_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -89,6 +90,9 @@ def _log_only(args: argparse.Namespace) -> int:
         raise UsageError(Problem("--output-dir", f"{args.output_dir} holds no readable "
                                  f"{MANIFEST_FILE} ({exc})", "pass the --output-dir of a "
                                  "finished run")) from None
+    problems = field_problems(doc, str(args.output_dir / MANIFEST_FILE))
+    if problems:
+        raise UsageError(problems)
     with tracked_run(args.experiment or DEFAULT_EXPERIMENT, name) as tracker:
         log_scheme(tracker, doc, args.output_dir)
         tracker.set_tags({"logged_later_from": str(args.output_dir.resolve())})

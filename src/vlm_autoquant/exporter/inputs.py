@@ -69,6 +69,8 @@ def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, 
 
 def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, Path] | None:
     """The manifest and the quantized state of a run's output, checked against the run's record."""
+    from ..run.manifest import field_problems  # torch: this module stays light for ExportOptions
+
     man_path, state = folder / MANIFEST_FILE, folder / QUANT_STATE_FILE
     if not man_path.is_file() or not state.is_file():
         absent = [p.name for p in (man_path, state) if not p.is_file()]
@@ -82,6 +84,10 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, P
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         problems.add(flag, f"{man_path} is not a valid manifest ({exc})",
                      "rerun the quantization, or download the run's artifacts again")
+        return None
+    bad_fields = field_problems(manifest, str(man_path))
+    if bad_fields:
+        problems.extend(bad_fields)
         return None
     recorded = (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE)
     if recorded is None:
@@ -152,6 +158,11 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
     actual = identity.result(model_dir)
     if recorded is not None and actual != recorded and not opts.allow_other_weights:
         problems.items.append(identity.mismatch(model_dir, recorded, actual))
+    vision = manifest["model"].get("vision_sha256")
+    if vision is not None and not opts.lm_only and not opts.allow_other_weights:
+        if identity.vision_result(model_dir) != vision:
+            problems.items.append(identity.vision_mismatch(model_dir, vision,
+                                                           identity.vision_result(model_dir)))
     if problems:
         return None
     return ExportInputs(opts, model_dir, manifest, state, actual, recorded)
