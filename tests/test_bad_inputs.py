@@ -704,3 +704,47 @@ def test_debug_is_not_needed_for_a_clean_message(demo, tmp_path, out, tracking, 
                                "--scheme-name", out=out, tracking_uri=tracking, problems=2)
     assert plain.startswith("error: 2 problems with the input:")
     assert debug == plain
+
+
+# ----------------------------------------------------------------------------- artifacts read back
+
+def _finished_copy(script_run, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(script_run[0], tmp_path / "run"))
+
+
+def test_a_bad_manifest_field_is_named_by_log_only_and_the_export(script_run, tmp_path, tracking,
+                                                                  capsys):
+    from vlm_autoquant.cli.export import main as export_main
+
+    run = _finished_copy(script_run, tmp_path)
+    doc = json.loads((run / MANIFEST_FILE).read_text())
+    doc["scheme"]["seq_len"] = "abc"
+    doc["layers"][0]["format"] = None
+    (run / MANIFEST_FILE).write_text(json.dumps(doc))
+    code = run_cli(["--log-only", "--output-dir", run])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "scheme.seq_len" in err and "'abc'" in err and "layers[0]" in err
+    code = export_main(["--artifacts-dir", str(run), "--output-dir", str(tmp_path / "o"),
+                        "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and "scheme.seq_len" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_amax_of_the_wrong_shape_is_named(script_run, demo, tmp_path):
+    import torch
+
+    from vlm_autoquant.core.errors import UsageError
+    from vlm_autoquant.model import quant_state
+
+    state = torch.load(script_run[0] / "quantized_state.pt", weights_only=True)
+    key = next(k for k, v in state["quantizer_state"].items()
+               if k.endswith(".weight_quantizer") and torch.is_tensor(v.get("_amax")))
+    state["quantizer_state"][key]["_amax"] = torch.ones(3)  # no linear has 3 output channels
+    bad = tmp_path / "quantized_state.pt"
+    torch.save(state, bad)
+    with pytest.raises(UsageError) as info:
+        quant_state.restore(demo[0], bad, torch.device("cpu"))
+    text = info.value.render()
+    assert f"quantizer_state[{key!r}]._amax has shape [3]" in text and "fix:" in text
