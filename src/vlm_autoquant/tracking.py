@@ -168,8 +168,12 @@ class Tracker:
         if threading.current_thread() is not self._thread:
             self._thread.join()
         if self._error is not None:
+            hint = ""
+            if "already exists" in str(self._error) and (db := sqlite_file(tracking_uri())):
+                hint = (f". The store {db} was half-migrated by a process that was killed: move "
+                        f"it aside (mv {db} {db}.broken) and rerun; a new store is created")
             raise TrackingFailed(f"the MLflow run could not be started at {shown_uri()} "
-                                 f"({type(self._error).__name__}: {redact(self._error)})")
+                                 f"({type(self._error).__name__}: {redact(self._error)}){hint}")
         return self
 
     def log_params(self, params: dict[str, Any]) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from .. import api
 from ..core.artifacts import MANIFEST_FILE
-from ..core.errors import Problem, UsageError
+from ..core.errors import Problem, Problems, UsageError
 from ..plan.schemes import default_catalog, describe_catalog, load_catalog
-from ..tracking import tracked_run
+from ..tracking import check_reachable, tracked_run
 from .common import (
     DEFAULT_EXPERIMENT,
     _check_dependencies_first,
@@ -90,9 +90,9 @@ def _log_only(args: argparse.Namespace) -> int:
         raise UsageError(Problem("--output-dir", f"{args.output_dir} holds no readable "
                                  f"{MANIFEST_FILE} ({exc})", "pass the --output-dir of a "
                                  "finished run")) from None
-    problems = field_problems(doc, str(args.output_dir / MANIFEST_FILE))
-    if problems:
-        raise UsageError(problems)
+    problems = Problems(field_problems(doc, str(args.output_dir / MANIFEST_FILE)))
+    check_reachable(problems, args.experiment or DEFAULT_EXPERIMENT)
+    problems.raise_if_any()
     with tracked_run(args.experiment or DEFAULT_EXPERIMENT, name) as tracker:
         log_scheme(tracker, doc, args.output_dir)
         tracker.set_tags({"logged_later_from": str(args.output_dir.resolve())})
