@@ -6,8 +6,8 @@ buffer per thread, at the lowest CPU priority so that a load running beside it k
 and the per-tensor digests are combined over the sorted tensor names. The vision tower does not
 enter the LM's identity; it has its own (`vision_weights_sha256`, recorded beside it), so an
 export onto another vision tower is refused. Two checkpoints of the same architecture differing
-in one value of one tensor get different identities. Key layouts are normalised (`model.language_model.` -> `model.`), so one
-set of weights has one identity in every layout.
+in one value of one tensor get different identities. Key layouts are normalised
+(`model.language_model.` -> `model.`), so one set of weights has one identity in every layout.
 """
 
 from __future__ import annotations

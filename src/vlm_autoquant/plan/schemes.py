@@ -223,8 +223,8 @@ def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
     try:
         doc = load_yaml(text)  # a SafeLoader: no arbitrary objects
     except AliasBomb as exc:
-        raise UsageError(Problem(where, f"refused: {exc} (an alias bomb?)",
-                                 "write the catalog without aliases nested inside aliases")) from None
+        raise UsageError(Problem(where, f"refused: {exc} (an alias bomb?)", "write the "
+                                 "catalog without aliases nested inside aliases")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
