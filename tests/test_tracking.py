@@ -425,3 +425,17 @@ def test_the_log_only_command_carries_the_store_and_the_experiment(monkeypatch):
     assert "--log-only --output-dir 'out dir' --experiment 'my exp'" in cmd
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert log_only_command(Path("o"), "e").endswith("--log-only --output-dir o --experiment e")
+
+
+def test_a_half_made_store_met_at_the_run_start_names_the_way_out(tmp_path, monkeypatch):
+    """MLflow itself meets the half-made store (made past the check): the error says which file
+    to move aside, not to wait until tracking works again."""
+    from vlm_autoquant.tracking import Tracker, TrackingFailed
+
+    db = tmp_path / "mlflow.db"
+    _half_made(db, None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    with pytest.raises(TrackingFailed) as info:
+        Tracker("e", "r").wait()
+    assert "killed" in str(info.value) and f"mv {db} {db}.broken" in str(info.value)

@@ -26,6 +26,7 @@ from .tracking_store import (  # noqa: F401 - the store's checks, re-exported fo
     ensure_store,
     is_server,
     redact,
+    schema_problem,
     shown_uri,
     sqlite_file,
     store_lock,
@@ -168,10 +169,9 @@ class Tracker:
         if threading.current_thread() is not self._thread:
             self._thread.join()
         if self._error is not None:
-            hint = ""
-            if "already exists" in str(self._error) and (db := sqlite_file(tracking_uri())):
-                hint = (f". The store {db} was half-migrated by a process that was killed: move "
-                        f"it aside (mv {db} {db}.broken) and rerun; a new store is created")
+            db = sqlite_file(tracking_uri())
+            state = schema_problem(db) if db is not None and db.is_file() else None
+            hint = f". {state[0]}.\n    fix: {state[1]}" if state else ""
             raise TrackingFailed(f"the MLflow run could not be started at {shown_uri()} "
                                  f"({type(self._error).__name__}: {redact(self._error)}){hint}")
         return self

@@ -184,7 +184,7 @@ def _check_sqlite(db: Path, experiment: str | None, problems: Problems) -> None:
         return
     if not db.exists() or db.stat().st_size == 0:
         return  # a new store: `ensure_store` makes it, whole, before any weight is loaded
-    state = _schema_problem(db)
+    state = schema_problem(db)
     if state is not None:
         problems.add(KEY, *state)
         return
@@ -202,7 +202,7 @@ def _tables(db: Path) -> set[str]:
         return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
-def _schema_problem(db: Path) -> tuple[str, str] | None:
+def schema_problem(db: Path) -> tuple[str, str] | None:
     """(message, fix) when `db` is not an SQLite store this MLflow can use as it is."""
     aside = f"mv {db} {db}.broken"
     try:
