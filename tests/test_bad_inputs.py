@@ -137,6 +137,16 @@ def _config_field_type(d: Path) -> Path:
     return d
 
 
+def _config_set(**fields):
+    """config.json with top-level fields changed (the released flat layout)."""
+    def edit(d: Path) -> Path:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(fields)
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+    return edit
+
+
 def _shard_missing(d: Path) -> Path:
     (d / SHARD2).unlink()
     return d
@@ -178,6 +188,18 @@ MODEL_DIR_CASES = {
     "config-wrong-field-type": (_config_field_type, ["config.json", "hidden_size"]),
     "qwen2-text-model": (_model_type("qwen2", "Qwen2ForCausalLM"), ["'qwen2'", "qwen2_5_vl"]),
     "llava": (_model_type("llava", "LlavaForConditionalGeneration"), ["'llava'", "qwen2_5_vl"]),
+    "llama-architectures-empty": (_config_set(model_type="llama", architectures=[]),
+                                  ["'llama'", "qwen2_5_vl"]),
+    "llama-architectures-null": (_config_set(model_type="llama", architectures=None),
+                                 ["'llama'", "qwen2_5_vl"]),
+    # the demo has 4 decoder layers: 200000 declared ones are refused before any is built
+    "layers-200000": (_config_set(num_hidden_layers=200000),
+                      ["num_hidden_layers is 200000", "decoder layers 0..3 (4 layers)"]),
+    "layers-fewer": (_config_set(num_hidden_layers=1), ["num_hidden_layers is 1",
+                                                        "decoder layers 0..3 (4 layers)"]),
+    "vocab-size-wrong": (_config_set(vocab_size=10 ** 9), ["vocab_size is 1000000000",
+                                                           "embedding"]),
+    "layers-negative": (_config_set(num_hidden_layers=-3), ["num_hidden_layers", "(-3)"]),
     "shard-missing": (_shard_missing, [SHARD2, "re-download"]),
     "shard-truncated-tail": (_truncate(lambda n: n - 1000), [SHARD1, "cannot be read"]),
     "shard-truncated-header": (_truncate(lambda n: 100), [SHARD1, "cannot be read"]),
@@ -190,11 +212,18 @@ MODEL_DIR_CASES = {
 
 
 @pytest.mark.parametrize("case", list(MODEL_DIR_CASES))
-def test_bad_model_dir(case, demo, tmp_path, out, tracking, capsys):
+def test_bad_model_dir(case, demo, tmp_path, out, tracking, capsys, monkeypatch):
+    from vlm_autoquant.model import lm
+
+    built = []
+    real_meta_model = lm.meta_model
+    monkeypatch.setattr(lm, "meta_model", lambda cfg: built.append(cfg) or real_meta_model(cfg))
     edit, needles = MODEL_DIR_CASES[case]
     model_dir = edit(copy_ckpt(demo, tmp_path))
     expect_usage_error(capsys, base_args(demo, out, *QUICK, model_dir=model_dir),
                        "--model-dir", *needles, out=out, tracking_uri=tracking, problems=1)
+    if case.startswith(("layers-", "vocab-")):
+        assert not built, "a module was built from sizes the weights do not have"
 
 
 # ----------------------------------------------------------------------------- --scheme-name
@@ -245,7 +274,13 @@ CATALOG_CASES = {
                         "FP8_PER_CHANNEL_PER_TOKEN_CFG"]),
     "duplicate-scheme-name": (_dup_scheme, ["duplicate key 'mine-10b'", "line 17:",
                                             "first on line 14"]),
+    # under 1 KB; expanded, 9**9 strings: refused before one value is built
+    "alias-bomb": (lambda t: t + ALIAS_BOMB, ["alias bomb", "100000 values"]),
+    "alias-cycle": (lambda t: t + "  loop-9b: &loop {description: [*loop]}\n",
+                    ["alias bomb"]),
 }
+ALIAS_BOMB = "bomb:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  {b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
 
 
 @pytest.mark.parametrize("case", list(CATALOG_CASES))
@@ -257,6 +292,7 @@ def test_bad_catalog(case, demo, tmp_path, out, tracking, capsys):
                              str(catalog), *plain, out=out, tracking_uri=tracking)
     for pattern in (n for n in needles if not isinstance(n, str)):
         assert pattern.search(err), f"{pattern.pattern!r} not in:\n{err}"
+    assert "lol" not in err, "an expanded value was echoed"
 
 
 def test_valid_small_catalog_is_accepted_by_validation(demo, tmp_path, out, tracking, capsys):
@@ -553,6 +589,80 @@ def test_unusable_tracking_store(uri, needles, demo, out, tracking, capsys, monk
     assert not loaded, "the model or tokenizer was loaded before the tracking check failed"
 
 
+# ----------------------------------------------------------------------------- HMAC key, GPU flags
+
+def _key_fifo(tmp: Path) -> Path:
+    import os
+
+    os.mkfifo(tmp / "key.fifo")  # opened for reading, it would block until a writer comes
+    return tmp / "key.fifo"
+
+
+def _key_bytes(n: int):
+    def make(tmp: Path) -> Path:
+        (tmp / "key").write_bytes(b"k" * n)
+        return tmp / "key"
+    return make
+
+
+KEY_CASES = {
+    "directory": (lambda t: t, ["is a directory, not a regular file"]),
+    "dev-null": (lambda t: Path("/dev/null"), ["a character device"]),
+    "dev-zero": (lambda t: Path("/dev/zero"), ["a character device"]),
+    "fifo": (_key_fifo, ["a FIFO"]),
+    "too-short": (_key_bytes(8), ["is 8 bytes"]),
+    "too-large": (_key_bytes(1 << 20), [f"is {1 << 20} bytes"]),
+}
+
+
+@pytest.mark.parametrize("case", list(KEY_CASES))
+def test_bad_hmac_key_file_is_refused_before_anything_loads(case, demo, tmp_path, out, tracking,
+                                                            capsys, monkeypatch):
+    import vlm_autoquant.plan.validate
+
+    make, needles = KEY_CASES[case]
+    loaded = []
+    monkeypatch.setattr(vlm_autoquant.plan.validate, "load_tokenizer", lambda *a, **k: loaded.append(a))
+    monkeypatch.setenv("VLM_AUTOQUANT_HMAC_KEY_FILE", str(make(tmp_path)))
+    expect_usage_error(capsys, base_args(demo, out, *QUICK), "VLM_AUTOQUANT_HMAC_KEY_FILE",
+                       *needles, out=out, tracking_uri=tracking, problems=1)
+    assert not loaded, "the tokenizer was loaded before the key file was refused"
+
+
+def test_a_world_readable_hmac_key_warns_and_a_private_one_does_not(tmp_path, monkeypatch,
+                                                                   caplog):
+    import logging
+
+    from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.core.hmac_key import check_key_file
+
+    key = tmp_path / "hmac.key"
+    key.write_bytes(b"k" * 32)
+    monkeypatch.setenv("VLM_AUTOQUANT_HMAC_KEY_FILE", str(key))
+    for mode, warned in ((0o600, False), (0o640, False), (0o644, True)):
+        key.chmod(mode)
+        caplog.clear()
+        problems = Problems()
+        with caplog.at_level(logging.WARNING):
+            check_key_file(problems)
+        assert not problems
+        assert ("readable by every user" in caplog.text and f"chmod 600 {key}" in caplog.text) \
+            == warned, (oct(mode), caplog.text)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--gpus", "0,,;x"], "--gpus"),
+    (["--gpus", "0,0"], "--gpus"),
+    (["--max-gpu-memory=-5GiB"], "--max-gpu-memory"),
+    (["--max-gpu-memory", "0GiB"], "--max-gpu-memory"),
+    (["--max-gpu-memory", "120GiB,,x"], "--max-gpu-memory"),
+], ids=["gpus-garbage", "gpus-twice", "memory-negative", "memory-zero", "memory-garbage"])
+def test_bad_gpu_flags_are_refused_on_every_machine(flags, needle, demo, out, tracking, capsys):
+    """Refused by their syntax alone, so a CPU machine (this one, maybe) refuses them too."""
+    expect_usage_error(capsys, base_args(demo, out, *QUICK, *flags), needle, out=out,
+                       tracking_uri=tracking, problems=1)
+
+
 # ----------------------------------------------------------------------------- together, --debug
 
 def test_several_problems_are_reported_together(demo, tmp_path, out, tracking, capsys):
@@ -594,3 +704,47 @@ def test_debug_is_not_needed_for_a_clean_message(demo, tmp_path, out, tracking, 
                                "--scheme-name", out=out, tracking_uri=tracking, problems=2)
     assert plain.startswith("error: 2 problems with the input:")
     assert debug == plain
+
+
+# ----------------------------------------------------------------------------- artifacts read back
+
+def _finished_copy(script_run, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(script_run[0], tmp_path / "run"))
+
+
+def test_a_bad_manifest_field_is_named_by_log_only_and_the_export(script_run, tmp_path, tracking,
+                                                                  capsys):
+    from vlm_autoquant.cli.export import main as export_main
+
+    run = _finished_copy(script_run, tmp_path)
+    doc = json.loads((run / MANIFEST_FILE).read_text())
+    doc["scheme"]["seq_len"] = "abc"
+    doc["layers"][0]["format"] = None
+    (run / MANIFEST_FILE).write_text(json.dumps(doc))
+    code = run_cli(["--log-only", "--output-dir", run])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "scheme.seq_len" in err and "'abc'" in err and "layers[0]" in err
+    code = export_main(["--artifacts-dir", str(run), "--output-dir", str(tmp_path / "o"),
+                        "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and "scheme.seq_len" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_amax_of_the_wrong_shape_is_named(script_run, demo, tmp_path):
+    import torch
+
+    from vlm_autoquant.core.errors import UsageError
+    from vlm_autoquant.model import quant_state
+
+    state = torch.load(script_run[0] / "quantized_state.pt", weights_only=True)
+    key = next(k for k, v in state["quantizer_state"].items()
+               if k.endswith(".weight_quantizer") and torch.is_tensor(v.get("_amax")))
+    state["quantizer_state"][key]["_amax"] = torch.ones(3)  # no linear has 3 output channels
+    bad = tmp_path / "quantized_state.pt"
+    torch.save(state, bad)
+    with pytest.raises(UsageError) as info:
+        quant_state.restore(demo[0], bad, torch.device("cpu"))
+    text = info.value.render()
+    assert f"quantizer_state[{key!r}]._amax has shape [3]" in text and "fix:" in text

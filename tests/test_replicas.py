@@ -34,18 +34,25 @@ def req(calib: int, score: int, method: str = "gradient", parallel: str = "auto"
     return PlanRequest("0,1", None, Shape(16, 512, method), calib, score, parallel)
 
 
-@pytest.mark.parametrize("calib,score,world", [(16, 8, 2), (7, 3, 3), (5, 5, 4)])
+# (calib steps, score steps, world) -> each rank's (calib, score) steps, counted by hand: rank r
+# takes batches r, r + world, r + 2 * world, ... below the step count.
+SHARES = {(16, 8, 2): [(8, 4), (8, 4)],
+          (7, 3, 3): [(3, 1), (2, 1), (2, 1)],
+          (5, 5, 4): [(2, 2), (1, 1), (1, 1), (1, 1)]}
+
+
+@pytest.mark.parametrize("calib,score,world", list(SHARES))
 def test_the_shards_cover_each_batch_once(calib, score, world):
     from vlm_autoquant.plan.families import SearchSpec
 
     spec = SearchSpec(("FP8_DEFAULT_CFG",), "gradient", calib, score, (), ())
-    for steps, field in ((calib, "num_calib_steps"), (score, "num_score_steps")):
-        seen = []
-        for r in range(world):
-            n = getattr(spec_for_rank(spec, r, world), field)
-            assert n == shard(steps, r, world)
-            seen += list(range(max(calib, score)))[r::world][:n]  # what ModelOpt takes of a shard
-        assert sorted(seen) == list(range(steps))
+    got = [(spec_for_rank(spec, r, world).num_calib_steps,
+            spec_for_rank(spec, r, world).num_score_steps) for r in range(world)]
+    assert got == SHARES[calib, score, world]
+    assert [shard(calib, r, world) for r in range(world)] == [c for c, _ in got]
+    for steps, column in ((calib, 0), (score, 1)):
+        seen = [r + world * i for r in range(world) for i in range(got[r][column])]
+        assert sorted(seen) == list(range(steps))  # every batch once, none twice
 
 
 @pytest.mark.parametrize("size", ["3b", "7b"])

@@ -356,6 +356,52 @@ def test_atomic_write_with_failing_writer_leaves_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["state.pt"]
 
 
+FILE_TOO_LARGE = """
+import resource, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from vlm_autoquant.core import artifacts
+from vlm_autoquant.core.errors import RunFailed
+from vlm_autoquant.search import resume
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # "File too large" past 1 MiB
+big = {"x": torch.zeros(1 << 20)}
+out = Path(sys.argv[1])
+
+
+def weights():  # quant_state.save_weights' write
+    with artifacts.atomic_path(out / "lm_weights.safetensors") as tmp:
+        save_file(big, str(tmp))
+
+
+writes = {
+    "torch.save (quantized_state.pt)": lambda: artifacts.write_with(
+        out / "quantized_state.pt", lambda f: torch.save(big, f)),
+    "safetensors (lm_weights)": weights,
+    "search checkpoint": lambda: resume.save_with_record(
+        out / "search" / "s.pth", {}, "calibrated", lambda tmp: torch.save(big, tmp)),
+}
+for name, write in writes.items():
+    try:
+        write()
+        print(name, "WROTE")
+    except RunFailed as exc:
+        print(name, "FULL" if "no space left" in str(exc) else "OTHER: " + str(exc))
+    except Exception as exc:
+        print(name, "RAW", type(exc).__name__, exc)
+"""
+
+
+def test_file_too_large_is_a_full_disk_for_every_writer_of_quantize(tmp_path):
+    """RLIMIT_FSIZE: torch's C++ writer and safetensors' Rust writer report "File too large"
+    without an errno; each is still told as a full disk, with the fix."""
+    proc = subprocess.run([PY, "-c", FILE_TOO_LARGE, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=subprocess_env())
+    lines = [x for x in proc.stdout.splitlines() if x]
+    assert len(lines) == 3 and all(x.endswith("FULL") for x in lines), proc.stdout + \
+        proc.stderr[-2000:]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a partial file was left"
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG])
 def test_atomic_write_disk_full_becomes_clear_run_failed(tmp_path, monkeypatch, code):
     target = tmp_path / "layers.csv"

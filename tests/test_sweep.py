@@ -154,7 +154,7 @@ def test_a_child_run_exports_by_run_id_and_passes_every_check(swept, demo, schem
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{swept / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(swept)  # the store's artifacts are under ./mlruns there
-    run_id = (swept / "out" / scheme / RUN_ID_FILE).read_text().strip()
+    run_id = (swept / "out" / scheme / RUN_ID_FILE).read_text().splitlines()[0]
     out = tmp_path / "ckpt"
     code = export_main(["--run-id", run_id, "--model-dir", str(demo[0]), "--output-dir", str(out)])
     assert code == 0, capsys.readouterr().err[-3000:]

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from vlm_autoquant.core.artifacts import MANIFEST_FILE, RUN_ID_FILE
+from vlm_autoquant.tracking_store import PROBE_ENDPOINT
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
 
@@ -37,7 +38,7 @@ def test_tracked_run_ends_finished_failed_or_killed(tmp_path, monkeypatch, exc, 
                 raise exc
     run = client.get_run(tracker.run_id)
     assert run.info.status == status
-    assert (out / RUN_ID_FILE).read_text().strip() == tracker.run_id
+    assert (out / RUN_ID_FILE).read_text().splitlines()[0] == tracker.run_id
     if exc:
         assert type(exc).__name__ in run.data.tags["failure_reason"]
 
@@ -51,13 +52,13 @@ class _nothing:
 
 
 def test_a_run_left_running_by_a_killed_process_is_closed_as_killed(tmp_path, monkeypatch):
-    from vlm_autoquant.tracking import close_stale
+    from vlm_autoquant.tracking import close_stale, remember
 
     uri, client = store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     exp = client.create_experiment("e")
     stale = client.create_run(exp).info.run_id  # RUNNING, as a SIGKILLed process leaves it
-    (tmp_path / RUN_ID_FILE).write_text(stale + "\n")
+    remember(tmp_path, stale)
     close_stale(tmp_path).join()  # in the background: mlflow is imported off the main thread
     run = client.get_run(stale)
     assert run.info.status == "KILLED" and "killed" in run.data.tags["failure_reason"]
@@ -67,18 +68,18 @@ def test_a_run_left_running_by_a_killed_process_is_closed_as_killed(tmp_path, mo
 
 def test_the_next_run_in_that_dir_waits_for_the_stale_run_to_close(tmp_path, monkeypatch):
     """close_stale returns at once; the run that replaces the recorded id closes the old first."""
-    from vlm_autoquant.tracking import close_stale, tracked_run
+    from vlm_autoquant.tracking import close_stale, remember, tracked_run
 
     uri, client = store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     stale = client.create_run(client.create_experiment("e")).info.run_id
-    (tmp_path / RUN_ID_FILE).write_text(stale + "\n")
+    remember(tmp_path, stale)
     close_stale(tmp_path)
     with tracked_run("e", "r", out_dir=tmp_path) as tracker:
         tracker.wait()
         assert client.get_run(stale).info.status == "KILLED"
-    assert (tmp_path / RUN_ID_FILE).read_text().strip() == tracker.run_id != stale
+    assert (tmp_path / RUN_ID_FILE).read_text().splitlines()[0] == tracker.run_id != stale
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
@@ -105,13 +106,14 @@ def test_system_metrics_are_sampled_often_and_stop_without_waiting(tmp_path, mon
 
 
 class _Api500(http.server.BaseHTTPRequestHandler):
-    """Healthy at /health, 500 on every API call: a server that breaks after the check."""
+    """Answers the store check (an experiment lookup), 500 on every other API call: a server
+    that breaks after the check."""
 
     def _answer(self):
-        ok = self.path.rstrip("/") == "/health"
-        self.send_response(200 if ok else 500)
+        ok = self.path.startswith(PROBE_ENDPOINT)
+        self.send_response(404 if ok else 500)
         self.end_headers()
-        self.wfile.write(b"OK" if ok else b"{}")
+        self.wfile.write(b'{"error_code": "RESOURCE_DOES_NOT_EXIST"}' if ok else b"{}")
 
     do_GET = do_POST = do_PATCH = _answer
 
@@ -140,6 +142,9 @@ def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(demo, tmp_
     err = capsys.readouterr().err + caplog.text
     assert code == 1, err[-3000:]
     assert "safe on disk" in err and "--log-only" in err
+    # the recovery command names the store and the experiment it was meant for
+    assert f"MLFLOW_TRACKING_URI=http://127.0.0.1:{server.server_address[1]}" in err
+    assert "--experiment qwen2.5-vl-3b-autoquant-fp8" in err
     assert "Traceback" not in err
     doc = json.loads((out / MANIFEST_FILE).read_text())  # the whole result is there
     uri, client = store(tmp_path)
@@ -168,3 +173,269 @@ def test_two_processes_start_runs_on_one_fresh_sqlite_store(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
     assert sorted(r.data.tags["mlflow.runName"] for r in runs) == ["r0", "r1"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+# --- the store is checked before any work, and a new one is made whole -----------------------
+
+def _problems(experiment: str | None = None):
+    from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.tracking_store import check_store
+
+    problems = Problems()
+    check_store(problems, experiment)
+    return problems.items
+
+
+def test_a_store_killed_while_it_is_created_is_never_left_half_made(tmp_path, monkeypatch):
+    """SIGKILL a first run while MLflow migrates its new store: no store is left (only a
+    temporary file, swept by the next creator), and the next run gets a working store."""
+    import os
+    import signal
+    import time
+
+    db = tmp_path / "mlflow.db"
+    code = ("from vlm_autoquant.tracking import tracked_run\n"
+            "with tracked_run('e', 'r') as t:\n    t.wait()\n")
+    proc = subprocess.Popen([PY, "-c", code], cwd=tmp_path, stderr=subprocess.PIPE,
+                            env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}"))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:  # the first bytes of a schema
+        if any(p.stat().st_size > 0 for p in tmp_path.glob("*mlflow.db*") if p.is_file()
+               and not p.name.endswith(".lock")):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert not db.exists() and not _problems("e"), "a killed creation left a half-made store"
+    later = subprocess.run([PY, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300, env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}"))
+    assert later.returncode == 0, later.stderr[-2000:]
+    uri, client = store(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _half_made(db, version: str | None) -> None:
+    import sqlite3
+
+    con = sqlite3.connect(db)  # some of MLflow's tables, as a killed migration leaves them
+    con.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT, "
+                "lifecycle_stage TEXT)")
+    con.execute("CREATE TABLE runs (run_uuid TEXT PRIMARY KEY)")
+    if version is not None:
+        con.execute("CREATE TABLE alembic_version (version_num TEXT)")
+        con.execute("INSERT INTO alembic_version VALUES (?)", (version,))
+    con.commit()
+    con.close()
+
+
+def test_a_half_made_store_is_refused_at_once_with_the_way_out(tracking, demo, capsys):
+    from pathlib import Path
+
+    db = Path(tracking[len("sqlite:///"):])
+    _half_made(db, None)
+    code = run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", demo[0],
+                    "--calib-file", demo[1], "--output-dir", "out", *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "MLFLOW_TRACKING_URI" in err and "half-made" in err
+    assert f"mv {db} {db}.broken" in err and "Traceback" not in err
+    assert not Path("out").exists()
+
+
+def test_a_store_behind_or_ahead_of_this_mlflow_is_refused_with_the_command(tmp_path,
+                                                                            monkeypatch):
+    """A schema revision this MLflow knows but is not its head (an older MLflow, or an upgrade
+    cut short) names `mlflow db upgrade`; one it does not know names a newer MLflow."""
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    _half_made(db, "84291f40a231")  # an early MLflow schema revision
+    [p] = _problems()
+    assert "84291f40a231" in p.message and f"mlflow db upgrade sqlite:///{db}" in p.fix
+    assert "already exists" in p.fix and f"mv {db}" in p.fix
+    db.unlink()
+    _half_made(db, "ffffffffffff")
+    [p] = _problems()
+    assert "newer MLflow" in p.message
+
+
+def test_new_existing_file_and_read_only_stores(tmp_path, monkeypatch):
+    import os
+
+    from vlm_autoquant import tracking_store
+
+    db = tmp_path / "s" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert _problems("e") == [] and not db.exists()  # the check itself writes nothing
+    tracking_store.ensure_store()
+    assert _problems("e") == [] and db.is_file()
+    db.chmod(0o444)
+    if os.geteuid() == 0:  # root writes a 0444 file anyway: open it as SQLite does for others
+        monkeypatch.setattr(tracking_store, "_RW", "file:{}?mode=ro")
+    [p] = _problems("e")
+    assert "cannot be written" in p.message and "readonly" in p.message and "chmod" in p.fix
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    [p] = _problems("e")
+    assert "file store" in p.message and "MLFLOW_ALLOW_FILE_STORE" in p.fix
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert _problems("e") == []
+
+
+def test_a_deleted_experiment_is_found_before_the_run(tmp_path, monkeypatch):
+    uri, client = store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    exp = client.create_experiment("gone")
+    assert _problems("gone") == []
+    client.delete_experiment(exp)
+    [p] = _problems("gone")
+    assert p.input == "--experiment" and "deleted" in p.message
+    assert f"mlflow experiments restore --experiment-id {exp}" in p.fix
+    assert _problems("other") == []
+
+
+class _AuthServer(http.server.BaseHTTPRequestHandler):
+    """An MLflow server behind basic auth (user:secret); experiment 'gone' is deleted."""
+
+    def do_GET(self):
+        import base64
+
+        good = "Basic " + base64.b64encode(b"user:secret").decode()
+        if self.headers.get("Authorization") != good:
+            self.send_response(401)
+            body = b"unauthorized"
+        elif "experiment_name=gone" in self.path:
+            self.send_response(200)
+            body = json.dumps({"experiment": {"experiment_id": "7", "name": "gone",
+                                              "lifecycle_stage": "deleted"}}).encode()
+        else:
+            self.send_response(404)
+            body = b'{"error_code": "RESOURCE_DOES_NOT_EXIST"}'
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def auth_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AuthServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_a_server_is_checked_with_the_credentials_mlflow_sends(auth_server, monkeypatch):
+    """Credentials in the URI are used, as MLflow's client uses them; a 401 is 'reachable but
+    refused', not 'unreachable'; the password never appears in a message."""
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{auth_server}")
+    assert _problems("e") == []
+    [p] = _problems("gone")
+    assert p.input == "--experiment" and "deleted" in p.message and "secret" not in str(p)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:hunter2@127.0.0.1:{auth_server}")
+    [p] = _problems("e")
+    assert "reachable but refuses" in p.message and "HTTP 401" in p.message
+    assert "hunter2" not in str(p) and "***@127.0.0.1" in p.message
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{auth_server}")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "user")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    assert _problems("e") == []
+
+
+def test_credentials_are_never_printed_by_a_refused_run(tmp_path, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:hunter2@127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)
+    code = run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", tmp_path / "none",
+                    "--output-dir", "out"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unreachable" in err and "alice:***@" not in err
+    assert "hunter2" not in err and f"http://***@127.0.0.1:{port}" in err
+
+
+def test_redaction_covers_every_url_in_a_message_and_a_log_line():
+    import logging
+
+    from vlm_autoquant.tracking_store import RedactCredentials, redact
+
+    assert redact("to https://u:p@ss@h:1/x and http://t@h2/") == "to https://***@h:1/x and " \
+                                                                  "http://***@h2/"
+    assert redact("sqlite:///a@b.db") == "sqlite:///a@b.db"  # no host part: nothing to hide
+    record = logging.LogRecord("x", logging.INFO, "f", 1, "store %s failed", ("http://a:b@h",),
+                               None)
+    RedactCredentials().filter(record)
+    assert record.getMessage() == "store http://***@h failed"
+
+
+def test_no_mlflow_export_by_run_id_never_contacts_a_server(tmp_path, monkeypatch, capsys):
+    from vlm_autoquant import tracking_store
+    from vlm_autoquant.cli.export import main as export_main
+
+    def contacted(*a, **k):
+        raise AssertionError("a server was contacted")
+
+    monkeypatch.setattr(tracking_store, "_check_server", contacted)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:pw@127.0.0.1:9")
+    code = export_main(["--run-id", "0123abcd", "--output-dir", str(tmp_path / "o"),
+                        "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--artifacts-dir" in err and "--no-mlflow" in err
+    assert "pw@" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_copied_output_dir_does_not_close_the_original_run(tmp_path, monkeypatch):
+    """The run id file travels with a copy; the run it names belongs to the original dir."""
+    import shutil
+
+    from vlm_autoquant.tracking import close_stale, remember
+
+    uri, client = store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    live = client.create_run(client.create_experiment("e")).info.run_id
+    original = tmp_path / "orig"
+    remember(original, live)
+    shutil.copytree(original, tmp_path / "copy")
+    assert close_stale(tmp_path / "copy") is None
+    assert client.get_run(live).info.status == "RUNNING"
+    close_stale(original).join()  # the directory it was recorded in: a killed run's, closed
+    assert client.get_run(live).info.status == "KILLED"
+
+
+def test_the_log_only_command_carries_the_store_and_the_experiment(monkeypatch):
+    from pathlib import Path
+
+    from vlm_autoquant.run.report import log_only_command
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:pw@host:5000")
+    cmd = log_only_command(Path("out dir"), "my exp")
+    assert cmd.startswith("MLFLOW_TRACKING_URI='http://***@host:5000' ")
+    assert "--log-only --output-dir 'out dir' --experiment 'my exp'" in cmd
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert log_only_command(Path("o"), "e").endswith("--log-only --output-dir o --experiment e")
+
+
+def test_a_half_made_store_met_at_the_run_start_names_the_way_out(tmp_path, monkeypatch):
+    """MLflow itself meets the half-made store (made past the check): the error says which file
+    to move aside, not to wait until tracking works again."""
+    from vlm_autoquant.tracking import Tracker, TrackingFailed
+
+    db = tmp_path / "mlflow.db"
+    _half_made(db, None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    with pytest.raises(TrackingFailed) as info:
+        Tracker("e", "r").wait()
+    assert "killed" in str(info.value) and f"mv {db} {db}.broken" in str(info.value)

@@ -75,7 +75,8 @@ def split_options(model_dir: Path, output_dir: Path, calib_file: Path | None,
         raise UsageError([Problem(k, "is neither a run option nor a scheme field",
                                   f"use one of: {', '.join((*_OPTION_FIELDS, *OVERRIDE_FLAGS))}")
                           for k in unknown])
-    opts = {k: v for k, v in kwargs.items() if k in _OPTION_FIELDS and v is not None}
+    opts = {"experiment": DEFAULT_EXPERIMENT,  # named, so that validation checks it in the store
+            **{k: v for k, v in kwargs.items() if k in _OPTION_FIELDS and v is not None}}
     options = RunOptions(model_dir=Path(model_dir), output_dir=Path(output_dir),
                          calib_file=None if calib_file is None else Path(calib_file), **opts)
     return options, {f: kwargs.get(f) for f in OVERRIDE_FLAGS}
@@ -244,6 +245,8 @@ def export(source: str | Path | None, *, model_dir: str | Path | None = None,
     from .exporter.pipeline import export_run  # torch: only for an export
 
     opts = _export_options(source, model_dir, output_dir, options)
+    if not options.get("mlflow", True):
+        _refuse_server_without_mlflow(opts.run_id)
     tracker_factory = _export_tracker_factory(opts.experiment) \
         if options.get("mlflow", True) else None
     with _discarded_if_empty(opts.output_dir), stop_on_signals(StopFlag()) as stop:
@@ -254,9 +257,9 @@ def _export_tracker_factory(experiment: str | None) -> Callable[[str, Path], tra
     """`(name, output dir) -> Tracker` for the export's own MLflow run, recorded in the output
     dir; refuses an unreachable tracking server first."""
     problems = Problems()
-    tracking.check_reachable(problems)
-    problems.raise_if_any()
     experiment = experiment or DEFAULT_EXPERIMENT
+    tracking.check_reachable(problems, experiment)
+    problems.raise_if_any()
     launched = os.environ.get("MLFLOW_RUN_ID")
     if launched and (tracking.source_run(launched) or {}).get("status") != "RUNNING":
         del os.environ["MLFLOW_RUN_ID"]  # launched by a run already done (the demo): own run
@@ -266,6 +269,16 @@ def _export_tracker_factory(experiment: str | None) -> Callable[[str, Path], tra
         return tracking.Tracker(experiment, name, out_dir=out_dir)
 
     return tracker_factory
+
+
+def _refuse_server_without_mlflow(run_id: str | None) -> None:
+    """--no-mlflow never contacts a server: a --run-id there cannot be read without one."""
+    if run_id and tracking.is_server(tracking.tracking_uri()):
+        raise UsageError(Problem("--run-id", f"with --no-mlflow the run's artifacts cannot be "
+                                 f"read: they are on the tracking server {tracking.shown_uri()}, "
+                                 "which --no-mlflow never contacts", "pass --artifacts-dir (the "
+                                 "run's --output-dir, or its downloaded artifacts) instead of "
+                                 "--run-id, or drop --no-mlflow"))
 
 
 def restore(run_dir: str | Path, model_dir: str | Path | None = None, device: str | None = None,

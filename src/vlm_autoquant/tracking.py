@@ -9,19 +9,30 @@ overlaps with loading and searching, and the first logging call waits for it. Im
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import json
 import logging
 import os
-import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .core.artifacts import RUN_ID_FILE
 from .core.errors import Interrupted, Problems, RunFailed
+from .tracking_store import (  # noqa: F401 - the store's checks, re-exported for callers
+    DEFAULT_URI,
+    check_store,
+    create_store,
+    ensure_store,
+    is_server,
+    redact,
+    schema_problem,
+    shown_uri,
+    sqlite_file,
+    store_lock,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +87,6 @@ METRICS = {
                 "schemes of the most common method; .../<method> for each method",
 }
 
-DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default when MLFLOW_TRACKING_URI is unset
 # Bounded retries against a server: a few tries within ~30 s, then give up (the result is on disk).
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -90,48 +100,15 @@ class TrackingFailed(RunFailed):
     """Logging to MLflow failed after the result was written to disk."""
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db, artifacts in ./mlruns)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+def check_reachable(problems: Problems, experiment: str | None = None) -> None:
+    """Fail before any model is loaded when the tracking store would fail the run's logging."""
+    check_store(problems, experiment)
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
-
-
-def check_reachable(problems: Problems) -> None:
-    """Fail before any model is loaded when the tracking store cannot be reached."""
-    uri = tracking_uri()
-    fix = ("start the server, fix MLFLOW_TRACKING_URI, or unset it to use the local "
-           "store (sqlite:///mlflow.db with artifacts under ./mlruns)")
-    if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
-        except Exception as exc:  # any failure means the same thing to the user
-            problems.add("MLFLOW_TRACKING_URI", f"tracking server {uri} is unreachable ({exc})", fix)
-    elif (db := _sqlite_file(uri)) is not None:
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=db.parent):
-                pass
-        except OSError as exc:
-            problems.add("MLFLOW_TRACKING_URI", f"cannot write the SQLite store in {db.parent} "
-                         f"({exc.strerror})", fix)
-
-
-@contextlib.contextmanager
-def _store_lock() -> Iterator[None]:
-    """Serialise the first use of a SQLite store (schema creation races between processes)."""
-    db = _sqlite_file(tracking_uri())
-    if db is None:
-        yield
-        return
-    with open(f"{db}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def bounded_retries() -> None:
+    """A dead server costs seconds, not MLflow's default of minutes of retries (env wins)."""
+    for key, value in RETRY_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 class Tracker:
@@ -139,9 +116,9 @@ class Tracker:
 
     def __init__(self, experiment: str, run_name: str, parent: "Tracker | None" = None,
                  system_metrics: bool = False, out_dir: Path | None = None) -> None:
-        for key, value in RETRY_ENV.items():
-            os.environ.setdefault(key, value)
+        bounded_retries()
         self.name = run_name
+        self.experiment = experiment
         self._error: BaseException | None = None
         self._out_dir = out_dir  # where the run id is recorded once the run exists
         self._thread = threading.Thread(target=self._start, name="mlflow-start", daemon=True,
@@ -153,11 +130,12 @@ class Tracker:
         try:
             if self._out_dir is not None:
                 wait_closed(self._out_dir)  # the stale run's id is read before ours replaces it
+            ensure_store()
             import mlflow  # mlflow: imported on first use, off the refusal path
 
             self._mlflow = mlflow
             launched = bool(os.environ.get("MLFLOW_RUN_ID")) and parent is None
-            with _store_lock():
+            with store_lock():
                 if launched:  # under `mlflow run`: attach to the run it made
                     self.run = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"])
                 else:
@@ -193,8 +171,11 @@ class Tracker:
         if threading.current_thread() is not self._thread:
             self._thread.join()
         if self._error is not None:
-            raise TrackingFailed(f"the MLflow run could not be started at {tracking_uri()} "
-                                 f"({type(self._error).__name__}: {self._error})")
+            db = sqlite_file(tracking_uri())
+            state = schema_problem(db) if db is not None and db.is_file() else None
+            hint = f". {state[0]}.\n    fix: {state[1]}" if state else ""
+            raise TrackingFailed(f"the MLflow run could not be started at {shown_uri()} "
+                                 f"({type(self._error).__name__}: {redact(self._error)}){hint}")
         return self
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -311,17 +292,41 @@ def tracked_run(experiment: str, name: str, parent: Tracker | None = None,
 
 def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
     try:
-        tracker.end(status, reason)
+        tracker.end(status, redact(reason))
     except Exception as exc:  # noqa: BLE001 - the original error matters more
-        log.warning("could not mark MLflow run %s: %s", status, exc)
+        log.warning("could not mark MLflow run %s: %s", status, redact(exc))
 
 
 
 
 def remember(out_dir: Path, run_id: str) -> None:
-    """Record the run writing into `out_dir`, so a rerun can close it if this process is killed."""
+    """Record the run writing into `out_dir`, so a rerun can close it if this process is killed.
+
+    The directory's identity (device, inode, path) is recorded beside the id: a copy of the
+    directory holds the same file, and must never close the original's live run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_ID_FILE).write_text(run_id + "\n", encoding="utf-8")
+    (out_dir / RUN_ID_FILE).write_text(f"{run_id}\n{json.dumps(_dir_identity(out_dir))}\n",
+                                       encoding="utf-8")
+
+
+def _dir_identity(out_dir: Path) -> dict:
+    st = os.stat(out_dir)
+    return {"dir": os.path.realpath(out_dir), "dev": st.st_dev, "ino": st.st_ino}
+
+
+def recorded_run(out_dir: Path) -> tuple[str, dict | None] | None:
+    """(run id, the identity of the directory it was recorded in) from `out_dir`, if any."""
+    try:
+        lines = (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or not lines[0].strip():
+        return None
+    try:
+        where = json.loads(lines[1]) if len(lines) > 1 else None
+    except ValueError:
+        where = None
+    return lines[0].strip(), where if isinstance(where, dict) else None
 
 
 _closers: dict[Path, threading.Thread] = {}
@@ -332,8 +337,6 @@ def ended_here(out_dir: Path) -> bool:
     """Whether the run recorded in `out_dir` was ended by this process: its record is then
     no longer needed to close it (a run that could not be ended keeps its record for
     `close_stale`)."""
-    from .core.artifacts import RUN_ID_FILE
-
     try:
         return (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip() in _ended
     except OSError:
@@ -343,12 +346,19 @@ def ended_here(out_dir: Path) -> bool:
 def close_stale(out_dir: Path) -> threading.Thread | None:
     """Mark the run a killed process left RUNNING in `out_dir` as KILLED, with a reason tag.
 
-    The run id is read now; mlflow is imported and the store updated in a background thread
-    (returned; None when there is no recorded run). The next run started with this `out_dir`
-    waits for it, and so does the interpreter's exit (not a daemon)."""
-    try:
-        run_id = (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip()
-    except OSError:
+    Only a run recorded in this very directory (same device and inode) is closed: the record in
+    a copy names the original's run, which may still be live. The run id is read now; mlflow is
+    imported and the store updated in a background thread (returned; None when there is
+    nothing to close). The next run started with this `out_dir` waits for it, and so does the
+    interpreter's exit (not a daemon)."""
+    got = recorded_run(out_dir)
+    if got is None:
+        return None
+    run_id, where = got
+    here = _dir_identity(out_dir)
+    if where is None or (where.get("dev"), where.get("ino")) != (here["dev"], here["ino"]):
+        log.info("not closing MLflow run %s: it was recorded in %s, not in %s (a copy?)", run_id,
+                 (where or {}).get("dir", "another directory"), here["dir"])
         return None
     thread = threading.Thread(target=_close_stale, args=(out_dir, run_id),
                               name="mlflow-close-stale")
@@ -366,6 +376,7 @@ def wait_closed(out_dir: Path) -> None:
 
 def _close_stale(out_dir: Path, run_id: str) -> None:
     try:
+        ensure_store()
         import mlflow  # mlflow: imported on first use, off the refusal path
 
         client = mlflow.MlflowClient()
@@ -382,6 +393,10 @@ def _close_stale(out_dir: Path, run_id: str) -> None:
 
 def source_run(run_id: str) -> dict | None:
     """{status, experiment_id, tags, artifact_uri} of a run in the current store; None if absent."""
+    bounded_retries()
+    db = sqlite_file(tracking_uri())
+    if db is not None and not db.exists():
+        return None  # no store, no run (and no store made by reading one)
     import mlflow  # mlflow: imported on first use, off the refusal path
     from mlflow.exceptions import MlflowException
 

@@ -38,6 +38,7 @@ from ..plan.schemes import Scheme
 from ..plan.validate import check_schemes
 from ..plan.validate import require_dependencies as require
 from ..tracking import METRICS
+from ..tracking_store import RedactCredentials, redact
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -153,6 +154,9 @@ def configure(debug: bool) -> None:
     warnings.filterwarnings("ignore", message="transformers .* is not tested with current")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactCredentials) for f in handler.filters):
+            handler.addFilter(RedactCredentials())  # no tracking password in any log line
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -197,7 +201,7 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
         with terminate_as_interrupt():
             return body()
     except UsageError as exc:
-        print(f"error: {exc.render()}", file=sys.stderr)
+        print(f"error: {redact(exc.render())}", file=sys.stderr)
         code = EXIT_USAGE
     except (Interrupted, KeyboardInterrupt) as exc:
         print(f"stopped ({exc or 'KeyboardInterrupt'}). {interrupted_note}", file=sys.stderr)
@@ -205,7 +209,7 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
     except RunFailed as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(exc)}", file=sys.stderr)
         code = EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - the boundary turns everything into a message
         if debug:
@@ -217,8 +221,8 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
                   "--overwrite discards the search checkpoint made for the old batch shape)",
                   file=sys.stderr)
         else:
-            print(f"error: {type(exc).__name__}: {exc}\n(rerun with --debug for the traceback)",
-                  file=sys.stderr)
+            print(f"error: {type(exc).__name__}: {redact(exc)}\n(rerun with --debug for the "
+                  "traceback)", file=sys.stderr)
         code = EXIT_FAILURE
     if output_dir is not None and not existed and paths.exists(output_dir) \
             and artifacts.only_our_bookkeeping(output_dir, tracking.ended_here(output_dir)):

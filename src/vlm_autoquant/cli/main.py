@@ -15,9 +15,9 @@ from pathlib import Path
 from .. import api
 from ..core import paths
 from ..core.artifacts import MANIFEST_FILE
-from ..core.errors import Problem, UsageError
+from ..core.errors import Problem, Problems, UsageError
 from ..plan.schemes import default_catalog, describe_catalog, load_catalog
-from ..tracking import tracked_run
+from ..tracking import check_reachable, tracked_run
 from .common import (
     DEFAULT_EXPERIMENT,
     _check_dependencies_first,
@@ -85,7 +85,8 @@ def _log_only(args: argparse.Namespace) -> int:
 
     The manifest is read once and every artifact is checked against it (`checked_artifacts`)
     before the MLflow run is made; what is logged are the bytes that were checked."""
-    from ..run.report import checked_artifacts, log_scheme  # torch: only for --log-only
+    from ..run.manifest import field_problems  # torch: only for --log-only
+    from ..run.report import checked_artifacts, log_scheme
 
     try:
         raw = paths.read_regular(args.output_dir / MANIFEST_FILE, 64 << 20)
@@ -95,6 +96,9 @@ def _log_only(args: argparse.Namespace) -> int:
         raise UsageError(Problem("--output-dir", f"{args.output_dir} holds no readable "
                                  f"{MANIFEST_FILE} ({exc})", "pass the --output-dir of a "
                                  "finished run")) from None
+    problems = Problems(field_problems(doc, str(args.output_dir / MANIFEST_FILE)))
+    check_reachable(problems, args.experiment or DEFAULT_EXPERIMENT)
+    problems.raise_if_any()
     with tempfile.TemporaryDirectory(prefix="vlm-log-only-") as tmp:
         files = checked_artifacts(doc, raw, args.output_dir, Path(tmp))
         with tracked_run(args.experiment or DEFAULT_EXPERIMENT, name) as tracker:

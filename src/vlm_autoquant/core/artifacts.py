@@ -81,14 +81,32 @@ def atomic_path(target: Path) -> Iterator[Path]:
         if _before_rename is not None:
             _before_rename(tmp, target)
         os.replace(tmp, target)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise RunFailed(f"no space left to write {target} ({exc.strerror}); free disk space "
-                            f"or choose another --output-dir. Nothing partial was left.") from exc
+    except Exception as exc:
+        if disk_full(exc):
+            raise RunFailed(f"no space left to write {target} (a full disk, a quota or the "
+                            f"file-size limit: {str(exc)[:200]}); free disk space (or lift the "
+                            "limit) or choose another --output-dir. Nothing partial was "
+                            "left.") from exc
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+# How a full disk, a quota or RLIMIT_FSIZE ("File too large") reaches us: an errno from Python's
+# own writes; from torch's C++ stream writer a RuntimeError about a short write; from
+# safetensors' Rust writer the OS error in the text.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_FULL_TEXT = re.compile(r"No space left|File too large|Disk quota|os error (?:27|28|122)\b|"
+                        r"unexpected pos|file write failed", re.IGNORECASE)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether a failed write means no room: a full disk, a quota or the file-size limit."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    return type(exc).__name__ in ("RuntimeError", "SafetensorError") \
+        and bool(_FULL_TEXT.search(str(exc)))
 
 
 def _umask() -> int:

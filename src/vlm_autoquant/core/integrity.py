@@ -19,48 +19,20 @@ import hmac
 import io
 import json
 import math
-import os
 import pickle
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import Problem, UsageError
+from .hmac_key import KEY_BYTES, KEY_ENV, key_path, load_or_create  # noqa: F401 - re-exported
 
-KEY_ENV = "VLM_AUTOQUANT_HMAC_KEY_FILE"
-KEY_BYTES = 32
 MAX_PICKLE_BYTES = 64 << 30  # a search checkpoint of the 3B is ~100 MB; this only bounds reads
 
 
-def key_path() -> Path:
-    env = os.environ.get(KEY_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "vlm_autoquant" / "hmac.key"
-
-
 def _key() -> bytes:
-    """The signing key: read it, or create it 0600 (O_EXCL, so two first uses agree on one)."""
-    path = key_path()
-    for _ in range(2):
-        try:
-            data = path.read_bytes()
-            if len(data) >= KEY_BYTES:
-                return data
-            raise UsageError(Problem(KEY_ENV, f"the HMAC key file {path} is shorter than "
-                                     f"{KEY_BYTES} bytes", "delete it (a new key is made) and "
-                                     "rerun with --overwrite"))
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue  # another process made it first: read theirs
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(KEY_BYTES))
-                f.flush()
-                os.fsync(f.fileno())
-    return path.read_bytes()
+    return load_or_create()
 
 
 def _canonical(record: dict) -> bytes:

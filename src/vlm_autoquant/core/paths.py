@@ -31,6 +31,11 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
+def kind(mode: int) -> str:
+    """What an st_mode is, in words ("a directory", "a FIFO (named pipe)", ...)."""
+    return _kind(mode)
+
+
 def describe_oserror(path: Path, exc: OSError) -> tuple[str, str]:
     """(message, fix) for an OSError met on `path`."""
     code = exc.errno

@@ -52,7 +52,7 @@ def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, 
     """Download a run's manifest and quantized state; (artifacts dir, run info) or problems."""
     run = tracking.source_run(run_id)
     fix = "pass the id of a finished quantization run (see `mlflow runs list`) and check " \
-          f"MLFLOW_TRACKING_URI (now {tracking.tracking_uri()})"
+          f"MLFLOW_TRACKING_URI (now {tracking.shown_uri()})"
     if run is None:
         problems.add("--run-id", f"no run {run_id!r} in the tracking store", fix)
         return None, None
@@ -75,6 +75,7 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, P
     record: the state's bytes are read once, hashed and loaded from memory, so what is restored
     later is what was checked here."""
     from ..model import quant_state  # ModelOpt: only once a run's artifacts are found
+    from ..run.manifest import field_problems  # torch: this module stays light for ExportOptions
 
     man_path, state = folder / MANIFEST_FILE, folder / QUANT_STATE_FILE
     if not man_path.is_file() or not state.is_file():
@@ -91,7 +92,12 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, P
         problems.add(flag, f"{man_path} is not a valid manifest ({exc})",
                      "rerun the quantization, or download the run's artifacts again")
         return None
-    if (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE) is None:
+    bad_fields = field_problems(manifest, str(man_path))
+    if bad_fields:
+        problems.extend(bad_fields)
+        return None
+    recorded = (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE)
+    if recorded is None:
         log.warning("the manifest records no sha256 of %s (an older run): not checked", state)
     try:
         payload = quant_state.read_state(state, manifest if (manifest.get(
@@ -164,6 +170,11 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
     actual = identity.result(model_dir)
     if recorded is not None and actual != recorded and not opts.allow_other_weights:
         problems.items.append(identity.mismatch(model_dir, recorded, actual))
+    vision = manifest["model"].get("vision_sha256")
+    if vision is not None and not opts.lm_only and not opts.allow_other_weights:
+        if identity.vision_result(model_dir) != vision:
+            problems.items.append(identity.vision_mismatch(model_dir, vision,
+                                                           identity.vision_result(model_dir)))
     if problems:
         return None
     return ExportInputs(opts, model_dir, manifest, state, actual, recorded, payload=payload)

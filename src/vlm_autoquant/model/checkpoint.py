@@ -190,8 +190,11 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
     cfg_path = path / "config.json"
     info = CheckpointInfo(path=path, config=config, config_sha256=sha256_file(cfg_path))
     if info.model_type != EXPECTED_MODEL_TYPE:
-        problems.add("--model-dir", f"model_type is {info.model_type!r}, not {EXPECTED_MODEL_TYPE!r}"
-                     f" ({config.get('architectures', ['?'])[0]})",
+        arch = config.get("architectures")
+        named = f" ({arch[0]})" if isinstance(arch, list) and arch and isinstance(arch[0], str) \
+            else ""
+        problems.add("--model-dir", f"model_type is {info.model_type!r}, not "
+                     f"{EXPECTED_MODEL_TYPE!r}{named}",
                      "this tool quantizes the language model of Qwen2.5-VL checkpoints only; "
                      "use a Qwen2.5-VL-*-Instruct directory")
     if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
@@ -224,6 +227,47 @@ def linear_numels_from_headers(info: CheckpointInfo) -> dict[str, int]:
     if out and head is not None and len(head.shape) == 2:
         out["lm_head"] = head.shape[0] * head.shape[1]
     return out
+
+
+_LAYER_RE = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
+_EMBED_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+
+
+def check_config_sizes(info: CheckpointInfo, sizes: dict[str, object], problems: Problems) -> bool:
+    """config.json's LM sizes against the weights' headers, before any module is built.
+
+    `sizes` holds num_hidden_layers, hidden_size, vocab_size and intermediate_size as the text
+    config reads them. A size must be a positive integer and agree with the tensors present
+    (the decoder layer indices, the embedding's shape, the first MLP's shape): a config that
+    declares 200000 layers is refused here, not after building 200000 layers. True when all agree.
+    """
+    before = len(problems.items)
+    fix = ("restore the checkpoint's original config.json (its sizes must describe the weights "
+           "beside it)")
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            problems.add("--model-dir", f"config.json: {key} must be a positive integer, got "
+                         f"{str(value)[:40]!r}", fix)
+    if len(problems.items) > before:
+        return False
+    layers = sorted({int(m.group(1)) for k in info.tensors if (m := _LAYER_RE.match(k))})
+    declared = sizes["num_hidden_layers"]
+    if layers and layers != list(range(declared)):
+        held = f"{layers[0]}..{layers[-1]} ({len(layers)} layers)"
+        problems.add("--model-dir", f"config.json: num_hidden_layers is {declared}, but the "
+                     f"weights hold decoder layers {held}", fix)
+    embed = next((info.tensors[k].shape for k in _EMBED_KEYS if k in info.tensors), None)
+    if embed is not None and len(embed) == 2:
+        for key, held in (("vocab_size", embed[0]), ("hidden_size", embed[1])):
+            if sizes[key] != held:
+                problems.add("--model-dir", f"config.json: {key} is {sizes[key]}, but the "
+                             f"embedding is {list(embed)}", fix)
+    gate = next((t.shape for k, t in info.tensors.items()
+                 if _lm_name(k) == "model.layers.0.mlp.gate_proj.weight"), None)
+    if gate is not None and len(gate) == 2 and sizes["intermediate_size"] != gate[0]:
+        problems.add("--model-dir", f"config.json: intermediate_size is "
+                     f"{sizes['intermediate_size']}, but layer 0's gate_proj is {list(gate)}", fix)
+    return len(problems.items) == before
 
 
 def check_lm_tensors(info: CheckpointInfo, expected: dict[str, tuple[int, ...]], tied: bool,

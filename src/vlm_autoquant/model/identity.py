@@ -3,10 +3,11 @@
 Every language-model tensor is hashed (sha256) straight from its byte range in the safetensors
 shard, in a thread pool (pread and hashlib release the GIL; largest tensors first, one reused
 buffer per thread, at the lowest CPU priority so that a load running beside it keeps the cores),
-and the per-tensor digests are combined over the sorted tensor names. The vision tower is never
-read. Two checkpoints of the same architecture differing in one value of one tensor get
-different identities. Key layouts are normalised (`model.language_model.` -> `model.`), so one
-set of weights has one identity in every layout.
+and the per-tensor digests are combined over the sorted tensor names. The vision tower does not
+enter the LM's identity; it has its own (`vision_weights_sha256`, recorded beside it), so an
+export onto another vision tower is refused. Two checkpoints of the same architecture differing
+in one value of one tensor get different identities. Key layouts are normalised
+(`model.language_model.` -> `model.`), so one set of weights has one identity in every layout.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, VISION_RE
 
 CHUNK = 16 << 20
 WORKERS = min(8, os.cpu_count() or 1)
-_futures: dict[Path, Future] = {}
+_futures: dict[tuple[Path, bool], Future] = {}
 _lock = threading.Lock()
 _buffers = threading.local()
 
@@ -98,30 +99,60 @@ def canonical_lm_name(name: str) -> str:
         if name.startswith("model.language_model.") else name
 
 
-def lm_weights_sha256(model_dir: Path, workers: int = WORKERS, background: bool = False) -> str:
-    """The identity of `model_dir`'s LM weights (vision tensors are not read)."""
-    digests = tensor_digests(Path(model_dir), lambda n: not VISION_RE.match(n), workers,
-                             background)
+def _combined(digests: dict[str, str]) -> str:
     combined = hashlib.sha256()
     for key in sorted(digests, key=canonical_lm_name):
         combined.update(f"{canonical_lm_name(key)}={digests[key]}\n".encode())
     return combined.hexdigest()
 
 
-def start(model_dir: Path) -> Future:
-    """Start computing the identity in a background thread (e.g. while the LM loads)."""
-    key = Path(model_dir).resolve()
+def lm_weights_sha256(model_dir: Path, workers: int = WORKERS, background: bool = False) -> str:
+    """The identity of `model_dir`'s LM weights (vision tensors are not read)."""
+    return _combined(tensor_digests(Path(model_dir), lambda n: not VISION_RE.match(n), workers,
+                                    background))
+
+
+def vision_weights_sha256(model_dir: Path, workers: int = WORKERS,
+                          background: bool = False) -> str | None:
+    """The identity of `model_dir`'s vision tower (its `visual.*` tensors); None without one."""
+    digests = tensor_digests(Path(model_dir), lambda n: bool(VISION_RE.match(n)), workers,
+                             background)
+    return _combined(digests) if digests else None
+
+
+def start(model_dir: Path, vision: bool = False) -> Future:
+    """Start computing the LM's (or the vision tower's) identity in a background thread (e.g.
+    while the LM loads)."""
+    key = (Path(model_dir).resolve(), vision)
     with _lock:
         if key not in _futures:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity")
-            _futures[key] = pool.submit(lm_weights_sha256, key, WORKERS, True)
+            _futures[key] = pool.submit(vision_weights_sha256 if vision else lm_weights_sha256,
+                                        key[0], WORKERS, True)
             pool.shutdown(wait=False)
         return _futures[key]
 
 
 def result(model_dir: Path) -> str:
-    """The identity of `model_dir`, reusing a computation already started."""
+    """The LM identity of `model_dir`, reusing a computation already started."""
     return start(model_dir).result()
+
+
+def vision_result(model_dir: Path) -> str | None:
+    """The vision tower's identity of `model_dir`, reusing a computation already started."""
+    return start(model_dir, vision=True).result()
+
+
+def vision_mismatch(model_dir: Path, recorded: str, actual: str | None):
+    """The Problem for a model_dir whose vision tower is not the one the run's base had."""
+    from ..core.errors import Problem
+
+    now = f"{actual[:16]}..." if actual else "none"
+    return Problem("--model-dir", f"{model_dir} holds another vision tower than the checkpoint "
+                   f"the run quantized: run vision_sha256 {recorded[:16]}..., this directory "
+                   f"{now}", "point it at the checkpoint the run used (the manifest's "
+                   "model.directory), or pass --allow-other-weights to export with this vision "
+                   "tower anyway (recorded)")
 
 
 def mismatch(model_dir: Path, recorded: str, actual: str, flag: str = "--model-dir"):

@@ -147,9 +147,38 @@ def apply(model: nn.Module, state_file: Path | dict, manifest: Path | dict | Non
         raise UsageError(problems)
     with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints "Inserted N quantizers"
         model = mto.restore_from_modelopt_state(model, payload["modelopt_state"])
+    bad_shapes = amax_shape_problems(model, payload["quantizer_state"])
+    if bad_shapes:
+        raise UsageError([Problem(str(state_file), text, "use the quantized_state.pt the run "
+                                  "wrote (its manifest's sha256 names it), or rerun the "
+                                  "quantization") for text in bad_shapes])
     set_quantizer_state_dict(model, payload["quantizer_state"])
     model.eval()
     return model
+
+
+def amax_shape_problems(model: nn.Module, quantizer_state: dict, limit: int = 8) -> list[str]:
+    """Each amax whose shape its linear cannot take: a scalar, or (a weight quantizer's) one
+    value per output channel. Named by its key in the file, before ModelOpt loads any."""
+    out = []
+    for key, state in quantizer_state.items():
+        amax = state.get("_amax") if isinstance(state, dict) else None
+        parent, _, kind = key.rpartition(".")
+        if not torch.is_tensor(amax) or not parent:
+            continue
+        try:
+            linear = model.get_submodule(parent)
+        except AttributeError:
+            out.append(f"quantizer_state[{key!r}] belongs to no module of this LM")
+            continue
+        channels = getattr(linear, "out_features", None)
+        allowed = {1} | ({channels} if kind == "weight_quantizer" and channels else set())
+        if amax.numel() not in allowed:
+            takes = "a scalar" + (f" or {channels} values (one per output channel)"
+                                  if len(allowed) > 1 else "")
+            out.append(f"quantizer_state[{key!r}]._amax has shape {list(amax.shape)}; "
+                       f"{parent}'s {kind} takes {takes}")
+    return out[:limit]
 
 
 def recorded_identity(state_file: Path | dict) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -15,6 +16,9 @@ from ..core import paths
 from ..core.errors import Problem, Problems, UsageError
 
 MAX_CATALOG_BYTES = 16 << 20  # a catalog is a few KB; this only bounds a wrong file
+# A catalog is a few hundred YAML values; aliases may not expand it past this (an alias bomb of
+# 1 KB expands to billions, and every later walk over it, validation included, would too).
+MAX_YAML_VALUES = 100_000
 
 # ModelOpt config names a scheme may offer as candidates, with their weight bits.
 # BF16 ("no quant") is always an implicit candidate.
@@ -110,6 +114,64 @@ def _no_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
+class AliasBomb(yaml.YAMLError):
+    """The document's aliases expand it beyond MAX_YAML_VALUES values (or into a cycle)."""
+
+
+def _expanded_size(root: yaml.Node) -> float:
+    """How many values the node graph holds once every alias is expanded (inf for a cycle);
+    each distinct node is visited once, so this is fast however large the expansion."""
+    size: dict[int, float] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    visiting: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        kids = _children(node)
+        if done:
+            visiting.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in visiting:
+            return float("inf")  # an alias inside its own anchor
+        visiting.add(id(node))
+        stack.append((node, True))
+        for kid in kids:
+            if id(kid) in visiting:
+                return float("inf")
+            if id(kid) not in size:
+                stack.append((kid, False))
+    return size[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def load_yaml(text: str) -> Any:
+    """Parse `text` with the duplicate-refusing SafeLoader, refusing before any value is built
+    a document whose aliases expand it past MAX_YAML_VALUES (AliasBomb)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_VALUES:
+            raise AliasBomb(f"its aliases expand it to more than {MAX_YAML_VALUES} values")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr of a user's value, cut short: a message never echoes a large structure."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _describe(err: dict, where: str) -> Problem:
     loc = ".".join(str(p) for p in err["loc"])
     key = f"{where}.{loc}" if loc else where
@@ -119,9 +181,9 @@ def _describe(err: dict, where: str) -> Problem:
     if err["type"] == "missing":
         return Problem(key, "required key is missing", "add it (see configs/schemes.yaml)")
     if err["type"] == "literal_error" and "formats" in loc:
-        return Problem(key, f"unknown ModelOpt format {err['input']!r}",
+        return Problem(key, f"unknown ModelOpt format {_shown(err['input'])}",
                        f"use one of: {', '.join(FORMAT_BITS)}")
-    return Problem(key, f"{err['msg']} (got {err.get('input')!r})",
+    return Problem(key, f"{err['msg']} (got {_shown(err.get('input'))})",
                    "fix the value; expected types are listed in configs/schemes.yaml")
 
 
@@ -159,7 +221,10 @@ def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
         raise UsageError(Problem(where, f"cannot read the catalog: {exc}",
                                  "pass a YAML text file (--catalog PATH)")) from None
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        doc = load_yaml(text)  # a SafeLoader: no arbitrary objects
+    except AliasBomb as exc:
+        raise UsageError(Problem(where, f"refused: {exc} (an alias bomb?)", "write the "
+                                 "catalog without aliases nested inside aliases")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -215,7 +280,7 @@ def resolve(catalog: dict[str, Scheme], name: str, overrides: dict[str, Any],
             field = str(e["loc"][0]) if e["loc"] else ""
             flag = (flags or {}).get(field, "--" + field.replace("_", "-")) if field in given \
                 else f"scheme {name}.{field}"
-            problems.append(Problem(flag, f"{e['msg']} (got {e.get('input')!r})",
+            problems.append(Problem(flag, f"{e['msg']} (got {_shown(e.get('input'))})",
                                     "pass a value in the allowed range"))
         raise UsageError(problems) from None
 

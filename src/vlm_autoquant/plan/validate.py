@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from .. import tracking
 from ..core import paths
 from ..core.artifacts import MANIFEST_FILE, check_output_dir
 from ..core.errors import Problems, UsageError
+from ..core.hmac_key import check_key_file
 from . import cost
 
 if TYPE_CHECKING:
@@ -136,7 +138,9 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
         if paths.probe(calib, "--calib-file", problems, "file") else None
     check_output_dir(options.output_dir, problems, finished_marker, options.overwrite,
                      model_dir=options.model_dir)
-    tracking.check_reachable(problems)
+    tracking.check_reachable(problems, options.experiment)
+    check_key_file(problems)
+    check_gpu_flags(options.gpus, options.max_gpu_memory, problems)
     if info is not None:  # the budget's range from the headers' shapes: still no transformers
         _check_budgets(schemes, linear_numels_from_headers(info), problems)
     if problems or info is None or caption_file is None:
@@ -148,8 +152,30 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
     tokenizer = load_tokenizer(options.model_dir, problems)
     if tokenizer is None:
         return None
+    tracking.create_store(problems)  # a new SQLite store, whole, before any weight is loaded
+    if problems:
+        return None
     return Inputs(options, schemes, info, text_cfg, numels, caption_file, tokenizer,
                   load_captions(caption_file.path))
+
+
+_GPU_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
+
+
+def check_gpu_flags(gpus: str | None, max_memory: str | None, problems: Problems) -> None:
+    """--gpus and --max-gpu-memory by their syntax alone, on every machine (a CPU one too):
+    GPU indices once each, sizes positive (placement.py checks them against the GPUs)."""
+    if gpus is not None and gpus.strip() and gpus.strip().lower() != "all":
+        ids = [x.strip() for x in gpus.split(",")]
+        if not all(x.isdigit() for x in ids) or len(set(map(int, filter(str.isdigit, ids)))) \
+                != len(ids):
+            problems.add("--gpus", f"{gpus!r} is not a list of distinct GPU indices",
+                         "e.g. --gpus 0,1, or --gpus all")
+    if max_memory is not None and max_memory.strip():
+        sizes = [_GPU_SIZE.match(x) for x in max_memory.split(",")]
+        if not all(m and float(m.group(1)) > 0 for m in sizes):
+            problems.add("--max-gpu-memory", f"{max_memory!r} is not one positive size or one "
+                         "per GPU", "e.g. --max-gpu-memory 120GiB, or 120GiB,100GiB")
 
 
 def _check_budgets(schemes: list[Scheme], numels: dict[str, int], problems: Problems) -> None:
@@ -179,14 +205,20 @@ def read_text_config(model_dir: Path, info: "CheckpointInfo",
                      problems: Problems) -> tuple[object, dict[str, int] | None]:
     """The LM's config and the weight count of each linear (meta device, no weights); every LM
     tensor in the files must be named and shaped as the config's architecture says."""
+    from ..model.checkpoint import check_config_sizes, check_lm_tensors
     from ..model.lm import linear_numels, meta_model, text_config  # transformers: after the cheap checks
 
     try:
         cfg = text_config(model_dir)
+        sizes = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "hidden_size",
+                                                    "vocab_size", "intermediate_size")}
+        if not check_config_sizes(info, sizes, problems):
+            return None, None  # no module is built for sizes the weights do not have
         meta = meta_model(cfg)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
         problems.add("--model-dir", f"config.json cannot be read as Qwen2.5-VL "
-                     f"({type(exc).__name__}: {exc})", "restore the checkpoint's original config.json")
+                     f"({type(exc).__name__}: {str(exc)[:300]})",
+                     "restore the checkpoint's original config.json")
         return None, None
     check_lm_tensors(info, {k: tuple(v.shape) for k, v in meta.state_dict().items()},
                      bool(cfg.tie_word_embeddings), problems)

@@ -8,10 +8,13 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
 from torch import nn
 
 from ..core.artifacts import MANIFEST_SCHEMA_VERSION
+from ..core.errors import Problem
 from ..plan import cost
+from ..plan.schemes import Scheme, _shown
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 FP8 = "FP8"
@@ -19,6 +22,8 @@ BF16 = "BF16"  # the name autoquant.format_name gives the no-quant candidate
 
 if TYPE_CHECKING:
     from ..search.autoquant import SearchResult
+
+_FIX = "use the manifest.json the run wrote (download the run's artifacts again), or rerun it"
 
 
 def _group_label(names: list[str]) -> str:
@@ -125,3 +130,33 @@ def layers_csv(rows: list[LayerRow]) -> str:
                     *[r.scores.get(c, "") for c in candidates],
                     *[r.costs.get(c, "") for c in candidates]])
     return out.getvalue()
+
+
+def field_problems(doc: object, where: str) -> list[Problem]:
+    """Every field of a manifest that the export and --log-only read, checked for its type
+    before anything is loaded; each problem names the field (`scheme.seq_len`, `layers[3]`...)."""
+    if not isinstance(doc, dict):
+        return [Problem(where, "is not a JSON object", _FIX)]
+    out: list[Problem] = []
+    try:
+        Scheme.model_validate(doc.get("scheme"))
+    except ValidationError as exc:
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            out.append(Problem(f"{where}: scheme{'.' + loc if loc else ''}",
+                               f"{e['msg']} (got {_shown(e.get('input'))})", _FIX))
+    for section, keys in (("model", ("directory",)), ("calibration", ("file",))):
+        value = doc.get(section)
+        for key in keys:
+            if not isinstance(value, dict) or not isinstance(value.get(key), str):
+                out.append(Problem(f"{where}: {section}.{key}", "missing or not a string", _FIX))
+    layers = doc.get("layers")
+    if not isinstance(layers, list):
+        return out + [Problem(f"{where}: layers", "missing or not a list", _FIX)]
+    for i, row in enumerate(layers):
+        if not (isinstance(row, dict) and isinstance(row.get("name"), str)
+                and row.get("format") in (FP8, BF16)):
+            out.append(Problem(f"{where}: layers[{i}]", "needs a name and a format of "
+                               f"{FP8} or {BF16} (got {_shown(row)})", _FIX))
+            break
+    return out

@@ -44,6 +44,7 @@ def load(inputs: Inputs, placement: LMPlacement | None, phases: Phases) -> nn.Mo
                  placement.summary(Dims.from_config(inputs.text_config)))
         where = {"device_map": placement.device_map, "max_memory": placement.max_memory}
     identity.start(inputs.options.model_dir)  # the LM weights' digest, hashed while they load
+    identity.start(inputs.options.model_dir, vision=True)  # the vision tower's, recorded beside
     with phases("load", f"LM only, {len(inputs.checkpoint.vision_keys())} vision tensors unread"):
         return load_lm(inputs.options.model_dir, inputs.text_config, pick_device(), **where)
 

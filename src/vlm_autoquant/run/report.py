@@ -41,6 +41,7 @@ from ..tracking import (
     TIME_PREFIX,
     Tracker,
     TrackingFailed,
+    shown_uri,
 )
 from .manifest import FP8, LayerRow
 
@@ -148,12 +149,21 @@ def log_scheme(tracker: Tracker, doc: dict, out_dir: Path,
     try:
         _log(tracker, doc, out_dir, files)
     except Exception as exc:  # noqa: BLE001 - any tracking failure means the same to the user
-        cmd = " ".join(shlex.quote(a) for a in (Path(sys.argv[0]).name, "--log-only",
-                                                  "--output-dir", str(out_dir)))
+        cmd = log_only_command(out_dir, tracker.experiment)
         raise TrackingFailed(
             f"logging to MLflow failed ({type(exc).__name__}: {exc}). The result is complete "
             f"and safe on disk in {out_dir} ({MANIFEST_FILE} and the files beside it). Once "
             f"tracking works again, log it with: {cmd}") from exc
+
+
+def log_only_command(out_dir: Path, experiment: str) -> str:
+    """The command that logs `out_dir` later into the same store and experiment (the tracking
+    URI shown with its credentials redacted)."""
+    words = [Path(sys.argv[0]).name, "--log-only", "--output-dir", str(out_dir),
+             "--experiment", experiment]
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(shown_uri())} " \
+        if os.environ.get("MLFLOW_TRACKING_URI") else ""
+    return env + " ".join(shlex.quote(w) for w in words)
 
 
 def _log(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | None) -> None:

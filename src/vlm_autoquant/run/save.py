@@ -65,6 +65,7 @@ def build_manifest(model: nn.Module, scheme: Scheme, inputs: Inputs, data: Data,
         model={"directory": str(inputs.options.model_dir), "model_type": ckpt.model_type,
                "config_sha256": ckpt.config_sha256, "weights_fingerprint": ckpt.weights_fingerprint,
                "weights_sha256": identity.result(inputs.options.model_dir),
+               "vision_sha256": identity.vision_result(inputs.options.model_dir),
                "parameters": {"lm": sum(p.numel() for p in model.parameters()
                                         if p.dtype.is_floating_point),
                               "lm_linear_weights": sum(inputs.numels.values()),

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core import integrity
-from ..core.artifacts import sha256_file, write_json
-from ..core.errors import Problem, UsageError
+from ..core.artifacts import disk_full, sha256_file, write_json
+from ..core.errors import Problem, RunFailed, UsageError
 
 RECORD_VERSION = 2
 MAX_RECORD_BYTES = 16 << 20
@@ -82,6 +82,13 @@ def save_with_record(checkpoint: Path, fp: dict, stage: str,
             os.fsync(f.fileno())
         digest = write_record(checkpoint, fp, stage, source=tmp)
         os.replace(tmp, checkpoint)
+    except Exception as exc:
+        if disk_full(exc):
+            raise RunFailed(f"no space left to write the search checkpoint {checkpoint} (a full "
+                            f"disk, a quota or the file-size limit: {str(exc)[:200]}); free "
+                            "disk space (or lift the limit) or choose another --output-dir. "
+                            "Nothing partial was left.") from exc
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
