@@ -411,6 +411,13 @@ def parse() -> argparse.Namespace:
     bad = [s for s in args.searches if s not in SEARCHES]
     if bad:
         p.error(f"--searches: unknown {bad}; choose from {', '.join(SEARCHES)}")
+    from vlm_autoquant.schemes import default_catalog, load_catalog
+
+    catalog = load_catalog(default_catalog())
+    gradient = [n for n, s in catalog.items() if s.method == "gradient"]
+    if args.scheme not in gradient:
+        p.error(f"--scheme {args.scheme}: choose a gradient-method scheme ({', '.join(gradient)});"
+                " the roofline compares scoring with a BF16 forward+backward")
     if args.sizes is None:
         args.sizes = TINY_SIZES if args.size == "tiny" else ""
     return args
@@ -431,9 +438,6 @@ def measure(args: argparse.Namespace, ckpt: Path, captions: Path) -> dict:
     from vlm_autoquant.lm import load_lm, pick_device, text_config
 
     scheme, data = driver_data(ckpt, captions, args.scheme, args.sizes.split())
-    if scheme.method != "gradient":
-        raise SystemExit(f"--scheme {args.scheme}: method {scheme.method}; the roofline compares "
-                         "against a forward+backward, so choose a gradient-method scheme")
     spec = spec_of([scheme])
     device = pick_device()
     batches = [{k: v.to(device) for k, v in b.items()} for b in data.calib.batches[: data.steps]]
