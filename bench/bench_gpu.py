@@ -367,6 +367,11 @@ def summarize(r: dict) -> None:
             rows.append((f"{key}: wall / calib per batch / score per batch",
                          f"{x['wall_s']:.1f} / {x['calibrate_per_batch_s']:.3f} / "
                          f"{x['score_per_batch_s']:.3f}", ""))
+    for kind, ratio in (r.get("roofline") or {}).get("ratios", {}).items():
+        rows.append((f"roofline {kind}: calibration / BF16 forward, per batch",
+                     f"{ratio['calibrate_over_bf16_forward']:.2f}", "<= 1.5"))
+        rows.append((f"roofline {kind}: scoring / BF16 fwd+bwd, per batch",
+                     f"{ratio['score_over_bf16_fwd_bwd']:.2f}", "<= 1.3"))
     r["table"] = rows
     width = max(len(a) for a, _, _ in rows) if rows else 10
     print("\n" + "-" * (width + 40))

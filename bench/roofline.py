@@ -53,8 +53,8 @@ CUDA = torch.cuda.is_available()
 SCHEME = "fp8-balanced-10b"  # the default scheme: 16 calibration and 8 scoring batches of 16x512
 SEARCHES = ("driver", "driver-gc-off", "modelopt")
 # The CPU smoke size: a few small batches per phase.
-TINY_SIZES = "--num-calib-samples 256 --num-calib-steps 2 --num-score-steps 2 --num-eval-samples 0 " \
-             "--seq-len 128 --batch-size 8"
+TINY_SIZES = ("--num-calib-samples 256 --num-calib-steps 2 --num-score-steps 2 "
+              "--num-eval-samples 0 --seq-len 128 --batch-size 8")
 Batch = dict[str, torch.Tensor]
 
 
@@ -76,6 +76,7 @@ def between(start: object, end: object) -> float:
 
 
 def summary(seconds: list[float]) -> dict:
+    """Mean and median of per-batch seconds."""
     return {"mean_s": statistics.fmean(seconds), "median_s": statistics.median(seconds),
             "batches": len(seconds)}
 
@@ -101,8 +102,11 @@ def as_scored(model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None
     emb.requires_grad_(True)
     if grad_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": True})
-        for m in model.modules():
-            m.train() if hasattr(m, "gradient_checkpointing") else m.eval()
+        for m in model.modules():  # in module order, as the plugin does: children win
+            if hasattr(m, "gradient_checkpointing"):
+                m.train()
+            else:
+                m.eval()
     try:
         with torch.enable_grad():
             yield
@@ -225,18 +229,25 @@ def search(pristine: torch.nn.Module, kind: str, setup: Setup, stop: Stopwatch) 
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     folder = setup.work / f"search-{kind}-{time.time_ns()}"  # fresh: nothing to resume from
+    timings, failed = {}, None
     try:
         if kind == "modelopt":
             timings = modelopt_search(model, spec, batches, setup.bits, stop)
         else:
             timings = autoquant.search(model, spec, batches, folder / "search.pth",
                                        lambda *a: "", stop, kind != "driver-gc-off").timings
+    except torch.OutOfMemoryError as exc:  # e.g. checkpointing off at full size: a result too
+        failed = f"out of GPU memory: {str(exc).splitlines()[0]}"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         del model
         gc.collect()
         if CUDA:
             torch.cuda.empty_cache()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
+    if failed:
+        print(f"[{kind}] {failed}", flush=True)
+        return {"error": failed, "peak_gpu_gib": peak}
     calib_steps, score_steps = min(spec.num_calib_steps, len(batches)), \
         min(spec.num_score_steps, len(batches))
     return {"calibrate_s": timings.get("calibrate", 0.0), "score_s": timings.get("score", 0.0),
@@ -245,7 +256,7 @@ def search(pristine: torch.nn.Module, kind: str, setup: Setup, stop: Stopwatch) 
             "calibrate_steady_s": stop.steady(False), "score_steady_s": stop.steady(True),
             "forwards": {"calibrate": sum(not s for s, _ in stop.marks),
                          "score": sum(s for s, _ in stop.marks)},
-            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0}
+            "peak_gpu_gib": peak}
 
 
 # Kernel families for the profile's summary (first match wins, by lower-case substring).
@@ -254,12 +265,13 @@ FAMILIES = (("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "addmm"
             ("fp8 fake-quant casts", ("float8", "e4m3", "fake")),
             ("copy / cast", ("copy", "cast", "convert", "to_copy")),
             ("reduction", ("reduce", "sum", "max", "norm", "amax")),
-            ("elementwise", ("elementwise", "vectorized", "unrolled", "mul", "add", "pow", "clamp")))
+            ("elementwise", ("elementwise", "vectorized", "unrolled", "mul", "add", "pow",
+                             "clamp")))
 
 
 class PhaseProfiler:
-    """torch.profiler from the first calibration forward to the first scoring forward, then a
-    second one from there to `stop()`: one profile per phase of a one-batch search."""
+    """One torch.profiler per phase of a one-batch search: from the phase's first forward to the
+    end of ModelOpt's calibration (or scoring) call, so set-up, the solve and saving stay out."""
 
     def __init__(self) -> None:
         self.events: dict[str, object] = {}
@@ -284,6 +296,31 @@ class PhaseProfiler:
             prof.stop()
             self.events[phase] = prof.key_averages()
             self.current = None
+
+    @contextlib.contextmanager
+    def ending_phases(self) -> Iterator[None]:
+        """Stop the running profile when ModelOpt's calibration or scoring call returns (the
+        driver's search wraps these wrappers in its own for the call; restored after)."""
+        import modelopt.torch.quantization.model_quant as mq
+        from modelopt.torch.quantization.algorithms import AutoQuantizeGradientSearcher as Grad
+
+        def then_stop(fn: Callable) -> Callable:
+            def call(*args, **kwargs):
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.stop()
+            return call
+
+        score = "estimate_sensitivity_scores"
+        saved = [(mq, "calibrate", mq.__dict__["calibrate"]), (Grad, score, Grad.__dict__[score])]
+        for owner, name, fn in saved:
+            setattr(owner, name, then_stop(fn))
+        try:
+            yield
+        finally:
+            for owner, name, fn in saved:
+                setattr(owner, name, fn)
 
 
 def top_rows(events, device: bool, n: int) -> tuple[list[dict], float, int]:
@@ -313,7 +350,8 @@ def profile(pristine: torch.nn.Module, setup: Setup, top: int) -> dict:
     """The driver's search on one calibration and one scoring batch under torch.profiler."""
     prof = PhaseProfiler()
     try:
-        search(pristine, "driver", setup.one_batch(), Stopwatch(prof))
+        with prof.ending_phases():
+            search(pristine, "driver", setup.one_batch(), Stopwatch(prof))
     finally:
         prof.stop()
     out = {}
@@ -328,8 +366,8 @@ def profile(pristine: torch.nn.Module, setup: Setup, top: int) -> dict:
 def profile_text(prof: dict) -> str:
     lines = []
     for phase, p in prof.items():
-        lines.append(f"\n== one {phase} batch: device {p['device_s']:.4f} s in "
-                     f"{p['kernel_launches']} kernels; host self {p['host_self_s']:.4f} s")
+        device = f"device {p['device_s']:.4f} s in {p['kernel_launches']} kernels; " if CUDA else ""
+        lines.append(f"\n== one {phase} batch: {device}host self {p['host_self_s']:.4f} s")
         lines.append("families: " + ", ".join(f"{k} {v:.4f} s" for k, v in p["families_s"].items()))
         for title, rows in (("top CUDA kernels", p["top_kernels"]),
                             ("top host ops (self CPU)", p["top_host_ops"])):
@@ -360,6 +398,8 @@ def ratios(floors: dict, searches: dict) -> dict:
     fwd = floors["forward"]["mean_s"]
     out = {}
     for kind, s in searches.items():
+        if "error" in s:
+            continue
         fb = floors["fwd_bwd_gc_off" if kind == "driver-gc-off" else "fwd_bwd_gc_on"]["mean_s"]
         r = {"calibrate_over_bf16_forward": s["calibrate_per_batch_s"] / fwd,
              "score_over_bf16_fwd_bwd": s["score_per_batch_s"] / fb}
@@ -379,6 +419,9 @@ def table(result: dict) -> list[tuple[str, str]]:
             ("BF16 fwd+bwd per batch, grad ckpt on (s)", f"{f['fwd_bwd_gc_on']['mean_s']:.4f}"),
             ("BF16 fwd+bwd per batch, grad ckpt off (s)", f"{f['fwd_bwd_gc_off']['mean_s']:.4f}")]
     for kind, s in result["searches"].items():
+        if "error" in s:
+            rows.append((f"{kind}: failed", s["error"][:60]))
+            continue
         rows += [(f"{kind}: calibration per batch (s)", f"{s['calibrate_per_batch_s']:.4f}"),
                  (f"{kind}: scoring per batch (s)", f"{s['score_per_batch_s']:.4f}"),
                  (f"{kind}: peak GPU memory (GiB)", f"{s['peak_gpu_gib']:.1f}")]
