@@ -45,9 +45,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from _common import driver_data  # noqa: E402
-from vlm_autoquant import autoquant  # noqa: E402
-from vlm_autoquant.families import SearchSpec, spec_of  # noqa: E402
-from vlm_autoquant.interrupt import StopFlag  # noqa: E402
+from vlm_autoquant.core.interrupt import StopFlag  # noqa: E402
+from vlm_autoquant.plan.families import spec_of  # noqa: E402
+from vlm_autoquant.search import autoquant  # noqa: E402
+from vlm_autoquant.search.spec import SearchSpec  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 SCHEME = "fp8-balanced-10b"  # the default scheme: 16 calibration and 8 scoring batches of 16x512
@@ -380,7 +381,7 @@ def profile_text(prof: dict) -> str:
 
 def checkpoint_and_captions(args: argparse.Namespace) -> tuple[Path, Path]:
     """--ckpt/--captions when given; else the demo (tiny) or a random 3B built under --work."""
-    from vlm_autoquant.demo import build_checkpoint, build_demo
+    from vlm_autoquant.model.demo import build_checkpoint, build_demo
 
     if args.size == "tiny" and args.ckpt is None:
         return build_demo(args.work / "demo")
@@ -454,7 +455,7 @@ def parse() -> argparse.Namespace:
     bad = [s for s in args.searches if s not in SEARCHES]
     if bad:
         p.error(f"--searches: unknown {bad}; choose from {', '.join(SEARCHES)}")
-    from vlm_autoquant.schemes import default_catalog, load_catalog
+    from vlm_autoquant.plan.schemes import default_catalog, load_catalog
 
     catalog = load_catalog(default_catalog())
     gradient = [n for n, s in catalog.items() if s.method == "gradient"]
@@ -477,8 +478,8 @@ def machine() -> dict:
 
 def measure(args: argparse.Namespace, ckpt: Path, captions: Path) -> dict:
     """Load once; the BF16 floors, the warm-up search, then each search in --searches."""
-    from vlm_autoquant.fp8_kernel import select_fp8_kernel
-    from vlm_autoquant.lm import load_lm, pick_device, text_config
+    from vlm_autoquant.search.fp8_kernel import select_fp8_kernel
+    from vlm_autoquant.model.lm import load_lm, pick_device, text_config
 
     scheme, data = driver_data(ckpt, captions, args.scheme, args.sizes.split())
     spec = spec_of([scheme])
