@@ -40,10 +40,9 @@ def env_for(work: Path, src: Path = ROOT / "src") -> dict:
     return env
 
 
-def build_batches(ckpt: Path, captions: Path, scheme: str, driver_args: list[str],
-                  target: Path) -> str:
-    """The driver's own batches (same code, same seed) for the bare baseline; their fingerprint."""
-    import torch
+def driver_data(ckpt: Path, captions: Path, scheme: str, driver_args: list[str]) -> tuple:
+    """The driver's scheme (catalog entry plus its override flags in `driver_args`) and its
+    data: split and packed by the driver's own code with the scheme's seed."""
     from transformers import AutoTokenizer
 
     from vlm_autoquant.plan.calib_data import build_data, load_captions
@@ -54,10 +53,18 @@ def build_batches(ckpt: Path, captions: Path, scheme: str, driver_args: list[str
 
     ns = main_parser().parse_args(["--scheme-name", scheme, *driver_args])
     s = resolve(load_catalog(default_catalog()), scheme, overrides_from(ns), OVERRIDE_FLAGS)
-    tok = AutoTokenizer.from_pretrained(ckpt)
     problems = Problems()
-    data = build_data(tok, load_captions(captions), s, problems)
+    data = build_data(AutoTokenizer.from_pretrained(ckpt), load_captions(captions), s, problems)
     problems.raise_if_any()
+    return s, data
+
+
+def build_batches(ckpt: Path, captions: Path, scheme: str, driver_args: list[str],
+                  target: Path) -> str:
+    """The driver's own batches (same code, same seed) for the bare baseline; their fingerprint."""
+    import torch
+
+    s, data = driver_data(ckpt, captions, scheme, driver_args)
     torch.save({"batches": data.calib.batches[: data.steps],
                 "scheme": {"effective_bits": s.effective_bits, "formats": list(s.formats),
                            "disabled_layers": list(s.disabled_layers),

@@ -3,13 +3,16 @@
 On one H200 (see docs/PERFORMANCE.md for the exact command):
     python bench/bench_gpu.py --size 3b --data .bench_data --work /tmp/vlmbench
 On the CPU, on the tiny model (keeps this script from rotting; numbers mean nothing):
-    python bench/bench_gpu.py --size tiny --work /tmp/vlmbench-cpu --steps driver,bare
+    python bench/bench_gpu.py --size tiny --work /tmp/vlmbench-cpu --steps driver,read,bare,loadonly
 
 Steps (comma list, default all): checkpoint (always), driver (cold then warm process of the
 driver end to end), read (plain read of the LM bytes: the I/O floor), bare (bare
 mtq.auto_quantize on the driver's batches + BF16 floors), peer (the driver on the 256 captions of
 the hf_ptq comparison), ext (driver with the FP8 CUDA extension: cold build, then warm), gcoff
-(driver with gradient checkpointing off), probe (batch-size scan, variants, profile).
+(driver with gradient checkpointing off), loadonly (a cold LM load alone: bench/load_only.py),
+repeat (two more warm driver/bare pairs), roofline (bench/roofline.py on the same checkpoint:
+calibration and scoring per batch against the BF16 floor, with a profile); batch16 and peer2 run
+only when named.
 Prints a table last and writes JSON (--out, default bench/results/<size>-<device>.json).
 """
 
@@ -141,7 +144,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT / ".bench_data",
                    help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt")
     p.add_argument("--work", type=Path, default=Path("/tmp/vlmbench"))
-    p.add_argument("--steps", default="driver,read,bare,peer,ext,gcoff,loadonly,repeat,probe")
+    p.add_argument("--steps", default="driver,read,bare,peer,ext,gcoff,loadonly,repeat,roofline")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     steps = set(args.steps.split(","))
@@ -277,14 +280,14 @@ def main() -> None:
         result["driver_gc_off"] = driver(args, work, "driver_gc_off", ["--grad-checkpointing", "off",
                                                                        "--fp8-kernel", "eager"])
         partial()
-    if "probe" in steps:
-        probe = work / "probe.json"
-        sizes = "4,8,16,32" if args.size == "3b" else "2,4"
-        sh([sys.executable, str(ROOT / "bench" / "scoring_probe.py"), str(ckpt), str(args.captions),
-            str(probe), "--batch-sizes", sizes, "--variants", "--profile"], env_for(work),
-           work / "probe.log", timeout=1200)
-        result["probe"] = json.loads(probe.read_text())
-        print((work / "probe.log").read_text().split("--- stderr ---")[0], flush=True)
+    if "roofline" in steps:  # calibration and scoring per batch against the BF16 floor
+        roof = work / "roofline.json"
+        sh([sys.executable, str(ROOT / "bench" / "roofline.py"), "--ckpt", str(ckpt),
+            "--captions", str(args.captions), "--scheme", SCHEME,
+            f"--sizes={' '.join(args.driver_args)}", "--work", str(work / "roofline"),
+            "--out", str(roof), "--profile"], env_for(work), work / "roofline.log", timeout=1200)
+        result["roofline"] = json.loads(roof.read_text())
+        print((work / "roofline.log").read_text().split("--- stderr ---")[0], flush=True)
 
     summarize(result)
     out = args.out or ROOT / "bench" / "results" / f"{args.size}-{'h200' if cuda else 'cpu'}.json"
@@ -364,6 +367,11 @@ def summarize(r: dict) -> None:
             rows.append((f"{key}: wall / calib per batch / score per batch",
                          f"{x['wall_s']:.1f} / {x['calibrate_per_batch_s']:.3f} / "
                          f"{x['score_per_batch_s']:.3f}", ""))
+    for kind, ratio in (r.get("roofline") or {}).get("ratios", {}).items():
+        rows.append((f"roofline {kind}: calibration / BF16 forward, per batch",
+                     f"{ratio['calibrate_over_bf16_forward']:.2f}", "<= 1.5"))
+        rows.append((f"roofline {kind}: scoring / BF16 fwd+bwd, per batch",
+                     f"{ratio['score_over_bf16_fwd_bwd']:.2f}", "<= 1.3"))
     r["table"] = rows
     width = max(len(a) for a, _, _ in rows) if rows else 10
     print("\n" + "-" * (width + 40))

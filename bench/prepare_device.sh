@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run HERE (not on the GPU machine): gather what bench/run_h200.sh needs into two git-ignored
+# Run HERE (not on the GPU machine): gather what the GPU benchmarks need into two git-ignored
 # folders that the device tool carries: .bench_data/ (real tokenizer + COCO captions from
 # ../shared/data) and .whl/ (the wheels of bench/device-wheels.txt).
+# On the GPU machine, before a benchmark, install the wheels beside the image's own packages:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/data}

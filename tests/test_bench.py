@@ -1,5 +1,10 @@
 """The benchmarks' CPU paths run on the tiny model, so they cannot rot (no timing asserted).
 
+Every script in bench/ runs here at smoke size: directly, or as the step of another that calls it
+(pagecache.py, load_only.py, bare_autoquant.py, _common.py through bench_gpu.py; stack_sampler.py
+through bench_peer.py --profile). prepare_device.sh, which gathers wheels for the GPU machine,
+is the one exception: it needs the shared data beside the clone and a package index.
+
 Marked `bench`: left out of the default run (pyproject addopts) and run by .ci/run as its own
 step, `python -m pytest -q -m bench`. Sizes are one batch per phase: a smoke run, not a benchmark.
 """
@@ -8,23 +13,32 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from .conftest import PY, ROOT, subprocess_env
 
-SMOKE_SIZES = ("--sizes=--num-calib-samples 256 --num-calib-steps 1 --num-score-steps 1 "
-               "--num-eval-samples 32 --seq-len 128")
+SMOKE = "--num-calib-samples 256 --num-calib-steps 1 --num-score-steps 1 --num-eval-samples 32 " \
+        "--seq-len 128"
+SMOKE_SIZES = f"--sizes={SMOKE}"
+
+
+def bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run bench/<script> with `args` as a fresh process (the package from this source tree)."""
+    return subprocess.run([PY, str(ROOT / "bench" / script), *args], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.bench
 def test_gpu_benchmark_cpu_path(tmp_path):
     out = tmp_path / "r.json"
-    proc = subprocess.run([PY, str(ROOT / "bench" / "bench_gpu.py"), "--size", "tiny", "--work",
-                           str(tmp_path / "w"), "--steps", "driver,bare", "--out", str(out)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = bench("bench_gpu.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--steps",
+                 "driver,read,bare,loadonly", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
+    assert r["read_lm_bytes"]["bytes"] == r["checkpoint"]["lm_bytes"]  # every LM tensor, once
+    assert r["load_only_cold"]["load_s"] > 0
     assert r["driver_cold"]["tokens_sha256"] == r["bare"]["tokens_sha256"]  # same batches
     assert r["driver_warm"]["fp8_groups"] == r["bare"]["fp8_groups"]  # same answer as bare
     assert 0 < r["driver_cold"]["padding_fraction"] <= 0.10
@@ -35,9 +49,8 @@ def test_gpu_benchmark_cpu_path(tmp_path):
 @pytest.mark.bench
 def test_sweep_benchmark_cpu_path(tmp_path):
     out = tmp_path / "s.json"
-    proc = subprocess.run([PY, str(ROOT / "bench" / "bench_sweep.py"), "--repeats", "1", SMOKE_SIZES,
-                           "--work", str(tmp_path / "w"), "--out", str(out)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = bench("bench_sweep.py", "--repeats", "1", SMOKE_SIZES, "--work", str(tmp_path / "w"),
+                 "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["schemes_in_sweep"] >= 5 and len(r["groups"]) >= 2
@@ -60,3 +73,92 @@ def test_served_benchmark_cpu_path(tmp_path):
     assert shared["served"] == shared["written"] and r["goal_met"]
     assert old["vllm_transform"]["bytes_changed"] > 0
     assert old["served"]["modelopt"]["kl_mean"] != old["written"]["modelopt"]["kl_mean"]
+
+
+@pytest.mark.bench
+def test_roofline_cpu_path(tmp_path):
+    out = tmp_path / "roof.json"
+    proc = bench("roofline.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out", str(out),
+                 "--warmup", "1", "--profile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    steps = r["steps"]
+    assert steps == {"calibrate": 2, "score": 2}  # the tiny default: two batches per phase
+    for key in ("forward", "fwd_bwd_gc_on", "fwd_bwd_gc_off"):
+        assert r["bf16"][key]["batches"] == 2
+    assert set(r["searches"]) == {"driver", "driver-gc-off", "modelopt"}
+    for kind, s in r["searches"].items():
+        # the stopwatch saw each search's forwards: one per batch and phase (one format)
+        assert s["forwards"] == steps, kind
+        assert s["calibrate_per_batch_s"] > 0 and s["score_per_batch_s"] > 0
+        assert set(r["ratios"][kind]) >= {"calibrate_over_bf16_forward", "score_over_bf16_fwd_bwd"}
+    assert {"calibrate", "score"} <= set(r["profile"])
+    ops = {op["name"] for op in r["profile"]["score"]["top_host_ops"]}
+    assert ops & {"aten::mm", "aten::addmm", "aten::bmm"}  # the linears ran under the profiler
+    assert "one score batch" in (tmp_path / "roof-profile.txt").read_text()
+    assert "driver: score over bf16 fwd bwd" in proc.stdout
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("flags,needle", [(["--searches", "driver,nope"], "--searches"),
+                                          (["--scheme", "fp8-kl-10b"], "gradient-method")])
+def test_roofline_refuses_bad_flags_before_loading(tmp_path, flags, needle):
+    proc = bench("roofline.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out",
+                 str(tmp_path / "r.json"), *flags)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.bench
+def test_catalog_benchmark_cpu_path(tmp_path):
+    out = tmp_path / "cat.json"
+    proc = bench("bench_catalog.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out",
+                 str(out), "--steps", "single,sweep_all,alone", "--alone", "fp8-kl-10b",
+                 "--parallel", "1", SMOKE_SIZES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["sweep_all"]["schemes"]) == set(r["catalog"])
+    # a scheme alone and the same scheme in the sweep: every layer's format the same
+    assert r["alone_equals_sweep_layer_formats"] == {"fp8-kl-10b": True, "fp8-balanced-10b": True}
+    assert r["ratios"]["sweep_all_over_single"] > 0
+
+
+@pytest.mark.bench
+def test_export_catalog_benchmark_cpu_path(tmp_path):
+    out = tmp_path / "x.json"
+    proc = bench("bench_export_catalog.py", "--size", "tiny", "--work", str(tmp_path / "w"),
+                 "--out", str(out), f"--sizes=--schemes fp8-balanced-10b,fp8-kl-10b {SMOKE}")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["exports"]) == {"fp8-balanced-10b", "fp8-kl-10b"} and r["all_passed"]
+
+
+@pytest.mark.bench
+def test_export_benchmark_cpu_path(tmp_path):
+    out = tmp_path / "e.json"
+    proc = bench("bench_export.py", "--demo", "--work", str(tmp_path / "w"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["checks_passed"] and r["baseline"]["total_s"] > 0 and r["ours_s"] > 0
+
+
+@pytest.mark.bench
+def test_peer_benchmark_cpu_path_with_profiles(tmp_path):
+    out = tmp_path / "peer.json"
+    proc = bench("bench_peer.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out",
+                 str(out), "--profile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [x["side"] for x in r["runs"]] == ["driver", "bare", "driver"]  # no peer on the CPU
+    assert ("bare ran on the driver's exact batches", "True", "True") in map(tuple, r["table"])
+    assert any(x["module"].startswith("vlm_autoquant") for x in r["driver_importtime_top15"])
+    for prof in map(Path, r["profiles"]):  # bench/stack_sampler.py's per-thread wall time
+        threads = json.loads(prof.read_text())["threads"]
+        assert threads["MainThread"]["seconds"] > 0
+
+
+@pytest.mark.bench
+def test_family_benchmark_dry_run():
+    proc = bench("bench_family.py", "--dry-run", "--size", "72b", "--gpus", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Qwen2.5-VL-72B LM on 4x" in proc.stdout and "80 layers" in proc.stdout
