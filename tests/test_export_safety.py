@@ -173,19 +173,22 @@ def test_symlinked_export_dir_is_written_through_and_stale_staging_swept(src_run
 def test_next_export_closes_the_run_a_killed_export_left_running(src_run, demo, tmp_path, capsys):
     import mlflow
 
+    from vlm_autoquant import tracking as tracking_mod
+
     client = mlflow.MlflowClient()
     exp = client.search_experiments()[0].experiment_id
     stale = client.create_run(exp).info.run_id  # RUNNING, as a SIGKILLed export leaves it
     out = tmp_path / "o"
     out.mkdir()
-    for name, text in ((MARKER_FILE, "{}"), (LOCK_FILE, ""), (artifacts.RUN_ID_FILE, stale)):
+    for name, text in ((MARKER_FILE, "{}"), (LOCK_FILE, "")):
         (out / name).write_text(text)
+    tracking_mod.remember(out, stale)  # the record a killed export leaves in its output dir
     code, err = export(["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", out],
                        capsys)
     assert code == 0, err
     assert client.get_run(stale).info.status == "KILLED"
     report = json.loads((out / artifacts.EXPORT_REPORT_FILE).read_text())
-    assert (out / artifacts.RUN_ID_FILE).read_text().strip() == report["mlflow"]["run_id"]
+    assert tracking_mod.recorded_run(out)[0] == report["mlflow"]["run_id"]
     assert client.get_run(report["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
@@ -213,7 +216,7 @@ def test_failed_quantize_keeps_the_record_of_a_run_it_could_not_end(demo, tmp_pa
         code = run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", demo[0],
                         "--calib-file", demo[1], "--output-dir", out, *QUICK])
     assert code == 1, capsys.readouterr().err[-2000:]
-    run_id = (out / artifacts.RUN_ID_FILE).read_text().strip()
+    run_id = tracking_mod.recorded_run(out)[0]
     client = mlflow.MlflowClient()
     assert client.get_run(run_id).info.status == "RUNNING"
     tracking_mod.close_stale(out).join()  # what the next run into `out` does first
