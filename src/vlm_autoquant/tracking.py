@@ -23,6 +23,7 @@ from .core.errors import Interrupted, Problems, RunFailed
 from .tracking_store import (  # noqa: F401 - the store's checks, re-exported for callers
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
+    active_experiment,
     check_store,
     create_store,
     ensure_store,
@@ -119,7 +120,7 @@ class Tracker:
                  system_metrics: bool = False, out_dir: Path | None = None) -> None:
         bounded_retries()
         self.name = run_name
-        self.experiment = experiment
+        self.experiment = active_experiment(experiment)  # None: MLFLOW_EXPERIMENT_ID chooses
         self._error: BaseException | None = None
         self._out_dir = out_dir  # where the run id is recorded once the run exists
         self._thread = threading.Thread(target=self._start, name="mlflow-start", daemon=True,

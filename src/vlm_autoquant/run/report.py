@@ -165,11 +165,11 @@ def log_scheme(tracker: Tracker, doc: dict, out_dir: Path,
             f"tracking works again, log it with: {cmd}") from exc
 
 
-def log_only_command(out_dir: Path, experiment: str) -> str:
+def log_only_command(out_dir: Path, experiment: str | None) -> str:
     """The command that logs `out_dir` later into the same store and experiment (the tracking
-    URI shown with its credentials redacted)."""
+    URI shown with its credentials redacted; no --experiment where MLFLOW_EXPERIMENT_ID chose)."""
     words = [Path(sys.argv[0]).name, "--log-only", "--output-dir", str(out_dir),
-             "--experiment", experiment]
+             *(["--experiment", experiment] if experiment else [])]
     env = f"MLFLOW_TRACKING_URI={shlex.quote(shown_uri())} " \
         if os.environ.get("MLFLOW_TRACKING_URI") else ""
     return env + " ".join(shlex.quote(w) for w in words)
