@@ -55,8 +55,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     given = main_parser().parse_args(["--scheme-name", args.scheme_name, "--model-dir", "-", *rest])
     _check_names_first(given, [args.scheme_name])  # before the checkpoint is built
     out = Path(f"outputs/demo-{args.scheme_name}")
-    return run_guarded(lambda: _demo(args, given, out), debug, out, args.experiment,
-                       args.scheme_name)
+    return run_guarded(lambda: _demo(args, given, out), debug, out,
+                       experiment=args.experiment, run_name=args.scheme_name)
 
 
 def _demo(args: argparse.Namespace, given: argparse.Namespace, out: Path) -> int:

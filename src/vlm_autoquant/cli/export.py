@@ -82,4 +82,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(lambda: _run(args), args.debug,
                        api.export_output_dir(_source(args), args.output_dir),
                        "Nothing was written to the output dir; rerun the same command to export.",
-                       args.experiment, "export")
+                       experiment=args.experiment, run_name="export")

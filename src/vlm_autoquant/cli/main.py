@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_schemes:
         return run_guarded(lambda: _list(args), args.debug, None)
     if args.log_only:
-        return run_guarded(lambda: _log_only(args), args.debug, None, args.experiment)
+        return run_guarded(lambda: _log_only(args), args.debug, None,
+                           experiment=args.experiment)
     args.scheme_name = args.scheme_name or api.DEFAULT_SCHEME  # MLproject may pass ""
     if args.output_dir is None:
         args.output_dir = Path("outputs") / args.scheme_name
-    return run_guarded(lambda: _run_main(args), args.debug, args.output_dir, args.experiment,
-                       args.scheme_name)
+    return run_guarded(lambda: _run_main(args), args.debug, args.output_dir,
+                       experiment=args.experiment, run_name=args.scheme_name)
 
 
 def _require(flag: str, value: object, what: str, fix: str) -> None:
@@ -161,8 +162,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
         args.output_dir = args.output_dir or Path("outputs/demo-sweep")
     if args.output_dir is None:
         args.output_dir = Path("outputs/sweep")
-    return run_guarded(lambda: _run_sweep(args), args.debug, args.output_dir, args.experiment,
-                       "sweep")
+    return run_guarded(lambda: _run_sweep(args), args.debug, args.output_dir,
+                       experiment=args.experiment, run_name="sweep")
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
