@@ -17,9 +17,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
-SHARED = ROOT.parent / "shared" / "data"
-COCO = SHARED / "coco2017_captions" / "train_sample.txt"
-QWEN_TOKENIZER = SHARED / "qwen2_5_vl_tokenizer"
+# Real data shipped with the tests (source and licence in each folder's README.md).
+DATA = Path(__file__).resolve().parent / "data"
+COCO = DATA / "coco2017_captions" / "captions_11k.txt"
+QWEN_TOKENIZER = DATA / "qwen2_5_tokenizer"
 # Small but real: the catalog's seq/batch shape with few steps keeps a run to a few seconds.
 # The `defaults:` block of a small catalog for tests (few tiny batches; schemes add the rest).
 SMALL_DEFAULTS = """\
@@ -57,8 +58,10 @@ SWEEP_CATALOG = SMALL_DEFAULTS + "schemes:\n" + "".join(
 
 @pytest.fixture(scope="session")
 def swept(demo, tmp_path_factory):
-    """One sweep of SWEEP_CATALOG on the demo (its root: out/, cat.yaml, mlflow.db), read by
-    tests/test_sweep.py and compared with by tests/test_replicas.py."""
+    """One sweep of SWEEP_CATALOG on the demo (its root: out/, cat.yaml, mlflow.db, stdout.txt),
+    read by tests/test_sweep.py and compared with by tests/test_replicas.py."""
+    import contextlib
+    import io
     import os
 
     from vlm_autoquant.cli import sweep_main
@@ -68,10 +71,14 @@ def swept(demo, tmp_path_factory):
     old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.chdir(root)  # MLflow's default artifact root is ./mlruns
+    stdout = io.StringIO()
     try:
-        code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
-                           "--output-dir", str(root / "out"), "--catalog", str(root / "cat.yaml")])
+        with contextlib.redirect_stdout(stdout):
+            code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
+                               "--output-dir", str(root / "out"), "--catalog",
+                               str(root / "cat.yaml")])
     finally:
+        (root / "stdout.txt").write_text(stdout.getvalue())
         os.chdir(cwd)
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI")
@@ -110,7 +117,7 @@ def layouts(demo, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def script_run(demo, tmp_path_factory) -> tuple[Path, str, str]:
     """(out, uri, stderr): one real run of the script in a subprocess (fp8-balanced-10b, QUICK)
-    into its own SQLite store. Shared by every test that only reads a finished run (its
+    into its own SQLite store; its stdout is kept in `out.parent / "stdout.txt"`. Shared by every test that only reads a finished run (its
     artifacts, manifest and MLflow run), so none of them may change `out` or the store: a
     test that writes to a store copies the database first (test_export.source)."""
     root = tmp_path_factory.mktemp("script_run")
@@ -122,6 +129,7 @@ def script_run(demo, tmp_path_factory) -> tuple[Path, str, str]:
         cwd=root, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
         timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (root / "stdout.txt").write_text(proc.stdout)
     return out, uri, proc.stderr
 
 

@@ -685,14 +685,21 @@ def test_many_problems_at_once(demo, tmp_path, tracking, capsys):
     assert err.count("fix:") == 5
 
 
-def test_omitted_required_flags_are_named(tmp_path, out, tracking, capsys):
-    """Leaving the flags out is an argparse error: exit 2 naming both flags, nothing written."""
+def test_an_omitted_model_dir_is_one_short_message(tmp_path, out, tracking, capsys):
+    """--scheme-name has a default; leaving out --model-dir names it and the fix, in a few lines
+    and without argparse's usage dump."""
+    err = expect_usage_error(capsys, ["--output-dir", out], "--model-dir", "is missing", out=out,
+                             tracking_uri=tracking, problems=1)
+    assert "usage:" not in err and len(err.strip().splitlines()) <= 4, err
+    assert "--scheme-name" not in err
+
+
+def test_an_unknown_flag_is_one_short_message(capsys):
     with pytest.raises(SystemExit) as exc:
-        run_cli(["--output-dir", out])
+        run_cli(["--model-dri", "x"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2
-    assert "--scheme-name" in err and "--model-dir" in err and "required" in err
-    assert "Traceback" not in err and not out.exists()
+    assert exc.value.code == 2 and "--model-dri" in err and "--help" in err
+    assert "usage:" not in err and len(err.strip().splitlines()) <= 2, err
 
 
 def test_debug_is_not_needed_for_a_clean_message(demo, tmp_path, out, tracking, capsys):

@@ -101,14 +101,18 @@ def test_packing_is_deterministic(tokenizer):
     assert a.fingerprint == b.fingerprint
 
 
-@pytest.mark.skipif(not (COCO.exists() and QWEN_TOKENIZER.exists()),
-                    reason="real COCO captions / Qwen tokenizer not present in ../shared/data")
-@pytest.mark.parametrize("seq_len,batch", [(512, 8), (256, 16), (128, 8)])
-def test_real_coco_padding_at_most_ten_percent(seq_len, batch):
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
+    assert len(tok) == 151665 and tok.convert_tokens_to_ids("<|image_pad|>") == 151655
+    return tok
+
+
+@pytest.mark.parametrize("seq_len,batch", [(512, 8), (256, 16), (128, 8)])
+def test_real_coco_padding_at_most_ten_percent(qwen_tokenizer, seq_len, batch):
     caps = split_captions(load_captions(COCO), 10240, 512, seed=1234).calib
-    packed = pack(tok, caps, seq_len, batch, seed=1234)
+    packed = pack(qwen_tokenizer, caps, seq_len, batch, seed=1234)
     assert packed.pad_tokens / (packed.real_tokens + packed.pad_tokens) <= 0.10
     assert packed.captions == 10240 and packed.truncated == 0

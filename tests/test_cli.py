@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
 import torch
 
 from vlm_autoquant.core.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SENSITIVITY_FIGURE
-from vlm_autoquant.tracking import M_BITS_ACHIEVED, M_KL, M_PPL_QUANT, M_PPL_REF, M_TOP1, M_WEIGHT_BYTES
+from vlm_autoquant.tracking import (DEFAULT_EXPERIMENT, M_BITS_ACHIEVED, M_KL, M_PPL_QUANT,
+                                   M_PPL_REF, M_TOP1, M_WEIGHT_BYTES)
 
 from .conftest import PY, QUICK, ROOT, run_cli, subprocess_env
 
@@ -44,6 +46,10 @@ def test_artifacts_and_manifest_contract(finished):
         assert phase in m["timings"]
     for phase in ("load", "evaluate", "save", "log"):
         assert f"{phase} " in log  # one log line per phase
+    for phase in ("calibrate", "score"):  # one start line and one duration line each
+        assert log.count(f"{phase}: started") == 1
+        assert len(re.findall(rf"INFO +{phase} +[0-9.]+ s ", log)) == 1, log
+    assert "overrides num_calib_samples=512 num_calib_steps=2" in log  # name=value, no dict
 
 
 def test_mlflow_run_holds_params_metrics_artifacts(finished):
@@ -55,7 +61,10 @@ def test_mlflow_run_holds_params_metrics_artifacts(finished):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == DEFAULT_EXPERIMENT
     assert run.data.params["scheme.name"] == "fp8-balanced-10b"
+    assert run.data.params["scheme.cost_excluded_layers"] == "*lm_head*"  # what null stands for
+    assert "null" not in run.data.params.values()
     assert run.data.params["scheme.num_calib_steps"] == "2"
     for key in (M_BITS_ACHIEVED, M_KL, M_PPL_REF, M_PPL_QUANT, M_TOP1, M_WEIGHT_BYTES):
         assert key in run.data.metrics, key
@@ -159,6 +168,44 @@ def test_mlflow_run_main_entry_point(demo, tmp_path):
     assert "" not in data.params.values() and "''" not in data.params.values()
     assert data.metrics[M_BITS_ACHIEVED] <= 12.0 + 1e-9
     assert (tmp_path / "out" / MANIFEST_FILE).exists()
+    last = proc.stdout.strip().splitlines()[-1]  # the handoff: run, experiment, output, next
+    assert f"MLflow run {runs[0].info.run_id} in experiment 'e2e'" in last
+    assert f"output in {tmp_path / 'out'}" in last
+    assert (f"next: mlflow run . -e export --env-manager local -P run_id={runs[0].info.run_id} "
+            f"-P model_dir={demo[0]} -P experiment=e2e") in last
+
+
+def test_the_script_ends_with_the_run_and_its_export_command(finished, demo):
+    import mlflow
+
+    out, uri, _ = finished
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    model_dir = demo[0]
+    lines = (out.parent / "stdout.txt").read_text().strip().splitlines()
+    assert lines == [f"fp8-balanced-10b: MLflow run {run.info.run_id} in experiment "
+                     f"'{DEFAULT_EXPERIMENT}'; output in {out}; next: python "
+                     f"scripts/qwen/qwen2_5_vl_3b_autoquant_fp8_export.py --run-id "
+                     f"{run.info.run_id} --model-dir {model_dir}"]
+
+
+def test_a_failed_mlflow_run_is_named_and_says_why(tmp_path):
+    """A wrong scheme through `mlflow run` (no --experiment-name): exit non-zero, and the FAILED
+    run sits in the README's experiment, named for the scheme, with the reason as a tag."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = ["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local",
+           "-P", "scheme_name=fp8-nope-3b", "-P", f"model_dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--scheme-name" in proc.stderr
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id])
+    assert run.info.status == "FAILED" and run.info.run_name == "fp8-nope-3b"
+    assert "--scheme-name" in run.data.tags["failure_reason"]
+    (pointer,) = client.search_runs(["0"])  # mlflow run's own, in "Default"
+    assert pointer.data.tags["continued_in_run"] == run.info.run_id
 
 
 def test_save_weights_writes_the_lm_once(demo, in_process_run):

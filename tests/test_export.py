@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from vlm_autoquant.core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE
+from vlm_autoquant.tracking import DEFAULT_EXPERIMENT
 
 from .conftest import PY, QUICK, ROOT, subprocess_env
 
@@ -332,9 +334,20 @@ def test_mlflow_run_export_entry_point(store, demo, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ckpt" / "export_report.json").read_text())
     assert report["passed"]
+    for noise in ("torch_dtype", "Tied weight", "0.00 GiB"):  # ModelOpt's notices at DEBUG
+        assert noise not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"export written: .*\([0-9.]+ KiB, \d+ files\)", proc.stderr)
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(report["mlflow"]["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["source_run_id"] == run_id
     assert run.data.params["run_id"] == run_id  # logged by mlflow run itself
+    # no --experiment-name: still the README's experiment, beside the run it exports
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(run.info.experiment_id).name == DEFAULT_EXPERIMENT
+    assert run.info.experiment_id == client.get_run(run_id).info.experiment_id
+    (pointer,) = client.search_runs(["0"])  # mlflow run's own, in "Default"
+    assert pointer.data.tags["continued_in_run"] == run.info.run_id
+    assert f"MLflow run {run.info.run_id} in experiment '{DEFAULT_EXPERIMENT}'" in proc.stdout
+    assert "next: mlflow ui --backend-store-uri" in proc.stdout
 
 
 def plant_rounding_ties(model_dir, key):

@@ -71,6 +71,23 @@ def test_sensitivity_layer_ticks_are_integers_and_axes_labelled(n_layers):
     assert "log scale" in fig.get_supylabel()
 
 
+def test_sensitivity_panels_share_one_y_scale_with_the_floor_a_decade_below_the_smallest():
+    rows = pcpt_rows(5) + [row(i, "o_proj", PCPT[0], {PCPT[0]: 3e-7 if i else 0.0})
+                           for i in range(3)]
+    fig = figures.sensitivity(rows, "s")
+    FigureCanvasAgg(fig).draw()
+    limits = {ax.get_ylim() for ax in fig.axes}
+    assert len(limits) == 1, limits  # every panel the same scale
+    (lo, hi), = limits
+    assert lo == pytest.approx(1e-8) and hi >= 1e-1  # smallest positive score 3e-7, largest 0.1
+    assert "1e-08" in fig.get_supylabel()
+    heights = [p.get_y() + p.get_height() for ax in fig.axes for p in ax.patches]
+    assert all(lo < h <= hi for h in heights)  # every bar, the 0 score too, is visible
+    assert all(p.get_y() == pytest.approx(lo) for ax in fig.axes for p in ax.patches)
+    smallest = min(heights)  # the 0 score: a stub above the floor, below the smallest score
+    assert lo < smallest < 3e-7
+
+
 def _label_boxes(fig):
     FigureCanvasAgg(fig).draw()
     renderer = fig.canvas.get_renderer()
@@ -108,6 +125,76 @@ def test_pareto_labels_never_overlap_with_three_schemes_at_the_same_bits():
     assert all(0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height
                for _, _, box in boxes), "a label runs off the figure"
     assert "nats" in fig.axes[0].get_ylabel()
+
+
+def _segments_cross(a, b, c, d) -> bool:
+    """Segments ab and cd share a point other than an end they have in common."""
+    def orient(p, q, r):
+        v = (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+        return 0 if abs(v) < 1e-6 else (1 if v > 0 else -1)
+
+    def on(p, q, r):  # r strictly inside pq, collinear
+        return orient(p, q, r) == 0 and min(p[0], q[0]) - 1e-6 <= r[0] <= max(p[0], q[0]) + 1e-6 \
+            and min(p[1], q[1]) - 1e-6 <= r[1] <= max(p[1], q[1]) + 1e-6 and r not in (p, q)
+
+    o1, o2, o3, o4 = orient(a, b, c), orient(a, b, d), orient(c, d, a), orient(c, d, b)
+    if o1 * o2 < 0 and o3 * o4 < 0:
+        return True
+    return any(on(*seg, r) for seg, r in (((a, b), c), ((a, b), d), ((c, d), a), ((c, d), b)))
+
+
+def _leaders(fig):
+    """Every leader's segments in display coordinates, per label: the annotation's arrow, and
+    the two-point line that continues it to its point where there is one."""
+    FigureCanvasAgg(fig).draw()
+    out = []
+    for ax in fig.axes:
+        inner = [tuple(map(tuple, ax.transData.transform(line.get_xydata())))
+                 for line in ax.lines if len(line.get_xydata()) == 2]
+        for t in ax.texts:
+            path = t.arrow_patch.get_path().vertices  # from the label to the axes' edge
+            start, end = tuple(path[-1]), tuple(path[0])
+            runs = [seg for seg in inner if abs(seg[1][1] - start[1]) < 0.5
+                    and abs(seg[1][0] - start[0]) < 0.5]
+            out.append((t.get_text(), runs[:1] + [(start, end)]))
+    return out
+
+
+def test_leaders_never_cross():
+    points = [  # near-ties at different bits: straight leaders to the column would cross
+        {"scheme": "a-8b", "effective_bits": 8.0, "kl_mean": 0.0100, "ppl_rel_change": 0.01},
+        {"scheme": "b-12b", "effective_bits": 12.0, "kl_mean": 0.0104, "ppl_rel_change": 0.0104},
+        {"scheme": "c-9b", "effective_bits": 9.0, "kl_mean": 0.0102, "ppl_rel_change": 0.0099},
+        {"scheme": "d-16b", "effective_bits": 16.0, "kl_mean": 0.0098, "ppl_rel_change": 0.0101},
+        {"scheme": "e-10b", "effective_bits": 10.0, "kl_mean": 0.0300, "ppl_rel_change": 0.0300},
+    ]
+    for fig in (figures.pareto(points), figures.predicted_vs_measured(
+            [{"scheme": p["scheme"], "method": "gradient", "predicted_loss": p["effective_bits"],
+              "kl_mean": p["kl_mean"]} for p in points])):
+        leaders = _leaders(fig)
+        assert len(leaders) == len(fig.axes) * len(points) if len(fig.axes) > 1 else len(points)
+        for (a, segs_a), (b, segs_b) in itertools.combinations(leaders, 2):
+            for sa in segs_a:
+                for sb in segs_b:
+                    if sa[0] in sb or sa[1] in sb:  # two axes' leaders share no point
+                        continue
+                    assert not _segments_cross(*sa, *sb), f"leaders of {a!r} and {b!r} cross"
+
+
+def test_predicted_vs_kl_labels_apart_and_methods_in_a_legend():
+    rows = [{"scheme": f"s{b}-{m}", "method": m, "predicted_loss": 1e-3 * (17 - b) + d,
+             "kl_mean": 2e-3 * (17 - b) + d} for b in (10, 12) for m, d in
+            (("gradient", 0.0), ("kl_div", 1e-6))]  # four schemes at two budgets, near-ties
+    fig = figures.predicted_vs_measured(rows)
+    boxes = _label_boxes(fig)
+    assert sorted(t for _, t, _ in boxes) == sorted(r["scheme"] for r in rows)
+    for (_, a, box_a), (_, b, box_b) in itertools.combinations(boxes, 2):
+        assert not box_a.overlaps(box_b), f"labels {a!r} and {b!r} overlap"
+    width, height = fig.canvas.get_width_height()
+    assert all(0 <= box.x0 and box.x1 <= width for _, _, box in boxes)
+    assert legend_texts(fig) == ["scored by gradient", "scored by kl_div"]
+    colours = {tuple(c) for c in fig.axes[0].collections[0].get_facecolors()}
+    assert len(colours) == 2
 
 
 def test_spread_keeps_order_and_gap():

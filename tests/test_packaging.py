@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+
+from vlm_autoquant.tracking import DEFAULT_EXPERIMENT
 
 from .conftest import PY, ROOT
 
@@ -158,8 +161,16 @@ def test_wheel_in_fresh_venv_runs_demo_outside_the_clone(tmp_path):
                   env=run_env).stdout
     assert "fp8-balanced-10b" in listed and "fp8-pcpt-10b" in listed
     t1 = time.perf_counter()
-    _run([str(venv / "bin" / "vlm-autoquant-demo")], 600, cwd=work, env=run_env)
+    shown = _run([str(venv / "bin" / "vlm-autoquant-demo")], 600, cwd=work, env=run_env).stdout
     demo = time.perf_counter() - t1
+    quantized, exported = shown.strip().splitlines()  # the run's handoff, then the export's
+    assert f"experiment '{DEFAULT_EXPERIMENT}'" in quantized and "next: vlm-autoquant-export" \
+        in quantized, shown
+    assert exported.startswith("exported fp8-balanced-10b") and "next: mlflow ui" in exported
+    # the export command the run printed, its run id filled in, works as printed
+    cmd = shlex.split(quantized.split("next: ", 1)[1])
+    _run([str(venv / "bin" / cmd[0]), *cmd[1:]], 600, cwd=work, env=run_env)
+    assert (work / "exports" / cmd[cmd.index("--run-id") + 1] / "export_report.json").is_file()
 
     manifest = json.loads((work / "outputs" / "demo-fp8-balanced-10b" / "manifest.json").read_text())
     assert manifest["scheme"]["name"] == "fp8-balanced-10b"

@@ -9,7 +9,7 @@ import pytest
 
 from vlm_autoquant.cli import sweep_main
 from vlm_autoquant.core.artifacts import COMPARISON_FILE, MANIFEST_FILE, PARETO_FIGURE
-from vlm_autoquant.tracking import M_KL
+from vlm_autoquant.tracking import DEFAULT_EXPERIMENT, M_KL
 
 from .conftest import BUDGETS, QUICK, SWEEP_CATALOG, run_cli
 
@@ -77,6 +77,11 @@ def test_mlflow_parent_with_a_child_per_scheme(swept):
     assert parent.data.params["model_dir"] == str(demo_dir(swept))
     assert -1.0 <= parent.data.metrics["sweep/spearman_predicted_vs_kl"] <= 1.0
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {DEFAULT_EXPERIMENT}
+    last = (swept / "stdout.txt").read_text().strip().splitlines()[-1]
+    assert last == (f"sweep: MLflow run {parent.info.run_id} in experiment '{DEFAULT_EXPERIMENT}'; "
+                    f"output in {swept / 'out'}; next: mlflow ui --backend-store-uri "
+                    f"sqlite:///{swept / 'mlflow.db'}")
     assert all(M_KL in c.data.metrics and c.info.status == "FINISHED" for c in children)
     arts = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.json", PARETO_FIGURE, COMPARISON_FILE} <= set(arts)

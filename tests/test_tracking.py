@@ -439,3 +439,74 @@ def test_a_half_made_store_met_at_the_run_start_names_the_way_out(tmp_path, monk
     with pytest.raises(TrackingFailed) as info:
         Tracker("e", "r").wait()
     assert "killed" in str(info.value) and f"mv {db} {db}.broken" in str(info.value)
+
+
+def launcher_run(client, experiment_id: str, monkeypatch) -> str:
+    """A RUNNING run made as `mlflow run` makes it (entry-point params, project tags), with the
+    environment it gives the entry point's process."""
+    run = client.create_run(experiment_id, tags={"mlflow.source.type": "PROJECT",
+                                                 "mlflow.project.entryPoint": "main"})
+    client.log_param(run.info.run_id, "scheme_name", "fp8-balanced-10b")
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return run.info.run_id
+
+
+def test_a_run_mlflow_run_put_in_default_continues_in_the_readme_experiment(tmp_path, monkeypatch):
+    """`mlflow run` without --experiment-name makes its run in "Default" (id 0): the tool's run
+    goes to DEFAULT_EXPERIMENT with the launcher's params and tags; the launcher's run is ended
+    as a named pointer to it."""
+    from vlm_autoquant.tracking import DEFAULT_EXPERIMENT, tracked_run
+
+    uri, client = store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    launcher = launcher_run(client, "0", monkeypatch)
+    with tracked_run(None, "fp8-balanced-10b") as tracker:
+        tracker.log_params({"scheme_name": "fp8-balanced-10b", "scheme.seq_len": 512})
+    run = client.get_run(tracker.run_id)
+    assert tracker.run_id != launcher and tracker.experiment_name == DEFAULT_EXPERIMENT
+    assert client.get_experiment(run.info.experiment_id).name == DEFAULT_EXPERIMENT
+    assert run.info.status == "FINISHED" and run.info.run_name == "fp8-balanced-10b"
+    assert run.data.params == {"scheme_name": "fp8-balanced-10b", "scheme.seq_len": "512"}
+    assert run.data.tags["mlflow.project.entryPoint"] == "main"
+    old = client.get_run(launcher)
+    assert old.info.status == "FINISHED" and old.data.tags["continued_in_run"] == tracker.run_id
+    assert old.info.run_name == f"fp8-balanced-10b (moved to {DEFAULT_EXPERIMENT})"
+    assert "--experiment-name" in old.data.tags["mlflow.note.content"]
+
+
+def test_mlflow_run_with_an_experiment_keeps_its_run_and_a_flag_wins(tmp_path, monkeypatch):
+    """`mlflow run --experiment-name e2e`: the launcher's run is used as it is; an explicit
+    --experiment (here "mine") still takes the run there."""
+    from vlm_autoquant.tracking import tracked_run
+
+    uri, client = store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    e2e = client.create_experiment("e2e")
+    for flag in (None, "mine"):
+        launcher = launcher_run(client, e2e, monkeypatch)
+        with tracked_run(flag, "r") as tracker:
+            tracker.log_metrics({"m": 1.0})
+        assert tracker.experiment_name == (flag or "e2e")
+        assert (tracker.run_id == launcher) == (flag is None)
+        assert client.get_run(tracker.run_id).info.run_name == "r"
+
+
+def test_a_failure_before_the_run_started_names_and_explains_the_mlflow_run(tmp_path, monkeypatch):
+    from vlm_autoquant.tracking import DEFAULT_EXPERIMENT, mark_launch_failed
+
+    uri, client = store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    launcher_run(client, "0", monkeypatch)
+    run_id = mark_launch_failed(None, "nope", "--scheme-name: unknown scheme 'nope'")
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == DEFAULT_EXPERIMENT
+    assert run.info.status == "FAILED" and run.info.run_name == "nope"
+    assert "unknown scheme" in run.data.tags["failure_reason"]
+    assert mark_launch_failed(None, "nope", "again") is None  # the launcher's run is done
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    assert mark_launch_failed(None, "x", "outside mlflow run") is None

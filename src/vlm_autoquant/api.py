@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from .search.replicas import prestart, start_for
 
 log = logging.getLogger("vlm_autoquant")
 DEFAULT_SCHEME = "fp8-balanced-10b"
-DEFAULT_EXPERIMENT = "qwen2.5-vl-3b-autoquant-fp8"
+DEFAULT_EXPERIMENT = tracking.DEFAULT_EXPERIMENT
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions)
                        if f.name not in ("model_dir", "output_dir", "calib_file"))
 _EXPORT_OPTIONS = ("overwrite", "lm_only", "allow_other_weights", "log_checkpoint", "register",
@@ -43,27 +42,43 @@ _EXPORT_OPTIONS = ("overwrite", "lm_only", "allow_other_weights", "log_checkpoin
 
 @dataclass(frozen=True)
 class Result:
-    """One finished scheme: where its files are and what its manifest says."""
+    """One finished scheme: where its files are, what its manifest says, and its MLflow run
+    and experiment (None where it was not logged)."""
 
     output_dir: Path
     manifest: dict
+    run_id: str | None = None
+    experiment: str | None = None
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    """A verified checkpoint: where it is and its export report (export_report.json)."""
+    """A verified checkpoint: where it is, its export report (export_report.json), and the
+    export's MLflow run and experiment (None where it was not logged)."""
 
     output_dir: Path
     report: dict
+    run_id: str | None = None
+    experiment: str | None = None
 
 
 @dataclass(frozen=True)
 class SweepResult:
-    """A finished sweep: its output dir, the comparison table and each scheme's manifest."""
+    """A finished sweep: its output dir, the comparison table, each scheme's manifest, and the
+    sweep's MLflow parent run and experiment (None where it was not logged)."""
 
     output_dir: Path
     comparison: Path
     manifests: dict[str, dict]
+    run_id: str | None = None
+    experiment: str | None = None
+
+
+def logged_run(out_dir: Path) -> tuple[str | None, str | None]:
+    """(run id, experiment name) of the MLflow run that wrote `out_dir`; (None, None) if none."""
+    recorded = tracking.recorded_run(out_dir)
+    run_id = recorded[0] if recorded else None
+    return run_id, None if run_id is None else tracking.experiment_of(run_id)
 
 
 def split_options(model_dir: Path, output_dir: Path, calib_file: Path | None,
@@ -75,8 +90,7 @@ def split_options(model_dir: Path, output_dir: Path, calib_file: Path | None,
         raise UsageError([Problem(k, "is neither a run option nor a scheme field",
                                   f"use one of: {', '.join((*_OPTION_FIELDS, *OVERRIDE_FLAGS))}")
                           for k in unknown])
-    opts = {"experiment": DEFAULT_EXPERIMENT,  # named, so that validation checks it in the store
-            **{k: v for k, v in kwargs.items() if k in _OPTION_FIELDS and v is not None}}
+    opts = {k: v for k, v in kwargs.items() if k in _OPTION_FIELDS and v is not None}
     options = RunOptions(model_dir=Path(model_dir), output_dir=Path(output_dir),
                          calib_file=None if calib_file is None else Path(calib_file), **opts)
     return options, {f: kwargs.get(f) for f in OVERRIDE_FLAGS}
@@ -128,10 +142,9 @@ def run_scheme(options: RunOptions, scheme: str, overrides: dict) -> Result:
         with phases("import", "ModelOpt and the search's modules"):
             from .run.pipeline import run_single  # ModelOpt: only once the inputs are valid
         with stop_on_signals(StopFlag()) as stop:
-            doc = run_single(inputs, families[0], stop, options.experiment or DEFAULT_EXPERIMENT,
-                             phases, replicas)
+            doc = run_single(inputs, families[0], stop, options.experiment, phases, replicas)
             stop.raise_if_set()  # a signal after the search: the results are kept
-    return Result(options.output_dir, doc)
+    return Result(options.output_dir, doc, *logged_run(options.output_dir))
 
 
 def quantize(model_dir: str | Path, scheme: str = DEFAULT_SCHEME, *,
@@ -170,7 +183,7 @@ def run_schemes(options: RunOptions, schemes: list[str] | None, overrides: dict)
         with _validated(options, names, overrides, single=False) as (inputs, families), \
                 start_for(inputs, families[0].placement, pool) as replicas, \
                 stop_on_signals(StopFlag()) as stop:
-            run_sweep(inputs, families, stop, options.experiment or DEFAULT_EXPERIMENT, replicas)
+            run_sweep(inputs, families, stop, options.experiment, replicas)
             stop.raise_if_set()  # a signal after the last scheme: the results are kept
     return _sweep_result(options.output_dir)
 
@@ -179,7 +192,7 @@ def _sweep_result(out: Path) -> SweepResult:
     manifests = {p.parent.name: json.loads(p.read_text(encoding="utf-8"))
                  for p in sorted(out.glob(f"*/{MANIFEST_FILE}"))}
     return SweepResult(out, out / COMPARISON_FILE,
-                       {m["scheme"]["name"]: m for m in manifests.values()})
+                       {m["scheme"]["name"]: m for m in manifests.values()}, *logged_run(out))
 
 
 def sweep(model_dir: str | Path, schemes: list[str] | None = None, *,
@@ -250,19 +263,18 @@ def export(source: str | Path | None, *, model_dir: str | Path | None = None,
     tracker_factory = _export_tracker_factory(opts.experiment) \
         if options.get("mlflow", True) else None
     with _discarded_if_empty(opts.output_dir), stop_on_signals(StopFlag()) as stop:
-        return ExportResult(opts.output_dir, export_run(opts, tracker_factory, stop))
+        report = export_run(opts, tracker_factory, stop)
+    run_id = (report.get("mlflow") or {}).get("run_id")
+    return ExportResult(opts.output_dir, report, run_id,
+                        None if run_id is None else tracking.experiment_of(run_id))
 
 
 def _export_tracker_factory(experiment: str | None) -> Callable[[str, Path], tracking.Tracker]:
     """`(name, output dir) -> Tracker` for the export's own MLflow run, recorded in the output
     dir; refuses an unreachable tracking server first."""
     problems = Problems()
-    experiment = experiment or DEFAULT_EXPERIMENT
     tracking.check_reachable(problems, experiment)
     problems.raise_if_any()
-    launched = os.environ.get("MLFLOW_RUN_ID")
-    if launched and (tracking.source_run(launched) or {}).get("status") != "RUNNING":
-        del os.environ["MLFLOW_RUN_ID"]  # launched by a run already done (the demo): own run
 
     def tracker_factory(name: str, out_dir: Path) -> tracking.Tracker:
         tracking.close_stale(out_dir)  # a killed export's run, left RUNNING, is closed first

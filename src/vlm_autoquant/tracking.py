@@ -21,7 +21,9 @@ from typing import Any
 from .core.artifacts import RUN_ID_FILE
 from .core.errors import Interrupted, Problems, RunFailed
 from .tracking_store import (  # noqa: F401 - the store's checks, re-exported for callers
+    DEFAULT_EXPERIMENT,
     DEFAULT_URI,
+    active_experiment,
     check_store,
     create_store,
     ensure_store,
@@ -114,18 +116,18 @@ def bounded_retries() -> None:
 class Tracker:
     """One MLflow run (or a nested child), started in the background. All logging goes here."""
 
-    def __init__(self, experiment: str, run_name: str, parent: "Tracker | None" = None,
+    def __init__(self, experiment: str | None, run_name: str, parent: "Tracker | None" = None,
                  system_metrics: bool = False, out_dir: Path | None = None) -> None:
         bounded_retries()
         self.name = run_name
-        self.experiment = experiment
+        self.experiment = active_experiment(experiment)  # None: MLFLOW_EXPERIMENT_ID chooses
         self._error: BaseException | None = None
         self._out_dir = out_dir  # where the run id is recorded once the run exists
         self._thread = threading.Thread(target=self._start, name="mlflow-start", daemon=True,
                                         args=(experiment, run_name, parent, system_metrics))
         self._thread.start()
 
-    def _start(self, experiment: str, run_name: str, parent: "Tracker | None",
+    def _start(self, experiment: str | None, run_name: str, parent: "Tracker | None",
                system_metrics: bool) -> None:
         try:
             if self._out_dir is not None:
@@ -134,24 +136,14 @@ class Tracker:
             import mlflow  # mlflow: imported on first use, off the refusal path
 
             self._mlflow = mlflow
-            launched = bool(os.environ.get("MLFLOW_RUN_ID")) and parent is None
             with store_lock():
-                if launched:  # under `mlflow run`: attach to the run it made
-                    self.run = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"])
-                else:
-                    exp_id = parent.run.info.experiment_id if parent is not None \
-                        else _experiment_id(mlflow, experiment)
-                    tags = {"mlflow.runName": run_name}
-                    if parent is not None:
-                        tags["mlflow.parentRunId"] = parent.wait().run_id
-                    self.run = mlflow.MlflowClient().create_run(exp_id, tags=tags,
-                                                                run_name=run_name)
+                self.run, inherited = _open_run(mlflow, experiment, run_name, parent)
             self.run_id = self.run.info.run_id
+            self.experiment_name = mlflow.MlflowClient().get_experiment(
+                self.run.info.experiment_id).name
             if self._out_dir is not None:
                 remember(self._out_dir, self.run_id)
-            if launched:
-                self.set_tags({"mlflow.runName": run_name})
-            self._existing = dict(self.run.data.params)
+            self._existing = dict(self.run.data.params) | inherited
             self._monitor = None
             if system_metrics:
                 # mlflow: imported on first use, off the refusal path
@@ -256,12 +248,70 @@ def _prewarm_report_imports() -> None:
         log.debug("could not pre-import the report's modules: %s", exc)
 
 
-def _experiment_id(mlflow, default: str) -> str:
-    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or default
+def experiment_id(mlflow, experiment: str | None) -> str:
+    """The experiment a run goes to (created if absent): `experiment` (--experiment), else
+    MLFLOW_EXPERIMENT_NAME, else MLFLOW_EXPERIMENT_ID unless it is "0", else DEFAULT_EXPERIMENT.
+    "0" is MLflow's "Default", which `mlflow run` passes when it was given no experiment."""
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "")
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name is None and env_id not in ("", "0"):
+        return env_id
+    name = name or DEFAULT_EXPERIMENT
     found = mlflow.get_experiment_by_name(name)
     return found.experiment_id if found else mlflow.create_experiment(name)
+
+
+def _launcher_run(client) -> Any:
+    """The RUNNING run `mlflow run` made for this process (MLFLOW_RUN_ID), else None."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    run = client.get_run(run_id)
+    return run if run.info.status == "RUNNING" else None
+
+
+def _open_run(mlflow, experiment: str | None, run_name: str,
+              parent: "Tracker | None") -> tuple[Any, dict[str, str]]:
+    """(run, params it already has). A child goes under its parent. Under `mlflow run`, the
+    launcher's run is used when it is in the chosen experiment; otherwise (it put the run in
+    "Default") a run is made in the chosen one and takes over the launcher's params and tags,
+    and the launcher's run is left as a pointer to it."""
+    client = mlflow.MlflowClient()
+    if parent is not None:
+        tags = {"mlflow.runName": run_name, "mlflow.parentRunId": parent.wait().run_id}
+        return client.create_run(parent.run.info.experiment_id, tags=tags, run_name=run_name), {}
+    exp_id = experiment_id(mlflow, experiment)
+    launcher = _launcher_run(client)
+    if launcher is not None and launcher.info.experiment_id == exp_id:
+        client.set_tag(launcher.info.run_id, "mlflow.runName", run_name)
+        return client.get_run(launcher.info.run_id), {}
+    run = client.create_run(exp_id, tags={"mlflow.runName": run_name}, run_name=run_name)
+    if launcher is None:
+        return run, {}
+    return run, _take_over(client, launcher, run, run_name)
+
+
+def _take_over(client, launcher, run, run_name: str) -> dict[str, str]:
+    """Copy the launcher's params and tags onto `run`, and turn the launcher's run into an
+    ended pointer to it (`mlflow run` itself ends it again when this process exits, so it
+    cannot be deleted here). Returns the params copied."""
+    from mlflow.entities import Param, RunTag
+
+    params = dict(launcher.data.params)
+    tags = {k: v for k, v in launcher.data.tags.items() if k != "mlflow.runName"}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    experiment = client.get_experiment(run.info.experiment_id).name
+    note = (f"`mlflow run` was given no experiment; this run continued as run "
+            f"{run.info.run_id} in experiment {experiment!r}. Pass `--experiment-name "
+            f"{experiment}` to mlflow run to have a single run.")
+    client.log_batch(launcher.info.run_id, tags=[
+        RunTag("mlflow.runName", f"{run_name} (moved to {experiment})"),
+        RunTag("continued_in_run", run.info.run_id), RunTag("mlflow.note.content", note)])
+    client.set_terminated(launcher.info.run_id, status="FINISHED")
+    log.info("mlflow run put its run in experiment %s; logging to %r instead (run %s)",
+             launcher.info.experiment_id, experiment, run.info.run_id)
+    return params
 
 
 def _dataset_input(ds, context: str):
@@ -273,7 +323,7 @@ def _dataset_input(ds, context: str):
 
 
 @contextlib.contextmanager
-def tracked_run(experiment: str, name: str, parent: Tracker | None = None,
+def tracked_run(experiment: str | None, name: str, parent: Tracker | None = None,
                 system_metrics: bool = False, out_dir: Path | None = None) -> Iterator[Tracker]:
     """A run that ends FINISHED, KILLED (interrupted) or FAILED (with the reason as a tag).
 
@@ -425,6 +475,37 @@ def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Pa
         except (MlflowException, OSError):
             out[name] = None
     return out
+
+
+def experiment_of(run_id: str) -> str:
+    """The name of the experiment holding `run_id`."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
+def mark_launch_failed(experiment: str | None, run_name: str, reason: str) -> str | None:
+    """Under `mlflow run`, a failure before any tracked run began (bad input): the launcher's
+    run (or its successor in the chosen experiment, as `_open_run`) gets `run_name`, a
+    failure_reason tag and FAILED. Returns its id; None outside `mlflow run`, when the run has
+    already ended, or when the store cannot be written (the failure is reported anyway)."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        with store_lock():
+            if _launcher_run(client) is None:
+                return None
+            run, _ = _open_run(mlflow, experiment, run_name, None)
+        client.set_tag(run.info.run_id, "failure_reason", reason[:4000])
+        client.set_terminated(run.info.run_id, status="FAILED")
+        return run.info.run_id
+    except Exception as exc:  # noqa: BLE001 - the original failure is what the user must see
+        log.debug("could not mark the mlflow run FAILED: %s", exc)
+        return None
 
 
 def tag_run(run_id: str, tags: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from .core.errors import Problems
 log = logging.getLogger(__name__)
 
 KEY = "MLFLOW_TRACKING_URI"
+DEFAULT_EXPERIMENT = "qwen2.5-vl-3b-autoquant-fp8"  # where every run goes unless told otherwise
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default when MLFLOW_TRACKING_URI is unset
 PROBE_TIMEOUT_S = 5  # one try, no retries: a store that does not answer in 5 s is down
 PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/get-by-name"  # authenticated, unlike /health
@@ -85,10 +86,12 @@ def _file_store(uri: str) -> Path | None:
 
 
 def active_experiment(experiment: str | None) -> str | None:
-    """The experiment name a run will use (None under `mlflow run` or with an experiment id)."""
-    if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+    """The experiment name a run will use, as `tracking.experiment_id` chooses it (None where a
+    non-Default MLFLOW_EXPERIMENT_ID chooses it by id)."""
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name is None and os.environ.get("MLFLOW_EXPERIMENT_ID", "") not in ("", "0"):
         return None
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
+    return name or DEFAULT_EXPERIMENT
 
 
 def check_store(problems: Problems, experiment: str | None = None) -> None:

@@ -37,7 +37,7 @@ from ..plan.inputs import FLAG_NAMES, OVERRIDE_FLAGS
 from ..plan.schemes import Scheme
 from ..plan.validate import check_schemes
 from ..plan.validate import require_dependencies as require
-from ..tracking import METRICS
+from ..tracking import METRICS, mark_launch_failed
 from ..tracking_store import RedactCredentials, redact
 
 log = logging.getLogger("vlm_autoquant")
@@ -50,6 +50,7 @@ ENV_DEFAULTS = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow sets its loggers' level on import (else INFO)
 }
+BOOL_METAVAR = "true|false"  # `--flag` alone means true; MLproject passes `--flag false`
 _registered: list[Callable] = []
 
 
@@ -98,14 +99,23 @@ def add_paths(p, **flags: str) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=optional(Path), default=None, help=text)
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_experiment(p: argparse.ArgumentParser) -> None:
+    """--experiment (alias --experiment-name, as `mlflow run` spells it)."""
+    p.add_argument("--experiment", "--experiment-name", dest="experiment", default=None,
+                   help=f"MLflow experiment (default {DEFAULT_EXPERIMENT}, also under `mlflow "
+                        "run`; MLFLOW_EXPERIMENT_NAME or `mlflow run --experiment-name` choose "
+                        "another)")
+
+
+def add_common(p: argparse.ArgumentParser, output_help: str) -> None:
     add_paths(p, model_dir="Qwen2.5-VL checkpoint directory",
-              output_dir="where the manifest and state are written (default outputs/<scheme>)",
+              output_dir=output_help,
               calib_file="captions, one per line (default datasets/vlm-quantize-calib/"
                          "coco2017_captions.txt, relative to the working directory)",
               catalog="scheme catalog YAML (default: the catalog shipped with the tool)")
     add_overrides(p)
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=flag,
+                   metavar=BOOL_METAVAR,
                    help="replace a finished run in --output-dir (scores are reused if settings match)")
     p.add_argument("--save-weights", action="store_true",
                    help="also write the LM's BF16 weights (about 6 GB for the 3B)")
@@ -123,14 +133,23 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="with several --gpus: replicas (each GPU holds the LM and searches part of "
                         "the batches), layers (the LM split across them); auto: replicas when "
                         "the LM and the batch fit one GPU")
-    p.add_argument("--experiment", default=None, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    add_experiment(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a short error: the problem and where the flags are listed, no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        _mark_launch_failed(None, Path(self.prog).stem, f"{message} (see {self.prog} --help)")
+        self.exit(EXIT_USAGE, f"error: {message}\n    fix: see `{self.prog} --help` for every "
+                              "flag\n")
 
 
 def new_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """An entry point's parser: its name, what it does, and the epilog as written."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _Parser(prog=prog, description=description, epilog=epilog,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _freeze_heap() -> None:
@@ -152,6 +171,8 @@ def configure(debug: bool) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")  # no progress-bar escape codes in logs
 
     warnings.filterwarnings("ignore", message="transformers .* is not tested with current")
+    if not debug:  # libraries' notices of their own future changes; Python hides DeprecationWarning
+        warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:
@@ -191,17 +212,21 @@ INTERRUPTED_NOTE = ("Finished calibration/scoring was kept in the search checkpo
 
 
 def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
-                interrupted_note: str = INTERRUPTED_NOTE) -> int:
+                interrupted_note: str = INTERRUPTED_NOTE, experiment: str | None = None,
+                run_name: str = "run") -> int:
     """The error boundary: clean messages and exit codes; no partial output left behind.
 
     A dir the run created is removed when it holds only our bookkeeping, unless it records an
-    MLflow run this process could not end (the next run into it closes that run)."""
+    MLflow run this process could not end (the next run into it closes that run).
+    Under `mlflow run`, a failure before the run was tracked still ends its MLflow run FAILED,
+    named `run_name`, in `experiment`, with the message as its failure_reason."""
     existed = output_dir is not None and paths.exists(output_dir)
     try:
         with terminate_as_interrupt():
             return body()
     except UsageError as exc:
         print(f"error: {redact(exc.render())}", file=sys.stderr)
+        _mark_launch_failed(experiment, run_name, redact(exc.render()))
         code = EXIT_USAGE
     except (Interrupted, KeyboardInterrupt) as exc:
         print(f"stopped ({exc or 'KeyboardInterrupt'}). {interrupted_note}", file=sys.stderr)
@@ -210,6 +235,7 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
         if debug:
             raise
         print(f"error: {redact(exc)}", file=sys.stderr)
+        _mark_launch_failed(experiment, run_name, redact(exc))
         code = EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - the boundary turns everything into a message
         if debug:
@@ -223,11 +249,17 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
         else:
             print(f"error: {type(exc).__name__}: {redact(exc)}\n(rerun with --debug for the "
                   "traceback)", file=sys.stderr)
+        _mark_launch_failed(experiment, run_name, f"{type(exc).__name__}: {redact(exc)}")
         code = EXIT_FAILURE
     if output_dir is not None and not existed and paths.exists(output_dir) \
             and artifacts.only_our_bookkeeping(output_dir, tracking.ended_here(output_dir)):
         shutil.rmtree(output_dir, ignore_errors=True)  # we made it and it holds nothing
     return code
+
+
+def _mark_launch_failed(experiment: str | None, run_name: str, reason: str) -> None:
+    if os.environ.get("MLFLOW_RUN_ID"):  # only `mlflow run` made a run before ours
+        mark_launch_failed(experiment, run_name, reason)
 
 
 def require_dependencies() -> None:
@@ -250,4 +282,6 @@ def _check_names_first(args: argparse.Namespace, names: list[str]) -> None:
                   OVERRIDE_FLAGS, problems)
     if problems:
         print(f"error: {UsageError(problems.items).render()}", file=sys.stderr)
+        _mark_launch_failed(args.experiment, ",".join(names) or "sweep",
+                            UsageError(problems.items).render())
         raise SystemExit(EXIT_USAGE)

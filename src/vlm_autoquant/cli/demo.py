@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 
 from .. import api
+from . import handoff
 from .common import (
     _check_dependencies_first,
+    add_experiment,
     _check_names_first,
     configure,
     dashed,
@@ -16,7 +18,8 @@ from .common import (
     run_guarded,
     run_kwargs,
 )
-from .main import main_parser
+from .export import exported
+from .main import main_parser, quantized_line
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -29,7 +32,9 @@ DEMO_HELP = ("The embedded demo: build a tiny random Qwen2.5-VL checkpoint and i
 
 def demo_parser() -> argparse.ArgumentParser:
     p = new_parser("vlm-autoquant-demo", DEMO_HELP)
-    p.add_argument("--scheme-name", default="fp8-balanced-10b")
+    p.add_argument("--scheme-name", default=api.DEFAULT_SCHEME,
+                   help=f"scheme from the catalog (default {api.DEFAULT_SCHEME})")
+    add_experiment(p)
     p.add_argument("--root", type=Path, default=Path(".demo"),
                    help="where the demo checkpoint and captions are built (default .demo)")
     p.add_argument("--no-export", action="store_true",
@@ -40,6 +45,8 @@ def demo_parser() -> argparse.ArgumentParser:
 def demo_main(argv: list[str] | None = None) -> int:
     """`vlm-autoquant-demo` and scripts/run_demo.py: build the demo, quantize it, export it."""
     args, rest = demo_parser().parse_known_args(dashed(argv))
+    args.scheme_name = args.scheme_name or api.DEFAULT_SCHEME  # MLproject may pass ""
+    rest += ["--experiment", args.experiment] if args.experiment else []
     debug = "--debug" in rest
     configure(debug)
     code = _check_dependencies_first(debug)
@@ -48,7 +55,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     given = main_parser().parse_args(["--scheme-name", args.scheme_name, "--model-dir", "-", *rest])
     _check_names_first(given, [args.scheme_name])  # before the checkpoint is built
     out = Path(f"outputs/demo-{args.scheme_name}")
-    return run_guarded(lambda: _demo(args, given, out), debug, out)
+    return run_guarded(lambda: _demo(args, given, out), debug, out,
+                       experiment=args.experiment, run_name=args.scheme_name)
 
 
 def _demo(args: argparse.Namespace, given: argparse.Namespace, out: Path) -> int:
@@ -57,13 +65,15 @@ def _demo(args: argparse.Namespace, given: argparse.Namespace, out: Path) -> int
     model_dir, captions = build_demo(args.root)
     kwargs = {**run_kwargs(given), "overwrite": True}
     kwargs.update({k: v for k, v in DEMO_OVERRIDES.items() if kwargs.get(k) is None})
-    api.quantize(model_dir, args.scheme_name, output_dir=out, calib_file=captions, **kwargs)
+    done = api.quantize(model_dir, args.scheme_name, output_dir=out, calib_file=captions,
+                        **kwargs)
+    print(quantized_line(args.scheme_name, done, model_dir), flush=True)
     if args.no_export:
         return 0
     log.info("demo: exporting %s to a Qwen2.5-VL FP8 checkpoint in exports/demo-%s", out,
              args.scheme_name)
-    done = api.export(out, model_dir=model_dir, output_dir=f"exports/demo-{args.scheme_name}",
-                      overwrite=True)
-    print(f"exported {done.report['scheme']} to {done.output_dir}: checks passed, "
-          f"KL {done.report['checks']['numerics']['kl_mean']:.3g}")
+    made = api.export(out, model_dir=model_dir, output_dir=f"exports/demo-{args.scheme_name}",
+                      overwrite=True, experiment=args.experiment)
+    print(handoff.line(exported(made), made.run_id, made.experiment, made.output_dir),
+          flush=True)
     return 0

@@ -11,7 +11,9 @@ import logging
 from pathlib import Path
 
 from .. import api
-from .common import DEFAULT_EXPERIMENT, add_paths, configure, dashed, flag, new_parser, optional, run_guarded
+from . import handoff
+from .common import (BOOL_METAVAR, add_experiment, add_paths, configure, dashed, flag, new_parser,
+                     optional, run_guarded)
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -33,17 +35,21 @@ def parser() -> argparse.ArgumentParser:
               output_dir="where the checkpoint goes (default exports/<run id>, or exports/<name "
                          "of --artifacts-dir>)")
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=flag,
+                   metavar=BOOL_METAVAR,
                    help="replace a non-empty --output-dir")
     p.add_argument("--lm-only", nargs="?", const=True, default=False, type=flag,
+                   metavar=BOOL_METAVAR,
                    help="export the language model alone (for a model dir without vision tower)")
     p.add_argument("--allow-other-weights", nargs="?", const=True, default=False, type=flag,
+                   metavar=BOOL_METAVAR,
                    help="accept a --model-dir whose LM weights differ from the run's (recorded)")
     p.add_argument("--log-checkpoint", nargs="?", const=True, default=False, type=flag,
+                   metavar=BOOL_METAVAR,
                    help="also log the checkpoint files as MLflow artifacts")
     p.add_argument("--register", type=optional(str), default=None, metavar="NAME",
                    help="register the checkpoint in the MLflow Model Registry as NAME "
                         "(a LoggedModel; alias = the scheme name)")
-    p.add_argument("--experiment", default=None, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
+    add_experiment(p)
     p.add_argument("--no-mlflow", action="store_true", help="do not log the export to MLflow")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -53,14 +59,20 @@ def _source(args: argparse.Namespace) -> str | Path | None:
     return args.artifacts_dir if args.artifacts_dir is not None else args.run_id
 
 
+def exported(done: api.ExportResult) -> str:
+    """What an export did, the head of its handoff line."""
+    return (f"exported {done.report['scheme']} (checks passed, KL "
+            f"{done.report['checks']['numerics']['kl_mean']:.3g})")
+
+
 def _run(args: argparse.Namespace) -> int:
     done = api.export(_source(args), model_dir=args.model_dir, output_dir=args.output_dir,
                       overwrite=args.overwrite, lm_only=args.lm_only,
                       allow_other_weights=args.allow_other_weights,
                       log_checkpoint=args.log_checkpoint, register=args.register,
                       experiment=args.experiment, mlflow=not args.no_mlflow)
-    print(f"exported {done.report['scheme']} to {done.output_dir}: checks passed, "
-          f"KL {done.report['checks']['numerics']['kl_mean']:.3g}")
+    print(handoff.line(exported(done), done.run_id, done.experiment, done.output_dir),
+          flush=True)
     return 0
 
 
@@ -69,4 +81,5 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.debug)
     return run_guarded(lambda: _run(args), args.debug,
                        api.export_output_dir(_source(args), args.output_dir),
-                       "Nothing was written to the output dir; rerun the same command to export.")
+                       "Nothing was written to the output dir; rerun the same command to export.",
+                       experiment=args.experiment, run_name="export")

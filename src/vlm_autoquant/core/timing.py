@@ -30,10 +30,18 @@ def gpu_peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
 
 
+def human_bytes(n: float) -> str:
+    """`n` bytes in the largest binary unit that keeps it at 1 or more: 812 B, 3.4 MiB, 7.51 GiB."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def memory_line() -> str:
     rss = psutil.Process().memory_info().rss / GIB
     gpu = gpu_peak_gib()
-    return f"RSS {rss:.2f} GiB" + (f", peak GPU {gpu:.2f} GiB" if gpu else "")
+    return f"RSS {rss:.2f} GiB" + (f", peak GPU {human_bytes(gpu * GIB)}" if gpu else "")
 
 
 class Phases:
@@ -45,13 +53,20 @@ class Phases:
 
     @contextlib.contextmanager
     def __call__(self, name: str, detail: str = "") -> Iterator[None]:
+        """Time the block; its line is logged when it succeeds (a failure has its own message)."""
         t0 = time.perf_counter()
         try:
             yield
-        finally:
-            dt = time.perf_counter() - t0
-            self.seconds[name] = self.seconds.get(name, 0.0) + dt
-            log.info("%-10s %7.2f s  %s%s", name, dt, memory_line(), f"  ({detail})" if detail else "")
+        except BaseException:
+            self.add(name, time.perf_counter() - t0)
+            raise
+        self.record(name, time.perf_counter() - t0, detail)
+
+    def record(self, name: str, seconds: float, detail: str = "") -> None:
+        """Add a phase timed elsewhere and log its line."""
+        self.add(name, seconds)
+        log.info("%-10s %7.2f s  %s%s", name, seconds, memory_line(),
+                 f"  ({detail})" if detail else "")
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds

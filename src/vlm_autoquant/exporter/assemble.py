@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -88,6 +89,39 @@ def _fake_quant_rounding(run_kernel: str | None) -> Iterator[None]:
         hf.to_quantized_weight, hf._export_quantized_weight = orig_pack, orig_export
 
 
+# Notices ModelOpt's export causes on every Qwen2.5-VL: it reads `config.torch_dtype`, which
+# transformers 5 reports as deprecated, and it drops the tied lm_head (as it should). Logged at
+# DEBUG instead of WARNING.
+EXPORT_NOTICES = {"transformers.configuration_utils": "`torch_dtype` is deprecated",
+                  "modelopt.torch.export.quant_utils": "Tied weight (declared): dropping"}
+
+
+class _AtDebug(logging.Filter):
+    """Re-log a record that starts with `prefix` at DEBUG (on our logger), drop the original."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        logging.getLogger(__name__).debug("%s: %s", record.name, record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _known_notices_at_debug() -> Iterator[None]:
+    added = [(logging.getLogger(name), _AtDebug(prefix)) for name, prefix in EXPORT_NOTICES.items()]
+    for logger, f in added:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in added:
+            logger.removeFilter(f)
+
+
 def run_modelopt_export(model: nn.Module, staging: Path, run_kernel: str | None = None) -> Path:
     """ModelOpt's own export of the quantized LM into `staging/_modelopt` (FP8 weight codes as
     the run's kernel, `run_kernel` from its manifest, rounded them)."""
@@ -95,7 +129,7 @@ def run_modelopt_export(model: nn.Module, staging: Path, run_kernel: str | None 
     from modelopt.torch.export import export_hf_checkpoint
 
     target = staging / MODELOPT_SUBDIR
-    with warnings.catch_warnings(), _fake_quant_rounding(run_kernel), \
+    with warnings.catch_warnings(), _fake_quant_rounding(run_kernel), _known_notices_at_debug(), \
             contextlib.redirect_stdout(io.StringIO()):  # its progress prints
         warnings.simplefilter("ignore", UserWarning)
         export_hf_checkpoint(model, export_dir=target)

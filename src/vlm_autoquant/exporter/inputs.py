@@ -16,6 +16,7 @@ from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, check_replaced_dir
 from ..core.errors import Problems, UsageError
 from ..model import identity
 from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
+from ..core.timing import human_bytes
 
 log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 64 << 20  # a 3B manifest is ~200 KB; this only bounds a wrong file
@@ -131,7 +132,7 @@ def check_output(opts: ExportOptions, model_dir: Path, needed: int, problems: Pr
     free = shutil.disk_usage(probe).free
     if free < needed:
         problems.add("--output-dir", f"not enough disk space in {probe}: the checkpoint needs "
-                     f"about {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free",
+                     f"about {human_bytes(needed)}, {human_bytes(free)} are free",
                      "free disk space or choose an --output-dir on another disk")
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ..core import artifacts
 from ..core.errors import Interrupted, Problem, Problems, RunFailed, UsageError
-from ..core.timing import Phases, gpu_peak_gib, peak_rss_gib
+from ..core.timing import Phases, gpu_peak_gib, human_bytes, peak_rss_gib
 from ..search.fp8_kernel import run_arithmetic
 from ..tracking import remember
 from . import assemble as export
@@ -204,8 +204,8 @@ def export_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=
                                      f"export ({exc}); nothing was left behind",
                                      "free disk space or choose another --output-dir")) from exc
         raise
-    log.info("export written: %s (%.2f GiB, %d files)", inputs.options.output_dir,
-             report["bytes"] / 2**30, len(report["files"]))
+    log.info("export written: %s (%s, %d files)", inputs.options.output_dir,
+             human_bytes(report["bytes"]), len(report["files"]))
     return report
 
 

@@ -191,10 +191,11 @@ def inspect_checkpoint(path: Path, problems: Problems) -> CheckpointInfo | None:
     info = CheckpointInfo(path=path, config=config, config_sha256=sha256_file(cfg_path))
     if info.model_type != EXPECTED_MODEL_TYPE:
         arch = config.get("architectures")
-        named = f" ({arch[0]})" if isinstance(arch, list) and arch and isinstance(arch[0], str) \
-            else ""
-        problems.add("--model-dir", f"model_type is {info.model_type!r}, not "
-                     f"{EXPECTED_MODEL_TYPE!r}{named}",
+        arch = arch[0] if isinstance(arch, list) and arch and isinstance(arch[0], str) else None
+        found = f"model_type {info.model_type!r}" if config.get("model_type") else "no model_type"
+        found += f" ({arch})" if arch else ""
+        problems.add("--model-dir", f"config.json has {found}; this tool needs "
+                     f"{EXPECTED_MODEL_TYPE!r}",
                      "this tool quantizes the language model of Qwen2.5-VL checkpoints only; "
                      "use a Qwen2.5-VL-*-Instruct directory")
     if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):

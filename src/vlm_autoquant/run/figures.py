@@ -4,7 +4,10 @@ from __future__ import annotations
 
 # The object-oriented API only: no pyplot, so no GUI backend, no global figure state and no
 # REPL hooks (pyplot imports IPython hooks, which raced with MLflow's thread importing IPython).
+import math
+
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
@@ -16,6 +19,7 @@ FP8_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:cyan", "tab:olive")
 BF16_COLOUR = "tab:orange"
 BF16_LABEL = "BF16 (kept)"
 SCORE_LABEL = "sensitivity score (log scale; est. loss increase, a.u.)"
+METHOD_COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:purple")
 LAYER_LABEL = "decoder layer (index)"
 
 
@@ -44,23 +48,37 @@ def sensitivity(rows: list[LayerRow], title: str) -> Figure:
     present = fp8_labels + ([BF16_LABEL] if any(f == BF16_LABEL for p in by_proj.values()
                                                 for _, _, f in p) else [])
 
+    floor, top = score_range([s for p in by_proj.values() for _, s, _ in p])
     fig = Figure(figsize=(9, 1.3 * max(len(projs), 1) + 1.6))
-    axes = fig.subplots(len(projs) or 1, 1, sharex=True, squeeze=False)[:, 0]
+    axes = fig.subplots(len(projs) or 1, 1, sharex=True, sharey=True, squeeze=False)[:, 0]
     for ax, proj in zip(axes, projs):
         pts = sorted(by_proj[proj])
-        ax.bar([i for i, _, _ in pts], [max(s, 1e-30) for _, s, _ in pts],
-               color=[colours[f] for _, _, f in pts])
+        # Every bar starts at the shared floor; a score at or below it (0 included) is a stub.
+        ax.bar([i for i, _, _ in pts], [max(s, floor * 1.15) - floor for _, s, _ in pts],
+               bottom=floor, color=[colours[f] for _, _, f in pts])
         ax.set_yscale("log")
         ax.set_ylabel(proj, rotation=0, ha="right", va="center")
+    for ax in axes:
+        ax.set_ylim(floor, top)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel(LAYER_LABEL)
-    fig.supylabel(SCORE_LABEL, fontsize="small")
+    fig.supylabel(f"{SCORE_LABEL}\nbars start at {floor:.0e}, one decade below the smallest "
+                  "score; 0 is drawn at the floor", fontsize="small")
     fig.suptitle(f"{title}: per-layer sensitivity by chosen format (lower = safer to quantize)")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.legend(handles=[Patch(color=colours[f], label=f) for f in present], loc="upper center",
                bbox_to_anchor=(0.5, 0.955), ncol=max(len(present), 1), fontsize="small",
                frameon=False)
     return fig
+
+
+def score_range(scores: list[float]) -> tuple[float, float]:
+    """(floor, top) shared by every panel: whole decades, the floor one decade below the smallest
+    positive score, so the smallest bar is a decade tall and panels compare directly."""
+    positive = [s for s in scores if s > 0] or [1.0]
+    floor = 10.0 ** (math.floor(math.log10(min(positive))) - 1)
+    top = 10.0 ** math.ceil(math.log10(max(positive)) + 1e-9)
+    return floor, max(top, floor * 100)
 
 
 def spread(targets: list[float], gap: float, lo: float = 0.0, hi: float = 1.0) -> list[float]:
@@ -80,16 +98,22 @@ def spread(targets: list[float], gap: float, lo: float = 0.0, hi: float = 1.0) -
 
 def _label_column(ax, pts: list[tuple[float, float, str]]) -> None:
     """Name each point in a column right of the axes, in the points' vertical order, each label
-    at least one text line from the next, with a leader line to its point: no two overlap."""
+    at least one text line from the next. A leader runs level from its point to the axes' right
+    edge, then to its label: level runs never cross, and the runs in the margin start and end
+    in the same order, so no two leaders cross and no two labels overlap."""
+    ax.set_xlim(*ax.get_xlim())  # frozen: the leaders must not move the limits
+    ax.set_ylim(*ax.get_ylim())
     lo, hi = ax.get_ylim()
+    right = ax.get_xlim()[1]
     frac = [(y - lo) / (hi - lo) if hi > lo else 0.5 for _, y, _ in pts]
     order = sorted(range(len(pts)), key=lambda i: (frac[i], pts[i][2]))
     places = spread([frac[i] for i in order], gap=0.085)
     for i, place in zip(order, places):
         x, y, name = pts[i]
-        ax.annotate(name, (x, y), xytext=(1.03, place), textcoords="axes fraction",
-                    fontsize="small", va="center", ha="left",
-                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6, shrinkA=0, shrinkB=3))
+        ax.plot([x, right], [y, y], color="0.6", lw=0.6, zorder=1, clip_on=False)
+        ax.annotate(name, (1.0, frac[i]), xycoords="axes fraction", xytext=(1.03, place),
+                    textcoords="axes fraction", fontsize="small", va="center", ha="left",
+                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6, shrinkA=0, shrinkB=0))
 
 
 PARETO_AXES = (
@@ -118,16 +142,22 @@ def pareto(points: list[dict]) -> Figure:
 
 
 def predicted_vs_measured(rows: list[dict]) -> Figure:
-    """The search's predicted loss (sum of chosen scores) against the measured KL, per scheme."""
-    fig = Figure(figsize=(6, 4.2))
+    """The search's predicted loss (sum of chosen scores) against the measured KL, per scheme:
+    one colour per scoring method (their scores are not on one scale), names in a column."""
+    methods = list(dict.fromkeys(r.get("method") or "?" for r in rows))
+    colour = {m: METHOD_COLOURS[i % len(METHOD_COLOURS)] for i, m in enumerate(methods)}
+    fig = Figure(figsize=(8, max(4.2, 0.3 * len(rows) + 1.5)))
     ax = fig.subplots()
-    for r in rows:
-        ax.scatter(r["predicted_loss"], r["kl_mean"], s=36)
-        ax.annotate(r["scheme"], (r["predicted_loss"], r["kl_mean"]), fontsize="small",
-                    xytext=(4, 4), textcoords="offset points")
+    ax.scatter([r["predicted_loss"] for r in rows], [r["kl_mean"] for r in rows], s=36,
+               c=[colour[r.get("method") or "?"] for r in rows], zorder=3)
+    ax.margins(x=0.08, y=0.1)
+    _label_column(ax, [(r["predicted_loss"], r["kl_mean"], r["scheme"]) for r in rows])
     ax.set_xlabel("predicted loss (sum of chosen candidates' scores)")
     ax.set_ylabel("measured mean KL(BF16 || quantized) per token")
     ax.grid(alpha=0.3)
+    ax.legend(handles=[Line2D([], [], marker="o", ls="", color=colour[m], label=f"scored by {m}")
+                       for m in methods], loc="best", fontsize="small",
+              title="search method", title_fontsize="small")
     fig.suptitle("Does the search's score predict the damage?")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.7, bottom=0.13, top=0.9)
     return fig

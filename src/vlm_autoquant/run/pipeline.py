@@ -76,8 +76,12 @@ def search_family(model: nn.Module, family: Family, stop: StopFlag | None, input
             stop)
     found = replicas.search(model, *args) if replicas is not None else \
         autoquant.search(model, *args, inputs.options.grad_checkpointing)
-    for key in ("calibrate", "score", "search_setup"):
-        phases.add(key, found.timings.get(key, 0.0))
+    for key, ran in (("calibrate", found.calibrated), ("score", found.scored)):
+        if ran:  # the line that ends autoquant's "<phase>: started"
+            phases.record(key, found.timings.get(key, 0.0))
+        else:
+            phases.add(key, found.timings.get(key, 0.0))
+    phases.add("search_setup", found.timings.get("search_setup", 0.0))
     log.info("search %s: calibration %s, scores %s, formats %s (%s)", family.key,
              "ran" if found.calibrated else "restored", "ran" if found.scored else "restored",
              "+".join(family.spec.formats), family.checkpoint)
@@ -123,12 +127,13 @@ def announce(inputs: Inputs, scheme: Scheme) -> None:
     log.info("scheme %s: %s, %s, %g bits, calib %dx%d x %d steps, score %d steps%s", s.name,
              s.method, "+".join(s.formats), s.effective_bits, s.batch_size, s.seq_len,
              s.num_calib_steps, s.num_score_steps,
-             f", overrides {s.overrides}" if s.overrides else "")
+             ", overrides " + " ".join(f"{k}={v}" for k, v in s.overrides.items())
+             if s.overrides else "")
     log.info("model %s, calibration %s, output %s", inputs.options.model_dir, inputs.calib_path,
              inputs.options.output_dir)
 
 
-def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str,
+def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str | None,
                phases: Phases, replicas: "Replicas | None" = None) -> dict:
     """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run
     (`replicas`: the data-parallel replicas the CLI started where the placement has them)."""

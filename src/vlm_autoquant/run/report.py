@@ -49,10 +49,19 @@ log = logging.getLogger("vlm_autoquant")
 
 
 def _param(value) -> str:
-    """Params as a user reads them in the UI: lists comma-joined, None as "null"."""
+    """Params as a user reads them in the UI: lists comma-joined, an empty one as "none"."""
     if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return "null" if value is None else str(value)
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def scheme_params(scheme: dict) -> dict[str, str]:
+    """`scheme.<field>` params: effective values (the cost exclusions a null stands for), None
+    values left out."""
+    fields = {k: v for k, v in scheme.items() if k not in ("description", "overrides")}
+    if fields.get("cost_excluded_layers") is None:
+        fields["cost_excluded_layers"] = scheme.get("disabled_layers") or []
+    return {f"scheme.{k}": _param(v) for k, v in fields.items() if v is not None}
 
 
 def metrics_of(doc: dict) -> dict[str, float]:
@@ -156,11 +165,11 @@ def log_scheme(tracker: Tracker, doc: dict, out_dir: Path,
             f"tracking works again, log it with: {cmd}") from exc
 
 
-def log_only_command(out_dir: Path, experiment: str) -> str:
+def log_only_command(out_dir: Path, experiment: str | None) -> str:
     """The command that logs `out_dir` later into the same store and experiment (the tracking
-    URI shown with its credentials redacted)."""
+    URI shown with its credentials redacted; no --experiment where MLFLOW_EXPERIMENT_ID chose)."""
     words = [Path(sys.argv[0]).name, "--log-only", "--output-dir", str(out_dir),
-             "--experiment", experiment]
+             *(["--experiment", experiment] if experiment else [])]
     env = f"MLFLOW_TRACKING_URI={shlex.quote(shown_uri())} " \
         if os.environ.get("MLFLOW_TRACKING_URI") else ""
     return env + " ".join(shlex.quote(w) for w in words)
@@ -168,8 +177,7 @@ def log_only_command(out_dir: Path, experiment: str) -> str:
 
 def _log(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | None) -> None:
     scheme = doc["scheme"]
-    tracker.log_params({f"scheme.{k}": _param(v) for k, v in scheme.items()
-                        if k not in ("description", "overrides")}
+    tracker.log_params(scheme_params(scheme)
                        | {"scheme.overrides": ",".join(sorted(scheme["overrides"])) or "none",
                           "model_dir": doc["model"]["directory"],
                           "calib_file": doc["calibration"]["file"]})

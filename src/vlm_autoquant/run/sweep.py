@@ -62,7 +62,7 @@ def failed_row(scheme, family: Family, exc: BaseException) -> dict:
 
 
 def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Phases,
-               parent: tracking.Tracker, experiment: str, info: dict,
+               parent: tracking.Tracker, experiment: str | None, info: dict,
                replicas=None) -> list[dict]:
     """Search one family, then finish each member as a child run; failures are rows, not raises."""
     rows: list[dict] = []
@@ -96,7 +96,7 @@ def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Ph
     return rows
 
 
-def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str,
+def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str | None,
               replicas=None) -> list[dict]:
     """Run every family; write and log the comparison; raise RunFailed naming failed schemes.
     `replicas`: the data-parallel replicas the CLI started where the placement has them."""
@@ -106,8 +106,8 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
              "; ".join(f"{f.key} [{'+'.join(f.spec.formats)}]: "
                        f"{', '.join(s.name for s in f.schemes)}" for f in families))
     rows: list[dict] = []
-    with tracking.tracked_run(experiment, "sweep",
-                              system_metrics=torch.cuda.is_available()) as parent:
+    with tracking.tracked_run(experiment, "sweep", system_metrics=torch.cuda.is_available(),
+                              out_dir=opts.output_dir) as parent:
         parent.log_params({"model_dir": str(opts.model_dir), "calib_file": str(inputs.calib_path),
                            "catalog": str(opts.catalog or "default"),
                            "schemes": ",".join(s.name for s in inputs.schemes)})

@@ -262,7 +262,7 @@ def normalised_lp() -> Iterator[None]:
 
 def _timed(timings: dict[str, float], key: str, fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
-        if key in ("calibrate", "score"):
+        if key in ("calibrate", "score") and key not in timings:  # once per search, not per format
             log.info("%s: started", key)  # progress without bars in a log (and a test's signal)
         t0 = time.perf_counter()
         try:
