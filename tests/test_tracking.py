@@ -510,3 +510,18 @@ def test_a_failure_before_the_run_started_names_and_explains_the_mlflow_run(tmp_
     assert mark_launch_failed(None, "nope", "again") is None  # the launcher's run is done
     monkeypatch.delenv("MLFLOW_RUN_ID")
     assert mark_launch_failed(None, "x", "outside mlflow run") is None
+
+
+def test_a_run_this_process_ended_releases_its_record(tmp_path):
+    """The record holds the run id and the directory's identity; ended_here reads the id."""
+    from vlm_autoquant import tracking
+
+    out = tmp_path / "o"
+    assert tracking.ended_here(out)  # nothing recorded: nothing to keep
+    tracking.remember(out, "0123abcd")
+    assert not tracking.ended_here(out)  # recorded, not ended: kept for close_stale
+    tracking._ended.add("0123abcd")
+    try:
+        assert tracking.ended_here(out)
+    finally:
+        tracking._ended.discard("0123abcd")

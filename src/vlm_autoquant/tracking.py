@@ -387,10 +387,8 @@ def ended_here(out_dir: Path) -> bool:
     """Whether the run recorded in `out_dir` was ended by this process: its record is then
     no longer needed to close it (a run that could not be ended keeps its record for
     `close_stale`)."""
-    try:
-        return (out_dir / RUN_ID_FILE).read_text(encoding="utf-8").strip() in _ended
-    except OSError:
-        return True
+    got = recorded_run(out_dir)
+    return got is None or got[0] in _ended
 
 
 def close_stale(out_dir: Path) -> threading.Thread | None:
