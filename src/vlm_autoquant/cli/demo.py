@@ -10,8 +10,8 @@ from .. import api
 from . import handoff
 from .common import (
     _check_dependencies_first,
-    add_experiment,
     _check_names_first,
+    add_experiment,
     configure,
     dashed,
     new_parser,

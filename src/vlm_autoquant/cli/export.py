@@ -12,8 +12,17 @@ from pathlib import Path
 
 from .. import api
 from . import handoff
-from .common import (BOOL_METAVAR, add_experiment, add_paths, configure, dashed, flag, new_parser,
-                     optional, run_guarded)
+from .common import (
+    BOOL_METAVAR,
+    add_experiment,
+    add_paths,
+    configure,
+    dashed,
+    flag,
+    new_parser,
+    optional,
+    run_guarded,
+)
 
 log = logging.getLogger("vlm_autoquant")
 

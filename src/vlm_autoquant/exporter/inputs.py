@@ -14,9 +14,9 @@ from ..core import paths
 from ..core.artifacts import EXPORT_REPORT_FILE as REPORT_FILE
 from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, check_replaced_dir
 from ..core.errors import Problems, UsageError
+from ..core.timing import human_bytes
 from ..model import identity
 from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
-from ..core.timing import human_bytes
 
 log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 64 << 20  # a 3B manifest is ~200 KB; this only bounds a wrong file

@@ -205,7 +205,7 @@ def read_text_config(model_dir: Path, info: "CheckpointInfo",
                      problems: Problems) -> tuple[object, dict[str, int] | None]:
     """The LM's config and the weight count of each linear (meta device, no weights); every LM
     tensor in the files must be named and shaped as the config's architecture says."""
-    from ..model.checkpoint import check_config_sizes, check_lm_tensors
+    from ..model.checkpoint import check_config_sizes
     from ..model.lm import linear_numels, meta_model, text_config  # transformers: after the cheap checks
 
     try:
