@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--build-device", default="cuda")
     p.add_argument("--fp8-kernel", default="auto", choices=["auto", "eager", "cuda-ext"])
     p.add_argument("--sizes", default="", help="extra size flags for the sweep (CPU smoke)")
+    p.add_argument("--export-args", default="", help="extra flags for every export, e.g. "
+                   "'--format both'")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-export-catalog.json")
     args = p.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
@@ -57,7 +59,8 @@ def main() -> None:
         try:
             wall = sh([sys.executable, str(EXPORT), "--artifacts-dir", str(run_dir),
                        "--model-dir", str(ckpt), "--output-dir", str(target), "--overwrite",
-                       "--no-mlflow"], env_for(args.work / "export-env"), log)
+                       "--no-mlflow", *args.export_args.split()], env_for(args.work / "export-env"),
+                      log)
         except SystemExit as exc:  # a failed export is a result, not the end of the benchmark
             r["exports"][name] = {"passed": False, "failure": str(exc), "log": log.read_text()[-3000:]}
             args.out.write_text(json.dumps(r, indent=2) + "\n")
@@ -72,7 +75,8 @@ def main() -> None:
             "fp8_kernel": manifest["search"].get("fp8_kernel"),
             "fp8_layers": manifest["summary"]["fp8"], "bf16_layers": manifest["summary"]["bf16"],
             "timings": rep.get("timings"), "bytes": rep.get("bytes"),
-            "engines": rep.get("engines")}
+            "engines": rep.get("engines"), "loadability": checks.get("loadability"),
+            "engine_arithmetic": checks["numerics"].get("engine_arithmetic")}
         print(f"[export {name}] {wall:.1f} s, passed {rep['passed']}, "
               f"KL {checks['numerics']['kl_mean']}", flush=True)
         args.out.write_text(json.dumps(r, indent=2) + "\n")
