@@ -560,7 +560,8 @@ def test_installed_dependencies_pass_and_local_versions_count():
     assert not problems, problems.items
     local = {name: None for name in deps.REQUIRED}
     local.update({"torch": "2.13.0+cpu", "transformers": "5.17.0", "nvidia-modelopt": "0.47.0",
-                  "datasets": "5.0.0", "mlflow": "3.13.0", "accelerate": "1.0.0"})
+                  "datasets": "5.0.0", "mlflow": "3.13.0", "accelerate": "1.0.0",
+                  "compressed-tensors": "0.20.1"})
     deps.check_dependencies(problems, local)
     assert not problems, problems.items
     deps.check_dependencies(problems, {**local, "transformers": "5.18.0", "torch": None})

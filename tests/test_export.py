@@ -92,16 +92,18 @@ def test_export_by_run_id_passes_every_check(store, demo, tmp_path, capsys):
     from safetensors import safe_open
 
     run_id, _, uri = store
-    out = tmp_path / "ckpt"
-    code, err = export(["--run-id", run_id, "--model-dir", demo[0], "--output-dir", out,
-                        "--register", "qwen-demo-fp8"], capsys)
+    root = tmp_path / "ckpt"
+    code, err = export(["--run-id", run_id, "--model-dir", demo[0], "--output-dir", root,
+                        "--register", "qwen-demo-fp8", "--format", "both"], capsys)
     assert code == 0, err
-    report = json.loads((out / "export_report.json").read_text())
+    report = json.loads((root / "export_report.json").read_text())
     assert report["passed"] and all(c["passed"] for c in report["checks"].values())
-    assert report["checks"]["numerics"]["kl_mean"] <= 1e-4
-    assert report["checks"]["scales"]["passed"] and report["checks"]["scales"]["input_scales"] > 0
-    assert report["checks"]["numerics"]["engine_arithmetic"]["kl_mean"] >= 0.0
-    assert report["checks"]["vision"]["tensors"] > 0
+    assert report["format"] == "both" and "modelopt.numerics" in report["checks"]
+    out = root / "modelopt"  # --format both: ModelOpt's checkpoint beside compressed-tensors'
+    assert report["checks"]["modelopt.numerics"]["kl_mean"] <= 1e-4
+    assert report["checks"]["modelopt.scales"]["input_scales"] > 0
+    assert report["checks"]["modelopt.numerics"]["engine_arithmetic"]["kl_mean"] >= 0.0
+    assert report["checks"]["modelopt.vision"]["tensors"] > 0
     assert report["identity"]["match"] and not report["lm_only"]
     for name in ("config.json", "hf_quant_config.json", "model.safetensors.index.json",
                  "tokenizer.json", "preprocessor_config.json", "chat_template.json",
@@ -112,6 +114,8 @@ def test_export_by_run_id_passes_every_check(store, demo, tmp_path, capsys):
     assert cfg["model_type"] == "qwen2_5_vl" and cfg["architectures"] == base["architectures"]
     assert cfg["quantization_config"]["quant_method"] == "modelopt"
     assert {k: v for k, v in cfg.items() if k != "quantization_config"} == base
+    top = json.loads((root / "config.json").read_text())
+    assert top["quantization_config"]["quant_method"] == "compressed-tensors"
     # FP8 layers as the manifest says, with scales; vision bytes equal the base's
     manifest = json.loads((store[1] / MANIFEST_FILE).read_text())
     fp8 = [r["name"] for r in manifest["layers"] if r["format"] == "FP8"]
@@ -134,12 +138,20 @@ def test_export_by_run_id_passes_every_check(store, demo, tmp_path, capsys):
     assert client.get_run(run_id).data.tags["export.run_id"] == exp_run.info.run_id
     assert {"export_report.json", "export_files.json"} <= {
         a.path for a in client.list_artifacts(exp_run.info.run_id)}
-    # --register: an MLflow 3 LoggedModel holding the files, registered, aliased by scheme
+    # --register: an MLflow 3 LoggedModel (MLmodel pyfunc over the compressed-tensors
+    # checkpoint), registered, aliased by scheme, carrying the source run's quality metrics
     version = client.get_model_version_by_alias("qwen-demo-fp8", "fp8-balanced-10b")
     assert version.version == report["mlflow"]["registered"]["version"]
-    model_files = {f.path for f in client.list_logged_model_artifacts(
-        report["mlflow"]["registered"]["model_id"])}
-    assert {"config.json", "model.safetensors.index.json"} <= model_files
+    model_id = report["mlflow"]["registered"]["model_id"]
+    model_files = {f.path for f in client.list_logged_model_artifacts(model_id)}
+    assert "MLmodel" in model_files
+    logged = client.get_logged_model(model_id)
+    assert logged.source_run_id == run_id and version.tags["source_run_id"] == run_id
+    source_kl = client.get_run(run_id).data.metrics["quality/kl_mean"]
+    assert {m.key: m.value for m in logged.metrics}["quality/kl_mean"] == source_kl
+    generator = mlflow.pyfunc.load_model("models:/qwen-demo-fp8@fp8-balanced-10b")
+    texts = generator.predict(["A photo of", "Two dogs"], params={"max_new_tokens": 3})
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts) and any(texts)
     assert not list(tmp_path.glob(".ckpt.partial-*"))
 
 
@@ -283,20 +295,27 @@ def test_interrupted_or_failed_export_leaves_nothing(store, demo, tmp_path, caps
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
 
 
-def test_pcpt_layers_warn_for_vllm(caplog):
+def test_engine_rows_per_format_and_kind_warn_only_on_failures():
+    """The pcpt mix (MIXED_PRECISION) loads in vLLM (since 0.30) and fails in SGLang; a
+    compressed-tensors per-tensor group fails in TensorRT-LLM; only failures warn."""
     from vlm_autoquant.exporter import engines
 
-    hf_quant = {"quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": {
+    mixed = engines.assess({"quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": {
         "model.layers.0.mlp.up_proj": {"quant_algo": "FP8"},
-        "model.layers.0.mlp.down_proj": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}}}}
-    table = engines.assess(hf_quant)
-    assert table["engines"]["vllm"]["layers_not_served_as_fp8"] == {
-        "model.layers.0.mlp.down_proj": "FP8_PER_CHANNEL_PER_TOKEN"}
-    lines = engines.warn(table)
-    assert any("vllm" in x and "model.layers.0.mlp.down_proj" in x for x in lines)
+        "model.layers.0.mlp.down_proj": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}}}})
+    assert mixed["kind"] == engines.MIXED
+    assert mixed["engines"]["vllm"]["verdict"] == "loads" and mixed["engines"]["vllm"]["since"] == "0.30"
+    assert mixed["engines"]["sglang"]["verdict"] == "fails"
+    lines = engines.warn(mixed)
+    assert len(lines) == 2 and any("sglang" in x for x in lines)
+    assert not any(x.startswith("vllm") for x in lines)
     plain = engines.assess({"quantization": {"quant_algo": "FP8", "exclude_modules": ["lm_head"]}})
-    assert not plain["engines"]["vllm"]["layers_not_served_as_fp8"]
-    assert plain["engines"]["vllm"]["verdict"] == "yes"
+    assert plain["kind"] == engines.PER_TENSOR
+    assert [x.split()[0] for x in engines.warn(plain)] == ["transformers"]
+    ct = engines.assess_ct({"config_groups": {"fp8_per_tensor": {"weights": {"strategy": "tensor"}}}})
+    assert [x.split()[0] for x in engines.warn(ct)] == ["tensorrt-llm"]
+    for row in [*mixed["engines"].values(), *ct["engines"].values()]:
+        assert row["since"] and "/" in row["source"]
 
 
 def test_identity_ignores_the_vision_tower(demo, tmp_path):

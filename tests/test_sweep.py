@@ -151,8 +151,8 @@ def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkey
 def test_a_child_run_exports_by_run_id_and_passes_every_check(swept, demo, scheme, tmp_path,
                                                               monkeypatch, capsys):
     """Any catalog scheme's run, here a sweep's child runs (all FP8; kl_div; per-channel weights
-    with per-token activations), exports by its run id into a checkpoint that passes every
-    check, with the FP8 codes byte for byte the run's."""
+    with per-token activations), exports by its run id in both formats into checkpoints that
+    pass every check, with the FP8 codes byte for byte the run's."""
     from vlm_autoquant.core.artifacts import RUN_ID_FILE
     from vlm_autoquant.cli.export import main as export_main
 
@@ -161,12 +161,15 @@ def test_a_child_run_exports_by_run_id_and_passes_every_check(swept, demo, schem
     monkeypatch.chdir(swept)  # the store's artifacts are under ./mlruns there
     run_id = (swept / "out" / scheme / RUN_ID_FILE).read_text().splitlines()[0]
     out = tmp_path / "ckpt"
-    code = export_main(["--run-id", run_id, "--model-dir", str(demo[0]), "--output-dir", str(out)])
+    code = export_main(["--run-id", run_id, "--model-dir", str(demo[0]), "--output-dir", str(out),
+                        "--format", "both"])
     assert code == 0, capsys.readouterr().err[-3000:]
     report = json.loads((out / "export_report.json").read_text())
     assert report["passed"] and report["source"]["run_id"] == run_id
+    modelopt = ("formats", "vision", "scales", "weights", "numerics", "loadability")
     assert {k: c["passed"] for k, c in report["checks"].items()} == dict.fromkeys(
-        ("formats", "vision", "scales", "weights", "numerics", "loadability"), True)
+        (*modelopt, "names", *(f"modelopt.{k}" for k in modelopt)), True)
+    assert report["checks"]["modelopt.weights"]["layers"] == report["checks"]["weights"]["layers"]
     assert report["checks"]["weights"]["layers"] == sum(
         r["format"] != "BF16" for r in manifests(swept)[scheme]["layers"])
     assert report["checks"]["numerics"]["kl_mean"] == 0.0

@@ -37,7 +37,7 @@ DEFAULT_EXPERIMENT = tracking.DEFAULT_EXPERIMENT
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions)
                        if f.name not in ("model_dir", "output_dir", "calib_file"))
 _EXPORT_OPTIONS = ("overwrite", "lm_only", "allow_other_weights", "log_checkpoint", "register",
-                   "experiment", "mlflow")
+                   "experiment", "mlflow", "format")
 
 
 @dataclass(frozen=True)
@@ -228,12 +228,15 @@ def export_output_dir(source: str | Path | None, output_dir: str | Path | None) 
 
 def _export_options(source: str | Path | None, model_dir: str | Path | None,
                     output_dir: str | Path | None, options: dict[str, Any]):
-    from .exporter.inputs import ExportOptions  # safetensors: only for an export
+    from .exporter.inputs import FORMATS, ExportOptions  # safetensors: only for an export
 
     unknown = sorted(set(options) - set(_EXPORT_OPTIONS))
     if unknown:
         raise UsageError([Problem(k, "is not an export option", f"use one of: "
                                   f"{', '.join(_EXPORT_OPTIONS)}") for k in unknown])
+    if options.get("format") not in (None, *FORMATS):
+        raise UsageError(Problem("format", f"{options['format']!r} is not an export format",
+                                 f"use one of: {', '.join(FORMATS)}"))
     folder, run_id = _export_source(source)
     out = export_output_dir(source, output_dir)
     kept = {k: v for k, v in options.items() if k != "mlflow" and v is not None}
@@ -250,7 +253,8 @@ def export(source: str | Path | None, *, model_dir: str | Path | None = None,
         model_dir: the base checkpoint (default: the one the run recorded).
         output_dir: default exports/<run id> or exports/<name of the run's dir>.
         options: overwrite, lm_only, allow_other_weights, log_checkpoint, register, experiment,
-            mlflow (False: do not log the export).
+            format ("compressed-tensors" (default), "modelopt" or "both"), mlflow (False: do
+            not log the export).
 
     Raises:
         VlmAutoquantError: with the problems the CLI would print.

@@ -12,9 +12,11 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -520,16 +522,108 @@ def log_dir(tracker: Tracker, local_dir: Path, subdir: str | None = None) -> Non
     tracker.wait()._mlflow.log_artifacts(str(local_dir), artifact_path=subdir, run_id=tracker.run_id)
 
 
-def register_checkpoint(tracker: Tracker, local_dir: Path, name: str, alias: str,
-                        tags: dict[str, str]) -> dict:
-    """Log `local_dir` as an MLflow 3 LoggedModel of the run, register it as `name`, alias it."""
+GENERATOR_REQUIREMENTS = ("torch", "transformers", "accelerate", "compressed-tensors",
+                          "safetensors")
+
+
+def _checkpoint_generator() -> Any:
+    """An MLflow pyfunc that loads a checkpoint with transformers and generates text.
+
+    Defined here so that MLflow pickles the class by value: loading it needs transformers (and
+    compressed-tensors for that format), not this package.
+    """
+    import mlflow.pyfunc
+
+    class CheckpointGenerator(mlflow.pyfunc.PythonModel):
+        """predict(["a prompt", ...], params={"max_new_tokens": n}) -> the generated texts."""
+
+        # No type hints on these two: MLflow derives a model's input schema from predict's
+        # hints, and this model's signature is given explicitly in _save_pyfunc.
+        def load_context(self, context):
+            import json
+
+            import torch
+            import transformers
+
+            path = context.artifacts["checkpoint"]
+            with open(f"{path}/config.json", encoding="utf-8") as f:
+                arch = json.load(f)["architectures"][0]
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            self.model = getattr(transformers, arch).from_pretrained(
+                path, dtype=torch.bfloat16, device_map="auto").eval()
+
+        def predict(self, context, model_input, params=None):
+            import torch
+
+            prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") \
+                else list(model_input)
+            new_tokens = int((params or {}).get("max_new_tokens", 32))
+            texts = []
+            for prompt in prompts:
+                ids = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
+                with torch.inference_mode():
+                    out = self.model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
+                texts.append(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
+                                                   skip_special_tokens=True))
+            return texts
+
+    return CheckpointGenerator()
+
+
+def _save_pyfunc(local_dir: Path, target: Path) -> None:
+    """An MLmodel directory in `target`: the generator pyfunc with `local_dir` as its checkpoint."""
+    from importlib.metadata import version
+
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]),
+                               outputs=Schema([ColSpec("string")]),
+                               params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]))
+    mlflow.pyfunc.save_model(
+        path=str(target), python_model=_checkpoint_generator(),
+        artifacts={"checkpoint": str(local_dir)}, signature=signature,
+        pip_requirements=[f"{p}=={version(p)}" for p in GENERATOR_REQUIREMENTS])
+
+
+@dataclass
+class Registration:
+    """How an exported checkpoint is registered (export_track.log_export fills it)."""
+
+    name: str
+    alias: str
+    tags: dict[str, str]
+    source_run_id: str | None  # the quantization run, when known
+    metrics: dict[str, float] = field(default_factory=dict)  # attached to the model
+    pyfunc: bool = True  # an MLmodel that generates text with transformers
+
+
+def register_checkpoint(tracker: Tracker, local_dir: Path, reg: Registration) -> dict:
+    """Log `local_dir` as an MLflow 3 LoggedModel, register it as `reg.name` with `reg.alias`,
+    and attach `reg.metrics` to it. With `reg.pyfunc` the model is an MLmodel that generates
+    text with transformers (a compressed-tensors checkpoint); else the folder as written
+    (ModelOpt's format, which transformers cannot run).
+
+    The model's `source_run_id` is the quantization run when known, else the export run; its
+    metrics are logged on the export run with the model's id.
+    """
+    name, alias, tags, source_run_id, metrics, pyfunc = (
+        reg.name, reg.alias, reg.tags, reg.source_run_id, reg.metrics, reg.pyfunc)
     mlflow = tracker.wait()._mlflow
     client = mlflow.MlflowClient()
     model = client.create_logged_model(experiment_id=tracker.run.info.experiment_id, name=name,
-                                       source_run_id=tracker.run_id, tags=tags,
-                                       model_type="safetensors-checkpoint")
+                                       source_run_id=source_run_id or tracker.run_id, tags=tags,
+                                       model_type="pyfunc" if pyfunc else "safetensors-checkpoint")
     try:
-        client.log_model_artifacts(model.model_id, str(local_dir))
+        if pyfunc:
+            with tempfile.TemporaryDirectory(prefix="vlm-mlmodel-") as tmp:
+                _save_pyfunc(local_dir, Path(tmp) / "model")
+                client.log_model_artifacts(model.model_id, str(Path(tmp) / "model"))
+        else:
+            client.log_model_artifacts(model.model_id, str(local_dir))
+        for key, value in metrics.items():
+            mlflow.log_metric(key, float(value), run_id=tracker.run_id, model_id=model.model_id)
     except BaseException:
         client.finalize_logged_model(model.model_id, "FAILED")
         raise

@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
         prog="qwen2_5_vl_3b_autoquant_fp8_export.py",
         description="Turn a finished quantization run into a complete, verified Qwen2.5-VL "
                     "checkpoint (ModelOpt FP8/BF16 LM, original vision tower, tokenizer, "
-                    "processor), served with vLLM quantization='modelopt'.",
+                    "processor) in compressed-tensors or ModelOpt format.",
         epilog="writes export_report.json into --output-dir; exit codes: 0 done, 1 a check "
                "failed (nothing written), 2 bad input, 130 interrupted")
     src = p.add_mutually_exclusive_group()
@@ -43,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
     add_paths(p, model_dir="the base Qwen2.5-VL checkpoint (default: the one the run recorded)",
               output_dir="where the checkpoint goes (default exports/<run id>, or exports/<name "
                          "of --artifacts-dir>)")
+    p.add_argument("--format", default="compressed-tensors",
+                   choices=("compressed-tensors", "modelopt", "both"),
+                   help="checkpoint format: compressed-tensors (vLLM, SGLang, transformers; "
+                        "default), modelopt (TensorRT-LLM, vLLM), or both (ModelOpt's in "
+                        "<output-dir>/modelopt/)")
     p.add_argument("--overwrite", nargs="?", const=True, default=False, type=flag,
                    metavar=BOOL_METAVAR,
                    help="replace a non-empty --output-dir")
@@ -79,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, lm_only=args.lm_only,
                       allow_other_weights=args.allow_other_weights,
                       log_checkpoint=args.log_checkpoint, register=args.register,
-                      experiment=args.experiment, mlflow=not args.no_mlflow)
+                      experiment=args.experiment, mlflow=not args.no_mlflow,
+                      format=args.format)
     print(handoff.line(exported(done), done.run_id, done.experiment, done.output_dir),
           flush=True)
     return 0

@@ -1,8 +1,9 @@
-"""Which serving engines can serve an export, per ModelOpt quant_algo, with the source of each claim.
+"""Which engines load an export, per format and scheme kind, read from their sources, with versions.
 
-The table is about the checkpoint format (`hf_quant_config.json`), for Qwen2.5-VL. "yes" means
-the engine's ModelOpt loader maps that algorithm to an FP8 kernel; "no" means the layers would not
-be served as FP8. Claims not read in an engine's source are marked "unverified".
+Verdicts: "loads", "loads with a caveat" (the caveat says what differs), "fails" (the engine
+refuses the checkpoint or serves it wrongly). `since` is the first version the verdict holds for
+where the source history was read, else the version read. Each export reports the rows of its
+format and kind in `export_report.json` and warns only about "fails".
 """
 
 from __future__ import annotations
@@ -11,77 +12,113 @@ import logging
 
 log = logging.getLogger(__name__)
 
-VLLM = "vllm"
-TRTLLM = "tensorrt-llm"
-SGLANG = "sglang"
-ENGINES = (VLLM, TRTLLM, SGLANG)
+VLLM, SGLANG, TRTLLM, TRANSFORMERS = "vllm", "sglang", "tensorrt-llm", "transformers"
+ENGINES = (VLLM, SGLANG, TRTLLM, TRANSFORMERS)
+PER_TENSOR, MIXED, PER_CHANNEL = "per-tensor + BF16", "per-tensor + per-channel + BF16", \
+    "per-channel + BF16"
+LOADS, CAVEAT, FAILS = "loads", "loads with a caveat", "fails"
 
-VLLM_MODELOPT = ("vllm-project/vllm vllm/model_executor/layers/quantization/modelopt.py "
-                 "(ModelOptFp8Config; ModelOptMixedPrecisionConfig.get_quant_method maps "
-                 "per-layer FP8, NVFP4, W4A16_NVFP4, MXFP8 only, anything else -> "
-                 "UnquantizedLinearMethod)")
-VLLM_DOCS = "vllm-project/vllm docs/features/quantization/modelopt.md (supported quant_algo list)"
-TRTLLM_DOCS = ("NVIDIA/TensorRT-LLM docs 'Numerical Precision' / LLM API QuantAlgo "
-               "(FP8, FP8_PER_CHANNEL_PER_TOKEN, MIXED_PRECISION); not verified here")
-SGLANG_MODELOPT = ("sgl-project/sglang python/sglang/srt/layers/quantization/modelopt_quant.py "
-                   "(ModelOptFp8Config: per-tensor FP8 with static input scale)")
-SGLANG_MIXED = ("sgl-project/sglang PR adding ModelOptMixedPrecisionConfig (routed for NemotronH "
-                "models); not verified for Qwen2.5-VL")
+V_MO = "vllm-project/vllm vllm/model_executor/layers/quantization/modelopt.py"
+V_CT = ("vllm-project/vllm vllm/model_executor/layers/quantization/compressed_tensors/"
+        "compressed_tensors.py + utils.py (find_matched_target, should_ignore_layer)")
+S_MO = "sgl-project/sglang python/sglang/srt/layers/quantization/modelopt_quant.py"
+S_CT = ("sgl-project/sglang python/sglang/srt/layers/quantization/compressed_tensors/"
+        "compressed_tensors.py")
+T_MO = "NVIDIA/TensorRT-LLM tensorrt_llm/quantization/modelopt_config.py, _torch/model_config.py"
+T_CT = "NVIDIA/TensorRT-LLM tensorrt_llm/models/quant_config_utils.py"
+H_MO = "huggingface/transformers src/transformers/quantizers/auto.py (no modelopt quantizer)"
+H_CT = ("huggingface/transformers src/transformers/quantizers/quantizer_compressed_tensors.py; "
+        "checked here by export_load")
 
-# quant_algo (whole model, or one layer of a MIXED_PRECISION model) -> engine -> (verdict, source)
-SUPPORT: dict[str, dict[str, tuple[str, str]]] = {
-    "FP8": {VLLM: ("yes", VLLM_MODELOPT), TRTLLM: ("yes", TRTLLM_DOCS),
-            SGLANG: ("yes", SGLANG_MODELOPT)},
-    "FP8_PER_CHANNEL_PER_TOKEN": {VLLM: ("yes", VLLM_DOCS), TRTLLM: ("yes", TRTLLM_DOCS),
-                                  SGLANG: ("unverified", SGLANG_MODELOPT)},
-    "MIXED_PRECISION": {VLLM: ("per layer", VLLM_MODELOPT), TRTLLM: ("yes", TRTLLM_DOCS),
-                        SGLANG: ("unverified", SGLANG_MIXED)},
+# (format, kind) -> engine -> (verdict, since, source, note)
+TABLE: dict[tuple[str, str], dict[str, tuple[str, str, str, str]]] = {
+    ("modelopt", PER_TENSOR): {
+        VLLM: (CAVEAT, "0.34 (read)", V_MO,
+               "fuses q/k/v and gate/up at load and re-quantizes each group to its largest "
+               "weight and input scale"),
+        SGLANG: (LOADS, "0.5.23 (read)", S_MO, "ModelOptFp8Config, static per-tensor input"),
+        TRTLLM: (LOADS, "main 2026 (read)", T_MO, "quant_algo FP8 + exclude_modules"),
+        TRANSFORMERS: (FAILS, "5.17 (read)", H_MO,
+                       "skips quant_method modelopt and upcasts the FP8 bytes without their "
+                       "scales: wrong outputs")},
+    ("modelopt", MIXED): {
+        VLLM: (LOADS, "0.30", V_MO,
+               "ModelOptMixedPrecisionConfig; before 0.30 it refuses MIXED_PRECISION"),
+        SGLANG: (FAILS, "0.5.23 (read)", S_MO,
+                 "MIXED_PRECISION without NVFP4 is routed to w4afp8, which ignores the ignore "
+                 "list and block-quantizes every linear, vision included; --quantization "
+                 "modelopt refuses it"),
+        TRTLLM: (LOADS, "main 2026 (read)", T_MO, "MIXED_PRECISION with quantized_layers"),
+        TRANSFORMERS: (FAILS, "5.17 (read)", H_MO, "no modelopt quantizer")},
+    ("compressed-tensors", PER_TENSOR): {
+        VLLM: (CAVEAT, "pre-0.7 copy (read)", V_CT,
+               "CompressedTensorsW8A8Fp8 per tensor, static input; fused q/k/v and gate/up "
+               "take the group's largest scale at load"),
+        SGLANG: (CAVEAT, "not read", S_CT, "its compressed_tensors package derives from vLLM's; "
+                 "this loader's source was not read here: test before relying on it"),
+        TRTLLM: (FAILS, "main 2026 (read)", T_CT,
+                 "8-bit weights must be 'channel' or 'block': 'tensor' raises Unsupported "
+                 "weights_quant_strategy; use --format modelopt"),
+        TRANSFORMERS: (CAVEAT, "5.17 (read, tested)", H_CT,
+                       "needs compressed-tensors; W8A8 fake quant in bf16 (bf16 scales, "
+                       "which this export writes)")},
+    ("compressed-tensors", MIXED): {
+        VLLM: (CAVEAT, "pre-0.7 copy (read)", V_CT,
+               "one scheme per config group; fused siblings share a group (ModelOpt's search "
+               "groups them); fused scales as above"),
+        SGLANG: (CAVEAT, "not read", S_CT, "derives from vLLM's loader; not read here"),
+        TRTLLM: (FAILS, "main 2026 (read)", T_CT,
+                 "the per-tensor group raises Unsupported weights_quant_strategy; use "
+                 "--format modelopt"),
+        TRANSFORMERS: (CAVEAT, "5.17 (read, tested)", H_CT, "W8A8 fake quant in bf16")},
 }
-# Inside a MIXED_PRECISION model: which per-layer algorithms each engine maps to a kernel.
-MIXED_LAYER_ALGOS = {VLLM: {"FP8", "NVFP4", "W4A16_NVFP4", "MXFP8"}}
+TABLE[("modelopt", PER_CHANNEL)] = {
+    **TABLE[("modelopt", MIXED)],
+    VLLM: (LOADS, "0.34 (read)", V_MO, "quant_algo FP8_PER_CHANNEL_PER_TOKEN"),
+    SGLANG: (FAILS, "0.5.23 (read)", S_MO, "ModelOptFp8Config reads per-tensor FP8 only")}
+TABLE[("compressed-tensors", PER_CHANNEL)] = {
+    **TABLE[("compressed-tensors", MIXED)],
+    TRTLLM: (LOADS, "main 2026 (read)", T_CT, "FP8_PER_CHANNEL_PER_TOKEN")}
 
 
-def layer_algos(hf_quant: dict) -> dict[str, str]:
-    """{layer: quant_algo} of the quantized layers in ModelOpt's hf_quant_config.json."""
-    q = hf_quant.get("quantization", hf_quant)
-    if q.get("quant_algo") == "MIXED_PRECISION":
-        return {k: str(v.get("quant_algo")) for k, v in q.get("quantized_layers", {}).items()}
-    return {}
+def kind_of(algos: set[str]) -> str:
+    """Scheme kind from the FP8 formats an export holds ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")."""
+    if "FP8_PER_CHANNEL_PER_TOKEN" in algos:
+        return MIXED if "FP8" in algos else PER_CHANNEL
+    return PER_TENSOR
+
+
+def rows(fmt: str, kind: str) -> dict:
+    """The table's rows for one export: {engine: {verdict, since, source, caveat}}."""
+    return {e: dict(zip(("verdict", "since", "source", "note"), v))
+            for e, v in TABLE[(fmt, kind)].items()}
 
 
 def assess(hf_quant: dict) -> dict:
-    """The engine table for this export, plus the layers each engine would not serve as FP8."""
+    """The rows for a ModelOpt export (hf_quant_config.json)."""
     q = hf_quant.get("quantization", hf_quant)
     algo = str(q.get("quant_algo"))
-    layers = layer_algos(hf_quant)
-    out = {"quant_algo": algo, "layer_algos": sorted(set(layers.values())), "engines": {}}
-    for engine in ENGINES:
-        verdict, source = SUPPORT.get(algo, {}).get(engine, ("unknown", "no source"))
-        unserved: dict[str, str] = {}
-        if algo == "MIXED_PRECISION" and engine in MIXED_LAYER_ALGOS:
-            unserved = {n: a for n, a in sorted(layers.items())
-                        if a not in MIXED_LAYER_ALGOS[engine]}
-            verdict = "partial" if unserved else "yes"
-        out["engines"][engine] = {"verdict": verdict, "source": source,
-                                  "layers_not_served_as_fp8": unserved}
-    return out
+    algos = {str(v.get("quant_algo")) for v in q.get("quantized_layers", {}).values()} \
+        if algo == "MIXED_PRECISION" else {algo}
+    kind = kind_of(algos)
+    return {"format": "modelopt", "quant_algo": algo, "kind": kind,
+            "engines": rows("modelopt", kind)}
+
+
+def assess_ct(qcfg: dict) -> dict:
+    """The rows for a compressed-tensors export (config.json's quantization_config)."""
+    algos = {"FP8" if s["weights"]["strategy"] == "tensor" else "FP8_PER_CHANNEL_PER_TOKEN"
+             for s in qcfg["config_groups"].values()}
+    kind = kind_of(algos)
+    return {"format": "compressed-tensors", "groups": sorted(qcfg["config_groups"]),
+            "kind": kind, "engines": rows("compressed-tensors", kind)}
 
 
 def warn(table: dict) -> list[str]:
-    """Log (and return) one warning per engine that cannot serve part or all of the export."""
-    lines = []
-    for engine, row in table["engines"].items():
-        if row["layers_not_served_as_fp8"]:
-            unserved = row["layers_not_served_as_fp8"]
-            names = list(unserved)
-            lines.append(f"{engine} cannot serve {len(names)} layer(s) of this export as FP8 "
-                         f"({', '.join(sorted(set(unserved.values())))}): "
-                         f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}. Its ModelOpt "
-                         "mixed-precision loader would leave them unquantized; serve with "
-                         "TensorRT-LLM or export an FP8_DEFAULT_CFG-only scheme.")
-        elif row["verdict"] in ("no", "unknown", "unverified"):
-            lines.append(f"{engine}: serving a {table['quant_algo']} ModelOpt checkpoint is "
-                         f"{row['verdict']} ({row['source']}); test it before relying on it")
+    """Log (and return) one warning per engine that fails to load or serve this export."""
+    lines = [f"{engine} {row['since']}: a {table['kind']} {table['format']} export {FAILS}: "
+             f"{row['note']} ({row['source']})"
+             for engine, row in table["engines"].items() if row["verdict"] == FAILS]
     for line in lines:
         log.warning(line)
     return lines

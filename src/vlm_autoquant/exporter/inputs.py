@@ -20,6 +20,9 @@ from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
 
 log = logging.getLogger(__name__)
 MAX_MANIFEST_BYTES = 64 << 20  # a 3B manifest is ~200 KB; this only bounds a wrong file
+COMPRESSED_TENSORS = "compressed-tensors"
+MODELOPT = "modelopt"
+FORMATS = (COMPRESSED_TENSORS, MODELOPT, "both")  # --format
 
 
 @dataclass
@@ -36,6 +39,7 @@ class ExportOptions:
     log_checkpoint: bool = False
     register: str | None = None
     experiment: str | None = None
+    format: str = COMPRESSED_TENSORS  # one of FORMATS
 
 
 @dataclass

@@ -14,10 +14,12 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from ..core import artifacts
 from ..core.errors import Interrupted, Problem, Problems, RunFailed, UsageError
@@ -25,10 +27,11 @@ from ..core.timing import Phases, gpu_peak_gib, human_bytes, peak_rss_gib
 from ..search.fp8_kernel import run_arithmetic
 from ..tracking import remember
 from . import assemble as export
-from . import engine_load, engines
+from . import ct as export_ct
+from . import engine_load, engines, load_check
 from . import track as export_track
 from . import verify as export_verify
-from .inputs import ExportInputs, ExportOptions, gather
+from .inputs import COMPRESSED_TENSORS, MODELOPT, ExportInputs, ExportOptions, gather
 from .staging import BOOKKEEPING, STAGING_MARKER, mark_finished, staging_dir
 
 if TYPE_CHECKING:
@@ -37,23 +40,46 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vlm_autoquant")
 REPORT_FILE = artifacts.EXPORT_REPORT_FILE
+BOTH = "both"
+MODELOPT_DIR = "modelopt"  # --format both: ModelOpt's checkpoint beside compressed-tensors'
 
 # Test hook: called with the staging directory just before it is renamed into place.
 _before_publish = None
 
 
-def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
-           run_kernel: str | None = None) -> dict:
-    """Checks (a)-(d) on the staged checkpoint, and its scales and FP8 codes against the run's."""
+@dataclass
+class Work:
+    """What each format's export and checks share."""
+
+    inputs: ExportInputs
+    reference: nn.Module  # the restored run: ModelOpt's fake quant in the run's arithmetic
+    device: torch.device
+    run_kernel: str | None  # the manifest's search.fp8_kernel
+    phases: Phases
+
+
+def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
+    """Checks (a)-(d) on the staged checkpoint, and its scales and FP8 codes against the run's.
+
+    `fmt` compressed-tensors: `hf_quant` is its quantization_config; the names check, bf16
+    scales and transformers' own from_pretrained (load_check) replace ModelOpt's specifics.
+    """
     from ..model.lm import text_config  # transformers: after the export's inputs are valid
 
-    lm_only = inputs.options.lm_only
-    checks = {"formats": export_verify.check_formats(inputs.manifest, out, hf_quant)}
+    inputs, reference, device, run_kernel = work.inputs, work.reference, work.device, \
+        work.run_kernel
+    lm_only, ct = inputs.options.lm_only, fmt == COMPRESSED_TENSORS
+    declared = export_ct.declared(hf_quant, [r["name"] for r in inputs.manifest["layers"]]) \
+        if ct else hf_quant
+    checks = {"formats": export_verify.check_formats(inputs.manifest, out, declared)}
+    if ct:
+        checks["names"] = export_ct.check_names(hf_quant, inputs.manifest)
     checks["vision"] = {"passed": True, "skipped": "--lm-only"} if lm_only else \
         export_verify.check_vision(inputs.model_dir, out)
     amax = export_verify.quantizer_amax(reference, "input")
     weight_amax = export_verify.quantizer_amax(reference, "weight")
-    checks["scales"] = export_verify.check_scales(out, amax, weight_amax)
+    checks["scales"] = export_ct.check_scales(out, amax, weight_amax) if ct else \
+        export_verify.check_scales(out, amax, weight_amax)
     implausible = export_verify.implausible_scales(reference)
     if implausible:
         checks["scales"]["passed"] = False
@@ -75,7 +101,9 @@ def verify(inputs: ExportInputs, reference, out: Path, hf_quant: dict, device,
     checks["numerics"]["engine_arithmetic"] = {  # reported, not a check (see export_verify)
         "kl_mean": served["kl_mean"], "top1_agreement": served["top1_agreement"],
         "arithmetic": "serving kernel (x * 1/input_scale)"}
-    checks["loadability"] = export_verify.check_loadable(out, lm_only)
+    checks["loadability"] = load_check.check(out, reference, inputs.manifest, batches, device,
+                                             lm_only) if ct \
+        else export_verify.check_loadable(out, lm_only)
     return checks
 
 
@@ -94,6 +122,7 @@ def _report(inputs: ExportInputs, checks: dict, table: dict, warnings: list[str]
         "passed": all(c["passed"] for c in checks.values()),
         "checks": checks,
         "scheme": m["scheme"]["name"],
+        "format": o.format,
         "source": {"run_id": o.run_id, "artifacts_dir": str(o.artifacts_dir or "") or None},
         "model_dir": str(inputs.model_dir),
         "lm_only": o.lm_only,
@@ -129,9 +158,66 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=None) -> dict:
-    """Restore, export with ModelOpt, assemble and verify in `staging`; return the report.
+def _modelopt(work: Work, model: nn.Module, out: Path) -> tuple[dict, dict]:
+    """ModelOpt's format in `out`: (checks, hf_quant_config)."""
+    o, phases = work.inputs.options, work.phases
+    with phases("modelopt_export", "export_hf_checkpoint"):
+        mo_dir = export.run_modelopt_export(model, out, work.run_kernel)
+    with phases("assemble", "vision bytes copied, shards indexed"):
+        hf_quant = export.write_configs(work.inputs.model_dir, mo_dir, out, o.lm_only)
+        export.assemble(work.inputs.model_dir, mo_dir, out, o.lm_only)
+        shutil.rmtree(mo_dir)
+    with phases("verify", "formats, vision bytes, scales, codes, numerics, loadability"):
+        return verify(work, out, hf_quant), hf_quant
 
+
+def _compressed_tensors(work: Work, out: Path) -> tuple[dict, dict]:
+    """compressed-tensors' format in `out`: (checks, quantization_config)."""
+    with work.phases("ct_export", "compressed-tensors config and compressor, vision bytes"):
+        qcfg = export_ct.write_checkpoint(work.reference, work.inputs.manifest,
+                                          work.inputs.model_dir, out, work.inputs.options.lm_only)
+    with work.phases("ct_verify", "formats, names, vision, scales, codes, numerics, load"):
+        return verify(work, out, qcfg, COMPRESSED_TENSORS), qcfg
+
+
+def _write_formats(work: Work, model: nn.Module, staging: Path, stop) -> tuple[dict, dict]:
+    """Each chosen format written and checked in `staging`: (checks, engine table per format)."""
+    fmt = work.inputs.options.format
+    checks, tables = {}, {}
+    if fmt in (COMPRESSED_TENSORS, BOTH):
+        checks, qcfg = _compressed_tensors(work, staging)
+        tables[COMPRESSED_TENSORS] = engines.assess_ct(qcfg)
+    if stop is not None:
+        stop.raise_if_set()
+    if fmt in (MODELOPT, BOTH):
+        target = staging / MODELOPT_DIR if fmt == BOTH else staging
+        target.mkdir(exist_ok=True)
+        mo_checks, hf_quant = _modelopt(work, model, target)
+        prefix = "modelopt." if fmt == BOTH else ""
+        checks.update({prefix + k: v for k, v in mo_checks.items()})
+        tables[MODELOPT] = engines.assess(hf_quant)
+    return checks, tables
+
+
+def _warnings(inputs: ExportInputs, tables: dict) -> list[str]:
+    """Engine failures, fused-scale notes, missing base files and --lm-only, in that order."""
+    missing = [f for f in export.REQUIRED_BASE_FILES if not (inputs.model_dir / f).is_file()]
+    warnings = [w for t in tables.values() for w in engines.warn(t)]
+    fused = engine_load.fused_scales_warning(inputs.manifest)
+    if fused:
+        log.warning(fused)
+        warnings.append(fused)
+    warnings += [f"{inputs.model_dir} has no {f}: the export lacks it too" for f in missing]
+    if inputs.options.lm_only:
+        warnings.append("--lm-only: no vision tower; the export is a text-only Qwen2ForCausalLM")
+    return warnings
+
+
+def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=None) -> dict:
+    """Restore, export in the chosen format(s), assemble and verify in `staging`; the report.
+
+    With --format both, compressed-tensors fills `staging` and ModelOpt's format goes to
+    `staging/modelopt/` (MODELOPT_DIR); its checks are reported as `modelopt.<check>`.
     ModelOpt's FP8 fake quant runs throughout in the arithmetic of the kernel the run used
     (`fp8_kernel.run_arithmetic`; never a JIT build of its CUDA extension here), so the
     reference is the model the run evaluated and the export holds its codes.
@@ -144,33 +230,16 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
         log.info("FP8 fake quant: the run used %s; here: %s", run_kernel or "eager", arithmetic)
         with phases("restore", f"LM of {inputs.model_dir} + {inputs.state_file.name}"):
             model = _restore(inputs, device)
-        reference = copy.deepcopy(model)  # ModelOpt's export may re-tune the quantizers it exports
-        with phases("modelopt_export", "export_hf_checkpoint"):
-            mo_dir = export.run_modelopt_export(model, staging, run_kernel)
+        # ModelOpt's export may re-tune the quantizers it exports
+        work = Work(inputs, copy.deepcopy(model), device, run_kernel, phases)
+        checks, tables = _write_formats(work, model, staging, stop)
         del model
-        if stop is not None:
-            stop.raise_if_set()
-        with phases("assemble", "vision bytes copied, shards indexed"):
-            hf_quant = export.write_configs(inputs.model_dir, mo_dir, staging, o.lm_only)
-            export.assemble(inputs.model_dir, mo_dir, staging, o.lm_only)
-            shutil.rmtree(mo_dir)
-        if stop is not None:
-            stop.raise_if_set()
-        with phases("verify", "formats, vision bytes, scales, codes, numerics, loadability"):
-            checks = verify(inputs, reference, staging, hf_quant, device, run_kernel)
         checks["numerics"]["fp8_arithmetic"] = {"run": run_kernel, "here": arithmetic}
-    table = engines.assess(hf_quant)
-    missing = [f for f in export.REQUIRED_BASE_FILES if not (inputs.model_dir / f).is_file()]
-    warnings = engines.warn(table)
-    fused = engine_load.fused_scales_warning(inputs.manifest)
-    if fused:
-        log.warning(fused)
-        warnings.append(fused)
-    warnings += [f"{inputs.model_dir} has no {f}: the export lacks it too" for f in missing]
-    if o.lm_only:
-        warnings.append("--lm-only: no vision tower; the export is a text-only Qwen2ForCausalLM")
+    table = tables[MODELOPT] if o.format == MODELOPT else tables[COMPRESSED_TENSORS]
+    if o.format == BOTH:
+        table = {**table, "modelopt": tables[MODELOPT]}
     files = {k: v for k, v in export.file_list(staging).items() if k not in BOOKKEEPING}
-    return _report(inputs, checks, table, warnings, files, phases)
+    return _report(inputs, checks, table, _warnings(inputs, tables), files, phases)
 
 
 def _failed(report: dict) -> str:

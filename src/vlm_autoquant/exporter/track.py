@@ -29,16 +29,42 @@ def metrics(report: dict) -> dict[str, float]:
     return out
 
 
+def source_run_id(inputs: ExportInputs) -> str | None:
+    """The quantization run the export comes from: --run-id, or the run that wrote
+    --artifacts-dir (its manifest's `mlflow.run_id`, else the directory's run-id record)."""
+    o = inputs.options
+    if o.run_id:
+        return o.run_id
+    recorded = (inputs.manifest.get("mlflow") or {}).get("run_id")
+    if not recorded and o.artifacts_dir is not None:
+        recorded = (tracking.recorded_run(Path(o.artifacts_dir)) or (None,))[0]
+    return recorded if recorded and tracking.source_run(recorded) is not None else None
+
+
+def quality_metrics(manifest: dict) -> dict[str, float]:
+    """The source run's quality metrics, under the names it logged them with."""
+    q = manifest.get("quality") or {}
+    names = {"kl_mean": tracking.M_KL, "top1_agreement": tracking.M_TOP1,
+             "ppl_rel_change": tracking.M_PPL_REL, "ppl_ref": tracking.M_PPL_REF,
+             "ppl_quant": tracking.M_PPL_QUANT}
+    return {m: q[k] for k, m in names.items() if q.get(k) is not None}
+
+
 def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) -> dict:
-    """Tags, metrics, report and file list; optionally the checkpoint and a registered model."""
+    """Tags, metrics, report and file list; optionally the checkpoint and a registered model.
+
+    `source_run_id` means one thing everywhere: the quantization run the checkpoint comes from
+    (the export run's tag, the registered version's tag and the LoggedModel's source run).
+    """
     o = inputs.options
     scheme = report["scheme"]
+    source = source_run_id(inputs)
     tags = {"scheme": scheme, "export.dir": str(o.output_dir), "export.lm_only": o.lm_only,
             "export.allow_other_weights": o.allow_other_weights,
             "model.weights_sha256": inputs.weights_sha256,
-            "export.quant_algo": report["engines"]["quant_algo"]}
-    if o.run_id:
-        tags["source_run_id"] = o.run_id
+            "export.format": report["format"], "export.kind": report["engines"]["kind"]}
+    if source:
+        tags["source_run_id"] = source
     tracker.set_tags(tags)
     tracker.log_params({"export.model_dir": str(inputs.model_dir),
                         "export.source": o.run_id or str(o.artifacts_dir)})
@@ -49,15 +75,18 @@ def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) ->
             tracker.log_artifact(Path(tmp) / name)
     out: dict = {"run_id": tracker.run_id}
     if o.register:
+        reg = tracking.Registration(
+            o.register, scheme,
+            {"scheme": scheme, "source_run_id": source or "", "export_run_id": tracker.run_id,
+             "format": report["format"]},
+            source, quality_metrics(inputs.manifest), pyfunc=report["format"] != "modelopt")
         with result_files(o.output_dir) as files:
-            out["registered"] = tracking.register_checkpoint(
-                tracker, files, o.register, scheme,
-                {"scheme": scheme, "source_run_id": o.run_id or ""})
+            out["registered"] = tracking.register_checkpoint(tracker, files, reg)
     elif o.log_checkpoint:
         with result_files(o.output_dir) as files:
             tracking.log_dir(tracker, files, "checkpoint")
         out["checkpoint_artifacts"] = "checkpoint/"
-    if o.run_id:
-        tracking.tag_run(o.run_id, {"export.run_id": tracker.run_id,
-                                    "export.dir": str(o.output_dir)})
+    if source:
+        tracking.tag_run(source, {"export.run_id": tracker.run_id,
+                                  "export.dir": str(o.output_dir)})
     return out

@@ -211,14 +211,19 @@ def quantizer_amax(reference: nn.Module, which: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _stored(out: Path, suffix: str) -> dict[str, torch.Tensor]:
+def _stored_raw(out: Path, suffix: str) -> dict[str, torch.Tensor]:
+    """{layer: tensor} of the LM tensors named `<layer><suffix>`, in their stored dtype."""
     tensors = {}
     for f in weight_files(out):
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for k in st.keys():
                 if k.endswith(suffix) and not VISION_RE.match(k):
-                    tensors[k.removesuffix(suffix)] = st.get_tensor(k).float()
+                    tensors[k.removesuffix(suffix)] = st.get_tensor(k)
     return tensors
+
+
+def _stored(out: Path, suffix: str) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in _stored_raw(out, suffix).items()}
 
 
 def _scale_errors(kind: str, stored: dict[str, torch.Tensor], amax: dict[str, torch.Tensor]

@@ -43,6 +43,8 @@ REQUIRED = {
     "mlflow": ">=3.13,<3.18",
     # device_map loading (transformers) and the GPU placement (placement.py).
     "accelerate": ">=1.0",
+    # the compressed-tensors export (exporter/ct.py) and transformers' loader of it.
+    "compressed-tensors": ">=0.20,<0.21",
 }
 
 
