@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .assemble import BASE_FILES, assemble
+from . import assemble as export
 from .verify import _stored_raw
 
 if TYPE_CHECKING:
@@ -177,14 +177,14 @@ def write_checkpoint(model: nn.Module, manifest: dict, base_dir: Path, out: Path
     work = out / CT_SUBDIR
     work.mkdir()
     _save_shards(lm_tensors(model, manifest, qcfg), work)
-    assemble(base_dir, work, out, lm_only)
+    export.assemble(base_dir, work, out, lm_only)
     shutil.rmtree(work)
     if lm_only:  # the text-only Qwen2 config is the only truthful one for an LM alone
         model.config.to_json_file(out / "config.json")
     else:
         shutil.copyfile(base_dir / "config.json", out / "config.json")
     ModelCompressor(quantization_config=qcfg).update_config(str(out))
-    for name in BASE_FILES:
+    for name in export.BASE_FILES:
         if (base_dir / name).is_file():
             shutil.copyfile(base_dir / name, out / name)
     return json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
