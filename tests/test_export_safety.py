@@ -263,7 +263,7 @@ def test_state_swapped_after_validation_is_not_what_is_exported(src_run, demo, t
     monkeypatch.setattr(export_pipeline, "gather", gather_then_swap)
     out = tmp_path / "o"
     code, err = export(["--artifacts-dir", art, "--model-dir", demo[0], "--output-dir", out,
-                        "--no-mlflow"], capsys)
+                        "--no-mlflow", "--format", "modelopt"], capsys)  # fp32 scales
     assert code == 0, err
     from safetensors import safe_open
 
