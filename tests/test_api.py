@@ -78,6 +78,10 @@ def test_export_of_a_run_dir(script_run, tmp_path):
     with pytest.raises(vlm_autoquant.VlmAutoquantError) as info:
         vlm_autoquant.export(out, output_dir=tmp_path / "x", mlflow=False, lm_onyl=True)
     assert [p.input for p in info.value.problems] == ["lm_onyl"]
+    with pytest.raises(vlm_autoquant.VlmAutoquantError) as info:
+        vlm_autoquant.export(out, output_dir=tmp_path / "y", mlflow=False, format="gguf")
+    assert [p.input for p in info.value.problems] == ["format"]
+    assert "compressed-tensors" in str(info.value) and not (tmp_path / "y").exists()
 
 
 def test_restore_gives_the_run_formats(script_run):
