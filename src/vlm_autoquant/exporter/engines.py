@@ -28,7 +28,7 @@ T_MO = "NVIDIA/TensorRT-LLM tensorrt_llm/quantization/modelopt_config.py, _torch
 T_CT = "NVIDIA/TensorRT-LLM tensorrt_llm/models/quant_config_utils.py"
 H_MO = "huggingface/transformers src/transformers/quantizers/auto.py (no modelopt quantizer)"
 H_CT = ("huggingface/transformers src/transformers/quantizers/quantizer_compressed_tensors.py; "
-        "checked here by export_load")
+        "checked here by exporter.load_check")
 
 # (format, kind) -> engine -> (verdict, since, source, note)
 TABLE: dict[tuple[str, str], dict[str, tuple[str, str, str, str]]] = {
