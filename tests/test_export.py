@@ -588,3 +588,32 @@ def test_shared_max_export_is_what_the_engines_serve_byte_for_byte(demo, tmp_pat
     assert any(len({float(old[f"{n}.weight_scale"]) for n in g}) > 1 for g in groups)
     served, stats = served_tensors(old)
     assert stats["requantized"] > 0 and stats["bytes_changed"] > 0, stats
+
+
+def test_the_served_arithmetic_is_checked_against_its_bound(store, demo, tmp_path, capsys,
+                                                            monkeypatch):
+    """The serving kernel's arithmetic is a check with a limit, not only a report: a limit no
+    export can meet fails the export, and the report shows the limit that was applied."""
+    from vlm_autoquant.exporter import verify as export_verify
+
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
+                        tmp_path / "ok", "--no-mlflow"], capsys)
+    assert code == 0, err
+    served = json.loads((tmp_path / "ok" / "export_report.json").read_text())["checks"][
+        "numerics"]["engine_arithmetic"]
+    assert served["passed"] and served["kl_mean"] <= served["kl_limit"]
+    assert served["kl_limit"] >= export_verify.ENGINE_KL_FLOOR
+    monkeypatch.setattr(export_verify, "ENGINE_KL_FACTOR", -1.0)
+    monkeypatch.setattr(export_verify, "ENGINE_KL_FLOOR", -1.0)
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
+                        tmp_path / "bad", "--no-mlflow"], capsys)
+    assert code == 1 and "numerics" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_engine_limit_follows_the_runs_own_kl():
+    from vlm_autoquant.exporter.verify import ENGINE_KL_FLOOR, engine_kl_limit
+
+    assert engine_kl_limit(None) == ENGINE_KL_FLOOR  # no quality measured: the floor
+    assert engine_kl_limit(ENGINE_KL_FLOOR / 10) == ENGINE_KL_FLOOR
+    assert engine_kl_limit(0.2) == pytest.approx(0.2)  # a lossy scheme: its own KL

@@ -95,16 +95,25 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
         checks["numerics"]["first_divergence"] = export_verify.first_divergence(
             reference, candidate, batches[0], device)
     del candidate
-    engine = export_verify.dequantized_lm(out, cfg, device, "engine", reference=reference)
-    served = export_verify.compare_logits(reference, engine, batches, device)
-    del engine
-    checks["numerics"]["engine_arithmetic"] = {  # reported, not a check (see export_verify)
-        "kl_mean": served["kl_mean"], "top1_agreement": served["top1_agreement"],
-        "arithmetic": "serving kernel (x * 1/input_scale)"}
+    checks["numerics"]["engine_arithmetic"] = _engine_arithmetic(work, out, cfg, batches)
+    checks["numerics"]["passed"] &= checks["numerics"]["engine_arithmetic"]["passed"]
     checks["loadability"] = load_check.check(out, reference, inputs.manifest, batches, device,
                                              lm_only) if ct \
         else export_verify.check_loadable(out, lm_only)
     return checks
+
+
+def _engine_arithmetic(work: Work, out: Path, cfg, batches: list[dict]) -> dict:
+    """The exported files in a serving kernel's arithmetic against the run's model, within
+    export_verify.engine_kl_limit of it."""
+    engine = export_verify.dequantized_lm(out, cfg, work.device, "engine", reference=work.reference)
+    served = export_verify.compare_logits(work.reference, engine, batches, work.device)
+    del engine
+    run_kl = (work.inputs.manifest.get("quality") or {}).get("kl_mean")
+    limit = export_verify.engine_kl_limit(run_kl)
+    return {"passed": served["tokens"] > 0 and served["kl_mean"] <= limit, "kl_limit": limit,
+            "kl_mean": served["kl_mean"], "top1_agreement": served["top1_agreement"],
+            "arithmetic": "serving kernel (x * 1/input_scale)"}
 
 
 def _restore(inputs: ExportInputs, device: torch.device):
