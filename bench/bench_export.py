@@ -84,8 +84,9 @@ def main() -> None:
     shutil.rmtree(a.work / "baseline", ignore_errors=True)
     model_dir, run_dir = demo_run(a.work) if a.demo else (a.model_dir, a.run_dir)
     problems = Problems()
+    # ModelOpt's format: the side timed against export_hf_checkpoint plus a vision copy
     inputs = gather(ExportOptions(output_dir=a.work / "export", artifacts_dir=run_dir,
-                                  model_dir=model_dir), a.work, problems)
+                                  model_dir=model_dir, format="modelopt"), a.work, problems)
     problems.raise_if_any()
     device = pick_device()
     model = _restore(inputs, device)
@@ -100,8 +101,11 @@ def main() -> None:
     phases = Phases()
     from vlm_autoquant.core.errors import RunFailed
 
+    from vlm_autoquant.exporter.staging import staging_dir
+
     try:
-        report = export_pipeline.export_checkpoint(inputs, phases)
+        with staging_dir(a.work / "export") as staging:
+            report = export_pipeline.export_checkpoint(inputs, staging, phases)
     except RunFailed as exc:  # the timings still stand; the failure is part of the result
         report = {"passed": False, "failure": str(exc), "bytes": None, "checks": {
             "numerics": {"kl_mean": None, "top1_agreement": None}}}
