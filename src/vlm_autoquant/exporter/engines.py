@@ -51,11 +51,12 @@ TABLE: dict[tuple[str, str], dict[str, tuple[str, str, str, str]]] = {
         TRTLLM: (LOADS, "main 2026 (read)", T_MO, "MIXED_PRECISION with quantized_layers"),
         TRANSFORMERS: (FAILS, "5.17 (read)", H_MO, "no modelopt quantizer")},
     ("compressed-tensors", PER_TENSOR): {
-        VLLM: (CAVEAT, "pre-0.7 copy (read)", V_CT,
+        VLLM: (CAVEAT, "0.8 copy (read)", V_CT,
                "CompressedTensorsW8A8Fp8 per tensor, static input; fused q/k/v and gate/up "
                "take the group's largest scale at load"),
-        SGLANG: (CAVEAT, "not read", S_CT, "its compressed_tensors package derives from vLLM's; "
-                 "this loader's source was not read here: test before relying on it"),
+        SGLANG: (CAVEAT, "adapted from vLLM 0.8.2 (read)", S_CT,
+                 "CompressedTensorsW8A8Fp8 per tensor, static input (_is_fp8_w8a8); ignore "
+                 "matched with the fused mapping; fused scales as in vLLM"),
         TRTLLM: (FAILS, "main 2026 (read)", T_CT,
                  "8-bit weights must be 'channel' or 'block': 'tensor' raises Unsupported "
                  "weights_quant_strategy; use --format modelopt"),
@@ -63,10 +64,12 @@ TABLE: dict[tuple[str, str], dict[str, tuple[str, str, str, str]]] = {
                        "needs compressed-tensors; W8A8 fake quant in bf16 (bf16 scales, "
                        "which this export writes)")},
     ("compressed-tensors", MIXED): {
-        VLLM: (CAVEAT, "pre-0.7 copy (read)", V_CT,
+        VLLM: (CAVEAT, "0.8 copy (read)", V_CT,
                "one scheme per config group; fused siblings share a group (ModelOpt's search "
                "groups them); fused scales as above"),
-        SGLANG: (CAVEAT, "not read", S_CT, "derives from vLLM's loader; not read here"),
+        SGLANG: (CAVEAT, "adapted from vLLM 0.8.2 (read)", S_CT,
+                 "one scheme per config group, per-channel weights with dynamic per-token "
+                 "input accepted (_is_fp8_w8a8); fused scales as in vLLM"),
         TRTLLM: (FAILS, "main 2026 (read)", T_CT,
                  "the per-tensor group raises Unsupported weights_quant_strategy; use "
                  "--format modelopt"),
