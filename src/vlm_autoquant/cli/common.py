@@ -107,6 +107,13 @@ def add_experiment(p: argparse.ArgumentParser) -> None:
                         "another)")
 
 
+def add_switch(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    """A flag that is off by default, on when given bare, and also takes true/false (MLproject
+    passes every parameter with a value)."""
+    p.add_argument(name, nargs="?", const=True, default=False, type=flag, metavar=BOOL_METAVAR,
+                   help=help)
+
+
 def add_common(p: argparse.ArgumentParser, output_help: str) -> None:
     add_paths(p, model_dir="Qwen2.5-VL checkpoint directory",
               output_dir=output_help,
@@ -114,9 +121,8 @@ def add_common(p: argparse.ArgumentParser, output_help: str) -> None:
                          "coco2017_captions.txt, relative to the working directory)",
               catalog="scheme catalog YAML (default: the catalog shipped with the tool)")
     add_overrides(p)
-    p.add_argument("--overwrite", nargs="?", const=True, default=False, type=flag,
-                   metavar=BOOL_METAVAR,
-                   help="replace a finished run in --output-dir (scores are reused if settings match)")
+    add_switch(p, "--overwrite",
+               "replace a finished run in --output-dir (scores are reused if settings match)")
     p.add_argument("--save-weights", action="store_true",
                    help="also write the LM's BF16 weights (about 6 GB for the 3B)")
     p.add_argument("--grad-checkpointing", choices=["on", "off"], default="on",

@@ -13,12 +13,11 @@ from pathlib import Path
 from .. import api
 from . import handoff
 from .common import (
-    BOOL_METAVAR,
     add_experiment,
     add_paths,
+    add_switch,
     configure,
     dashed,
-    flag,
     new_parser,
     optional,
     run_guarded,
@@ -48,18 +47,12 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint format: compressed-tensors (vLLM, SGLang, transformers; "
                         "default), modelopt (TensorRT-LLM, vLLM), or both (ModelOpt's in "
                         "<output-dir>/modelopt/)")
-    p.add_argument("--overwrite", nargs="?", const=True, default=False, type=flag,
-                   metavar=BOOL_METAVAR,
-                   help="replace a non-empty --output-dir")
-    p.add_argument("--lm-only", nargs="?", const=True, default=False, type=flag,
-                   metavar=BOOL_METAVAR,
-                   help="export the language model alone (for a model dir without vision tower)")
-    p.add_argument("--allow-other-weights", nargs="?", const=True, default=False, type=flag,
-                   metavar=BOOL_METAVAR,
-                   help="accept a --model-dir whose LM weights differ from the run's (recorded)")
-    p.add_argument("--log-checkpoint", nargs="?", const=True, default=False, type=flag,
-                   metavar=BOOL_METAVAR,
-                   help="also log the checkpoint files as MLflow artifacts")
+    add_switch(p, "--overwrite", "replace a non-empty --output-dir")
+    add_switch(p, "--lm-only",
+               "export the language model alone (for a model dir without vision tower)")
+    add_switch(p, "--allow-other-weights",
+               "accept a --model-dir whose LM weights differ from the run's (recorded)")
+    add_switch(p, "--log-checkpoint", "also log the checkpoint files as MLflow artifacts")
     p.add_argument("--register", type=optional(str), default=None, metavar="NAME",
                    help="register the checkpoint in the MLflow Model Registry as NAME "
                         "(a LoggedModel; alias = the scheme name)")
