@@ -18,11 +18,10 @@ T0 = time.perf_counter()
 import json  # noqa: E402
 import sys  # noqa: E402
 
-import torch  # noqa: E402
-from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
 import modelopt.torch.quantization as mtq  # noqa: E402
 import modelopt.torch.quantization.model_quant as mq  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 T_IMPORT = time.perf_counter() - T0
 
@@ -70,8 +69,9 @@ def main() -> None:
     rope.pop("type", None)
     rope["rope_type"] = "default"
     fields.update(rope_parameters=rope, tie_word_embeddings=vl.tie_word_embeddings, use_cache=False)
-    model = Qwen2ForCausalLM.from_pretrained(ckpt, config=Qwen2Config(**fields),
-                                             dtype=torch.bfloat16, device_map={"": DEVICE})
+    model = Qwen2ForCausalLM.from_pretrained(
+        ckpt, config=Qwen2Config(**fields), dtype=torch.bfloat16, device_map={"": DEVICE}
+    )
     model.requires_grad_(False).eval()
     sync()
     t_load = time.perf_counter() - t
@@ -85,8 +85,11 @@ def main() -> None:
 
     def loss(logits, b):
         return torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), ignore_index=-100,
-            reduction="sum")
+            logits[:, :-1].flatten(0, 1).float(),
+            b["labels"][:, 1:].flatten(),
+            ignore_index=-100,
+            reduction="sum",
+        )
 
     if floors:
         t_floor = time.perf_counter()
@@ -114,6 +117,7 @@ def main() -> None:
         out["floors_s"] = time.perf_counter() - t_floor  # subtracted from the bare total
     if eager:
         from modelopt.torch.quantization import extensions
+
         extensions.get_cuda_ext_fp8.extension = None
     phase = {"calibrate": 0.0}
     real_calibrate = mq.calibrate
@@ -134,10 +138,18 @@ def main() -> None:
     if cfg["cost_excluded_layers"]:
         constraints["cost"] = {"excluded_module_name_patterns": cfg["cost_excluded_layers"]}
     model, state = mtq.auto_quantize(
-        model, constraints=constraints, quantization_formats=cfg["formats"], data_loader=batches,
-        forward_step=fwd, loss_func=loss, disabled_layers=cfg["disabled_layers"],
-        num_calib_steps=cfg["num_calib_steps"], num_score_steps=cfg["num_score_steps"],
-        method="gradient", verbose=False)
+        model,
+        constraints=constraints,
+        quantization_formats=cfg["formats"],
+        data_loader=batches,
+        forward_step=fwd,
+        loss_func=loss,
+        disabled_layers=cfg["disabled_layers"],
+        num_calib_steps=cfg["num_calib_steps"],
+        num_score_steps=cfg["num_score_steps"],
+        method="gradient",
+        verbose=False,
+    )
     sync()
     out["auto_quantize_s"] = time.perf_counter() - t
     out["calibrate_s"] = phase["calibrate"]

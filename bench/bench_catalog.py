@@ -47,9 +47,15 @@ def build(args) -> tuple[Path, Path]:
     else:
         captions = args.data / "coco2017_captions" / "train_sample.txt"
         if not (ckpt / "config.json").exists():
-            build_checkpoint(ckpt, args.size, "released", seed=0,
-                             tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
-                             captions=make_captions(10, 0), device=args.build_device)
+            build_checkpoint(
+                ckpt,
+                args.size,
+                "released",
+                seed=0,
+                tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
+                captions=make_captions(10, 0),
+                device=args.build_device,
+            )
     plant_outlier(ckpt, OUTLIER_LAYER if args.size != "tiny" else 1)
     return ckpt, captions
 
@@ -61,8 +67,11 @@ def plant_outlier(ckpt: Path, layer: int) -> None:
 
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     pre = f"model.layers.{layer}."
-    keys = {"norm": pre + "post_attention_layernorm.weight", "gate": pre + "mlp.gate_proj.weight",
-            "up": pre + "mlp.up_proj.weight"}
+    keys = {
+        "norm": pre + "post_attention_layernorm.weight",
+        "gate": pre + "mlp.gate_proj.weight",
+        "up": pre + "mlp.up_proj.weight",
+    }
     marker = ckpt / "planted_outlier.json"
     if marker.exists():
         return
@@ -78,16 +87,18 @@ def plant_outlier(ckpt: Path, layer: int) -> None:
                         t[:, OUTLIER_CHANNEL] /= OUTLIER_SCALE
                     tensors[key] = t.to(torch.bfloat16)
         save_file(tensors, str(ckpt / shard), metadata={"format": "pt"})
-    marker.write_text(json.dumps({"layer": layer, "channel": OUTLIER_CHANNEL,
-                                  "scale": OUTLIER_SCALE}))
+    marker.write_text(json.dumps({"layer": layer, "channel": OUTLIER_CHANNEL, "scale": OUTLIER_SCALE}))
 
 
 def run(cmd: list[str], work: Path, name: str) -> dict:
     out = work / name
-    wall = sh([sys.executable, *map(str, cmd), "--output-dir", str(out / "out")],
-              env_for(out), out / "log.txt", cwd=out)
-    manifests = {p.parent.name: json.loads(p.read_text())
-                 for p in (out / "out").rglob("manifest.json")}
+    wall = sh(
+        [sys.executable, *map(str, cmd), "--output-dir", str(out / "out")],
+        env_for(out),
+        out / "log.txt",
+        cwd=out,
+    )
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in (out / "out").rglob("manifest.json")}
     peak = max((m["memory"]["peak_gpu_gib"] for m in manifests.values()), default=0.0)
     print(f"[{name}] {wall:.1f} s, peak GPU {peak:.1f} GiB, {len(manifests)} scheme(s)", flush=True)
     return {"wall_s": wall, "peak_gpu_gib": peak, "schemes": summarise(manifests)}
@@ -97,19 +108,25 @@ def summarise(manifests: dict[str, dict]) -> dict:
     out = {}
     for name, m in manifests.items():
         layer = OUTLIER_LAYER if m["summary"]["layers"] > 100 else 1
-        planted = next((x["format"] for x in m["layers"]
-                        if x["name"] == f"model.layers.{layer}.mlp.gate_proj"), None)
+        planted = next(
+            (x["format"] for x in m["layers"] if x["name"] == f"model.layers.{layer}.mlp.gate_proj"), None
+        )
         out[m["scheme"]["name"]] = {
             "target_bits": m["effective_bits"]["target"],
-            "achieved_bits": m["effective_bits"]["achieved"], "fp8": m["summary"]["fp8"],
-            "bf16": m["summary"]["bf16"], "kl_mean": (m["quality"] or {}).get("kl_mean"),
+            "achieved_bits": m["effective_bits"]["achieved"],
+            "fp8": m["summary"]["fp8"],
+            "bf16": m["summary"]["bf16"],
+            "kl_mean": (m["quality"] or {}).get("kl_mean"),
             "predicted_loss": m["search"].get("predicted_loss"),
-            "scores": m["search"]["scores"], "planted_outlier_gate_up": planted,
-            "layer_formats_sha256": hashlib.sha256(json.dumps(
-                [(x["name"], x["format"], x.get("quant_config")) for x in m["layers"]]).encode()
+            "scores": m["search"]["scores"],
+            "planted_outlier_gate_up": planted,
+            "layer_formats_sha256": hashlib.sha256(
+                json.dumps([(x["name"], x["format"], x.get("quant_config")) for x in m["layers"]]).encode()
             ).hexdigest(),
-            "timings": m["timings"], "peak_gpu_gib": m["memory"]["peak_gpu_gib"],
-            "placement_mode": ((m["memory"].get("placement") or {}).get("mode"))}
+            "timings": m["timings"],
+            "peak_gpu_gib": m["memory"]["peak_gpu_gib"],
+            "placement_mode": ((m["memory"].get("placement") or {}).get("mode")),
+        }
     return out
 
 
@@ -122,12 +139,15 @@ def main() -> None:
     p.add_argument("--build-device", default="cuda")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-catalog.json")
     p.add_argument("--sizes", default="", help="extra size flags for every run (CPU smoke)")
-    p.add_argument("--tag", default="", help="suffix of the run folders (a second pass over the "
-                   "same --work, e.g. with other --sizes)")
-    p.add_argument("--steps", default="single,sweep_all,sweep_gradient,alone",
-                   help="which runs (comma list)")
-    p.add_argument("--alone", default="", help="schemes to run alone (comma list; default: all "
-                   "but the anchor)")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the run folders (a second pass over the same --work, e.g. with other --sizes)",
+    )
+    p.add_argument("--steps", default="single,sweep_all,sweep_gradient,alone", help="which runs (comma list)")
+    p.add_argument(
+        "--alone", default="", help="schemes to run alone (comma list; default: all but the anchor)"
+    )
     args = p.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
     from vlm_autoquant.plan.schemes import default_catalog, load_catalog
@@ -151,26 +171,40 @@ def main() -> None:
         r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all" + args.tag)
         partial()
     if "sweep_gradient" in steps:
-        r["sweep_gradient"] = run([SWEEP, "--schemes", ",".join(gradient), *common], args.work,
-                                  "sweep_gradient" + args.tag)
+        r["sweep_gradient"] = run(
+            [SWEEP, "--schemes", ",".join(gradient), *common], args.work, "sweep_gradient" + args.tag
+        )
         partial()
-    rest = [n for n in args.alone.split(",") if n in catalog] if args.alone else \
-        [n for n in catalog if n != ANCHOR]
+    rest = (
+        [n for n in args.alone.split(",") if n in catalog]
+        if args.alone
+        else [n for n in catalog if n != ANCHOR]
+    )
     if "alone" in steps:
         with ThreadPoolExecutor(args.parallel) as pool:
-            alone = list(pool.map(lambda n: (n, run([SINGLE, "--scheme-name", n, *common],
-                                                     args.work, f"alone-{n}{args.tag}")), rest))
+            alone = list(
+                pool.map(
+                    lambda n: (
+                        n,
+                        run([SINGLE, "--scheme-name", n, *common], args.work, f"alone-{n}{args.tag}"),
+                    ),
+                    rest,
+                )
+            )
         r["alone"] = dict(alone)
     single = r["single"]["wall_s"]
-    r["ratios"] = {f"{k}_over_single": r[k]["wall_s"] / single
-                   for k in ("sweep_all", "sweep_gradient") if k in r}
+    r["ratios"] = {
+        f"{k}_over_single": r[k]["wall_s"] / single for k in ("sweep_all", "sweep_gradient") if k in r
+    }
     for k in (k for k in ("sweep_all", "sweep_gradient") if k in r):
-        r["ratios"][f"{k}_peak_over_single"] = r[k]["peak_gpu_gib"] / max(
-            r["single"]["peak_gpu_gib"], 1e-9)
+        r["ratios"][f"{k}_peak_over_single"] = r[k]["peak_gpu_gib"] / max(r["single"]["peak_gpu_gib"], 1e-9)
     swept = r.get("sweep_all") or r.get("sweep_gradient") or {"schemes": {}}
     key = "layer_formats_sha256"  # every layer's format, not just the count
-    same = {n: r["alone"][n]["schemes"][n][key] == swept["schemes"][n][key]
-            for n in rest if n in r.get("alone", {}) and n in swept["schemes"]}
+    same = {
+        n: r["alone"][n]["schemes"][n][key] == swept["schemes"][n][key]
+        for n in rest
+        if n in r.get("alone", {}) and n in swept["schemes"]
+    }
     if ANCHOR in swept["schemes"]:
         same[ANCHOR] = r["single"]["schemes"][ANCHOR][key] == swept["schemes"][ANCHOR][key]
     r["alone_equals_sweep_layer_formats"] = same
@@ -182,9 +216,14 @@ def main() -> None:
         print(f"{'alone ' + n:28}{v['wall_s']:>9.1f}{v['peak_gpu_gib']:>10.1f}  (parallel)")
     for k, v in r["ratios"].items():
         print(f"{k:40}{v:>7.2f}")
-    print("per scheme (sweep): " + "; ".join(
-        f"{n}: {s['achieved_bits']:.3f} bits, {s['fp8']} FP8, KL {s['kl_mean']:.3g}, "
-        f"outlier {s['planted_outlier_gate_up']}" for n, s in swept["schemes"].items()))
+    print(
+        "per scheme (sweep): "
+        + "; ".join(
+            f"{n}: {s['achieved_bits']:.3f} bits, {s['fp8']} FP8, KL {s['kl_mean']:.3g}, "
+            f"outlier {s['planted_outlier_gate_up']}"
+            for n, s in swept["schemes"].items()
+        )
+    )
     print(f"alone == sweep (every layer's format): {same}")
     print(f"wrote {args.out}")
 

@@ -53,10 +53,29 @@ def demo_run(work: Path) -> tuple[Path, Path]:
     from vlm_autoquant.model.demo import build_demo
 
     model_dir, captions = build_demo(work / "demo")
-    code = main(["--scheme-name", "fp8-balanced-10b", "--model-dir", str(model_dir),
-                 "--calib-file", str(captions), "--output-dir", str(work / "run"),
-                 "--num-calib-samples", "512", "--num-calib-steps", "2", "--num-score-steps", "2",
-                 "--num-eval-samples", "64", "--seq-len", "128", "--overwrite"])
+    code = main(
+        [
+            "--scheme-name",
+            "fp8-balanced-10b",
+            "--model-dir",
+            str(model_dir),
+            "--calib-file",
+            str(captions),
+            "--output-dir",
+            str(work / "run"),
+            "--num-calib-samples",
+            "512",
+            "--num-calib-steps",
+            "2",
+            "--num-score-steps",
+            "2",
+            "--num-eval-samples",
+            "64",
+            "--seq-len",
+            "128",
+            "--overwrite",
+        ]
+    )
     if code:
         sys.exit(f"demo run failed ({code})")
     return model_dir, work / "run"
@@ -70,14 +89,14 @@ def main() -> None:
     p.add_argument("--demo", action="store_true", help="build the tiny demo and a quick run")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     a = p.parse_args()
-    from vlm_autoquant.exporter import pipeline as export_pipeline
     from vlm_autoquant.cli.common import configure
     from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.core.timing import Phases, gpu_peak_gib, peak_rss_gib
+    from vlm_autoquant.exporter import pipeline as export_pipeline
     from vlm_autoquant.exporter.assemble import vision_tensors
     from vlm_autoquant.exporter.inputs import ExportOptions, gather
     from vlm_autoquant.exporter.pipeline import _restore
     from vlm_autoquant.model.lm import pick_device
-    from vlm_autoquant.core.timing import Phases, gpu_peak_gib, peak_rss_gib
 
     configure(False)
     shutil.rmtree(a.work / "export", ignore_errors=True)
@@ -85,8 +104,13 @@ def main() -> None:
     model_dir, run_dir = demo_run(a.work) if a.demo else (a.model_dir, a.run_dir)
     problems = Problems()
     # ModelOpt's format: the side timed against export_hf_checkpoint plus a vision copy
-    inputs = gather(ExportOptions(output_dir=a.work / "export", artifacts_dir=run_dir,
-                                  model_dir=model_dir, format="modelopt"), a.work, problems)
+    inputs = gather(
+        ExportOptions(
+            output_dir=a.work / "export", artifacts_dir=run_dir, model_dir=model_dir, format="modelopt"
+        ),
+        a.work,
+        problems,
+    )
     problems.raise_if_any()
     device = pick_device()
     model = _restore(inputs, device)
@@ -100,27 +124,38 @@ def main() -> None:
         torch.cuda.synchronize()
     phases = Phases()
     from vlm_autoquant.core.errors import RunFailed
-
     from vlm_autoquant.exporter.staging import staging_dir
 
     try:
         with staging_dir(a.work / "export") as staging:
             report = export_pipeline.export_checkpoint(inputs, staging, phases)
     except RunFailed as exc:  # the timings still stand; the failure is part of the result
-        report = {"passed": False, "failure": str(exc), "bytes": None, "checks": {
-            "numerics": {"kl_mean": None, "top1_agreement": None}}}
+        report = {
+            "passed": False,
+            "failure": str(exc),
+            "bytes": None,
+            "checks": {"numerics": {"kl_mean": None, "top1_agreement": None}},
+        }
     ours = phases.seconds["modelopt_export"] + phases.seconds["assemble"]
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "model_dir": str(model_dir), "baseline": base, "ours_s": ours,
-              "ours_phases": phases.seconds, "ratio": ours / base["total_s"], "goal_ratio": 1.3,
-              "verify_s": phases.seconds["verify"], "checks_passed": report["passed"],
-              "failure": report.get("failure"),
-              "kl_mean": report["checks"]["numerics"]["kl_mean"],
-              "engine_arithmetic": report["checks"]["numerics"].get("engine_arithmetic"),
-              "scales": report["checks"].get("scales"),
-              "top1_agreement": report["checks"]["numerics"]["top1_agreement"],
-              "export_bytes": report["bytes"], "peak_rss_gib": peak_rss_gib(),
-              "peak_gpu_gib": gpu_peak_gib()}
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "model_dir": str(model_dir),
+        "baseline": base,
+        "ours_s": ours,
+        "ours_phases": phases.seconds,
+        "ratio": ours / base["total_s"],
+        "goal_ratio": 1.3,
+        "verify_s": phases.seconds["verify"],
+        "checks_passed": report["passed"],
+        "failure": report.get("failure"),
+        "kl_mean": report["checks"]["numerics"]["kl_mean"],
+        "engine_arithmetic": report["checks"]["numerics"].get("engine_arithmetic"),
+        "scales": report["checks"].get("scales"),
+        "top1_agreement": report["checks"]["numerics"]["top1_agreement"],
+        "export_bytes": report["bytes"],
+        "peak_rss_gib": peak_rss_gib(),
+        "peak_gpu_gib": gpu_peak_gib(),
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if a.out:

@@ -38,8 +38,7 @@ def main() -> None:
     p.add_argument("--build-device", default="cuda")
     p.add_argument("--fp8-kernel", default="auto", choices=["auto", "eager", "cuda-ext"])
     p.add_argument("--sizes", default="", help="extra size flags for the sweep (CPU smoke)")
-    p.add_argument("--export-args", default="", help="extra flags for every export, e.g. "
-                   "'--format both'")
+    p.add_argument("--export-args", default="", help="extra flags for every export, e.g. '--format both'")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-export-catalog.json")
     args = p.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
@@ -47,8 +46,20 @@ def main() -> None:
     ckpt, captions = build(args)
     r: dict = {"size": args.size, "build_s": time.perf_counter() - t0, "exports": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    r["sweep"] = run([SWEEP, "--model-dir", ckpt, "--calib-file", captions,
-                      "--fp8-kernel", args.fp8_kernel, *args.sizes.split()], args.work, "sweep")
+    r["sweep"] = run(
+        [
+            SWEEP,
+            "--model-dir",
+            ckpt,
+            "--calib-file",
+            captions,
+            "--fp8-kernel",
+            args.fp8_kernel,
+            *args.sizes.split(),
+        ],
+        args.work,
+        "sweep",
+    )
     args.out.write_text(json.dumps(r, indent=2) + "\n")
     runs = sorted(p.parent for p in (args.work / "sweep" / "out").rglob("manifest.json"))
     for run_dir in runs:
@@ -57,10 +68,23 @@ def main() -> None:
         target = args.work / "export" / name
         log = args.work / "export-logs" / f"{name}.txt"
         try:
-            wall = sh([sys.executable, str(EXPORT), "--artifacts-dir", str(run_dir),
-                       "--model-dir", str(ckpt), "--output-dir", str(target), "--overwrite",
-                       "--no-mlflow", *args.export_args.split()], env_for(args.work / "export-env"),
-                      log)
+            wall = sh(
+                [
+                    sys.executable,
+                    str(EXPORT),
+                    "--artifacts-dir",
+                    str(run_dir),
+                    "--model-dir",
+                    str(ckpt),
+                    "--output-dir",
+                    str(target),
+                    "--overwrite",
+                    "--no-mlflow",
+                    *args.export_args.split(),
+                ],
+                env_for(args.work / "export-env"),
+                log,
+            )
         except SystemExit as exc:  # a failed export is a result, not the end of the benchmark
             r["exports"][name] = {"passed": False, "failure": str(exc), "log": log.read_text()[-3000:]}
             args.out.write_text(json.dumps(r, indent=2) + "\n")
@@ -68,20 +92,26 @@ def main() -> None:
         rep = json.loads((target / "export_report.json").read_text())
         checks = rep["checks"]
         r["exports"][name] = {
-            "process_wall_s": wall, "passed": rep["passed"],
+            "process_wall_s": wall,
+            "passed": rep["passed"],
             "checks": {k: (v.get("passed") if isinstance(v, dict) else v) for k, v in checks.items()},
             "kl_mean": checks["numerics"]["kl_mean"],
             "top1_agreement": checks["numerics"]["top1_agreement"],
             "fp8_kernel": manifest["search"].get("fp8_kernel"),
-            "fp8_layers": manifest["summary"]["fp8"], "bf16_layers": manifest["summary"]["bf16"],
-            "timings": rep.get("timings"), "bytes": rep.get("bytes"),
-            "engines": rep.get("engines"), "loadability": checks.get("loadability"),
-            "engine_arithmetic": checks["numerics"].get("engine_arithmetic")}
-        print(f"[export {name}] {wall:.1f} s, passed {rep['passed']}, "
-              f"KL {checks['numerics']['kl_mean']}", flush=True)
+            "fp8_layers": manifest["summary"]["fp8"],
+            "bf16_layers": manifest["summary"]["bf16"],
+            "timings": rep.get("timings"),
+            "bytes": rep.get("bytes"),
+            "engines": rep.get("engines"),
+            "loadability": checks.get("loadability"),
+            "engine_arithmetic": checks["numerics"].get("engine_arithmetic"),
+        }
+        print(
+            f"[export {name}] {wall:.1f} s, passed {rep['passed']}, KL {checks['numerics']['kl_mean']}",
+            flush=True,
+        )
         args.out.write_text(json.dumps(r, indent=2) + "\n")
-    r["all_passed"] = len(r["exports"]) == len(runs) > 0 and all(
-        e["passed"] for e in r["exports"].values())
+    r["all_passed"] = len(r["exports"]) == len(runs) > 0 and all(e["passed"] for e in r["exports"].values())
     text = json.dumps(r, indent=2)
     print(text)
     args.out.write_text(text + "\n")

@@ -50,10 +50,12 @@ def dry_run(size: str, n_gpus: int, gib: float, batch: int, seq: int) -> str:
     dims = Dims.from_config(cfg)
     devices = Devices(meta_model(cfg), dims, list(range(n_gpus)), usable({g: gib for g in range(n_gpus)}))
     lp, calib, score = plan_run(devices, Shape(batch, seq), 16, 8)
-    head = (f"Qwen2.5-VL-{size.upper()} LM on {n_gpus}x {gib:.1f} GiB (usable 90%): "
-            f"{dims.total_params() / 1e9:.2f}B parameters, {dims.layers} layers; default "
-            f"{batch}x{seq} -> {lp.plan.batch_size}x{seq}, {calib} calibration / {score} scoring "
-            "steps (same tokens)")
+    head = (
+        f"Qwen2.5-VL-{size.upper()} LM on {n_gpus}x {gib:.1f} GiB (usable 90%): "
+        f"{dims.total_params() / 1e9:.2f}B parameters, {dims.layers} layers; default "
+        f"{batch}x{seq} -> {lp.plan.batch_size}x{seq}, {calib} calibration / {score} scoring "
+        "steps (same tokens)"
+    )
     return head + "\n" + lp.summary(dims) + "\n" + json.dumps(lp.record(), indent=1)
 
 
@@ -72,13 +74,23 @@ class Sampler(threading.Thread):
             out = []
             for g in self.gpus:
                 h = pynvml.nvmlDeviceGetHandleByIndex(g)
-                out.append((pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
-                            pynvml.nvmlDeviceGetMemoryInfo(h).used / GIB))
+                out.append(
+                    (
+                        pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
+                        pynvml.nvmlDeviceGetMemoryInfo(h).used / GIB,
+                    )
+                )
             return out
         except Exception:  # noqa: BLE001 - no pynvml: ask nvidia-smi
-            text = subprocess.run(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
-                                   "--format=csv,noheader,nounits"], capture_output=True,
-                                  text=True).stdout
+            text = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=index,utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                ],
+                capture_output=True,
+                text=True,
+            ).stdout
             rows = {int(r.split(",")[0]): r.split(",") for r in text.strip().splitlines()}
             return [(float(rows[g][1]), float(rows[g][2]) / 1024) for g in self.gpus]
 
@@ -96,8 +108,7 @@ def bf16_step_seconds(model_dir: Path, device_map, batch: int, seq: int, steps: 
 
     from vlm_autoquant.model.lm import load_lm, text_config
 
-    model = load_lm(model_dir, text_config(model_dir), torch.device("cuda:0"),
-                       device_map=device_map)
+    model = load_lm(model_dir, text_config(model_dir), torch.device("cuda:0"), device_map=device_map)
     model.model.embed_tokens.weight.requires_grad_(True)
     model.gradient_checkpointing_enable({"use_reentrant": True})
     model.train()
@@ -108,8 +119,9 @@ def bf16_step_seconds(model_dir: Path, device_map, batch: int, seq: int, steps: 
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         logits = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                               ids[:, 1:].flatten().to(logits.device), reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device), reduction="sum"
+        )
         loss.backward()
         model.model.embed_tokens.weight.grad = None
         torch.cuda.synchronize()
@@ -130,18 +142,34 @@ def gpu_run(args: argparse.Namespace) -> dict:
         if free < need:
             sys.exit(f"need ~{need / GIB:.0f} GiB free under {work}, have {free / GIB:.0f} GiB")
         t0 = time.perf_counter()
-        demo.build_checkpoint(model_dir, args.size, tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
-                              device="cuda")
+        demo.build_checkpoint(
+            model_dir, args.size, tokenizer_dir=args.data / "qwen2_5_vl_tokenizer", device="cuda"
+        )
         print(f"built {model_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
     plant_outlier(model_dir, OUTLIER_LAYER)  # sensible formats: that layer's gate/up stays BF16
-    gpus = list(range(torch.cuda.device_count())) if args.gpus == "all" else \
-        [int(x) for x in args.gpus.split(",")]
+    gpus = (
+        list(range(torch.cuda.device_count()))
+        if args.gpus == "all"
+        else [int(x) for x in args.gpus.split(",")]
+    )
     tag = f"-{args.tag}" if args.tag else ""
     out = work / f"out-{args.size}-{len(gpus)}gpu{tag}"
-    cmd = [sys.executable, str(DRIVER), "--scheme-name", "fp8-balanced-10b", "--model-dir",
-           str(model_dir), "--calib-file", str(args.data / "coco2017_captions" / "train_sample.txt"),
-           "--output-dir", str(out),
-           "--overwrite", "--gpus", ",".join(map(str, gpus)), *args.driver_args]
+    cmd = [
+        sys.executable,
+        str(DRIVER),
+        "--scheme-name",
+        "fp8-balanced-10b",
+        "--model-dir",
+        str(model_dir),
+        "--calib-file",
+        str(args.data / "coco2017_captions" / "train_sample.txt"),
+        "--output-dir",
+        str(out),
+        "--overwrite",
+        "--gpus",
+        ",".join(map(str, gpus)),
+        *args.driver_args,
+    ]
     sampler = Sampler(gpus)
     sampler.start()
     t0 = time.perf_counter()
@@ -154,35 +182,43 @@ def gpu_run(args: argparse.Namespace) -> dict:
     t_score = timings.get("score")
     t_start = t_end = None
     if t_score:  # scoring is the window before solve; locate it by elapsed time
-        t_start = sampler.samples[0][0] + sum(timings.get(k, 0.0) for k in
-                                              ("startup", "validate", "data", "load",
-                                               "calibrate", "search_setup"))
+        t_start = sampler.samples[0][0] + sum(
+            timings.get(k, 0.0) for k in ("startup", "validate", "data", "load", "calibrate", "search_setup")
+        )
         t_end = t_start + t_score
     during = [s for t, s in sampler.samples if t_start and t_start <= t <= t_end]
-    util = {str(g): round(sum(s[i][0] for s in during) / max(len(during), 1), 1)
-            for i, g in enumerate(gpus)}
-    peak_used = {str(g): round(max(s[i][1] for _, s in sampler.samples), 2)
-                 for i, g in enumerate(gpus)}
+    util = {str(g): round(sum(s[i][0] for s in during) / max(len(during), 1), 1) for i, g in enumerate(gpus)}
+    peak_used = {str(g): round(max(s[i][1] for _, s in sampler.samples), 2) for i, g in enumerate(gpus)}
     scheme = doc.get("scheme", {})
     result = {
-        "size": args.size, "gpus": gpus, "rc": rc, "process_wall_s": round(wall, 1),
-        "timings": timings, "formats": doc.get("summary"),
+        "size": args.size,
+        "gpus": gpus,
+        "rc": rc,
+        "process_wall_s": round(wall, 1),
+        "timings": timings,
+        "formats": doc.get("summary"),
         "memory_plan": doc.get("memory", {}).get("memory_plan"),
         "placement": doc.get("memory", {}).get("placement"),
         "measured_max_allocated_gib": doc.get("memory", {}).get("measured_peak_gib_per_gpu"),
-        "planted_outlier_gate_up": next((x["format"] for x in doc.get("layers", [])
-                                         if x["name"] == f"model.layers.{OUTLIER_LAYER}.mlp.gate_proj"),
-                                        None),
+        "planted_outlier_gate_up": next(
+            (
+                x["format"]
+                for x in doc.get("layers", [])
+                if x["name"] == f"model.layers.{OUTLIER_LAYER}.mlp.gate_proj"
+            ),
+            None,
+        ),
         "fp8_layers": doc.get("summary", {}).get("fp8"),
         "kl_mean": (doc.get("quality") or {}).get("kl_mean"),
-        "nvml_peak_used_gib": peak_used, "utilisation_during_scoring_pct": util,
+        "nvml_peak_used_gib": peak_used,
+        "utilisation_during_scoring_pct": util,
         "score_s_per_batch": t_score / scheme["num_score_steps"] if t_score else None,
     }
     if rc == 0 and not args.skip_bf16:
-        device_map = (doc.get("memory", {}).get("placement") or {}).get("device_map") \
-            or {"": gpus[0]}
+        device_map = (doc.get("memory", {}).get("placement") or {}).get("device_map") or {"": gpus[0]}
         result["bf16_fwd_bwd_s_per_batch"] = bf16_step_seconds(
-            model_dir, device_map, scheme.get("batch_size", 16), scheme.get("seq_len", 512))
+            model_dir, device_map, scheme.get("batch_size", 16), scheme.get("seq_len", 512)
+        )
     return result
 
 
@@ -197,10 +233,17 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/bench_family", help="checkpoint and output directory")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     p.add_argument("--skip-bf16", action="store_true", help="skip the BF16 fwd+bwd timing")
-    p.add_argument("--tag", default="", help="suffix of the output dir and the JSON name, e.g. "
-                   "replicas (with -- --parallel replicas)")
-    p.add_argument("--data", type=Path, default=ROOT / ".bench_data",
-                   help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the output dir and the JSON name, e.g. replicas (with -- --parallel replicas)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT / ".bench_data",
+        help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt",
+    )
     p.add_argument("driver_args", nargs="*", help="extra driver flags after --")
     args = p.parse_args()
     args.data = args.data.resolve()

@@ -36,8 +36,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("shared-max", "per-module")
 GOAL_REL = 0.02
-TINY_SIZES = ("--num-calib-samples 256 --num-calib-steps 1 --num-score-steps 1 "
-              "--num-eval-samples 64 --seq-len 128")
+TINY_SIZES = (
+    "--num-calib-samples 256 --num-calib-steps 1 --num-score-steps 1 --num-eval-samples 64 --seq-len 128"
+)
 
 
 def checkpoint(size: str, data: Path, work: Path, device: str) -> tuple[Path, Path]:
@@ -48,8 +49,9 @@ def checkpoint(size: str, data: Path, work: Path, device: str) -> tuple[Path, Pa
     if size == "3b":
         captions = data / "coco2017_captions" / "train_sample.txt"
         if not (ckpt / "config.json").exists():
-            build_checkpoint(ckpt, "3b", "released", seed=0,
-                             tokenizer_dir=data / "qwen2_5_vl_tokenizer", device=device)
+            build_checkpoint(
+                ckpt, "3b", "released", seed=0, tokenizer_dir=data / "qwen2_5_vl_tokenizer", device=device
+            )
         return ckpt, captions
     captions = work / "captions.txt"
     captions.write_text("\n".join(make_captions(3000, 0)) + "\n")
@@ -58,14 +60,26 @@ def checkpoint(size: str, data: Path, work: Path, device: str) -> tuple[Path, Pa
     return ckpt, captions
 
 
-def quantize(model_dir: Path, captions: Path, out: Path, scheme: str, mode: str,
-             sizes: list[str]) -> dict:
+def quantize(model_dir: Path, captions: Path, out: Path, scheme: str, mode: str, sizes: list[str]) -> dict:
     """One driver run (MLflow in a sqlite file under `out`'s parent); its manifest."""
     from vlm_autoquant.cli import main
 
-    code = main(["--scheme-name", scheme, "--model-dir", str(model_dir), "--calib-file",
-                 str(captions), "--output-dir", str(out), "--fused-scales", mode, "--overwrite",
-                 *sizes])
+    code = main(
+        [
+            "--scheme-name",
+            scheme,
+            "--model-dir",
+            str(model_dir),
+            "--calib-file",
+            str(captions),
+            "--output-dir",
+            str(out),
+            "--fused-scales",
+            mode,
+            "--overwrite",
+            *sizes,
+        ]
+    )
     if code:
         sys.exit(f"the {mode} run failed ({code})")
     return json.loads((out / "manifest.json").read_text())
@@ -85,9 +99,13 @@ def export_unchecked(run_dir: Path, model_dir: Path, target: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     problems = Problems()
-    inputs = gather(ExportOptions(output_dir=target.with_name(target.name + "-unused"),
-                                  artifacts_dir=run_dir, model_dir=model_dir),
-                    target.parent, problems)
+    inputs = gather(
+        ExportOptions(
+            output_dir=target.with_name(target.name + "-unused"), artifacts_dir=run_dir, model_dir=model_dir
+        ),
+        target.parent,
+        problems,
+    )
     problems.raise_if_any()
     kernel = (inputs.manifest.get("search") or {}).get("fp8_kernel")
     with run_arithmetic(kernel):
@@ -107,8 +125,12 @@ def held_out(manifest: dict, model_dir: Path) -> list[dict]:
     from vlm_autoquant.plan.calib_data import load_captions, pack, split_captions
 
     s = manifest["scheme"]
-    split = split_captions(load_captions(Path(manifest["calibration"]["file"])),
-                           s["num_calib_samples"], s["num_eval_samples"], s["seed"])
+    split = split_captions(
+        load_captions(Path(manifest["calibration"]["file"])),
+        s["num_calib_samples"],
+        s["num_eval_samples"],
+        s["seed"],
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     return pack(tok, split.eval, s["seq_len"], s["batch_size"], s["seed"]).batches
 
@@ -121,8 +143,11 @@ def measure(lm_dir: Path, cfg, bf16, batches: list[dict], device) -> dict:
     for arithmetic in ("modelopt", "engine"):
         candidate = dequantized_lm(lm_dir, cfg, device, arithmetic, reference=bf16)
         r = compare_logits(bf16, candidate, batches, device)
-        out[arithmetic] = {"kl_mean": r["kl_mean"], "top1_agreement": r["top1_agreement"],
-                           "tokens": r["tokens"]}
+        out[arithmetic] = {
+            "kl_mean": r["kl_mean"],
+            "top1_agreement": r["top1_agreement"],
+            "tokens": r["tokens"],
+        }
         del candidate
     return out
 
@@ -143,14 +168,15 @@ def one_mode(args, mode: str, model_dir: Path, captions: Path, sizes: list[str])
     bf16 = load_lm(model_dir, cfg, device)
     batches = held_out(manifest, model_dir)
     q = manifest["quality"]
-    result = {"run": {"kl_mean": q["kl_mean"], "top1_agreement": q["top1_agreement"],
-                      "tokens": q["tokens"]},
-              "written": measure(written, cfg, bf16, batches, device),
-              "served": measure(args.work / f"served-{mode}", cfg, bf16, batches, device),
-              "vllm_transform": stats, "fp8_groups": manifest["summary"]["groups_fp8"],
-              "manifest_export": manifest.get("export"),
-              "seconds": {"run": t1 - t0, "export": t2 - t1,
-                          "measure": time.perf_counter() - t2}}
+    result = {
+        "run": {"kl_mean": q["kl_mean"], "top1_agreement": q["top1_agreement"], "tokens": q["tokens"]},
+        "written": measure(written, cfg, bf16, batches, device),
+        "served": measure(args.work / f"served-{mode}", cfg, bf16, batches, device),
+        "vllm_transform": stats,
+        "fp8_groups": manifest["summary"]["groups_fp8"],
+        "manifest_export": manifest.get("export"),
+        "seconds": {"run": t1 - t0, "export": t2 - t1, "measure": time.perf_counter() - t2},
+    }
     del bf16
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -160,13 +186,19 @@ def one_mode(args, mode: str, model_dir: Path, captions: Path, sizes: list[str])
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["3b", "tiny"], default="3b")
-    p.add_argument("--data", type=Path, default=ROOT / ".bench_data",
-                   help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT / ".bench_data",
+        help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt",
+    )
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_served"))
     p.add_argument("--scheme", default="fp8-balanced-10b")
-    p.add_argument("--sizes", default=None,
-                   help="driver flags (default: 256 held-out captions at 3b; one tiny batch each "
-                        "at tiny)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="driver flags (default: 256 held-out captions at 3b; one tiny batch each at tiny)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.work.resolve() / 'mlflow.db'}")
@@ -175,16 +207,28 @@ def main() -> None:
     configure(False)
     args.work.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    sizes = shlex.split(args.sizes if args.sizes is not None else
-                        "--num-eval-samples 256" if args.size == "3b" else TINY_SIZES)
+    sizes = shlex.split(
+        args.sizes
+        if args.sizes is not None
+        else "--num-eval-samples 256"
+        if args.size == "3b"
+        else TINY_SIZES
+    )
     model_dir, captions = checkpoint(args.size, args.data, args.work, "cuda" if cuda else "cpu")
-    result = {"size": args.size, "scheme": args.scheme, "sizes": sizes,
-              "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "modes": {m: one_mode(args, m, model_dir, captions, sizes) for m in MODES}}
+    result = {
+        "size": args.size,
+        "scheme": args.scheme,
+        "sizes": sizes,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "modes": {m: one_mode(args, m, model_dir, captions, sizes) for m in MODES},
+    }
     shared = result["modes"]["shared-max"]
     run_kl, served_kl = shared["run"]["kl_mean"], shared["served"]["modelopt"]["kl_mean"]
-    result["served_over_run"] = {m: r["served"]["modelopt"]["kl_mean"] / r["run"]["kl_mean"]
-                                 for m, r in result["modes"].items() if r["run"]["kl_mean"]}
+    result["served_over_run"] = {
+        m: r["served"]["modelopt"]["kl_mean"] / r["run"]["kl_mean"]
+        for m, r in result["modes"].items()
+        if r["run"]["kl_mean"]
+    }
     result["goal_met"] = bool(run_kl and abs(served_kl - run_kl) <= GOAL_REL * run_kl)
     text = json.dumps(result, indent=2)
     print(text)

@@ -33,9 +33,14 @@ GROUP = "fp8-all-8b,fp8-aggressive-9b,fp8-balanced-10b,fp8-conservative-12b"
 
 
 def timed(cmd: list[str], work: Path) -> float:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
-               PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
+        PYTHONPATH=str(ROOT / "src"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
     for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(k, None)
     t = time.perf_counter()
@@ -53,8 +58,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/vlm-bench-sweep"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sweep-cpu.json")
     demo_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_OVERRIDES.items())
-    p.add_argument("--sizes", default=demo_flags,
-                   help="size flags for every run (default: the demo's)")
+    p.add_argument("--sizes", default=demo_flags, help="size flags for every run (default: the demo's)")
     args = p.parse_args()
     sizes = args.sizes.split()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -64,35 +68,62 @@ def main() -> None:
     for i in range(args.repeats):  # alternate, so drift hits both sides alike
         w = args.work / f"single{i}"
         w.mkdir(parents=True)
-        single.append(timed([sys.executable, str(SINGLE), "--scheme-name", SCHEME,
-                             "--output-dir", str(w / "out"), *common], w))
+        single.append(
+            timed(
+                [
+                    sys.executable,
+                    str(SINGLE),
+                    "--scheme-name",
+                    SCHEME,
+                    "--output-dir",
+                    str(w / "out"),
+                    *common,
+                ],
+                w,
+            )
+        )
         w = args.work / f"sweep{i}"
         w.mkdir(parents=True)
         sweep.append(timed([sys.executable, str(SWEEP), "--output-dir", str(w / "out"), *common], w))
         w = args.work / f"group{i}"
         w.mkdir(parents=True)
-        group.append(timed([sys.executable, str(SWEEP), "--schemes", GROUP, "--output-dir",
-                            str(w / "out"), *common], w))
-        print(f"repeat {i}: single {single[-1]:.1f} s, sweep {sweep[-1]:.1f} s, "
-              f"one-group sweep {group[-1]:.1f} s", flush=True)
+        group.append(
+            timed(
+                [sys.executable, str(SWEEP), "--schemes", GROUP, "--output-dir", str(w / "out"), *common], w
+            )
+        )
+        print(
+            f"repeat {i}: single {single[-1]:.1f} s, sweep {sweep[-1]:.1f} s, "
+            f"one-group sweep {group[-1]:.1f} s",
+            flush=True,
+        )
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     out = args.work / f"sweep{args.repeats - 1}" / "out"
     manifests = {m.parent.name: json.loads(m.read_text()) for m in out.glob("*/manifest.json")}
     groups: dict[str, dict] = {}
     for name, m in manifests.items():
-        g = groups.setdefault(m["search"]["scoring_group"], {"schemes": [], "scoring_s": 0.0,
-                                                             "calibration_s": 0.0})
+        g = groups.setdefault(
+            m["search"]["scoring_group"], {"schemes": [], "scoring_s": 0.0, "calibration_s": 0.0}
+        )
         g["schemes"].append(name)
         g["scoring_s"] += m["timings"].get("score", 0.0)
         g["calibration_s"] += m["timings"].get("calibrate", 0.0)
-    single_m = json.loads((args.work / f"single{args.repeats - 1}" / "out" /
-                           "manifest.json").read_text())
-    result = {"scheme": SCHEME, "schemes_in_sweep": len(manifests), "single_wall_s": single,
-              "sweep_wall_s": sweep, "ratio": med(sweep) / med(single),
-              "group_sweep_wall_s": group, "group_schemes": GROUP.split(","),
-              "group_ratio": med(group) / med(single), "groups": groups,
-              "single_timings": single_m["timings"], "sizes": sizes,
-              "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    single_m = json.loads((args.work / f"single{args.repeats - 1}" / "out" / "manifest.json").read_text())
+    result = {
+        "scheme": SCHEME,
+        "schemes_in_sweep": len(manifests),
+        "single_wall_s": single,
+        "sweep_wall_s": sweep,
+        "ratio": med(sweep) / med(single),
+        "group_sweep_wall_s": group,
+        "group_schemes": GROUP.split(","),
+        "group_ratio": med(group) / med(single),
+        "groups": groups,
+        "single_timings": single_m["timings"],
+        "sizes": sizes,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'':34}{'median wall (s)':>16}")
@@ -102,8 +133,10 @@ def main() -> None:
     print(f"{'ratio sweep / single':34}{result['ratio']:>16.2f}   (goal <= 1.3)")
     print(f"{'ratio one-group sweep / single':34}{result['group_ratio']:>16.2f}")
     for key, g in groups.items():
-        print(f"  group {key}: {', '.join(sorted(g['schemes']))}: calibration "
-              f"{g['calibration_s']:.1f} s, scoring {g['scoring_s']:.1f} s")
+        print(
+            f"  group {key}: {', '.join(sorted(g['schemes']))}: calibration "
+            f"{g['calibration_s']:.1f} s, scoring {g['scoring_s']:.1f} s"
+        )
     print(f"wrote {args.out}")
 
 

@@ -1,6 +1,6 @@
 """Time only the driver's LM load (after the caller evicted the checkpoint from the page cache).
 
-    python bench/load_only.py CKPT RESULT.json
+python bench/load_only.py CKPT RESULT.json
 """
 
 import json

@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-
 from _common import driver_data  # noqa: E402
+
 from vlm_autoquant.core.interrupt import StopFlag  # noqa: E402
 from vlm_autoquant.plan.families import spec_of  # noqa: E402
 from vlm_autoquant.search import autoquant  # noqa: E402
@@ -54,8 +54,10 @@ CUDA = torch.cuda.is_available()
 SCHEME = "fp8-balanced-10b"  # the default scheme: 16 calibration and 8 scoring batches of 16x512
 SEARCHES = ("driver", "driver-gc-off", "modelopt")
 # The CPU smoke size: a few small batches per phase.
-TINY_SIZES = ("--num-calib-samples 256 --num-calib-steps 2 --num-score-steps 2 "
-              "--num-eval-samples 0 --seq-len 128 --batch-size 8")
+TINY_SIZES = (
+    "--num-calib-samples 256 --num-calib-steps 2 --num-score-steps 2 "
+    "--num-eval-samples 0 --seq-len 128 --batch-size 8"
+)
 Batch = dict[str, torch.Tensor]
 
 
@@ -78,8 +80,11 @@ def between(start: object, end: object) -> float:
 
 def summary(seconds: list[float]) -> dict:
     """Mean and median of per-batch seconds."""
-    return {"mean_s": statistics.fmean(seconds), "median_s": statistics.median(seconds),
-            "batches": len(seconds)}
+    return {
+        "mean_s": statistics.fmean(seconds),
+        "median_s": statistics.median(seconds),
+        "batches": len(seconds),
+    }
 
 
 def per_batch(step: Callable[[Batch], None], batches: list[Batch], warmup: int) -> dict:
@@ -119,8 +124,7 @@ def as_scored(model: torch.nn.Module, grad_checkpointing: bool) -> Iterator[None
         emb.grad = None
 
 
-def bf16_floors(model: torch.nn.Module, calib: list[Batch], score: list[Batch],
-                warmup: int) -> dict:
+def bf16_floors(model: torch.nn.Module, calib: list[Batch], score: list[Batch], warmup: int) -> dict:
     """BF16 forward per calibration batch; forward+backward per scoring batch, checkpointed
     and not; with the driver's own forward and loss."""
     forward_step, loss_func = autoquant.make_steps("gradient")
@@ -186,8 +190,9 @@ def timing(owner: object, name: str, timings: dict[str, float], key: str) -> Ite
         setattr(owner, name, orig)
 
 
-def modelopt_search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch],
-                    bits: float, stop: StopFlag) -> dict[str, float]:
+def modelopt_search(
+    model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], bits: float, stop: StopFlag
+) -> dict[str, float]:
     """Bare `mtq.auto_quantize` (none of the driver's patches); its phase seconds."""
     import modelopt.torch.quantization as mtq
     import modelopt.torch.quantization.model_quant as mq
@@ -198,14 +203,24 @@ def modelopt_search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batc
     constraints: dict = {"effective_bits": bits}
     if spec.excluded_from_cost:
         constraints["cost"] = {"excluded_module_name_patterns": list(spec.excluded_from_cost)}
-    with timing(mq, "calibrate", timings, "calibrate"), \
-            timing(Grad, "estimate_sensitivity_scores", timings, "score"), \
-            contextlib.redirect_stdout(io.StringIO()):
-        mtq.auto_quantize(model, constraints=constraints, quantization_formats=list(spec.formats),
-                          data_loader=batches, forward_step=forward_step, loss_func=loss_func,
-                          disabled_layers=list(spec.disabled_layers) or None,
-                          num_calib_steps=spec.num_calib_steps,
-                          num_score_steps=spec.num_score_steps, method=spec.method, verbose=False)
+    with (
+        timing(mq, "calibrate", timings, "calibrate"),
+        timing(Grad, "estimate_sensitivity_scores", timings, "score"),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        mtq.auto_quantize(
+            model,
+            constraints=constraints,
+            quantization_formats=list(spec.formats),
+            data_loader=batches,
+            forward_step=forward_step,
+            loss_func=loss_func,
+            disabled_layers=list(spec.disabled_layers) or None,
+            num_calib_steps=spec.num_calib_steps,
+            num_score_steps=spec.num_score_steps,
+            method=spec.method,
+            verbose=False,
+        )
     return timings
 
 
@@ -235,8 +250,9 @@ def search(pristine: torch.nn.Module, kind: str, setup: Setup, stop: Stopwatch) 
         if kind == "modelopt":
             timings = modelopt_search(model, spec, batches, setup.bits, stop)
         else:
-            timings = autoquant.search(model, spec, batches, folder / "search.pth",
-                                       lambda *a: "", stop, kind != "driver-gc-off").timings
+            timings = autoquant.search(
+                model, spec, batches, folder / "search.pth", lambda *a: "", stop, kind != "driver-gc-off"
+            ).timings
     except torch.OutOfMemoryError as exc:  # e.g. checkpointing off at full size: a result too
         failed = f"out of GPU memory: {str(exc).splitlines()[0]}"
     finally:
@@ -249,25 +265,31 @@ def search(pristine: torch.nn.Module, kind: str, setup: Setup, stop: Stopwatch) 
     if failed:
         print(f"[{kind}] {failed}", flush=True)
         return {"error": failed, "peak_gpu_gib": peak}
-    calib_steps, score_steps = min(spec.num_calib_steps, len(batches)), \
-        min(spec.num_score_steps, len(batches))
-    return {"calibrate_s": timings.get("calibrate", 0.0), "score_s": timings.get("score", 0.0),
-            "calibrate_per_batch_s": timings.get("calibrate", 0.0) / calib_steps,
-            "score_per_batch_s": timings.get("score", 0.0) / score_steps,
-            "calibrate_steady_s": stop.steady(False), "score_steady_s": stop.steady(True),
-            "forwards": {"calibrate": sum(not s for s, _ in stop.marks),
-                         "score": sum(s for s, _ in stop.marks)},
-            "peak_gpu_gib": peak}
+    calib_steps, score_steps = (
+        min(spec.num_calib_steps, len(batches)),
+        min(spec.num_score_steps, len(batches)),
+    )
+    return {
+        "calibrate_s": timings.get("calibrate", 0.0),
+        "score_s": timings.get("score", 0.0),
+        "calibrate_per_batch_s": timings.get("calibrate", 0.0) / calib_steps,
+        "score_per_batch_s": timings.get("score", 0.0) / score_steps,
+        "calibrate_steady_s": stop.steady(False),
+        "score_steady_s": stop.steady(True),
+        "forwards": {"calibrate": sum(not s for s, _ in stop.marks), "score": sum(s for s, _ in stop.marks)},
+        "peak_gpu_gib": peak,
+    }
 
 
 # Kernel families for the profile's summary (first match wins, by lower-case substring).
-FAMILIES = (("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "addmm", "mm")),
-            ("attention", ("flash", "fmha", "attention", "efficient")),
-            ("fp8 fake-quant casts", ("float8", "e4m3", "fake")),
-            ("copy / cast", ("copy", "cast", "convert", "to_copy")),
-            ("reduction", ("reduce", "sum", "max", "norm", "amax")),
-            ("elementwise", ("elementwise", "vectorized", "unrolled", "mul", "add", "pow",
-                             "clamp")))
+FAMILIES = (
+    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "addmm", "mm")),
+    ("attention", ("flash", "fmha", "attention", "efficient")),
+    ("fp8 fake-quant casts", ("float8", "e4m3", "fake")),
+    ("copy / cast", ("copy", "cast", "convert", "to_copy")),
+    ("reduction", ("reduce", "sum", "max", "norm", "amax")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "mul", "add", "pow", "clamp")),
+)
 
 
 class PhaseProfiler:
@@ -283,8 +305,9 @@ class PhaseProfiler:
         if phase in self.events or (self.current and self.current[0] == phase):
             return
         self.stop()
-        acts = [torch.profiler.ProfilerActivity.CPU] + \
-            ([torch.profiler.ProfilerActivity.CUDA] if CUDA else [])
+        acts = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if CUDA else []
+        )
         prof = torch.profiler.profile(activities=acts)
         prof.start()
         self.current = (phase, prof)
@@ -311,6 +334,7 @@ class PhaseProfiler:
                     return fn(*args, **kwargs)
                 finally:
                     self.stop()
+
             return call
 
         score = "estimate_sensitivity_scores"
@@ -327,13 +351,18 @@ class PhaseProfiler:
 def top_rows(events, device: bool, n: int) -> tuple[list[dict], float, int]:
     """The `n` largest self times (device kernels, or host ops), their total and call count."""
     key = "self_device_time_total" if device else "self_cpu_time_total"
-    rows = [(e.key, (getattr(e, key, 0) or 0) / 1e6, e.count) for e in events
-            if (getattr(e, key, 0) or 0) > 0
-            and (not device or getattr(e.device_type, "name", "") == "CUDA")]
+    rows = [
+        (e.key, (getattr(e, key, 0) or 0) / 1e6, e.count)
+        for e in events
+        if (getattr(e, key, 0) or 0) > 0 and (not device or getattr(e.device_type, "name", "") == "CUDA")
+    ]
     total = sum(t for _, t, _ in rows)
     top = sorted(rows, key=lambda r: -r[1])[:n]
-    return ([{"name": k[:100], "s": t, "calls": c, "share": t / total if total else 0.0}
-             for k, t, c in top], total, sum(c for _, _, c in rows))
+    return (
+        [{"name": k[:100], "s": t, "calls": c, "share": t / total if total else 0.0} for k, t, c in top],
+        total,
+        sum(c for _, _, c in rows),
+    )
 
 
 def families(events) -> dict[str, float]:
@@ -359,8 +388,14 @@ def profile(pristine: torch.nn.Module, setup: Setup, top: int) -> dict:
     for phase, events in prof.events.items():
         kernels, device_s, launches = top_rows(events, True, top) if CUDA else ([], 0.0, 0)
         ops, host_s, _ = top_rows(events, False, top)
-        out[phase] = {"device_s": device_s, "kernel_launches": launches, "host_self_s": host_s,
-                      "families_s": families(events), "top_kernels": kernels, "top_host_ops": ops}
+        out[phase] = {
+            "device_s": device_s,
+            "kernel_launches": launches,
+            "host_self_s": host_s,
+            "families_s": families(events),
+            "top_kernels": kernels,
+            "top_host_ops": ops,
+        }
     return out
 
 
@@ -370,12 +405,13 @@ def profile_text(prof: dict) -> str:
         device = f"device {p['device_s']:.4f} s in {p['kernel_launches']} kernels; " if CUDA else ""
         lines.append(f"\n== one {phase} batch: {device}host self {p['host_self_s']:.4f} s")
         lines.append("families: " + ", ".join(f"{k} {v:.4f} s" for k, v in p["families_s"].items()))
-        for title, rows in (("top CUDA kernels", p["top_kernels"]),
-                            ("top host ops (self CPU)", p["top_host_ops"])):
+        for title, rows in (
+            ("top CUDA kernels", p["top_kernels"]),
+            ("top host ops (self CPU)", p["top_host_ops"]),
+        ):
             if rows:
                 lines.append(f"{title}:{'':<80}{'s':>9}{'calls':>8}{'share':>7}")
-                lines += [f"  {r['name']:<94}{r['s']:>9.4f}{r['calls']:>8}{r['share']:>7.1%}"
-                          for r in rows]
+                lines += [f"  {r['name']:<94}{r['s']:>9.4f}{r['calls']:>8}{r['share']:>7.1%}" for r in rows]
     return "\n".join(lines)
 
 
@@ -388,9 +424,14 @@ def checkpoint_and_captions(args: argparse.Namespace) -> tuple[Path, Path]:
     ckpt = args.ckpt or args.work / "ckpt"
     captions = args.captions or args.data / "coco2017_captions" / "train_sample.txt"
     if not (ckpt / "config.json").exists():
-        build_checkpoint(ckpt, "3b", "released", seed=0,
-                         tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
-                         device="cuda" if CUDA else "cpu")
+        build_checkpoint(
+            ckpt,
+            "3b",
+            "released",
+            seed=0,
+            tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
+            device="cuda" if CUDA else "cpu",
+        )
     return ckpt, captions
 
 
@@ -402,8 +443,10 @@ def ratios(floors: dict, searches: dict) -> dict:
         if "error" in s:
             continue
         fb = floors["fwd_bwd_gc_off" if kind == "driver-gc-off" else "fwd_bwd_gc_on"]["mean_s"]
-        r = {"calibrate_over_bf16_forward": s["calibrate_per_batch_s"] / fwd,
-             "score_over_bf16_fwd_bwd": s["score_per_batch_s"] / fb}
+        r = {
+            "calibrate_over_bf16_forward": s["calibrate_per_batch_s"] / fwd,
+            "score_over_bf16_fwd_bwd": s["score_per_batch_s"] / fb,
+        }
         if s["calibrate_steady_s"] is not None:
             r["calibrate_steady_over_bf16_forward"] = s["calibrate_steady_s"] / fwd
         if s["score_steady_s"] is not None:
@@ -415,40 +458,63 @@ def ratios(floors: dict, searches: dict) -> dict:
 def table(result: dict) -> list[tuple[str, str]]:
     """The printed table: per-batch seconds, then the ratios."""
     f = result["bf16"]
-    rows = [("batch (rows x tokens)", "x".join(map(str, result["batch_shape"]))),
-            ("BF16 forward per batch (s)", f"{f['forward']['mean_s']:.4f}"),
-            ("BF16 fwd+bwd per batch, grad ckpt on (s)", f"{f['fwd_bwd_gc_on']['mean_s']:.4f}"),
-            ("BF16 fwd+bwd per batch, grad ckpt off (s)", f"{f['fwd_bwd_gc_off']['mean_s']:.4f}")]
+    rows = [
+        ("batch (rows x tokens)", "x".join(map(str, result["batch_shape"]))),
+        ("BF16 forward per batch (s)", f"{f['forward']['mean_s']:.4f}"),
+        ("BF16 fwd+bwd per batch, grad ckpt on (s)", f"{f['fwd_bwd_gc_on']['mean_s']:.4f}"),
+        ("BF16 fwd+bwd per batch, grad ckpt off (s)", f"{f['fwd_bwd_gc_off']['mean_s']:.4f}"),
+    ]
     for kind, s in result["searches"].items():
         if "error" in s:
             rows.append((f"{kind}: failed", s["error"][:60]))
             continue
-        rows += [(f"{kind}: calibration per batch (s)", f"{s['calibrate_per_batch_s']:.4f}"),
-                 (f"{kind}: scoring per batch (s)", f"{s['score_per_batch_s']:.4f}"),
-                 (f"{kind}: peak GPU memory (GiB)", f"{s['peak_gpu_gib']:.1f}")]
-    return rows + [(f"{kind}: {k.replace('_', ' ')}", f"{v:.2f}")
-                   for kind, r in result["ratios"].items() for k, v in r.items()]
+        rows += [
+            (f"{kind}: calibration per batch (s)", f"{s['calibrate_per_batch_s']:.4f}"),
+            (f"{kind}: scoring per batch (s)", f"{s['score_per_batch_s']:.4f}"),
+            (f"{kind}: peak GPU memory (GiB)", f"{s['peak_gpu_gib']:.1f}"),
+        ]
+    return rows + [
+        (f"{kind}: {k.replace('_', ' ')}", f"{v:.2f}")
+        for kind, r in result["ratios"].items()
+        for k, v in r.items()
+    ]
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["3b", "tiny"], default="3b")
-    p.add_argument("--data", type=Path, default=ROOT / ".bench_data",
-                   help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT / ".bench_data",
+        help="folder with qwen2_5_vl_tokenizer/ and coco2017_captions/train_sample.txt",
+    )
     p.add_argument("--ckpt", type=Path, default=None, help="an existing checkpoint to use")
     p.add_argument("--captions", type=Path, default=None, help="caption file (default: --data's)")
     p.add_argument("--work", type=Path, default=Path("/tmp/roof"))
     p.add_argument("--out", type=Path, required=True, help="result JSON")
     p.add_argument("--scheme", default=SCHEME, help="a gradient-method catalog scheme")
-    p.add_argument("--sizes", default=None, help="the driver's override flags as one string "
-                   f"(default: the scheme's own; tiny: {TINY_SIZES!r})")
-    p.add_argument("--searches", default="driver,driver-gc-off,modelopt",
-                   help=f"comma list of {', '.join(SEARCHES)}")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help=f"the driver's override flags as one string (default: the scheme's own; tiny: {TINY_SIZES!r})",
+    )
+    p.add_argument(
+        "--searches", default="driver,driver-gc-off,modelopt", help=f"comma list of {', '.join(SEARCHES)}"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed BF16 batches before each floor")
-    p.add_argument("--fp8-kernel", choices=["auto", "eager", "cuda-ext"], default="auto",
-                   help="ModelOpt's FP8 kernel, chosen as the driver chooses it")
-    p.add_argument("--profile", action="store_true", help="also profile one calibration and one "
-                   "scoring batch of the driver's search (written next to --out)")
+    p.add_argument(
+        "--fp8-kernel",
+        choices=["auto", "eager", "cuda-ext"],
+        default="auto",
+        help="ModelOpt's FP8 kernel, chosen as the driver chooses it",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one calibration and one "
+        "scoring batch of the driver's search (written next to --out)",
+    )
     p.add_argument("--top", type=int, default=12, help="rows per profile table")
     args = p.parse_args()
     args.searches = args.searches.split(",")
@@ -460,8 +526,10 @@ def parse() -> argparse.Namespace:
     catalog = load_catalog(default_catalog())
     gradient = [n for n, s in catalog.items() if s.method == "gradient"]
     if args.scheme not in gradient:
-        p.error(f"--scheme {args.scheme}: choose a gradient-method scheme ({', '.join(gradient)});"
-                " the roofline compares scoring with a BF16 forward+backward")
+        p.error(
+            f"--scheme {args.scheme}: choose a gradient-method scheme ({', '.join(gradient)});"
+            " the roofline compares scoring with a BF16 forward+backward"
+        )
     if args.sizes is None:
         args.sizes = TINY_SIZES if args.size == "tiny" else ""
     return args
@@ -470,26 +538,36 @@ def parse() -> argparse.Namespace:
 def machine() -> dict:
     from importlib import metadata
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": metadata.version("transformers"),
-            "modelopt": metadata.version("nvidia-modelopt"), "cpus": os.cpu_count(),
-            "device": torch.cuda.get_device_name() if CUDA else "cpu"}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": metadata.version("transformers"),
+        "modelopt": metadata.version("nvidia-modelopt"),
+        "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+    }
 
 
 def measure(args: argparse.Namespace, ckpt: Path, captions: Path) -> dict:
     """Load once; the BF16 floors, the warm-up search, then each search in --searches."""
-    from vlm_autoquant.search.fp8_kernel import select_fp8_kernel
     from vlm_autoquant.model.lm import load_lm, pick_device, text_config
+    from vlm_autoquant.search.fp8_kernel import select_fp8_kernel
 
     scheme, data = driver_data(ckpt, captions, args.scheme, args.sizes.split())
     spec = spec_of([scheme])
     device = pick_device()
     batches = [{k: v.to(device) for k, v in b.items()} for b in data.calib.batches[: data.steps]]
-    result = {"machine": machine(), "scheme": scheme.name, "checkpoint": str(ckpt),
-              "fp8_kernel": select_fp8_kernel(args.fp8_kernel),
-              "batch_shape": list(batches[0]["input_ids"].shape),
-              "steps": {"calibrate": min(spec.num_calib_steps, len(batches)),
-                        "score": min(spec.num_score_steps, len(batches))}}
+    result = {
+        "machine": machine(),
+        "scheme": scheme.name,
+        "checkpoint": str(ckpt),
+        "fp8_kernel": select_fp8_kernel(args.fp8_kernel),
+        "batch_shape": list(batches[0]["input_ids"].shape),
+        "steps": {
+            "calibrate": min(spec.num_calib_steps, len(batches)),
+            "score": min(spec.num_score_steps, len(batches)),
+        },
+    }
     t0 = time.perf_counter()
     model = load_lm(ckpt, text_config(ckpt), device)
     result["load_s"] = time.perf_counter() - t0
@@ -497,8 +575,7 @@ def measure(args: argparse.Namespace, ckpt: Path, captions: Path) -> dict:
     result["bf16"] = bf16_floors(model, calib, batches[: result["steps"]["score"]], args.warmup)
     setup = Setup(spec, batches, scheme.effective_bits, args.work)
     search(model, "driver", setup.one_batch(), Stopwatch())  # warm-up: kernels, allocator
-    result["searches"] = {kind: search(model, kind, setup, Stopwatch())
-                          for kind in args.searches}
+    result["searches"] = {kind: search(model, kind, setup, Stopwatch()) for kind in args.searches}
     result["ratios"] = ratios(result["bf16"], result["searches"])
     if args.profile:
         result["profile"] = profile(model, setup, args.top)

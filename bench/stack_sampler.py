@@ -55,8 +55,9 @@ class Sampler:
         dt = wall / max(self.samples, 1)
         threads: dict = {}
         for (thread, stack), n in self.stacks.items():
-            t = threads.setdefault(thread, {"seconds": 0.0, "inclusive": collections.Counter(),
-                                            "leaves": collections.Counter()})
+            t = threads.setdefault(
+                thread, {"seconds": 0.0, "inclusive": collections.Counter(), "leaves": collections.Counter()}
+            )
             t["seconds"] += n * dt
             for fn in set(stack):
                 t["inclusive"][fn] += n * dt
@@ -66,7 +67,8 @@ class Sampler:
             out["threads"][thread] = {
                 "seconds": round(t["seconds"], 3),
                 "inclusive_top": [[f, round(s, 3)] for f, s in t["inclusive"].most_common(60)],
-                "leaves_top": [[f, round(s, 3)] for f, s in t["leaves"].most_common(40)]}
+                "leaves_top": [[f, round(s, 3)] for f, s in t["leaves"].most_common(40)],
+            }
         return out
 
 
@@ -77,7 +79,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--interval", type=float, default=0.005)
     a = p.parse_args(argv[:split])
-    script_argv = argv[split + 1:]
+    script_argv = argv[split + 1 :]
     sampler = Sampler(a.interval)
     written = []
 

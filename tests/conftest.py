@@ -36,14 +36,27 @@ defaults:
   seed: 1234
   disabled_layers: ["*lm_head*"]
 """
-QUICK = ["--num-calib-samples", "512", "--num-calib-steps", "2", "--num-score-steps", "2",
-         "--num-eval-samples", "64", "--seq-len", "128"]
+QUICK = [
+    "--num-calib-samples",
+    "512",
+    "--num-calib-steps",
+    "2",
+    "--num-score-steps",
+    "2",
+    "--num-eval-samples",
+    "64",
+    "--seq-len",
+    "128",
+]
 
 
 # The sweep's test catalog: five budgets, kl_div and pcpt beside them (tests/test_sweep.py).
 BUDGETS = (8, 9, 10, 12, 16)
-SWEEP_CATALOG = SMALL_DEFAULTS + "schemes:\n" + "".join(
-    f"  b{b}:\n    description: {b} bits\n    effective_bits: {b}\n" for b in BUDGETS) + """
+SWEEP_CATALOG = (
+    SMALL_DEFAULTS
+    + "schemes:\n"
+    + "".join(f"  b{b}:\n    description: {b} bits\n    effective_bits: {b}\n" for b in BUDGETS)
+    + """
   kl10:
     description: kl
     method: kl_div
@@ -54,6 +67,7 @@ SWEEP_CATALOG = SMALL_DEFAULTS + "schemes:\n" + "".join(
     formats: [FP8_DEFAULT_CFG, FP8_PER_CHANNEL_PER_TOKEN_CFG]
     effective_bits: 10
 """
+)
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +88,18 @@ def swept(demo, tmp_path_factory):
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
-            code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
-                               "--output-dir", str(root / "out"), "--catalog",
-                               str(root / "cat.yaml")])
+            code = sweep_main(
+                [
+                    "--model-dir",
+                    str(demo[0]),
+                    "--calib-file",
+                    str(demo[1]),
+                    "--output-dir",
+                    str(root / "out"),
+                    "--catalog",
+                    str(root / "cat.yaml"),
+                ]
+            )
     finally:
         (root / "stdout.txt").write_text(stdout.getvalue())
         os.chdir(cwd)
@@ -109,25 +132,40 @@ def layouts(demo, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts")
     out = {"released": demo[0]}
     for layout in ("save_pretrained", "legacy"):
-        out[layout] = build_checkpoint(root / layout, "tiny", layout, seed=0,
-                                       captions=make_captions(3000, 0))
+        out[layout] = build_checkpoint(root / layout, "tiny", layout, seed=0, captions=make_captions(3000, 0))
     return out
 
 
 @pytest.fixture(scope="session")
 def script_run(demo, tmp_path_factory) -> tuple[Path, str, str]:
     """(out, uri, stderr): one real run of the script in a subprocess (fp8-balanced-10b, QUICK)
-    into its own SQLite store; its stdout is kept in `out.parent / "stdout.txt"`. Shared by every test that only reads a finished run (its
-    artifacts, manifest and MLflow run), so none of them may change `out` or the store: a
-    test that writes to a store copies the database first (test_export.source)."""
+    into its own SQLite store; its stdout is kept in `out.parent / "stdout.txt"`. Shared by every
+    test that only reads a finished run (its artifacts, manifest and MLflow run), so none of them
+    may change `out` or the store: a test that writes to a store copies the database first
+    (test_export.source)."""
     root = tmp_path_factory.mktemp("script_run")
     out = root / "out"
     uri = f"sqlite:///{root / 'mlflow.db'}"
     proc = subprocess.run(
-        [PY, str(SCRIPT), "--scheme-name", "fp8-balanced-10b", "--model-dir", str(demo[0]),
-         "--output-dir", str(out), "--calib-file", str(demo[1]), *QUICK],
-        cwd=root, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
-        timeout=600)
+        [
+            PY,
+            str(SCRIPT),
+            "--scheme-name",
+            "fp8-balanced-10b",
+            "--model-dir",
+            str(demo[0]),
+            "--output-dir",
+            str(out),
+            "--calib-file",
+            str(demo[1]),
+            *QUICK,
+        ],
+        cwd=root,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (root / "stdout.txt").write_text(proc.stdout)
     return out, uri, proc.stderr
@@ -153,8 +191,11 @@ def run_cli(args: list[str]) -> int:
 def subprocess_env(**extra: str) -> dict:
     # MLflow leaves MLFLOW_EXPERIMENT_ID etc. in os.environ after in-process runs; a child
     # process must not inherit them.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    }
     env.update(PYTHONUNBUFFERED="1", **extra)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -13,31 +13,44 @@ from vlm_autoquant.core.artifacts import COMPARISON_FILE, MANIFEST_FILE, QUANT_S
 
 from .conftest import SMALL_DEFAULTS
 
-QUICK = {"num_calib_samples": 512, "num_calib_steps": 2, "num_score_steps": 2,
-         "num_eval_samples": 64, "seq_len": 128}
+QUICK = {
+    "num_calib_samples": 512,
+    "num_calib_steps": 2,
+    "num_score_steps": 2,
+    "num_eval_samples": 64,
+    "seq_len": 128,
+}
 
 
 def test_import_is_cheap_and_the_api_is_there():
     import subprocess
 
-    code = ("import sys, vlm_autoquant; f = vlm_autoquant.quantize; "
-            "print(sorted(m for m in ('torch', 'modelopt', 'mlflow') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
+    code = (
+        "import sys, vlm_autoquant; f = vlm_autoquant.quantize; "
+        "print(sorted(m for m in ('torch', 'modelopt', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert out.strip() == "[]"
     assert callable(vlm_autoquant.export) and callable(vlm_autoquant.restore)
 
 
 def test_bad_input_raises_one_error_type_with_the_cli_problems(tmp_path):
     with pytest.raises(vlm_autoquant.VlmAutoquantError) as info:
-        vlm_autoquant.quantize(tmp_path / "nope", output_dir=tmp_path / "out",
-                               calib_file=tmp_path / "none.txt", effective_bits=9,
-                               batch_sise=4)
+        vlm_autoquant.quantize(
+            tmp_path / "nope",
+            output_dir=tmp_path / "out",
+            calib_file=tmp_path / "none.txt",
+            effective_bits=9,
+            batch_sise=4,
+        )
     inputs = {p.input for p in info.value.problems}
     assert inputs == {"batch_sise"}  # an unknown keyword is refused before anything else
     with pytest.raises(vlm_autoquant.VlmAutoquantError) as info:
-        vlm_autoquant.quantize(tmp_path / "nope", output_dir=tmp_path / "out",
-                               calib_file=tmp_path / "none.txt")
+        vlm_autoquant.quantize(
+            tmp_path / "nope", output_dir=tmp_path / "out", calib_file=tmp_path / "none.txt"
+        )
     inputs = {p.input for p in info.value.problems}
     assert {"--model-dir", "--calib-file"} <= inputs
     assert all(p.fix for p in info.value.problems)
@@ -46,8 +59,9 @@ def test_bad_input_raises_one_error_type_with_the_cli_problems(tmp_path):
 
 def test_quantize_returns_the_result_it_wrote(demo, tracking, tmp_path):
     out = tmp_path / "q"
-    result = vlm_autoquant.quantize(demo[0], "fp8-balanced-10b", output_dir=out,
-                                    calib_file=demo[1], effective_bits=9, **QUICK)
+    result = vlm_autoquant.quantize(
+        demo[0], "fp8-balanced-10b", output_dir=out, calib_file=demo[1], effective_bits=9, **QUICK
+    )
     assert result.output_dir == out
     on_disk = json.loads((out / MANIFEST_FILE).read_text())
     assert result.manifest["scheme"]["name"] == on_disk["scheme"]["name"] == "fp8-balanced-10b"
@@ -58,11 +72,14 @@ def test_quantize_returns_the_result_it_wrote(demo, tracking, tmp_path):
 
 def test_sweep_runs_each_named_scheme(demo, tracking, tmp_path):
     cat = tmp_path / "cat.yaml"
-    cat.write_text(SMALL_DEFAULTS + "schemes:\n"
-                   "  b9:\n    description: nine\n    effective_bits: 9\n"
-                   "  b12:\n    description: twelve\n    effective_bits: 12\n")
-    result = vlm_autoquant.sweep(demo[0], ["b9", "b12"], output_dir=tmp_path / "s",
-                                 calib_file=demo[1], catalog=cat)
+    cat.write_text(
+        SMALL_DEFAULTS + "schemes:\n"
+        "  b9:\n    description: nine\n    effective_bits: 9\n"
+        "  b12:\n    description: twelve\n    effective_bits: 12\n"
+    )
+    result = vlm_autoquant.sweep(
+        demo[0], ["b9", "b12"], output_dir=tmp_path / "s", calib_file=demo[1], catalog=cat
+    )
     assert result.comparison == tmp_path / "s" / COMPARISON_FILE and result.comparison.is_file()
     assert set(result.manifests) == {"b9", "b12"}
     bits = {n: m["effective_bits"]["achieved"] for n, m in result.manifests.items()}
@@ -88,6 +105,10 @@ def test_restore_gives_the_run_formats(script_run):
     out, _, _ = script_run
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     model = vlm_autoquant.restore(out, device="cpu")
-    fp8 = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-           and getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)}
+    fp8 = {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)
+    }
     assert fp8 == {r["name"] for r in manifest["layers"] if r["format"] == "FP8"}

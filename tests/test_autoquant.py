@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_autoquant.search import autoquant, resume
-from vlm_autoquant.run import manifest
-from vlm_autoquant.search.autoquant import SearchSpec
-from vlm_autoquant.plan.calib_data import pack, split_captions
 from vlm_autoquant.model.fused import fused_layer_groups
 from vlm_autoquant.model.lm import load_lm, text_config
+from vlm_autoquant.plan.calib_data import pack, split_captions
+from vlm_autoquant.run import manifest
+from vlm_autoquant.search import autoquant, resume
+from vlm_autoquant.search.autoquant import SearchSpec
 
 FP8, PCPT = "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"
 LM_HEAD = ("*lm_head*",)
@@ -30,9 +30,15 @@ def fresh(demo):
 
 
 def spec(formats=(FP8,), method="gradient", fused_scales="shared-max") -> SearchSpec:
-    return SearchSpec(formats=tuple(formats), method=method, num_calib_steps=2,
-                      num_score_steps=2, disabled_layers=LM_HEAD, excluded_from_cost=LM_HEAD,
-                      fused_scales=fused_scales)
+    return SearchSpec(
+        formats=tuple(formats),
+        method=method,
+        num_calib_steps=2,
+        num_score_steps=2,
+        disabled_layers=LM_HEAD,
+        excluded_from_cost=LM_HEAD,
+        fused_scales=fused_scales,
+    )
 
 
 def run_search(model, batches, ckpt, s: SearchSpec, writes: list | None = None):
@@ -40,6 +46,7 @@ def run_search(model, batches, ckpt, s: SearchSpec, writes: list | None = None):
         if writes is not None:
             writes.append(stage)
         return resume.write_record(path, {"k": 1}, stage, src)
+
     return autoquant.search(model, s, batches, ckpt, record)
 
 
@@ -70,16 +77,14 @@ def kl_scratch(demo, batches, tmp_path_factory):
     only count."""
     model = fresh(demo)
     calls = count_layer_calls(model)
-    found = run_search(model, batches, tmp_path_factory.mktemp("kl") / "r.pth",
-                       spec(method="kl_div"))
+    found = run_search(model, batches, tmp_path_factory.mktemp("kl") / "r.pth", spec(method="kl_div"))
     return model, found, calls
 
 
 def count_layer_calls(model) -> list[int]:
     calls = [0]
     for layer in model.model.layers:  # computed, not replayed: its first norm runs
-        layer.input_layernorm.register_forward_pre_hook(
-            lambda *_: calls.__setitem__(0, calls[0] + 1))
+        layer.input_layernorm.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
 
 
@@ -115,16 +120,16 @@ def test_a_scheme_gets_the_same_formats_alone_and_in_a_union_search(batches, uni
     for bits in (8.0, 9.0, 10.0, 12.0):
         in_union = autoquant.solve(model_u, found_u, [FP8], bits)
         by_itself = autoquant.solve(alone, found_a, [FP8], bits)
-        assert {g.name: g.chosen for g in in_union.groups} == \
-            {g.name: g.chosen for g in by_itself.groups}
+        assert {g.name: g.chosen for g in in_union.groups} == {g.name: g.chosen for g in by_itself.groups}
         for a, b in zip(in_union.groups, by_itself.groups):
             assert a.scores == pytest.approx(b.scores, rel=1e-5)
         # and the switched union model computes what the per-tensor-only model computes
         ids = batches[0]["input_ids"][:2]
         pos = batches[0]["position_ids"][:2]
         with torch.no_grad():
-            assert torch.equal(model_u(input_ids=ids, position_ids=pos).logits,
-                               alone(input_ids=ids, position_ids=pos).logits)
+            assert torch.equal(
+                model_u(input_ids=ids, position_ids=pos).logits, alone(input_ids=ids, position_ids=pos).logits
+            )
 
 
 def test_switching_schemes_on_one_model_changes_the_enabled_quantizers(union):
@@ -135,8 +140,9 @@ def test_switching_schemes_on_one_model_changes_the_enabled_quantizers(union):
     assert all(g.chosen == FP8 for g in searchable)
     high = autoquant.solve(model, found, [FP8], 16.0)
     assert all(g.chosen == "BF16" for g in high.groups)
-    assert not any(m.weight_quantizer.is_enabled for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear))
+    assert not any(
+        m.weight_quantizer.is_enabled for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    )
 
 
 def test_gradient_checkpointing_is_off_after_scoring(union):
@@ -169,8 +175,9 @@ def test_checkpoint_rerun_skips_calibration_and_scoring(demo, batches, fp8_alone
 def per_module(demo, batches, tmp_path_factory):
     """One gradient search over per-tensor FP8 that keeps each projection's own scales."""
     model = fresh(demo)
-    found = run_search(model, batches, tmp_path_factory.mktemp("pm") / "s.pth",
-                       spec((FP8,), fused_scales="per-module"))
+    found = run_search(
+        model, batches, tmp_path_factory.mktemp("pm") / "s.pth", spec((FP8,), fused_scales="per-module")
+    )
     return model, found
 
 
@@ -199,8 +206,9 @@ def test_shared_max_gives_each_fused_group_its_largest_scales(union):
     autoquant.solve(model, found, [PCPT], 8.0)
     for group in groups:
         for m in group:
-            assert torch.equal(m.weight_quantizer.amax.float().flatten(),
-                               m.weight.detach().abs().amax(dim=1).float())
+            assert torch.equal(
+                m.weight_quantizer.amax.float().flatten(), m.weight.detach().abs().amax(dim=1).float()
+            )
             assert m.input_quantizer._dynamic
 
 
@@ -259,13 +267,11 @@ def test_interrupt_flag_stops_at_batch_boundary(demo, batches, tmp_path):
     flag = StopFlag()
     flag.set("SIGINT")
     with pytest.raises(Interrupted):
-        autoquant.search(fresh(demo), spec(), batches, tmp_path / "c.pth", lambda p, s, t=None: "",
-                         stop=flag)
+        autoquant.search(fresh(demo), spec(), batches, tmp_path / "c.pth", lambda p, s, t=None: "", stop=flag)
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_stored_output_diffs_are_freed_between_scoring_steps(demo, batches, tmp_path,
-                                                             monkeypatch):
+def test_stored_output_diffs_are_freed_between_scoring_steps(demo, batches, tmp_path, monkeypatch):
     """ModelOpt keeps every scored module's Q(Y)-Y until its next forward; the driver frees each
     once its backward has scored it, so no step starts holding the last step's (memory_plan.py)."""
     held: list[int] = []
@@ -277,6 +283,7 @@ def test_stored_output_diffs_are_freed_between_scoring_steps(demo, batches, tmp_
         def forward_counting(model, batch):
             held.append(sum("output_diff_dict" in m.__dict__ for m in model.modules()))
             return forward(model, batch)
+
         return forward_counting, loss
 
     monkeypatch.setattr(autoquant, "make_steps", counting_steps)
@@ -295,18 +302,16 @@ def test_row_chunked_kl_equals_the_whole_tensor_kl(monkeypatch):
     ref = torch.randn(37, 1000, generator=gen).to(torch.bfloat16)
     quant = (ref.float() + 0.3 * torch.randn(37, 1000, generator=gen)).to(torch.bfloat16)
     log_ref = torch.log_softmax(ref.float(), dim=-1)
-    whole = F.kl_div(torch.log_softmax(quant.float(), -1), log_ref, reduction="sum",
-                     log_target=True)
+    whole = F.kl_div(torch.log_softmax(quant.float(), -1), log_ref, reduction="sum", log_target=True)
     monkeypatch.setattr(autoquant, "_KL_CHUNK_BYTES", 4 * 1000 * 5)  # 5 rows: 8 chunks, 2 left
     chunked = autoquant._chunked_kl_div_loss(log_ref, quant)
     assert chunked.item() == pytest.approx(whole.item(), rel=1e-5) and whole.item() > 1.0
-    assert chunked.item() == pytest.approx(
-        mq_algorithms._get_kl_div_loss(log_ref, quant).item(), rel=1e-5)
+    assert chunked.item() == pytest.approx(mq_algorithms._get_kl_div_loss(log_ref, quant).item(), rel=1e-5)
 
 
-def test_a_narrower_search_seeded_from_a_wider_calibration_scores_the_same(demo, batches,
-                                                                           union, kl_scratch,
-                                                                           tmp_path):
+def test_a_narrower_search_seeded_from_a_wider_calibration_scores_the_same(
+    demo, batches, union, kl_scratch, tmp_path
+):
     """kl_div over FP8 alone, started from the FP8+pcpt union's calibration, gets the scores a
     kl_div search calibrated from scratch gets: each format is calibrated on its own."""
     _, wide = union
@@ -320,21 +325,22 @@ def test_a_narrower_search_seeded_from_a_wider_calibration_scores_the_same(demo,
     for name, stat in scratch.stats.items():
         assert seeded.stats[name]["raw_scores"] == pytest.approx(stat["raw_scores"], rel=1e-6)
     # a source that lacks a format seeds nothing (that format would go uncalibrated)
-    assert not autoquant.seed_calibration(scratch.checkpoint, tmp_path / "no.pth", "gradient",
-                                          fp, (FP8, PCPT))
+    assert not autoquant.seed_calibration(
+        scratch.checkpoint, tmp_path / "no.pth", "gradient", fp, (FP8, PCPT)
+    )
     assert not (tmp_path / "no.pth").exists()
 
 
-def test_kl_div_replays_the_unquantized_prefix_with_the_same_scores(demo, batches, tmp_path,
-                                                                    kl_scratch, monkeypatch):
+def test_kl_div_replays_the_unquantized_prefix_with_the_same_scores(
+    demo, batches, tmp_path, kl_scratch, monkeypatch
+):
     """kl_div scores a group with only that group quantized: the decoder layers before it are
     replayed from the BF16 pass, not recomputed. The scores must not change, and fewer decoder
     layers must run."""
     import contextlib
 
     replayed_model, replayed, replayed_calls = kl_scratch  # searched with the replay, as shipped
-    monkeypatch.setattr(autoquant.PrefixReplay, "__call__",
-                        lambda self, m, b: contextlib.nullcontext())
+    monkeypatch.setattr(autoquant.PrefixReplay, "__call__", lambda self, m, b: contextlib.nullcontext())
     model = fresh(demo)
     full_calls = count_layer_calls(model)
     full = run_search(model, batches, tmp_path / "f.pth", spec(method="kl_div"))
@@ -350,7 +356,8 @@ def test_kl_div_replays_the_unquantized_prefix_with_the_same_scores(demo, batche
 
 
 def test_a_format_calibrating_only_weights_takes_one_batch_with_the_same_result(
-        demo, batches, tmp_path, monkeypatch):
+    demo, batches, tmp_path, monkeypatch
+):
     """pcpt's activations are dynamic (never calibrated): its max calibration sees only the
     weights, the same in every batch. One batch must give the scores all batches give."""
     calls: list[str] = []
@@ -360,11 +367,16 @@ def test_a_format_calibrating_only_weights_takes_one_batch_with_the_same_result(
         forward, loss = real(method, stop)
 
         def forward_counting(model, batch):
-            on = [n for n, m in model.named_modules()
-                  if isinstance(m, autoquant.TensorQuantizer) and getattr(m, "_if_calib", False)]
-            calls.append("weights only" if on and all(n.endswith("weight_quantizer") for n in on)
-                         else "other")
+            on = [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, autoquant.TensorQuantizer) and getattr(m, "_if_calib", False)
+            ]
+            calls.append(
+                "weights only" if on and all(n.endswith("weight_quantizer") for n in on) else "other"
+            )
             return forward(model, batch)
+
         return forward_counting, loss
 
     monkeypatch.setattr(autoquant, "make_steps", counting_steps)

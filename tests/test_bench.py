@@ -19,22 +19,35 @@ import pytest
 
 from .conftest import PY, ROOT, subprocess_env
 
-SMOKE = "--num-calib-samples 256 --num-calib-steps 1 --num-score-steps 1 --num-eval-samples 32 " \
-        "--seq-len 128"
+SMOKE = "--num-calib-samples 256 --num-calib-steps 1 --num-score-steps 1 --num-eval-samples 32 --seq-len 128"
 SMOKE_SIZES = f"--sizes={SMOKE}"
 
 
 def bench(script: str, *args: str) -> subprocess.CompletedProcess:
     """Run bench/<script> with `args` as a fresh process (the package from this source tree)."""
-    return subprocess.run([PY, str(ROOT / "bench" / script), *args], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [PY, str(ROOT / "bench" / script), *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.bench
 def test_gpu_benchmark_cpu_path(tmp_path):
     out = tmp_path / "r.json"
-    proc = bench("bench_gpu.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--steps",
-                 "driver,read,bare,loadonly", "--out", str(out))
+    proc = bench(
+        "bench_gpu.py",
+        "--size",
+        "tiny",
+        "--work",
+        str(tmp_path / "w"),
+        "--steps",
+        "driver,read,bare,loadonly",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["read_lm_bytes"]["bytes"] == r["checkpoint"]["lm_bytes"]  # every LM tensor, once
@@ -49,8 +62,9 @@ def test_gpu_benchmark_cpu_path(tmp_path):
 @pytest.mark.bench
 def test_sweep_benchmark_cpu_path(tmp_path):
     out = tmp_path / "s.json"
-    proc = bench("bench_sweep.py", "--repeats", "1", SMOKE_SIZES, "--work", str(tmp_path / "w"),
-                 "--out", str(out))
+    proc = bench(
+        "bench_sweep.py", "--repeats", "1", SMOKE_SIZES, "--work", str(tmp_path / "w"), "--out", str(out)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["schemes_in_sweep"] >= 5 and len(r["groups"]) >= 2
@@ -62,9 +76,22 @@ def test_served_benchmark_cpu_path(tmp_path):
     """The shared-max run is what vLLM serves (its load transformation changes no byte, the KL
     is the run's); per-module is re-quantized at load."""
     out = tmp_path / "served.json"
-    proc = subprocess.run([PY, str(ROOT / "bench" / "bench_served.py"), "--size", "tiny",
-                           "--work", str(tmp_path / "w"), "--out", str(out)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            PY,
+            str(ROOT / "bench" / "bench_served.py"),
+            "--size",
+            "tiny",
+            "--work",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     shared, old = r["modes"]["shared-max"], r["modes"]["per-module"]
@@ -78,8 +105,18 @@ def test_served_benchmark_cpu_path(tmp_path):
 @pytest.mark.bench
 def test_roofline_cpu_path(tmp_path):
     out = tmp_path / "roof.json"
-    proc = bench("roofline.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out", str(out),
-                 "--warmup", "1", "--profile")
+    proc = bench(
+        "roofline.py",
+        "--size",
+        "tiny",
+        "--work",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+        "--warmup",
+        "1",
+        "--profile",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     steps = r["steps"]
@@ -100,11 +137,21 @@ def test_roofline_cpu_path(tmp_path):
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("flags,needle", [(["--searches", "driver,nope"], "--searches"),
-                                          (["--scheme", "fp8-kl-10b"], "gradient-method")])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [(["--searches", "driver,nope"], "--searches"), (["--scheme", "fp8-kl-10b"], "gradient-method")],
+)
 def test_roofline_refuses_bad_flags_before_loading(tmp_path, flags, needle):
-    proc = bench("roofline.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out",
-                 str(tmp_path / "r.json"), *flags)
+    proc = bench(
+        "roofline.py",
+        "--size",
+        "tiny",
+        "--work",
+        str(tmp_path / "w"),
+        "--out",
+        str(tmp_path / "r.json"),
+        *flags,
+    )
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists() and not (tmp_path / "r.json").exists()
 
@@ -112,9 +159,22 @@ def test_roofline_refuses_bad_flags_before_loading(tmp_path, flags, needle):
 @pytest.mark.bench
 def test_catalog_benchmark_cpu_path(tmp_path):
     out = tmp_path / "cat.json"
-    proc = bench("bench_catalog.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out",
-                 str(out), "--steps", "single,sweep_all,alone", "--alone", "fp8-kl-10b",
-                 "--parallel", "1", SMOKE_SIZES)
+    proc = bench(
+        "bench_catalog.py",
+        "--size",
+        "tiny",
+        "--work",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+        "--steps",
+        "single,sweep_all,alone",
+        "--alone",
+        "fp8-kl-10b",
+        "--parallel",
+        "1",
+        SMOKE_SIZES,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert set(r["sweep_all"]["schemes"]) == set(r["catalog"])
@@ -126,8 +186,16 @@ def test_catalog_benchmark_cpu_path(tmp_path):
 @pytest.mark.bench
 def test_export_catalog_benchmark_cpu_path(tmp_path):
     out = tmp_path / "x.json"
-    proc = bench("bench_export_catalog.py", "--size", "tiny", "--work", str(tmp_path / "w"),
-                 "--out", str(out), f"--sizes=--schemes fp8-balanced-10b,fp8-kl-10b {SMOKE}")
+    proc = bench(
+        "bench_export_catalog.py",
+        "--size",
+        "tiny",
+        "--work",
+        str(tmp_path / "w"),
+        "--out",
+        str(out),
+        f"--sizes=--schemes fp8-balanced-10b,fp8-kl-10b {SMOKE}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     r = json.loads(out.read_text())
     assert set(r["exports"]) == {"fp8-balanced-10b", "fp8-kl-10b"} and r["all_passed"]
@@ -145,8 +213,9 @@ def test_export_benchmark_cpu_path(tmp_path):
 @pytest.mark.bench
 def test_peer_benchmark_cpu_path_with_profiles(tmp_path):
     out = tmp_path / "peer.json"
-    proc = bench("bench_peer.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out",
-                 str(out), "--profile")
+    proc = bench(
+        "bench_peer.py", "--size", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--profile"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert [x["side"] for x in r["runs"]] == ["driver", "bare", "driver"]  # no peer on the CPU

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm_autoquant.plan.calib_data import IGNORE, check_caption_file, load_captions, pack, split_captions
 from vlm_autoquant.core.errors import Problems
+from vlm_autoquant.plan.calib_data import IGNORE, check_caption_file, load_captions, pack, split_captions
 
 from .conftest import COCO, QWEN_TOKENIZER
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vlm_autoquant.model.checkpoint import inspect_checkpoint
 from vlm_autoquant.core.errors import Problems
+from vlm_autoquant.model.checkpoint import inspect_checkpoint
 
 
 def copy(demo, tmp_path) -> Path:
@@ -47,11 +47,15 @@ def test_no_config(demo, tmp_path):
     assert "no config.json" in problems_for(d)
 
 
-@pytest.mark.parametrize("model_type,arch,said", [
-    ("qwen2", "Qwen2ForCausalLM", "config.json has model_type 'qwen2' (Qwen2ForCausalLM);"),
-    ("llava", "LlavaForConditionalGeneration", "model_type 'llava' (LlavaForConditionalGeneration)"),
-    ("llama", None, "config.json has model_type 'llama'; this tool needs 'qwen2_5_vl'"),
-    (None, None, "config.json has no model_type; this tool needs 'qwen2_5_vl'")])
+@pytest.mark.parametrize(
+    "model_type,arch,said",
+    [
+        ("qwen2", "Qwen2ForCausalLM", "config.json has model_type 'qwen2' (Qwen2ForCausalLM);"),
+        ("llava", "LlavaForConditionalGeneration", "model_type 'llava' (LlavaForConditionalGeneration)"),
+        ("llama", None, "config.json has model_type 'llama'; this tool needs 'qwen2_5_vl'"),
+        (None, None, "config.json has no model_type; this tool needs 'qwen2_5_vl'"),
+    ],
+)
 def test_wrong_model_type(demo, tmp_path, model_type, arch, said):
     d = copy(demo, tmp_path)
     cfg = json.loads((d / "config.json").read_text())

@@ -9,14 +9,36 @@ import subprocess
 import pytest
 import torch
 
-from vlm_autoquant.core.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SENSITIVITY_FIGURE
-from vlm_autoquant.tracking import (DEFAULT_EXPERIMENT, M_BITS_ACHIEVED, M_KL, M_PPL_QUANT,
-                                   M_PPL_REF, M_TOP1, M_WEIGHT_BYTES)
+from vlm_autoquant.core.artifacts import (
+    LAYERS_FILE,
+    MANIFEST_FILE,
+    QUANT_STATE_FILE,
+    SCHEME_FILE,
+    SENSITIVITY_FIGURE,
+)
+from vlm_autoquant.tracking import (
+    DEFAULT_EXPERIMENT,
+    M_BITS_ACHIEVED,
+    M_KL,
+    M_PPL_QUANT,
+    M_PPL_REF,
+    M_TOP1,
+    M_WEIGHT_BYTES,
+)
 
 from .conftest import PY, QUICK, ROOT, run_cli, subprocess_env
 
-REQUIRED_KEYS = {"schema_version", "scheme", "model", "calibration", "effective_bits", "layers",
-                 "summary", "versions", "timings"}
+REQUIRED_KEYS = {
+    "schema_version",
+    "scheme",
+    "model",
+    "calibration",
+    "effective_bits",
+    "layers",
+    "summary",
+    "versions",
+    "timings",
+}
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +117,13 @@ def test_fresh_process_restore_gives_the_same_logits(finished, demo, tmp_path):
 
     out, _, _ = finished
     target = tmp_path / "logits.pt"
-    subprocess.run([PY, "-c", RESTORE, str(demo[0]), str(out / QUANT_STATE_FILE), str(target)],
-                   check=True, env=subprocess_env(), cwd=tmp_path, timeout=300)
+    subprocess.run(
+        [PY, "-c", RESTORE, str(demo[0]), str(out / QUANT_STATE_FILE), str(target)],
+        check=True,
+        env=subprocess_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     fresh = torch.load(target)
     # A second restore, after the first and in this (long-lived) process, gives the same
     # logits: neither run depends on anything the other left or on the process it runs in.
@@ -120,9 +147,23 @@ def in_process_run(demo, tmp_path_factory):
         for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
             mp.delenv(leftover, raising=False)  # also removes what MLflow sets during the run
         mp.chdir(root)  # MLflow's default artifact root is ./mlruns
-        assert run_cli(["--scheme-name", "fp8-aggressive-9b", "--model-dir", demo[0],
-                        "--output-dir", root / "o", "--calib-file", demo[1], "--save-weights",
-                        *QUICK]) == 0
+        assert (
+            run_cli(
+                [
+                    "--scheme-name",
+                    "fp8-aggressive-9b",
+                    "--model-dir",
+                    demo[0],
+                    "--output-dir",
+                    root / "o",
+                    "--calib-file",
+                    demo[1],
+                    "--save-weights",
+                    *QUICK,
+                ]
+            )
+            == 0
+        )
     return root / "o"
 
 
@@ -132,8 +173,11 @@ def test_restore_matches_the_run_model_in_process(demo, in_process_run):
 
     m = json.loads((in_process_run / MANIFEST_FILE).read_text())
     restored = quant_state.restore(demo[0], in_process_run / QUANT_STATE_FILE, torch.device("cpu"))
-    fp8 = {n for n, mod in restored.named_modules()
-           if getattr(getattr(mod, "weight_quantizer", None), "is_enabled", False)}
+    fp8 = {
+        n
+        for n, mod in restored.named_modules()
+        if getattr(getattr(mod, "weight_quantizer", None), "is_enabled", False)
+    }
     assert fp8 == {layer["name"] for layer in m["layers"] if layer["format"] == "FP8"}
 
 
@@ -148,10 +192,25 @@ def test_mlflow_run_main_entry_point(demo, tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = ["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local",
-           "--experiment-name", "e2e", "-P", "scheme_name=fp8-conservative-12b",
-           "-P", f"model_dir={demo[0]}", "-P", f"calib_file={demo[1]}",
-           "-P", f"output_dir={tmp_path / 'out'}"]
+    cmd = [
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "main",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "e2e",
+        "-P",
+        "scheme_name=fp8-conservative-12b",
+        "-P",
+        f"model_dir={demo[0]}",
+        "-P",
+        f"calib_file={demo[1]}",
+        "-P",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     for flag, value in zip(QUICK[::2], QUICK[1::2]):
         cmd += ["-P", f"{flag.lstrip('-').replace('-', '_')}={value}"]
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
@@ -171,8 +230,10 @@ def test_mlflow_run_main_entry_point(demo, tmp_path):
     last = proc.stdout.strip().splitlines()[-1]  # the handoff: run, experiment, output, next
     assert f"MLflow run {runs[0].info.run_id} in experiment 'e2e'" in last
     assert f"output in {tmp_path / 'out'}" in last
-    assert (f"next: mlflow run . -e export --env-manager local -P run_id={runs[0].info.run_id} "
-            f"-P model_dir={demo[0]} -P experiment=e2e") in last
+    assert (
+        f"next: mlflow run . -e export --env-manager local -P run_id={runs[0].info.run_id} "
+        f"-P model_dir={demo[0]} -P experiment=e2e"
+    ) in last
 
 
 def test_the_script_ends_with_the_run_and_its_export_command(finished, demo):
@@ -183,10 +244,12 @@ def test_the_script_ends_with_the_run_and_its_export_command(finished, demo):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     model_dir = demo[0]
     lines = (out.parent / "stdout.txt").read_text().strip().splitlines()
-    assert lines == [f"fp8-balanced-10b: MLflow run {run.info.run_id} in experiment "
-                     f"'{DEFAULT_EXPERIMENT}'; output in {out}; next: python "
-                     f"scripts/qwen/qwen2_5_vl_3b_autoquant_fp8_export.py --run-id "
-                     f"{run.info.run_id} --model-dir {model_dir}"]
+    assert lines == [
+        f"fp8-balanced-10b: MLflow run {run.info.run_id} in experiment "
+        f"'{DEFAULT_EXPERIMENT}'; output in {out}; next: python "
+        f"scripts/qwen/qwen2_5_vl_3b_autoquant_fp8_export.py --run-id "
+        f"{run.info.run_id} --model-dir {model_dir}"
+    ]
 
 
 def test_a_failed_mlflow_run_is_named_and_says_why(tmp_path):
@@ -195,10 +258,27 @@ def test_a_failed_mlflow_run_is_named_and_says_why(tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = ["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local",
-           "-P", "scheme_name=fp8-nope-3b", "-P", f"model_dir={tmp_path}"]
-    proc = subprocess.run(cmd, env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "main",
+        "--env-manager",
+        "local",
+        "-P",
+        "scheme_name=fp8-nope-3b",
+        "-P",
+        f"model_dir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "--scheme-name" in proc.stderr
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id])
@@ -211,9 +291,9 @@ def test_a_failed_mlflow_run_is_named_and_says_why(tmp_path):
 def test_save_weights_writes_the_lm_once(demo, in_process_run):
     from safetensors import safe_open
 
-    from vlm_autoquant.model.checkpoint import inspect_checkpoint
     from vlm_autoquant.core.artifacts import LM_WEIGHTS_FILE
     from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.model.checkpoint import inspect_checkpoint
 
     out = in_process_run
     with safe_open(str(out / LM_WEIGHTS_FILE), "pt") as f:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlm_autoquant.plan import cost
 from vlm_autoquant.model.demo import QWEN25_VL_3B, released_config
+from vlm_autoquant.plan import cost
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +15,21 @@ def numels_3b(tmp_path_factory):
     from vlm_autoquant.model.lm import linear_numels, meta_model, text_config
 
     d = tmp_path_factory.mktemp("cfg3b")
-    ids = {t: 151643 + i for i, t in enumerate(
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-         "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"])}
+    ids = {
+        t: 151643 + i
+        for i, t in enumerate(
+            [
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|vision_start|>",
+                "<|vision_end|>",
+                "<|vision_pad|>",
+                "<|image_pad|>",
+                "<|video_pad|>",
+            ]
+        )
+    }
     (d / "config.json").write_text(json.dumps(released_config(QWEN25_VL_3B, 151936, ids)))
     return linear_numels(meta_model(text_config(d)))
 

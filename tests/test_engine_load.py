@@ -11,16 +11,33 @@ E4M3 = torch.float8_e4m3fn
 
 
 def test_fused_groups_are_qkv_and_gate_up_per_layer():
-    names = [f"model.layers.{i}.{p}" for i in range(2) for p in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    names = [
+        f"model.layers.{i}.{p}"
+        for i in range(2)
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
     assert fused_layer_groups(names) == [
         ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
-        ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-         "model.layers.0.self_attn.v_proj"],
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj",
+        ],
         ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"],
-        ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
-         "model.layers.1.self_attn.v_proj"]]
+        [
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.k_proj",
+            "model.layers.1.self_attn.v_proj",
+        ],
+    ]
 
 
 def test_requantize_to_the_largest_scale_rounds_to_the_nearest_code():
@@ -55,8 +72,7 @@ def test_the_export_warns_only_for_per_tensor_fp8_groups_kept_per_module():
     from vlm_autoquant.exporter.engine_load import fused_scales_warning
 
     def manifest(rule, config):
-        layers = [{"name": f"model.layers.0.self_attn.{p}_proj", "quant_config": config}
-                  for p in "qkvo"]
+        layers = [{"name": f"model.layers.0.self_attn.{p}_proj", "quant_config": config} for p in "qkvo"]
         return {"layers": layers, **({"export": {"fused_scales": rule}} if rule else {})}
 
     kept = fused_scales_warning(manifest("per-module", "FP8_DEFAULT_CFG"))

@@ -30,7 +30,7 @@ def source(script_run, tmp_path_factory):
 
     out, shared_uri, _ = script_run
     root = tmp_path_factory.mktemp("export_src")
-    shutil.copyfile(shared_uri[len("sqlite:///"):], root / "mlflow.db")
+    shutil.copyfile(shared_uri[len("sqlite:///") :], root / "mlflow.db")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -80,10 +80,12 @@ def drop_vision(model_dir):
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     for shard in sorted(set(index["weight_map"].values())):
         t = load_file(str(model_dir / shard))
-        save_file({k: v for k, v in t.items() if not k.startswith("visual.")},
-                  str(model_dir / shard), metadata={"format": "pt"})
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items()
-                           if not k.startswith("visual.")}
+        save_file(
+            {k: v for k, v in t.items() if not k.startswith("visual.")},
+            str(model_dir / shard),
+            metadata={"format": "pt"},
+        )
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("visual.")}
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
@@ -93,8 +95,21 @@ def test_export_by_run_id_passes_every_check(store, demo, tmp_path, capsys):
 
     run_id, _, uri = store
     root = tmp_path / "ckpt"
-    code, err = export(["--run-id", run_id, "--model-dir", demo[0], "--output-dir", root,
-                        "--register", "qwen-demo-fp8", "--format", "both"], capsys)
+    code, err = export(
+        [
+            "--run-id",
+            run_id,
+            "--model-dir",
+            demo[0],
+            "--output-dir",
+            root,
+            "--register",
+            "qwen-demo-fp8",
+            "--format",
+            "both",
+        ],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads((root / "export_report.json").read_text())
     assert report["passed"] and all(c["passed"] for c in report["checks"].values())
@@ -105,9 +120,15 @@ def test_export_by_run_id_passes_every_check(store, demo, tmp_path, capsys):
     assert report["checks"]["modelopt.numerics"]["engine_arithmetic"]["kl_mean"] >= 0.0
     assert report["checks"]["modelopt.vision"]["tensors"] > 0
     assert report["identity"]["match"] and not report["lm_only"]
-    for name in ("config.json", "hf_quant_config.json", "model.safetensors.index.json",
-                 "tokenizer.json", "preprocessor_config.json", "chat_template.json",
-                 "generation_config.json"):
+    for name in (
+        "config.json",
+        "hf_quant_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "chat_template.json",
+        "generation_config.json",
+    ):
         assert (out / name).is_file(), name
     cfg = json.loads((out / "config.json").read_text())
     base = json.loads((demo[0] / "config.json").read_text())
@@ -125,8 +146,7 @@ def test_export_by_run_id_passes_every_check(store, demo, tmp_path, capsys):
         assert f.get_tensor(f"{fp8[0]}.input_scale").dtype == torch.float32
     vis = next(k for k in index if k.startswith("visual."))
     base_index = json.loads((demo[0] / "model.safetensors.index.json").read_text())["weight_map"]
-    with safe_open(str(out / index[vis]), "pt") as a, \
-            safe_open(str(demo[0] / base_index[vis]), "pt") as b:
+    with safe_open(str(out / index[vis]), "pt") as a, safe_open(str(demo[0] / base_index[vis]), "pt") as b:
         assert torch.equal(a.get_tensor(vis).view(torch.uint8), b.get_tensor(vis).view(torch.uint8))
     hfq = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert "visual*" in hfq["exclude_modules"]
@@ -137,7 +157,8 @@ def test_export_by_run_id_passes_every_check(store, demo, tmp_path, capsys):
     assert "export/kl_mean" in exp_run.data.metrics
     assert client.get_run(run_id).data.tags["export.run_id"] == exp_run.info.run_id
     assert {"export_report.json", "export_files.json"} <= {
-        a.path for a in client.list_artifacts(exp_run.info.run_id)}
+        a.path for a in client.list_artifacts(exp_run.info.run_id)
+    }
     # --register: an MLflow 3 LoggedModel (MLmodel pyfunc over the compressed-tensors
     # checkpoint), registered, aliased by scheme, carrying the source run's quality metrics
     version = client.get_model_version_by_alias("qwen-demo-fp8", "fp8-balanced-10b")
@@ -187,28 +208,29 @@ def test_tampered_state_is_refused(store, demo, tmp_path, capsys):
     art = shutil.copytree(store[1], tmp_path / "art")
     with open(art / QUANT_STATE_FILE, "ab") as f:
         f.write(b"\0")
-    code, err = export(["--artifacts-dir", art, "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "o"], capsys)
+    code, err = export(
+        ["--artifacts-dir", art, "--model-dir", demo[0], "--output-dir", tmp_path / "o"], capsys
+    )
     _assert_usage(code, err, "--artifacts-dir", tmp_path / "o")
     assert "sha256" in err
 
 
 def test_other_weights_refused_in_export_and_restore(store, demo, tmp_path, capsys):
-    from vlm_autoquant.model import quant_state
     from vlm_autoquant.core.errors import UsageError
+    from vlm_autoquant.model import quant_state
     from vlm_autoquant.model.identity import lm_weights_sha256
 
     other = copy_demo(demo[0], tmp_path / "other")
     flip_one_lm_byte(other)  # one value of one tensor
     assert lm_weights_sha256(other) != lm_weights_sha256(demo[0])
-    code, err = export(["--run-id", store[0], "--model-dir", other, "--output-dir",
-                        tmp_path / "o"], capsys)
+    code, err = export(["--run-id", store[0], "--model-dir", other, "--output-dir", tmp_path / "o"], capsys)
     _assert_usage(code, err, "--model-dir", tmp_path / "o")
     assert "--allow-other-weights" in err
     with pytest.raises(UsageError, match="other LM weights"):
         quant_state.restore(other, store[1] / QUANT_STATE_FILE, torch.device("cpu"))
-    model = quant_state.restore(other, store[1] / QUANT_STATE_FILE, torch.device("cpu"),
-                                allow_other_weights=True)
+    model = quant_state.restore(
+        other, store[1] / QUANT_STATE_FILE, torch.device("cpu"), allow_other_weights=True
+    )
     # the weights are the other dir's (its flipped byte included), the quantizers the run's
     from safetensors import safe_open
 
@@ -217,8 +239,9 @@ def test_other_weights_refused_in_export_and_restore(store, demo, tmp_path, caps
     shard = next(f for f in weight_files(other) if "model.norm.weight" in shard_layout(f))
     with safe_open(str(shard), "pt") as f:
         theirs = f.get_tensor("model.norm.weight")
-    with safe_open(str(next(f for f in weight_files(demo[0])
-                            if "model.norm.weight" in shard_layout(f))), "pt") as f:
+    with safe_open(
+        str(next(f for f in weight_files(demo[0]) if "model.norm.weight" in shard_layout(f))), "pt"
+    ) as f:
         assert not torch.equal(theirs, f.get_tensor("model.norm.weight"))
     assert torch.equal(dict(model.named_parameters())["model.norm.weight"].cpu(), theirs)
     saved = torch.load(store[1] / QUANT_STATE_FILE, weights_only=True)["quantizer_state"]
@@ -236,14 +259,12 @@ def test_output_dir_not_empty_and_disk_full(store, demo, tmp_path, capsys, monke
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
-    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir", full],
-                       capsys)
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir", full], capsys)
     _assert_usage(code, err, "--output-dir")
     assert (full / "keep.txt").read_text() == "mine" and "--overwrite" in err
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(export_inputs.shutil, "disk_usage", lambda p: usage(10, 10, 0))
-    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "o"], capsys)
+    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir", tmp_path / "o"], capsys)
     _assert_usage(code, err, "--output-dir", tmp_path / "o")
     assert "disk space" in err
 
@@ -251,12 +272,13 @@ def test_output_dir_not_empty_and_disk_full(store, demo, tmp_path, capsys, monke
 def test_model_dir_without_vision_tower_needs_lm_only(store, demo, tmp_path, capsys):
     lm = copy_demo(demo[0], tmp_path / "lm")
     drop_vision(lm)  # the LM bytes, hence the identity, are unchanged
-    code, err = export(["--run-id", store[0], "--model-dir", lm, "--output-dir",
-                        tmp_path / "o"], capsys)
+    code, err = export(["--run-id", store[0], "--model-dir", lm, "--output-dir", tmp_path / "o"], capsys)
     _assert_usage(code, err, "--model-dir", tmp_path / "o")
     assert "--lm-only" in err
-    code, err = export(["--run-id", store[0], "--model-dir", lm, "--output-dir", tmp_path / "o",
-                        "--lm-only", "--no-mlflow"], capsys)
+    code, err = export(
+        ["--run-id", store[0], "--model-dir", lm, "--output-dir", tmp_path / "o", "--lm-only", "--no-mlflow"],
+        capsys,
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "export_report.json").read_text())
     assert report["lm_only"] and report["passed"]
@@ -271,15 +293,17 @@ def test_interrupted_or_failed_export_leaves_nothing(store, demo, tmp_path, caps
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_pipeline, "_before_publish", boom)
-    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "o", "--no-mlflow"], capsys)
+    code, err = export(
+        ["--run-id", store[0], "--model-dir", demo[0], "--output-dir", tmp_path / "o", "--no-mlflow"], capsys
+    )
     assert code == 130, err
     assert "Nothing was written" in err and "calibration" not in err
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
     monkeypatch.setattr(export_pipeline.export_verify, "KL_LIMIT", -1.0)  # a check that fails
-    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "o", "--no-mlflow"], capsys)
+    code, err = export(
+        ["--run-id", store[0], "--model-dir", demo[0], "--output-dir", tmp_path / "o", "--no-mlflow"], capsys
+    )
     assert code == 1 and "numerics" in err
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
@@ -289,8 +313,9 @@ def test_interrupted_or_failed_export_leaves_nothing(store, demo, tmp_path, caps
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export_pipeline.export, "_write_shard", full)
-    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "o", "--no-mlflow"], capsys)
+    code, err = export(
+        ["--run-id", store[0], "--model-dir", demo[0], "--output-dir", tmp_path / "o", "--no-mlflow"], capsys
+    )
     _assert_usage(code, err, "--output-dir", tmp_path / "o")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
 
@@ -300,9 +325,17 @@ def test_engine_rows_per_format_and_kind_warn_only_on_failures():
     compressed-tensors per-tensor group fails in TensorRT-LLM; only failures warn."""
     from vlm_autoquant.exporter import engines
 
-    mixed = engines.assess({"quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": {
-        "model.layers.0.mlp.up_proj": {"quant_algo": "FP8"},
-        "model.layers.0.mlp.down_proj": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}}}})
+    mixed = engines.assess(
+        {
+            "quantization": {
+                "quant_algo": "MIXED_PRECISION",
+                "quantized_layers": {
+                    "model.layers.0.mlp.up_proj": {"quant_algo": "FP8"},
+                    "model.layers.0.mlp.down_proj": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
+                },
+            }
+        }
+    )
     assert mixed["kind"] == engines.MIXED
     assert mixed["engines"]["vllm"]["verdict"] == "loads" and mixed["engines"]["vllm"]["since"] == "0.30"
     assert mixed["engines"]["sglang"]["verdict"] == "fails"
@@ -333,9 +366,22 @@ def test_identity_ignores_the_vision_tower(demo, tmp_path):
 
 
 def test_script_reports_bad_input_without_traceback(tmp_path):
-    proc = subprocess.run([PY, str(EXPORT_SCRIPT), "--artifacts-dir", str(tmp_path / "none"),
-                           "--output-dir", str(tmp_path / "o"), "--no-mlflow"], cwd=tmp_path,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            PY,
+            str(EXPORT_SCRIPT),
+            "--artifacts-dir",
+            str(tmp_path / "none"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--no-mlflow",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "--artifacts-dir" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
@@ -345,11 +391,29 @@ def test_mlflow_run_export_entry_point(store, demo, tmp_path):
     import mlflow
 
     run_id, _, uri = store
-    cmd = ["mlflow", "run", str(ROOT), "-e", "export", "--env-manager", "local",
-           "-P", f"run_id={run_id}", "-P", f"model_dir={demo[0]}",
-           "-P", f"output_dir={tmp_path / 'ckpt'}"]
-    proc = subprocess.run(cmd, env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    cmd = [
+        "mlflow",
+        "run",
+        str(ROOT),
+        "-e",
+        "export",
+        "--env-manager",
+        "local",
+        "-P",
+        f"run_id={run_id}",
+        "-P",
+        f"model_dir={demo[0]}",
+        "-P",
+        f"output_dir={tmp_path / 'ckpt'}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ckpt" / "export_report.json").read_text())
     assert report["passed"]
@@ -400,10 +464,11 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
 
     from safetensors import safe_open
 
-    from vlm_autoquant.exporter import assemble as export_mod
-    from vlm_autoquant.exporter import pipeline as export_pipeline, verify as export_verify
     from vlm_autoquant.cli import main
     from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.exporter import assemble as export_mod
+    from vlm_autoquant.exporter import pipeline as export_pipeline
+    from vlm_autoquant.exporter import verify as export_verify
     from vlm_autoquant.exporter.inputs import ExportOptions, gather
     from vlm_autoquant.model.lm import load_lm, text_config
 
@@ -413,11 +478,28 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
     model_dir = copy_demo(demo[0], tmp_path / "m")
     plant_outlier(model_dir, 1)
     plant_rounding_ties(model_dir, "model.layers.0.self_attn.o_proj.weight")
-    assert main(["--scheme-name", "fp8-all-8b", "--model-dir", str(model_dir), "--calib-file",
-                 str(demo[1]), "--output-dir", str(tmp_path / "run"), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "--scheme-name",
+                "fp8-all-8b",
+                "--model-dir",
+                str(model_dir),
+                "--calib-file",
+                str(demo[1]),
+                "--output-dir",
+                str(tmp_path / "run"),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     problems = Problems()
-    inputs = gather(ExportOptions(output_dir=tmp_path / "x", artifacts_dir=tmp_path / "run",
-                                  model_dir=model_dir), tmp_path, problems)
+    inputs = gather(
+        ExportOptions(output_dir=tmp_path / "x", artifacts_dir=tmp_path / "run", model_dir=model_dir),
+        tmp_path,
+        problems,
+    )
     problems.raise_if_any()
     cpu = torch.device("cpu")
     model = export_pipeline._restore(inputs, cpu)
@@ -433,10 +515,14 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
             for key in (k for k in st.keys() if k.endswith(".weight_scale")):
                 layer = key.removesuffix(".weight_scale")
                 m = modules[layer]
-                fake = ((m.weight.float() * (448.0 / m.weight_quantizer.amax.float()))
-                        .clamp(-448, 448).to(torch.float8_e4m3fn))
-                assert torch.equal(st.get_tensor(layer + ".weight").view(torch.uint8),
-                                   fake.view(torch.uint8)), layer
+                fake = (
+                    (m.weight.float() * (448.0 / m.weight_quantizer.amax.float()))
+                    .clamp(-448, 448)
+                    .to(torch.float8_e4m3fn)
+                )
+                assert torch.equal(
+                    st.get_tensor(layer + ".weight").view(torch.uint8), fake.view(torch.uint8)
+                ), layer
                 checked += 1
     assert checked > 0
     amax = export_verify.quantizer_amax(reference, "input")
@@ -447,8 +533,7 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
     weight_amax = export_verify.quantizer_amax(reference, "weight")
     scales = export_verify.check_scales(staging, amax, weight_amax)
     assert scales["passed"] and scales["weight_scales"] == checked, scales
-    off = {k: v * (1.5 if k.endswith("layers.1.mlp.up_proj") else 1.0)
-           for k, v in weight_amax.items()}
+    off = {k: v * (1.5 if k.endswith("layers.1.mlp.up_proj") else 1.0) for k, v in weight_amax.items()}
     bad = export_verify.check_scales(staging, amax, off)
     assert not bad["passed"] and "layers.1.mlp.up_proj: weight_scale" in bad["errors"][0], bad
     codes = export_verify.check_weight_codes(staging, reference)
@@ -465,9 +550,9 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
     cfg = text_config(model_dir)
     with torch.no_grad():  # buffers no checkpoint holds come from the restored model
         reference.model.rotary_emb.inv_freq[1:] = torch.nextafter(
-            reference.model.rotary_emb.inv_freq[1:], torch.tensor(1.0))
-    candidate = export_verify.dequantized_lm(staging, cfg, cpu, "modelopt", amax, reference,
-                                             weight_amax)
+            reference.model.rotary_emb.inv_freq[1:], torch.tensor(1.0)
+        )
+    candidate = export_verify.dequantized_lm(staging, cfg, cpu, "modelopt", amax, reference, weight_amax)
     assert torch.equal(candidate.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
     bf16 = load_lm(model_dir, cfg, cpu)
     exported = export_verify.compare_logits(reference, candidate, batches, cpu)["kl_mean"]
@@ -503,9 +588,13 @@ def test_weights_dequantized_in_the_fake_quant_arithmetic(tmp_path):
     x = (torch.randn(64, 256, generator=gen) * amax / 3).clamp(-amax, amax).to(torch.bfloat16)
     x[0, 0] = amax.to(torch.bfloat16)
     layer = "model.layers.0.mlp.down_proj"
-    save_file({f"{layer}.weight": e4m3_codes(x, fake_quant_scale(amax)),
-               f"{layer}.weight_scale": (amax / 448).reshape(()).float()},
-              str(tmp_path / "model.safetensors"))
+    save_file(
+        {
+            f"{layer}.weight": e4m3_codes(x, fake_quant_scale(amax)),
+            f"{layer}.weight_scale": (amax / 448).reshape(()).float(),
+        },
+        str(tmp_path / "model.safetensors"),
+    )
     fake = fp8_eager(x, amax)
     state, _ = export_verify._dequantized_state(tmp_path, {layer: amax})
     assert torch.equal(state[f"{layer}.weight"], fake)
@@ -545,8 +634,7 @@ def lm_tensors(export_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_shared_max_export_is_what_the_engines_serve_byte_for_byte(demo, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_shared_max_export_is_what_the_engines_serve_byte_for_byte(demo, tmp_path, monkeypatch, capsys):
     """fp8-all-8b (every q/k/v and gate/up group FP8) run and exported once per --fused-scales.
     shared-max: one weight_scale and one input_scale per group, the largest of the per-module
     run's, and vLLM's load transformation (also SGLang's, which always re-quantizes) changes no
@@ -560,20 +648,47 @@ def test_shared_max_export_is_what_the_engines_serve_byte_for_byte(demo, tmp_pat
     exported = {}
     for mode in ("shared-max", "per-module"):
         run = tmp_path / f"run-{mode}"
-        assert main(["--scheme-name", "fp8-all-8b", "--model-dir", str(demo[0]), "--calib-file",
-                     str(demo[1]), "--output-dir", str(run), "--fused-scales", mode, *QUICK]) == 0
+        assert (
+            main(
+                [
+                    "--scheme-name",
+                    "fp8-all-8b",
+                    "--model-dir",
+                    str(demo[0]),
+                    "--calib-file",
+                    str(demo[1]),
+                    "--output-dir",
+                    str(run),
+                    "--fused-scales",
+                    mode,
+                    *QUICK,
+                ]
+            )
+            == 0
+        )
         doc = json.loads((run / MANIFEST_FILE).read_text())
         assert doc["export"]["fused_scales"] == mode == doc["scheme"]["fused_scales"]
-        code, err = export(["--artifacts-dir", run, "--model-dir", demo[0], "--output-dir",
-                            tmp_path / f"x-{mode}", "--no-mlflow"], capsys)
+        code, err = export(
+            [
+                "--artifacts-dir",
+                run,
+                "--model-dir",
+                demo[0],
+                "--output-dir",
+                tmp_path / f"x-{mode}",
+                "--no-mlflow",
+            ],
+            capsys,
+        )
         assert code == 0, err
         report = json.loads((tmp_path / f"x-{mode}" / "export_report.json").read_text())
         warned = [w for w in report["warnings"] if "fused_scales" in w]
         assert len(warned) == (mode == "per-module"), report["warnings"]
         exported[mode] = lm_tensors(tmp_path / f"x-{mode}")
     shared, old = exported["shared-max"], exported["per-module"]
-    groups = fused_layer_groups({k.removesuffix(".weight_scale") for k in shared
-                                 if k.endswith(".weight_scale")})
+    groups = fused_layer_groups(
+        {k.removesuffix(".weight_scale") for k in shared if k.endswith(".weight_scale")}
+    )
     assert len(groups) == 2 * 4  # the demo's 4 layers, all FP8 at 8 bits
     for group in groups:
         for suffix in ("weight_scale", "input_scale"):
@@ -583,30 +698,34 @@ def test_shared_max_export_is_what_the_engines_serve_byte_for_byte(demo, tmp_pat
         served, stats = served_tensors(shared, always)
         assert stats["groups"] == len(groups) and stats["bytes_changed"] == 0, stats
         for key, value in shared.items():
-            assert torch.equal(served[key].reshape(-1).view(torch.uint8),
-                               value.reshape(-1).view(torch.uint8)), key
+            assert torch.equal(
+                served[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)
+            ), key
     assert any(len({float(old[f"{n}.weight_scale"]) for n in g}) > 1 for g in groups)
     served, stats = served_tensors(old)
     assert stats["requantized"] > 0 and stats["bytes_changed"] > 0, stats
 
 
-def test_the_served_arithmetic_is_checked_against_its_bound(store, demo, tmp_path, capsys,
-                                                            monkeypatch):
+def test_the_served_arithmetic_is_checked_against_its_bound(store, demo, tmp_path, capsys, monkeypatch):
     """The serving kernel's arithmetic is a check with a limit, not only a report: a limit no
     export can meet fails the export, and the report shows the limit that was applied."""
     from vlm_autoquant.exporter import verify as export_verify
 
-    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "ok", "--no-mlflow"], capsys)
+    code, err = export(
+        ["--run-id", store[0], "--model-dir", demo[0], "--output-dir", tmp_path / "ok", "--no-mlflow"], capsys
+    )
     assert code == 0, err
-    served = json.loads((tmp_path / "ok" / "export_report.json").read_text())["checks"][
-        "numerics"]["engine_arithmetic"]
+    served = json.loads((tmp_path / "ok" / "export_report.json").read_text())["checks"]["numerics"][
+        "engine_arithmetic"
+    ]
     assert served["passed"] and served["kl_mean"] <= served["kl_limit"]
     assert served["kl_limit"] >= export_verify.ENGINE_KL_FLOOR
     monkeypatch.setattr(export_verify, "ENGINE_KL_FACTOR", -1.0)
     monkeypatch.setattr(export_verify, "ENGINE_KL_FLOOR", -1.0)
-    code, err = export(["--run-id", store[0], "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "bad", "--no-mlflow"], capsys)
+    code, err = export(
+        ["--run-id", store[0], "--model-dir", demo[0], "--output-dir", tmp_path / "bad", "--no-mlflow"],
+        capsys,
+    )
     assert code == 1 and "numerics" in err
     assert not (tmp_path / "bad").exists()
 

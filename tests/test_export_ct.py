@@ -13,8 +13,7 @@ from .conftest import QUICK
 
 
 def _manifest(rows: list[tuple[str, str | None]]) -> dict:
-    return {"layers": [{"name": n, "format": "FP8" if q else "BF16", "quant_config": q}
-                       for n, q in rows]}
+    return {"layers": [{"name": n, "format": "FP8" if q else "BF16", "quant_config": q} for n, q in rows]}
 
 
 def test_targets_and_ignore_match_every_naming_and_nothing_else():
@@ -24,12 +23,16 @@ def test_targets_and_ignore_match_every_naming_and_nothing_else():
 
     from vlm_autoquant.exporter.ct import quantization_config
 
-    manifest = _manifest([
-        ("model.layers.1.self_attn.q_proj", "FP8_DEFAULT_CFG"),
-        ("model.layers.1.self_attn.k_proj", "FP8_DEFAULT_CFG"),
-        ("model.layers.1.mlp.gate_proj", None), ("model.layers.1.mlp.up_proj", None),
-        ("model.layers.1.mlp.down_proj", "FP8_PER_CHANNEL_PER_TOKEN_CFG"),
-        ("lm_head", None)])
+    manifest = _manifest(
+        [
+            ("model.layers.1.self_attn.q_proj", "FP8_DEFAULT_CFG"),
+            ("model.layers.1.self_attn.k_proj", "FP8_DEFAULT_CFG"),
+            ("model.layers.1.mlp.gate_proj", None),
+            ("model.layers.1.mlp.up_proj", None),
+            ("model.layers.1.mlp.down_proj", "FP8_PER_CHANNEL_PER_TOKEN_CFG"),
+            ("lm_head", None),
+        ]
+    )
     cfg = quantization_config(manifest).model_dump()
     groups, ignore = cfg["config_groups"], cfg["ignore"]
 
@@ -39,19 +42,30 @@ def test_targets_and_ignore_match_every_naming_and_nothing_else():
     def ignored(name):
         return any(match_name(name, t) for t in ignore)
 
-    for name in ("model.layers.1.self_attn.q_proj",
-                 "model.language_model.layers.1.self_attn.q_proj",
-                 "language_model.model.layers.1.self_attn.qkv_proj"):
+    for name in (
+        "model.layers.1.self_attn.q_proj",
+        "model.language_model.layers.1.self_attn.q_proj",
+        "language_model.model.layers.1.self_attn.qkv_proj",
+    ):
         assert group_of(name) == ["fp8_per_tensor"] and not ignored(name), name
     for name in ("model.layers.1.mlp.down_proj", "language_model.model.layers.1.mlp.down_proj"):
         assert group_of(name) == ["fp8_per_channel"] and not ignored(name), name
-    for name in ("model.layers.1.mlp.gate_proj", "model.language_model.layers.1.mlp.up_proj",
-                 "language_model.model.layers.1.mlp.gate_up_proj", "lm_head",
-                 "language_model.lm_head", "visual.blocks.0.attn.qkv",
-                 "model.visual.blocks.0.mlp.gate_proj", "model.visual.merger.mlp.0"):
+    for name in (
+        "model.layers.1.mlp.gate_proj",
+        "model.language_model.layers.1.mlp.up_proj",
+        "language_model.model.layers.1.mlp.gate_up_proj",
+        "lm_head",
+        "language_model.lm_head",
+        "visual.blocks.0.attn.qkv",
+        "model.visual.blocks.0.mlp.gate_proj",
+        "model.visual.merger.mlp.0",
+    ):
         assert ignored(name) and not group_of(name), name
-    for name in ("model.layers.11.self_attn.q_proj", "model.layers.1.self_attn.o_proj",
-                 "model.visual.blocks.1.self_attn.q_proj"):
+    for name in (
+        "model.layers.11.self_attn.q_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.visual.blocks.1.self_attn.q_proj",
+    ):
         assert not group_of(name), name
     assert groups["fp8_per_tensor"]["input_activations"]["dynamic"] is False
     assert groups["fp8_per_channel"]["weights"]["strategy"] == "channel"
@@ -68,8 +82,19 @@ def pcpt_run(demo, tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.chdir(root)
     try:
-        code = run_cli(["--scheme-name", "fp8-pcpt-10b", "--model-dir", demo[0],
-                        "--calib-file", demo[1], "--output-dir", root / "out", *QUICK])
+        code = run_cli(
+            [
+                "--scheme-name",
+                "fp8-pcpt-10b",
+                "--model-dir",
+                demo[0],
+                "--calib-file",
+                demo[1],
+                "--output-dir",
+                root / "out",
+                *QUICK,
+            ]
+        )
     finally:
         os.chdir(cwd)
         if old is None:
@@ -86,8 +111,9 @@ def exported(pcpt_run, demo, tmp_path_factory):
     from vlm_autoquant.exporter.pipeline import export_run
 
     out = tmp_path_factory.mktemp("ct") / "ckpt"
-    report = export_run(ExportOptions(output_dir=out, artifacts_dir=pcpt_run, model_dir=demo[0],
-                                      format="both"))
+    report = export_run(
+        ExportOptions(output_dir=out, artifacts_dir=pcpt_run, model_dir=demo[0], format="both")
+    )
     return out, report
 
 
@@ -102,7 +128,8 @@ def test_both_formats_pass_every_check(exported, pcpt_run):
         if check != "names":
             assert report["checks"][f"modelopt.{check}"]["passed"], check
     assert report["checks"]["weights"]["layers"] == len(
-        [r for r in manifest["layers"] if r["format"] == "FP8"])
+        [r for r in manifest["layers"] if r["format"] == "FP8"]
+    )
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "compressed-tensors" and q["format"] == "float-quantized"
     assert sorted(q["config_groups"]) == ["fp8_per_channel", "fp8_per_tensor"]
@@ -141,15 +168,20 @@ def test_from_pretrained_quantizes_exactly_the_fp8_layers(exported, pcpt_run, de
         assert hasattr(modules[name], "quantization_scheme") == (row["format"] == "FP8"), name
         if row["format"] == "BF16":
             assert torch.equal(modules[name].weight, base_modules[name].weight), name
-    assert not any(hasattr(m, "quantization_scheme") for n, m in modules.items()
-                   if n.startswith("model.visual"))
+    assert not any(
+        hasattr(m, "quantization_scheme") for n, m in modules.items() if n.startswith("model.visual")
+    )
     vocab = model.config.get_text_config().vocab_size
     ids = torch.tensor([[9707, 11, 1052, 374, 264, 8251, 389, 279, 1965, 13]]) % vocab
     with torch.inference_mode():
         lq, lb = model(input_ids=ids).logits.float(), base(input_ids=ids).logits.float()
     assert torch.isfinite(lq).all()
-    kl = torch.nn.functional.kl_div(lq.log_softmax(-1), lb.log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1).mean().item()
+    kl = (
+        torch.nn.functional.kl_div(lq.log_softmax(-1), lb.log_softmax(-1), log_target=True, reduction="none")
+        .sum(-1)
+        .mean()
+        .item()
+    )
     assert 0 < kl < 1e-3
 
 
@@ -167,12 +199,21 @@ def test_artifacts_dir_export_links_its_source_run(pcpt_run, demo, tmp_path, mon
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(pcpt_run.parent)
     client = mlflow.MlflowClient(tracking_uri=uri)
-    (source,) = [r for r in client.search_runs([e.experiment_id for e in
-                                                client.search_experiments()])
-                 if not r.data.tags.get("source_run_id")]
-    report = export_run(ExportOptions(output_dir=tmp_path / "mo", artifacts_dir=pcpt_run,
-                                      model_dir=demo[0], format="modelopt", register="pcpt-mo"),
-                        lambda name, out: Tracker("exports", name, out_dir=out))
+    (source,) = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if not r.data.tags.get("source_run_id")
+    ]
+    report = export_run(
+        ExportOptions(
+            output_dir=tmp_path / "mo",
+            artifacts_dir=pcpt_run,
+            model_dir=demo[0],
+            format="modelopt",
+            register="pcpt-mo",
+        ),
+        lambda name, out: Tracker("exports", name, out_dir=out),
+    )
     assert report["passed"] and report["format"] == "modelopt"
     export = client.get_run(report["mlflow"]["run_id"])
     assert export.data.tags["source_run_id"] == source.info.run_id

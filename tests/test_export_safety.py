@@ -34,18 +34,18 @@ def src_run(store):  # noqa: F811 - test_export's source run: (run_id, artifacts
     return store
 
 
-
 def _problems(path: Path, overwrite: bool = True, model_dir=None, artifacts_dir=None) -> str:
     problems = Problems()
-    artifacts.check_replaced_dir(path, problems, overwrite, artifacts.EXPORT_REPORT_FILE,
-                                 model_dir, artifacts_dir)
+    artifacts.check_replaced_dir(
+        path, problems, overwrite, artifacts.EXPORT_REPORT_FILE, model_dir, artifacts_dir
+    )
     return "\n".join(str(p) for p in problems.items)
 
 
 # ---------------------------------------------------------------- 1. one output-dir policy
 
-@pytest.mark.parametrize("where", ["cwd", "home", "model", "model_parent", "artifacts",
-                                   "link_to_model"])
+
+@pytest.mark.parametrize("where", ["cwd", "home", "model", "model_parent", "artifacts", "link_to_model"])
 def test_protected_dirs_are_refused_with_overwrite(where, tmp_path, monkeypatch):
     model, art = tmp_path / "models" / "qwen", tmp_path / "outputs" / "run"
     model.mkdir(parents=True)
@@ -55,8 +55,14 @@ def test_protected_dirs_are_refused_with_overwrite(where, tmp_path, monkeypatch)
     (home / ".ssh").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(art.parent)
-    path = {"cwd": Path("."), "home": home, "model": model, "model_parent": model.parent,
-            "artifacts": art, "link_to_model": tmp_path / "link"}[where]
+    path = {
+        "cwd": Path("."),
+        "home": home,
+        "model": model,
+        "model_parent": model.parent,
+        "artifacts": art,
+        "link_to_model": tmp_path / "link",
+    }[where]
     text = _problems(path, model_dir=model, artifacts_dir=art)
     assert "will not write there" in text and "with or without --overwrite" in text, text
 
@@ -91,8 +97,7 @@ def test_overwrite_replaces_only_our_finished_export(tmp_path):
     assert _problems(left, overwrite=False) == ""
 
 
-def test_export_cli_never_replaces_model_dir_or_home(src_run, demo, tmp_path, capsys,
-                                                      monkeypatch):
+def test_export_cli_never_replaces_model_dir_or_home(src_run, demo, tmp_path, capsys, monkeypatch):
     model = copy_demo(demo[0], tmp_path / "m")
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -100,8 +105,10 @@ def test_export_cli_never_replaces_model_dir_or_home(src_run, demo, tmp_path, ca
     monkeypatch.setenv("HOME", str(home))
     before = sorted(p.name for p in model.iterdir())
     for out in (model, home):
-        code, err = export(["--run-id", src_run[0], "--model-dir", model, "--output-dir", out,
-                            "--overwrite", "--no-mlflow"], capsys)
+        code, err = export(
+            ["--run-id", src_run[0], "--model-dir", model, "--output-dir", out, "--overwrite", "--no-mlflow"],
+            capsys,
+        )
         _assert_usage(code, err, "--output-dir")
         assert "will not write there" in err
     assert sorted(p.name for p in model.iterdir()) == before
@@ -111,14 +118,16 @@ def test_export_cli_never_replaces_model_dir_or_home(src_run, demo, tmp_path, ca
 def test_second_export_into_a_locked_dir_is_refused(src_run, demo, tmp_path, capsys):
     out = tmp_path / "o"
     with artifacts.locked_output_dir(out):  # a first export holds it
-        code, err = export(["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", out,
-                            "--no-mlflow"], capsys)
+        code, err = export(
+            ["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", out, "--no-mlflow"], capsys
+        )
     _assert_usage(code, err, "--output-dir")
     assert "in use by another run" in err and f"PID {os.getpid()}" in err
     assert not (out / "config.json").exists()
 
 
 # ------------------------------------------------------------------- staging dirs and links
+
 
 def test_stale_staging_dirs_are_swept_live_and_foreign_ones_kept(tmp_path):
     def plant(name: str, marker: bool) -> Path:
@@ -146,8 +155,7 @@ def test_stale_staging_dirs_are_swept_live_and_foreign_ones_kept(tmp_path):
     assert not built.exists()
 
 
-def test_symlinked_export_dir_is_written_through_and_stale_staging_swept(src_run, demo, tmp_path,
-                                                                         capsys):
+def test_symlinked_export_dir_is_written_through_and_stale_staging_swept(src_run, demo, tmp_path, capsys):
     real = tmp_path / "disk" / "ckpt"
     real.mkdir(parents=True)
     link = tmp_path / "ckpt"
@@ -157,8 +165,10 @@ def test_symlinked_export_dir_is_written_through_and_stale_staging_swept(src_run
     (stale / staging.STAGING_MARKER).write_text("{}")
     (stale / LOCK_FILE).write_text("")
     for extra in ([], ["--overwrite"]):
-        code, err = export(["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", link,
-                            "--no-mlflow", *extra], capsys)
+        code, err = export(
+            ["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", link, "--no-mlflow", *extra],
+            capsys,
+        )
         assert code == 0, err
         assert link.is_symlink() and os.path.realpath(link) == str(real)
         assert (real / "config.json").is_file() and (real / MARKER_FILE).is_file()
@@ -169,6 +179,7 @@ def test_symlinked_export_dir_is_written_through_and_stale_staging_swept(src_run
 
 
 # ------------------------------------------------------------- 6. no MLflow run left RUNNING
+
 
 def test_next_export_closes_the_run_a_killed_export_left_running(src_run, demo, tmp_path, capsys):
     import mlflow
@@ -183,8 +194,7 @@ def test_next_export_closes_the_run_a_killed_export_left_running(src_run, demo, 
     for name, text in ((MARKER_FILE, "{}"), (LOCK_FILE, "")):
         (out / name).write_text(text)
     tracking_mod.remember(out, stale)  # the record a killed export leaves in its output dir
-    code, err = export(["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", out],
-                       capsys)
+    code, err = export(["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", out], capsys)
     assert code == 0, err
     assert client.get_run(stale).info.status == "KILLED"
     report = json.loads((out / artifacts.EXPORT_REPORT_FILE).read_text())
@@ -192,8 +202,7 @@ def test_next_export_closes_the_run_a_killed_export_left_running(src_run, demo, 
     assert client.get_run(report["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
-def test_failed_quantize_keeps_the_record_of_a_run_it_could_not_end(demo, tmp_path, tracking,
-                                                                    capsys):
+def test_failed_quantize_keeps_the_record_of_a_run_it_could_not_end(demo, tmp_path, tracking, capsys):
     """A full disk stops the run at its first write and the store (on the same disk) cannot end
     the run: the output dir keeps .mlflow_run_id, so the next run into it closes the run."""
     import mlflow
@@ -213,8 +222,19 @@ def test_failed_quantize_keeps_the_record_of_a_run_it_could_not_end(demo, tmp_pa
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "search_family", full)
         mp.setattr(tracking_mod.Tracker, "end", store_full)
-        code = run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", demo[0],
-                        "--calib-file", demo[1], "--output-dir", out, *QUICK])
+        code = run_cli(
+            [
+                "--scheme-name",
+                "fp8-balanced-10b",
+                "--model-dir",
+                demo[0],
+                "--calib-file",
+                demo[1],
+                "--output-dir",
+                out,
+                *QUICK,
+            ]
+        )
     assert code == 1, capsys.readouterr().err[-2000:]
     run_id = tracking_mod.recorded_run(out)[0]
     client = mlflow.MlflowClient()
@@ -224,6 +244,7 @@ def test_failed_quantize_keeps_the_record_of_a_run_it_could_not_end(demo, tmp_pa
 
 
 # ------------------------------------------------- 2/3. what is read is what was checked
+
 
 def _artifacts_copy(src_run, tmp_path: Path) -> Path:
     art = tmp_path / "art"
@@ -242,8 +263,7 @@ def _rewrite_state(art: Path, change) -> None:
     (art / MANIFEST_FILE).write_text(json.dumps(doc))
 
 
-def test_state_swapped_after_validation_is_not_what_is_exported(src_run, demo, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_state_swapped_after_validation_is_not_what_is_exported(src_run, demo, tmp_path, capsys, monkeypatch):
     from vlm_autoquant.exporter import pipeline as export_pipeline
 
     art = _artifacts_copy(src_run, tmp_path)
@@ -262,8 +282,20 @@ def test_state_swapped_after_validation_is_not_what_is_exported(src_run, demo, t
 
     monkeypatch.setattr(export_pipeline, "gather", gather_then_swap)
     out = tmp_path / "o"
-    code, err = export(["--artifacts-dir", art, "--model-dir", demo[0], "--output-dir", out,
-                        "--no-mlflow", "--format", "modelopt"], capsys)  # fp32 scales
+    code, err = export(
+        [
+            "--artifacts-dir",
+            art,
+            "--model-dir",
+            demo[0],
+            "--output-dir",
+            out,
+            "--no-mlflow",
+            "--format",
+            "modelopt",
+        ],
+        capsys,
+    )  # fp32 scales
     assert code == 0, err
     from safetensors import safe_open
 
@@ -277,18 +309,21 @@ def test_state_swapped_after_validation_is_not_what_is_exported(src_run, demo, t
 def fp8_layer(art: Path) -> str:
     """A static per-tensor FP8 layer of the run (from its manifest)."""
     doc = json.loads((art / MANIFEST_FILE).read_text())
-    return next(r["name"] for r in doc["layers"]
-                if r["format"] == "FP8" and r["quant_config"] == "FP8_DEFAULT_CFG")
+    return next(
+        r["name"] for r in doc["layers"] if r["format"] == "FP8" and r["quant_config"] == "FP8_DEFAULT_CFG"
+    )
 
 
-@pytest.mark.parametrize("tamper,exit_code,needle", [
-    ("zero", 2, "zero or negative amax"),
-    ("negative", 2, "zero or negative amax"),
-    ("huge", 1, "x max|weight|"),
-    ("missing", 2, "(manifest) has no weight quantizer amax"),
-])
-def test_impossible_scales_fail_the_export(tamper, exit_code, needle, src_run, demo, tmp_path,
-                                           capsys):
+@pytest.mark.parametrize(
+    "tamper,exit_code,needle",
+    [
+        ("zero", 2, "zero or negative amax"),
+        ("negative", 2, "zero or negative amax"),
+        ("huge", 1, "x max|weight|"),
+        ("missing", 2, "(manifest) has no weight quantizer amax"),
+    ],
+)
+def test_impossible_scales_fail_the_export(tamper, exit_code, needle, src_run, demo, tmp_path, capsys):
     layer = fp8_layer(src_run[1])
 
     def change(state: dict) -> None:
@@ -297,14 +332,16 @@ def test_impossible_scales_fail_the_export(tamper, exit_code, needle, src_run, d
         if tamper == "missing":
             del state[key]["_amax"]
         else:
-            state[key]["_amax"] = {"zero": amax * 0, "negative": -amax,
-                                   "huge": torch.full_like(amax, 1e30)}[tamper]
+            state[key]["_amax"] = {"zero": amax * 0, "negative": -amax, "huge": torch.full_like(amax, 1e30)}[
+                tamper
+            ]
 
     art = _artifacts_copy(src_run, tmp_path)
     _rewrite_state(art, change)
     out = tmp_path / "o"
-    code, err = export(["--artifacts-dir", art, "--model-dir", demo[0], "--output-dir", out,
-                        "--no-mlflow"], capsys)
+    code, err = export(
+        ["--artifacts-dir", art, "--model-dir", demo[0], "--output-dir", out, "--no-mlflow"], capsys
+    )
     assert code == exit_code, err
     assert needle in err and layer in err and "Traceback" not in err, err
     assert not out.exists()
@@ -312,8 +349,8 @@ def test_impossible_scales_fail_the_export(tamper, exit_code, needle, src_run, d
 
 # ----------------------------------------------------------- checks that must be able to fail
 
-def test_vision_bytes_check_fails_on_one_changed_byte(src_run, demo, tmp_path, capsys,
-                                                      monkeypatch):
+
+def test_vision_bytes_check_fails_on_one_changed_byte(src_run, demo, tmp_path, capsys, monkeypatch):
     from vlm_autoquant.exporter import pipeline as export_pipeline
     from vlm_autoquant.model.identity import shard_layout, weight_files
 
@@ -323,8 +360,7 @@ def test_vision_bytes_check_fails_on_one_changed_byte(src_run, demo, tmp_path, c
     def assemble_then_flip(base_dir, mo_dir, out, lm_only):
         weight_map = real_assemble(base_dir, mo_dir, out, lm_only)
         for shard in weight_files(out):
-            vision = sorted((k, v) for k, v in shard_layout(shard).items()
-                            if k.startswith("visual."))
+            vision = sorted((k, v) for k, v in shard_layout(shard).items() if k.startswith("visual."))
             if vision:
                 key, (_, _, start, _) = vision[-1]
                 with open(shard, "r+b") as f:
@@ -337,8 +373,10 @@ def test_vision_bytes_check_fails_on_one_changed_byte(src_run, demo, tmp_path, c
         return weight_map
 
     monkeypatch.setattr(export_pipeline.export, "assemble", assemble_then_flip)
-    code, err = export(["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "o", "--no-mlflow"], capsys)
+    code, err = export(
+        ["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", tmp_path / "o", "--no-mlflow"],
+        capsys,
+    )
     assert flipped and code == 1, err
     assert '"vision"' in err and flipped[0] in err, err
     assert not (tmp_path / "o").exists()
@@ -354,6 +392,7 @@ class _Fixed(torch.nn.Module):
     def forward(self, input_ids, **_kw):
         class Out:
             logits = self.row.expand(*input_ids.shape, len(self.row))
+
         return Out()
 
 
@@ -371,10 +410,12 @@ def test_numerics_limit_applied_is_1e_4(kl, passes):
     for _ in range(100):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if _kl_two_way(mid) < kl else (lo, mid)
-    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long),
-             "position_ids": torch.arange(4)[None], "real": torch.ones(1, 4, dtype=torch.bool)}
-    got = export_verify.compare_logits(_Fixed([0.0, 0.0]), _Fixed([lo, 0.0]), [batch],
-                                       torch.device("cpu"))
+    batch = {
+        "input_ids": torch.zeros(1, 4, dtype=torch.long),
+        "position_ids": torch.arange(4)[None],
+        "real": torch.ones(1, 4, dtype=torch.bool),
+    }
+    got = export_verify.compare_logits(_Fixed([0.0, 0.0]), _Fixed([lo, 0.0]), [batch], torch.device("cpu"))
     assert got["kl_mean"] == pytest.approx(kl, rel=1e-3)
     assert got["passed"] is passes
 
@@ -399,7 +440,8 @@ def test_a_tensor_stored_in_two_shards_is_refused(demo, tmp_path):
 
 
 def test_file_too_large_is_a_full_disk_and_a_signal_says_nothing_was_written(
-        src_run, demo, tmp_path, capsys, monkeypatch):
+    src_run, demo, tmp_path, capsys, monkeypatch
+):
     from vlm_autoquant.exporter import pipeline as export_pipeline
 
     def too_large(*_args):  # as safetensors' Rust writer reports EFBIG: no errno attribute
@@ -407,8 +449,10 @@ def test_file_too_large_is_a_full_disk_and_a_signal_says_nothing_was_written(
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(export_pipeline.export, "_write_shard", too_large)
-        code, err = export(["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir",
-                            tmp_path / "o", "--no-mlflow"], capsys)
+        code, err = export(
+            ["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", tmp_path / "o", "--no-mlflow"],
+            capsys,
+        )
     _assert_usage(code, err, "--output-dir", tmp_path / "o")
     assert "disk filled up" in err
 
@@ -416,14 +460,17 @@ def test_file_too_large_is_a_full_disk_and_a_signal_says_nothing_was_written(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_pipeline, "_before_publish", interrupted)
-    code, err = export(["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir",
-                        tmp_path / "o", "--no-mlflow"], capsys)
+    code, err = export(
+        ["--run-id", src_run[0], "--model-dir", demo[0], "--output-dir", tmp_path / "o", "--no-mlflow"],
+        capsys,
+    )
     assert code == 130 and "calibration" not in err and "Nothing was written" in err, err
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
 
 
 # ------------------------------------------------------------------------ --log-only
+
 
 def _log_only(out: Path, capsys) -> tuple[int, str]:
     code = run_cli(["--log-only", "--output-dir", out])
@@ -438,8 +485,7 @@ def _runs(uri: str) -> list:
 
 
 @pytest.mark.parametrize("name", ["/etc/hostname", "../secret.txt", "link.txt"])
-def test_log_only_refuses_artifact_paths_outside_the_output_dir(name, script_run, tmp_path,
-                                                                tracking, capsys):
+def test_log_only_refuses_artifact_paths_outside_the_output_dir(name, script_run, tmp_path, tracking, capsys):
     out = tmp_path / "run"
     shutil.copytree(script_run[0], out)
     (tmp_path / "secret.txt").write_text("not yours")
@@ -452,8 +498,7 @@ def test_log_only_refuses_artifact_paths_outside_the_output_dir(name, script_run
     assert _runs(tracking) == []
 
 
-def test_log_only_refuses_a_changed_state_and_logs_the_checked_bytes(script_run, tmp_path,
-                                                                     tracking, capsys):
+def test_log_only_refuses_a_changed_state_and_logs_the_checked_bytes(script_run, tmp_path, tracking, capsys):
     import mlflow
 
     out = tmp_path / "run"
@@ -468,9 +513,9 @@ def test_log_only_refuses_a_changed_state_and_logs_the_checked_bytes(script_run,
     assert code == 0, err
     (run,) = _runs(tracking)
     assert run.info.status == "FINISHED"
-    got = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                              artifact_path=QUANT_STATE_FILE,
-                                              dst_path=str(tmp_path / "dl"))
+    got = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path=QUANT_STATE_FILE, dst_path=str(tmp_path / "dl")
+    )
     assert Path(got).read_bytes() == good
 
 

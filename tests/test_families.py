@@ -8,7 +8,9 @@ from vlm_autoquant.core.errors import Problems
 
 from .conftest import SMALL_DEFAULTS
 
-CATALOG = SMALL_DEFAULTS + """schemes:
+CATALOG = (
+    SMALL_DEFAULTS
+    + """schemes:
   b8: {description: d, effective_bits: 8}
   b10: {description: d, effective_bits: 10}
   pcpt10:
@@ -18,6 +20,7 @@ CATALOG = SMALL_DEFAULTS + """schemes:
   kl10: {description: d, method: kl_div, effective_bits: 10, num_score_steps: 1}
   seed7: {description: d, effective_bits: 10, seed: 7}
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,7 @@ def plan(demo, catalog, tmp_path, names, single=False):
     from vlm_autoquant.plan.validate import gather
 
     problems = Problems()
-    opts = RunOptions(model_dir=demo[0], output_dir=tmp_path / "out", calib_file=demo[1],
-                      catalog=catalog)
+    opts = RunOptions(model_dir=demo[0], output_dir=tmp_path / "out", calib_file=demo[1], catalog=catalog)
     inputs = gather(opts, names, {}, problems)
     assert inputs is not None, problems.items
     out = families.plan(inputs, problems, single)
@@ -64,8 +66,7 @@ def test_a_single_run_is_a_family_of_one_with_the_run_checkpoint(demo, catalog, 
     assert alone.fingerprint == fam.fingerprint  # the budget is not part of the search
 
 
-def test_calibration_is_reused_from_a_search_over_the_same_or_more_formats(demo, catalog,
-                                                                            tmp_path):
+def test_calibration_is_reused_from_a_search_over_the_same_or_more_formats(demo, catalog, tmp_path):
     from vlm_autoquant.plan.families import calibration_source
 
     fams = plan(demo, catalog, tmp_path, ["b10", "kl10"])

@@ -25,8 +25,9 @@ build {NAME}.so: cp src.cu
 default {NAME}.so
 """
 
-needs_ninja = pytest.mark.skipif(shutil.which("ninja") is None,
-                                 reason="ninja is not installed (torch needs it to build too)")
+needs_ninja = pytest.mark.skipif(
+    shutil.which("ninja") is None, reason="ninja is not installed (torch needs it to build too)"
+)
 
 
 @pytest.fixture
@@ -91,8 +92,7 @@ def test_auto_uses_the_extension_only_when_torch_would_not_rebuild(monkeypatch, 
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(extensions, "get_cuda_ext_fp8", fake_load)
-    monkeypatch.setattr(fp8_kernel, "fp8_extension_state",
-                        lambda: (cached, "REASON-X"))
+    monkeypatch.setattr(fp8_kernel, "fp8_extension_state", lambda: (cached, "REASON-X"))
     with caplog.at_level(logging.INFO, logger=fp8_kernel.__name__):
         kind = fp8_kernel.select_fp8_kernel("auto")
     assert kind == ("cuda-ext" if cached else "eager")
@@ -103,8 +103,7 @@ def test_auto_uses_the_extension_only_when_torch_would_not_rebuild(monkeypatch, 
 def test_explicit_cuda_ext_says_when_it_builds(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(extensions, "get_cuda_ext_fp8", lambda raise_if_failed=False: None)
-    monkeypatch.setattr(fp8_kernel, "fp8_extension_state",
-                        lambda: (False, "ninja would rebuild it: X"))
+    monkeypatch.setattr(fp8_kernel, "fp8_extension_state", lambda: (False, "ninja would rebuild it: X"))
     with caplog.at_level(logging.INFO, logger=fp8_kernel.__name__):
         assert fp8_kernel.select_fp8_kernel("cuda-ext") == "cuda-ext"
     assert "building it now (ninja would rebuild it: X)" in caplog.text
@@ -162,8 +161,7 @@ def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu(monkeypatch):
         ext = q(x)
         per_token = x[:20000].reshape(2, 2, 5000)
         tok_amax = per_token.abs().amax(-1, keepdim=True).float()
-        assert torch.equal(tensor_quant.scaled_e4m3_impl(per_token, tok_amax),
-                           fp8_eager(per_token, tok_amax))
+        assert torch.equal(tensor_quant.scaled_e4m3_impl(per_token, tok_amax), fp8_eager(per_token, tok_amax))
     assert what.startswith("cuda-ext") and tensor_quant.scaled_e4m3_impl is impl
     assert not torch.equal(ext, eager)
     assert torch.equal(ext, fp8_kernel.fake_quant(x, amax, division=True))
@@ -171,16 +169,18 @@ def test_run_arithmetic_reproduces_the_cuda_extension_on_the_cpu(monkeypatch):
     for run_kernel, want in (("cuda-ext", ext), ("eager", eager)):
         hook = _input_quant_hook(amax / 448, "modelopt", amax, run_kernel)
         assert torch.equal(hook(None, (x,))[0], want), run_kernel
-    codes = fp8_kernel.weight_codes(x.reshape(1, -1), amax,
-                                    fp8_kernel.divides("cuda-ext", amax)).float()
-    assert torch.equal((codes * (1 / fp8_kernel.fake_quant_scale(amax, True))).to(x.dtype),
-                       ext.reshape(1, -1))
+    codes = fp8_kernel.weight_codes(x.reshape(1, -1), amax, fp8_kernel.divides("cuda-ext", amax)).float()
+    assert torch.equal(
+        (codes * (1 / fp8_kernel.fake_quant_scale(amax, True))).to(x.dtype), ext.reshape(1, -1)
+    )
     with fp8_kernel.run_arithmetic("eager") as what:
         assert what == "eager" and torch.equal(q(x), eager)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (ModelOpt's CUDA "
-                    "extension); run on the H200: see docs/PERFORMANCE.md")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU (ModelOpt's CUDA extension); run on the H200: see docs/PERFORMANCE.md",
+)
 def test_cuda_extension_divides_once():
     """On a GPU: ModelOpt's CUDA extension is exactly `fake_quant(division=True)` (one
     division for 448 / amax), per tensor and per output channel, and not its eager path for
@@ -194,7 +194,8 @@ def test_cuda_extension_divides_once():
     assert torch.equal(got, fp8_kernel.fake_quant(x, amax, division=True))
     assert not torch.equal(got, fp8_eager(x, amax))
     w = x[:20000].reshape(8, 2500)
-    per_channel = torch.full((8, 1), amax.item(), device="cuda") * torch.linspace(0.5, 1, 8,
-                                                                                  device="cuda")[:, None]
+    per_channel = (
+        torch.full((8, 1), amax.item(), device="cuda") * torch.linspace(0.5, 1, 8, device="cuda")[:, None]
+    )
     got = ext.fake_e4m3fy_with_axis(w, per_channel.squeeze(), 0)
     assert torch.equal(got, fp8_kernel.fake_quant(w, per_channel, division=True))

@@ -10,9 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-
-TENSORS = {"model.embed_tokens.weight": (300, 40), "model.layers.0.mlp.up_proj.weight": (64, 16),
-           "model.norm.weight": (7,), "visual.blocks.0.attn.qkv.weight": (8, 8)}
+TENSORS = {
+    "model.embed_tokens.weight": (300, 40),
+    "model.layers.0.mlp.up_proj.weight": (64, 16),
+    "model.norm.weight": (7,),
+    "visual.blocks.0.attn.qkv.weight": (8, 8),
+}
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -47,10 +50,12 @@ def test_each_tensor_digest_is_the_sha256_of_its_bytes(shard, monkeypatch, worke
     from vlm_autoquant.model import identity
 
     monkeypatch.setattr(identity, "CHUNK", 1000)  # the embedding spans 24 chunks
-    got = identity.tensor_digests(shard.parent, lambda n: not n.startswith("visual."), workers,
-                                  background)
-    want = {f"{k}:BF16:{list(t.shape)}": hashlib.sha256(_raw(t)).hexdigest()
-            for k, t in _tensors().items() if not k.startswith("visual.")}
+    got = identity.tensor_digests(shard.parent, lambda n: not n.startswith("visual."), workers, background)
+    want = {
+        f"{k}:BF16:{list(t.shape)}": hashlib.sha256(_raw(t)).hexdigest()
+        for k, t in _tensors().items()
+        if not k.startswith("visual.")
+    }
     assert got == want
 
 
@@ -101,8 +106,9 @@ def test_an_export_onto_another_vision_tower_is_refused(script_run, demo, tmp_pa
     assert identity.lm_weights_sha256(other) == identity.lm_weights_sha256(demo[0])
     for lm_only, refused in ((False, True), (True, False)):
         problems = Problems()
-        opts = export_inputs.ExportOptions(output_dir=tmp_path / f"o{lm_only}",
-                                           artifacts_dir=out, model_dir=other, lm_only=lm_only)
+        opts = export_inputs.ExportOptions(
+            output_dir=tmp_path / f"o{lm_only}", artifacts_dir=out, model_dir=other, lm_only=lm_only
+        )
         export_inputs.gather(opts, tmp_path, problems)
         hit = [p for p in problems.items if "vision tower" in p.message]
         assert bool(hit) == refused, problems.items

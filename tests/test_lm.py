@@ -6,8 +6,8 @@ import pytest
 import safetensors
 import torch
 
-from vlm_autoquant.model.checkpoint import VISION_RE, inspect_checkpoint
 from vlm_autoquant.core.errors import Problems
+from vlm_autoquant.model.checkpoint import VISION_RE, inspect_checkpoint
 from vlm_autoquant.model.lm import load_lm, text_config
 
 
@@ -88,7 +88,7 @@ def test_no_vision_bytes_are_read(layouts, monkeypatch):
     monkeypatch.setattr(mu, "safe_open", Recording)
     for layout in ("released", "legacy"):
         read.clear()
-        model = load_lm(layouts[layout], text_config(layouts[layout]), torch.device("cpu"))
+        load_lm(layouts[layout], text_config(layouts[layout]), torch.device("cpu"))
         assert read, "the recorder saw no reads: the loader no longer goes through safe_open"
         assert not [k for k in read if VISION_RE.match(k)]
         info = inspect_checkpoint(layouts[layout], Problems())
@@ -115,4 +115,3 @@ def test_missing_lm_tensor_is_refused(demo, tmp_path):
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(RunFailed, match="down_proj"):
         load_lm(broken, text_config(broken), torch.device("cpu"))
-

@@ -11,15 +11,25 @@ from vlm_autoquant.run.manifest import LayerRow, layers_csv, summary
 
 
 def row(name, fmt, n, counted=True):
-    return LayerRow(name=name, group=name, format=fmt, quant_config=None if fmt == "BF16" else
-                    "FP8_DEFAULT_CFG", num_weights=n, scores={"FP8_DEFAULT_CFG": 1.0, "BF16": 0.0},
-                    costs={"FP8_DEFAULT_CFG": n / 2, "BF16": float(n)}, cost_counted=counted,
-                    disabled=not counted)
+    return LayerRow(
+        name=name,
+        group=name,
+        format=fmt,
+        quant_config=None if fmt == "BF16" else "FP8_DEFAULT_CFG",
+        num_weights=n,
+        scores={"FP8_DEFAULT_CFG": 1.0, "BF16": 0.0},
+        costs={"FP8_DEFAULT_CFG": n / 2, "BF16": float(n)},
+        cost_counted=counted,
+        disabled=not counted,
+    )
 
 
 def test_summary_counts_bits_bytes_and_exclusions():
-    rows = [row("model.layers.0.mlp.up_proj", "FP8", 300), row("model.layers.0.mlp.down_proj",
-            "BF16", 100), row("lm_head", "BF16", 600, counted=False)]
+    rows = [
+        row("model.layers.0.mlp.up_proj", "FP8", 300),
+        row("model.layers.0.mlp.down_proj", "BF16", 100),
+        row("lm_head", "BF16", 600, counted=False),
+    ]
     s = summary(rows, ["*lm_head*"])
     assert s["fp8"] == 1 and s["bf16"] == 2 and s["layers"] == 3
     assert s["effective_bits_searched"] == pytest.approx((300 * 8 + 100 * 16) / 400)

@@ -11,8 +11,12 @@ from vlm_autoquant.model.lm import meta_model
 from vlm_autoquant.plan.memory_plan import GIB, Dims, Placement, Shape, predict
 from vlm_autoquant.plan.placement import Devices, plan_run
 
-SIZES = {"3b": (QWEN25_VL_3B, True), "7b": (QWEN25_VL_7B, False), "32b": (QWEN25_VL_32B, False),
-         "72b": (QWEN25_VL_72B, False)}
+SIZES = {
+    "3b": (QWEN25_VL_3B, True),
+    "7b": (QWEN25_VL_7B, False),
+    "32b": (QWEN25_VL_32B, False),
+    "72b": (QWEN25_VL_72B, False),
+}
 
 
 def config(size: str) -> Qwen2Config:
@@ -34,8 +38,13 @@ def test_weights_match_the_meta_model(size):
 
 # torch.cuda.max_memory_allocated on one H200 (docs/PERFORMANCE.md, issues 5, 11, 14), default
 # scheme, before the driver freed ModelOpt's stored Q(Y)-Y (ModelOpt's own behaviour).
-MEASURED_UNFREED = [("3b", 16, True, 39.0), ("3b", 8, True, 22.4), ("3b", 8, False, 35.6),
-                    ("7b", 16, True, 53.0), ("32b", 8, True, 107.0)]
+MEASURED_UNFREED = [
+    ("3b", 16, True, 39.0),
+    ("3b", 8, True, 22.4),
+    ("3b", 8, False, 35.6),
+    ("7b", 16, True, 53.0),
+    ("32b", 8, True, 107.0),
+]
 
 
 # The plan's error on these measurements lies between -6.1% and +5.0%; the band allows 7%.
@@ -44,14 +53,18 @@ BAND = 0.07
 
 @pytest.mark.parametrize("size,batch,ckpt,gib", MEASURED_UNFREED)
 def test_prediction_within_the_band_of_measured_unfreed(size, batch, ckpt, gib):
-    plan = predict(Dims.from_config(config(size)), Shape(batch, 512, grad_checkpointing=ckpt),
-                   freed_diffs=False)
+    plan = predict(
+        Dims.from_config(config(size)), Shape(batch, 512, grad_checkpointing=ckpt), freed_diffs=False
+    )
     assert plan.peak(0) == pytest.approx(gib, rel=BAND)
 
 
 # The same, with the driver freeing the diffs (this session's H200 calls; bench/results/).
-MEASURED_FREED = [("3b", 16, "gradient", 23.2), ("7b", 16, "gradient", 32.12),
-                  ("3b", 16, "kl_div", 20.73)]  # kl_div: row-chunked KL and prefix replay
+MEASURED_FREED = [
+    ("3b", 16, "gradient", 23.2),
+    ("7b", 16, "gradient", 32.12),
+    ("3b", 16, "kl_div", 20.73),
+]  # kl_div: row-chunked KL and prefix replay
 
 
 @pytest.mark.parametrize("size,batch,method,gib", MEASURED_FREED)
@@ -75,8 +88,7 @@ def _grow(phase: str, change: dict, **kw) -> float:
 
     base = Dims.from_config(config("7b"))
     grown = dataclasses.replace(base, **{k: getattr(base, k) + v for k, v in change.items()})
-    return (_predict(grown, **kw).peaks[0][phase]
-            - _predict(base, **kw).peaks[0][phase]) * GIB
+    return (_predict(grown, **kw).peaks[0][phase] - _predict(base, **kw).peaks[0][phase]) * GIB
 
 
 def _dims() -> Dims:
@@ -94,8 +106,7 @@ def test_per_layer_terms():
     assert _grow("score", {"layers": 1}) == pytest.approx(w + kept)  # the diffs are freed
     assert _grow("score", {"layers": 1}, freed_diffs=False) == pytest.approx(w + kept + diff)
     no_ckpt = (6 * d.intermediate + 14 * d.hidden) * T  # what autograd keeps without it
-    assert _grow("score", {"layers": 1}, grad_checkpointing=False) == pytest.approx(
-        w + no_ckpt + diff)
+    assert _grow("score", {"layers": 1}, grad_checkpointing=False) == pytest.approx(w + no_ckpt + diff)
     # kl_div keeps each layer's bf16 output for the prefix replay
     assert _grow("score", {"layers": 1}, method="kl_div") == pytest.approx(w + 2 * d.hidden * T)
 
@@ -116,8 +127,9 @@ def test_freeing_the_diffs_only_lowers_the_scoring_peak():
     dims = Dims.from_config(config("32b"))
     kept, freed = (predict(dims, Shape(8, 512), freed_diffs=f) for f in (False, True))
     assert freed.peaks[0]["score"] < kept.peaks[0]["score"]
-    assert {k: v for k, v in freed.peaks[0].items() if k != "score"} == \
-        {k: v for k, v in kept.peaks[0].items() if k != "score"}
+    assert {k: v for k, v in freed.peaks[0].items() if k != "score"} == {
+        k: v for k, v in kept.peaks[0].items() if k != "score"
+    }
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -126,8 +138,9 @@ def test_monotone_in_batch_and_checkpointing_saves_memory(size):
     peaks = [predict(dims, Shape(b, 512)).peak(0) for b in (1, 2, 4, 8, 16, 32)]
     assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)
     for b in (4, 16):
-        assert predict(dims, Shape(b, 512, grad_checkpointing=True)).peak(0) < \
-            predict(dims, Shape(b, 512, grad_checkpointing=False)).peak(0)
+        assert predict(dims, Shape(b, 512, grad_checkpointing=True)).peak(0) < predict(
+            dims, Shape(b, 512, grad_checkpointing=False)
+        ).peak(0)
 
 
 def one_gpu(dims: Dims, size: str, room: dict[int, float]) -> Devices:
@@ -173,8 +186,7 @@ def test_split_placement_puts_the_loss_where_the_outputs_land():
     for phase in ("calibrate", "score", "evaluate"):
         assert extra(split, 0, phase) == pytest.approx(extra(joint, 0, phase))  # stays put
         assert 0 < extra(split, 1, phase) - extra(joint, 1, phase) < extra(split, 0, phase)
-    assert split.peaks[0]["load"] + split.peaks[1]["load"] == \
-        pytest.approx(single.peaks[0]["load"])
+    assert split.peaks[0]["load"] + split.peaks[1]["load"] == pytest.approx(single.peaks[0]["load"])
     assert max(split.peak(0), split.peak(1)) < single.peak(0)
 
 
@@ -188,8 +200,9 @@ MEASURED_2GPU = [("32b", 32, 32, {0: 49.38, 1: 38.70}), ("7b", 13, 15, {0: 23.71
 @pytest.mark.parametrize("size,on_first,on_second,measured", MEASURED_2GPU)
 def test_split_within_15_percent_of_measured_per_gpu(size, on_first, on_second, measured):
     placement = Placement(0, [0] * on_first + [1] * on_second, 1)
-    plan = predict(Dims.from_config(config(size)), Shape(16, 512, "gradient", True, num_formats=1),
-                   placement=placement)
+    plan = predict(
+        Dims.from_config(config(size)), Shape(16, 512, "gradient", True, num_formats=1), placement=placement
+    )
     for d, gib in measured.items():
         assert plan.peak(d) == pytest.approx(gib, rel=0.15), d
 

@@ -26,23 +26,61 @@ from pathlib import Path
 
 import pytest
 
-from vlm_autoquant.tracking import M_BITS_ACHIEVED, M_BITS_ALL, M_BITS_TARGET, M_COMPRESSION, M_KL, M_PPL_QUANT, M_PPL_REF, M_PPL_REL, M_TOP1, M_WEIGHT_BYTES
+from vlm_autoquant.tracking import (
+    M_BITS_ACHIEVED,
+    M_BITS_ALL,
+    M_BITS_TARGET,
+    M_COMPRESSION,
+    M_KL,
+    M_PPL_QUANT,
+    M_PPL_REF,
+    M_PPL_REL,
+    M_TOP1,
+    M_WEIGHT_BYTES,
+)
 
 from .conftest import subprocess_env
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 EXPERIMENT = "ui-test"
 SCHEMES = ("fp8-all-8b", "fp8-balanced-10b", "fp8-conservative-12b")
-SIZES = ["--num-calib-samples", "256", "--num-calib-steps", "2", "--num-score-steps", "2",
-         "--num-eval-samples", "64", "--seq-len", "128"]
+SIZES = [
+    "--num-calib-samples",
+    "256",
+    "--num-calib-steps",
+    "2",
+    "--num-score-steps",
+    "2",
+    "--num-eval-samples",
+    "64",
+    "--seq-len",
+    "128",
+]
 # Metrics every child run logs (pipeline.quantize_scheme) that must show up in the UI.
-UI_METRICS = (M_BITS_ACHIEVED, M_BITS_TARGET, M_BITS_ALL, M_KL, M_PPL_REF, M_PPL_QUANT, M_PPL_REL,
-              M_TOP1, M_WEIGHT_BYTES, M_COMPRESSION)
+UI_METRICS = (
+    M_BITS_ACHIEVED,
+    M_BITS_TARGET,
+    M_BITS_ALL,
+    M_KL,
+    M_PPL_REF,
+    M_PPL_QUANT,
+    M_PPL_REL,
+    M_TOP1,
+    M_WEIGHT_BYTES,
+    M_COMPRESSION,
+)
 SERVER_TIMEOUT_S = 90
 PAGE_TIMEOUT_MS = 60_000
 
@@ -65,8 +103,7 @@ def sync_playwright():
     else:
         problem = None
     if problem:
-        _unavailable(f"{problem}; pip install playwright (the browser itself comes from apt: "
-                     "chromium)")
+        _unavailable(f"{problem}; pip install playwright (the browser itself comes from apt: chromium)")
     if not CHROMIUM.exists():
         _unavailable(f"{CHROMIUM} does not exist; apt-get install chromium")
     return entry
@@ -84,9 +121,21 @@ def ui_sweep(sync_playwright, demo, tmp_path_factory) -> tuple[Path, str]:
         for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
             mp.delenv(leftover, raising=False)  # also removes what MLflow sets during the sweep
         mp.chdir(root)  # MLflow's default artifact root is ./mlruns: keep it in the tmp dir
-        code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
-                           "--output-dir", str(root / "out"), *SIZES,
-                           "--schemes", ",".join(SCHEMES), "--experiment", EXPERIMENT])
+        code = sweep_main(
+            [
+                "--model-dir",
+                str(demo[0]),
+                "--calib-file",
+                str(demo[1]),
+                "--output-dir",
+                str(root / "out"),
+                *SIZES,
+                "--schemes",
+                ",".join(SCHEMES),
+                "--experiment",
+                EXPERIMENT,
+            ]
+        )
     assert code == 0
     return root, uri
 
@@ -111,26 +160,47 @@ def mlflow_server(ui_sweep):
     root, uri = ui_sweep
     port = _free_port()
     log_path = root / "mlflow-server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with log_path.open("wb") as log_file:
         # Own process group: `mlflow server` starts uvicorn as a child; teardown stops both.
-        proc = subprocess.Popen(cmd, cwd=root, stdout=log_file, stderr=subprocess.STDOUT,
-                                # No background job consumers (huey): nothing here runs jobs; it saves ~7 processes.
-                                env=subprocess_env(MLFLOW_DISABLE_TELEMETRY="true",
-                                                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=root,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            # No background job consumers (huey): nothing here runs jobs; it saves ~7 processes.
+            env=subprocess_env(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_TIMEOUT_S
         while not _healthy(url):
             if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n"
-                            f"{log_path.read_text(errors='replace')[-3000:]}", pytrace=False)
+                pytest.fail(
+                    f"mlflow server exited with {proc.returncode}:\n"
+                    f"{log_path.read_text(errors='replace')[-3000:]}",
+                    pytrace=False,
+                )
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer {url}/health within "
-                            f"{SERVER_TIMEOUT_S} s:\n{log_path.read_text(errors='replace')[-3000:]}",
-                            pytrace=False)
+                pytest.fail(
+                    f"mlflow server did not answer {url}/health within "
+                    f"{SERVER_TIMEOUT_S} s:\n{log_path.read_text(errors='replace')[-3000:]}",
+                    pytrace=False,
+                )
             time.sleep(0.5)
         yield url
     finally:
@@ -220,8 +290,10 @@ def metric_grid(page) -> dict[float, tuple[str, list[str]]]:
             break
         top = state["scrollTop"] + max(state["clientHeight"] - 45, 45)
     page.evaluate(SCROLL_METRICS_JS, 0)
-    return {y: (name, [values.get(y, {})[x] for x in sorted(values.get(y, {}))])
-            for y, name in sorted(names.items())}
+    return {
+        y: (name, [values.get(y, {})[x] for x in sorted(values.get(y, {}))])
+        for y, name in sorted(names.items())
+    }
 
 
 def ui_rounding(value: float) -> float:
@@ -237,8 +309,7 @@ def read_metric_rows(page) -> dict[str, list[str]]:
     return dict(metric_grid(page).values())
 
 
-def test_compare_page_shows_the_sweeps_params_and_metrics(sync_playwright, ui_sweep, mlflow_server,
-                                                           tmp_path):
+def test_compare_page_shows_the_sweeps_params_and_metrics(sync_playwright, ui_sweep, mlflow_server, tmp_path):
     import mlflow
 
     root, uri = ui_sweep
@@ -255,16 +326,16 @@ def test_compare_page_shows_the_sweeps_params_and_metrics(sync_playwright, ui_sw
 
     shot = tmp_path / "mlflow-compare.png"
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                     headless=True)
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
             page.goto(url, wait_until="load")
             # The SPA fetches the runs after load: wait for the Parameters table to be filled.
             page.get_by_text(f"Comparing {len(run_ids)} Runs from 1 Experiment").wait_for()
-            page.locator("table.mlflow-compare-run-table th",
-                         has_text="scheme.effective_bits").first.wait_for()
+            page.locator(
+                "table.mlflow-compare-run-table th", has_text="scheme.effective_bits"
+            ).first.wait_for()
             page.get_by_role("switch", name="Metrics - Show diff only").wait_for()
 
             # Columns follow the runs; the Run details table says which run each column is.
@@ -276,10 +347,12 @@ def test_compare_page_shows_the_sweeps_params_and_metrics(sync_playwright, ui_sw
             assert params["scheme.name"] == [by_id[r].data.params["scheme.name"] for r in columns]
             assert sorted(params["scheme.name"]) == sorted(SCHEMES)
             assert params["scheme.effective_bits"] == [
-                by_id[r].data.params["scheme.effective_bits"] for r in columns]
-            assert {name: float(bits) for name, bits in zip(params["scheme.name"],
-                                                            params["scheme.effective_bits"])} \
-                == {"fp8-all-8b": 8.0, "fp8-balanced-10b": 10.0, "fp8-conservative-12b": 12.0}
+                by_id[r].data.params["scheme.effective_bits"] for r in columns
+            ]
+            assert {
+                name: float(bits)
+                for name, bits in zip(params["scheme.name"], params["scheme.effective_bits"])
+            } == {"fp8-all-8b": 8.0, "fp8-balanced-10b": 10.0, "fp8-conservative-12b": 12.0}
 
             metrics = read_metric_rows(page)
             missing = [m for m in UI_METRICS if m not in metrics]
@@ -287,10 +360,10 @@ def test_compare_page_shows_the_sweeps_params_and_metrics(sync_playwright, ui_sw
             for key in (M_BITS_ACHIEVED, M_KL, M_TOP1, M_WEIGHT_BYTES):  # as the UI rounds them
                 shown = [float(v) for v in metrics[key]]
                 logged = [by_id[r].data.metrics[key] for r in columns]
-                assert all(abs(a - b) <= ui_rounding(b) for a, b in zip(shown, logged)), \
-                    (key, shown, logged)
+                assert all(abs(a - b) <= ui_rounding(b) for a, b in zip(shown, logged)), (key, shown, logged)
             assert [float(v) for v in metrics[M_BITS_ACHIEVED]] == pytest.approx(
-                [float(b) for b in params["scheme.effective_bits"]], abs=0.01)
+                [float(b) for b in params["scheme.effective_bits"]], abs=0.01
+            )
 
             # For the picture: what differs between the schemes, without the assistant panel.
             close = page.locator("[data-component-id='mlflow.assistant.chat_panel.close']")
@@ -298,8 +371,9 @@ def test_compare_page_shows_the_sweeps_params_and_metrics(sync_playwright, ui_sw
                 close.first.click()
             for section in ("Parameters", "Metrics"):
                 page.get_by_role("switch", name=f"{section} - Show diff only").click()
-            page.locator("table.mlflow-compare-run-table th", has_text="calib_file") \
-                .wait_for(state="detached")  # the same in every run: hidden now
+            page.locator("table.mlflow-compare-run-table th", has_text="calib_file").wait_for(
+                state="detached"
+            )  # the same in every run: hidden now
             diff_params = dict(page.evaluate(TABLE_ROWS_JS, "Parameters"))
             assert {"scheme.name", "scheme.effective_bits"} <= set(diff_params), diff_params
             assert "calib_file" not in diff_params and "model_dir" not in diff_params

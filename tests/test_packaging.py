@@ -14,11 +14,11 @@ import shlex
 import subprocess
 import sys
 import time
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -67,8 +67,10 @@ def test_every_import_is_declared_and_every_declaration_used():
     for module, files in sorted(modules.items()):
         providers = {_norm(d) for d in dists.get(module, [])}
         assert providers, f"{module} (imported in {sorted(files)}) is not installed at all"
-        assert providers & set(have), (f"{module} (imported in {sorted(files)}) comes from "
-                                       f"{sorted(providers)}, none declared in pyproject.toml")
+        assert providers & set(have), (
+            f"{module} (imported in {sorted(files)}) comes from "
+            f"{sorted(providers)}, none declared in pyproject.toml"
+        )
         used |= providers & set(have)
     assert set(have) - used == set(NOT_IMPORTED), "declared in pyproject.toml but never imported"
     assert "device_map" in (ROOT / "src" / "vlm_autoquant" / "model" / "lm.py").read_text()
@@ -106,8 +108,14 @@ codes = [main(["--scheme-name", "fp8-balanced-10b", "--model-dir", "nope"]), swe
 heavy = sorted(m for m in ("torch", "transformers", "modelopt", "mlflow") if m in sys.modules)
 print(codes, heavy)
 """
-    proc = subprocess.run([PY, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    proc = subprocess.run(
+        [PY, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[2, 2, 2] []"
     assert proc.stderr.count("dependency accelerate: is not installed") == 3
@@ -123,8 +131,9 @@ def test_default_catalog_is_the_repo_file():
 
 def _run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n" \
-                                 f"{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{cmd} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -133,9 +142,13 @@ def test_wheel_in_fresh_venv_runs_demo_outside_the_clone(tmp_path):
     """Non-editable install from a built wheel; only the CPU torch wheel is installed first."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     if not os.environ.get("CI"):
-        probe = subprocess.run([PY, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                                str(tmp_path / "probe"), "pyyaml"], capture_output=True,
-                               text=True, timeout=120, env=env)
+        probe = subprocess.run(
+            [PY, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp_path / "probe"), "pyyaml"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         if probe.returncode != 0:
             pytest.skip(f"no package index reachable (not CI): {probe.stderr.strip()[-300:]}")
     t0 = time.perf_counter()
@@ -151,21 +164,26 @@ def test_wheel_in_fresh_venv_runs_demo_outside_the_clone(tmp_path):
 
     work = tmp_path / "elsewhere"  # outside the clone: nothing can come from the source tree
     work.mkdir()
-    run_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "MLFLOW_DISABLE_TELEMETRY": "true"}
-    where = _run([vpy, "-c", "import vlm_autoquant, sys; print(vlm_autoquant.__file__)"], 60,
-                 cwd=work, env=run_env).stdout.strip()
+    run_env = {
+        **env,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    where = _run(
+        [vpy, "-c", "import vlm_autoquant, sys; print(vlm_autoquant.__file__)"], 60, cwd=work, env=run_env
+    ).stdout.strip()
     assert where.startswith(str(venv)), where
-    listed = _run([str(venv / "bin" / "vlm-autoquant"), "--list-schemes"], 120, cwd=work,
-                  env=run_env).stdout
+    listed = _run([str(venv / "bin" / "vlm-autoquant"), "--list-schemes"], 120, cwd=work, env=run_env).stdout
     assert "fp8-balanced-10b" in listed and "fp8-pcpt-10b" in listed
     t1 = time.perf_counter()
     shown = _run([str(venv / "bin" / "vlm-autoquant-demo")], 600, cwd=work, env=run_env).stdout
     demo = time.perf_counter() - t1
     quantized, exported = shown.strip().splitlines()  # the run's handoff, then the export's
-    assert f"experiment '{DEFAULT_EXPERIMENT}'" in quantized and "next: vlm-autoquant-export" \
-        in quantized, shown
+    assert f"experiment '{DEFAULT_EXPERIMENT}'" in quantized and "next: vlm-autoquant-export" in quantized, (
+        shown
+    )
     assert exported.startswith("exported fp8-balanced-10b") and "next: mlflow ui" in exported
     # the export command the run printed, its run id filled in, works as printed
     cmd = shlex.split(quantized.split("next: ", 1)[1])

@@ -27,15 +27,16 @@ def test_parse_gpus_and_max_memory():
     assert parse_gpus(None, 2, pr) == [0]
     assert not pr
     assert parse_max_memory("100GiB", [0, 1], {0: 139.8, 1: 139.8}, pr) == {0: 100.0, 1: 100.0}
-    assert parse_max_memory("200GiB,50000MiB", [0, 1], {0: 139.8, 1: 139.8}, pr) == \
-        {0: 139.8, 1: pytest.approx(48.83, abs=0.01)}
+    assert parse_max_memory("200GiB,50000MiB", [0, 1], {0: 139.8, 1: 139.8}, pr) == {
+        0: 139.8,
+        1: pytest.approx(48.83, abs=0.01),
+    }
     assert not pr
     parse_gpus("0,5", 2, pr)
     parse_gpus("x", 2, pr)
     parse_max_memory("lots", [0], {0: 80.0}, pr)
     parse_max_memory("1GiB,2GiB,3GiB", [0, 1], {0: 80.0, 1: 80.0}, pr)
-    assert [p.input for p in pr.items] == ["--gpus", "--gpus", "--max-gpu-memory",
-                                           "--max-gpu-memory"]
+    assert [p.input for p in pr.items] == ["--gpus", "--gpus", "--max-gpu-memory", "--max-gpu-memory"]
 
 
 @pytest.mark.parametrize("size,n", [("7b", 1), ("7b", 2), ("32b", 2), ("72b", 4)])
@@ -43,8 +44,7 @@ def test_layers_split_in_order_and_fit(size, n):
     cfg = config(size)
     dims = Dims.from_config(cfg)
     caps = usable({g: 139.8 for g in range(n)})
-    lp, calib, score = plan_run(Devices(meta_model(cfg), dims, list(range(n)), caps),
-                                Shape(16, 512), 16, 8)
+    lp, calib, score = plan_run(Devices(meta_model(cfg), dims, list(range(n)), caps), Shape(16, 512), 16, 8)
     p = lp.placement
     assert p.layers == sorted(p.layers)  # pipeline order: each GPU holds a contiguous span
     assert p.embed == p.layers[0] and p.head == p.layers[-1]
@@ -62,10 +62,12 @@ def test_layers_split_in_order_and_fit(size, n):
 def test_72b_needs_smaller_batches_on_two_gpus_but_not_on_four():
     cfg = config("72b")
     dims, meta = Dims.from_config(cfg), meta_model(cfg)
-    two, calib, score = plan_run(Devices(meta, dims, [0, 1], usable({0: 90.0, 1: 90.0})),
-                                 Shape(16, 512), 16, 8)
-    four, _, _ = plan_run(Devices(meta, dims, [0, 1, 2, 3], usable(dict.fromkeys(range(4), 90.0))),
-                          Shape(16, 512), 16, 8)
+    two, calib, score = plan_run(
+        Devices(meta, dims, [0, 1], usable({0: 90.0, 1: 90.0})), Shape(16, 512), 16, 8
+    )
+    four, _, _ = plan_run(
+        Devices(meta, dims, [0, 1, 2, 3], usable(dict.fromkeys(range(4), 90.0))), Shape(16, 512), 16, 8
+    )
     assert two.plan.batch_size < 16 and four.plan.batch_size == 16
     assert two.plan.batch_size * calib == 16 * 16 and two.plan.fits()
 
@@ -98,8 +100,15 @@ def test_tied_embeddings_stay_with_lm_head():
 def test_too_small_gpus_are_refused_before_loading():
     cfg = config("72b")
     pr = Problems()
-    assert plan_for(cfg, PlanRequest("0,1", "60GiB", Shape(16, 512, "gradient", True, 1), 16, 8), 
-                    pr, totals_gib={0: 139.8, 1: 139.8}) is None
+    assert (
+        plan_for(
+            cfg,
+            PlanRequest("0,1", "60GiB", Shape(16, 512, "gradient", True, 1), 16, 8),
+            pr,
+            totals_gib={0: 139.8, 1: 139.8},
+        )
+        is None
+    )
     text = UsageError(pr.items).render()
     assert "--batch-size" in text and "more GPUs" in text
     with pytest.raises(UsageError):
@@ -107,5 +116,12 @@ def test_too_small_gpus_are_refused_before_loading():
 
 
 def test_no_gpu_means_no_plan():
-    assert plan_for(config("7b"), PlanRequest(None, None, Shape(16, 512, "gradient", True, 1), 16, 8), 
-                    Problems(), totals_gib={}) is None
+    assert (
+        plan_for(
+            config("7b"),
+            PlanRequest(None, None, Shape(16, 512, "gradient", True, 1), 16, 8),
+            Problems(),
+            totals_gib={},
+        )
+        is None
+    )

@@ -32,14 +32,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlm_autoquant.core import artifacts, integrity, paths
-from vlm_autoquant.model import quant_state
-from vlm_autoquant.search import resume
-from vlm_autoquant.plan.calib_data import check_caption_file
-from vlm_autoquant.model.checkpoint import check_lm_tensors, inspect_checkpoint
 from vlm_autoquant.core.artifacts import (
-    MANIFEST_FILE, PROJECT_ROOT, QUANT_STATE_FILE, SEARCH_CHECKPOINT, SEARCH_DIR,
+    MANIFEST_FILE,
+    PROJECT_ROOT,
+    QUANT_STATE_FILE,
+    SEARCH_CHECKPOINT,
+    SEARCH_DIR,
 )
 from vlm_autoquant.core.errors import Interrupted, Problems, UsageError
+from vlm_autoquant.model import quant_state
+from vlm_autoquant.model.checkpoint import check_lm_tensors, inspect_checkpoint
+from vlm_autoquant.plan.calib_data import check_caption_file
+from vlm_autoquant.search import resume
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
 
@@ -53,8 +57,18 @@ def _hmac_key(tmp_path_factory, monkeypatch):
 
 
 def cli_args(demo, out, *extra, model_dir=None, calib=None) -> list:
-    return ["--scheme-name", SCHEME, "--model-dir", model_dir or demo[0], "--output-dir", out,
-            "--calib-file", calib or demo[1], *QUICK, *extra]
+    return [
+        "--scheme-name",
+        SCHEME,
+        "--model-dir",
+        model_dir or demo[0],
+        "--output-dir",
+        out,
+        "--calib-file",
+        calib or demo[1],
+        *QUICK,
+        *extra,
+    ]
 
 
 def usage_error(capsys, args) -> str:
@@ -80,16 +94,23 @@ def plant_forged_checkpoint(out: Path, flag: Path, signed: bool, fingerprint=Non
     (out / artifacts.MARKER_FILE).write_text("{}")
     ckpt = out / SEARCH_DIR / SEARCH_CHECKPOINT
     torch.save({"candidate_stats": {}, "evil": Payload(flag)}, ckpt)
-    record = {"record_version": 2, "written_by": "vlm_autoquant", "stage": "scored",
-              "sha256": artifacts.sha256_file(ckpt), "fingerprint": fingerprint or {}}
+    record = {
+        "record_version": 2,
+        "written_by": "vlm_autoquant",
+        "stage": "scored",
+        "sha256": artifacts.sha256_file(ckpt),
+        "fingerprint": fingerprint or {},
+    }
     resume.record_path(ckpt).write_text(json.dumps(integrity.sign(record) if signed else record))
     return ckpt
 
 
 # ------------------------------------------------------------------- 1. checkpoints run no code
 
-def test_forged_checkpoint_with_recomputed_sha_is_refused_by_the_cli(demo, tmp_path, tracking,
-                                                                      capsys, monkeypatch):
+
+def test_forged_checkpoint_with_recomputed_sha_is_refused_by_the_cli(
+    demo, tmp_path, tracking, capsys, monkeypatch
+):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     out, flag = tmp_path / "out", tmp_path / "PWNED"
     plant_forged_checkpoint(out, flag, signed=False)
@@ -99,8 +120,7 @@ def test_forged_checkpoint_with_recomputed_sha_is_refused_by_the_cli(demo, tmp_p
     assert not flag.exists(), "the forged pickle ran its payload"
 
 
-def test_signed_but_non_tensor_pickle_never_runs_even_when_env_disables_weights_only(
-        tmp_path, monkeypatch):
+def test_signed_but_non_tensor_pickle_never_runs_even_when_env_disables_weights_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     out, flag = tmp_path / "out", tmp_path / "PWNED"
     ckpt = plant_forged_checkpoint(out, flag, signed=True)  # as if the key had leaked
@@ -131,8 +151,9 @@ def test_searcher_state_loads_only_with_a_signed_record(tmp_path):
         def _get_checkpoint_path(self):
             return str(ckpt)
 
-    resume.save_with_record(ckpt, {"k": 1}, "scored",
-                            lambda tmp: torch.save({"candidate_stats": {"a": 1}}, tmp))
+    resume.save_with_record(
+        ckpt, {"k": 1}, "scored", lambda tmp: torch.save({"candidate_stats": {"a": 1}}, tmp)
+    )
     s = Searcher()
     assert resume.load_searcher_state(s) and s.candidate_stats == {"a": 1} and s.best is None
     torch.save({"candidate_stats": {"a": 2}}, ckpt)  # replaced after the record
@@ -160,9 +181,16 @@ HOLD = textwrap.dedent("""
 
 
 def _holders(out: Path, n: int, hold_s: float) -> list[subprocess.Popen]:
-    procs = [subprocess.Popen([PY, "-c", HOLD, str(out), str(hold_s)], env=subprocess_env(),
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [PY, "-c", HOLD, str(out), str(hold_s)],
+            env=subprocess_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     return procs
@@ -202,6 +230,7 @@ def test_cli_refuses_a_locked_output_dir_at_once(demo, tmp_path, tracking, capsy
 
 # ------------------------------------------------------------------- 5. the user's files are safe
 
+
 def _check(path: Path, overwrite=False, model_dir=None) -> str:
     problems = Problems()
     artifacts.check_output_dir(path, problems, MANIFEST_FILE, overwrite, model_dir=model_dir)
@@ -210,8 +239,7 @@ def _check(path: Path, overwrite=False, model_dir=None) -> str:
 
 @pytest.mark.parametrize("where", ["root", "home", "project", "model"])
 def test_protected_output_dirs_are_refused(where, demo):
-    path = {"root": Path("/"), "home": Path.home(), "project": PROJECT_ROOT,
-            "model": demo[0]}[where]
+    path = {"root": Path("/"), "home": Path.home(), "project": PROJECT_ROOT, "model": demo[0]}[where]
     text = _check(path, overwrite=True, model_dir=demo[0])
     assert "will not write there" in text, text
 
@@ -238,14 +266,26 @@ def test_foreign_dir_with_overwrite_and_no_clash_is_allowed(tmp_path):
 
 # ---------------------------------------------------------- 6. every path error is exit 2 + fix
 
+
 def test_path_errors_of_every_input_are_exit_2_with_a_fix(demo, tmp_path, tracking, capsys):
     long_component = tmp_path / ("x" * 300)
     loop = tmp_path / "loop"
     os.symlink(loop, loop)
     fifo = tmp_path / "captions.fifo"
     os.mkfifo(fifo)
-    args = ["--scheme-name", SCHEME, "--model-dir", long_component, "--output-dir",
-            tmp_path / ("o" * 300) / "out", "--calib-file", fifo, "--catalog", loop, *QUICK]
+    args = [
+        "--scheme-name",
+        SCHEME,
+        "--model-dir",
+        long_component,
+        "--output-dir",
+        tmp_path / ("o" * 300) / "out",
+        "--calib-file",
+        fifo,
+        "--catalog",
+        loop,
+        *QUICK,
+    ]
     err = usage_error(capsys, args)
     for flag in ("--model-dir", "--output-dir", "--calib-file", "--catalog"):
         assert flag in err, (flag, err)
@@ -278,6 +318,7 @@ def test_permission_denied_is_reported(tmp_path):
 
 
 # ------------------------------------------------------------- 7. temp files and a resume window
+
 
 def test_stale_temporary_files_of_ours_are_swept_but_not_the_users(tmp_path):
     out = tmp_path / "out"
@@ -317,6 +358,7 @@ def test_sigterm_before_the_run_handlers_is_exit_130_not_a_kill():
 
 # ------------------------------------------------------------------- 8. hostile model dirs
 
+
 def _copy(demo, tmp_path) -> Path:
     return Path(shutil.copytree(demo[0], tmp_path / "ckpt"))
 
@@ -328,8 +370,12 @@ def _arch_problems(d: Path) -> str:
     info = inspect_checkpoint(d, problems)
     if info is not None and not problems:
         cfg = text_config(d)
-        check_lm_tensors(info, {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()},
-                         bool(cfg.tie_word_embeddings), problems)
+        check_lm_tensors(
+            info,
+            {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()},
+            bool(cfg.tie_word_embeddings),
+            problems,
+        )
     return "\n".join(str(p) for p in problems.items)
 
 
@@ -376,8 +422,7 @@ def _first_lm_key(tensors: dict, suffix: str) -> str:
 
 def test_wrong_shape_is_named_before_loading(demo, tmp_path):
     d = _copy(demo, tmp_path)
-    shard = next(s for s in _shards(d) if any(k.endswith("mlp.up_proj.weight")
-                                              for k in load_file(str(s))))
+    shard = next(s for s in _shards(d) if any(k.endswith("mlp.up_proj.weight") for k in load_file(str(s))))
     names = []
 
     def edit(t):
@@ -410,8 +455,12 @@ def test_foreign_key_names_are_refused(demo, tmp_path):
         k = _first_lm_key(t, "self_attn.o_proj.weight")
         t[k.replace("o_proj", "out_proj")] = t.pop(k)
 
-    _rewrite(_shards(d)[0] if len(_shards(d)) == 1 else next(
-        s for s in _shards(d) if any(k.endswith("o_proj.weight") for k in load_file(str(s)))), edit)
+    _rewrite(
+        _shards(d)[0]
+        if len(_shards(d)) == 1
+        else next(s for s in _shards(d) if any(k.endswith("o_proj.weight") for k in load_file(str(s)))),
+        edit,
+    )
     text = _arch_problems(d)
     assert "out_proj" in text and "not part of the language model" in text
     assert "absent from the weights" in text and "o_proj.weight" in text
@@ -419,23 +468,30 @@ def test_foreign_key_names_are_refused(demo, tmp_path):
 
 def test_cli_refuses_a_wrong_shape_with_exit_2(demo, tmp_path, tracking, capsys):
     d = _copy(demo, tmp_path)
-    shard = next(s for s in _shards(d) if any(k.endswith("mlp.down_proj.weight")
-                                              for k in load_file(str(s))))
-    _rewrite(shard, lambda t: t.__setitem__(_first_lm_key(t, "mlp.down_proj.weight"),
-                                            torch.zeros(3, 3, dtype=torch.bfloat16)))
+    shard = next(s for s in _shards(d) if any(k.endswith("mlp.down_proj.weight") for k in load_file(str(s))))
+    _rewrite(
+        shard,
+        lambda t: t.__setitem__(
+            _first_lm_key(t, "mlp.down_proj.weight"), torch.zeros(3, 3, dtype=torch.bfloat16)
+        ),
+    )
     err = usage_error(capsys, cli_args(demo, tmp_path / "out", model_dir=d))
     assert "down_proj.weight has shape [3, 3]" in err
 
 
 # ------------------------------------------------------------------- 9. calibration text is text
 
-@pytest.mark.parametrize("content,needle", [
-    (b"a cat\x00\x00\x00 on a mat\n" * 20, "control characters"),
-    (b"a dog\x07\x1b[31m runs\n" * 20, "control characters"),
-    ("a cat on a mat\nthe dog runs\n".encode("utf-16-le"), "UTF-16LE"),
-    ("a cat on a mat\n".encode("utf-16-be"), "UTF-16BE"),
-    ("\ufeff \u3000\u00a0\u200b\n\t\n".encode("utf-8"), "no printable caption"),
-])
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"a cat\x00\x00\x00 on a mat\n" * 20, "control characters"),
+        (b"a dog\x07\x1b[31m runs\n" * 20, "control characters"),
+        ("a cat on a mat\nthe dog runs\n".encode("utf-16-le"), "UTF-16LE"),
+        ("a cat on a mat\n".encode("utf-16-be"), "UTF-16BE"),
+        ("\ufeff \u3000\u00a0\u200b\n\t\n".encode("utf-8"), "no printable caption"),
+    ],
+)
 def test_text_that_is_not_text_is_refused(content, needle, tmp_path):
     f = tmp_path / "captions.txt"
     f.write_bytes(content)
@@ -463,15 +519,23 @@ def test_control_char_error_names_the_line(tmp_path):
 
 # ------------------------------------ 7 + 10. SIGTERM after the search; integrity of the artifacts
 
+
 @pytest.fixture(scope="module")
 def terminated_after_search(demo, tmp_path_factory):
     """A real run sent SIGTERM once the search is done (during evaluation/saving)."""
     root = tmp_path_factory.mktemp("sigterm_late")
     out = root / "out"
-    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-                         **{integrity.KEY_ENV: str(root / "hmac.key")})
-    proc = subprocess.Popen([PY, str(SCRIPT), *map(str, cli_args(demo, out))], env=env, cwd=root,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = subprocess_env(
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", **{integrity.KEY_ENV: str(root / "hmac.key")}
+    )
+    proc = subprocess.Popen(
+        [PY, str(SCRIPT), *map(str, cli_args(demo, out))],
+        env=env,
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines, sent = [], False
     deadline = time.time() + 400
     for line in proc.stderr:
@@ -495,8 +559,7 @@ def test_sigterm_after_the_search_exits_130_and_keeps_the_result(terminated_afte
 
 
 @pytest.mark.slow
-def test_manifest_ties_the_artifacts_and_restore_checks_them(terminated_after_search, demo,
-                                                             tmp_path):
+def test_manifest_ties_the_artifacts_and_restore_checks_them(terminated_after_search, demo, tmp_path):
     out = terminated_after_search["out"]
     doc = json.loads((out / MANIFEST_FILE).read_text())
     digests = doc["artifacts_sha256"]
@@ -505,12 +568,15 @@ def test_manifest_ties_the_artifacts_and_restore_checks_them(terminated_after_se
     quant_state.check_against_manifest(out / QUANT_STATE_FILE, out / MANIFEST_FILE)
     other = tmp_path / QUANT_STATE_FILE
     payload = torch.load(out / QUANT_STATE_FILE, weights_only=True)
-    amax_keys = [(q, k) for q, st in payload["quantizer_state"].items() for k in st
-                 if "amax" in k and torch.is_tensor(st[k])]
+    amax_keys = [
+        (q, k)
+        for q, st in payload["quantizer_state"].items()
+        for k in st
+        if "amax" in k and torch.is_tensor(st[k])
+    ]
     assert amax_keys, "the demo run quantized nothing"
     q, k = amax_keys[0]
-    payload["quantizer_state"][q][k] = torch.full_like(payload["quantizer_state"][q][k],
-                                                       float("nan"))
+    payload["quantizer_state"][q][k] = torch.full_like(payload["quantizer_state"][q][k], float("nan"))
     torch.save(payload, other)
     with pytest.raises(UsageError, match="differs from the manifest"):
         quant_state.check_against_manifest(other, doc)

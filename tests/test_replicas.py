@@ -36,9 +36,11 @@ def req(calib: int, score: int, method: str = "gradient", parallel: str = "auto"
 
 # (calib steps, score steps, world) -> each rank's (calib, score) steps, counted by hand: rank r
 # takes batches r, r + world, r + 2 * world, ... below the step count.
-SHARES = {(16, 8, 2): [(8, 4), (8, 4)],
-          (7, 3, 3): [(3, 1), (2, 1), (2, 1)],
-          (5, 5, 4): [(2, 2), (1, 1), (1, 1), (1, 1)]}
+SHARES = {
+    (16, 8, 2): [(8, 4), (8, 4)],
+    (7, 3, 3): [(3, 1), (2, 1), (2, 1)],
+    (5, 5, 4): [(2, 2), (1, 1), (1, 1), (1, 1)],
+}
 
 
 @pytest.mark.parametrize("calib,score,world", list(SHARES))
@@ -46,8 +48,10 @@ def test_the_shards_cover_each_batch_once(calib, score, world):
     from vlm_autoquant.plan.families import SearchSpec
 
     spec = SearchSpec(("FP8_DEFAULT_CFG",), "gradient", calib, score, (), ())
-    got = [(spec_for_rank(spec, r, world).num_calib_steps,
-            spec_for_rank(spec, r, world).num_score_steps) for r in range(world)]
+    got = [
+        (spec_for_rank(spec, r, world).num_calib_steps, spec_for_rank(spec, r, world).num_score_steps)
+        for r in range(world)
+    ]
     assert got == SHARES[calib, score, world]
     assert [shard(calib, r, world) for r in range(world)] == [c for c, _ in got]
     for steps, column in ((calib, 0), (score, 1)):
@@ -92,9 +96,13 @@ def test_auto_searches_on_the_first_gpu_alone_when_a_replica_would_get_no_step()
     assert lp.device_map == {"": 0} and lp.placement.devices() == [0]
 
 
-@pytest.mark.parametrize("size,steps,needles", [
-    ("72b", 16, ["nothing fits", "GiB on GPU 0", "more GPUs"]),  # 145 GB of weights per replica
-    ("7b", 1, ["at least 2 calibration", "--parallel layers"])])
+@pytest.mark.parametrize(
+    "size,steps,needles",
+    [
+        ("72b", 16, ["nothing fits", "GiB on GPU 0", "more GPUs"]),  # 145 GB of weights per replica
+        ("7b", 1, ["at least 2 calibration", "--parallel layers"]),
+    ],
+)
 def test_explicit_replicas_that_cannot_work_are_refused_with_the_figures(size, steps, needles):
     pr = Problems()
     assert plan_for(config(size), req(steps, steps, parallel="replicas"), pr, totals_gib=H200) is None
@@ -113,8 +121,11 @@ def test_a_sweep_replicates_only_if_every_search_takes_replicas_or_fits_rank_0()
     fits, splits = (plan_for(config(s), req(16, 8), Problems(), totals_gib=H200)[0] for s in ("32b", "72b"))
     alone = plan_for(config("32b"), req(16, 1, "kl_div"), Problems(), totals_gib=H200)[0]
     assert fits.replicas and not splits.replicas and alone.mode == "single"
-    both = [SimpleNamespace(placement=fits), SimpleNamespace(placement=fits),
-            SimpleNamespace(placement=alone)]
+    both = [
+        SimpleNamespace(placement=fits),
+        SimpleNamespace(placement=fits),
+        SimpleNamespace(placement=alone),
+    ]
     _share_replicas(both)
     assert [f.placement.replicas for f in both] == [(0, 1), (0, 1), ()]
     on_gpu_1 = dataclasses.replace(alone, placement=Placement.single(64, 1))
@@ -129,8 +140,14 @@ def test_a_sweep_replicates_only_if_every_search_takes_replicas_or_fits_rank_0()
 def test_processes_start_before_validation_only_for_listed_gpus():
     assert prestart_devices("0,1", "auto") == ("cuda:0", "cuda:1")
     assert prestart_devices("2,3,1", "replicas") == ("cuda:2", "cuda:3", "cuda:1")
-    for gpus, parallel in (("0,1", "layers"), ("0", "auto"), (None, "auto"), ("all", "auto"),
-                           ("0,0", "auto"), ("x", "auto")):
+    for gpus, parallel in (
+        ("0,1", "layers"),
+        ("0", "auto"),
+        (None, "auto"),
+        ("all", "auto"),
+        ("0,0", "auto"),
+        ("x", "auto"),
+    ):
         assert prestart_devices(gpus, parallel) is None
 
 
@@ -145,11 +162,13 @@ def test_prestarted_processes_the_plan_does_not_claim_are_stopped():
 
 # -- the real thing on two CPU processes ---------------------------------------------------------
 
+
 def _spec():
     from vlm_autoquant.plan.families import SearchSpec
 
-    return SearchSpec(("FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"), "gradient", 4, 4,
-                      ("*lm_head*",), ())
+    return SearchSpec(
+        ("FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"), "gradient", 4, 4, ("*lm_head*",), ()
+    )
 
 
 def _batches(demo):
@@ -179,8 +198,7 @@ def test_a_replica_that_fails_to_load_fails_the_search_with_its_reason(demo, tmp
     model_dir, _ = demo
     setup = dataclasses.replace(_setup(model_dir), model_dir=tmp_path / "gone")
     with pytest.raises(RunFailed) as err, Replicas(setup) as replicas:
-        replicas.search(_model(model_dir), _spec(), _batches(demo), tmp_path / "s.pth",
-                        lambda *a: "", None)
+        replicas.search(_model(model_dir), _spec(), _batches(demo), tmp_path / "s.pth", lambda *a: "", None)
     text = str(err.value)
     assert "rank 1" in text and "gone" in text and "--parallel layers" in text
     assert not any(p.is_alive() for p in replicas.procs)
@@ -191,8 +209,7 @@ def test_a_replica_killed_mid_run_fails_the_search_instead_of_hanging(demo, tmp_
     with pytest.raises(RunFailed) as err, Replicas(_setup(model_dir)) as replicas:
         replicas.join()
         replicas.procs[0].kill()
-        replicas.search(_model(model_dir), _spec(), _batches(demo), tmp_path / "s.pth",
-                        lambda *a: "", None)
+        replicas.search(_model(model_dir), _spec(), _batches(demo), tmp_path / "s.pth", lambda *a: "", None)
     assert "rank 1" in str(err.value) and "-9" in str(err.value)
     assert not (tmp_path / "s.pth").exists()
 
@@ -209,15 +226,22 @@ def two_cpu_replicas(demo, monkeypatch) -> None:
     def plan_for(cfg, request, problems, **kw):
         calib, score = request.calib_steps, request.score_steps
         shared = min(calib, score) >= 2  # as placement.plan_replicas: a step for each replica
-        return LMPlacement({"": "cpu"}, {}, Placement.single(dims.layers, "cpu"),
-                           predict(dims, Shape(request.shape.batch_size, request.shape.seq_len)),
-                           replicas=("cpu", "cpu") if shared else ()), calib, score
+        return (
+            LMPlacement(
+                {"": "cpu"},
+                {},
+                Placement.single(dims.layers, "cpu"),
+                predict(dims, Shape(request.shape.batch_size, request.shape.seq_len)),
+                replicas=("cpu", "cpu") if shared else (),
+            ),
+            calib,
+            score,
+        )
 
     monkeypatch.setattr(families, "plan_for", plan_for)
 
 
-def test_a_run_with_replicas_matches_a_run_without(demo, script_run, two_cpu_replicas, tmp_path,
-                                                    monkeypatch):
+def test_a_run_with_replicas_matches_a_run_without(demo, script_run, two_cpu_replicas, tmp_path, monkeypatch):
     """The driver end to end, its placement made of two CPU replicas, against the same command
     run plainly (conftest.script_run): the same layer formats, the same scores (to summation
     order) and the same KL bit for bit (so the same amax: ModelOpt's max over the ranks); one
@@ -227,24 +251,39 @@ def test_a_run_with_replicas_matches_a_run_without(demo, script_run, two_cpu_rep
     model_dir, captions = demo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     out = tmp_path / "replicas"
-    assert main(["--scheme-name", "fp8-balanced-10b", "--model-dir", str(model_dir),
-                 "--calib-file", str(captions), *QUICK, "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--scheme-name",
+                "fp8-balanced-10b",
+                "--model-dir",
+                str(model_dir),
+                "--calib-file",
+                str(captions),
+                *QUICK,
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     plain = json.loads((script_run[0] / "manifest.json").read_text())
     reps = json.loads((out / "manifest.json").read_text())
     assert plain["scheme"] == reps["scheme"] and plain["calibration"]["batches"] == 2
-    assert [(r["name"], r["format"]) for r in plain["layers"]] == \
-        [(r["name"], r["format"]) for r in reps["layers"]]
+    assert [(r["name"], r["format"]) for r in plain["layers"]] == [
+        (r["name"], r["format"]) for r in reps["layers"]
+    ]
     for a, b in zip(plain["layers"], reps["layers"]):
         assert a["scores"] == pytest.approx(b["scores"], rel=1e-5)
     assert reps["quality"]["kl_mean"] == plain["quality"]["kl_mean"]
     assert reps["memory"]["placement"]["mode"] == "replicas"
     assert reps["memory"]["placement"]["replicas"] == ["cpu", "cpu"]
-    assert sorted(p.name for p in (out / "search").iterdir() if p.suffix == ".pth") == \
-        ["autoquant_search.pth"]
+    assert sorted(p.name for p in (out / "search").iterdir() if p.suffix == ".pth") == [
+        "autoquant_search.pth"
+    ]
 
 
-def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, two_cpu_replicas, tmp_path,
-                                                      monkeypatch):
+def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, two_cpu_replicas, tmp_path, monkeypatch):
     """The gradient search on the replicas; then, the replicas closed, the kl_div search (one
     score step: nothing to share) by this process alone, starting from the first's calibration,
     which rank 0 wrote. Compared with the same schemes in the plain sweep (conftest.swept: a
@@ -256,23 +295,41 @@ def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, two_cpu_repl
     model_dir, captions = demo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    assert sweep_main(["--model-dir", str(model_dir), "--calib-file", str(captions), "--catalog",
-                       str(swept / "cat.yaml"), "--schemes", "b10,kl10", "--output-dir",
-                       str(tmp_path / "replicas")]) == 0
-    rows = {d: {r["scheme"]: r for r in csv.DictReader(open(root / "comparison.csv"))}
-            for d, root in (("plain", swept / "out"), ("replicas", tmp_path / "replicas"))}
+    assert (
+        sweep_main(
+            [
+                "--model-dir",
+                str(model_dir),
+                "--calib-file",
+                str(captions),
+                "--catalog",
+                str(swept / "cat.yaml"),
+                "--schemes",
+                "b10,kl10",
+                "--output-dir",
+                str(tmp_path / "replicas"),
+            ]
+        )
+        == 0
+    )
+    rows = {
+        d: {r["scheme"]: r for r in csv.DictReader(open(root / "comparison.csv"))}
+        for d, root in (("plain", swept / "out"), ("replicas", tmp_path / "replicas"))
+    }
     assert set(rows["replicas"]) == {"b10", "kl10"}
     for name, reps in rows["replicas"].items():
         plain = rows["plain"][name]
         assert reps["status"] == plain["status"] == "FINISHED"
-        assert (reps["fp8_layers"], reps["effective_bits"]) == \
-            (plain["fp8_layers"], plain["effective_bits"])
+        assert (reps["fp8_layers"], reps["effective_bits"]) == (plain["fp8_layers"], plain["effective_bits"])
         assert float(reps["kl_mean"]) == pytest.approx(float(plain["kl_mean"]), rel=1e-6)
     for name in ("b10", "kl10"):
-        a, b = (json.loads((root / name / "manifest.json").read_text())
-                for root in (swept / "out", tmp_path / "replicas"))
-        assert [(x["name"], x["format"]) for x in a["layers"]] == \
-            [(x["name"], x["format"]) for x in b["layers"]]
+        a, b = (
+            json.loads((root / name / "manifest.json").read_text())
+            for root in (swept / "out", tmp_path / "replicas")
+        )
+        assert [(x["name"], x["format"]) for x in a["layers"]] == [
+            (x["name"], x["format"]) for x in b["layers"]
+        ]
         for x, y in zip(a["layers"], b["layers"]):
             assert x["scores"] == pytest.approx(y["scores"], rel=1e-5)
         assert b["memory"]["placement"]["mode"] == ("replicas" if name == "b10" else "single")

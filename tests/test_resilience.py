@@ -27,8 +27,16 @@ from pathlib import Path
 import pytest
 
 from vlm_autoquant.core import artifacts
-from vlm_autoquant.core.artifacts import sha256_file
-from vlm_autoquant.core.artifacts import LAYERS_FILE, MANIFEST_FILE, QUANT_STATE_FILE, SCHEME_FILE, SEARCH_CHECKPOINT, SEARCH_DIR, SEARCH_RECORD
+from vlm_autoquant.core.artifacts import (
+    LAYERS_FILE,
+    MANIFEST_FILE,
+    QUANT_STATE_FILE,
+    SCHEME_FILE,
+    SEARCH_CHECKPOINT,
+    SEARCH_DIR,
+    SEARCH_RECORD,
+    sha256_file,
+)
 from vlm_autoquant.core.errors import RunFailed
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
@@ -36,8 +44,20 @@ from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
 SCHEME = "fp8-balanced-10b"
 # Enough scoring work (6 batches of 8x128, about 1-2 s each on 2 CPU cores) that a signal sent
 # when scoring starts (its INFO line) reliably lands before scoring ends.
-SCORING_HEAVY = ["--num-calib-samples", "1024", "--num-calib-steps", "2", "--num-score-steps", "6",
-                 "--num-eval-samples", "64", "--seq-len", "128", "--batch-size", "8"]
+SCORING_HEAVY = [
+    "--num-calib-samples",
+    "1024",
+    "--num-calib-steps",
+    "2",
+    "--num-score-steps",
+    "6",
+    "--num-eval-samples",
+    "64",
+    "--seq-len",
+    "128",
+    "--batch-size",
+    "8",
+]
 SCORING_BAR = "score: started"
 CALIB_BAR = "calibrate: started"
 WATCHDOG_S = 240  # a hung child is killed (and the test fails) rather than hanging the suite
@@ -45,20 +65,46 @@ WATCHDOG_S = 240  # a hung child is killed (and the test fails) rather than hang
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def script_cmd(demo, out: Path, *extra: str, args=SCORING_HEAVY) -> list[str]:
-    return [PY, str(SCRIPT), "--scheme-name", SCHEME, "--model-dir", str(demo[0]),
-            "--output-dir", str(out), "--calib-file", str(demo[1]), *args, *extra]
+    return [
+        PY,
+        str(SCRIPT),
+        "--scheme-name",
+        SCHEME,
+        "--model-dir",
+        str(demo[0]),
+        "--output-dir",
+        str(out),
+        "--calib-file",
+        str(demo[1]),
+        *args,
+        *extra,
+    ]
 
 
-def run_script(cmd: list[str], env: dict, cwd: Path, trigger: str | None = None,
-               sig: signal.Signals = signal.SIGINT, preexec_fn=None) -> tuple[int, str, bool]:
+def run_script(
+    cmd: list[str],
+    env: dict,
+    cwd: Path,
+    trigger: str | None = None,
+    sig: signal.Signals = signal.SIGINT,
+    preexec_fn=None,
+) -> tuple[int, str, bool]:
     """Run the script, reading stderr line by line; send `sig` once a line contains `trigger`.
 
     Returns (exit code, stderr, whether the signal was sent). Text mode turns tqdm's carriage
     returns into line ends, so each progress update arrives as its own line.
     """
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
     fired = threading.Event()
 
     def kill() -> None:
@@ -122,8 +168,7 @@ def leftovers(root: Path) -> list[str]:
 def files_under(root: Path) -> set[str]:
     """Files under `root`, less our bookkeeping: lock, ownership marker, run id (artifacts.py)."""
     bookkeeping = {artifacts.LOCK_FILE, artifacts.MARKER_FILE, artifacts.RUN_ID_FILE}
-    return {str(p.relative_to(root)) for p in root.rglob("*")
-            if p.is_file() and p.name not in bookkeeping}
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in bookkeeping}
 
 
 def mlflow_runs(uri: str) -> list:
@@ -131,17 +176,21 @@ def mlflow_runs(uri: str) -> list:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], order_by=["attributes.start_time ASC"]
+    )
     return sorted(runs, key=lambda r: r.info.start_time)
 
 
 def checkpoint_state(out: Path) -> dict:
     ckpt = out / SEARCH_DIR / SEARCH_CHECKPOINT
     record = out / SEARCH_DIR / SEARCH_RECORD
-    return {"exists": ckpt.is_file(), "record_exists": record.is_file(),
-            "record": json.loads(record.read_text()) if record.is_file() else None,
-            "sha256": sha256_file(ckpt) if ckpt.is_file() else None}
+    return {
+        "exists": ckpt.is_file(),
+        "record_exists": record.is_file(),
+        "record": json.loads(record.read_text()) if record.is_file() else None,
+        "sha256": sha256_file(ckpt) if ckpt.is_file() else None,
+    }
 
 
 def skip_unless_posix_limits() -> None:
@@ -151,13 +200,16 @@ def skip_unless_posix_limits() -> None:
 
 def file_size_limit(n: int):
     """preexec_fn: writes past `n` bytes of any file fail with EFBIG (SIGXFSZ ignored)."""
+
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+
     return limit
 
 
 # ---------------------------------------------------- SIGINT while scoring, then resume twice
+
 
 @pytest.fixture(scope="module")
 def interrupted(demo, tmp_path_factory) -> dict:
@@ -173,25 +225,37 @@ def interrupted(demo, tmp_path_factory) -> dict:
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     result: dict = {"out": out, "uri": uri, "root": root}
 
-    rc, err, sent = run_script(script_cmd(demo, out), env, root, trigger=SCORING_BAR,
-                               sig=signal.SIGINT)
-    result["stop"] = {"rc": rc, "stderr": err, "sent": sent, "files": files_under(out),
-                      "leftovers": leftovers(out), "manifest": (out / MANIFEST_FILE).exists(),
-                      "checkpoint": checkpoint_state(out), "runs": mlflow_runs(uri)}
+    rc, err, sent = run_script(script_cmd(demo, out), env, root, trigger=SCORING_BAR, sig=signal.SIGINT)
+    result["stop"] = {
+        "rc": rc,
+        "stderr": err,
+        "sent": sent,
+        "files": files_under(out),
+        "leftovers": leftovers(out),
+        "manifest": (out / MANIFEST_FILE).exists(),
+        "checkpoint": checkpoint_state(out),
+        "runs": mlflow_runs(uri),
+    }
 
     # The reruns go through the same entry point in-process (the stop above is the subprocess
     # that exit codes and signals need); the rerun with the same command resumes.
     rc, err = run_in_process(script_cmd(demo, out)[2:], uri, root)
-    result["resume"] = {"rc": rc, "stderr": err, "leftovers": leftovers(out),
-                        "checkpoint": checkpoint_state(out),
-                        "manifest": json.loads((out / MANIFEST_FILE).read_text())
-                        if (out / MANIFEST_FILE).exists() else None}
+    result["resume"] = {
+        "rc": rc,
+        "stderr": err,
+        "leftovers": leftovers(out),
+        "checkpoint": checkpoint_state(out),
+        "manifest": json.loads((out / MANIFEST_FILE).read_text()) if (out / MANIFEST_FILE).exists() else None,
+    }
 
     rc, err = run_in_process(script_cmd(demo, out, "--overwrite")[2:], uri, root)
-    result["overwrite"] = {"rc": rc, "stderr": err, "leftovers": leftovers(out),
-                           "checkpoint": checkpoint_state(out),
-                           "manifest": json.loads((out / MANIFEST_FILE).read_text())
-                           if (out / MANIFEST_FILE).exists() else None}
+    result["overwrite"] = {
+        "rc": rc,
+        "stderr": err,
+        "leftovers": leftovers(out),
+        "checkpoint": checkpoint_state(out),
+        "manifest": json.loads((out / MANIFEST_FILE).read_text()) if (out / MANIFEST_FILE).exists() else None,
+    }
     result["runs"] = mlflow_runs(uri)
     return result
 
@@ -263,8 +327,7 @@ def test_overwrite_rerun_restores_calibration_and_scores(interrupted):
     assert m["search"]["resumed_from"] == "scored"
     assert SCORING_BAR not in o["stderr"]  # no scoring redone
     assert CALIB_BAR not in o["stderr"]
-    assert ": calibration restored, scores restored" \
-        in o["stderr"]
+    assert ": calibration restored, scores restored" in o["stderr"]
     # the checkpoint was reused as it was, not rewritten
     assert o["checkpoint"]["sha256"] == r["checkpoint"]["sha256"]
     assert m["search"]["checkpoint_sha256"] == r["manifest"]["search"]["checkpoint_sha256"]
@@ -279,15 +342,22 @@ def test_mlflow_runs_after_interrupt_and_resumes_never_stay_running(interrupted)
 
 # ------------------------------------------------------------------ SIGTERM while calibrating
 
+
 @pytest.mark.slow
 def test_sigterm_during_calibration_exits_130_and_marks_run_killed(demo, tmp_path):
     out = tmp_path / "out"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*SCORING_HEAVY]
-    args[args.index("--num-calib-steps") + 1] = "12"  # room to stop inside calibration, even on a busy machine
-    rc, err, sent = run_script(script_cmd(demo, out, args=args),
-                               subprocess_env(MLFLOW_TRACKING_URI=uri), tmp_path,
-                               trigger=CALIB_BAR, sig=signal.SIGTERM)
+    args[args.index("--num-calib-steps") + 1] = (
+        "12"  # room to stop inside calibration, even on a busy machine
+    )
+    rc, err, sent = run_script(
+        script_cmd(demo, out, args=args),
+        subprocess_env(MLFLOW_TRACKING_URI=uri),
+        tmp_path,
+        trigger=CALIB_BAR,
+        sig=signal.SIGTERM,
+    )
     assert sent, "calibration never started:\n" + err[-3000:]
     assert rc == 130, err[-3000:]
     assert "SIGTERM received" in err and "stopped (stopped by SIGTERM)" in err
@@ -295,8 +365,7 @@ def test_sigterm_during_calibration_exits_130_and_marks_run_killed(demo, tmp_pat
     assert "Traceback" not in err
     assert SCORING_BAR not in err  # stopped before scoring
     # stopped before the first checkpoint: the run's own empty output dir is removed
-    assert not out.exists() or (files_under(out) == set() and leftovers(out) == []), \
-        files_under(out)
+    assert not out.exists() or (files_under(out) == set() and leftovers(out) == []), files_under(out)
     assert not (out / MANIFEST_FILE).exists()
     runs = mlflow_runs(uri)
     assert [r.info.status for r in runs] == ["KILLED"]
@@ -304,6 +373,7 @@ def test_sigterm_during_calibration_exits_130_and_marks_run_killed(demo, tmp_pat
 
 
 # ----------------------------------------------- atomic writes: failure between write and rename
+
 
 class Injected(Exception):
     pass
@@ -332,8 +402,11 @@ def test_atomic_write_json_keeps_old_content_when_rename_fails(tmp_path, monkeyp
 
 def test_atomic_path_new_target_not_created_when_rename_fails(tmp_path, monkeypatch):
     target = tmp_path / "new.bin"
-    monkeypatch.setattr(artifacts, "_before_rename", lambda tmp, tgt: (_ for _ in ()).throw(
-        OSError(errno.EIO, "injected I/O error")))
+    monkeypatch.setattr(
+        artifacts,
+        "_before_rename",
+        lambda tmp, tgt: (_ for _ in ()).throw(OSError(errno.EIO, "injected I/O error")),
+    )
     with pytest.raises(OSError, match="injected I/O error"):
         with artifacts.atomic_path(target) as tmp:
             tmp.write_bytes(b"x" * 1000)
@@ -394,11 +467,15 @@ for name, write in writes.items():
 def test_file_too_large_is_a_full_disk_for_every_writer_of_quantize(tmp_path):
     """RLIMIT_FSIZE: torch's C++ writer and safetensors' Rust writer report "File too large"
     without an errno; each is still told as a full disk, with the fix."""
-    proc = subprocess.run([PY, "-c", FILE_TOO_LARGE, str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, env=subprocess_env())
+    proc = subprocess.run(
+        [PY, "-c", FILE_TOO_LARGE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+    )
     lines = [x for x in proc.stdout.splitlines() if x]
-    assert len(lines) == 3 and all(x.endswith("FULL") for x in lines), proc.stdout + \
-        proc.stderr[-2000:]
+    assert len(lines) == 3 and all(x.endswith("FULL") for x in lines), proc.stdout + proc.stderr[-2000:]
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a partial file was left"
 
 
@@ -421,12 +498,22 @@ def test_atomic_write_disk_full_becomes_clear_run_failed(tmp_path, monkeypatch, 
 
 
 def _base_args(demo, out: Path) -> list:
-    return ["--scheme-name", SCHEME, "--model-dir", demo[0], "--output-dir", out,
-            "--calib-file", demo[1], *QUICK]
+    return [
+        "--scheme-name",
+        SCHEME,
+        "--model-dir",
+        demo[0],
+        "--output-dir",
+        out,
+        "--calib-file",
+        demo[1],
+        *QUICK,
+    ]
 
 
 def test_injected_failure_before_manifest_rename_keeps_previous_run(
-        demo, tmp_path, tracking, monkeypatch, capsys):
+    demo, tmp_path, tracking, monkeypatch, capsys
+):
     out = tmp_path / "o"
     assert run_cli(_base_args(demo, out)) == 0
     before = (out / MANIFEST_FILE).read_bytes()
@@ -457,8 +544,8 @@ def test_injected_failure_before_manifest_rename_keeps_previous_run(
 
 # ---------------------------------------------------------------- MLflow run after a failure
 
-def test_failure_in_evaluation_marks_mlflow_run_failed(demo, tmp_path, tracking, monkeypatch,
-                                                       capsys):
+
+def test_failure_in_evaluation_marks_mlflow_run_failed(demo, tmp_path, tracking, monkeypatch, capsys):
     from vlm_autoquant.run import pipeline
 
     def broken(*a, **k):
@@ -521,8 +608,7 @@ def test_disk_full_writing_quantized_state(demo, interrupted, tmp_path, monkeypa
     shutil.copy(interrupted["out"] / artifacts.MARKER_FILE, out)  # a dir of ours
     ckpt_sha = sha256_file(out / SEARCH_DIR / SEARCH_CHECKPOINT)
     uri, env = _file_store(tmp_path, monkeypatch)
-    rc, err, _ = run_script(script_cmd(demo, out), env, tmp_path,
-                            preexec_fn=file_size_limit(DISK_LIMIT))
+    rc, err, _ = run_script(script_cmd(demo, out), env, tmp_path, preexec_fn=file_size_limit(DISK_LIMIT))
     assert "scores restored" in err, err[-3000:]  # the limit hit the save
     _assert_clean_disk_full_failure(rc, err, out, uri, QUANT_STATE_FILE)
     # nothing else was written, and the search checkpoint is untouched and still verifiable
@@ -546,8 +632,7 @@ def test_disk_full_writing_search_checkpoint(demo, tmp_path, monkeypatch):
     from vlm_autoquant.plan.calib_data import load_captions
 
     load_captions(demo[1])
-    rc, err, _ = run_script(script_cmd(demo, out), env, tmp_path,
-                            preexec_fn=file_size_limit(DISK_LIMIT))
+    rc, err, _ = run_script(script_cmd(demo, out), env, tmp_path, preexec_fn=file_size_limit(DISK_LIMIT))
     assert SCORING_BAR not in err  # it failed at the calibrated checkpoint, before scoring
     _assert_clean_disk_full_failure(rc, err, out, uri, SEARCH_CHECKPOINT)
     # no truncated checkpoint that a rerun could mistake for a good one

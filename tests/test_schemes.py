@@ -107,8 +107,9 @@ def test_unsafe_scheme_names_refused(tmp_path, name):
 
 
 def test_all_problems_reported_together(tmp_path):
-    text = problems_of(write(tmp_path, BASE.replace("seed: 0", "seed: -1").replace(
-        "batch_size: 1", "batch_size: 0")))
+    text = problems_of(
+        write(tmp_path, BASE.replace("seed: 0", "seed: -1").replace("batch_size: 1", "batch_size: 0"))
+    )
     assert "seed" in text and "batch_size" in text and text.startswith("2 problems")
 
 

@@ -22,11 +22,11 @@ from modelopt.torch.opt.searcher import LPS
 from modelopt.torch.quantization import algorithms as alg
 from transformers import Qwen2Config
 
-from vlm_autoquant.search import autoquant
-from vlm_autoquant.plan import cost, families
 from vlm_autoquant.model.demo import QWEN25_VL_3B
 from vlm_autoquant.model.lm import linear_numels, meta_model
+from vlm_autoquant.plan import cost, families
 from vlm_autoquant.plan.schemes import Scheme, default_catalog, load_catalog
+from vlm_autoquant.search import autoquant
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = load_catalog(default_catalog())
@@ -35,16 +35,46 @@ FP8_BITS = 8  # every catalog format is an 8-bit FP8 format
 # Released Qwen2.5-VL text configs (the 3B from the demo builder; the others untied).
 _BIG = dict(vocab_size=152064, tie_word_embeddings=False)
 SHAPES = {
-    "3b": dict({k: v for k, v in QWEN25_VL_3B["text"].items()
-                if k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads", "num_key_value_heads", "vocab_size")},
-               tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, **_BIG),
-    "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                num_attention_heads=40, num_key_value_heads=8, **_BIG),
-    "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                num_attention_heads=64, num_key_value_heads=8, **_BIG),
+    "3b": dict(
+        {
+            k: v
+            for k, v in QWEN25_VL_3B["text"].items()
+            if k
+            in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+            )
+        },
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        **_BIG,
+    ),
+    "32b": dict(
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        **_BIG,
+    ),
+    "72b": dict(
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        **_BIG,
+    ),
 }
 
 
@@ -71,7 +101,8 @@ def synthetic_search(monkeypatch):
                 for recipe in hp.choices:
                     for sm in hp.score_modules:
                         hp._importance_dict[recipe][sm] = (
-                            None if recipe == none else torch.tensor(10 ** rng.uniform(-3, 3)))
+                            None if recipe == none else torch.tensor(10 ** rng.uniform(-3, 3))
+                        )
 
     monkeypatch.setattr(mq, "calibrate", no_calibration)
     for cls in (alg.AutoQuantizeGradientSearcher, alg.AutoQuantizeKLDivSearcher):
@@ -80,8 +111,9 @@ def synthetic_search(monkeypatch):
 
 def run_search(size: str, scheme: Scheme, tmp_path: Path):
     model = meta_lm(size)
-    found = autoquant.search(model, families.spec_of([scheme]), [None],
-                             tmp_path / f"{size}.pth", lambda p, stage, tmp=None: "")
+    found = autoquant.search(
+        model, families.spec_of([scheme]), [None], tmp_path / f"{size}.pth", lambda p, stage, tmp=None: ""
+    )
     return found, model
 
 
@@ -135,14 +167,20 @@ def test_3b_minimum_bound_is_infeasible_to_plain_modelopt_lp(synthetic_search, t
     assert minimum == bound == 1_387_266_048  # met with equality: all 144 groups FP8
 
     def status(lps_cls) -> str:
-        lps = lps_cls(name="AutoQuantize", constraints={"w": (None, bound)},
-                      constraints_to_candidate_costs={"w": costs}, candidate_scores=scores)
+        lps = lps_cls(
+            name="AutoQuantize",
+            constraints={"w": (None, bound)},
+            constraints_to_candidate_costs={"w": costs},
+            candidate_scores=scores,
+        )
         return lps()[1]
 
     plain = status(LPS)
     if plain == "Optimal":
-        pytest.skip("this ModelOpt/CBC build solves the unscaled 3B bound: the cause is gone "
-                    "upstream (NormalisedLPS is then harmless but unneeded)")
+        pytest.skip(
+            "this ModelOpt/CBC build solves the unscaled 3B bound: the cause is gone "
+            "upstream (NormalisedLPS is then harmless but unneeded)"
+        )
     assert plain == "Infeasible"
     assert status(autoquant.NormalisedLPS) == "Optimal"
 
@@ -179,10 +217,12 @@ def test_larger_qwen25_vl_shapes_solve_at_their_minimum(synthetic_search, tmp_pa
 
 def test_normalised_lps_scales_each_constraint_and_keeps_its_form():
     """Bounds scale with their row's costs; a missing bound stays missing; same selection."""
-    kwargs = dict(name="x", constraints={"w": (None, 40.0), "v": 15.0},
-                  constraints_to_candidate_costs={"w": [[10, 20], [20, 40]],
-                                                  "v": [[5, 10], [5, 10]]},
-                  candidate_scores=[[1.0, 0.0], [2.0, 0.0]])
+    kwargs = dict(
+        name="x",
+        constraints={"w": (None, 40.0), "v": 15.0},
+        constraints_to_candidate_costs={"w": [[10, 20], [20, 40]], "v": [[5, 10], [5, 10]]},
+        candidate_scores=[[1.0, 0.0], [2.0, 0.0]],
+    )
     lps = autoquant.NormalisedLPS(**kwargs)
     assert lps.constraints == {"w": (None, 40 / 60), "v": 15 / 20}
     assert lps.constraints_to_candidate_costs["w"] == [[10 / 60, 20 / 60], [20 / 60, 40 / 60]]

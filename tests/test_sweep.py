@@ -13,6 +13,7 @@ from vlm_autoquant.tracking import DEFAULT_EXPERIMENT, M_KL
 
 from .conftest import BUDGETS, QUICK, SWEEP_CATALOG, run_cli
 
+
 def demo_dir(root):
     return json.loads(next((root / "out").glob(f"*/{MANIFEST_FILE}")).read_text())["model"]["directory"]
 
@@ -53,7 +54,8 @@ def test_quality_invariants(swept):
         q = m["quality"]
         assert q["ppl_rel_change"] == pytest.approx(q["ppl_quant"] / q["ppl_ref"] - 1)
         assert m["summary"]["compression_ratio"] == pytest.approx(
-            m["summary"]["weight_bytes_bf16"] / m["summary"]["weight_bytes"])
+            m["summary"]["weight_bytes_bf16"] / m["summary"]["weight_bytes"]
+        )
 
 
 def test_comparison_table_and_figure(swept):
@@ -79,9 +81,11 @@ def test_mlflow_parent_with_a_child_per_scheme(swept):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {DEFAULT_EXPERIMENT}
     last = (swept / "stdout.txt").read_text().strip().splitlines()[-1]
-    assert last == (f"sweep: MLflow run {parent.info.run_id} in experiment '{DEFAULT_EXPERIMENT}'; "
-                    f"output in {swept / 'out'}; next: mlflow ui --backend-store-uri "
-                    f"sqlite:///{swept / 'mlflow.db'}")
+    assert last == (
+        f"sweep: MLflow run {parent.info.run_id} in experiment '{DEFAULT_EXPERIMENT}'; "
+        f"output in {swept / 'out'}; next: mlflow ui --backend-store-uri "
+        f"sqlite:///{swept / 'mlflow.db'}"
+    )
     assert all(M_KL in c.data.metrics and c.info.status == "FINISHED" for c in children)
     arts = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.json", PARETO_FIGURE, COMPARISON_FILE} <= set(arts)
@@ -95,19 +99,45 @@ def test_single_run_gives_the_same_formats_as_the_sweep(swept, demo, tmp_path, t
     # itself on its own model, not seeded from the union nor searched beside it
     for b in ("b9", "pcpt10", "kl10"):
         out = tmp_path / f"single{b}"
-        assert run_cli(["--scheme-name", b, "--catalog", swept / "cat.yaml", "--model-dir",
-                        demo[0], "--calib-file", demo[1], "--output-dir", out]) == 0
+        assert (
+            run_cli(
+                [
+                    "--scheme-name",
+                    b,
+                    "--catalog",
+                    swept / "cat.yaml",
+                    "--model-dir",
+                    demo[0],
+                    "--calib-file",
+                    demo[1],
+                    "--output-dir",
+                    out,
+                ]
+            )
+            == 0
+        )
         single = json.loads((out / MANIFEST_FILE).read_text())
         in_sweep = manifests(swept)[b]
         assert single["search"]["scores"] == "ran"
-        assert [(x["name"], x["format"]) for x in single["layers"]] == \
-            [(x["name"], x["format"]) for x in in_sweep["layers"]]
+        assert [(x["name"], x["format"]) for x in single["layers"]] == [
+            (x["name"], x["format"]) for x in in_sweep["layers"]
+        ]
 
 
 def test_sweep_refuses_a_finished_sweep_without_overwrite(swept, demo, capsys):
-    code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]),
-                       "--output-dir", str(swept / "out"), "--catalog", str(swept / "cat.yaml"),
-                       *QUICK])
+    code = sweep_main(
+        [
+            "--model-dir",
+            str(demo[0]),
+            "--calib-file",
+            str(demo[1]),
+            "--output-dir",
+            str(swept / "out"),
+            "--catalog",
+            str(swept / "cat.yaml"),
+            *QUICK,
+        ]
+    )
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 
 
@@ -128,9 +158,20 @@ def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkey
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    code = sweep_main(["--model-dir", str(demo[0]), "--calib-file", str(demo[1]), "--output-dir",
-                       str(tmp_path / "out"), "--catalog", str(tmp_path / "cat.yaml"),
-                       "--schemes", "b8,b9,b10"])
+    code = sweep_main(
+        [
+            "--model-dir",
+            str(demo[0]),
+            "--calib-file",
+            str(demo[1]),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--catalog",
+            str(tmp_path / "cat.yaml"),
+            "--schemes",
+            "b8,b9,b10",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "1 of 3 schemes failed: b9" in err and "Traceback" not in err
     rows = {r["scheme"]: r for r in csv.DictReader((tmp_path / "out" / COMPARISON_FILE).open())}
@@ -148,28 +189,32 @@ def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkey
 
 
 @pytest.mark.parametrize("scheme", ["b8", "kl10", "pcpt10"])
-def test_a_child_run_exports_by_run_id_and_passes_every_check(swept, demo, scheme, tmp_path,
-                                                              monkeypatch, capsys):
+def test_a_child_run_exports_by_run_id_and_passes_every_check(
+    swept, demo, scheme, tmp_path, monkeypatch, capsys
+):
     """Any catalog scheme's run, here a sweep's child runs (all FP8; kl_div; per-channel weights
     with per-token activations), exports by its run id in both formats into checkpoints that
     pass every check, with the FP8 codes byte for byte the run's."""
-    from vlm_autoquant.core.artifacts import RUN_ID_FILE
     from vlm_autoquant.cli.export import main as export_main
+    from vlm_autoquant.core.artifacts import RUN_ID_FILE
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{swept / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(swept)  # the store's artifacts are under ./mlruns there
     run_id = (swept / "out" / scheme / RUN_ID_FILE).read_text().splitlines()[0]
     out = tmp_path / "ckpt"
-    code = export_main(["--run-id", run_id, "--model-dir", str(demo[0]), "--output-dir", str(out),
-                        "--format", "both"])
+    code = export_main(
+        ["--run-id", run_id, "--model-dir", str(demo[0]), "--output-dir", str(out), "--format", "both"]
+    )
     assert code == 0, capsys.readouterr().err[-3000:]
     report = json.loads((out / "export_report.json").read_text())
     assert report["passed"] and report["source"]["run_id"] == run_id
     modelopt = ("formats", "vision", "scales", "weights", "numerics", "loadability")
     assert {k: c["passed"] for k, c in report["checks"].items()} == dict.fromkeys(
-        (*modelopt, "names", *(f"modelopt.{k}" for k in modelopt)), True)
+        (*modelopt, "names", *(f"modelopt.{k}" for k in modelopt)), True
+    )
     assert report["checks"]["modelopt.weights"]["layers"] == report["checks"]["weights"]["layers"]
     assert report["checks"]["weights"]["layers"] == sum(
-        r["format"] != "BF16" for r in manifests(swept)[scheme]["layers"])
+        r["format"] != "BF16" for r in manifests(swept)[scheme]["layers"]
+    )
     assert report["checks"]["numerics"]["kl_mean"] == 0.0

@@ -9,8 +9,16 @@ import pytest
 from vlm_autoquant.core.timing import Phases, human_bytes
 
 
-@pytest.mark.parametrize("n,text", [(0, "0 B"), (812, "812 B"), (525_722, "513.4 KiB"),
-                                    (3 * 2**20 + 2**19, "3.5 MiB"), (7.51 * 2**30, "7.51 GiB")])
+@pytest.mark.parametrize(
+    "n,text",
+    [
+        (0, "0 B"),
+        (812, "812 B"),
+        (525_722, "513.4 KiB"),
+        (3 * 2**20 + 2**19, "3.5 MiB"),
+        (7.51 * 2**30, "7.51 GiB"),
+    ],
+)
 def test_sizes_read_in_the_largest_unit_that_keeps_them_at_one_or_more(n, text):
     assert human_bytes(n) == text
 

@@ -22,8 +22,9 @@ def store(tmp_path):
     return uri, mlflow.MlflowClient(tracking_uri=uri)
 
 
-@pytest.mark.parametrize("exc,status", [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"),
-                                        (KeyboardInterrupt(), "KILLED")])
+@pytest.mark.parametrize(
+    "exc,status", [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
 def test_tracked_run_ends_finished_failed_or_killed(tmp_path, monkeypatch, exc, status):
     from vlm_autoquant.tracking import tracked_run
 
@@ -121,8 +122,9 @@ class _Api500(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(demo, tmp_path, monkeypatch,
-                                                                     capsys, caplog):
+def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(
+    demo, tmp_path, monkeypatch, capsys, caplog
+):
     """The failing run goes through the CLI in-process (against a live server that fails every
     API call); --log-only then runs as the script, in a subprocess, into a working store."""
     import logging
@@ -135,8 +137,19 @@ def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(demo, tmp_
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.chdir(tmp_path)
     try:
-        code = run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", demo[0],
-                        "--calib-file", demo[1], "--output-dir", out, *QUICK])
+        code = run_cli(
+            [
+                "--scheme-name",
+                "fp8-balanced-10b",
+                "--model-dir",
+                demo[0],
+                "--calib-file",
+                demo[1],
+                "--output-dir",
+                out,
+                *QUICK,
+            ]
+        )
     finally:
         server.shutdown()
     err = capsys.readouterr().err + caplog.text
@@ -148,9 +161,14 @@ def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(demo, tmp_
     assert "Traceback" not in err
     doc = json.loads((out / MANIFEST_FILE).read_text())  # the whole result is there
     uri, client = store(tmp_path)
-    later = subprocess.run([PY, str(SCRIPT), "--log-only", "--output-dir", str(out)],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                           env=subprocess_env(MLFLOW_TRACKING_URI=uri))
+    later = subprocess.run(
+        [PY, str(SCRIPT), "--log-only", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+    )
     assert later.returncode == 0, later.stderr[-3000:]
     assert "Traceback" not in later.stderr
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -162,12 +180,21 @@ def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(demo, tmp_
 
 def test_two_processes_start_runs_on_one_fresh_sqlite_store(tmp_path):
     """The store's first-time schema creation is serialised: both processes get their run."""
-    code = ("import sys\nfrom vlm_autoquant.tracking import tracked_run\n"
-            "with tracked_run('e', sys.argv[1]) as t:\n    t.log_metrics({'m': 1.0})\n")
+    code = (
+        "import sys\nfrom vlm_autoquant.tracking import tracked_run\n"
+        "with tracked_run('e', sys.argv[1]) as t:\n    t.log_metrics({'m': 1.0})\n"
+    )
     uri, client = store(tmp_path)
-    procs = [subprocess.Popen([PY, "-c", code, f"r{i}"], cwd=tmp_path, text=True,
-                              stderr=subprocess.PIPE, env=subprocess_env(MLFLOW_TRACKING_URI=uri))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [PY, "-c", code, f"r{i}"],
+            cwd=tmp_path,
+            text=True,
+            stderr=subprocess.PIPE,
+            env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+        )
+        for i in range(2)
+    ]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
@@ -176,6 +203,7 @@ def test_two_processes_start_runs_on_one_fresh_sqlite_store(tmp_path):
 
 
 # --- the store is checked before any work, and a new one is made whole -----------------------
+
 
 def _problems(experiment: str | None = None):
     from vlm_autoquant.core.errors import Problems
@@ -194,14 +222,20 @@ def test_a_store_killed_while_it_is_created_is_never_left_half_made(tmp_path, mo
     import time
 
     db = tmp_path / "mlflow.db"
-    code = ("from vlm_autoquant.tracking import tracked_run\n"
-            "with tracked_run('e', 'r') as t:\n    t.wait()\n")
-    proc = subprocess.Popen([PY, "-c", code], cwd=tmp_path, stderr=subprocess.PIPE,
-                            env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}"))
+    code = "from vlm_autoquant.tracking import tracked_run\nwith tracked_run('e', 'r') as t:\n    t.wait()\n"
+    proc = subprocess.Popen(
+        [PY, "-c", code],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}"),
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:  # the first bytes of a schema
-        if any(p.stat().st_size > 0 for p in tmp_path.glob("*mlflow.db*") if p.is_file()
-               and not p.name.endswith(".lock")):
+        if any(
+            p.stat().st_size > 0
+            for p in tmp_path.glob("*mlflow.db*")
+            if p.is_file() and not p.name.endswith(".lock")
+        ):
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -209,8 +243,14 @@ def test_a_store_killed_while_it_is_created_is_never_left_half_made(tmp_path, mo
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     assert not db.exists() and not _problems("e"), "a killed creation left a half-made store"
-    later = subprocess.run([PY, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=300, env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}"))
+    later = subprocess.run(
+        [PY, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}"),
+    )
     assert later.returncode == 0, later.stderr[-2000:]
     uri, client = store(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
@@ -222,8 +262,9 @@ def _half_made(db, version: str | None) -> None:
     import sqlite3
 
     con = sqlite3.connect(db)  # some of MLflow's tables, as a killed migration leaves them
-    con.execute("CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT, "
-                "lifecycle_stage TEXT)")
+    con.execute(
+        "CREATE TABLE experiments (experiment_id INTEGER PRIMARY KEY, name TEXT, lifecycle_stage TEXT)"
+    )
     con.execute("CREATE TABLE runs (run_uuid TEXT PRIMARY KEY)")
     if version is not None:
         con.execute("CREATE TABLE alembic_version (version_num TEXT)")
@@ -235,10 +276,21 @@ def _half_made(db, version: str | None) -> None:
 def test_a_half_made_store_is_refused_at_once_with_the_way_out(tracking, demo, capsys):
     from pathlib import Path
 
-    db = Path(tracking[len("sqlite:///"):])
+    db = Path(tracking[len("sqlite:///") :])
     _half_made(db, None)
-    code = run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", demo[0],
-                    "--calib-file", demo[1], "--output-dir", "out", *QUICK])
+    code = run_cli(
+        [
+            "--scheme-name",
+            "fp8-balanced-10b",
+            "--model-dir",
+            demo[0],
+            "--calib-file",
+            demo[1],
+            "--output-dir",
+            "out",
+            *QUICK,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]
     assert "MLFLOW_TRACKING_URI" in err and "half-made" in err
@@ -246,8 +298,7 @@ def test_a_half_made_store_is_refused_at_once_with_the_way_out(tracking, demo, c
     assert not Path("out").exists()
 
 
-def test_a_store_behind_or_ahead_of_this_mlflow_is_refused_with_the_command(tmp_path,
-                                                                            monkeypatch):
+def test_a_store_behind_or_ahead_of_this_mlflow_is_refused_with_the_command(tmp_path, monkeypatch):
     """A schema revision this MLflow knows but is not its head (an older MLflow, or an upgrade
     cut short) names `mlflow db upgrade`; one it does not know names a newer MLflow."""
     db = tmp_path / "mlflow.db"
@@ -311,8 +362,9 @@ class _AuthServer(http.server.BaseHTTPRequestHandler):
             body = b"unauthorized"
         elif "experiment_name=gone" in self.path:
             self.send_response(200)
-            body = json.dumps({"experiment": {"experiment_id": "7", "name": "gone",
-                                              "lifecycle_stage": "deleted"}}).encode()
+            body = json.dumps(
+                {"experiment": {"experiment_id": "7", "name": "gone", "lifecycle_stage": "deleted"}}
+            ).encode()
         else:
             self.send_response(404)
             body = b'{"error_code": "RESOURCE_DOES_NOT_EXIST"}'
@@ -334,8 +386,14 @@ def auth_server():
 def test_a_server_is_checked_with_the_credentials_mlflow_sends(auth_server, monkeypatch):
     """Credentials in the URI are used, as MLflow's client uses them; a 401 is 'reachable but
     refused', not 'unreachable'; the password never appears in a message."""
-    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+    for key in (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+    ):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{auth_server}")
     assert _problems("e") == []
@@ -359,8 +417,9 @@ def test_credentials_are_never_printed_by_a_refused_run(tmp_path, monkeypatch, c
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:hunter2@127.0.0.1:{port}")
     monkeypatch.chdir(tmp_path)
-    code = run_cli(["--scheme-name", "fp8-balanced-10b", "--model-dir", tmp_path / "none",
-                    "--output-dir", "out"])
+    code = run_cli(
+        ["--scheme-name", "fp8-balanced-10b", "--model-dir", tmp_path / "none", "--output-dir", "out"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "unreachable" in err and "alice:***@" not in err
     assert "hunter2" not in err and f"http://***@127.0.0.1:{port}" in err
@@ -371,11 +430,9 @@ def test_redaction_covers_every_url_in_a_message_and_a_log_line():
 
     from vlm_autoquant.tracking_store import RedactCredentials, redact
 
-    assert redact("to https://u:p@ss@h:1/x and http://t@h2/") == "to https://***@h:1/x and " \
-                                                                  "http://***@h2/"
+    assert redact("to https://u:p@ss@h:1/x and http://t@h2/") == "to https://***@h:1/x and http://***@h2/"
     assert redact("sqlite:///a@b.db") == "sqlite:///a@b.db"  # no host part: nothing to hide
-    record = logging.LogRecord("x", logging.INFO, "f", 1, "store %s failed", ("http://a:b@h",),
-                               None)
+    record = logging.LogRecord("x", logging.INFO, "f", 1, "store %s failed", ("http://a:b@h",), None)
     RedactCredentials().filter(record)
     assert record.getMessage() == "store http://***@h failed"
 
@@ -389,8 +446,7 @@ def test_no_mlflow_export_by_run_id_never_contacts_a_server(tmp_path, monkeypatc
 
     monkeypatch.setattr(tracking_store, "_check_server", contacted)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:pw@127.0.0.1:9")
-    code = export_main(["--run-id", "0123abcd", "--output-dir", str(tmp_path / "o"),
-                        "--no-mlflow"])
+    code = export_main(["--run-id", "0123abcd", "--output-dir", str(tmp_path / "o"), "--no-mlflow"])
     err = capsys.readouterr().err
     assert code == 2 and "--artifacts-dir" in err and "--no-mlflow" in err
     assert "pw@" not in err and not (tmp_path / "o").exists()
@@ -444,8 +500,9 @@ def test_a_half_made_store_met_at_the_run_start_names_the_way_out(tmp_path, monk
 def launcher_run(client, experiment_id: str, monkeypatch) -> str:
     """A RUNNING run made as `mlflow run` makes it (entry-point params, project tags), with the
     environment it gives the entry point's process."""
-    run = client.create_run(experiment_id, tags={"mlflow.source.type": "PROJECT",
-                                                 "mlflow.project.entryPoint": "main"})
+    run = client.create_run(
+        experiment_id, tags={"mlflow.source.type": "PROJECT", "mlflow.project.entryPoint": "main"}
+    )
     client.log_param(run.info.run_id, "scheme_name", "fp8-balanced-10b")
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)

@@ -10,8 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ExportResult", "Result", "SweepResult", "VlmAutoquantError", "export", "quantize",
-           "restore", "sweep"]
+__all__ = [
+    "ExportResult",
+    "Result",
+    "SweepResult",
+    "VlmAutoquantError",
+    "export",
+    "quantize",
+    "restore",
+    "sweep",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -34,10 +34,19 @@ from .search.replicas import prestart, start_for
 log = logging.getLogger("vlm_autoquant")
 DEFAULT_SCHEME = "fp8-balanced-10b"
 DEFAULT_EXPERIMENT = tracking.DEFAULT_EXPERIMENT
-_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions)
-                       if f.name not in ("model_dir", "output_dir", "calib_file"))
-_EXPORT_OPTIONS = ("overwrite", "lm_only", "allow_other_weights", "log_checkpoint", "register",
-                   "experiment", "mlflow", "format")
+_OPTION_FIELDS = tuple(
+    f.name for f in dataclasses.fields(RunOptions) if f.name not in ("model_dir", "output_dir", "calib_file")
+)
+_EXPORT_OPTIONS = (
+    "overwrite",
+    "lm_only",
+    "allow_other_weights",
+    "log_checkpoint",
+    "register",
+    "experiment",
+    "mlflow",
+    "format",
+)
 
 
 @dataclass(frozen=True)
@@ -81,18 +90,30 @@ def logged_run(out_dir: Path) -> tuple[str | None, str | None]:
     return run_id, None if run_id is None else tracking.experiment_of(run_id)
 
 
-def split_options(model_dir: Path, output_dir: Path, calib_file: Path | None,
-                  kwargs: dict[str, Any]) -> tuple[RunOptions, dict]:
+def split_options(
+    model_dir: Path, output_dir: Path, calib_file: Path | None, kwargs: dict[str, Any]
+) -> tuple[RunOptions, dict]:
     """RunOptions from the keyword arguments that name one of its fields; the rest are scheme
     overrides (None: the scheme's value). An unknown name is a UsageError listing the known."""
     unknown = sorted(set(kwargs) - set(_OPTION_FIELDS) - set(OVERRIDE_FLAGS))
     if unknown:
-        raise UsageError([Problem(k, "is neither a run option nor a scheme field",
-                                  f"use one of: {', '.join((*_OPTION_FIELDS, *OVERRIDE_FLAGS))}")
-                          for k in unknown])
+        raise UsageError(
+            [
+                Problem(
+                    k,
+                    "is neither a run option nor a scheme field",
+                    f"use one of: {', '.join((*_OPTION_FIELDS, *OVERRIDE_FLAGS))}",
+                )
+                for k in unknown
+            ]
+        )
     opts = {k: v for k, v in kwargs.items() if k in _OPTION_FIELDS and v is not None}
-    options = RunOptions(model_dir=Path(model_dir), output_dir=Path(output_dir),
-                         calib_file=None if calib_file is None else Path(calib_file), **opts)
+    options = RunOptions(
+        model_dir=Path(model_dir),
+        output_dir=Path(output_dir),
+        calib_file=None if calib_file is None else Path(calib_file),
+        **opts,
+    )
     return options, {f: kwargs.get(f) for f in OVERRIDE_FLAGS}
 
 
@@ -103,15 +124,19 @@ def _discarded_if_empty(output_dir: Path) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if not existed and paths.exists(output_dir) and artifacts.only_our_bookkeeping(
-                output_dir, tracking.ended_here(output_dir)):
+        if (
+            not existed
+            and paths.exists(output_dir)
+            and artifacts.only_our_bookkeeping(output_dir, tracking.ended_here(output_dir))
+        ):
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
 
 
 @contextlib.contextmanager
-def _validated(options: RunOptions, names: list[str], overrides: dict,
-               single: bool) -> Iterator[tuple[Inputs, list]]:
+def _validated(
+    options: RunOptions, names: list[str], overrides: dict, single: bool
+) -> Iterator[tuple[Inputs, list]]:
     """Validate every input, take the output dir's lock, then plan the searches (tokenizes; no
     weights; may promote or discard search checkpoints, hence under the lock). All problems are
     reported together; the lock is held until the block ends."""
@@ -147,9 +172,14 @@ def run_scheme(options: RunOptions, scheme: str, overrides: dict) -> Result:
     return Result(options.output_dir, doc, *logged_run(options.output_dir))
 
 
-def quantize(model_dir: str | Path, scheme: str = DEFAULT_SCHEME, *,
-             output_dir: str | Path | None = None, calib_file: str | Path | None = None,
-             **overrides: Any) -> Result:
+def quantize(
+    model_dir: str | Path,
+    scheme: str = DEFAULT_SCHEME,
+    *,
+    output_dir: str | Path | None = None,
+    calib_file: str | Path | None = None,
+    **overrides: Any,
+) -> Result:
     """AutoQuantize the LM of the Qwen2.5-VL checkpoint `model_dir` with one catalog scheme.
 
     Args:
@@ -176,28 +206,37 @@ def run_schemes(options: RunOptions, schemes: list[str] | None, overrides: dict)
             names = list(load_catalog(options.catalog or default_catalog()))
         except UsageError:
             names = []  # gather reports the catalog's problems
-    with _discarded_if_empty(options.output_dir), \
-            prestart(options.gpus, options.parallel) as pool:
+    with _discarded_if_empty(options.output_dir), prestart(options.gpus, options.parallel) as pool:
         from .run.sweep import run_sweep  # ModelOpt: imported while the replicas start
 
-        with _validated(options, names, overrides, single=False) as (inputs, families), \
-                start_for(inputs, families[0].placement, pool) as replicas, \
-                stop_on_signals(StopFlag()) as stop:
+        with (
+            _validated(options, names, overrides, single=False) as (inputs, families),
+            start_for(inputs, families[0].placement, pool) as replicas,
+            stop_on_signals(StopFlag()) as stop,
+        ):
             run_sweep(inputs, families, stop, options.experiment, replicas)
             stop.raise_if_set()  # a signal after the last scheme: the results are kept
     return _sweep_result(options.output_dir)
 
 
 def _sweep_result(out: Path) -> SweepResult:
-    manifests = {p.parent.name: json.loads(p.read_text(encoding="utf-8"))
-                 for p in sorted(out.glob(f"*/{MANIFEST_FILE}"))}
-    return SweepResult(out, out / COMPARISON_FILE,
-                       {m["scheme"]["name"]: m for m in manifests.values()}, *logged_run(out))
+    manifests = {
+        p.parent.name: json.loads(p.read_text(encoding="utf-8"))
+        for p in sorted(out.glob(f"*/{MANIFEST_FILE}"))
+    }
+    return SweepResult(
+        out, out / COMPARISON_FILE, {m["scheme"]["name"]: m for m in manifests.values()}, *logged_run(out)
+    )
 
 
-def sweep(model_dir: str | Path, schemes: list[str] | None = None, *,
-          output_dir: str | Path | None = None, calib_file: str | Path | None = None,
-          **overrides: Any) -> SweepResult:
+def sweep(
+    model_dir: str | Path,
+    schemes: list[str] | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    calib_file: str | Path | None = None,
+    **overrides: Any,
+) -> SweepResult:
     """Run several catalog schemes (default: all of them) on one model, each family of schemes
     searched once; overrides as for `quantize`, applied to every scheme.
 
@@ -212,8 +251,9 @@ def sweep(model_dir: str | Path, schemes: list[str] | None = None, *,
 
 def _export_source(source: str | Path | None) -> tuple[Path | None, str | None]:
     """(the run's output dir, None) for a Path or an existing directory, else (None, run id)."""
-    folder = Path(source) if isinstance(source, Path) or (
-        source is not None and Path(source).is_dir()) else None
+    folder = (
+        Path(source) if isinstance(source, Path) or (source is not None and Path(source).is_dir()) else None
+    )
     return folder, None if folder is not None or source is None else str(source)
 
 
@@ -226,26 +266,49 @@ def export_output_dir(source: str | Path | None, output_dir: str | Path | None) 
     return Path("exports") / (run_id or (folder.name if folder is not None else "x"))
 
 
-def _export_options(source: str | Path | None, model_dir: str | Path | None,
-                    output_dir: str | Path | None, options: dict[str, Any]):
+def _export_options(
+    source: str | Path | None,
+    model_dir: str | Path | None,
+    output_dir: str | Path | None,
+    options: dict[str, Any],
+):
     from .exporter.inputs import FORMATS, ExportOptions  # safetensors: only for an export
 
     unknown = sorted(set(options) - set(_EXPORT_OPTIONS))
     if unknown:
-        raise UsageError([Problem(k, "is not an export option", f"use one of: "
-                                  f"{', '.join(_EXPORT_OPTIONS)}") for k in unknown])
+        raise UsageError(
+            [
+                Problem(k, "is not an export option", f"use one of: {', '.join(_EXPORT_OPTIONS)}")
+                for k in unknown
+            ]
+        )
     if options.get("format") not in (None, *FORMATS):
-        raise UsageError(Problem("format", f"{options['format']!r} is not an export format",
-                                 f"use one of: {', '.join(FORMATS)}"))
+        raise UsageError(
+            Problem(
+                "format",
+                f"{options['format']!r} is not an export format",
+                f"use one of: {', '.join(FORMATS)}",
+            )
+        )
     folder, run_id = _export_source(source)
     out = export_output_dir(source, output_dir)
     kept = {k: v for k, v in options.items() if k != "mlflow" and v is not None}
-    return ExportOptions(output_dir=out, run_id=run_id, artifacts_dir=folder,
-                         model_dir=None if model_dir is None else Path(model_dir), **kept)
+    return ExportOptions(
+        output_dir=out,
+        run_id=run_id,
+        artifacts_dir=folder,
+        model_dir=None if model_dir is None else Path(model_dir),
+        **kept,
+    )
 
 
-def export(source: str | Path | None, *, model_dir: str | Path | None = None,
-           output_dir: str | Path | None = None, **options: Any) -> ExportResult:
+def export(
+    source: str | Path | None,
+    *,
+    model_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    **options: Any,
+) -> ExportResult:
     """Turn a finished run (an MLflow run id, or a run's output dir as a Path or an existing
     directory) into a verified Qwen2.5-VL checkpoint.
 
@@ -264,13 +327,13 @@ def export(source: str | Path | None, *, model_dir: str | Path | None = None,
     opts = _export_options(source, model_dir, output_dir, options)
     if not options.get("mlflow", True):
         _refuse_server_without_mlflow(opts.run_id)
-    tracker_factory = _export_tracker_factory(opts.experiment) \
-        if options.get("mlflow", True) else None
+    tracker_factory = _export_tracker_factory(opts.experiment) if options.get("mlflow", True) else None
     with _discarded_if_empty(opts.output_dir), stop_on_signals(StopFlag()) as stop:
         report = export_run(opts, tracker_factory, stop)
     run_id = (report.get("mlflow") or {}).get("run_id")
-    return ExportResult(opts.output_dir, report, run_id,
-                        None if run_id is None else tracking.experiment_of(run_id))
+    return ExportResult(
+        opts.output_dir, report, run_id, None if run_id is None else tracking.experiment_of(run_id)
+    )
 
 
 def _export_tracker_factory(experiment: str | None) -> Callable[[str, Path], tracking.Tracker]:
@@ -290,15 +353,25 @@ def _export_tracker_factory(experiment: str | None) -> Callable[[str, Path], tra
 def _refuse_server_without_mlflow(run_id: str | None) -> None:
     """--no-mlflow never contacts a server: a --run-id there cannot be read without one."""
     if run_id and tracking.is_server(tracking.tracking_uri()):
-        raise UsageError(Problem("--run-id", f"with --no-mlflow the run's artifacts cannot be "
-                                 f"read: they are on the tracking server {tracking.shown_uri()}, "
-                                 "which --no-mlflow never contacts", "pass --artifacts-dir (the "
-                                 "run's --output-dir, or its downloaded artifacts) instead of "
-                                 "--run-id, or drop --no-mlflow"))
+        raise UsageError(
+            Problem(
+                "--run-id",
+                f"with --no-mlflow the run's artifacts cannot be "
+                f"read: they are on the tracking server {tracking.shown_uri()}, "
+                "which --no-mlflow never contacts",
+                "pass --artifacts-dir (the "
+                "run's --output-dir, or its downloaded artifacts) instead of "
+                "--run-id, or drop --no-mlflow",
+            )
+        )
 
 
-def restore(run_dir: str | Path, model_dir: str | Path | None = None, device: str | None = None,
-            allow_other_weights: bool = False):
+def restore(
+    run_dir: str | Path,
+    model_dir: str | Path | None = None,
+    device: str | None = None,
+    allow_other_weights: bool = False,
+):
     """The quantized LM of a finished run (its output dir), on `device` (default: the GPU if
     any): the same logits as the run's model. `model_dir` defaults to the one the run recorded.
 
@@ -311,11 +384,20 @@ def restore(run_dir: str | Path, model_dir: str | Path | None = None, device: st
     try:
         doc = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UsageError(Problem("run_dir", f"{run_dir} holds no readable {MANIFEST_FILE} ({exc})",
-                                 "pass the --output-dir of a finished run")) from None
+        raise UsageError(
+            Problem(
+                "run_dir",
+                f"{run_dir} holds no readable {MANIFEST_FILE} ({exc})",
+                "pass the --output-dir of a finished run",
+            )
+        ) from None
     base = Path(model_dir) if model_dir is not None else Path(doc["model"]["directory"])
     import torch  # only for a restore
 
-    return quant_state.restore(base, run_dir / QUANT_STATE_FILE,
-                               torch.device(device) if device else None,
-                               allow_other_weights=allow_other_weights, manifest=doc)
+    return quant_state.restore(
+        base,
+        run_dir / QUANT_STATE_FILE,
+        torch.device(device) if device else None,
+        allow_other_weights=allow_other_weights,
+        manifest=doc,
+    )

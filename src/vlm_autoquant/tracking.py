@@ -83,17 +83,20 @@ METRICS = {
     M_PEAK_GPU: "peak CUDA memory allocated (GiB; 0 on CPU)",
     M_PEAK_RSS: "peak host resident memory (GiB)",
     TIME_PREFIX + "<phase>_s": "wall time per phase: startup, validate, import, load, calibrate, "
-                               "score, search_setup, solve, evaluate, save, log",
+    "score, search_setup, solve, evaluate, save, log",
     SENSITIVITY_PREFIX + "<format>/<projection>": "summed sensitivity score, step = decoder layer",
     FORMAT_PREFIX + "<projection>": "1 when that layer's projection is FP8, step = decoder layer",
     M_PREDICTED_LOSS: "sum of the chosen candidates' sensitivity scores (the solver's objective)",
     M_SPEARMAN: "(sweep parent) rank correlation of predicted loss and measured KL over the "
-                "schemes of the most common method; .../<method> for each method",
+    "schemes of the most common method; .../<method> for each method",
 }
 
 # Bounded retries against a server: a few tries within ~30 s, then give up (the result is on disk).
-RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 # System metrics every 2 s (MLflow's default is 10): a sample is published only when the next
 # interval ends, so a 30 s run got two points and lost the last; stop() does not wait for the
 # interval (it sets an event), so a short interval costs no time at the end. Env wins.
@@ -118,19 +121,30 @@ def bounded_retries() -> None:
 class Tracker:
     """One MLflow run (or a nested child), started in the background. All logging goes here."""
 
-    def __init__(self, experiment: str | None, run_name: str, parent: "Tracker | None" = None,
-                 system_metrics: bool = False, out_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        experiment: str | None,
+        run_name: str,
+        parent: "Tracker | None" = None,
+        system_metrics: bool = False,
+        out_dir: Path | None = None,
+    ) -> None:
         bounded_retries()
         self.name = run_name
         self.experiment = active_experiment(experiment)  # None: MLFLOW_EXPERIMENT_ID chooses
         self._error: BaseException | None = None
         self._out_dir = out_dir  # where the run id is recorded once the run exists
-        self._thread = threading.Thread(target=self._start, name="mlflow-start", daemon=True,
-                                        args=(experiment, run_name, parent, system_metrics))
+        self._thread = threading.Thread(
+            target=self._start,
+            name="mlflow-start",
+            daemon=True,
+            args=(experiment, run_name, parent, system_metrics),
+        )
         self._thread.start()
 
-    def _start(self, experiment: str | None, run_name: str, parent: "Tracker | None",
-               system_metrics: bool) -> None:
+    def _start(
+        self, experiment: str | None, run_name: str, parent: "Tracker | None", system_metrics: bool
+    ) -> None:
         try:
             if self._out_dir is not None:
                 wait_closed(self._out_dir)  # the stale run's id is read before ours replaces it
@@ -141,8 +155,7 @@ class Tracker:
             with store_lock():
                 self.run, inherited = _open_run(mlflow, experiment, run_name, parent)
             self.run_id = self.run.info.run_id
-            self.experiment_name = mlflow.MlflowClient().get_experiment(
-                self.run.info.experiment_id).name
+            self.experiment_name = mlflow.MlflowClient().get_experiment(self.run.info.experiment_id).name
             if self._out_dir is not None:
                 remember(self._out_dir, self.run_id)
             self._existing = dict(self.run.data.params) | inherited
@@ -151,8 +164,7 @@ class Tracker:
                 # mlflow: imported on first use, off the refusal path
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._monitor = SystemMetricsMonitor(
-                    self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
+                self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
                 self._monitor.start()
         except BaseException as exc:  # noqa: BLE001 - reported on first use
             self._error = exc
@@ -168,8 +180,10 @@ class Tracker:
             db = sqlite_file(tracking_uri())
             state = schema_problem(db) if db is not None and db.is_file() else None
             hint = f". {state[0]}.\n    fix: {state[1]}" if state else ""
-            raise TrackingFailed(f"the MLflow run could not be started at {shown_uri()} "
-                                 f"({type(self._error).__name__}: {redact(self._error)}){hint}")
+            raise TrackingFailed(
+                f"the MLflow run could not be started at {shown_uri()} "
+                f"({type(self._error).__name__}: {redact(self._error)}){hint}"
+            )
         return self
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -178,8 +192,7 @@ class Tracker:
         fresh = {k: str(v) for k, v in params.items() if k not in self._existing}
         for k, v in params.items():
             if k in self._existing and self._existing[k] != str(v):
-                log.warning("param %s already logged as %r; keeping it (now %r)", k,
-                            self._existing[k], v)
+                log.warning("param %s already logged as %r; keeping it (now %r)", k, self._existing[k], v)
         if fresh:
             self._mlflow.log_params(fresh, run_id=self.run_id)
             self._existing.update(fresh)
@@ -197,13 +210,14 @@ class Tracker:
         points = [Metric(k, float(v), now, step) for k, pts in series.items() for step, v in pts]
         client = self.wait()._mlflow.MlflowClient()
         for i in range(0, len(points), 1000):
-            client.log_batch(self.run_id, metrics=points[i:i + 1000])
+            client.log_batch(self.run_id, metrics=points[i : i + 1000])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag  # mlflow: imported on first use, off the refusal path
 
         self.wait()._mlflow.MlflowClient().log_batch(
-            self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+            self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        )
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self.wait()._mlflow.MlflowClient().log_artifact(self.run_id, str(path), subdir)
@@ -220,10 +234,10 @@ class Tracker:
         import datasets  # datasets: imported on first use, off the refusal path
         import mlflow.data
 
-        ds = mlflow.data.from_huggingface(datasets.Dataset.from_dict({"text": captions}),
-                                          path=str(source), name=name)
-        self.wait()._mlflow.MlflowClient().log_inputs(
-            self.run_id, datasets=[_dataset_input(ds, context)])
+        ds = mlflow.data.from_huggingface(
+            datasets.Dataset.from_dict({"text": captions}), path=str(source), name=name
+        )
+        self.wait()._mlflow.MlflowClient().log_inputs(self.run_id, datasets=[_dataset_input(ds, context)])
 
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
         if self._thread.is_alive() or self._error is not None:
@@ -272,8 +286,9 @@ def _launcher_run(client) -> Any:
     return run if run.info.status == "RUNNING" else None
 
 
-def _open_run(mlflow, experiment: str | None, run_name: str,
-              parent: "Tracker | None") -> tuple[Any, dict[str, str]]:
+def _open_run(
+    mlflow, experiment: str | None, run_name: str, parent: "Tracker | None"
+) -> tuple[Any, dict[str, str]]:
     """(run, params it already has). A child goes under its parent. Under `mlflow run`, the
     launcher's run is used when it is in the chosen experiment; otherwise (it put the run in
     "Default") a run is made in the chosen one and takes over the launcher's params and tags,
@@ -301,18 +316,32 @@ def _take_over(client, launcher, run, run_name: str) -> dict[str, str]:
 
     params = dict(launcher.data.params)
     tags = {k: v for k, v in launcher.data.tags.items() if k != "mlflow.runName"}
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     experiment = client.get_experiment(run.info.experiment_id).name
-    note = (f"`mlflow run` was given no experiment; this run continued as run "
-            f"{run.info.run_id} in experiment {experiment!r}. Pass `--experiment-name "
-            f"{experiment}` to mlflow run to have a single run.")
-    client.log_batch(launcher.info.run_id, tags=[
-        RunTag("mlflow.runName", f"{run_name} (moved to {experiment})"),
-        RunTag("continued_in_run", run.info.run_id), RunTag("mlflow.note.content", note)])
+    note = (
+        f"`mlflow run` was given no experiment; this run continued as run "
+        f"{run.info.run_id} in experiment {experiment!r}. Pass `--experiment-name "
+        f"{experiment}` to mlflow run to have a single run."
+    )
+    client.log_batch(
+        launcher.info.run_id,
+        tags=[
+            RunTag("mlflow.runName", f"{run_name} (moved to {experiment})"),
+            RunTag("continued_in_run", run.info.run_id),
+            RunTag("mlflow.note.content", note),
+        ],
+    )
     client.set_terminated(launcher.info.run_id, status="FINISHED")
-    log.info("mlflow run put its run in experiment %s; logging to %r instead (run %s)",
-             launcher.info.experiment_id, experiment, run.info.run_id)
+    log.info(
+        "mlflow run put its run in experiment %s; logging to %r instead (run %s)",
+        launcher.info.experiment_id,
+        experiment,
+        run.info.run_id,
+    )
     return params
 
 
@@ -320,13 +349,19 @@ def _dataset_input(ds, context: str):
     from mlflow.entities import DatasetInput, InputTag  # mlflow: imported on first use, off the refusal path
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    return DatasetInput(dataset=ds._to_mlflow_entity(),
-                        tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
+    return DatasetInput(
+        dataset=ds._to_mlflow_entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+    )
 
 
 @contextlib.contextmanager
-def tracked_run(experiment: str | None, name: str, parent: Tracker | None = None,
-                system_metrics: bool = False, out_dir: Path | None = None) -> Iterator[Tracker]:
+def tracked_run(
+    experiment: str | None,
+    name: str,
+    parent: Tracker | None = None,
+    system_metrics: bool = False,
+    out_dir: Path | None = None,
+) -> Iterator[Tracker]:
     """A run that ends FINISHED, KILLED (interrupted) or FAILED (with the reason as a tag).
 
     With `out_dir`, the run's id is recorded there (see `close_stale`)."""
@@ -349,16 +384,13 @@ def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
         log.warning("could not mark MLflow run %s: %s", status, redact(exc))
 
 
-
-
 def remember(out_dir: Path, run_id: str) -> None:
     """Record the run writing into `out_dir`, so a rerun can close it if this process is killed.
 
     The directory's identity (device, inode, path) is recorded beside the id: a copy of the
     directory holds the same file, and must never close the original's live run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_ID_FILE).write_text(f"{run_id}\n{json.dumps(_dir_identity(out_dir))}\n",
-                                       encoding="utf-8")
+    (out_dir / RUN_ID_FILE).write_text(f"{run_id}\n{json.dumps(_dir_identity(out_dir))}\n", encoding="utf-8")
 
 
 def _dir_identity(out_dir: Path) -> dict:
@@ -407,11 +439,14 @@ def close_stale(out_dir: Path) -> threading.Thread | None:
     run_id, where = got
     here = _dir_identity(out_dir)
     if where is None or (where.get("dev"), where.get("ino")) != (here["dev"], here["ino"]):
-        log.info("not closing MLflow run %s: it was recorded in %s, not in %s (a copy?)", run_id,
-                 (where or {}).get("dir", "another directory"), here["dir"])
+        log.info(
+            "not closing MLflow run %s: it was recorded in %s, not in %s (a copy?)",
+            run_id,
+            (where or {}).get("dir", "another directory"),
+            here["dir"],
+        )
         return None
-    thread = threading.Thread(target=_close_stale, args=(out_dir, run_id),
-                              name="mlflow-close-stale")
+    thread = threading.Thread(target=_close_stale, args=(out_dir, run_id), name="mlflow-close-stale")
     _closers[Path(out_dir).resolve()] = thread
     thread.start()
     return thread
@@ -431,8 +466,9 @@ def _close_stale(out_dir: Path, run_id: str) -> None:
 
         client = mlflow.MlflowClient()
         if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "failure_reason", "the process was killed (found RUNNING by a "
-                           f"rerun in {out_dir})")
+            client.set_tag(
+                run_id, "failure_reason", f"the process was killed (found RUNNING by a rerun in {out_dir})"
+            )
             client.set_terminated(run_id, status="KILLED")
             log.info("closed MLflow run %s, left RUNNING by a killed process, as KILLED", run_id)
     except Exception as exc:  # noqa: BLE001 - another store, or the run is gone: nothing to close
@@ -440,6 +476,7 @@ def _close_stale(out_dir: Path, run_id: str) -> None:
 
 
 # --- export (issue #9): reading a source run, linking runs, the Model Registry ---------------
+
 
 def source_run(run_id: str) -> dict | None:
     """{status, experiment_id, tags, artifact_uri} of a run in the current store; None if absent."""
@@ -454,8 +491,12 @@ def source_run(run_id: str) -> dict | None:
         run = mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
         return None
-    return {"status": run.info.status, "experiment_id": run.info.experiment_id,
-            "tags": dict(run.data.tags), "artifact_uri": run.info.artifact_uri}
+    return {
+        "status": run.info.status,
+        "experiment_id": run.info.experiment_id,
+        "tags": dict(run.data.tags),
+        "artifact_uri": run.info.artifact_uri,
+    }
 
 
 def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Path | None]:
@@ -470,8 +511,9 @@ def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Pa
             out[name] = None
             continue
         try:
-            out[name] = Path(mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=name, dst_path=str(dst)))
+            out[name] = Path(
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(dst))
+            )
         except (MlflowException, OSError):
             out[name] = None
     return out
@@ -522,8 +564,7 @@ def log_dir(tracker: Tracker, local_dir: Path, subdir: str | None = None) -> Non
     tracker.wait()._mlflow.log_artifacts(str(local_dir), artifact_path=subdir, run_id=tracker.run_id)
 
 
-GENERATOR_REQUIREMENTS = ("torch", "transformers", "accelerate", "compressed-tensors",
-                          "safetensors")
+GENERATOR_REQUIREMENTS = ("torch", "transformers", "accelerate", "compressed-tensors", "safetensors")
 
 
 def _checkpoint_generator() -> Any:
@@ -549,22 +590,25 @@ def _checkpoint_generator() -> Any:
             with open(f"{path}/config.json", encoding="utf-8") as f:
                 arch = json.load(f)["architectures"][0]
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-            self.model = getattr(transformers, arch).from_pretrained(
-                path, dtype=torch.bfloat16, device_map="auto").eval()
+            self.model = (
+                getattr(transformers, arch)
+                .from_pretrained(path, dtype=torch.bfloat16, device_map="auto")
+                .eval()
+            )
 
         def predict(self, context, model_input, params=None):
             import torch
 
-            prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") \
-                else list(model_input)
+            prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
             new_tokens = int((params or {}).get("max_new_tokens", 32))
             texts = []
             for prompt in prompts:
                 ids = self.tokenizer(prompt, return_tensors="pt").to(self.model.device)
                 with torch.inference_mode():
                     out = self.model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
-                texts.append(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
-                                                   skip_special_tokens=True))
+                texts.append(
+                    self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+                )
             return texts
 
     return CheckpointGenerator()
@@ -578,13 +622,18 @@ def _save_pyfunc(local_dir: Path, target: Path) -> None:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                               outputs=Schema([ColSpec("string")]),
-                               params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]))
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]),
+    )
     mlflow.pyfunc.save_model(
-        path=str(target), python_model=_checkpoint_generator(),
-        artifacts={"checkpoint": str(local_dir)}, signature=signature,
-        pip_requirements=[f"{p}=={version(p)}" for p in GENERATOR_REQUIREMENTS])
+        path=str(target),
+        python_model=_checkpoint_generator(),
+        artifacts={"checkpoint": str(local_dir)},
+        signature=signature,
+        pip_requirements=[f"{p}=={version(p)}" for p in GENERATOR_REQUIREMENTS],
+    )
 
 
 @dataclass
@@ -609,12 +658,22 @@ def register_checkpoint(tracker: Tracker, local_dir: Path, reg: Registration) ->
     metrics are logged on the export run with the model's id.
     """
     name, alias, tags, source_run_id, metrics, pyfunc = (
-        reg.name, reg.alias, reg.tags, reg.source_run_id, reg.metrics, reg.pyfunc)
+        reg.name,
+        reg.alias,
+        reg.tags,
+        reg.source_run_id,
+        reg.metrics,
+        reg.pyfunc,
+    )
     mlflow = tracker.wait()._mlflow
     client = mlflow.MlflowClient()
-    model = client.create_logged_model(experiment_id=tracker.run.info.experiment_id, name=name,
-                                       source_run_id=source_run_id or tracker.run_id, tags=tags,
-                                       model_type="pyfunc" if pyfunc else "safetensors-checkpoint")
+    model = client.create_logged_model(
+        experiment_id=tracker.run.info.experiment_id,
+        name=name,
+        source_run_id=source_run_id or tracker.run_id,
+        tags=tags,
+        model_type="pyfunc" if pyfunc else "safetensors-checkpoint",
+    )
     try:
         if pyfunc:
             with tempfile.TemporaryDirectory(prefix="vlm-mlmodel-") as tmp:
@@ -630,5 +689,10 @@ def register_checkpoint(tracker: Tracker, local_dir: Path, reg: Registration) ->
     client.finalize_logged_model(model.model_id, "READY")
     version = mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
-    return {"model_id": model.model_id, "name": name, "version": version.version, "alias": alias,
-            "uri": f"models:/{name}@{alias}"}
+    return {
+        "model_id": model.model_id,
+        "name": name,
+        "version": version.version,
+        "alias": alias,
+        "uri": f"models:/{name}@{alias}",
+    }

@@ -66,7 +66,7 @@ def shown_uri() -> str:
 
 def sqlite_file(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI, else None."""
-    return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]).resolve() if uri.startswith("sqlite:///") else None
 
 
 def is_server(uri: str) -> bool:
@@ -104,18 +104,25 @@ def check_store(problems: Problems, experiment: str | None = None) -> None:
         _check_sqlite(db, name, problems)
     elif (folder := _file_store(uri)) is not None:
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
-            problems.add(KEY, f"{redact(uri)} is a file store, which MLflow "
-                         f"{_mlflow_version()} refuses (maintenance mode)",
-                         "use sqlite:///mlflow.db (`mlflow migrate-filestore` moves old runs), "
-                         "or set MLFLOW_ALLOW_FILE_STORE=true")
+            problems.add(
+                KEY,
+                f"{redact(uri)} is a file store, which MLflow {_mlflow_version()} refuses (maintenance mode)",
+                "use sqlite:///mlflow.db (`mlflow migrate-filestore` moves old runs), "
+                "or set MLFLOW_ALLOW_FILE_STORE=true",
+            )
         elif not _writable_dir(folder):
-            problems.add(KEY, f"cannot write the file store {folder}",
-                         "fix its permissions or point MLFLOW_TRACKING_URI elsewhere")
+            problems.add(
+                KEY,
+                f"cannot write the file store {folder}",
+                "fix its permissions or point MLFLOW_TRACKING_URI elsewhere",
+            )
 
 
 def _fix_uri() -> str:
-    return ("start the server, fix MLFLOW_TRACKING_URI, or unset it to use the local store "
-            "(sqlite:///mlflow.db with artifacts under ./mlruns)")
+    return (
+        "start the server, fix MLFLOW_TRACKING_URI, or unset it to use the local store "
+        "(sqlite:///mlflow.db with artifacts under ./mlruns)"
+    )
 
 
 def _check_server(uri: str, experiment: str | None, problems: Problems) -> None:
@@ -124,25 +131,41 @@ def _check_server(uri: str, experiment: str | None, problems: Problems) -> None:
     from mlflow.utils.rest_utils import http_request
 
     try:
-        resp = http_request(get_default_host_creds(uri), PROBE_ENDPOINT, "GET", max_retries=0,
-                            backoff_factor=0, timeout=PROBE_TIMEOUT_S, raise_on_status=False,
-                            params={"experiment_name": experiment or "Default"})
+        resp = http_request(
+            get_default_host_creds(uri),
+            PROBE_ENDPOINT,
+            "GET",
+            max_retries=0,
+            backoff_factor=0,
+            timeout=PROBE_TIMEOUT_S,
+            raise_on_status=False,
+            params={"experiment_name": experiment or "Default"},
+        )
     except Exception as exc:  # noqa: BLE001 - any failure to connect means the same to the user
-        problems.add(KEY, f"tracking server {redact(uri)} is unreachable "
-                     f"({type(exc).__name__}: {redact(exc)[:300]})", _fix_uri())
+        problems.add(
+            KEY,
+            f"tracking server {redact(uri)} is unreachable ({type(exc).__name__}: {redact(exc)[:300]})",
+            _fix_uri(),
+        )
         return
     code = resp.status_code
     body = _json(resp)
     if code in (401, 403):
-        problems.add(KEY, f"tracking server {redact(uri)} is reachable but refuses these "
-                     f"credentials (HTTP {code})", "set MLFLOW_TRACKING_USERNAME and "
-                     "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for an account with "
-                     "access to the experiment")
+        problems.add(
+            KEY,
+            f"tracking server {redact(uri)} is reachable but refuses these credentials (HTTP {code})",
+            "set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for an account with "
+            "access to the experiment",
+        )
     elif code == 404 and body.get("error_code") == "RESOURCE_DOES_NOT_EXIST":
         return  # the experiment does not exist yet: the run creates it
     elif code != 200:
-        problems.add(KEY, f"{redact(uri)} does not answer as an MLflow tracking server "
-                     f"(HTTP {code} for {PROBE_ENDPOINT})", _fix_uri())
+        problems.add(
+            KEY,
+            f"{redact(uri)} does not answer as an MLflow tracking server (HTTP {code} for {PROBE_ENDPOINT})",
+            _fix_uri(),
+        )
     elif experiment and body.get("experiment", {}).get("lifecycle_stage") == "deleted":
         _deleted(experiment, body["experiment"].get("experiment_id"), problems)
 
@@ -156,10 +179,12 @@ def _json(resp) -> dict:
 
 
 def _deleted(name: str, exp_id: object, problems: Problems) -> None:
-    problems.add("--experiment", f"experiment {name!r} is deleted in the tracking store "
-                 f"{shown_uri()} (MLflow will not start a run in it)",
-                 f"restore it (mlflow experiments restore --experiment-id {exp_id}), or pass "
-                 "another --experiment")
+    problems.add(
+        "--experiment",
+        f"experiment {name!r} is deleted in the tracking store "
+        f"{shown_uri()} (MLflow will not start a run in it)",
+        f"restore it (mlflow experiments restore --experiment-id {exp_id}), or pass another --experiment",
+    )
 
 
 def _writable_dir(folder: Path) -> bool:
@@ -182,8 +207,7 @@ def _check_sqlite(db: Path, experiment: str | None, problems: Problems) -> None:
         with tempfile.TemporaryFile(dir=db.parent):
             pass
     except OSError as exc:
-        problems.add(KEY, f"cannot write the SQLite store in {db.parent} ({exc.strerror})",
-                     _fix_uri())
+        problems.add(KEY, f"cannot write the SQLite store in {db.parent} ({exc.strerror})", _fix_uri())
         return
     if not db.exists() or db.stat().st_size == 0:
         return  # a new store: `ensure_store` makes it, whole, before any weight is loaded
@@ -193,9 +217,12 @@ def _check_sqlite(db: Path, experiment: str | None, problems: Problems) -> None:
         return
     write = _write_error(db)
     if write is not None:
-        problems.add(KEY, f"the SQLite store {db} cannot be written ({write})",
-                     f"make it writable (chmod u+w {db}, and its directory), or point "
-                     "MLFLOW_TRACKING_URI at another file")
+        problems.add(
+            KEY,
+            f"the SQLite store {db} cannot be written ({write})",
+            f"make it writable (chmod u+w {db}, and its directory), or point "
+            "MLFLOW_TRACKING_URI at another file",
+        )
     elif experiment and (exp_id := _deleted_experiment(db, experiment)) is not None:
         _deleted(experiment, exp_id, problems)
 
@@ -215,34 +242,43 @@ def schema_problem(db: Path) -> tuple[str, str] | None:
             with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
                 versions = [r[0] for r in con.execute("SELECT version_num FROM alembic_version")]
     except sqlite3.DatabaseError as exc:
-        return (f"{db} is not a usable SQLite database ({exc})",
-                f"move it aside ({aside}) and rerun: a new store is created")
+        return (
+            f"{db} is not a usable SQLite database ({exc})",
+            f"move it aside ({aside}) and rerun: a new store is created",
+        )
     if not tables:
         return None
     if not versions:
-        return (f"{db} is a half-made MLflow store: it holds {len(tables)} tables but no schema "
-                "version (a process was killed while MLflow created it)",
-                f"move it aside ({aside}) and rerun: a new store is created; a finished "
-                "--output-dir is logged into it with --log-only")
+        return (
+            f"{db} is a half-made MLflow store: it holds {len(tables)} tables but no schema "
+            "version (a process was killed while MLflow created it)",
+            f"move it aside ({aside}) and rerun: a new store is created; a finished "
+            "--output-dir is logged into it with --log-only",
+        )
     head, known = _revisions()
     if head is None or versions[0] == head:
         return None
     if versions[0] not in known:
-        return (f"{db} was made by a newer MLflow (schema revision {versions[0]} is unknown to "
-                f"MLflow {_mlflow_version()})",
-                "upgrade mlflow, or point MLFLOW_TRACKING_URI at another store")
-    return (f"{db}'s schema is at revision {versions[0]}, MLflow {_mlflow_version()} needs "
-            f"{head}: an older MLflow made it, or a process was killed while upgrading it",
-            f"back it up (cp {db} {db}.bak), then run: mlflow db upgrade sqlite:///{db}; if that "
-            f"fails with 'table ... already exists', the upgrade was cut short: move it aside "
-            f"({aside}) and rerun, and a new store is created")
+        return (
+            f"{db} was made by a newer MLflow (schema revision {versions[0]} is unknown to "
+            f"MLflow {_mlflow_version()})",
+            "upgrade mlflow, or point MLFLOW_TRACKING_URI at another store",
+        )
+    return (
+        f"{db}'s schema is at revision {versions[0]}, MLflow {_mlflow_version()} needs "
+        f"{head}: an older MLflow made it, or a process was killed while upgrading it",
+        f"back it up (cp {db} {db}.bak), then run: mlflow db upgrade sqlite:///{db}; if that "
+        f"fails with 'table ... already exists', the upgrade was cut short: move it aside "
+        f"({aside}) and rerun, and a new store is created",
+    )
 
 
 def _write_error(db: Path) -> str | None:
     """Why SQLite cannot write `db` (a read-only file or mount), or None."""
     try:
-        with contextlib.closing(sqlite3.connect(_RW.format(db), uri=True, timeout=1,
-                                                isolation_level=None)) as con:
+        with contextlib.closing(
+            sqlite3.connect(_RW.format(db), uri=True, timeout=1, isolation_level=None)
+        ) as con:
             con.execute("BEGIN IMMEDIATE")  # the write lock, then a write that is rolled back
             try:
                 con.execute("CREATE TABLE vlm_autoquant_write_probe (x INTEGER)")
@@ -256,8 +292,9 @@ def _write_error(db: Path) -> str | None:
 def _deleted_experiment(db: Path, name: str) -> str | None:
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            row = con.execute("SELECT experiment_id, lifecycle_stage FROM experiments "
-                              "WHERE name = ?", (name,)).fetchone()
+            row = con.execute(
+                "SELECT experiment_id, lifecycle_stage FROM experiments WHERE name = ?", (name,)
+            ).fetchone()
     except sqlite3.DatabaseError:
         return None
     return str(row[0]) if row and row[1] == "deleted" else None
@@ -336,9 +373,12 @@ def create_store(problems: Problems) -> None:
     try:
         ensure_store()
     except Exception as exc:  # noqa: BLE001 - whatever MLflow raised, no store was left behind
-        problems.add(KEY, f"the new MLflow store could not be created ({type(exc).__name__}: "
-                     f"{redact(exc)[:300]})", "free disk space or fix the permissions of its "
-                     "directory, or point MLFLOW_TRACKING_URI at another store")
+        problems.add(
+            KEY,
+            f"the new MLflow store could not be created ({type(exc).__name__}: {redact(exc)[:300]})",
+            "free disk space or fix the permissions of its "
+            "directory, or point MLFLOW_TRACKING_URI at another store",
+        )
 
 
 def _leftovers(db: Path) -> list[Path]:

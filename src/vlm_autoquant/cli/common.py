@@ -56,8 +56,10 @@ _registered: list[Callable] = []
 
 def optional(kind: Callable) -> Callable:
     """MLproject passes "" for an override left empty: that means "use the scheme's value"."""
+
     def parse(text: str):
         return None if text == "" else kind(text)
+
     parse.__name__ = kind.__name__
     return parse
 
@@ -87,10 +89,14 @@ def add_overrides(p: argparse.ArgumentParser) -> None:
         kind = info.annotation
         choices = list(get_args(kind)) if get_origin(kind) is not None and get_args(kind) else None
         names = [flag] + ([f"--{field.replace('_', '-')}"] if field in FLAG_NAMES else [])
-        o.add_argument(*names, dest=field, default=None,
-                       type=optional(str if choices else kind),
-                       choices=[None, *choices] if choices else None,
-                       metavar="{" + ",".join(choices) + "}" if choices else kind.__name__.upper())
+        o.add_argument(
+            *names,
+            dest=field,
+            default=None,
+            type=optional(str if choices else kind),
+            choices=[None, *choices] if choices else None,
+            metavar="{" + ",".join(choices) + "}" if choices else kind.__name__.upper(),
+        )
 
 
 def add_paths(p, **flags: str) -> None:
@@ -101,44 +107,73 @@ def add_paths(p, **flags: str) -> None:
 
 def add_experiment(p: argparse.ArgumentParser) -> None:
     """--experiment (alias --experiment-name, as `mlflow run` spells it)."""
-    p.add_argument("--experiment", "--experiment-name", dest="experiment", default=None,
-                   help=f"MLflow experiment (default {DEFAULT_EXPERIMENT}, also under `mlflow "
-                        "run`; MLFLOW_EXPERIMENT_NAME or `mlflow run --experiment-name` choose "
-                        "another)")
+    p.add_argument(
+        "--experiment",
+        "--experiment-name",
+        dest="experiment",
+        default=None,
+        help=f"MLflow experiment (default {DEFAULT_EXPERIMENT}, also under `mlflow "
+        "run`; MLFLOW_EXPERIMENT_NAME or `mlflow run --experiment-name` choose "
+        "another)",
+    )
 
 
 def add_switch(p: argparse.ArgumentParser, name: str, help: str) -> None:
     """A flag that is off by default, on when given bare, and also takes true/false (MLproject
     passes every parameter with a value)."""
-    p.add_argument(name, nargs="?", const=True, default=False, type=flag, metavar=BOOL_METAVAR,
-                   help=help)
+    p.add_argument(name, nargs="?", const=True, default=False, type=flag, metavar=BOOL_METAVAR, help=help)
 
 
 def add_common(p: argparse.ArgumentParser, output_help: str) -> None:
-    add_paths(p, model_dir="Qwen2.5-VL checkpoint directory",
-              output_dir=output_help,
-              calib_file="captions, one per line (default datasets/vlm-quantize-calib/"
-                         "coco2017_captions.txt, relative to the working directory)",
-              catalog="scheme catalog YAML (default: the catalog shipped with the tool)")
+    add_paths(
+        p,
+        model_dir="Qwen2.5-VL checkpoint directory",
+        output_dir=output_help,
+        calib_file="captions, one per line (default datasets/vlm-quantize-calib/"
+        "coco2017_captions.txt, relative to the working directory)",
+        catalog="scheme catalog YAML (default: the catalog shipped with the tool)",
+    )
     add_overrides(p)
-    add_switch(p, "--overwrite",
-               "replace a finished run in --output-dir (scores are reused if settings match)")
-    p.add_argument("--save-weights", action="store_true",
-                   help="also write the LM's BF16 weights (about 6 GB for the 3B)")
-    p.add_argument("--grad-checkpointing", choices=["on", "off"], default="on",
-                   help="gradient checkpointing while scoring: on saves memory, off is faster")
-    p.add_argument("--fp8-kernel", choices=["auto", "eager", "cuda-ext"], default="auto",
-                   help="ModelOpt FP8 fake-quant kernel: auto uses the CUDA extension when its "
-                        "build is cached, else eager; cuda-ext builds it once (~45 s)")
-    p.add_argument("--gpus", type=optional(str), default=None,
-                   help='GPUs to place the LM on: "all", or indices such as "0,1" (default: GPU 0)')
-    p.add_argument("--max-gpu-memory", type=optional(str), default=None,
-                   help='memory the run may use per GPU: one size ("120GiB") or one per GPU '
-                        '("120GiB,100GiB"); default: each GPU\'s total')
-    p.add_argument("--parallel", choices=["auto", "replicas", "layers"], default="auto",
-                   help="with several --gpus: replicas (each GPU holds the LM and searches part of "
-                        "the batches), layers (the LM split across them); auto: replicas when "
-                        "the LM and the batch fit one GPU")
+    add_switch(
+        p, "--overwrite", "replace a finished run in --output-dir (scores are reused if settings match)"
+    )
+    p.add_argument(
+        "--save-weights", action="store_true", help="also write the LM's BF16 weights (about 6 GB for the 3B)"
+    )
+    p.add_argument(
+        "--grad-checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="gradient checkpointing while scoring: on saves memory, off is faster",
+    )
+    p.add_argument(
+        "--fp8-kernel",
+        choices=["auto", "eager", "cuda-ext"],
+        default="auto",
+        help="ModelOpt FP8 fake-quant kernel: auto uses the CUDA extension when its "
+        "build is cached, else eager; cuda-ext builds it once (~45 s)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=optional(str),
+        default=None,
+        help='GPUs to place the LM on: "all", or indices such as "0,1" (default: GPU 0)',
+    )
+    p.add_argument(
+        "--max-gpu-memory",
+        type=optional(str),
+        default=None,
+        help='memory the run may use per GPU: one size ("120GiB") or one per GPU '
+        '("120GiB,100GiB"); default: each GPU\'s total',
+    )
+    p.add_argument(
+        "--parallel",
+        choices=["auto", "replicas", "layers"],
+        default="auto",
+        help="with several --gpus: replicas (each GPU holds the LM and searches part of "
+        "the batches), layers (the LM split across them); auto: replicas when "
+        "the LM and the batch fit one GPU",
+    )
     add_experiment(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -148,14 +183,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         _mark_launch_failed(None, Path(self.prog).stem, f"{message} (see {self.prog} --help)")
-        self.exit(EXIT_USAGE, f"error: {message}\n    fix: see `{self.prog} --help` for every "
-                              "flag\n")
+        self.exit(EXIT_USAGE, f"error: {message}\n    fix: see `{self.prog} --help` for every flag\n")
 
 
 def new_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """An entry point's parser: its name, what it does, and the epilog as written."""
-    return _Parser(prog=prog, description=description, epilog=epilog,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _Parser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def _freeze_heap() -> None:
@@ -179,8 +217,12 @@ def configure(debug: bool) -> None:
     warnings.filterwarnings("ignore", message="transformers .* is not tested with current")
     if not debug:  # libraries' notices of their own future changes; Python hides DeprecationWarning
         warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactCredentials) for f in handler.filters):
             handler.addFilter(RedactCredentials())  # no tracking password in any log line
@@ -206,20 +248,33 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 def run_kwargs(args: argparse.Namespace) -> dict:
     """The API's keyword arguments of the shared flags: run options and scheme overrides."""
-    return {"catalog": args.catalog, "overwrite": args.overwrite,
-            "save_weights": args.save_weights, "grad_checkpointing": args.grad_checkpointing == "on",
-            "fp8_kernel": args.fp8_kernel, "experiment": args.experiment, "gpus": args.gpus,
-            "max_gpu_memory": args.max_gpu_memory, "parallel": args.parallel,
-            **overrides_from(args)}
+    return {
+        "catalog": args.catalog,
+        "overwrite": args.overwrite,
+        "save_weights": args.save_weights,
+        "grad_checkpointing": args.grad_checkpointing == "on",
+        "fp8_kernel": args.fp8_kernel,
+        "experiment": args.experiment,
+        "gpus": args.gpus,
+        "max_gpu_memory": args.max_gpu_memory,
+        "parallel": args.parallel,
+        **overrides_from(args),
+    }
 
 
-INTERRUPTED_NOTE = ("Finished calibration/scoring was kept in the search checkpoint: rerun the "
-                    "same command to resume.")
+INTERRUPTED_NOTE = (
+    "Finished calibration/scoring was kept in the search checkpoint: rerun the same command to resume."
+)
 
 
-def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
-                interrupted_note: str = INTERRUPTED_NOTE, experiment: str | None = None,
-                run_name: str = "run") -> int:
+def run_guarded(
+    body: Callable[[], int],
+    debug: bool,
+    output_dir: Path | None,
+    interrupted_note: str = INTERRUPTED_NOTE,
+    experiment: str | None = None,
+    run_name: str = "run",
+) -> int:
     """The error boundary: clean messages and exit codes; no partial output left behind.
 
     A dir the run created is removed when it holds only our bookkeeping, unless it records an
@@ -247,18 +302,26 @@ def run_guarded(body: Callable[[], int], debug: bool, output_dir: Path | None,
         if debug:
             raise
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            print("error: out of GPU memory. The 3B LM peaks at 39 GiB with 16x512 batches and "
-                  "22 GiB with 8x512.\n    fix: rerun with --batch-size 8 --num-calib-steps 32 "
-                  "--num-score-steps 16 --overwrite (the same tokens in smaller batches; "
-                  "--overwrite discards the search checkpoint made for the old batch shape)",
-                  file=sys.stderr)
+            print(
+                "error: out of GPU memory. The 3B LM peaks at 39 GiB with 16x512 batches and "
+                "22 GiB with 8x512.\n    fix: rerun with --batch-size 8 --num-calib-steps 32 "
+                "--num-score-steps 16 --overwrite (the same tokens in smaller batches; "
+                "--overwrite discards the search checkpoint made for the old batch shape)",
+                file=sys.stderr,
+            )
         else:
-            print(f"error: {type(exc).__name__}: {redact(exc)}\n(rerun with --debug for the "
-                  "traceback)", file=sys.stderr)
+            print(
+                f"error: {type(exc).__name__}: {redact(exc)}\n(rerun with --debug for the traceback)",
+                file=sys.stderr,
+            )
         _mark_launch_failed(experiment, run_name, f"{type(exc).__name__}: {redact(exc)}")
         code = EXIT_FAILURE
-    if output_dir is not None and not existed and paths.exists(output_dir) \
-            and artifacts.only_our_bookkeeping(output_dir, tracking.ended_here(output_dir)):
+    if (
+        output_dir is not None
+        and not existed
+        and paths.exists(output_dir)
+        and artifacts.only_our_bookkeeping(output_dir, tracking.ended_here(output_dir))
+    ):
         shutil.rmtree(output_dir, ignore_errors=True)  # we made it and it holds nothing
     return code
 
@@ -275,19 +338,21 @@ def require_dependencies() -> None:
 
 def _check_dependencies_first(debug: bool) -> int:
     """Exit code of the dependency check alone (0 when all is installed)."""
+
     def body() -> int:
         require_dependencies()
         return 0
+
     return run_guarded(body, debug, None)
 
 
 def _check_names_first(args: argparse.Namespace, names: list[str]) -> None:
     """Refuse an unknown scheme or a bad catalog before the demo checkpoint is built."""
     problems = Problems()
-    check_schemes(args.catalog, [n.strip() for n in names if n.strip()], overrides_from(args),
-                  OVERRIDE_FLAGS, problems)
+    check_schemes(
+        args.catalog, [n.strip() for n in names if n.strip()], overrides_from(args), OVERRIDE_FLAGS, problems
+    )
     if problems:
         print(f"error: {UsageError(problems.items).render()}", file=sys.stderr)
-        _mark_launch_failed(args.experiment, ",".join(names) or "sweep",
-                            UsageError(problems.items).render())
+        _mark_launch_failed(args.experiment, ",".join(names) or "sweep", UsageError(problems.items).render())
         raise SystemExit(EXIT_USAGE)

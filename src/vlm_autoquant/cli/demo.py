@@ -24,21 +24,33 @@ from .main import main_parser, quantized_line
 log = logging.getLogger("vlm_autoquant")
 
 
-DEMO_HELP = ("The embedded demo: build a tiny random Qwen2.5-VL checkpoint and its own captions "
-             "under --root, run the main entry point on it with small step counts (into "
-             "outputs/demo-<scheme>), then export that run (into exports/demo-<scheme>); paths "
-             "relative to the current directory. Other flags are passed on to the main entry point.")
+DEMO_HELP = (
+    "The embedded demo: build a tiny random Qwen2.5-VL checkpoint and its own captions "
+    "under --root, run the main entry point on it with small step counts (into "
+    "outputs/demo-<scheme>), then export that run (into exports/demo-<scheme>); paths "
+    "relative to the current directory. Other flags are passed on to the main entry point."
+)
 
 
 def demo_parser() -> argparse.ArgumentParser:
     p = new_parser("vlm-autoquant-demo", DEMO_HELP)
-    p.add_argument("--scheme-name", default=api.DEFAULT_SCHEME,
-                   help=f"scheme from the catalog (default {api.DEFAULT_SCHEME})")
+    p.add_argument(
+        "--scheme-name",
+        default=api.DEFAULT_SCHEME,
+        help=f"scheme from the catalog (default {api.DEFAULT_SCHEME})",
+    )
     add_experiment(p)
-    p.add_argument("--root", type=Path, default=Path(".demo"),
-                   help="where the demo checkpoint and captions are built (default .demo)")
-    p.add_argument("--no-export", action="store_true",
-                   help="stop after quantizing (skip the export to exports/demo-<scheme>)")
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path(".demo"),
+        help="where the demo checkpoint and captions are built (default .demo)",
+    )
+    p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="stop after quantizing (skip the export to exports/demo-<scheme>)",
+    )
     return p
 
 
@@ -55,8 +67,9 @@ def demo_main(argv: list[str] | None = None) -> int:
     given = main_parser().parse_args(["--scheme-name", args.scheme_name, "--model-dir", "-", *rest])
     _check_names_first(given, [args.scheme_name])  # before the checkpoint is built
     out = Path(f"outputs/demo-{args.scheme_name}")
-    return run_guarded(lambda: _demo(args, given, out), debug, out,
-                       experiment=args.experiment, run_name=args.scheme_name)
+    return run_guarded(
+        lambda: _demo(args, given, out), debug, out, experiment=args.experiment, run_name=args.scheme_name
+    )
 
 
 def _demo(args: argparse.Namespace, given: argparse.Namespace, out: Path) -> int:
@@ -65,15 +78,17 @@ def _demo(args: argparse.Namespace, given: argparse.Namespace, out: Path) -> int
     model_dir, captions = build_demo(args.root)
     kwargs = {**run_kwargs(given), "overwrite": True}
     kwargs.update({k: v for k, v in DEMO_OVERRIDES.items() if kwargs.get(k) is None})
-    done = api.quantize(model_dir, args.scheme_name, output_dir=out, calib_file=captions,
-                        **kwargs)
+    done = api.quantize(model_dir, args.scheme_name, output_dir=out, calib_file=captions, **kwargs)
     print(quantized_line(args.scheme_name, done, model_dir), flush=True)
     if args.no_export:
         return 0
-    log.info("demo: exporting %s to a Qwen2.5-VL FP8 checkpoint in exports/demo-%s", out,
-             args.scheme_name)
-    made = api.export(out, model_dir=model_dir, output_dir=f"exports/demo-{args.scheme_name}",
-                      overwrite=True, experiment=args.experiment)
-    print(handoff.line(exported(made), made.run_id, made.experiment, made.output_dir),
-          flush=True)
+    log.info("demo: exporting %s to a Qwen2.5-VL FP8 checkpoint in exports/demo-%s", out, args.scheme_name)
+    made = api.export(
+        out,
+        model_dir=model_dir,
+        output_dir=f"exports/demo-{args.scheme_name}",
+        overwrite=True,
+        experiment=args.experiment,
+    )
+    print(handoff.line(exported(made), made.run_id, made.experiment, made.output_dir), flush=True)
     return 0

@@ -29,8 +29,19 @@ def export_command(run_id: str, model_dir: Path, experiment: str) -> str:
     """The export of `run_id`, in the form of the command that made it."""
     extra = experiment != tracking.DEFAULT_EXPERIMENT
     if os.environ.get("MLFLOW_RUN_ID"):
-        cmd = ["mlflow", "run", ".", "-e", "export", "--env-manager", "local",
-               "-P", f"run_id={run_id}", "-P", f"model_dir={model_dir}"]
+        cmd = [
+            "mlflow",
+            "run",
+            ".",
+            "-e",
+            "export",
+            "--env-manager",
+            "local",
+            "-P",
+            f"run_id={run_id}",
+            "-P",
+            f"model_dir={model_dir}",
+        ]
         cmd += ["-P", f"experiment={experiment}"] if extra else []
     else:
         head = ["python", EXPORT_SCRIPT] if sys.argv[0].endswith(".py") else [EXPORT_CONSOLE]
@@ -39,8 +50,9 @@ def export_command(run_id: str, model_dir: Path, experiment: str) -> str:
     return shlex.join(cmd)
 
 
-def line(what: str, run_id: str | None, experiment: str | None, out_dir: Path,
-         next_step: str | None = None) -> str:
+def line(
+    what: str, run_id: str | None, experiment: str | None, out_dir: Path, next_step: str | None = None
+) -> str:
     """`<what>: MLflow run R in experiment 'E'; output in D; next: C` (next defaults to the UI)."""
     if run_id is None:
         where = "not logged to MLflow"

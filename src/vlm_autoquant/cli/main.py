@@ -39,15 +39,21 @@ def main_parser() -> argparse.ArgumentParser:
     p = new_parser(
         prog="qwen2_5_vl_3b_autoquant_fp8_schemes.py",
         description="AutoQuantize the Qwen2.5-VL language model to a per-layer FP8/BF16 mix "
-                    "under an effective-bits budget (NVIDIA ModelOpt), tracked in MLflow.",
-        epilog=_epilog())
-    p.add_argument("--scheme-name", default=api.DEFAULT_SCHEME,
-                   help=f"scheme from the catalog (default {api.DEFAULT_SCHEME}; see "
-                        "--list-schemes)")
+        "under an effective-bits budget (NVIDIA ModelOpt), tracked in MLflow.",
+        epilog=_epilog(),
+    )
+    p.add_argument(
+        "--scheme-name",
+        default=api.DEFAULT_SCHEME,
+        help=f"scheme from the catalog (default {api.DEFAULT_SCHEME}; see --list-schemes)",
+    )
     p.add_argument("--list-schemes", action="store_true", help="print the catalog and exit")
-    p.add_argument("--log-only", action="store_true",
-                   help="log a finished --output-dir to MLflow as a new run (after a tracking "
-                        "failure), without computing anything")
+    p.add_argument(
+        "--log-only",
+        action="store_true",
+        help="log a finished --output-dir to MLflow as a new run (after a tracking "
+        "failure), without computing anything",
+    )
     add_common(p, "where the manifest and state are written (default outputs/<scheme>)")
     return p
 
@@ -59,13 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_schemes:
         return run_guarded(lambda: _list(args), args.debug, None)
     if args.log_only:
-        return run_guarded(lambda: _log_only(args), args.debug, None,
-                           experiment=args.experiment)
+        return run_guarded(lambda: _log_only(args), args.debug, None, experiment=args.experiment)
     args.scheme_name = args.scheme_name or api.DEFAULT_SCHEME  # MLproject may pass ""
     if args.output_dir is None:
         args.output_dir = Path("outputs") / args.scheme_name
-    return run_guarded(lambda: _run_main(args), args.debug, args.output_dir,
-                       experiment=args.experiment, run_name=args.scheme_name)
+    return run_guarded(
+        lambda: _run_main(args),
+        args.debug,
+        args.output_dir,
+        experiment=args.experiment,
+        run_name=args.scheme_name,
+    )
 
 
 def _require(flag: str, value: object, what: str, fix: str) -> None:
@@ -80,19 +90,26 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run_main(args: argparse.Namespace) -> int:
-    _require("--model-dir", args.model_dir, "the Qwen2.5-VL checkpoint to quantize",
-             "pass --model-dir /path/to/Qwen2.5-VL-3B-Instruct (or try the embedded demo: "
-             "vlm-autoquant-demo)")
-    done = api.quantize(args.model_dir, args.scheme_name, output_dir=args.output_dir,
-                        calib_file=args.calib_file, **run_kwargs(args))
+    _require(
+        "--model-dir",
+        args.model_dir,
+        "the Qwen2.5-VL checkpoint to quantize",
+        "pass --model-dir /path/to/Qwen2.5-VL-3B-Instruct (or try the embedded demo: vlm-autoquant-demo)",
+    )
+    done = api.quantize(
+        args.model_dir,
+        args.scheme_name,
+        output_dir=args.output_dir,
+        calib_file=args.calib_file,
+        **run_kwargs(args),
+    )
     print(quantized_line(args.scheme_name, done, args.model_dir), flush=True)
     return 0
 
 
 def quantized_line(scheme: str, done: api.Result, model_dir: Path) -> str:
     """The handoff line of a finished scheme: its run, its output and the export command."""
-    export = None if done.run_id is None else handoff.export_command(
-        done.run_id, model_dir, done.experiment)
+    export = None if done.run_id is None else handoff.export_command(done.run_id, model_dir, done.experiment)
     return handoff.line(scheme, done.run_id, done.experiment, done.output_dir, export)
 
 
@@ -104,16 +121,24 @@ def _log_only(args: argparse.Namespace) -> int:
     from ..run.manifest import field_problems  # torch: only for --log-only
     from ..run.report import checked_artifacts, log_scheme
 
-    _require("--output-dir", args.output_dir, "--log-only logs a finished run's directory",
-             "pass the --output-dir of a finished run")
+    _require(
+        "--output-dir",
+        args.output_dir,
+        "--log-only logs a finished run's directory",
+        "pass the --output-dir of a finished run",
+    )
     try:
         raw = paths.read_regular(args.output_dir / MANIFEST_FILE, 64 << 20)
         doc = json.loads(raw)
         name = doc["scheme"]["name"]
     except (OSError, paths.NotARegularFile, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(Problem("--output-dir", f"{args.output_dir} holds no readable "
-                                 f"{MANIFEST_FILE} ({exc})", "pass the --output-dir of a "
-                                 "finished run")) from None
+        raise UsageError(
+            Problem(
+                "--output-dir",
+                f"{args.output_dir} holds no readable {MANIFEST_FILE} ({exc})",
+                "pass the --output-dir of a finished run",
+            )
+        ) from None
     problems = Problems(field_problems(doc, str(args.output_dir / MANIFEST_FILE)))
     check_reachable(problems, args.experiment)
     problems.raise_if_any()
@@ -130,14 +155,22 @@ def sweep_parser() -> argparse.ArgumentParser:
     p = new_parser(
         prog="qwen2_5_vl_3b_autoquant_fp8_sweep.py",
         description="Run several catalog schemes on one model, with one calibration and scoring "
-                    "pass per method (a search over the union of their formats); one MLflow "
-                    "parent run with a child run per scheme. A failing scheme does not stop the "
-                    "others. Without --model-dir it runs the embedded demo.",
-        epilog=_epilog())
-    p.add_argument("--schemes", type=optional(str), default=None,
-                   help="comma-separated scheme names (default: the whole catalog)")
-    add_common(p, "where the comparison and one folder per scheme are written (default "
-                  "outputs/sweep; without --model-dir, outputs/demo-sweep)")
+        "pass per method (a search over the union of their formats); one MLflow "
+        "parent run with a child run per scheme. A failing scheme does not stop the "
+        "others. Without --model-dir it runs the embedded demo.",
+        epilog=_epilog(),
+    )
+    p.add_argument(
+        "--schemes",
+        type=optional(str),
+        default=None,
+        help="comma-separated scheme names (default: the whole catalog)",
+    )
+    add_common(
+        p,
+        "where the comparison and one folder per scheme are written (default "
+        "outputs/sweep; without --model-dir, outputs/demo-sweep)",
+    )
     return p
 
 
@@ -162,13 +195,15 @@ def sweep_main(argv: list[str] | None = None) -> int:
         args.output_dir = args.output_dir or Path("outputs/demo-sweep")
     if args.output_dir is None:
         args.output_dir = Path("outputs/sweep")
-    return run_guarded(lambda: _run_sweep(args), args.debug, args.output_dir,
-                       experiment=args.experiment, run_name="sweep")
+    return run_guarded(
+        lambda: _run_sweep(args), args.debug, args.output_dir, experiment=args.experiment, run_name="sweep"
+    )
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.schemes.split(",") if n.strip()] if args.schemes else None
-    done = api.sweep(args.model_dir, names, output_dir=args.output_dir,
-                     calib_file=args.calib_file, **run_kwargs(args))
+    done = api.sweep(
+        args.model_dir, names, output_dir=args.output_dir, calib_file=args.calib_file, **run_kwargs(args)
+    )
     print(handoff.line("sweep", done.run_id, done.experiment, done.output_dir), flush=True)
     return 0

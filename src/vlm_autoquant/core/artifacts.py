@@ -56,11 +56,22 @@ RUN_ID_FILE = ".mlflow_run_id"  # the MLflow run writing into the dir (tracking.
 # The source tree's root (protected from --output-dir like the home directory).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Names this tool writes into --output-dir; in a directory it did not create, none may exist.
-OUR_NAMES = (MANIFEST_FILE, QUANT_STATE_FILE, LM_WEIGHTS_FILE, SCHEME_FILE, LAYERS_FILE,
-             COMPARISON_FILE, SEARCH_DIR, LOCK_FILE, RUN_ID_FILE)
+OUR_NAMES = (
+    MANIFEST_FILE,
+    QUANT_STATE_FILE,
+    LM_WEIGHTS_FILE,
+    SCHEME_FILE,
+    LAYERS_FILE,
+    COMPARISON_FILE,
+    SEARCH_DIR,
+    LOCK_FILE,
+    RUN_ID_FILE,
+)
 # Temporary files of atomic_path: `.<target>.<mkstemp suffix>.tmp`, for targets we write.
-_STALE_TMP = re.compile(r"^\.(?:%s|autoquant_search\.json|group-[0-9a-f]+\.json)\.[A-Za-z0-9_]+\.tmp$"
-                        % "|".join(re.escape(n) for n in OUR_NAMES))
+_STALE_TMP = re.compile(
+    r"^\.(?:%s|autoquant_search\.json|group-[0-9a-f]+\.json)\.[A-Za-z0-9_]+\.tmp$"
+    % "|".join(re.escape(n) for n in OUR_NAMES)
+)
 
 # Tests inject a failure between the temporary write and the rename through this hook.
 _before_rename: Callable[[Path, Path], None] | None = None
@@ -83,10 +94,12 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     except Exception as exc:
         if disk_full(exc):
-            raise RunFailed(f"no space left to write {target} (a full disk, a quota or the "
-                            f"file-size limit: {str(exc)[:200]}); free disk space (or lift the "
-                            "limit) or choose another --output-dir. Nothing partial was "
-                            "left.") from exc
+            raise RunFailed(
+                f"no space left to write {target} (a full disk, a quota or the "
+                f"file-size limit: {str(exc)[:200]}); free disk space (or lift the "
+                "limit) or choose another --output-dir. Nothing partial was "
+                "left."
+            ) from exc
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -97,16 +110,18 @@ def atomic_path(target: Path) -> Iterator[Path]:
 # own writes; from torch's C++ stream writer a RuntimeError about a short write; from
 # safetensors' Rust writer the OS error in the text.
 _FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-_FULL_TEXT = re.compile(r"No space left|File too large|Disk quota|os error (?:27|28|122)\b|"
-                        r"unexpected pos|file write failed", re.IGNORECASE)
+_FULL_TEXT = re.compile(
+    r"No space left|File too large|Disk quota|os error (?:27|28|122)\b|"
+    r"unexpected pos|file write failed",
+    re.IGNORECASE,
+)
 
 
 def disk_full(exc: BaseException) -> bool:
     """Whether a failed write means no room: a full disk, a quota or the file-size limit."""
     if isinstance(exc, OSError):
         return exc.errno in _FULL_ERRNOS
-    return type(exc).__name__ in ("RuntimeError", "SafetensorError") \
-        and bool(_FULL_TEXT.search(str(exc)))
+    return type(exc).__name__ in ("RuntimeError", "SafetensorError") and bool(_FULL_TEXT.search(str(exc)))
 
 
 def _umask() -> int:
@@ -137,16 +152,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def protected_reason(path: Path, model_dir: Path | None = None,
-                     artifacts_dir: Path | None = None) -> str | None:
+def protected_reason(
+    path: Path, model_dir: Path | None = None, artifacts_dir: Path | None = None
+) -> str | None:
     """Why `path` must never be an output dir (None when it may be): the filesystem root, the
     home directory, the project root, the current directory, the model dir, a run's artifacts
     dir, or a folder holding any of them (replacing it would replace them too). Symlinks are
     followed: a link to a protected dir is that dir."""
     try:
         real = Path(os.path.realpath(path))
-        named = [(Path("/"), "the filesystem root"), (Path.home(), "your home directory"),
-                 (PROJECT_ROOT, "the project root"), (Path.cwd(), "the current directory")]
+        named = [
+            (Path("/"), "the filesystem root"),
+            (Path.home(), "your home directory"),
+            (PROJECT_ROOT, "the project root"),
+            (Path.cwd(), "the current directory"),
+        ]
         if model_dir is not None:
             named.append((model_dir, "the --model-dir checkpoint"))
         if artifacts_dir is not None:
@@ -163,19 +183,28 @@ def protected_reason(path: Path, model_dir: Path | None = None,
     return None
 
 
-def refuse_protected(path: Path, problems: Problems, model_dir: Path | None = None,
-                     artifacts_dir: Path | None = None) -> bool:
+def refuse_protected(
+    path: Path, problems: Problems, model_dir: Path | None = None, artifacts_dir: Path | None = None
+) -> bool:
     """Add a problem and return True when `path` is protected (`protected_reason`)."""
     why = protected_reason(path, model_dir, artifacts_dir)
     if why is not None:
-        problems.add("--output-dir", f"{path} is {why}; this tool will not write there, "
-                     "with or without --overwrite",
-                     "pass a new directory for the results, e.g. outputs/<scheme>")
+        problems.add(
+            "--output-dir",
+            f"{path} is {why}; this tool will not write there, with or without --overwrite",
+            "pass a new directory for the results, e.g. outputs/<scheme>",
+        )
     return why is not None
 
 
-def check_output_dir(path: Path, problems: Problems, finished_marker: str, overwrite: bool,
-                     model_dir: Path | None = None, our_names: tuple[str, ...] = OUR_NAMES) -> None:
+def check_output_dir(
+    path: Path,
+    problems: Problems,
+    finished_marker: str,
+    overwrite: bool,
+    model_dir: Path | None = None,
+    our_names: tuple[str, ...] = OUR_NAMES,
+) -> None:
     """--output-dir must be a writable directory (or creatable), ours or empty, not protected,
     and not hold a finished run (unless --overwrite)."""
     if refuse_protected(path, problems, model_dir):
@@ -185,8 +214,7 @@ def check_output_dir(path: Path, problems: Problems, finished_marker: str, overw
         return
     if not paths.probe(path, "--output-dir", problems, "dir"):
         return
-    probe = path if paths.exists(path) else next((p for p in path.parents if paths.exists(p)),
-                                                 Path("/"))
+    probe = path if paths.exists(path) else next((p for p in path.parents if paths.exists(p)), Path("/"))
     try:  # a real write: os.access says yes to root even on read-only mounts
         with tempfile.TemporaryFile(dir=probe):
             pass
@@ -201,25 +229,40 @@ def check_output_dir(path: Path, problems: Problems, finished_marker: str, overw
         return
     if not (path / MARKER_FILE).exists() and any(path.iterdir()):
         if not overwrite:
-            problems.add("--output-dir", f"{path} is not empty and was not created by this tool "
-                         f"(no {MARKER_FILE} marker)", "choose a new or empty --output-dir, or "
-                         "pass --overwrite to add the results beside its files (none of them "
-                         "is ever replaced or deleted)")
+            problems.add(
+                "--output-dir",
+                f"{path} is not empty and was not created by this tool (no {MARKER_FILE} marker)",
+                "choose a new or empty --output-dir, or "
+                "pass --overwrite to add the results beside its files (none of them "
+                "is ever replaced or deleted)",
+            )
             return
         clash = [n for n in our_names if paths.exists(path / n)]
         if clash:
-            problems.add("--output-dir", f"{path} holds {', '.join(clash)}, which this tool did "
-                         "not write (no marker); even with --overwrite it never replaces them",
-                         "move those files away, or choose another --output-dir")
+            problems.add(
+                "--output-dir",
+                f"{path} holds {', '.join(clash)}, which this tool did "
+                "not write (no marker); even with --overwrite it never replaces them",
+                "move those files away, or choose another --output-dir",
+            )
         return
     if (path / finished_marker).exists() and not overwrite:
-        problems.add("--output-dir", f"{path} already holds a finished run ({finished_marker})",
-                     "pass --overwrite to replace it (its search checkpoint is reused when the "
-                     "settings match), or choose another --output-dir")
+        problems.add(
+            "--output-dir",
+            f"{path} already holds a finished run ({finished_marker})",
+            "pass --overwrite to replace it (its search checkpoint is reused when the "
+            "settings match), or choose another --output-dir",
+        )
 
 
-def check_replaced_dir(path: Path, problems: Problems, overwrite: bool, finished_marker: str,
-                       model_dir: Path | None = None, artifacts_dir: Path | None = None) -> None:
+def check_replaced_dir(
+    path: Path,
+    problems: Problems,
+    overwrite: bool,
+    finished_marker: str,
+    model_dir: Path | None = None,
+    artifacts_dir: Path | None = None,
+) -> None:
     """An --output-dir that a writer replaces as a whole (the export): not protected, a new or
     empty directory, or, with --overwrite, one this tool wrote (MARKER_FILE) holding nothing
     but a finished result of the same writer (`finished_marker`) and our bookkeeping."""
@@ -234,14 +277,25 @@ def check_replaced_dir(path: Path, problems: Problems, overwrite: bool, finished
         return
     fix = "choose a new or empty --output-dir, or move its files away"
     if not (path / MARKER_FILE).exists():
-        problems.add("--output-dir", f"{path} is not empty and was not created by this tool (no "
-                     f"{MARKER_FILE} marker); even with --overwrite it is never replaced", fix)
+        problems.add(
+            "--output-dir",
+            f"{path} is not empty and was not created by this tool (no "
+            f"{MARKER_FILE} marker); even with --overwrite it is never replaced",
+            fix,
+        )
     elif not (path / finished_marker).exists() and not only_our_bookkeeping(path):
-        problems.add("--output-dir", f"{path} holds another kind of result of this tool (no "
-                     f"{finished_marker}); even with --overwrite it is never replaced", fix)
+        problems.add(
+            "--output-dir",
+            f"{path} holds another kind of result of this tool (no "
+            f"{finished_marker}); even with --overwrite it is never replaced",
+            fix,
+        )
     elif not overwrite and not only_our_bookkeeping(path):
-        problems.add("--output-dir", f"{path} already holds a result ({finished_marker})",
-                     "pass --overwrite to replace it, or choose another --output-dir")
+        problems.add(
+            "--output-dir",
+            f"{path} already holds a result ({finished_marker})",
+            "pass --overwrite to replace it, or choose another --output-dir",
+        )
 
 
 def sweep_stale_tmp(out_dir: Path) -> list[Path]:
@@ -266,8 +320,9 @@ def _holder(lock: Path) -> str:
 
 
 @contextlib.contextmanager
-def locked_output_dir(path: Path, finished_marker: str | None = None,
-                      overwrite: bool = True) -> Iterator[Path]:
+def locked_output_dir(
+    path: Path, finished_marker: str | None = None, overwrite: bool = True
+) -> Iterator[Path]:
     """Hold an exclusive lock on `path` for a run; claim it (marker) and sweep stale temp files.
 
     A second holder is refused at once with UsageError naming the first one's PID. With
@@ -282,17 +337,25 @@ def locked_output_dir(path: Path, finished_marker: str | None = None,
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UsageError(Problem("--output-dir", f"{path} is in use by another run (PID "
-                                 f"{_holder(lock)} holds {LOCK_FILE})", "wait for that run to "
-                                 "finish (or stop it), or choose another --output-dir")) from None
+        raise UsageError(
+            Problem(
+                "--output-dir",
+                f"{path} is in use by another run (PID {_holder(lock)} holds {LOCK_FILE})",
+                "wait for that run to finish (or stop it), or choose another --output-dir",
+            )
+        ) from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         if finished_marker and not overwrite and (path / finished_marker).exists():
-            raise UsageError(Problem("--output-dir", f"{path} already holds a finished run "
-                                     f"({finished_marker}), finished by another run meanwhile",
-                                     "pass --overwrite to replace it, or choose another "
-                                     "--output-dir"))
+            raise UsageError(
+                Problem(
+                    "--output-dir",
+                    f"{path} already holds a finished run "
+                    f"({finished_marker}), finished by another run meanwhile",
+                    "pass --overwrite to replace it, or choose another --output-dir",
+                )
+            )
         if not (path / MARKER_FILE).exists():
             write_json(path / MARKER_FILE, {"written_by": "vlm_autoquant", "pid": os.getpid()})
         sweep_stale_tmp(path)

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 KEY_ENV = "VLM_AUTOQUANT_HMAC_KEY_FILE"
 KEY_BYTES = 32
 MAX_KEY_FILE_BYTES = 4096  # a key is 32 bytes; anything much larger is not a key file
-_FIX = (f"point {KEY_ENV} at a regular file of {KEY_BYTES} or more random bytes that only you "
-        "can read, or unset it (~/.cache/vlm_autoquant/hmac.key is made on first use)")
+_FIX = (
+    f"point {KEY_ENV} at a regular file of {KEY_BYTES} or more random bytes that only you "
+    "can read, or unset it (~/.cache/vlm_autoquant/hmac.key is made on first use)"
+)
 
 
 def key_path() -> Path:
@@ -45,12 +47,17 @@ def check_key_file(problems: Problems) -> None:
         problems.add(KEY_ENV, *paths.describe_oserror(path, exc))
         return
     if not stat.S_ISREG(st.st_mode):
-        problems.add(KEY_ENV, f"the HMAC key file {path} is {paths.kind(st.st_mode)}, not a "
-                     "regular file", _FIX)
+        problems.add(
+            KEY_ENV, f"the HMAC key file {path} is {paths.kind(st.st_mode)}, not a regular file", _FIX
+        )
         return
     if not KEY_BYTES <= st.st_size <= MAX_KEY_FILE_BYTES:
-        problems.add(KEY_ENV, f"the HMAC key file {path} is {st.st_size} bytes; a key file "
-                     f"holds {KEY_BYTES} to {MAX_KEY_FILE_BYTES}", _FIX)
+        problems.add(
+            KEY_ENV,
+            f"the HMAC key file {path} is {st.st_size} bytes; a key file "
+            f"holds {KEY_BYTES} to {MAX_KEY_FILE_BYTES}",
+            _FIX,
+        )
         return
     try:
         read_key(path)
@@ -58,9 +65,14 @@ def check_key_file(problems: Problems) -> None:
         problems.extend(exc.problems)
         return
     if st.st_mode & stat.S_IROTH:
-        log.warning("%s: the HMAC key file %s is readable by every user (mode %o): anyone could "
-                    "sign a search record this tool trusts; chmod 600 %s", KEY_ENV, path,
-                    stat.S_IMODE(st.st_mode), path)
+        log.warning(
+            "%s: the HMAC key file %s is readable by every user (mode %o): anyone could "
+            "sign a search record this tool trusts; chmod 600 %s",
+            KEY_ENV,
+            path,
+            stat.S_IMODE(st.st_mode),
+            path,
+        )
 
 
 def _check_creatable(path: Path, problems: Problems) -> None:
@@ -69,8 +81,11 @@ def _check_creatable(path: Path, problems: Problems) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        problems.add(KEY_ENV, f"the HMAC key file {path} does not exist and cannot be made in "
-                     f"{folder} ({exc.strerror})", _FIX)
+        problems.add(
+            KEY_ENV,
+            f"the HMAC key file {path} does not exist and cannot be made in {folder} ({exc.strerror})",
+            _FIX,
+        )
 
 
 def read_key(path: Path) -> bytes:
@@ -84,9 +99,13 @@ def read_key(path: Path) -> bytes:
     except paths.NotARegularFile as exc:
         raise UsageError(Problem(KEY_ENV, f"the HMAC key file {exc}", _FIX)) from None
     if len(data) < KEY_BYTES:
-        raise UsageError(Problem(KEY_ENV, f"the HMAC key file {path} is shorter than "
-                                 f"{KEY_BYTES} bytes", "delete it (a new key is made) and "
-                                 "rerun with --overwrite"))
+        raise UsageError(
+            Problem(
+                KEY_ENV,
+                f"the HMAC key file {path} is shorter than {KEY_BYTES} bytes",
+                "delete it (a new key is made) and rerun with --overwrite",
+            )
+        )
     return data
 
 

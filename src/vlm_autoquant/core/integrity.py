@@ -63,13 +63,22 @@ def load_weights_only(path: Path, expected_sha256: str | None = None, where: str
     where = where or str(path)
     size = path.stat().st_size
     if size > MAX_PICKLE_BYTES:
-        raise UsageError(Problem(where, f"{path} is {size} bytes, more than any file this tool "
-                                 "writes", "delete it or choose another --output-dir"))
+        raise UsageError(
+            Problem(
+                where,
+                f"{path} is {size} bytes, more than any file this tool writes",
+                "delete it or choose another --output-dir",
+            )
+        )
     data = path.read_bytes()
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise UsageError(Problem(where, f"{path} changed after it was verified; it will not be "
-                                 "loaded", "make sure no other process writes this directory, "
-                                 "then rerun (or pass --overwrite)"))
+        raise UsageError(
+            Problem(
+                where,
+                f"{path} changed after it was verified; it will not be loaded",
+                "make sure no other process writes this directory, then rerun (or pass --overwrite)",
+            )
+        )
     return load_bytes(data, path, where)
 
 
@@ -80,11 +89,18 @@ def load_bytes(data: bytes, path: Path, where: str = "") -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-        kind = "holds objects other than tensors and plain containers" if isinstance(
-            exc, pickle.UnpicklingError) else "is not a readable torch file"
-        raise UsageError(Problem(where, f"{path} {kind} ({type(exc).__name__}); it was refused "
-                                 "without running any of its code",
-                                 "delete it, or pass --overwrite to discard it")) from None
+        kind = (
+            "holds objects other than tensors and plain containers"
+            if isinstance(exc, pickle.UnpicklingError)
+            else "is not a readable torch file"
+        )
+        raise UsageError(
+            Problem(
+                where,
+                f"{path} {kind} ({type(exc).__name__}); it was refused without running any of its code",
+                "delete it, or pass --overwrite to discard it",
+            )
+        ) from None
 
 
 def nonfinite_amax(state: Any, prefix: str = "") -> list[str]:

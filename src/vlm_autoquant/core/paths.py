@@ -23,9 +23,14 @@ class NotARegularFile(ValueError):
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISREG, "a regular file"),
+    ):
         if test(mode):
             return name
     return "a special file"
@@ -41,15 +46,22 @@ def describe_oserror(path: Path, exc: OSError) -> tuple[str, str]:
     code = exc.errno
     if code == errno.ENAMETOOLONG:
         longest = max((len(p) for p in str(path).split(os.sep)), default=0)
-        detail = (f"a component of {longest} characters (the limit is {NAME_MAX})"
-                  if longest > NAME_MAX else f"{len(str(path))} characters in all")
-        return (f"path too long ({detail}): {str(path)[:80]}...",
-                "use a shorter path (shorter folder names, or a symlink to a short path)")
+        detail = (
+            f"a component of {longest} characters (the limit is {NAME_MAX})"
+            if longest > NAME_MAX
+            else f"{len(str(path))} characters in all"
+        )
+        return (
+            f"path too long ({detail}): {str(path)[:80]}...",
+            "use a shorter path (shorter folder names, or a symlink to a short path)",
+        )
     if code == errno.ELOOP:
         return f"{path} is a symbolic-link loop", "fix or remove the symlink (ls -l shows where it points)"
     if code in (errno.EACCES, errno.EPERM):
-        return (f"permission denied on {path}",
-                "fix the permissions (chmod/chown) or pass a path you can read")
+        return (
+            f"permission denied on {path}",
+            "fix the permissions (chmod/chown) or pass a path you can read",
+        )
     if code == errno.ENOTDIR:
         return f"a component of {path} is not a directory", "check the path"
     if code == errno.ENOENT:
@@ -57,8 +69,7 @@ def describe_oserror(path: Path, exc: OSError) -> tuple[str, str]:
     return f"{path} cannot be accessed ({exc.strerror or exc})", "check the path"
 
 
-def probe(path: Path, flag: str, problems: Problems,
-          kind: Literal["file", "dir"]) -> bool:
+def probe(path: Path, flag: str, problems: Problems, kind: Literal["file", "dir"]) -> bool:
     """False (with a problem added) when `path` exists but cannot serve as a `kind`.
 
     A missing path returns True: the caller reports absence with its own message and fix.
@@ -75,8 +86,7 @@ def probe(path: Path, flag: str, problems: Problems,
     want = stat.S_ISREG if kind == "file" else stat.S_ISDIR
     if not want(st.st_mode):
         expected = "a file" if kind == "file" else "a directory"
-        problems.add(flag, f"{path} is not {expected} (it is {_kind(st.st_mode)})",
-                     f"pass {expected}")
+        problems.add(flag, f"{path} is not {expected} (it is {_kind(st.st_mode)})", f"pass {expected}")
         return False
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (os.O_DIRECTORY if kind == "dir" else 0))
@@ -108,8 +118,7 @@ def read_regular(path: Path, limit: int) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise NotARegularFile(f"{path} is {_kind(st.st_mode)}, not a regular file")
         if st.st_size > limit:
-            raise NotARegularFile(f"{path} is {st.st_size} bytes, more than the {limit} "
-                                  "this input can be")
+            raise NotARegularFile(f"{path} is {st.st_size} bytes, more than the {limit} this input can be")
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as f:  # never a buffer of `limit` bytes
             return f.read(min(limit, st.st_size + 1))

@@ -65,8 +65,7 @@ class Phases:
     def record(self, name: str, seconds: float, detail: str = "") -> None:
         """Add a phase timed elsewhere and log its line."""
         self.add(name, seconds)
-        log.info("%-10s %7.2f s  %s%s", name, seconds, memory_line(),
-                 f"  ({detail})" if detail else "")
+        log.info("%-10s %7.2f s  %s%s", name, seconds, memory_line(), f"  ({detail})" if detail else "")
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds

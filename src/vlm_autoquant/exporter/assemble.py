@@ -30,10 +30,19 @@ from ..search.fp8_kernel import divides, weight_codes
 HF_QUANT_FILE = "hf_quant_config.json"
 MODELOPT_SUBDIR = "_modelopt"
 # Copied from the base when present (tokenizer, processor, chat template, generation config).
-BASE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-              "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
-              "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja",
-              "generation_config.json")
+BASE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 REQUIRED_BASE_FILES = ("preprocessor_config.json", "chat_template.json", "generation_config.json")
 VISION_EXCLUDE = "visual*"  # vision linears stay BF16; engines must not look for FP8 scales there
 VISION_SHARD_BYTES = 5 << 30
@@ -41,7 +50,7 @@ VISION_SHARD_BYTES = 5 << 30
 
 def vision_name(key: str) -> str:
     """Released name of a vision tensor (`model.visual.x` in some layouts -> `visual.x`)."""
-    return key[len("model."):] if key.startswith("model.visual.") else key
+    return key[len("model.") :] if key.startswith("model.visual.") else key
 
 
 @contextlib.contextmanager
@@ -76,9 +85,13 @@ def _fake_quant_rounding(run_kernel: str | None) -> Iterator[None]:
 
     def pack(weight, scale, quantization, *args, **kwargs):
         amax = current.get("amax")
-        if quantization in (QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT) and amax is not None \
-                and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
-                and weight.dtype != torch.float8_e4m3fn:
+        if (
+            quantization in (QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT)
+            and amax is not None
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and weight.dtype != torch.float8_e4m3fn
+        ):
             return weight_codes(weight, amax, divides(run_kernel, amax))
         return orig_pack(weight, scale, quantization, *args, **kwargs)
 
@@ -92,8 +105,10 @@ def _fake_quant_rounding(run_kernel: str | None) -> Iterator[None]:
 # Notices ModelOpt's export causes on every Qwen2.5-VL: it reads `config.torch_dtype`, which
 # transformers 5 reports as deprecated, and it drops the tied lm_head (as it should). Logged at
 # DEBUG instead of WARNING.
-EXPORT_NOTICES = {"transformers.configuration_utils": "`torch_dtype` is deprecated",
-                  "modelopt.torch.export.quant_utils": "Tied weight (declared): dropping"}
+EXPORT_NOTICES = {
+    "transformers.configuration_utils": "`torch_dtype` is deprecated",
+    "modelopt.torch.export.quant_utils": "Tied weight (declared): dropping",
+}
 
 
 class _AtDebug(logging.Filter):
@@ -129,8 +144,12 @@ def run_modelopt_export(model: nn.Module, staging: Path, run_kernel: str | None 
     from modelopt.torch.export import export_hf_checkpoint
 
     target = staging / MODELOPT_SUBDIR
-    with warnings.catch_warnings(), _fake_quant_rounding(run_kernel), _known_notices_at_debug(), \
-            contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+    with (
+        warnings.catch_warnings(),
+        _fake_quant_rounding(run_kernel),
+        _known_notices_at_debug(),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):  # its progress prints
         warnings.simplefilter("ignore", UserWarning)
         export_hf_checkpoint(model, export_dir=target)
     return target
@@ -165,8 +184,7 @@ def _write_shard(target: Path, tensors: list[tuple[str, str, tuple, Path, int, i
     """A safetensors file whose tensor bytes are copied verbatim from other shards."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape, _, start, end in tensors:
-        header[name] = {"dtype": dtype, "shape": list(shape),
-                        "data_offsets": [offset, offset + end - start]}
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + end - start]}
         offset += end - start
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -211,20 +229,27 @@ def assemble(base_dir: Path, mo_dir: Path, out: Path, lm_only: bool) -> dict[str
     lm_files = [p for p in weight_files(mo_dir)]
     vision = [] if lm_only else _vision_groups(vision_tensors(base_dir))
     total = len(lm_files) + len(vision)
-    names = [SINGLE_FILE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-                                              for i in range(total)]
+    names = (
+        [SINGLE_FILE]
+        if total == 1
+        else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    )
     weight_map: dict[str, str] = {}
     for src, name in zip(lm_files, names):
         os.replace(src, out / name)  # ModelOpt's shard as is: no rewrite
-    for group, name in zip(vision, names[len(lm_files):]):
+    for group, name in zip(vision, names[len(lm_files) :]):
         _write_shard(out / name, group)
     for name in names:
         weight_map.update(dict.fromkeys(shard_layout(out / name), name))
     size = sum(e - s for n in names for _, _, s, e in shard_layout(out / n).values())
     if total > 1:
-        (out / INDEX_FILE).write_text(json.dumps(
-            {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))},
-            indent=2) + "\n", encoding="utf-8")
+        (out / INDEX_FILE).write_text(
+            json.dumps(
+                {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     return weight_map
 
 
@@ -246,5 +271,4 @@ def write_configs(base_dir: Path, mo_dir: Path, out: Path, lm_only: bool) -> dic
 
 def file_list(out: Path) -> dict[str, int]:
     """{relative path: bytes} of every file in the checkpoint."""
-    return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
-            if p.is_file()}
+    return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}

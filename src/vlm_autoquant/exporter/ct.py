@@ -42,10 +42,17 @@ if TYPE_CHECKING:
 CT_SUBDIR = "_compressed_tensors"
 FP8_MAX = 448.0
 # ModelOpt recipe -> (config group, compressed-tensors preset scheme)
-GROUPS = {"FP8_DEFAULT_CFG": ("fp8_per_tensor", "FP8"),
-          "FP8_PER_CHANNEL_PER_TOKEN_CFG": ("fp8_per_channel", "FP8_DYNAMIC")}
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+GROUPS = {
+    "FP8_DEFAULT_CFG": ("fp8_per_tensor", "FP8"),
+    "FP8_PER_CHANNEL_PER_TOKEN_CFG": ("fp8_per_channel", "FP8_DYNAMIC"),
+}
+FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
 # Prefixes of one LM layer across layouts: released `model.`, in-memory `model.language_model.`,
 # vLLM `language_model.model.`
 LM_PREFIX = r"^(.*\.)?model\.(language_model\.)?"
@@ -80,15 +87,18 @@ def quantization_config(manifest: dict) -> QuantizationConfig:
         scheme.format = "float-quantized"
         if scheme.input_activations is not None:
             scheme.input_activations.observer = None  # calibration is done; nothing observes
-    return QuantizationConfig(config_groups=groups, ignore=ignore, format="float-quantized",
-                              quantization_status="compressed")
+    return QuantizationConfig(
+        config_groups=groups, ignore=ignore, format="float-quantized", quantization_status="compressed"
+    )
 
 
 def _recipe(row: dict) -> str:
     recipe = row["quant_config"]
     if recipe not in GROUPS:
-        raise ValueError(f"{row['name']}: FP8 recipe {recipe!r} has no compressed-tensors "
-                         f"group (known: {', '.join(GROUPS)})")
+        raise ValueError(
+            f"{row['name']}: FP8 recipe {recipe!r} has no compressed-tensors "
+            f"group (known: {', '.join(GROUPS)})"
+        )
     return recipe
 
 
@@ -96,8 +106,9 @@ def _scales_like(module: nn.Linear, scheme: QuantizationScheme) -> dict[str, tor
     """The scales compressed-tensors gives this layer (its own initialisation, on meta)."""
     from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
 
-    holder = nn.Linear(module.in_features, module.out_features, bias=False, device="meta",
-                       dtype=module.weight.dtype)
+    holder = nn.Linear(
+        module.in_features, module.out_features, bias=False, device="meta", dtype=module.weight.dtype
+    )
     initialize_module_for_quantization(holder, scheme, force_zero_point=False)
     return {n: p for n, p in holder.named_parameters() if n.endswith("_scale")}
 
@@ -115,8 +126,10 @@ def compressed_layer(module: nn.Module, scheme: QuantizationScheme) -> dict[str,
     wq, iq = module.weight_quantizer, module.input_quantizer
     like = _scales_like(module, scheme)
     # the run's fake quant (codes x scale in bf16), divided in fp32: rounds back to its codes
-    state = {"weight": wq(module.weight).float().cpu(),
-             "weight_scale": scale_of(wq.amax, like["weight_scale"])}
+    state = {
+        "weight": wq(module.weight).float().cpu(),
+        "weight_scale": scale_of(wq.amax, like["weight_scale"]),
+    }
     if "input_scale" in like:
         state["input_scale"] = scale_of(iq.amax, like["input_scale"])
     if getattr(module, "bias", None) is not None:
@@ -126,12 +139,14 @@ def compressed_layer(module: nn.Module, scheme: QuantizationScheme) -> dict[str,
 
 def fp8_schemes(manifest: dict, qcfg: QuantizationConfig) -> dict[str, QuantizationScheme]:
     """{FP8 layer: its compressed-tensors QuantizationScheme}."""
-    return {r["name"]: qcfg.config_groups[GROUPS[r["quant_config"]][0]]
-            for r in manifest["layers"] if r["format"] == "FP8"}
+    return {
+        r["name"]: qcfg.config_groups[GROUPS[r["quant_config"]][0]]
+        for r in manifest["layers"]
+        if r["format"] == "FP8"
+    }
 
 
-def lm_tensors(model: nn.Module, manifest: dict,
-               qcfg: QuantizationConfig) -> dict[str, torch.Tensor]:
+def lm_tensors(model: nn.Module, manifest: dict, qcfg: QuantizationConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the LM under its released name; FP8 layers compressed."""
     fp8 = fp8_schemes(manifest, qcfg)
     modules = dict(model.named_modules())
@@ -158,18 +173,20 @@ def _save_shards(tensors: dict[str, torch.Tensor], target: Path) -> None:
             groups, size = groups + [[]], 0
         groups[-1].append(key)
         size += n
-    names = ["model.safetensors"] if len(groups) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     for keys, name in zip(groups, names):
-        save_file({k: tensors[k].contiguous() for k in keys}, str(target / name),
-                  metadata={"format": "pt"})
+        save_file({k: tensors[k].contiguous() for k in keys}, str(target / name), metadata={"format": "pt"})
     if len(groups) > 1:
-        (target / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {}, "weight_map": {k: n for keys, n in zip(groups, names) for k in keys}}))
+        (target / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {k: n for keys, n in zip(groups, names) for k in keys}})
+        )
 
 
-def write_checkpoint(model: nn.Module, manifest: dict, base_dir: Path, out: Path,
-                     lm_only: bool) -> dict:
+def write_checkpoint(model: nn.Module, manifest: dict, base_dir: Path, out: Path, lm_only: bool) -> dict:
     """The compressed-tensors checkpoint in `out`; returns config.json's quantization_config."""
     from compressed_tensors.compressors import ModelCompressor
 
@@ -195,14 +212,18 @@ def declared(qcfg: dict, names: list[str]) -> dict:
     MIXED_PRECISION shape: {layer: quant_algo}, unquantized layers absent)."""
     from compressed_tensors.utils.match import match_name
 
-    algo = {g: "FP8" if g == GROUPS["FP8_DEFAULT_CFG"][0] else "FP8_PER_CHANNEL_PER_TOKEN"
-            for g in qcfg["config_groups"]}
+    algo = {
+        g: "FP8" if g == GROUPS["FP8_DEFAULT_CFG"][0] else "FP8_PER_CHANNEL_PER_TOKEN"
+        for g in qcfg["config_groups"]
+    }
     layers = {}
     for name in names:
         if any(match_name(name, t) for t in qcfg.get("ignore") or []):
             continue
-        group = next((g for g, s in qcfg["config_groups"].items()
-                      if any(match_name(name, t) for t in s["targets"])), None)
+        group = next(
+            (g for g, s in qcfg["config_groups"].items() if any(match_name(name, t) for t in s["targets"])),
+            None,
+        )
         if group is not None:
             layers[name] = {"quant_algo": algo[group]}
     return {"quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": layers}}
@@ -231,20 +252,24 @@ def check_names(qcfg: dict, manifest: dict) -> dict:
         want = GROUPS[row["quant_config"]][0] if row["format"] == "FP8" else None
         for name in layouts(row["name"]):
             ignored = any(match_name(name, t) for t in ignore)
-            groups = [g for g, s in qcfg["config_groups"].items()
-                      if any(match_name(name, t) for t in s["targets"])]
+            groups = [
+                g for g, s in qcfg["config_groups"].items() if any(match_name(name, t) for t in s["targets"])
+            ]
             if (want is None) != ignored or (want is not None and groups != [want]):
-                errors.append(f"{name}: targets {groups}, ignored {ignored}; manifest "
-                              f"{want or 'BF16'}")
-    for name in ("lm_head", "language_model.lm_head", "visual.blocks.0.attn.qkv",
-                 "model.visual.blocks.0.attn.qkv", "visual.merger.mlp.0"):
+                errors.append(f"{name}: targets {groups}, ignored {ignored}; manifest {want or 'BF16'}")
+    for name in (
+        "lm_head",
+        "language_model.lm_head",
+        "visual.blocks.0.attn.qkv",
+        "model.visual.blocks.0.attn.qkv",
+        "visual.merger.mlp.0",
+    ):
         if not any(match_name(name, t) for t in ignore):
             errors.append(f"{name}: not in ignore")
     return {"passed": not errors, "layers": len(manifest["layers"]), "errors": errors[:20]}
 
 
-def check_scales(out: Path, amax: dict[str, torch.Tensor],
-                 weight_amax: dict[str, torch.Tensor]) -> dict:
+def check_scales(out: Path, amax: dict[str, torch.Tensor], weight_amax: dict[str, torch.Tensor]) -> dict:
     """Every stored scale is the run's amax / 448 in the dtype it is stored in (bf16)."""
     errors, counts = [], {}
     for kind, run in (("input_scale", amax), ("weight_scale", weight_amax)):
@@ -252,7 +277,6 @@ def check_scales(out: Path, amax: dict[str, torch.Tensor],
         counts[f"{kind}s"] = len(stored)
         for layer, s in stored.items():
             want = run.get(layer)
-            if want is None or want.numel() != s.numel() or not torch.equal(
-                    scale_of(want, s), s):
+            if want is None or want.numel() != s.numel() or not torch.equal(scale_of(want, s), s):
                 errors.append(f"{layer}: {kind} is not the run's amax / 448 in {s.dtype}")
     return {"passed": not errors, **counts, "errors": errors[:20]}

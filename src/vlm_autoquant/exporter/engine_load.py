@@ -33,8 +33,9 @@ from ..model.identity import weight_files
 E4M3_MAX = 448.0
 
 
-def requantize_with_max_scale(codes: list[torch.Tensor], scales: torch.Tensor
-                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def requantize_with_max_scale(
+    codes: list[torch.Tensor], scales: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """vLLM's `requantize_with_max_scale` on one fused group: (max scale, re-quantized codes)."""
     max_scale = scales.max()
     inverse = torch.reciprocal(max_scale.float())  # the kernel's `1.0f / scale`
@@ -46,8 +47,9 @@ def requantize_with_max_scale(codes: list[torch.Tensor], scales: torch.Tensor
     return max_scale, out
 
 
-def served_tensors(tensors: dict[str, torch.Tensor], always: bool = False
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def served_tensors(
+    tensors: dict[str, torch.Tensor], always: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """The exported LM tensors as the engine serves them, still one entry per sibling.
 
     Each per-tensor FP8 fused group gets the group's largest `weight_scale` and `input_scale`;
@@ -87,14 +89,15 @@ def served_tensors(tensors: dict[str, torch.Tensor], always: bool = False
 def fused_scales_warning(manifest: dict) -> str | None:
     """The export's warning for a run that kept per-module scales (or predates the setting)."""
     rule = (manifest.get("export") or {}).get("fused_scales", "per-module")
-    per_tensor = [r["name"] for r in manifest.get("layers", [])
-                  if r.get("quant_config") == "FP8_DEFAULT_CFG"]
+    per_tensor = [r["name"] for r in manifest.get("layers", []) if r.get("quant_config") == "FP8_DEFAULT_CFG"]
     if rule == "shared-max" or not fused_layer_groups(per_tensor):
         return None
-    return ("the run kept per-module FP8 scales for q/k/v and gate/up (fused_scales: "
-            f"{rule}): vLLM, SGLang and TensorRT-LLM re-quantize those groups to their largest "
-            "scale at load, so the served model is not the one the run measured; rerun with "
-            "--fused-scales shared-max to serve what was searched")
+    return (
+        "the run kept per-module FP8 scales for q/k/v and gate/up (fused_scales: "
+        f"{rule}): vLLM, SGLang and TensorRT-LLM re-quantize those groups to their largest "
+        "scale at load, so the served model is not the one the run measured; rerun with "
+        "--fused-scales shared-max to serve what was searched"
+    )
 
 
 def write_served(export_dir: Path, target: Path, always: bool = False) -> dict[str, int]:
@@ -106,6 +109,9 @@ def write_served(export_dir: Path, target: Path, always: bool = False) -> dict[s
             tensors.update({k: st.get_tensor(k) for k in st.keys() if not VISION_RE.match(k)})
     served, stats = served_tensors(tensors, always)
     target.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in served.items()}, str(target / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in served.items()},
+        str(target / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return stats

@@ -56,21 +56,28 @@ class ExportInputs:
 def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, dict | None]:
     """Download a run's manifest and quantized state; (artifacts dir, run info) or problems."""
     run = tracking.source_run(run_id)
-    fix = "pass the id of a finished quantization run (see `mlflow runs list`) and check " \
-          f"MLFLOW_TRACKING_URI (now {tracking.shown_uri()})"
+    fix = (
+        "pass the id of a finished quantization run (see `mlflow runs list`) and check "
+        f"MLFLOW_TRACKING_URI (now {tracking.shown_uri()})"
+    )
     if run is None:
         problems.add("--run-id", f"no run {run_id!r} in the tracking store", fix)
         return None, None
     if run["status"] != "FINISHED":
-        problems.add("--run-id", f"run {run_id} is {run['status']}, not FINISHED",
-                     "export a finished run; rerun the quantization to finish this one")
+        problems.add(
+            "--run-id",
+            f"run {run_id} is {run['status']}, not FINISHED",
+            "export a finished run; rerun the quantization to finish this one",
+        )
         return None, run
     files = tracking.download_run_files(run_id, [MANIFEST_FILE, QUANT_STATE_FILE], dst)
     missing = [n for n, p in files.items() if p is None]
     if missing:
-        problems.add("--run-id", f"run {run_id} has no {' or '.join(missing)} artifact (a sweep "
-                     "parent or a run of another tool?)",
-                     "pass the run id of a scheme's run (a sweep's child runs hold one each)")
+        problems.add(
+            "--run-id",
+            f"run {run_id} has no {' or '.join(missing)} artifact (a sweep parent or a run of another tool?)",
+            "pass the run id of a scheme's run (a sweep's child runs hold one each)",
+        )
         return None, run
     return dst, run
 
@@ -85,17 +92,22 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, P
     man_path, state = folder / MANIFEST_FILE, folder / QUANT_STATE_FILE
     if not man_path.is_file() or not state.is_file():
         absent = [p.name for p in (man_path, state) if not p.is_file()]
-        problems.add(flag, f"{folder} has no {' or '.join(absent)}: not a finished run's output",
-                     "pass the --output-dir of a finished quantization run (or --run-id)")
+        problems.add(
+            flag,
+            f"{folder} has no {' or '.join(absent)}: not a finished run's output",
+            "pass the --output-dir of a finished quantization run (or --run-id)",
+        )
         return None
     try:
         manifest = json.loads(paths.read_regular(man_path, MAX_MANIFEST_BYTES))
         if not isinstance(manifest.get("layers"), list) or "directory" not in manifest["model"]:
             raise ValueError("no layer list or model directory")
-    except (OSError, paths.NotARegularFile, ValueError, KeyError, TypeError,
-            AttributeError) as exc:
-        problems.add(flag, f"{man_path} is not a valid manifest ({exc})",
-                     "rerun the quantization, or download the run's artifacts again")
+    except (OSError, paths.NotARegularFile, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problems.add(
+            flag,
+            f"{man_path} is not a valid manifest ({exc})",
+            "rerun the quantization, or download the run's artifacts again",
+        )
         return None
     bad_fields = field_problems(manifest, str(man_path))
     if bad_fields:
@@ -105,8 +117,11 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, P
     if recorded is None:
         log.warning("the manifest records no sha256 of %s (an older run): not checked", state)
     try:
-        payload = quant_state.read_state(state, manifest if (manifest.get(
-            "artifacts_sha256") or {}).get(QUANT_STATE_FILE) else None, where=flag)
+        payload = quant_state.read_state(
+            state,
+            manifest if (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE) else None,
+            where=flag,
+        )
     except UsageError as exc:
         problems.extend(exc.problems)
         return None
@@ -130,24 +145,31 @@ def check_output(opts: ExportOptions, model_dir: Path, needed: int, problems: Pr
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        problems.add("--output-dir", f"{probe} is not writable ({exc.strerror})",
-                     "choose a directory you can write to")
+        problems.add(
+            "--output-dir", f"{probe} is not writable ({exc.strerror})", "choose a directory you can write to"
+        )
         return
     free = shutil.disk_usage(probe).free
     if free < needed:
-        problems.add("--output-dir", f"not enough disk space in {probe}: the checkpoint needs "
-                     f"about {human_bytes(needed)}, {human_bytes(free)} are free",
-                     "free disk space or choose an --output-dir on another disk")
+        problems.add(
+            "--output-dir",
+            f"not enough disk space in {probe}: the checkpoint needs "
+            f"about {human_bytes(needed)}, {human_bytes(free)} are free",
+            "free disk space or choose an --output-dir on another disk",
+        )
 
 
 def check_base(opts: ExportOptions, model_dir: Path, problems: Problems) -> CheckpointInfo | None:
     before = len(problems.items)
     base = inspect_checkpoint(model_dir, problems)
     if base is not None and not base.vision_keys() and not opts.lm_only:
-        problems.add("--model-dir", f"{model_dir} has no vision tower (no visual.* tensors): "
-                     "the export would not be a Qwen2.5-VL checkpoint",
-                     "point --model-dir at the full Qwen2.5-VL checkpoint, or pass --lm-only to "
-                     "export the language model alone (recorded in the report)")
+        problems.add(
+            "--model-dir",
+            f"{model_dir} has no vision tower (no visual.* tensors): "
+            "the export would not be a Qwen2.5-VL checkpoint",
+            "point --model-dir at the full Qwen2.5-VL checkpoint, or pass --lm-only to "
+            "export the language model alone (recorded in the report)",
+        )
     return base if len(problems.items) == before else None
 
 
@@ -155,8 +177,11 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
     """Resolve the run's artifacts and the base checkpoint; add every problem found."""
     run, folder, flag = None, opts.artifacts_dir, "--artifacts-dir"
     if (opts.run_id is None) == (opts.artifacts_dir is None):
-        problems.add("--run-id", "pass exactly one of --run-id and --artifacts-dir",
-                     "--run-id <MLflow run id> or --artifacts-dir <a run's --output-dir>")
+        problems.add(
+            "--run-id",
+            "pass exactly one of --run-id and --artifacts-dir",
+            "--run-id <MLflow run id> or --artifacts-dir <a run's --output-dir>",
+        )
         return None
     if opts.run_id is not None:
         folder, run = fetch_run(opts.run_id, workdir, problems)
@@ -178,8 +203,9 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
     vision = manifest["model"].get("vision_sha256")
     if vision is not None and not opts.lm_only and not opts.allow_other_weights:
         if identity.vision_result(model_dir) != vision:
-            problems.items.append(identity.vision_mismatch(model_dir, vision,
-                                                           identity.vision_result(model_dir)))
+            problems.items.append(
+                identity.vision_mismatch(model_dir, vision, identity.vision_result(model_dir))
+            )
     if problems:
         return None
     return ExportInputs(opts, model_dir, manifest, state, actual, recorded, payload=payload)

@@ -41,9 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 KL_REL_LIMIT = 0.05  # the loaded model's KL vs BF16 within 5% of the run's
 MAX_CAPTIONS = 64
-LOADER_ARITHMETIC = ("W8A8 fake quant in bf16 (compressed-tensors' forward: weights decompressed "
-                     "to codes x weight_scale, activations quantized from input_scale or per "
-                     "token)")
+LOADER_ARITHMETIC = (
+    "W8A8 fake quant in bf16 (compressed-tensors' forward: weights decompressed "
+    "to codes x weight_scale, activations quantized from input_scale or per "
+    "token)"
+)
 
 
 def captions_of(batches: list[dict], limit: int = MAX_CAPTIONS) -> dict[str, torch.Tensor]:
@@ -58,13 +60,18 @@ def captions_of(batches: list[dict], limit: int = MAX_CAPTIONS) -> dict[str, tor
     ids = torch.zeros(len(captions), width, dtype=torch.long)
     mask = torch.zeros(len(captions), width, dtype=torch.long)
     for i, c in enumerate(captions):
-        ids[i, :len(c)], mask[i, :len(c)] = c, 1
+        ids[i, : len(c)], mask[i, : len(c)] = c, 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
 @torch.inference_mode()
-def kl_against(reference: nn.Module, candidate: nn.Module, rows: dict, device: torch.device,
-               reference_ctx: contextlib.AbstractContextManager | None = None) -> dict:
+def kl_against(
+    reference: nn.Module,
+    candidate: nn.Module,
+    rows: dict,
+    device: torch.device,
+    reference_ctx: contextlib.AbstractContextManager | None = None,
+) -> dict:
     """Mean per-token KL(reference || candidate) and top-1 agreement over the real tokens."""
     kw = {k: v.to(device) for k, v in rows.items()}
     with reference_ctx or contextlib.nullcontext():
@@ -74,8 +81,11 @@ def kl_against(reference: nn.Module, candidate: nn.Module, rows: dict, device: t
     lp_r, lp_c = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
     kl = (lp_r.exp() * (lp_r - lp_c)).sum(-1)[mask]
     agree = (lp_r.argmax(-1) == lp_c.argmax(-1))[mask]
-    return {"kl_mean": max(kl.mean().item(), 0.0), "top1_agreement": agree.float().mean().item(),
-            "tokens": int(mask.sum())}
+    return {
+        "kl_mean": max(kl.mean().item(), 0.0),
+        "top1_agreement": agree.float().mean().item(),
+        "tokens": int(mask.sum()),
+    }
 
 
 def load(out: Path, device: torch.device, lm_only: bool) -> nn.Module:
@@ -104,10 +114,13 @@ def image_inputs(out: Path, image: Image.Image, prompt: str) -> tuple[dict, str]
         pixels = Qwen2VLImageProcessorPil.from_pretrained(out)(images=[image], return_tensors="pt")
         tok = AutoTokenizer.from_pretrained(out)
         template = json.loads((out / "chat_template.json").read_text())["chat_template"]
-        text = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                       add_generation_prompt=True)
-        merged = int(pixels["image_grid_thw"].prod()) // json.loads(
-            (out / "preprocessor_config.json").read_text()).get("merge_size", 2) ** 2
+        text = tok.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+        merged = (
+            int(pixels["image_grid_thw"].prod())
+            // json.loads((out / "preprocessor_config.json").read_text()).get("merge_size", 2) ** 2
+        )
         text = text.replace("<|image_pad|>", "<|image_pad|>" * merged, 1)
         return {**tok([text], return_tensors="pt"), **pixels}, "image processor + tokenizer"
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -123,10 +136,12 @@ def generate_with_image(model: nn.Module, out: Path, device: torch.device) -> di
     image.paste((200, 30, 30), (0, 0, 28, 56))
     inputs, built_by = image_inputs(out, image, "Describe the image.")
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    new = model.generate(**inputs, max_new_tokens=4, do_sample=False)[
-        :, inputs["input_ids"].shape[1]:]
-    return {"image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
-            "new_tokens": int(new.shape[1]), "processor": built_by}
+    new = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    return {
+        "image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+        "new_tokens": int(new.shape[1]),
+        "processor": built_by,
+    }
 
 
 @torch.no_grad()
@@ -143,8 +158,7 @@ def run_in_loader_arithmetic(reference: nn.Module, manifest: dict) -> nn.Module:
         if isinstance(q, TensorQuantizer):
             q.disable()
     modules, theirs = dict(model.named_modules()), dict(reference.named_modules())
-    for name, scheme in export_ct.fp8_schemes(manifest, export_ct.quantization_config(
-            manifest)).items():
+    for name, scheme in export_ct.fp8_schemes(manifest, export_ct.quantization_config(manifest)).items():
         packed = export_ct.compressed_layer(theirs[name], scheme)
         m = modules[name]
         initialize_module_for_quantization(m, scheme, force_zero_point=False)
@@ -156,8 +170,9 @@ def run_in_loader_arithmetic(reference: nn.Module, manifest: dict) -> nn.Module:
     return model
 
 
-def check(out: Path, reference: nn.Module, manifest: dict, batches: list[dict],
-          device: torch.device, lm_only: bool) -> dict:
+def check(
+    out: Path, reference: nn.Module, manifest: dict, batches: list[dict], device: torch.device, lm_only: bool
+) -> dict:
     """transformers loads the export; its KL vs BF16 is the run's in the loader's arithmetic
     within KL_REL_LIMIT; with the vision tower, one image-plus-text generation runs."""
     rows = captions_of(batches)
@@ -168,10 +183,17 @@ def check(out: Path, reference: nn.Module, manifest: dict, batches: list[dict],
     loaded = load(out, device, lm_only)
     got = kl_against(reference, loaded, rows, device, quantizers_off(reference))
     rel = abs(got["kl_mean"] - like["kl_mean"]) / max(like["kl_mean"], 1e-12)
-    result = {"passed": rel <= KL_REL_LIMIT, "class": type(loaded).__name__, "loaded": got,
-              "run_in_loader_arithmetic": like, "run": run, "kl_rel_diff": rel,
-              "kl_rel_limit": KL_REL_LIMIT, "arithmetic": LOADER_ARITHMETIC,
-              "captions": int(rows["input_ids"].shape[0])}
+    result = {
+        "passed": rel <= KL_REL_LIMIT,
+        "class": type(loaded).__name__,
+        "loaded": got,
+        "run_in_loader_arithmetic": like,
+        "run": run,
+        "kl_rel_diff": rel,
+        "kl_rel_limit": KL_REL_LIMIT,
+        "arithmetic": LOADER_ARITHMETIC,
+        "captions": int(rows["input_ids"].shape[0]),
+    }
     if not lm_only:
         result["image_generation"] = generate_with_image(loaded, out, device)
     del loaded

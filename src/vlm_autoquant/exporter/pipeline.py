@@ -66,20 +66,26 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
     """
     from ..model.lm import text_config  # transformers: after the export's inputs are valid
 
-    inputs, reference, device, run_kernel = work.inputs, work.reference, work.device, \
-        work.run_kernel
+    inputs, reference, device, run_kernel = work.inputs, work.reference, work.device, work.run_kernel
     lm_only, ct = inputs.options.lm_only, fmt == COMPRESSED_TENSORS
-    declared = export_ct.declared(hf_quant, [r["name"] for r in inputs.manifest["layers"]]) \
-        if ct else hf_quant
+    declared = (
+        export_ct.declared(hf_quant, [r["name"] for r in inputs.manifest["layers"]]) if ct else hf_quant
+    )
     checks = {"formats": export_verify.check_formats(inputs.manifest, out, declared)}
     if ct:
         checks["names"] = export_ct.check_names(hf_quant, inputs.manifest)
-    checks["vision"] = {"passed": True, "skipped": "--lm-only"} if lm_only else \
-        export_verify.check_vision(inputs.model_dir, out)
+    checks["vision"] = (
+        {"passed": True, "skipped": "--lm-only"}
+        if lm_only
+        else export_verify.check_vision(inputs.model_dir, out)
+    )
     amax = export_verify.quantizer_amax(reference, "input")
     weight_amax = export_verify.quantizer_amax(reference, "weight")
-    checks["scales"] = export_ct.check_scales(out, amax, weight_amax) if ct else \
-        export_verify.check_scales(out, amax, weight_amax)
+    checks["scales"] = (
+        export_ct.check_scales(out, amax, weight_amax)
+        if ct
+        else export_verify.check_scales(out, amax, weight_amax)
+    )
     implausible = export_verify.implausible_scales(reference)
     if implausible:
         checks["scales"]["passed"] = False
@@ -87,19 +93,26 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
     checks["weights"] = export_verify.check_weight_codes(out, reference)
     batches, source = export_verify.held_out_batches(inputs.manifest, out)
     cfg = text_config(inputs.model_dir)
-    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", amax, reference,
-                                             weight_amax, run_kernel)
-    checks["numerics"] = {**export_verify.compare_logits(reference, candidate, batches, device),
-                          "arithmetic": "modelopt fake quant (x * 448/amax)", "captions": source}
+    candidate = export_verify.dequantized_lm(
+        out, cfg, device, "modelopt", amax, reference, weight_amax, run_kernel
+    )
+    checks["numerics"] = {
+        **export_verify.compare_logits(reference, candidate, batches, device),
+        "arithmetic": "modelopt fake quant (x * 448/amax)",
+        "captions": source,
+    }
     if not checks["numerics"]["passed"] and batches:  # say where it first differs
         checks["numerics"]["first_divergence"] = export_verify.first_divergence(
-            reference, candidate, batches[0], device)
+            reference, candidate, batches[0], device
+        )
     del candidate
     checks["numerics"]["engine_arithmetic"] = _engine_arithmetic(work, out, cfg, batches)
     checks["numerics"]["passed"] &= checks["numerics"]["engine_arithmetic"]["passed"]
-    checks["loadability"] = load_check.check(out, reference, inputs.manifest, batches, device,
-                                             lm_only) if ct \
+    checks["loadability"] = (
+        load_check.check(out, reference, inputs.manifest, batches, device, lm_only)
+        if ct
         else export_verify.check_loadable(out, lm_only)
+    )
     return checks
 
 
@@ -111,9 +124,13 @@ def _engine_arithmetic(work: Work, out: Path, cfg, batches: list[dict]) -> dict:
     del engine
     run_kl = (work.inputs.manifest.get("quality") or {}).get("kl_mean")
     limit = export_verify.engine_kl_limit(run_kl)
-    return {"passed": served["tokens"] > 0 and served["kl_mean"] <= limit, "kl_limit": limit,
-            "kl_mean": served["kl_mean"], "top1_agreement": served["top1_agreement"],
-            "arithmetic": "serving kernel (x * 1/input_scale)"}
+    return {
+        "passed": served["tokens"] > 0 and served["kl_mean"] <= limit,
+        "kl_limit": limit,
+        "kl_mean": served["kl_mean"],
+        "top1_agreement": served["top1_agreement"],
+        "arithmetic": "serving kernel (x * 1/input_scale)",
+    }
 
 
 def _restore(inputs: ExportInputs, device: torch.device):
@@ -124,8 +141,14 @@ def _restore(inputs: ExportInputs, device: torch.device):
     return quant_state.apply(model, inputs.payload or inputs.state_file, inputs.manifest)
 
 
-def _report(inputs: ExportInputs, checks: dict, table: dict, warnings: list[str],
-            files: dict[str, int], phases: Phases) -> dict:
+def _report(
+    inputs: ExportInputs,
+    checks: dict,
+    table: dict,
+    warnings: list[str],
+    files: dict[str, int],
+    phases: Phases,
+) -> dict:
     o, m = inputs.options, inputs.manifest
     return {
         "passed": all(c["passed"] for c in checks.values()),
@@ -135,11 +158,16 @@ def _report(inputs: ExportInputs, checks: dict, table: dict, warnings: list[str]
         "source": {"run_id": o.run_id, "artifacts_dir": str(o.artifacts_dir or "") or None},
         "model_dir": str(inputs.model_dir),
         "lm_only": o.lm_only,
-        "identity": {"recorded": inputs.recorded_sha256, "model_dir": inputs.weights_sha256,
-                     "match": inputs.recorded_sha256 == inputs.weights_sha256,
-                     "allow_other_weights": o.allow_other_weights},
-        "engines": table, "warnings": warnings,
-        "files": files, "bytes": sum(files.values()),
+        "identity": {
+            "recorded": inputs.recorded_sha256,
+            "model_dir": inputs.weights_sha256,
+            "match": inputs.recorded_sha256 == inputs.weights_sha256,
+            "allow_other_weights": o.allow_other_weights,
+        },
+        "engines": table,
+        "warnings": warnings,
+        "files": files,
+        "bytes": sum(files.values()),
         "timings": dict(phases.seconds),
         "memory": {"peak_gpu_gib": gpu_peak_gib(), "peak_rss_gib": peak_rss_gib()},
     }
@@ -183,8 +211,9 @@ def _modelopt(work: Work, model: nn.Module, out: Path) -> tuple[dict, dict]:
 def _compressed_tensors(work: Work, out: Path) -> tuple[dict, dict]:
     """compressed-tensors' format in `out`: (checks, quantization_config)."""
     with work.phases("ct_export", "compressed-tensors config and compressor, vision bytes"):
-        qcfg = export_ct.write_checkpoint(work.reference, work.inputs.manifest,
-                                          work.inputs.model_dir, out, work.inputs.options.lm_only)
+        qcfg = export_ct.write_checkpoint(
+            work.reference, work.inputs.manifest, work.inputs.model_dir, out, work.inputs.options.lm_only
+        )
     with work.phases("ct_verify", "formats, names, vision, scales, codes, numerics, load"):
         return verify(work, out, qcfg, COMPRESSED_TENSORS), qcfg
 
@@ -252,8 +281,11 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
 
 
 def _failed(report: dict) -> str:
-    bad = {k: {x: y for x, y in c.items() if x != "passed"} for k, c in report["checks"].items()
-           if not c["passed"]}
+    bad = {
+        k: {x: y for x, y in c.items() if x != "passed"}
+        for k, c in report["checks"].items()
+        if not c["passed"]
+    }
     return json.dumps(bad, default=str)[:2000]
 
 
@@ -261,8 +293,17 @@ def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return True
     text = str(exc)
-    return any(m in text for m in ("No space left on device", "os error 28", "File too large",
-                                   "os error 27", "Disk quota exceeded", "os error 122"))
+    return any(
+        m in text
+        for m in (
+            "No space left on device",
+            "os error 28",
+            "File too large",
+            "os error 27",
+            "Disk quota exceeded",
+            "os error 122",
+        )
+    )
 
 
 def export_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=None) -> dict:
@@ -271,19 +312,29 @@ def export_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=
     try:
         report = build_checkpoint(inputs, staging, phases, stop)
         if not report["passed"]:
-            raise RunFailed(f"the export failed its checks; nothing was written to "
-                            f"{inputs.options.output_dir}. Failed: {_failed(report)}")
+            raise RunFailed(
+                f"the export failed its checks; nothing was written to "
+                f"{inputs.options.output_dir}. Failed: {_failed(report)}"
+            )
         artifacts.write_json(staging / REPORT_FILE, report)
         mark_finished(staging, out)
         _publish(staging, out)
     except Exception as exc:  # safetensors reports a full disk as its own error type
         if _disk_full(exc):
-            raise UsageError(Problem("--output-dir", f"the disk filled up while writing the "
-                                     f"export ({exc}); nothing was left behind",
-                                     "free disk space or choose another --output-dir")) from exc
+            raise UsageError(
+                Problem(
+                    "--output-dir",
+                    f"the disk filled up while writing the export ({exc}); nothing was left behind",
+                    "free disk space or choose another --output-dir",
+                )
+            ) from exc
         raise
-    log.info("export written: %s (%s, %d files)", inputs.options.output_dir,
-             human_bytes(report["bytes"]), len(report["files"]))
+    log.info(
+        "export written: %s (%s, %d files)",
+        inputs.options.output_dir,
+        human_bytes(report["bytes"]),
+        len(report["files"]),
+    )
     return report
 
 
@@ -306,15 +357,21 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
             inputs = gather(options, Path(work), problems)
             problems.raise_if_any()
         target = Path(os.path.realpath(options.output_dir))  # a symlink is written through
-        with artifacts.locked_output_dir(target, REPORT_FILE, options.overwrite), \
-                staging_dir(target) as staging:
-            tracker = tracker_factory(f"export-{inputs.manifest['scheme']['name']}", target) \
-                if tracker_factory else None
+        with (
+            artifacts.locked_output_dir(target, REPORT_FILE, options.overwrite),
+            staging_dir(target) as staging,
+        ):
+            tracker = (
+                tracker_factory(f"export-{inputs.manifest['scheme']['name']}", target)
+                if tracker_factory
+                else None
+            )
             return _export_tracked(inputs, staging, phases, stop, tracker)
 
 
-def _export_tracked(inputs: ExportInputs, staging: Path, phases: Phases,
-                    stop: StopFlag | None, tracker: Tracker | None) -> dict:
+def _export_tracked(
+    inputs: ExportInputs, staging: Path, phases: Phases, stop: StopFlag | None, tracker: Tracker | None
+) -> dict:
     """The export inside its lock, its MLflow run ended on every path out."""
     try:
         report = export_checkpoint(inputs, staging, phases, stop)

@@ -70,8 +70,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # before the marker: never sweepable
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        (path / STAGING_MARKER).write_text(json.dumps({"target": target.name,
-                                                       "pid": os.getpid()}) + "\n")
+        (path / STAGING_MARKER).write_text(json.dumps({"target": target.name, "pid": os.getpid()}) + "\n")
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)  # gone already when published
@@ -96,7 +95,6 @@ def result_files(path: Path) -> Iterator[Path]:
 def mark_finished(staging: Path, target: Path) -> None:
     """Make a staging dir an output dir of ours: our marker and the run record of `target` (the
     MLflow run writing into it). The staging marker goes once the dir is renamed into place."""
-    (staging / MARKER_FILE).write_text(json.dumps({"written_by": "vlm_autoquant",
-                                                   "pid": os.getpid()}) + "\n")
+    (staging / MARKER_FILE).write_text(json.dumps({"written_by": "vlm_autoquant", "pid": os.getpid()}) + "\n")
     with contextlib.suppress(OSError):
         shutil.copyfile(target / RUN_ID_FILE, staging / RUN_ID_FILE)

@@ -19,12 +19,15 @@ M_EXPORT_ENGINE_KL = "export/engine_kl_mean"  # serving-kernel arithmetic: repor
 
 def metrics(report: dict) -> dict[str, float]:
     num = report["checks"]["numerics"]
-    out = {M_EXPORT_KL: num["kl_mean"], M_EXPORT_TOP1: num["top1_agreement"],
-           M_EXPORT_ENGINE_KL: (num.get("engine_arithmetic") or {}).get("kl_mean"),
-           M_EXPORT_BYTES: report["bytes"],
-           M_EXPORT_PASSED: float(sum(c["passed"] for c in report["checks"].values())),
-           "memory/peak_gpu_gib": report["memory"]["peak_gpu_gib"],
-           "memory/peak_rss_gib": report["memory"]["peak_rss_gib"]}
+    out = {
+        M_EXPORT_KL: num["kl_mean"],
+        M_EXPORT_TOP1: num["top1_agreement"],
+        M_EXPORT_ENGINE_KL: (num.get("engine_arithmetic") or {}).get("kl_mean"),
+        M_EXPORT_BYTES: report["bytes"],
+        M_EXPORT_PASSED: float(sum(c["passed"] for c in report["checks"].values())),
+        "memory/peak_gpu_gib": report["memory"]["peak_gpu_gib"],
+        "memory/peak_rss_gib": report["memory"]["peak_rss_gib"],
+    }
     out.update({f"time/{k}_s": v for k, v in report["timings"].items()})
     return out
 
@@ -44,9 +47,13 @@ def source_run_id(inputs: ExportInputs) -> str | None:
 def quality_metrics(manifest: dict) -> dict[str, float]:
     """The source run's quality metrics, under the names it logged them with."""
     q = manifest.get("quality") or {}
-    names = {"kl_mean": tracking.M_KL, "top1_agreement": tracking.M_TOP1,
-             "ppl_rel_change": tracking.M_PPL_REL, "ppl_ref": tracking.M_PPL_REF,
-             "ppl_quant": tracking.M_PPL_QUANT}
+    names = {
+        "kl_mean": tracking.M_KL,
+        "top1_agreement": tracking.M_TOP1,
+        "ppl_rel_change": tracking.M_PPL_REL,
+        "ppl_ref": tracking.M_PPL_REF,
+        "ppl_quant": tracking.M_PPL_QUANT,
+    }
     return {m: q[k] for k, m in names.items() if q.get(k) is not None}
 
 
@@ -59,15 +66,21 @@ def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) ->
     o = inputs.options
     scheme = report["scheme"]
     source = source_run_id(inputs)
-    tags = {"scheme": scheme, "export.dir": str(o.output_dir), "export.lm_only": o.lm_only,
-            "export.allow_other_weights": o.allow_other_weights,
-            "model.weights_sha256": inputs.weights_sha256,
-            "export.format": report["format"], "export.kind": report["engines"]["kind"]}
+    tags = {
+        "scheme": scheme,
+        "export.dir": str(o.output_dir),
+        "export.lm_only": o.lm_only,
+        "export.allow_other_weights": o.allow_other_weights,
+        "model.weights_sha256": inputs.weights_sha256,
+        "export.format": report["format"],
+        "export.kind": report["engines"]["kind"],
+    }
     if source:
         tags["source_run_id"] = source
     tracker.set_tags(tags)
-    tracker.log_params({"export.model_dir": str(inputs.model_dir),
-                        "export.source": o.run_id or str(o.artifacts_dir)})
+    tracker.log_params(
+        {"export.model_dir": str(inputs.model_dir), "export.source": o.run_id or str(o.artifacts_dir)}
+    )
     tracker.log_metrics(metrics(report))
     with tempfile.TemporaryDirectory() as tmp:
         for name, obj in (("export_report.json", report), ("export_files.json", report["files"])):
@@ -76,10 +89,18 @@ def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) ->
     out: dict = {"run_id": tracker.run_id}
     if o.register:
         reg = tracking.Registration(
-            o.register, scheme,
-            {"scheme": scheme, "source_run_id": source or "", "export_run_id": tracker.run_id,
-             "format": report["format"]},
-            source, quality_metrics(inputs.manifest), pyfunc=report["format"] != "modelopt")
+            o.register,
+            scheme,
+            {
+                "scheme": scheme,
+                "source_run_id": source or "",
+                "export_run_id": tracker.run_id,
+                "format": report["format"],
+            },
+            source,
+            quality_metrics(inputs.manifest),
+            pyfunc=report["format"] != "modelopt",
+        )
         with result_files(o.output_dir) as files:
             out["registered"] = tracking.register_checkpoint(tracker, files, reg)
     elif o.log_checkpoint:
@@ -87,6 +108,5 @@ def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) ->
             tracking.log_dir(tracker, files, "checkpoint")
         out["checkpoint_artifacts"] = "checkpoint/"
     if source:
-        tracking.tag_run(source, {"export.run_id": tracker.run_id,
-                                  "export.dir": str(o.output_dir)})
+        tracking.tag_run(source, {"export.run_id": tracker.run_id, "export.dir": str(o.output_dir)})
     return out

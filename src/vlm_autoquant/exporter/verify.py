@@ -60,8 +60,7 @@ def stored_algos(hf_quant: dict, names: list[str]) -> dict[str, str | None]:
         layers = q.get("quantized_layers", {})
         return {n: layers.get(n, {}).get("quant_algo") for n in names}
     excluded = q.get("exclude_modules") or []
-    return {n: None if any(fnmatch.fnmatch(n, p) for p in excluded) else q.get("quant_algo")
-            for n in names}
+    return {n: None if any(fnmatch.fnmatch(n, p) for p in excluded) else q.get("quant_algo") for n in names}
 
 
 def check_formats(manifest: dict, out: Path, hf_quant: dict) -> dict:
@@ -87,19 +86,30 @@ def check_formats(manifest: dict, out: Path, hf_quant: dict) -> dict:
         if want == "FP8" and f"{name}.input_scale" not in tensors:
             errors.append(f"{name}: FP8 per-tensor layer without input_scale")
     fp8 = sum(r["format"] == "FP8" for r in rows)
-    return {"passed": not errors, "layers": len(rows), "fp8": fp8, "bf16": len(rows) - fp8,
-            "errors": errors[:20]}
+    return {
+        "passed": not errors,
+        "layers": len(rows),
+        "fp8": fp8,
+        "bf16": len(rows) - fp8,
+        "errors": errors[:20],
+    }
 
 
 def check_vision(base_dir: Path, out: Path) -> dict:
     """(b) every vision tensor's bytes equal the base's (sha256 per tensor)."""
-    base = {vision_name(k.split(":", 1)[0]) + ":" + k.split(":", 1)[1]: d for k, d in
-            tensor_digests(base_dir, lambda n: bool(VISION_RE.match(n))).items()}
+    base = {
+        vision_name(k.split(":", 1)[0]) + ":" + k.split(":", 1)[1]: d
+        for k, d in tensor_digests(base_dir, lambda n: bool(VISION_RE.match(n))).items()
+    }
     got = tensor_digests(out, lambda n: bool(VISION_RE.match(n)))
     differ = sorted(k for k in base if got.get(k) != base[k])
     extra = sorted(set(got) - set(base))
-    return {"passed": bool(base) and not differ and not extra, "tensors": len(base),
-            "differ": differ[:20], "unexpected": extra[:20]}
+    return {
+        "passed": bool(base) and not differ and not extra,
+        "tensors": len(base),
+        "differ": differ[:20],
+        "unexpected": extra[:20],
+    }
 
 
 def _e4m3_engine(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -107,31 +117,41 @@ def _e4m3_engine(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (e4m3_codes(x, 1.0 / scale).float() * scale).to(x.dtype)
 
 
-def _input_quant_hook(scale: torch.Tensor | None, arithmetic: str,
-                      amax: torch.Tensor | None = None, run_kernel: str | None = None):
+def _input_quant_hook(
+    scale: torch.Tensor | None,
+    arithmetic: str,
+    amax: torch.Tensor | None = None,
+    run_kernel: str | None = None,
+):
     """Quantize a layer's input from its stored `input_scale` (None: dynamic per token).
 
     `arithmetic` "modelopt" rounds as the run's fake quant did (448 / amax; `amax` when given,
     else 448 x scale), "engine" as a serving kernel does (1 / scale). They differ at exact E4M3
     rounding ties, which bf16 activations hit about once in a hundred values.
     """
+
     def hook(_module, args):
         x = args[0]
         if scale is None:  # dynamic: each token's own amax
             a = x.abs().amax(dim=-1, keepdim=True).float()
-            q = fake_quant(x, a, divides(run_kernel, a)) if arithmetic == "modelopt" else \
-                _e4m3_engine(x, a.clamp(min=1e-12) / FP8_MAX)
+            q = (
+                fake_quant(x, a, divides(run_kernel, a))
+                if arithmetic == "modelopt"
+                else _e4m3_engine(x, a.clamp(min=1e-12) / FP8_MAX)
+            )
         elif arithmetic == "modelopt":
             a = amax if amax is not None else scale * FP8_MAX
             q = fake_quant(x, a, divides(run_kernel, a))
         else:
             q = _e4m3_engine(x, scale)
         return (q, *args[1:])
+
     return hook
 
 
-def _dequantized_state(out: Path, weight_amax: dict[str, torch.Tensor] | None = None,
-                       run_kernel: str | None = None) -> tuple[dict, dict]:
+def _dequantized_state(
+    out: Path, weight_amax: dict[str, torch.Tensor] | None = None, run_kernel: str | None = None
+) -> tuple[dict, dict]:
     """The export's LM tensors, FP8 weights dequantized to bf16; layer -> input_scale.
 
     A layer in `weight_amax` (the run's weight amax) is dequantized as the fake quant does,
@@ -151,17 +171,23 @@ def _dequantized_state(out: Path, weight_amax: dict[str, torch.Tensor] | None = 
         amax = (weight_amax or {}).get(layer)
         if amax is not None:
             s = 1 / fake_quant_scale(amax, divides(run_kernel, amax))
-        state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))
-                                    ).to(torch.bfloat16)
+        state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))).to(
+            torch.bfloat16
+        )
         fp8[layer] = state.pop(f"{layer}.input_scale", None)
     return state, fp8
 
 
-def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "modelopt",
-                   amax: dict[str, torch.Tensor] | None = None,
-                   reference: nn.Module | None = None,
-                   weight_amax: dict[str, torch.Tensor] | None = None,
-                   run_kernel: str | None = None) -> nn.Module:
+def dequantized_lm(
+    out: Path,
+    cfg,
+    device: torch.device,
+    arithmetic: str = "modelopt",
+    amax: dict[str, torch.Tensor] | None = None,
+    reference: nn.Module | None = None,
+    weight_amax: dict[str, torch.Tensor] | None = None,
+    run_kernel: str | None = None,
+) -> nn.Module:
     """The exported LM rebuilt from its safetensors alone, FP8 applied by hand (not ModelOpt).
 
     `amax` (layer -> the run's input amax) lets the "modelopt" arithmetic use the run's exact
@@ -189,8 +215,9 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
         model.lm_head.weight = model.model.embed_tokens.weight
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise RuntimeError(f"exported LM does not fit its config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"exported LM does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if reference is not None:
         theirs = dict(reference.named_buffers())
         with torch.no_grad():
@@ -200,9 +227,14 @@ def dequantized_lm(out: Path, cfg, device: torch.device, arithmetic: str = "mode
     modules = dict(model.named_modules())
     for layer, s in fp8.items():
         run_amax = (amax or {}).get(layer) if s is not None else None
-        modules[layer].register_forward_pre_hook(_input_quant_hook(
-            None if s is None else s.float().to(device), arithmetic,
-            None if run_amax is None else run_amax.float().to(device), run_kernel))
+        modules[layer].register_forward_pre_hook(
+            _input_quant_hook(
+                None if s is None else s.float().to(device),
+                arithmetic,
+                None if run_amax is None else run_amax.float().to(device),
+                run_kernel,
+            )
+        )
     return model.eval()
 
 
@@ -233,22 +265,25 @@ def _stored(out: Path, suffix: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in _stored_raw(out, suffix).items()}
 
 
-def _scale_errors(kind: str, stored: dict[str, torch.Tensor], amax: dict[str, torch.Tensor]
-                  ) -> list[str]:
+def _scale_errors(kind: str, stored: dict[str, torch.Tensor], amax: dict[str, torch.Tensor]) -> list[str]:
     errors = []
     for layer, s in stored.items():
         want = amax.get(layer)
         if want is None:
             errors.append(f"{layer}: {kind} stored, no calibrated amax in the run")
         elif s.numel() != want.numel() or not torch.allclose(
-                s.reshape(want.shape), want / FP8_MAX, rtol=2.5e-7, atol=0):
-            errors.append(f"{layer}: {kind} {s.flatten()[0].item():.9g}, run amax/448 "
-                          f"{(want / FP8_MAX).flatten()[0].item():.9g}")
+            s.reshape(want.shape), want / FP8_MAX, rtol=2.5e-7, atol=0
+        ):
+            errors.append(
+                f"{layer}: {kind} {s.flatten()[0].item():.9g}, run amax/448 "
+                f"{(want / FP8_MAX).flatten()[0].item():.9g}"
+            )
     return errors
 
 
-def check_scales(out: Path, amax: dict[str, torch.Tensor],
-                 weight_amax: dict[str, torch.Tensor] | None = None) -> dict:
+def check_scales(
+    out: Path, amax: dict[str, torch.Tensor], weight_amax: dict[str, torch.Tensor] | None = None
+) -> dict:
     """Every stored static input_scale (and, given the run's weight amax, every weight_scale) is
     the run's amax / 448 (to fp32 rounding)."""
     inputs = _stored(out, ".input_scale")
@@ -272,29 +307,33 @@ WEIGHT_AMAX_RATIO = (0.5, 2.0)
 INPUT_AMAX_RANGE = (FP8_MAX * torch.finfo(torch.float32).tiny, torch.finfo(torch.bfloat16).max)
 
 
-def _weight_amax_errors(name: str, amax: torch.Tensor, weight: torch.Tensor,
-                        group_max: torch.Tensor | None = None) -> list[str]:
+def _weight_amax_errors(
+    name: str, amax: torch.Tensor, weight: torch.Tensor, group_max: torch.Tensor | None = None
+) -> list[str]:
     """`group_max`: max|w| over the fused group of a per-tensor weight (`_fused_weight_max`),
     the amax a `fused_scales: shared-max` run gives every member; the weight's own max|w| is
     the per-module one."""
     amax = amax.detach().float().reshape(-1).cpu()
     w = weight.detach().abs()  # on its device, in its dtype: a max is exact in any of them
-    w_max = (w.amax().reshape(1) if amax.numel() == 1 else
-             w.reshape(amax.numel(), -1).amax(-1)).float().cpu()
+    w_max = (w.amax().reshape(1) if amax.numel() == 1 else w.reshape(amax.numel(), -1).amax(-1)).float().cpu()
     if group_max is not None and amax.numel() == 1 and bool(group_max > 0):
         shared = amax / group_max.float().cpu().reshape(1)
         if WEIGHT_AMAX_RATIO[0] <= shared.item() <= WEIGHT_AMAX_RATIO[1]:
             w_max = group_max.float().cpu().reshape(1)
     if not bool(torch.isfinite(amax).all()) or bool((amax <= 0).any()):
-        return [f"{name}: weight amax {amax.min().item():.6g}..{amax.max().item():.6g} is not a "
-                "finite positive number"]
+        return [
+            f"{name}: weight amax {amax.min().item():.6g}..{amax.max().item():.6g} is not a "
+            "finite positive number"
+        ]
     live = w_max > 0  # an all-zero channel codes as 0 whatever its scale
     ratio = amax[live] / w_max[live]
     lo, hi = WEIGHT_AMAX_RATIO
     if ratio.numel() and (ratio.min() < lo or ratio.max() > hi):
         worst = ratio.max() if ratio.max() > hi else ratio.min()
-        return [f"{name}: weight amax is {worst.item():.6g} x max|weight| (calibration gives 1; "
-                f"plausible {lo:g}..{hi:g})"]
+        return [
+            f"{name}: weight amax is {worst.item():.6g} x max|weight| (calibration gives 1; "
+            f"plausible {lo:g}..{hi:g})"
+        ]
     return []
 
 
@@ -305,10 +344,11 @@ def _fused_weight_max(reference: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for group in fused_layer_groups(list(modules)):
         quantizers = [getattr(modules[n], "weight_quantizer", None) for n in group]
-        if all(q is not None and q.is_enabled and getattr(q, "amax", None) is not None
-               and q.amax.numel() == 1 for q in quantizers):
-            top = torch.stack([modules[n].weight.detach().abs().amax().float().cpu()
-                               for n in group]).max()
+        if all(
+            q is not None and q.is_enabled and getattr(q, "amax", None) is not None and q.amax.numel() == 1
+            for q in quantizers
+        ):
+            top = torch.stack([modules[n].weight.detach().abs().amax().float().cpu() for n in group]).max()
             out.update(dict.fromkeys(group, top))
     return out
 
@@ -327,8 +367,10 @@ def implausible_scales(reference: nn.Module) -> list[str]:
             a = iq.amax.detach().float().cpu()
             lo, hi = INPUT_AMAX_RANGE
             if not bool(torch.isfinite(a).all()) or bool((a < lo).any()) or bool((a > hi).any()):
-                errors.append(f"{name}: input amax {a.min().item():.6g}..{a.max().item():.6g} "
-                              f"is outside {lo:.3g}..{hi:.3g} (finite, positive, bf16)")
+                errors.append(
+                    f"{name}: input amax {a.min().item():.6g}..{a.max().item():.6g} "
+                    f"is outside {lo:.3g}..{hi:.3g} (finite, positive, bf16)"
+                )
     return errors
 
 
@@ -360,25 +402,30 @@ def check_weight_codes(out: Path, reference: nn.Module) -> dict:
                 if n:
                     differ += 1
                     errors.append(f"{layer}: {n} of {got.numel()} codes differ from the run's")
-    return {"passed": not errors and layers > 0, "layers": layers, "layers_differing": differ,
-            "errors": errors[:20]}
+    return {
+        "passed": not errors and layers > 0,
+        "layers": layers,
+        "layers_differing": differ,
+        "errors": errors[:20],
+    }
 
 
 def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], str]:
     """The run's held-out captions when its caption file is here (same split), else generated."""
     from transformers import AutoTokenizer  # transformers: imported only when this runs, off the refusal path
 
-
     s, cal = manifest["scheme"], manifest["calibration"]
     path, captions = Path(cal["file"]), []
     if path.is_file() and sha256_file(path) == cal.get("sha256"):
-        split = split_captions(load_captions(path), s["num_calib_samples"],
-                               max(s["num_eval_samples"], 1), s["seed"])
+        split = split_captions(
+            load_captions(path), s["num_calib_samples"], max(s["num_eval_samples"], 1), s["seed"]
+        )
         captions, source = split.eval, f"held-out split of {path} (seed {s['seed']})"
     if not captions:
-
-        captions, source = make_captions(512, seed=s["seed"] + 7), \
-            "generated captions (the run's caption file is not on this machine)"
+        captions, source = (
+            make_captions(512, seed=s["seed"] + 7),
+            "generated captions (the run's caption file is not on this machine)",
+        )
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     packed = pack(tok, captions, s["seq_len"], s["batch_size"], s["seed"])
     return packed.batches[:HOLDOUT_BATCHES], source
@@ -390,13 +437,15 @@ def engine_kl_limit(run_kl: float | None) -> float:
 
 
 @torch.inference_mode()
-def compare_logits(reference: nn.Module, candidate: nn.Module, batches: list[dict],
-                   device: torch.device) -> dict:
+def compare_logits(
+    reference: nn.Module, candidate: nn.Module, batches: list[dict], device: torch.device
+) -> dict:
     """Mean per-token KL(reference || candidate) and top-1 agreement over real tokens."""
     kl_sum = agree = tokens = 0.0
     for b in batches:
-        kw = dict(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
-                  use_cache=False)
+        kw = dict(
+            input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device), use_cache=False
+        )
         ref, cand = reference(**kw).logits, candidate(**kw).logits
         for r in range(ref.shape[0]):
             lp_r, lp_c = F.log_softmax(ref[r].float(), -1), F.log_softmax(cand[r].float(), -1)
@@ -405,13 +454,19 @@ def compare_logits(reference: nn.Module, candidate: nn.Module, batches: list[dic
             agree += (lp_r.argmax(-1) == lp_c.argmax(-1))[mask].sum().item()
             tokens += mask.sum().item()
     kl = max(kl_sum / tokens, 0.0) if tokens else float("nan")
-    return {"passed": tokens > 0 and kl <= KL_LIMIT, "kl_mean": kl, "kl_limit": KL_LIMIT,
-            "top1_agreement": agree / tokens if tokens else float("nan"), "tokens": int(tokens)}
+    return {
+        "passed": tokens > 0 and kl <= KL_LIMIT,
+        "kl_mean": kl,
+        "kl_limit": KL_LIMIT,
+        "top1_agreement": agree / tokens if tokens else float("nan"),
+        "tokens": int(tokens),
+    }
 
 
 @torch.inference_mode()
-def first_divergence(reference: nn.Module, candidate: nn.Module, batch: dict,
-                     device: torch.device) -> dict | None:
+def first_divergence(
+    reference: nn.Module, candidate: nn.Module, batch: dict, device: torch.device
+) -> dict | None:
     """Where the candidate's computation first leaves the reference's, for a failed numerics
     check: the first module (in the reference's execution order, among the modules both have)
     whose output is not bit-identical, with its largest difference. None if none differs."""
@@ -422,16 +477,21 @@ def first_divergence(reference: nn.Module, candidate: nn.Module, batch: dict,
     for side, model in (("ref", reference), ("cand", candidate)):
         for name, module in model.named_modules():
             if name and name in names:
+
                 def keep(_m, _a, out, side=side, name=name):
                     t = out[0] if isinstance(out, tuple) else out
                     if isinstance(t, torch.Tensor) and name not in outputs[side]:
                         outputs[side][name] = t.detach()
                         if side == "ref":
                             order.append(name)
+
                 handles.append(module.register_forward_hook(keep))
     try:
-        kw = dict(input_ids=batch["input_ids"][:1, :64].to(device),  # one row's start is enough
-                  position_ids=batch["position_ids"][:1, :64].to(device), use_cache=False)
+        kw = dict(
+            input_ids=batch["input_ids"][:1, :64].to(device),  # one row's start is enough
+            position_ids=batch["position_ids"][:1, :64].to(device),
+            use_cache=False,
+        )
         reference(**kw)
         candidate(**kw)
     finally:
@@ -440,9 +500,12 @@ def first_divergence(reference: nn.Module, candidate: nn.Module, batch: dict,
     for name in order:
         a, b = outputs["ref"][name], outputs["cand"].get(name)
         if b is not None and a.shape == b.shape and not torch.equal(a, b):
-            return {"module": name, "max_abs_diff": (a.float() - b.float()).abs().max().item(),
-                    "max_abs": a.float().abs().max().item(),
-                    "differing_fraction": (a != b).float().mean().item()}
+            return {
+                "module": name,
+                "max_abs_diff": (a.float() - b.float()).abs().max().item(),
+                "max_abs": a.float().abs().max().item(),
+                "differing_fraction": (a != b).float().mean().item(),
+            }
     return None
 
 
@@ -462,5 +525,10 @@ def check_loadable(out: Path, lm_only: bool) -> dict:
     missing = sorted(info["missing_keys"])
     unexpected = sorted(info["unexpected_keys"])
     odd = [k for k in unexpected if not k.endswith(SCALE_SUFFIXES)]
-    return {"passed": not missing and not odd, "class": cls.__name__, "missing": missing[:20],
-            "unexpected_non_scale": odd[:20], "unexpected_scales": len(unexpected) - len(odd)}
+    return {
+        "passed": not missing and not odd,
+        "class": cls.__name__,
+        "missing": missing[:20],
+        "unexpected_non_scale": odd[:20],
+        "unexpected_scales": len(unexpected) - len(odd),
+    }

@@ -23,22 +23,53 @@ import torch
 
 # Dimensions of Qwen/Qwen2.5-VL-3B-Instruct's config.json.
 QWEN25_VL_3B = {
-    "text": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                 num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
-                 max_position_embeddings=128000, rope_theta=1000000.0, mrope_section=[16, 24, 24]),
-    "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                   out_hidden_size=2048, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+    "text": dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=128000,
+        rope_theta=1000000.0,
+        mrope_section=[16, 24, 24],
+    ),
+    "vision": dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=2048,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    ),
 }
+
+
 def _family(hidden: int, inter: int, layers: int, heads: int, kv: int, vis_inter: int) -> dict:
     """Released Qwen2.5-VL 7B/32B/72B dimensions (vocab 152064, untied lm_head)."""
     return {
-        "text": dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                     num_attention_heads=heads, num_key_value_heads=kv, vocab_size=152064,
-                     max_position_embeddings=128000, rope_theta=1000000.0,
-                     mrope_section=[16, 24, 24], tie_word_embeddings=False),
-        "vision": dict(depth=32, hidden_size=1280, intermediate_size=vis_inter, num_heads=16,
-                       out_hidden_size=hidden, window_size=112,
-                       fullatt_block_indexes=[7, 15, 23, 31]),
+        "text": dict(
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            vocab_size=152064,
+            max_position_embeddings=128000,
+            rope_theta=1000000.0,
+            mrope_section=[16, 24, 24],
+            tie_word_embeddings=False,
+        ),
+        "vision": dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=vis_inter,
+            num_heads=16,
+            out_hidden_size=hidden,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
     }
 
 
@@ -47,30 +78,65 @@ QWEN25_VL_7B = _family(3584, 18944, 28, 28, 4, 3420)
 QWEN25_VL_32B = _family(5120, 27648, 64, 40, 8, 3456)
 QWEN25_VL_72B = _family(8192, 29568, 80, 64, 8, 3456)
 TINY = {
-    "text": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=None, max_position_embeddings=2048,
-                 rope_theta=1000000.0, mrope_section=[2, 3, 3]),
-    "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                   window_size=112, fullatt_block_indexes=[1]),
+    "text": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=None,
+        max_position_embeddings=2048,
+        rope_theta=1000000.0,
+        mrope_section=[2, 3, 3],
+    ),
+    "vision": dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        window_size=112,
+        fullatt_block_indexes=[1],
+    ),
 }
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                  "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 _ADJ = "red blue small large old young wooden white black green shiny busy quiet empty".split()
-_NOUN = ("dog cat man woman child bus train bicycle horse bird boat pizza clock kite table "
-         "giraffe elephant surfer skier laptop").split()
+_NOUN = (
+    "dog cat man woman child bus train bicycle horse bird boat pizza clock kite table "
+    "giraffe elephant surfer skier laptop"
+).split()
 _VERB = "sits stands runs waits rests walks plays lies parked perched".split()
 _PREP = "on near beside under behind in front of across along".split()
-_PLACE = ("street beach field kitchen park table road river snow grass window track station "
-          "counter bench").split()
+_PLACE = (
+    "street beach field kitchen park table road river snow grass window track station counter bench"
+).split()
 
 
 # The embedded demo runs on a 2-core CPU in well under a minute: shorter rows and few captions.
 # 512 captions pack into ~6 batches of 8x128 tokens; scoring uses what exists (with a warning).
-DEMO_OVERRIDES = {"num_calib_samples": 512, "num_calib_steps": 4, "num_score_steps": 2,
-                  "num_eval_samples": 128, "seq_len": 128}
+DEMO_OVERRIDES = {
+    "num_calib_samples": 512,
+    "num_calib_steps": 4,
+    "num_score_steps": 2,
+    "num_eval_samples": 128,
+    "seq_len": 128,
+}
 
 
 def make_captions(n: int, seed: int = 0) -> list[str]:
@@ -79,8 +145,9 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
     out = []
     for _ in range(n):
         a, b = rng.choice(_ADJ), rng.choice(_ADJ)
-        text = (f"A {a} {rng.choice(_NOUN)} {rng.choice(_VERB)} {rng.choice(_PREP)} the "
-                f"{b} {rng.choice(_PLACE)}")
+        text = (
+            f"A {a} {rng.choice(_NOUN)} {rng.choice(_VERB)} {rng.choice(_PREP)} the {b} {rng.choice(_PLACE)}"
+        )
         if rng.random() < 0.4:
             text += f" with a {rng.choice(_ADJ)} {rng.choice(_NOUN)}"
         out.append(text + ".")
@@ -96,12 +163,16 @@ def train_tokenizer(captions: list[str], target: Path, vocab_size: int = 512) ->
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(captions, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", model_max_length=32768)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=32768
+    )
     fast.save_pretrained(str(target))
     return len(fast)
 
@@ -111,38 +182,54 @@ def released_config(size: dict, vocab_size: int, token_ids: dict[str, int]) -> d
     t, v = size["text"], size["vision"]
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "attention_dropout": 0.0, "bos_token_id": token_ids["<|endoftext|>"],
-        "eos_token_id": token_ids["<|im_end|>"], "hidden_act": "silu",
-        "hidden_size": t["hidden_size"], "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": token_ids["<|im_end|>"],
+        "hidden_act": "silu",
+        "hidden_size": t["hidden_size"],
+        "initializer_range": 0.02,
         "intermediate_size": t["intermediate_size"],
-        "max_position_embeddings": t["max_position_embeddings"], "max_window_layers": 70,
-        "model_type": "qwen2_5_vl", "num_attention_heads": t["num_attention_heads"],
+        "max_position_embeddings": t["max_position_embeddings"],
+        "max_window_layers": 70,
+        "model_type": "qwen2_5_vl",
+        "num_attention_heads": t["num_attention_heads"],
         "num_hidden_layers": t["num_hidden_layers"],
-        "num_key_value_heads": t["num_key_value_heads"], "rms_norm_eps": 1e-06,
-        "rope_theta": t["rope_theta"], "sliding_window": 32768,
+        "num_key_value_heads": t["num_key_value_heads"],
+        "rms_norm_eps": 1e-06,
+        "rope_theta": t["rope_theta"],
+        "sliding_window": 32768,
         "tie_word_embeddings": t.get("tie_word_embeddings", True),
-        "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.41.2",
+        "use_cache": True,
         "use_sliding_window": False,
         "vision_start_token_id": token_ids["<|vision_start|>"],
         "vision_end_token_id": token_ids["<|vision_end|>"],
         "vision_token_id": token_ids["<|vision_pad|>"],
         "image_token_id": token_ids["<|image_pad|>"],
         "video_token_id": token_ids["<|video_pad|>"],
-        "vision_config": {"depth": v["depth"], "hidden_act": "silu",
-                          "hidden_size": v["hidden_size"],
-                          "intermediate_size": v["intermediate_size"], "num_heads": v["num_heads"],
-                          "in_chans": 3, "out_hidden_size": v["out_hidden_size"], "patch_size": 14,
-                          "spatial_merge_size": 2, "spatial_patch_size": 14,
-                          "window_size": v["window_size"],
-                          "fullatt_block_indexes": v["fullatt_block_indexes"],
-                          "tokens_per_second": 2, "temporal_patch_size": 2},
+        "vision_config": {
+            "depth": v["depth"],
+            "hidden_act": "silu",
+            "hidden_size": v["hidden_size"],
+            "intermediate_size": v["intermediate_size"],
+            "num_heads": v["num_heads"],
+            "in_chans": 3,
+            "out_hidden_size": v["out_hidden_size"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": v["window_size"],
+            "fullatt_block_indexes": v["fullatt_block_indexes"],
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        },
         "rope_scaling": {"type": "mrope", "mrope_section": t["mrope_section"]},
         "vocab_size": vocab_size,
     }
 
 
-def _released_keys(state: dict[str, torch.Tensor], tied: bool, legacy: bool,
-                   meta: bool = False) -> dict:
+def _released_keys(state: dict[str, torch.Tensor], tied: bool, legacy: bool, meta: bool = False) -> dict:
     out = {}
     for key, value in state.items():
         if key == "lm_head.weight" and tied and not legacy:
@@ -173,15 +260,14 @@ def write_shards(tensors: dict[str, torch.Tensor], target: Path, num_shards: int
     weight_map = {}
     for i, group in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k].cpu() for k in group}, str(target / name),
-                  metadata={"format": "pt"})
+        save_file({k: tensors[k].cpu() for k in group}, str(target / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, name))
-    (target / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (target / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
 
 
-SIZES = {"tiny": TINY, "3b": QWEN25_VL_3B, "7b": QWEN25_VL_7B, "32b": QWEN25_VL_32B,
-         "72b": QWEN25_VL_72B}
+SIZES = {"tiny": TINY, "3b": QWEN25_VL_3B, "7b": QWEN25_VL_7B, "32b": QWEN25_VL_32B, "72b": QWEN25_VL_72B}
 STREAMED = ("7b", "32b", "72b")
 SHARD_BYTES = 4 * 1024**3  # like the released checkpoints' ~4 GB shards
 
@@ -207,8 +293,7 @@ def write_streamed(config, target: Path, seed: int, device: str = "cpu") -> None
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
-    metas = _released_keys(model.state_dict(), bool(config.tie_word_embeddings), legacy=False,
-                           meta=True)
+    metas = _released_keys(model.state_dict(), bool(config.tie_word_embeddings), legacy=False, meta=True)
     groups, current, size = [], [], 0
     for key in sorted(metas):
         nbytes = metas[key].numel() * 2
@@ -227,38 +312,65 @@ def write_streamed(config, target: Path, seed: int, device: str = "cpu") -> None
         save_file(tensors, str(target / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, name))
         del tensors
-    (target / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    (target / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
+
+
 # The released checkpoint's image processor settings (Qwen2.5-VL-*-Instruct).
-PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class":
-                "Qwen2_5_VLProcessor", "do_resize": True, "do_rescale": True, "do_normalize": True,
-                "do_convert_rgb": True, "rescale_factor": 0.00392156862745098,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711], "min_pixels": 3136,
-                "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-                "merge_size": 2}
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
-                 "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image'"
-                 " %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
-                 "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "rescale_factor": 0.00392156862745098,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image'"
+    " %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def write_processor_files(target: Path, token_ids: dict[str, int]) -> None:
     """preprocessor_config.json, chat_template.json, generation_config.json as released."""
-    files = {"preprocessor_config.json": PREPROCESSOR,
-             "chat_template.json": {"chat_template": CHAT_TEMPLATE},
-             "generation_config.json": {
-                 "bos_token_id": token_ids["<|endoftext|>"], "pad_token_id": token_ids["<|endoftext|>"],
-                 "eos_token_id": [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
-                 "do_sample": True, "temperature": 1e-6, "repetition_penalty": 1.05}}
+    files = {
+        "preprocessor_config.json": PREPROCESSOR,
+        "chat_template.json": {"chat_template": CHAT_TEMPLATE},
+        "generation_config.json": {
+            "bos_token_id": token_ids["<|endoftext|>"],
+            "pad_token_id": token_ids["<|endoftext|>"],
+            "eos_token_id": [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
+            "do_sample": True,
+            "temperature": 1e-6,
+            "repetition_penalty": 1.05,
+        },
+    }
     for name, obj in files.items():
         (target / name).write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def build_checkpoint(target: Path, size: str = "tiny", layout: str = "released", seed: int = 0,
-                     tokenizer_dir: Path | None = None, captions: list[str] | None = None,
-                     num_shards: int = 2, device: str = "cpu") -> Path:
+def build_checkpoint(
+    target: Path,
+    size: str = "tiny",
+    layout: str = "released",
+    seed: int = 0,
+    tokenizer_dir: Path | None = None,
+    captions: list[str] | None = None,
+    num_shards: int = 2,
+    device: str = "cpu",
+) -> Path:
     """Write a randomly initialised Qwen2.5-VL checkpoint (weights, config, tokenizer)."""
     # transformers: imported only when this runs, off the refusal path
     from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -293,8 +405,7 @@ def build_checkpoint(target: Path, size: str = "tiny", layout: str = "released",
         (target / "config.json").unlink()
         model.save_pretrained(target, max_shard_size="200KB" if size == "tiny" else "4GB")
         return target
-    tensors = _released_keys(model.state_dict(), bool(config.tie_word_embeddings),
-                             legacy=layout == "legacy")
+    tensors = _released_keys(model.state_dict(), bool(config.tie_word_embeddings), legacy=layout == "legacy")
     write_shards(tensors, target, num_shards)
     return target
 

@@ -14,6 +14,9 @@ def fused_layer_groups(names: list[str] | set[str]) -> list[list[str]]:
     for name in names:
         parent, _, leaf = name.rpartition(".")
         children[parent].add(leaf)
-    return [[f"{parent}.{leaf}" if parent else leaf for leaf in leaves]
-            for parent, kids in sorted(children.items()) for leaves in FUSED_SIBLINGS
-            if kids.issuperset(leaves)]
+    return [
+        [f"{parent}.{leaf}" if parent else leaf for leaf in leaves]
+        for parent, kids in sorted(children.items())
+        for leaves in FUSED_SIBLINGS
+        if kids.issuperset(leaves)
+    ]

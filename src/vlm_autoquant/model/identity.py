@@ -36,8 +36,11 @@ def shard_layout(shard: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
     base = 8 + size
-    return {k: (v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0],
-                base + v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    return {
+        k: (v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -59,7 +62,7 @@ def sha256_range(path: Path, start: int, end: int) -> str:
     try:
         pos = start
         while pos < end:
-            n = os.preadv(fd, [view[:min(CHUNK, end - pos)]], pos)
+            n = os.preadv(fd, [view[: min(CHUNK, end - pos)]], pos)
             if not n:
                 raise OSError(f"{path} ends at byte {pos}, before {end}")
             h.update(view[:n])
@@ -77,8 +80,7 @@ def _lowest_priority() -> None:
         pass
 
 
-def tensor_digests(model_dir: Path, keep, workers: int = WORKERS,
-                   background: bool = False) -> dict[str, str]:
+def tensor_digests(model_dir: Path, keep, workers: int = WORKERS, background: bool = False) -> dict[str, str]:
     """{name: sha256 of its bytes} for every tensor whose name `keep(name)` accepts.
 
     `background`: the hashing threads run at the lowest CPU priority."""
@@ -88,15 +90,17 @@ def tensor_digests(model_dir: Path, keep, workers: int = WORKERS,
             if keep(name):
                 jobs.append((f"{name}:{dtype}:{list(shape)}", shard, start, end))
     jobs.sort(key=lambda j: j[2] - j[3])  # largest first: no big tensor left for the end
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256",
-                            initializer=_lowest_priority if background else None) as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="sha256", initializer=_lowest_priority if background else None
+    ) as pool:
         digests = pool.map(lambda j: sha256_range(j[1], j[2], j[3]), jobs)
         return {j[0]: d for j, d in zip(jobs, digests)}
 
 
 def canonical_lm_name(name: str) -> str:
-    return "model." + name[len("model.language_model."):] \
-        if name.startswith("model.language_model.") else name
+    return (
+        "model." + name[len("model.language_model.") :] if name.startswith("model.language_model.") else name
+    )
 
 
 def _combined(digests: dict[str, str]) -> str:
@@ -108,15 +112,12 @@ def _combined(digests: dict[str, str]) -> str:
 
 def lm_weights_sha256(model_dir: Path, workers: int = WORKERS, background: bool = False) -> str:
     """The identity of `model_dir`'s LM weights (vision tensors are not read)."""
-    return _combined(tensor_digests(Path(model_dir), lambda n: not VISION_RE.match(n), workers,
-                                    background))
+    return _combined(tensor_digests(Path(model_dir), lambda n: not VISION_RE.match(n), workers, background))
 
 
-def vision_weights_sha256(model_dir: Path, workers: int = WORKERS,
-                          background: bool = False) -> str | None:
+def vision_weights_sha256(model_dir: Path, workers: int = WORKERS, background: bool = False) -> str | None:
     """The identity of `model_dir`'s vision tower (its `visual.*` tensors); None without one."""
-    digests = tensor_digests(Path(model_dir), lambda n: bool(VISION_RE.match(n)), workers,
-                             background)
+    digests = tensor_digests(Path(model_dir), lambda n: bool(VISION_RE.match(n)), workers, background)
     return _combined(digests) if digests else None
 
 
@@ -127,8 +128,9 @@ def start(model_dir: Path, vision: bool = False) -> Future:
     with _lock:
         if key not in _futures:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity")
-            _futures[key] = pool.submit(vision_weights_sha256 if vision else lm_weights_sha256,
-                                        key[0], WORKERS, True)
+            _futures[key] = pool.submit(
+                vision_weights_sha256 if vision else lm_weights_sha256, key[0], WORKERS, True
+            )
             pool.shutdown(wait=False)
         return _futures[key]
 
@@ -148,16 +150,23 @@ def vision_mismatch(model_dir: Path, recorded: str, actual: str | None):
     from ..core.errors import Problem
 
     now = f"{actual[:16]}..." if actual else "none"
-    return Problem("--model-dir", f"{model_dir} holds another vision tower than the checkpoint "
-                   f"the run quantized: run vision_sha256 {recorded[:16]}..., this directory "
-                   f"{now}", "point it at the checkpoint the run used (the manifest's "
-                   "model.directory), or pass --allow-other-weights to export with this vision "
-                   "tower anyway (recorded)")
+    return Problem(
+        "--model-dir",
+        f"{model_dir} holds another vision tower than the checkpoint "
+        f"the run quantized: run vision_sha256 {recorded[:16]}..., this directory "
+        f"{now}",
+        "point it at the checkpoint the run used (the manifest's "
+        "model.directory), or pass --allow-other-weights to export with this vision "
+        "tower anyway (recorded)",
+    )
 
 
 def mismatch(model_dir: Path, recorded: str, actual: str, flag: str = "--model-dir"):
     """The Problem for a model_dir whose LM weights are not the ones the run quantized."""
-    return Problem(flag, f"{model_dir} holds other LM weights than the run quantized: run "
-                   f"weights_sha256 {recorded[:16]}..., this directory {actual[:16]}...",
-                   "point it at the checkpoint the run used (the manifest's model.directory), "
-                   "or pass --allow-other-weights to use these weights anyway (recorded)")
+    return Problem(
+        flag,
+        f"{model_dir} holds other LM weights than the run quantized: run "
+        f"weights_sha256 {recorded[:16]}..., this directory {actual[:16]}...",
+        "point it at the checkpoint the run used (the manifest's model.directory), "
+        "or pass --allow-other-weights to use these weights anyway (recorded)",
+    )

@@ -33,8 +33,9 @@ def text_config(model_dir: Path) -> Qwen2Config:
     for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
         fields.pop(key, None)
     # The VL config's top-level flag decides whether lm_head is tied to the embeddings.
-    fields["tie_word_embeddings"] = bool(getattr(vl, "tie_word_embeddings",
-                                                 fields.get("tie_word_embeddings", False)))
+    fields["tie_word_embeddings"] = bool(
+        getattr(vl, "tie_word_embeddings", fields.get("tie_word_embeddings", False))
+    )
     fields["use_cache"] = False
     for key in ("rope_parameters", "rope_scaling"):  # text-only mrope is plain 1-D RoPE
         rope = fields.get(key)
@@ -58,8 +59,7 @@ def meta_model(cfg: Qwen2Config) -> Qwen2ForCausalLM:
 
 def linear_numels(model: nn.Module) -> dict[str, int]:
     """Weight element count of every nn.Linear of the LM, keyed by module name."""
-    return {name: m.weight.numel() for name, m in model.named_modules()
-            if isinstance(m, nn.Linear)}
+    return {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def pick_device() -> torch.device:
@@ -77,8 +77,13 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device,
-            device_map: dict | None = None, max_memory: dict | None = None) -> Qwen2ForCausalLM:
+def load_lm(
+    model_dir: Path,
+    cfg: Qwen2Config,
+    device: torch.device,
+    device_map: dict | None = None,
+    max_memory: dict | None = None,
+) -> Qwen2ForCausalLM:
     """Load the LM in bf16 on `device`, frozen and in eval mode; vision tensors stay unread.
 
     `device_map`/`max_memory` (from `placement.place`) split it across GPUs instead; the inputs
@@ -87,9 +92,15 @@ def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device,
     extra = {"max_memory": max_memory} if max_memory else {}
     with _quiet_transformers():
         model, info = Qwen2ForCausalLM.from_pretrained(
-            model_dir, config=cfg, dtype=torch.bfloat16, device_map=device_map or {"": device},
+            model_dir,
+            config=cfg,
+            dtype=torch.bfloat16,
+            device_map=device_map or {"": device},
             **extra,
-            key_mapping=KEY_MAPPING, output_loading_info=True, trust_remote_code=False)
+            key_mapping=KEY_MAPPING,
+            output_loading_info=True,
+            trust_remote_code=False,
+        )
     missing = [k for k in info["missing_keys"] if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     unexpected = [k for k in info["unexpected_keys"] if not VISION_RE.match(k)]
     mismatched = list(info.get("mismatched_keys", []))
@@ -97,7 +108,8 @@ def load_lm(model_dir: Path, cfg: Qwen2Config, device: torch.device,
         raise RunFailed(
             f"{model_dir} does not match its own config: missing LM tensors {missing[:5]}, "
             f"unexpected tensors {unexpected[:5]}, shape mismatches {mismatched[:5]}. "
-            "Re-download the checkpoint; it is incomplete or from another model.")
+            "Re-download the checkpoint; it is incomplete or from another model."
+        )
     if cfg.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.requires_grad_(False)  # ModelOpt enables what scoring needs

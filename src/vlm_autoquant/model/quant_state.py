@@ -31,17 +31,23 @@ STATE_FORMAT = "vlm_autoquant.quantized_state/1"
 
 def save(model: nn.Module, target: Path, extra: dict | None = None) -> None:
     """Write {format, modelopt_state, quantizer_state, extra} atomically."""
-    quantizer_state = {k: v.detach().cpu() if torch.is_tensor(v) else v
-                       for k, v in get_quantizer_state_dict(model).items()}
-    payload = {"format": STATE_FORMAT, "modelopt_state": mto.modelopt_state(model),
-               "quantizer_state": quantizer_state, "extra": extra or {}}
+    quantizer_state = {
+        k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in get_quantizer_state_dict(model).items()
+    }
+    payload = {
+        "format": STATE_FORMAT,
+        "modelopt_state": mto.modelopt_state(model),
+        "quantizer_state": quantizer_state,
+        "extra": extra or {},
+    }
     artifacts.write_with(target, lambda f: torch.save(payload, f))
 
 
 def save_weights(model: nn.Module, target: Path) -> None:
     """Optional copy of the LM's BF16 weights (tied lm_head stored once)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-               if "_quantizer" not in k}
+    tensors = {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "_quantizer" not in k
+    }
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
     with artifacts.atomic_path(target) as tmp:
@@ -58,14 +64,18 @@ def _manifest_dict(manifest: Path | dict | None) -> dict | None:
 def _recorded_sha256(state_file: Path, doc: dict | None) -> str:
     recorded = (doc.get("artifacts_sha256") or {}).get(state_file.name) if doc else None
     if not isinstance(recorded, str):
-        raise UsageError(Problem(str(state_file), "the manifest records no sha256 for "
-                                 f"{state_file.name}", "pass the manifest.json written by the "
-                                 "same run (made by a version that records artifact digests)"))
+        raise UsageError(
+            Problem(
+                str(state_file),
+                f"the manifest records no sha256 for {state_file.name}",
+                "pass the manifest.json written by the "
+                "same run (made by a version that records artifact digests)",
+            )
+        )
     return recorded
 
 
-def read_state(state_file: Path, manifest: Path | dict | None = None,
-               where: str | None = None) -> dict:
+def read_state(state_file: Path, manifest: Path | dict | None = None, where: str | None = None) -> dict:
     """The payload of `state_file`, read once: with `manifest`, the bytes loaded are the bytes
     whose sha256 was checked against the manifest's record (nothing is re-read after the check).
     """
@@ -79,16 +89,26 @@ def read_state(state_file: Path, manifest: Path | dict | None = None,
         recorded = _recorded_sha256(state_file, _manifest_dict(manifest))
         actual = hashlib.sha256(data).hexdigest()
         if actual != recorded:
-            raise UsageError(Problem(where, f"{state_file} does not match the run's record: "
-                                     f"sha256 {actual[:12]}... differs from the manifest's "
-                                     f"{recorded[:12]}...: not the state this run wrote",
-                                     "use the quantized_state.pt from the same output dir as the "
-                                     "manifest (or download the run's artifacts again), or "
-                                     "rerun the quantization"))
+            raise UsageError(
+                Problem(
+                    where,
+                    f"{state_file} does not match the run's record: "
+                    f"sha256 {actual[:12]}... differs from the manifest's "
+                    f"{recorded[:12]}...: not the state this run wrote",
+                    "use the quantized_state.pt from the same output dir as the "
+                    "manifest (or download the run's artifacts again), or "
+                    "rerun the quantization",
+                )
+            )
     payload = integrity.load_bytes(data, state_file, where)
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-        raise UsageError(Problem(where, f"{state_file} is not a {STATE_FORMAT} file",
-                                 "pass the quantized_state.pt written by this tool"))
+        raise UsageError(
+            Problem(
+                where,
+                f"{state_file} is not a {STATE_FORMAT} file",
+                "pass the quantized_state.pt written by this tool",
+            )
+        )
     return payload
 
 
@@ -109,31 +129,50 @@ def state_problems(payload: dict, where: str, manifest: dict | None = None) -> l
     layer without its weight amax (or its input amax, for a static per-tensor layer)."""
     state = payload.get("quantizer_state")
     state = state if isinstance(state, dict) else {}
-    fix = ("rerun the quantization (check the calibration data and the checkpoint's weights "
-           "for NaN/Inf)")
+    fix = "rerun the quantization (check the calibration data and the checkpoint's weights for NaN/Inf)"
     out = []
     bad = integrity.nonfinite_amax(state)
     if bad:
-        out.append(Problem(where, f"{len(bad)} quantizer amax value(s) are NaN or Inf (first: "
-                           f"{bad[0]}); restoring them gives non-finite logits", fix))
-    nonpositive = sorted(k for k in state if (a := _amax_of(state, k)) is not None
-                         and a.is_floating_point() and bool((a <= 0).any()))
+        out.append(
+            Problem(
+                where,
+                f"{len(bad)} quantizer amax value(s) are NaN or Inf (first: "
+                f"{bad[0]}); restoring them gives non-finite logits",
+                fix,
+            )
+        )
+    nonpositive = sorted(
+        k
+        for k in state
+        if (a := _amax_of(state, k)) is not None and a.is_floating_point() and bool((a <= 0).any())
+    )
     if nonpositive:
-        out.append(Problem(where, f"{len(nonpositive)} quantizer(s) hold a zero or negative amax "
-                           f"(first: {nonpositive[0]}); a scale must be positive", fix))
+        out.append(
+            Problem(
+                where,
+                f"{len(nonpositive)} quantizer(s) hold a zero or negative amax "
+                f"(first: {nonpositive[0]}); a scale must be positive",
+                fix,
+            )
+        )
     for row in (manifest or {}).get("layers") or []:
         if not isinstance(row, dict) or row.get("format") != "FP8":
             continue
         needed = ["weight"] + (["input"] if row.get("quant_config") == "FP8_DEFAULT_CFG" else [])
         absent = [w for w in needed if _amax_of(state, f"{row.get('name')}.{w}_quantizer") is None]
         if absent:
-            out.append(Problem(where, f"FP8 layer {row.get('name')} (manifest) has no "
-                               f"{' or '.join(absent)} quantizer amax in the state", fix))
+            out.append(
+                Problem(
+                    where,
+                    f"FP8 layer {row.get('name')} (manifest) has no "
+                    f"{' or '.join(absent)} quantizer amax in the state",
+                    fix,
+                )
+            )
     return out
 
 
-def apply(model: nn.Module, state_file: Path | dict, manifest: Path | dict | None = None
-          ) -> nn.Module:
+def apply(model: nn.Module, state_file: Path | dict, manifest: Path | dict | None = None) -> nn.Module:
     """Restore the saved quantizers onto an unquantized LM loaded from the original checkpoint.
 
     `state_file` is a path, or a payload `read_state` returned. With `manifest` (its path or its
@@ -149,9 +188,18 @@ def apply(model: nn.Module, state_file: Path | dict, manifest: Path | dict | Non
         model = mto.restore_from_modelopt_state(model, payload["modelopt_state"])
     bad_shapes = amax_shape_problems(model, payload["quantizer_state"])
     if bad_shapes:
-        raise UsageError([Problem(str(state_file), text, "use the quantized_state.pt the run "
-                                  "wrote (its manifest's sha256 names it), or rerun the "
-                                  "quantization") for text in bad_shapes])
+        raise UsageError(
+            [
+                Problem(
+                    str(state_file),
+                    text,
+                    "use the quantized_state.pt the run "
+                    "wrote (its manifest's sha256 names it), or rerun the "
+                    "quantization",
+                )
+                for text in bad_shapes
+            ]
+        )
     set_quantizer_state_dict(model, payload["quantizer_state"])
     model.eval()
     return model
@@ -174,17 +222,23 @@ def amax_shape_problems(model: nn.Module, quantizer_state: dict, limit: int = 8)
         channels = getattr(linear, "out_features", None)
         allowed = {1} | ({channels} if kind == "weight_quantizer" and channels else set())
         if amax.numel() not in allowed:
-            takes = "a scalar" + (f" or {channels} values (one per output channel)"
-                                  if len(allowed) > 1 else "")
-            out.append(f"quantizer_state[{key!r}]._amax has shape {list(amax.shape)}; "
-                       f"{parent}'s {kind} takes {takes}")
+            takes = "a scalar" + (
+                f" or {channels} values (one per output channel)" if len(allowed) > 1 else ""
+            )
+            out.append(
+                f"quantizer_state[{key!r}]._amax has shape {list(amax.shape)}; "
+                f"{parent}'s {kind} takes {takes}"
+            )
     return out[:limit]
 
 
 def recorded_identity(state_file: Path | dict) -> str | None:
     """The base weights' identity the run recorded in the state (None for older states)."""
-    payload = state_file if isinstance(state_file, dict) else \
-        integrity.load_weights_only(Path(state_file), where=str(state_file))
+    payload = (
+        state_file
+        if isinstance(state_file, dict)
+        else integrity.load_weights_only(Path(state_file), where=str(state_file))
+    )
     return (payload.get("extra") or {}).get("weights_sha256")
 
 
@@ -192,8 +246,9 @@ def check_identity(model_dir: Path, recorded: str | None, allow_other_weights: b
     """Refuse (UsageError, exit 2) a model_dir whose LM weights differ from the recorded ones."""
     actual = identity.result(model_dir)
     if recorded is None:
-        log.warning("the quantized state records no weights_sha256 (an older run): the base "
-                    "weights cannot be checked")
+        log.warning(
+            "the quantized state records no weights_sha256 (an older run): the base weights cannot be checked"
+        )
     elif actual != recorded:
         if not allow_other_weights:
             raise UsageError(identity.mismatch(model_dir, recorded, actual))
@@ -201,8 +256,13 @@ def check_identity(model_dir: Path, recorded: str | None, allow_other_weights: b
     return actual
 
 
-def restore(model_dir: Path, state_file: Path, device: torch.device | None = None,
-            allow_other_weights: bool = False, manifest: Path | dict | None = None) -> nn.Module:
+def restore(
+    model_dir: Path,
+    state_file: Path,
+    device: torch.device | None = None,
+    allow_other_weights: bool = False,
+    manifest: Path | dict | None = None,
+) -> nn.Module:
     """Load the LM of `model_dir` and apply the quantized state: same logits as the run's model.
 
     Raises UsageError when `model_dir`'s LM weights are not the ones the run quantized, unless

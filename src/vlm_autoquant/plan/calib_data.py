@@ -48,7 +48,7 @@ _VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f\ufeff\u200b-\u200f\u2028-\u202f\u
 
 
 def _utf16_without_bom(raw: bytes) -> str | None:
-    """"UTF-16LE"/"UTF-16BE" when the bytes look like BOM-less UTF-16 text (NULs on one side)."""
+    """ "UTF-16LE"/"UTF-16BE" when the bytes look like BOM-less UTF-16 text (NULs on one side)."""
     sample = raw[:65536]
     if len(sample) < 4 or sample[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return None
@@ -65,9 +65,12 @@ def _as_text(raw: bytes, path: Path, flag: str, problems: Problems) -> str | Non
     """The file's bytes as UTF-8 text, or None with the problem (UTF-16, bad bytes, binary)."""
     utf16 = _utf16_without_bom(raw)
     if utf16:
-        problems.add(flag, f"{path} looks like {utf16} text without a byte-order mark (NUL bytes "
-                     "between the characters of line 1)", "re-encode it as UTF-8, e.g. "
-                     f"iconv -f {utf16} -t UTF-8 {path.name} > fixed.txt")
+        problems.add(
+            flag,
+            f"{path} looks like {utf16} text without a byte-order mark (NUL bytes "
+            "between the characters of line 1)",
+            f"re-encode it as UTF-8, e.g. iconv -f {utf16} -t UTF-8 {path.name} > fixed.txt",
+        )
         return None
     lines = raw.split(b"\n")
     try:
@@ -77,19 +80,25 @@ def _as_text(raw: bytes, path: Path, flag: str, problems: Problems) -> str | Non
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                problems.add(flag, f"{path} line {number} is not valid UTF-8 ({exc.reason} at "
-                             f"byte {exc.start})", "re-encode the file as UTF-8, e.g. "
-                             f"iconv -f latin1 -t utf-8 {path.name} > fixed.txt")
+                problems.add(
+                    flag,
+                    f"{path} line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                    f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.txt",
+                )
                 return None
         raise
     controls = len(_CONTROL.findall(text))
     if controls > MAX_CONTROL_FRACTION * len(text):
         first = _CONTROL.search(text)
         line_no = text.count("\n", 0, first.start()) + 1
-        problems.add(flag, f"{path} is not plain text: {controls} control characters (first: "
-                     f"U+{ord(first.group()):04X} on line {line_no}), more than "
-                     f"{MAX_CONTROL_FRACTION:.1%} of the file", "pass a text file of captions, "
-                     "one per line (tabs are fine; NULs and other control characters are not)")
+        problems.add(
+            flag,
+            f"{path} is not plain text: {controls} control characters (first: "
+            f"U+{ord(first.group()):04X} on line {line_no}), more than "
+            f"{MAX_CONTROL_FRACTION:.1%} of the file",
+            "pass a text file of captions, "
+            "one per line (tabs are fine; NULs and other control characters are not)",
+        )
         return None
     return text
 
@@ -98,9 +107,12 @@ def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file
     """Read the file once: a regular UTF-8 text file with at least one visible caption, and
     hardly any control characters (a binary or UTF-16 file is refused, naming the line)."""
     if not paths.exists(path):
-        problems.add(flag, f"{path} does not exist",
-                     "pass --calib-file with a text file of one caption per line (README: "
-                     "'Calibration data' shows how to make one from COCO captions_train2017.json)")
+        problems.add(
+            flag,
+            f"{path} does not exist",
+            "pass --calib-file with a text file of one caption per line (README: "
+            "'Calibration data' shows how to make one from COCO captions_train2017.json)",
+        )
         return None
     if not path.is_file():
         problems.add(flag, f"{path} is not a file", "pass a text file, one caption per line")
@@ -122,12 +134,16 @@ def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file
     lines = raw.split(b"\n")
     nonblank = sum(1 for line in text.split("\n") if _VISIBLE.search(line))
     if nonblank == 0:
-        problems.add(flag, f"{path} has no printable caption (only blank lines, whitespace, "
-                     "byte-order marks or invisible characters)",
-                     "fill it with captions, one per line")
+        problems.add(
+            flag,
+            f"{path} has no printable caption (only blank lines, whitespace, "
+            "byte-order marks or invisible characters)",
+            "fill it with captions, one per line",
+        )
         return None
-    return CaptionFile(path, hashlib.sha256(raw).hexdigest(), len(lines) - (lines[-1] == b""),
-                       nonblank, b"\r\n" in raw)
+    return CaptionFile(
+        path, hashlib.sha256(raw).hexdigest(), len(lines) - (lines[-1] == b""), nonblank, b"\r\n" in raw
+    )
 
 
 def load_captions(path: Path) -> list[str]:
@@ -141,10 +157,11 @@ def load_captions(path: Path) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - datasets wraps I/O errors in its own types
         from datasets import config  # datasets: imported on first use, off the refusal path
 
-        raise RunFailed(f"the datasets text loader could not read {path} ({type(exc).__name__}: "
-                        f"{exc}). It caches the file as Arrow under {config.HF_DATASETS_CACHE}: "
-                        "if that disk is full, free space or point HF_DATASETS_CACHE elsewhere."
-                        ) from exc
+        raise RunFailed(
+            f"the datasets text loader could not read {path} ({type(exc).__name__}: "
+            f"{exc}). It caches the file as Arrow under {config.HF_DATASETS_CACHE}: "
+            "if that disk is full, free space or point HF_DATASETS_CACHE elsewhere."
+        ) from exc
     return [t.strip() for t in ds["text"] if t.strip()]
 
 
@@ -166,13 +183,25 @@ def split_captions(captions: list[str], n_calib: int, n_eval: int, seed: int) ->
     take_eval = min(n_eval, len(unique) // 5) if n_eval else 0
     take_calib = min(n_calib, len(unique) - take_eval)
     if take_calib < n_calib or take_eval < n_eval:
-        log.warning("caption file has %d unique captions: using %d for calibration (asked %d) "
-                    "and %d held out (asked %d)", len(unique), take_calib, n_calib, take_eval, n_eval)
-    eval_idx, calib_idx = perm[:take_eval], perm[take_eval:take_eval + take_calib]
-    record = {"seed": seed, "captions": len(captions), "unique": len(unique),
-              "duplicates_dropped": len(captions) - len(unique), "calib": int(take_calib),
-              "eval": int(take_eval),
-              "eval_indices_sha256": hashlib.sha256(np.sort(eval_idx).tobytes()).hexdigest()}
+        log.warning(
+            "caption file has %d unique captions: using %d for calibration (asked %d) "
+            "and %d held out (asked %d)",
+            len(unique),
+            take_calib,
+            n_calib,
+            take_eval,
+            n_eval,
+        )
+    eval_idx, calib_idx = perm[:take_eval], perm[take_eval : take_eval + take_calib]
+    record = {
+        "seed": seed,
+        "captions": len(captions),
+        "unique": len(unique),
+        "duplicates_dropped": len(captions) - len(unique),
+        "calib": int(take_calib),
+        "eval": int(take_eval),
+        "eval_indices_sha256": hashlib.sha256(np.sort(eval_idx).tobytes()).hexdigest(),
+    }
     return Split([unique[i] for i in calib_idx], [unique[i] for i in eval_idx], record)
 
 
@@ -224,7 +253,7 @@ def pack(tokenizer, captions: list[str], seq_len: int, batch_size: int, seed: in
     batches, batch_captions, real = [], [], 0
     digest = hashlib.sha256()
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         input_ids = torch.full((len(chunk), seq_len), pad, dtype=torch.long)
         labels = torch.full_like(input_ids, IGNORE)
         position_ids = torch.zeros_like(input_ids)
@@ -234,20 +263,20 @@ def pack(tokenizer, captions: list[str], seq_len: int, batch_size: int, seed: in
             for i in members:
                 seg = torch.tensor(segments[i])
                 n = len(seg)
-                input_ids[r, at:at + n] = seg
-                labels[r, at + 1:at + n] = seg[1:]
-                position_ids[r, at:at + n] = torch.arange(n)
-                real_mask[r, at:at + n] = True
+                input_ids[r, at : at + n] = seg
+                labels[r, at + 1 : at + n] = seg[1:]
+                position_ids[r, at : at + n] = torch.arange(n)
+                real_mask[r, at : at + n] = True
                 at += n
             position_ids[r, at:] = torch.arange(seq_len - at)  # padding: a block of its own
             real += at
         digest.update(input_ids.numpy().tobytes())
-        batches.append({"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
-                        "real": real_mask})
+        batches.append(
+            {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "real": real_mask}
+        )
         batch_captions.append(sum(len(m) for m in chunk))
     total = sum(b["input_ids"].numel() for b in batches)
-    return Packed(batches, len(captions), real, total - real, truncated, digest.hexdigest(),
-                  batch_captions)
+    return Packed(batches, len(captions), real, total - real, truncated, digest.hexdigest(), batch_captions)
 
 
 @dataclass
@@ -279,19 +308,29 @@ def build_data(tokenizer, captions: list[str], scheme: Scheme, problems: Problem
     t0 = time.perf_counter()
     split = split_captions(captions, scheme.num_calib_samples, scheme.num_eval_samples, scheme.seed)
     if not split.calib:
-        problems.add("--calib-file", "the caption file leaves no caption for calibration",
-                     "use a file with more captions")
+        problems.add(
+            "--calib-file",
+            "the caption file leaves no caption for calibration",
+            "use a file with more captions",
+        )
         return None
     calib = pack(tokenizer, split.calib, scheme.seq_len, scheme.batch_size, scheme.seed)
-    held = pack(tokenizer, split.eval, scheme.seq_len, scheme.batch_size, scheme.seed) \
-        if split.eval else None
+    held = pack(tokenizer, split.eval, scheme.seq_len, scheme.batch_size, scheme.seed) if split.eval else None
     needed = max(scheme.num_calib_steps, scheme.num_score_steps)
     have = len(calib.batches)
     if have < needed:
-        log.warning("%d calibration captions make %d batches of %dx%d; calibration and scoring "
-                    "will run %d step(s) instead of the %d asked", len(split.calib), have,
-                    scheme.batch_size, scheme.seq_len, have, needed)
+        log.warning(
+            "%d calibration captions make %d batches of %dx%d; calibration and scoring "
+            "will run %d step(s) instead of the %d asked",
+            len(split.calib),
+            have,
+            scheme.batch_size,
+            scheme.seq_len,
+            have,
+            needed,
+        )
     elif have > needed:
-        log.info("%d batches packed; the first %d are used (raise --num-calib-steps to use more)",
-                 have, needed)
+        log.info(
+            "%d batches packed; the first %d are used (raise --num-calib-steps to use more)", have, needed
+        )
     return Data(split, calib, held, min(have, needed), time.perf_counter() - t0)

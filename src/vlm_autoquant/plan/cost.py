@@ -30,15 +30,17 @@ class BitsRange:
         return f"[{self.low:.4g}, {self.high:.4g}]"
 
 
-def bits_range(numels: dict[str, int], disabled: list[str], excluded: list[str],
-               min_format_bits: int) -> BitsRange:
+def bits_range(
+    numels: dict[str, int], disabled: list[str], excluded: list[str], min_format_bits: int
+) -> BitsRange:
     """The effective bits a search can reach: all searched layers at the smallest format, to BF16."""
     counted = {n: k for n, k in numels.items() if not matches(n, excluded)}
     total = sum(counted.values())
     if total == 0:
         return BitsRange(float("nan"), float("nan"), 0)
-    low = sum(k * (BF16_BITS if matches(n, disabled) else min_format_bits)
-              for n, k in counted.items()) / total
+    low = (
+        sum(k * (BF16_BITS if matches(n, disabled) else min_format_bits) for n, k in counted.items()) / total
+    )
     return BitsRange(low, float(BF16_BITS), total)
 
 

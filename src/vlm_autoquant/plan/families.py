@@ -46,31 +46,48 @@ class Family:
 def spec_of(schemes: list[Scheme]) -> SearchSpec:
     first = schemes[0]
     union = sorted({f for s in schemes for f in s.formats}, key=list(FORMAT_BITS).index)
-    return SearchSpec(formats=tuple(union), method=first.method,
-                      num_calib_steps=first.num_calib_steps, num_score_steps=first.num_score_steps,
-                      disabled_layers=tuple(first.disabled_layers),
-                      excluded_from_cost=tuple(first.excluded_from_cost),
-                      fused_scales=first.fused_scales)
+    return SearchSpec(
+        formats=tuple(union),
+        method=first.method,
+        num_calib_steps=first.num_calib_steps,
+        num_score_steps=first.num_score_steps,
+        disabled_layers=tuple(first.disabled_layers),
+        excluded_from_cost=tuple(first.excluded_from_cost),
+        fused_scales=first.fused_scales,
+    )
 
 
 def fingerprint(inputs: Inputs, spec: SearchSpec, scheme: Scheme, data: Data) -> dict:
     """Everything that decides a search's calibration and scores (not the budgets)."""
     v = versions()
-    view = {**{f: getattr(scheme, f) for f in CALIBRATION_FIELDS}, "formats": list(spec.formats),
-            "method": spec.method, "num_score_steps": spec.num_score_steps,
-            "cost_excluded_layers": list(spec.excluded_from_cost)}
+    view = {
+        **{f: getattr(scheme, f) for f in CALIBRATION_FIELDS},
+        "formats": list(spec.formats),
+        "method": spec.method,
+        "num_score_steps": spec.num_score_steps,
+        "cost_excluded_layers": list(spec.excluded_from_cost),
+    }
     return resume.fingerprint(
-        model={"config_sha256": inputs.checkpoint.config_sha256,
-               "weights": inputs.checkpoint.weights_fingerprint},
+        model={
+            "config_sha256": inputs.checkpoint.config_sha256,
+            "weights": inputs.checkpoint.weights_fingerprint,
+        },
         data={"tokens_sha256": data.calib.fingerprint, "steps": data.steps},
-        scheme=view, versions={k: v[k] for k in VERSIONED})
+        scheme=view,
+        versions={k: v[k] for k in VERSIONED},
+    )
 
 
 # The fingerprint keys that decide the calibration alone (shared across methods); the formats
 # are compared as sets (`calibration_source`).
-CALIBRATION_KEYS = ("model.config_sha256", "model.weights", "data.tokens_sha256", "data.steps",
-                    *(f"scheme.{f}" for f in CALIBRATION_FIELDS if f != "formats"),
-                    *(f"versions.{k}" for k in VERSIONED))
+CALIBRATION_KEYS = (
+    "model.config_sha256",
+    "model.weights",
+    "data.tokens_sha256",
+    "data.steps",
+    *(f"scheme.{f}" for f in CALIBRATION_FIELDS if f != "formats"),
+    *(f"versions.{k}" for k in VERSIONED),
+)
 
 
 def _family_key(s: Scheme) -> tuple:
@@ -95,8 +112,14 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
             return []
         placement, members = planned or (None, members)
         first = members[0]
-        dkey = (first.num_calib_samples, first.num_eval_samples, first.seq_len, first.batch_size,
-                first.seed, max(first.num_calib_steps, first.num_score_steps))  # what Data holds
+        dkey = (
+            first.num_calib_samples,
+            first.num_eval_samples,
+            first.seq_len,
+            first.batch_size,
+            first.seed,
+            max(first.num_calib_steps, first.num_score_steps),
+        )  # what Data holds
         if dkey not in datas:
             built = build_data(inputs.tokenizer, inputs.captions, first, problems)
             if built is None:
@@ -105,8 +128,16 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
         spec = spec_of(members)
         fp = fingerprint(inputs, spec, first, datas[dkey])
         name = SEARCH_CHECKPOINT if single else f"group-{resume.fingerprint_hash(fp)[:12]}.pth"
-        families.append(Family(members, datas[dkey], spec, fp,
-                               inputs.options.output_dir / SEARCH_DIR / name, placement=placement))
+        families.append(
+            Family(
+                members,
+                datas[dkey],
+                spec,
+                fp,
+                inputs.options.output_dir / SEARCH_DIR / name,
+                placement=placement,
+            )
+        )
     for f in families:  # refuse foreign or stale checkpoints before loading anything
         f.reuse = resume.check_reusable(f.checkpoint, f.fingerprint, inputs.options.overwrite)
     _share_replicas(families)
@@ -123,8 +154,7 @@ def _share_replicas(families: list[Family]) -> None:
     that ran."""
     placed = [f.placement for f in families]
     reps = next((p.replicas for p in placed if p is not None and p.replicas), ())
-    if not reps or all(p is not None and (p.replicas or p.placement.devices() == [reps[0]])
-                       for p in placed):
+    if not reps or all(p is not None and (p.replicas or p.placement.devices() == [reps[0]]) for p in placed):
         return
     log.info("not every search fits one GPU: the LM is not replicated")
     for f in families:
@@ -132,18 +162,21 @@ def _share_replicas(families: list[Family]) -> None:
             f.placement = dataclasses.replace(f.placement, replicas=())
 
 
-def plan_memory(inputs: Inputs, members: list[Scheme],
-                problems: Problems) -> tuple[LMPlacement, list[Scheme]] | None:
+def plan_memory(
+    inputs: Inputs, members: list[Scheme], problems: Problems
+) -> tuple[LMPlacement, list[Scheme]] | None:
     """Place the LM on the GPUs and pick the batch shape that fits, before anything is loaded.
 
     The catalog's 16x512 steps down to 8x512 with twice the steps (the same tokens), and so on.
     A batch size the user asked for explicitly is never changed: it is refused if it does not fit.
     """
     first, opts = members[0], inputs.options
-    shape = Shape(first.batch_size, first.seq_len, first.method, opts.grad_checkpointing,
-                  len(spec_of(members).formats))
-    request = PlanRequest(opts.gpus, opts.max_gpu_memory, shape, first.num_calib_steps,
-                          first.num_score_steps, opts.parallel)
+    shape = Shape(
+        first.batch_size, first.seq_len, first.method, opts.grad_checkpointing, len(spec_of(members).formats)
+    )
+    request = PlanRequest(
+        opts.gpus, opts.max_gpu_memory, shape, first.num_calib_steps, first.num_score_steps, opts.parallel
+    )
     planned = plan_for(inputs.text_config, request, problems)
     if planned is None:
         return None
@@ -152,14 +185,18 @@ def plan_memory(inputs: Inputs, members: list[Scheme],
     if batch == first.batch_size:
         return placement, members
     if "batch_size" in first.overrides:
-        problems.add("--batch-size", f"{first.batch_size}x{first.seq_len} does not fit the "
-                     f"GPUs' memory; {batch}x{first.seq_len} would",
-                     f"pass --batch-size {batch} --num-calib-steps {calib_steps} "
-                     f"--num-score-steps {score_steps} (the same tokens), or more --gpus")
+        problems.add(
+            "--batch-size",
+            f"{first.batch_size}x{first.seq_len} does not fit the "
+            f"GPUs' memory; {batch}x{first.seq_len} would",
+            f"pass --batch-size {batch} --num-calib-steps {calib_steps} "
+            f"--num-score-steps {score_steps} (the same tokens), or more --gpus",
+        )
         return None
     update = {"batch_size": batch, "num_calib_steps": calib_steps, "num_score_steps": score_steps}
-    return placement, [s.model_copy(update={**update, "overrides": {**s.overrides, **update}})
-                       for s in members]
+    return placement, [
+        s.model_copy(update={**update, "overrides": {**s.overrides, **update}}) for s in members
+    ]
 
 
 def calibration_source(family: Family, done: list[Family]) -> Family | None:
@@ -167,6 +204,7 @@ def calibration_source(family: Family, done: list[Family]) -> Family | None:
     batches and calibration settings, calibrated over (a superset of) its formats."""
     for d in done:
         if set(family.spec.formats) <= set(d.spec.formats) and all(
-                d.fingerprint.get(k) == family.fingerprint.get(k) for k in CALIBRATION_KEYS):
+            d.fingerprint.get(k) == family.fingerprint.get(k) for k in CALIBRATION_KEYS
+        ):
             return d
     return None

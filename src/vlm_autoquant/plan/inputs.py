@@ -13,11 +13,11 @@ if TYPE_CHECKING:
     from .calib_data import CaptionFile
 
 # Scheme fields a command line may override, and the contract's flag where it is not --<field>.
-NOT_OVERRIDABLE = ("name", "description", "formats", "disabled_layers", "cost_excluded_layers",
-                   "overrides")
+NOT_OVERRIDABLE = ("name", "description", "formats", "disabled_layers", "cost_excluded_layers", "overrides")
 FLAG_NAMES = {"method": "--auto-quantize-method"}
-OVERRIDE_FLAGS = {f: FLAG_NAMES.get(f, "--" + f.replace("_", "-"))
-                  for f in Scheme.model_fields if f not in NOT_OVERRIDABLE}
+OVERRIDE_FLAGS = {
+    f: FLAG_NAMES.get(f, "--" + f.replace("_", "-")) for f in Scheme.model_fields if f not in NOT_OVERRIDABLE
+}
 
 
 @dataclass

@@ -57,9 +57,15 @@ class Dims:
 
     @classmethod
     def from_config(cls, cfg) -> "Dims":
-        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
-                   cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size,
-                   bool(cfg.tie_word_embeddings))
+        return cls(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.vocab_size,
+            bool(cfg.tie_word_embeddings),
+        )
 
     @property
     def kv(self) -> int:
@@ -130,16 +136,27 @@ class Plan:
 
     def record(self) -> dict:
         """For the manifest: predicted per-device peaks, by phase."""
-        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "method": self.method,
-                "grad_checkpointing": self.grad_checkpointing, "headroom": HEADROOM,
-                "predicted_gib": {str(d): {k: round(v, 2) for k, v in p.items()}
-                                  | {"peak": round(self.peak(d), 2)}
-                                  for d, p in self.peaks.items()},
-                "usable_gib": {str(d): round(c, 2) for d, c in self.capacity.items()}}
+        return {
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "method": self.method,
+            "grad_checkpointing": self.grad_checkpointing,
+            "headroom": HEADROOM,
+            "predicted_gib": {
+                str(d): {k: round(v, 2) for k, v in p.items()} | {"peak": round(self.peak(d), 2)}
+                for d, p in self.peaks.items()
+            },
+            "usable_gib": {str(d): round(c, 2) for d, c in self.capacity.items()},
+        }
 
 
-def predict(dims: Dims, shape: Shape, placement: Placement | None = None,
-            capacity: dict[int, float] | None = None, freed_diffs: bool = True) -> Plan:
+def predict(
+    dims: Dims,
+    shape: Shape,
+    placement: Placement | None = None,
+    capacity: dict[int, float] | None = None,
+    freed_diffs: bool = True,
+) -> Plan:
     """Peak GiB of every device in each phase (see the module docstring for the terms).
 
     Args:
@@ -179,8 +196,10 @@ def predict(dims: Dims, shape: Shape, placement: Placement | None = None,
             # autoquant.py's row-chunked KL then adds three fp32 temporaries of KL_CHUNK_BYTES.
             # Every decoder layer's BF16 output is kept for the replay (2 B x H per token).
             score = w + n * 2 * h * t + ((10 * t * v + 3 * KL_CHUNK_BYTES) if lands else passing)
-        peaks[d] = {name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
-                    for name, x in zip(PHASES, (w, calib, score, evaluate))}
+        peaks[d] = {
+            name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
+            for name, x in zip(PHASES, (w, calib, score, evaluate))
+        }
     return Plan(batch_size, seq_len, method, grad_checkpointing, peaks, dict(capacity or {}))
 
 
@@ -191,14 +210,18 @@ def usable(capacities_gib: dict[int, float]) -> dict[int, float]:
 
 def plan_summary(plan: Plan, dims: Dims | None = None) -> str:
     """A few log lines: the batch shape and each device's predicted peak per phase."""
-    head = (f"memory plan: {plan.method}, {plan.batch_size}x{plan.seq_len} batches, gradient "
-            f"checkpointing {'on' if plan.grad_checkpointing else 'off'}")
+    head = (
+        f"memory plan: {plan.method}, {plan.batch_size}x{plan.seq_len} batches, gradient "
+        f"checkpointing {'on' if plan.grad_checkpointing else 'off'}"
+    )
     if dims is not None:
         head += f", LM {dims.total_params() * 2 / GIB:.1f} GiB in BF16"
     lines = [head]
     for d, p in plan.peaks.items():
         cap = plan.capacity.get(d)
         phases = ", ".join(f"{k} {v:.1f}" for k, v in p.items())
-        lines.append(f"  GPU {d}: peak {plan.peak(d):.1f} GiB ({phases})"
-                     + (f" of {cap:.1f} GiB usable" if cap is not None else ""))
+        lines.append(
+            f"  GPU {d}: peak {plan.peak(d):.1f} GiB ({phases})"
+            + (f" of {cap:.1f} GiB usable" if cap is not None else "")
+        )
     return "\n".join(lines)

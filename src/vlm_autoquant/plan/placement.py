@@ -47,19 +47,23 @@ def parse_gpus(text: str | None, available: int, problems: Problems) -> list[int
     try:
         ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        problems.add("--gpus", f"{text!r} is not a list of GPU indices", 'e.g. --gpus 0,1 or all')
+        problems.add("--gpus", f"{text!r} is not a list of GPU indices", "e.g. --gpus 0,1 or all")
         return []
     bad = [i for i in ids if not 0 <= i < available]
     if bad or len(set(ids)) != len(ids) or not ids:
-        problems.add("--gpus", f"{text!r}: this machine has {available} GPU(s) (0..{available - 1})"
-                     + (f"; {bad} do not exist" if bad else "; each GPU once"),
-                     "list visible GPUs, e.g. --gpus 0,1, or --gpus all")
+        problems.add(
+            "--gpus",
+            f"{text!r}: this machine has {available} GPU(s) (0..{available - 1})"
+            + (f"; {bad} do not exist" if bad else "; each GPU once"),
+            "list visible GPUs, e.g. --gpus 0,1, or --gpus all",
+        )
         return []
     return ids
 
 
-def parse_max_memory(text: str | None, gpus: list[int], totals_gib: dict[int, float],
-                     problems: Problems) -> dict[int, float]:
+def parse_max_memory(
+    text: str | None, gpus: list[int], totals_gib: dict[int, float], problems: Problems
+) -> dict[int, float]:
     """`--max-gpu-memory`: one size for every GPU ("120GiB") or one per GPU ("120GiB,100GiB").
 
     Returns GiB per GPU, never more than the device has; None means the devices' totals.
@@ -77,16 +81,20 @@ def parse_max_memory(text: str | None, gpus: list[int], totals_gib: dict[int, fl
     if len(sizes) == 1:
         sizes = sizes * len(gpus)
     if len(sizes) != len(gpus):
-        problems.add("--max-gpu-memory", f"{len(sizes)} sizes for {len(gpus)} GPUs {gpus}",
-                     "give one size for all GPUs or one per GPU in --gpus order")
+        problems.add(
+            "--max-gpu-memory",
+            f"{len(sizes)} sizes for {len(gpus)} GPUs {gpus}",
+            "give one size for all GPUs or one per GPU in --gpus order",
+        )
         return {}
     return {g: min(s, totals_gib[g]) for g, s in zip(gpus, sizes)}
 
 
 def device_of(device_map: dict[str, int | str], name: str) -> int | str:
     """The device of module `name` under a (possibly compressed) accelerate device_map."""
-    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")),
-               key=len, default=None)
+    best = max(
+        (k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None
+    )
     if best is None:
         raise KeyError(name)
     return device_map[best]
@@ -105,36 +113,44 @@ class LMPlacement:
 
     @property
     def mode(self) -> str:
-        """"replicas", "layers" (one LM split across GPUs) or "single" (one GPU)."""
-        return "replicas" if self.replicas else \
-            "layers" if len(self.placement.devices()) > 1 else "single"
+        """ "replicas", "layers" (one LM split across GPUs) or "single" (one GPU)."""
+        return "replicas" if self.replicas else "layers" if len(self.placement.devices()) > 1 else "single"
 
     def record(self) -> dict:
         """For the manifest: `placement` and `memory_plan` (with replicas, every GPU's plan is
         the one shown for the first: each holds the same LM and the same batch shape)."""
         p = self.placement
-        return {"placement": {"mode": self.mode, "replicas": list(self.replicas),
-                              "gpus": list(self.replicas) or p.devices(),
-                              "embed_tokens": p.embed, "lm_head": p.head,
-                              "device_map": dict(self.device_map),
-                              "layers": {str(d): [i for i, x in enumerate(p.layers) if x == d]
-                                         for d in p.devices()},
-                              "max_memory_weights_gib": {str(d): round(b / GIB, 2)
-                                                         for d, b in self.max_memory.items()}},
-                "memory_plan": self.plan.record()}
+        return {
+            "placement": {
+                "mode": self.mode,
+                "replicas": list(self.replicas),
+                "gpus": list(self.replicas) or p.devices(),
+                "embed_tokens": p.embed,
+                "lm_head": p.head,
+                "device_map": dict(self.device_map),
+                "layers": {str(d): [i for i, x in enumerate(p.layers) if x == d] for d in p.devices()},
+                "max_memory_weights_gib": {str(d): round(b / GIB, 2) for d, b in self.max_memory.items()},
+            },
+            "memory_plan": self.plan.record(),
+        }
 
     def summary(self, dims: Dims | None = None) -> str:
         lines = [plan_summary(self.plan, dims)]
         if self.replicas:
-            lines.append(f"  data-parallel replicas on GPUs {', '.join(map(str, self.replicas))}: "
-                         f"each holds the whole LM (the plan above, per GPU) and searches "
-                         f"1/{len(self.replicas)} of the batches")
+            lines.append(
+                f"  data-parallel replicas on GPUs {', '.join(map(str, self.replicas))}: "
+                f"each holds the whole LM (the plan above, per GPU) and searches "
+                f"1/{len(self.replicas)} of the batches"
+            )
             return "\n".join(lines)
         for d in self.placement.devices():
             idx = [i for i, x in enumerate(self.placement.layers) if x == d]
             span = f"layers {idx[0]}-{idx[-1]}" if idx else "no layers"
-            extra = [n for n, x in (("embed_tokens", self.placement.embed),
-                                    ("lm_head", self.placement.head)) if x == d]
+            extra = [
+                n
+                for n, x in (("embed_tokens", self.placement.embed), ("lm_head", self.placement.head))
+                if x == d
+            ]
             lines.append(f"  GPU {d}: {span}" + (f" + {', '.join(extra)}" if extra else ""))
         return "\n".join(lines)
 
@@ -175,8 +191,7 @@ def _quiet_accelerate() -> Iterator[None]:
 
 def _placement(device_map: dict, num_layers: int, tied: bool) -> Placement:
     layers = [device_of(device_map, f"model.layers.{i}") for i in range(num_layers)]
-    return Placement(device_of(device_map, "model.embed_tokens"), layers,
-                     device_of(device_map, "lm_head"))
+    return Placement(device_of(device_map, "model.embed_tokens"), layers, device_of(device_map, "lm_head"))
 
 
 _ELSEWHERE = -1  # a device id no GPU has: where `_reserve` puts the layers
@@ -190,9 +205,13 @@ def _reserve(dims: Dims, embed: int, head: int, shape: Shape) -> dict[int, float
     return {d: (plan.peak(d) - plan.peaks[d]["load"] - OVERHEAD_GIB) * GIB for d in {embed, head}}
 
 
-def _device_map(devices: Devices, shape: Shape, w_layer: float, act_layer: float,
-                reserve: Callable[[int, int], dict[int, float]]
-                ) -> tuple[dict, dict[int, int], Placement]:
+def _device_map(
+    devices: Devices,
+    shape: Shape,
+    w_layer: float,
+    act_layer: float,
+    reserve: Callable[[int, int], dict[int, float]],
+) -> tuple[dict, dict[int, int], Placement]:
     """accelerate's device map with each GPU's weight budget shrunk by its layers' activations
     and by `reserve(embed, head)` on the devices of the embeddings and lm_head, balanced first,
     packed if balancing leaves no room. accelerate fills the GPUs in order, so the embeddings
@@ -210,17 +229,24 @@ def _device_map(devices: Devices, shape: Shape, w_layer: float, act_layer: float
                 room = usable_gib[g] * GIB - extra.get(g, 0.0)
                 budget[g] = max(int(min(room * w_layer / (w_layer + act_layer), cap)), 0)
             with _quiet_accelerate():  # it warns that the (absent) CUDA devices are not visible
-                dmap = infer_auto_device_map(meta, max_memory={**budget, "cpu": 0},
-                                             no_split_module_classes=NO_SPLIT,
-                                             dtype=torch.bfloat16)
+                dmap = infer_auto_device_map(
+                    meta,
+                    max_memory={**budget, "cpu": 0},
+                    no_split_module_classes=NO_SPLIT,
+                    dtype=torch.bfloat16,
+                )
             if all(isinstance(v, int) for v in dmap.values()):
                 break
         else:
-            raise UsageError(Problem(
-                "--gpus", f"the LM ({dims.total_params() * 2 / GIB:.1f} GiB in BF16) plus its "
-                f"activations at {shape} do not fit GPUs {gpus} "
-                f"({', '.join(f'{usable_gib[g]:.0f}' for g in gpus)} GiB usable)",
-                "use more GPUs (--gpus), a smaller --batch-size, or --grad-checkpointing on"))
+            raise UsageError(
+                Problem(
+                    "--gpus",
+                    f"the LM ({dims.total_params() * 2 / GIB:.1f} GiB in BF16) plus its "
+                    f"activations at {shape} do not fit GPUs {gpus} "
+                    f"({', '.join(f'{usable_gib[g]:.0f}' for g in gpus)} GiB usable)",
+                    "use more GPUs (--gpus), a smaller --batch-size, or --grad-checkpointing on",
+                )
+            )
         if dims.tied:  # one weight: lm_head must live with the embeddings
             dmap["lm_head"] = device_of(dmap, "model.embed_tokens")
         p = _placement(dmap, dims.layers, dims.tied)
@@ -239,8 +265,7 @@ def place(devices: Devices, shape: Shape) -> LMPlacement:
     if len(gpus) == 1:
         g = gpus[0]
         plan = predict(dims, shape, Placement.single(dims.layers, g), usable_gib)
-        return LMPlacement({"": g}, {g: int(usable_gib[g] * GIB)},
-                           Placement.single(dims.layers, g), plan)
+        return LMPlacement({"": g}, {g: int(usable_gib[g] * GIB)}, Placement.single(dims.layers, g), plan)
     # Per-layer activation bytes, from a plan with the layers alone on one device.
     w_layer = dims.layer_params() * 2
     no_ends = predict(dims, shape, Placement(1, [0] * dims.layers, 1))
@@ -253,8 +278,9 @@ def place(devices: Devices, shape: Shape) -> LMPlacement:
     return LMPlacement(dict(dmap), budget, p, predict(dims, shape, p, usable_gib))
 
 
-def plan_run(devices: Devices, shape: Shape, calib_steps: int,
-             score_steps: int) -> tuple[LMPlacement, int, int]:
+def plan_run(
+    devices: Devices, shape: Shape, calib_steps: int, score_steps: int
+) -> tuple[LMPlacement, int, int]:
     """The largest batch (halving, steps doubled to keep the tokens) whose placement fits.
 
     Returns (placement, calib_steps, score_steps); raises UsageError with the figures if none.
@@ -266,10 +292,15 @@ def plan_run(devices: Devices, shape: Shape, calib_steps: int,
             if lp.plan.fits():
                 return lp, calib_steps * scale, score_steps * scale
             worst = max(lp.plan.peaks, key=lambda d: lp.plan.peak(d) - usable_gib[d])
-            err = UsageError(Problem(
-                "--batch-size", f"at {shape} the {shape.method} search needs "
-                f"{lp.plan.peak(worst):.1f} GiB on GPU {worst}, which has "
-                f"{usable_gib[worst]:.1f} GiB usable", ""))
+            err = UsageError(
+                Problem(
+                    "--batch-size",
+                    f"at {shape} the {shape.method} search needs "
+                    f"{lp.plan.peak(worst):.1f} GiB on GPU {worst}, which has "
+                    f"{usable_gib[worst]:.1f} GiB usable",
+                    "",
+                )
+            )
         except UsageError as exc:
             err = exc
         first_error = first_error or err
@@ -282,8 +313,9 @@ def plan_run(devices: Devices, shape: Shape, calib_steps: int,
     raise UsageError(Problem("--batch-size", f"nothing fits down to {shape}: {msg}", fixes))
 
 
-def plan_replicas(devices: Devices, shape: Shape, calib_steps: int, score_steps: int,
-                  explicit: bool) -> tuple[LMPlacement, int, int] | None:
+def plan_replicas(
+    devices: Devices, shape: Shape, calib_steps: int, score_steps: int, explicit: bool
+) -> tuple[LMPlacement, int, int] | None:
     """One whole LM per GPU, the plan of one GPU (the smallest usable memory) for each.
 
     `--parallel auto` (explicit False) takes replicas only where the LM and the requested batch
@@ -296,8 +328,9 @@ def plan_replicas(devices: Devices, shape: Shape, calib_steps: int, score_steps:
     """
     gpus, dims = devices.gpus, devices.dims
     world, first = len(gpus), gpus[0]
-    one = dataclasses.replace(devices, gpus=[first],
-                              usable_gib={first: min(devices.usable_gib[g] for g in gpus)})
+    one = dataclasses.replace(
+        devices, gpus=[first], usable_gib={first: min(devices.usable_gib[g] for g in gpus)}
+    )
     if explicit:
         lp, calib_steps, score_steps = plan_run(one, shape, calib_steps, score_steps)
     else:
@@ -306,17 +339,23 @@ def plan_replicas(devices: Devices, shape: Shape, calib_steps: int, score_steps:
             return None
         lm_gib = dims.total_params() * 2 / GIB
         if lm_gib < REPLICAS_MIN_LM_GIB:
-            note = (f"the LM ({lm_gib:.1f} GiB) searches on GPU {first} alone: replicas pay from "
-                    f"{REPLICAS_MIN_LM_GIB:g} GiB (docs/PERFORMANCE.md); --parallel replicas "
-                    "forces them")
+            note = (
+                f"the LM ({lm_gib:.1f} GiB) searches on GPU {first} alone: replicas pay from "
+                f"{REPLICAS_MIN_LM_GIB:g} GiB (docs/PERFORMANCE.md); --parallel replicas "
+                "forces them"
+            )
             return dataclasses.replace(lp, note=note), calib_steps, score_steps
     if min(calib_steps, score_steps) < world:
         if not explicit:
             return lp, calib_steps, score_steps  # one GPU, the one rank 0 of replicas holds
-        raise UsageError(Problem(
-            "--parallel", f"replicas on {world} GPUs need at least {world} calibration and score "
-            f"steps (one batch each); the run has {calib_steps} and {score_steps}",
-            "raise --num-calib-steps/--num-score-steps, use fewer --gpus, or --parallel layers"))
+        raise UsageError(
+            Problem(
+                "--parallel",
+                f"replicas on {world} GPUs need at least {world} calibration and score "
+                f"steps (one batch each); the run has {calib_steps} and {score_steps}",
+                "raise --num-calib-steps/--num-score-steps, use fewer --gpus, or --parallel layers",
+            )
+        )
     return dataclasses.replace(lp, replicas=tuple(gpus)), calib_steps, score_steps
 
 
@@ -324,12 +363,14 @@ def cuda_totals_gib() -> dict[int, float]:
     """Total memory of each visible CUDA device (empty on a CPU machine)."""
     if not torch.cuda.is_available():
         return {}
-    return {i: torch.cuda.get_device_properties(i).total_memory / GIB
-            for i in range(torch.cuda.device_count())}
+    return {
+        i: torch.cuda.get_device_properties(i).total_memory / GIB for i in range(torch.cuda.device_count())
+    }
 
 
-def plan_for(cfg, request: PlanRequest, problems: Problems,
-             totals_gib: dict[int, float] | None = None) -> tuple[LMPlacement, int, int] | None:
+def plan_for(
+    cfg, request: PlanRequest, problems: Problems, totals_gib: dict[int, float] | None = None
+) -> tuple[LMPlacement, int, int] | None:
     """Validation before loading: parse the flags, place the LM, pick the batch (or a Problem).
 
     Returns None on a machine without GPUs (the CPU path loads on the CPU).
@@ -345,8 +386,7 @@ def plan_for(cfg, request: PlanRequest, problems: Problems,
     steps = (request.calib_steps, request.score_steps)
     try:
         if len(gpus) > 1 and request.parallel != "layers":
-            planned = plan_replicas(devices, request.shape, *steps,
-                                    explicit=request.parallel == "replicas")
+            planned = plan_replicas(devices, request.shape, *steps, explicit=request.parallel == "replicas")
             if planned is not None:
                 return planned
         return plan_run(devices, request.shape, *steps)
@@ -360,6 +400,7 @@ def measured_peaks_gib(worker_peaks_gib: dict[str, float]) -> dict[str, float]:
     (a GPU searched by a replica process: that process's own figure, `worker_peaks_gib`)."""
     if not torch.cuda.is_available():
         return {}
-    own = {str(i): round(torch.cuda.max_memory_allocated(i) / GIB, 2)
-           for i in range(torch.cuda.device_count())}
+    own = {
+        str(i): round(torch.cuda.max_memory_allocated(i) / GIB, 2) for i in range(torch.cuda.device_count())
+    }
     return {d: max(gib, worker_peaks_gib.get(d, 0.0)) for d, gib in own.items()}

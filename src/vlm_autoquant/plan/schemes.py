@@ -37,8 +37,16 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # Fields that decide the calibration (amax values) and the sensitivity scores. Two schemes that
 # agree on these share one AutoQuantize search; effective_bits is only the budget of the solve.
-CALIBRATION_FIELDS = ("formats", "num_calib_samples", "num_calib_steps", "seq_len", "batch_size",
-                      "seed", "disabled_layers", "fused_scales")
+CALIBRATION_FIELDS = (
+    "formats",
+    "num_calib_samples",
+    "num_calib_steps",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "disabled_layers",
+    "fused_scales",
+)
 SCORING_FIELDS = CALIBRATION_FIELDS + ("method", "num_score_steps", "cost_excluded_layers")
 
 
@@ -69,8 +77,9 @@ class Scheme(BaseModel):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         if not NAME_RE.match(v) or ".." in v:
-            raise ValueError("use lowercase letters, digits, '.', '_' and '-' (no '..', no '/'), "
-                             "at most 64 characters")
+            raise ValueError(
+                "use lowercase letters, digits, '.', '_' and '-' (no '..', no '/'), at most 64 characters"
+            )
         return v
 
     @field_validator("formats")
@@ -82,8 +91,7 @@ class Scheme(BaseModel):
 
     @property
     def excluded_from_cost(self) -> list[str]:
-        return list(self.disabled_layers if self.cost_excluded_layers is None
-                    else self.cost_excluded_layers)
+        return list(self.disabled_layers if self.cost_excluded_layers is None else self.cost_excluded_layers)
 
     def scoring_view(self) -> dict[str, Any]:
         """The settings that decide the search's calibration and scores."""
@@ -105,8 +113,8 @@ def _no_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool 
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})",
-                key_node.start_mark)
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
@@ -181,10 +189,14 @@ def _describe(err: dict, where: str) -> Problem:
     if err["type"] == "missing":
         return Problem(key, "required key is missing", "add it (see configs/schemes.yaml)")
     if err["type"] == "literal_error" and "formats" in loc:
-        return Problem(key, f"unknown ModelOpt format {_shown(err['input'])}",
-                       f"use one of: {', '.join(FORMAT_BITS)}")
-    return Problem(key, f"{err['msg']} (got {_shown(err.get('input'))})",
-                   "fix the value; expected types are listed in configs/schemes.yaml")
+        return Problem(
+            key, f"unknown ModelOpt format {_shown(err['input'])}", f"use one of: {', '.join(FORMAT_BITS)}"
+        )
+    return Problem(
+        key,
+        f"{err['msg']} (got {_shown(err.get('input'))})",
+        "fix the value; expected types are listed in configs/schemes.yaml",
+    )
 
 
 def validate_scheme(data: dict[str, Any], where: str) -> Scheme:
@@ -213,33 +225,49 @@ def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
     try:
         text = paths.read_regular(path, MAX_CATALOG_BYTES).decode("utf-8")
     except FileNotFoundError:
-        raise UsageError(Problem(where, "catalog file not found",
-                                 "pass --catalog PATH or restore configs/schemes.yaml")) from None
+        raise UsageError(
+            Problem(where, "catalog file not found", "pass --catalog PATH or restore configs/schemes.yaml")
+        ) from None
     except OSError as exc:
         raise UsageError(Problem(where, *paths.describe_oserror(path, exc))) from None
     except (paths.NotARegularFile, UnicodeDecodeError) as exc:
-        raise UsageError(Problem(where, f"cannot read the catalog: {exc}",
-                                 "pass a YAML text file (--catalog PATH)")) from None
+        raise UsageError(
+            Problem(where, f"cannot read the catalog: {exc}", "pass a YAML text file (--catalog PATH)")
+        ) from None
     try:
         doc = load_yaml(text)  # a SafeLoader: no arbitrary objects
     except AliasBomb as exc:
-        raise UsageError(Problem(where, f"refused: {exc} (an alias bomb?)", "write the "
-                                 "catalog without aliases nested inside aliases")) from None
+        raise UsageError(
+            Problem(
+                where,
+                f"refused: {exc} (an alias bomb?)",
+                "write the catalog without aliases nested inside aliases",
+            )
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        fix = ("rename or remove one of the two entries" if "duplicate key" in problem
-               else "fix the YAML syntax at that line")
+        fix = (
+            "rename or remove one of the two entries"
+            if "duplicate key" in problem
+            else "fix the YAML syntax at that line"
+        )
         raise UsageError(Problem(f"{where}{line}", f"malformed YAML: {problem}", fix)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("schemes"), dict) or not doc["schemes"]:
-        raise UsageError(Problem(where, "expected a mapping with a non-empty 'schemes' mapping",
-                                 "see configs/schemes.yaml for the layout"))
+        raise UsageError(
+            Problem(
+                where,
+                "expected a mapping with a non-empty 'schemes' mapping",
+                "see configs/schemes.yaml for the layout",
+            )
+        )
     unknown = set(doc) - {"schema_version", "defaults", "schemes"}
     problems = Problems()
     for key in sorted(unknown):
-        problems.add(f"{where}.{key}", "unknown top-level key",
-                     "use only schema_version, defaults and schemes")
+        problems.add(
+            f"{where}.{key}", "unknown top-level key", "use only schema_version, defaults and schemes"
+        )
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         problems.add(f"{where}.defaults", "must be a mapping", "write key: value pairs")
@@ -251,23 +279,28 @@ def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
             problems.add(scheme_where, "must be a mapping of settings", "see the other schemes")
             continue
         try:
-            catalog[str(name)] = validate_scheme({**defaults, **body, "name": str(name)},
-                                                 scheme_where)
+            catalog[str(name)] = validate_scheme({**defaults, **body, "name": str(name)}, scheme_where)
         except UsageError as exc:
             problems.extend(exc.problems)
     problems.raise_if_any()
     return catalog
 
 
-def resolve(catalog: dict[str, Scheme], name: str, overrides: dict[str, Any],
-            flags: dict[str, str] | None = None) -> Scheme:
+def resolve(
+    catalog: dict[str, Scheme], name: str, overrides: dict[str, Any], flags: dict[str, str] | None = None
+) -> Scheme:
     """Pick a scheme and apply CLI overrides (None = keep the scheme's value).
 
     `flags` maps a field to the CLI flag that set it, for error messages.
     """
     if name not in catalog:
-        raise UsageError(Problem("--scheme-name", f"unknown scheme {name!r}",
-                                 f"use one of: {', '.join(catalog)} (see --list-schemes)"))
+        raise UsageError(
+            Problem(
+                "--scheme-name",
+                f"unknown scheme {name!r}",
+                f"use one of: {', '.join(catalog)} (see --list-schemes)",
+            )
+        )
     given = {k: v for k, v in overrides.items() if v is not None}
     base = catalog[name]
     changed = {k: v for k, v in given.items() if getattr(base, k) != v}
@@ -278,10 +311,16 @@ def resolve(catalog: dict[str, Scheme], name: str, overrides: dict[str, Any],
         problems = []
         for e in exc.errors():
             field = str(e["loc"][0]) if e["loc"] else ""
-            flag = (flags or {}).get(field, "--" + field.replace("_", "-")) if field in given \
+            flag = (
+                (flags or {}).get(field, "--" + field.replace("_", "-"))
+                if field in given
                 else f"scheme {name}.{field}"
-            problems.append(Problem(flag, f"{e['msg']} (got {_shown(e.get('input'))})",
-                                    "pass a value in the allowed range"))
+            )
+            problems.append(
+                Problem(
+                    flag, f"{e['msg']} (got {_shown(e.get('input'))})", "pass a value in the allowed range"
+                )
+            )
         raise UsageError(problems) from None
 
 
@@ -289,6 +328,7 @@ def describe_catalog(catalog: dict[str, Scheme]) -> str:
     """A human-readable table of the catalog for --list-schemes."""
     lines = [f"{'scheme':24} {'bits':>5} {'method':8} {'formats':44} description"]
     for s in catalog.values():
-        lines.append(f"{s.name:24} {s.effective_bits:>5g} {s.method:8} "
-                     f"{'+'.join(s.formats):44} {s.description}")
+        lines.append(
+            f"{s.name:24} {s.effective_bits:>5g} {s.method:8} {'+'.join(s.formats):44} {s.description}"
+        )
     return "\n".join(lines)

@@ -69,9 +69,12 @@ def versions() -> dict[str, str | None]:
     """Python, torch, CUDA, device and the installed versions of the libraries that matter."""
     import torch  # torch: this module is imported on the refusal path
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda, "device": torch.cuda.get_device_name()
-           if torch.cuda.is_available() else "cpu"}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
     for name in ("transformers", "nvidia-modelopt", "datasets", "mlflow", "safetensors"):
         try:
             out[name] = metadata.version(name)
@@ -112,20 +115,32 @@ def calib_path(given: Path | None) -> Path:
 
 def check_bits(scheme: Scheme, numels: dict[str, int], problems: Problems, flag: str) -> None:
     """The target must lie in the range the scheme's formats and exclusions allow."""
-    rng = cost.bits_range(numels, scheme.disabled_layers, scheme.excluded_from_cost,
-                          min(FORMAT_BITS[f] for f in scheme.formats))
+    rng = cost.bits_range(
+        numels, scheme.disabled_layers, scheme.excluded_from_cost, min(FORMAT_BITS[f] for f in scheme.formats)
+    )
     if rng.counted_weights == 0:
-        problems.add(f"scheme {scheme.name}", "cost_excluded_layers exclude every LM linear",
-                     "exclude fewer layers so that the effective-bits budget has a denominator")
+        problems.add(
+            f"scheme {scheme.name}",
+            "cost_excluded_layers exclude every LM linear",
+            "exclude fewer layers so that the effective-bits budget has a denominator",
+        )
     elif not rng.contains(scheme.effective_bits):
-        problems.add(flag, f"{scheme.effective_bits:g} effective bits is not achievable for "
-                     f"scheme {scheme.name}: the achievable range is {rng}",
-                     f"pass a value in {rng} (the low end puts every searched layer in FP8)")
+        problems.add(
+            flag,
+            f"{scheme.effective_bits:g} effective bits is not achievable for "
+            f"scheme {scheme.name}: the achievable range is {rng}",
+            f"pass a value in {rng} (the low end puts every searched layer in FP8)",
+        )
 
 
-def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
-           problems: Problems, flags: dict[str, str] | None = None,
-           finished_marker: str = MANIFEST_FILE) -> Inputs | None:
+def gather(
+    options: RunOptions,
+    scheme_names: list[str],
+    overrides: dict,
+    problems: Problems,
+    flags: dict[str, str] | None = None,
+    finished_marker: str = MANIFEST_FILE,
+) -> Inputs | None:
     """Check dependencies, catalog, scheme(s), checkpoint, data file, output dir and tracking.
 
     Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
@@ -133,13 +148,18 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
     from .calib_data import check_caption_file, load_captions  # torch: not on the refusal path
 
     schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
-    info = inspect_checkpoint(options.model_dir, problems) \
-        if paths.probe(options.model_dir, "--model-dir", problems, "dir") else None
+    info = (
+        inspect_checkpoint(options.model_dir, problems)
+        if paths.probe(options.model_dir, "--model-dir", problems, "dir")
+        else None
+    )
     calib = calib_path(options.calib_file)
-    caption_file = check_caption_file(calib, problems) \
-        if paths.probe(calib, "--calib-file", problems, "file") else None
-    check_output_dir(options.output_dir, problems, finished_marker, options.overwrite,
-                     model_dir=options.model_dir)
+    caption_file = (
+        check_caption_file(calib, problems) if paths.probe(calib, "--calib-file", problems, "file") else None
+    )
+    check_output_dir(
+        options.output_dir, problems, finished_marker, options.overwrite, model_dir=options.model_dir
+    )
     tracking.check_reachable(problems, options.experiment)
     check_key_file(problems)
     check_gpu_flags(options.gpus, options.max_gpu_memory, problems)
@@ -157,8 +177,9 @@ def gather(options: RunOptions, scheme_names: list[str], overrides: dict,
     tracking.create_store(problems)  # a new SQLite store, whole, before any weight is loaded
     if problems:
         return None
-    return Inputs(options, schemes, info, text_cfg, numels, caption_file, tokenizer,
-                  load_captions(caption_file.path))
+    return Inputs(
+        options, schemes, info, text_cfg, numels, caption_file, tokenizer, load_captions(caption_file.path)
+    )
 
 
 _GPU_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
@@ -169,27 +190,34 @@ def check_gpu_flags(gpus: str | None, max_memory: str | None, problems: Problems
     GPU indices once each, sizes positive (placement.py checks them against the GPUs)."""
     if gpus is not None and gpus.strip() and gpus.strip().lower() != "all":
         ids = [x.strip() for x in gpus.split(",")]
-        if not all(x.isdigit() for x in ids) or len(set(map(int, filter(str.isdigit, ids)))) \
-                != len(ids):
-            problems.add("--gpus", f"{gpus!r} is not a list of distinct GPU indices",
-                         "e.g. --gpus 0,1, or --gpus all")
+        if not all(x.isdigit() for x in ids) or len(set(map(int, filter(str.isdigit, ids)))) != len(ids):
+            problems.add(
+                "--gpus", f"{gpus!r} is not a list of distinct GPU indices", "e.g. --gpus 0,1, or --gpus all"
+            )
     if max_memory is not None and max_memory.strip():
         sizes = [_GPU_SIZE.match(x) for x in max_memory.split(",")]
         if not all(m and float(m.group(1)) > 0 for m in sizes):
-            problems.add("--max-gpu-memory", f"{max_memory!r} is not one positive size or one "
-                         "per GPU", "e.g. --max-gpu-memory 120GiB, or 120GiB,100GiB")
+            problems.add(
+                "--max-gpu-memory",
+                f"{max_memory!r} is not one positive size or one per GPU",
+                "e.g. --max-gpu-memory 120GiB, or 120GiB,100GiB",
+            )
 
 
 def _check_budgets(schemes: list[Scheme], numels: dict[str, int], problems: Problems) -> None:
     for s in schemes if numels else []:
-        flag = "--effective-bits" if "effective_bits" in s.overrides \
-            else f"scheme {s.name}.effective_bits"
+        flag = "--effective-bits" if "effective_bits" in s.overrides else f"scheme {s.name}.effective_bits"
         if not any(p.input == flag for p in problems.items):
             check_bits(s, numels, problems, flag)
 
 
-def check_schemes(catalog_file: Path | None, names: list[str], overrides: dict,
-                  flags: dict[str, str] | None, problems: Problems) -> list[Scheme]:
+def check_schemes(
+    catalog_file: Path | None,
+    names: list[str],
+    overrides: dict,
+    flags: dict[str, str] | None,
+    problems: Problems,
+) -> list[Scheme]:
     """Load the catalog and resolve each named scheme with the CLI overrides."""
     schemes: list[Scheme] = []
     if catalog_file is not None and not paths.probe(catalog_file, "--catalog", problems, "file"):
@@ -203,8 +231,9 @@ def check_schemes(catalog_file: Path | None, names: list[str], overrides: dict,
     return schemes
 
 
-def read_text_config(model_dir: Path, info: "CheckpointInfo",
-                     problems: Problems) -> tuple[object, dict[str, int] | None]:
+def read_text_config(
+    model_dir: Path, info: "CheckpointInfo", problems: Problems
+) -> tuple[object, dict[str, int] | None]:
     """The LM's config and the weight count of each linear (meta device, no weights); every LM
     tensor in the files must be named and shaped as the config's architecture says."""
     from ..model.checkpoint import check_config_sizes
@@ -212,18 +241,26 @@ def read_text_config(model_dir: Path, info: "CheckpointInfo",
 
     try:
         cfg = text_config(model_dir)
-        sizes = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "hidden_size",
-                                                    "vocab_size", "intermediate_size")}
+        sizes = {
+            k: getattr(cfg, k, None)
+            for k in ("num_hidden_layers", "hidden_size", "vocab_size", "intermediate_size")
+        }
         if not check_config_sizes(info, sizes, problems):
             return None, None  # no module is built for sizes the weights do not have
         meta = meta_model(cfg)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
-        problems.add("--model-dir", f"config.json cannot be read as Qwen2.5-VL "
-                     f"({type(exc).__name__}: {str(exc)[:300]})",
-                     "restore the checkpoint's original config.json")
+        problems.add(
+            "--model-dir",
+            f"config.json cannot be read as Qwen2.5-VL ({type(exc).__name__}: {str(exc)[:300]})",
+            "restore the checkpoint's original config.json",
+        )
         return None, None
-    check_lm_tensors(info, {k: tuple(v.shape) for k, v in meta.state_dict().items()},
-                     bool(cfg.tie_word_embeddings), problems)
+    check_lm_tensors(
+        info,
+        {k: tuple(v.shape) for k, v in meta.state_dict().items()},
+        bool(cfg.tie_word_embeddings),
+        problems,
+    )
     return cfg, linear_numels(meta)
 
 
@@ -233,6 +270,9 @@ def load_tokenizer(model_dir: Path, problems: Problems):
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
-        problems.add("--model-dir", f"the tokenizer cannot be loaded ({exc})",
-                     "copy tokenizer.json and tokenizer_config.json from the original checkpoint")
+        problems.add(
+            "--model-dir",
+            f"the tokenizer cannot be loaded ({exc})",
+            "copy tokenizer.json and tokenizer_config.json from the original checkpoint",
+        )
         return None

@@ -41,12 +41,14 @@ def sensitivity(rows: list[LayerRow], title: str) -> Figure:
             continue
         by_proj.setdefault(pos[1], []).append((pos[0], min(fp8_scores), _fmt_label(r)))
     projs = [p for p in PROJECTIONS if p in by_proj] + sorted(set(by_proj) - set(PROJECTIONS))
-    fp8_labels = list(dict.fromkeys(label for p in projs for _, _, label in sorted(by_proj[p])
-                                    if label != BF16_LABEL))
+    fp8_labels = list(
+        dict.fromkeys(label for p in projs for _, _, label in sorted(by_proj[p]) if label != BF16_LABEL)
+    )
     colours = {label: FP8_COLOURS[i % len(FP8_COLOURS)] for i, label in enumerate(fp8_labels)}
     colours[BF16_LABEL] = BF16_COLOUR
-    present = fp8_labels + ([BF16_LABEL] if any(f == BF16_LABEL for p in by_proj.values()
-                                                for _, _, f in p) else [])
+    present = fp8_labels + (
+        [BF16_LABEL] if any(f == BF16_LABEL for p in by_proj.values() for _, _, f in p) else []
+    )
 
     floor, top = score_range([s for p in by_proj.values() for _, s, _ in p])
     fig = Figure(figsize=(9, 1.3 * max(len(projs), 1) + 1.6))
@@ -54,21 +56,33 @@ def sensitivity(rows: list[LayerRow], title: str) -> Figure:
     for ax, proj in zip(axes, projs):
         pts = sorted(by_proj[proj])
         # Every bar starts at the shared floor; a score at or below it (0 included) is a stub.
-        ax.bar([i for i, _, _ in pts], [max(s, floor * 1.15) - floor for _, s, _ in pts],
-               bottom=floor, color=[colours[f] for _, _, f in pts])
+        ax.bar(
+            [i for i, _, _ in pts],
+            [max(s, floor * 1.15) - floor for _, s, _ in pts],
+            bottom=floor,
+            color=[colours[f] for _, _, f in pts],
+        )
         ax.set_yscale("log")
         ax.set_ylabel(proj, rotation=0, ha="right", va="center")
     for ax in axes:
         ax.set_ylim(floor, top)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel(LAYER_LABEL)
-    fig.supylabel(f"{SCORE_LABEL}\nbars start at {floor:.0e}, one decade below the smallest "
-                  "score; 0 is drawn at the floor", fontsize="small")
+    fig.supylabel(
+        f"{SCORE_LABEL}\nbars start at {floor:.0e}, one decade below the smallest "
+        "score; 0 is drawn at the floor",
+        fontsize="small",
+    )
     fig.suptitle(f"{title}: per-layer sensitivity by chosen format (lower = safer to quantize)")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.legend(handles=[Patch(color=colours[f], label=f) for f in present], loc="upper center",
-               bbox_to_anchor=(0.5, 0.955), ncol=max(len(present), 1), fontsize="small",
-               frameon=False)
+    fig.legend(
+        handles=[Patch(color=colours[f], label=f) for f in present],
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.955),
+        ncol=max(len(present), 1),
+        fontsize="small",
+        frameon=False,
+    )
     return fig
 
 
@@ -111,9 +125,17 @@ def _label_column(ax, pts: list[tuple[float, float, str]]) -> None:
     for i, place in zip(order, places):
         x, y, name = pts[i]
         ax.plot([x, right], [y, y], color="0.6", lw=0.6, zorder=1, clip_on=False)
-        ax.annotate(name, (1.0, frac[i]), xycoords="axes fraction", xytext=(1.03, place),
-                    textcoords="axes fraction", fontsize="small", va="center", ha="left",
-                    arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6, shrinkA=0, shrinkB=0))
+        ax.annotate(
+            name,
+            (1.0, frac[i]),
+            xycoords="axes fraction",
+            xytext=(1.03, place),
+            textcoords="axes fraction",
+            fontsize="small",
+            va="center",
+            ha="left",
+            arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6, shrinkA=0, shrinkB=0),
+        )
 
 
 PARETO_AXES = (
@@ -128,8 +150,7 @@ def pareto(points: list[dict]) -> Figure:
     fig = Figure(figsize=(13, max(4.2, 0.3 * n + 1.5)))
     axes = fig.subplots(1, 2)
     for ax, (key, label) in zip(axes, PARETO_AXES):
-        pts = [(p["effective_bits"], p[key], p["scheme"]) for p in points
-               if p.get(key) is not None]
+        pts = [(p["effective_bits"], p[key], p["scheme"]) for p in points if p.get(key) is not None]
         ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], s=36, zorder=3)
         ax.margins(x=0.08, y=0.1)
         _label_column(ax, pts)
@@ -148,16 +169,25 @@ def predicted_vs_measured(rows: list[dict]) -> Figure:
     colour = {m: METHOD_COLOURS[i % len(METHOD_COLOURS)] for i, m in enumerate(methods)}
     fig = Figure(figsize=(8, max(4.2, 0.3 * len(rows) + 1.5)))
     ax = fig.subplots()
-    ax.scatter([r["predicted_loss"] for r in rows], [r["kl_mean"] for r in rows], s=36,
-               c=[colour[r.get("method") or "?"] for r in rows], zorder=3)
+    ax.scatter(
+        [r["predicted_loss"] for r in rows],
+        [r["kl_mean"] for r in rows],
+        s=36,
+        c=[colour[r.get("method") or "?"] for r in rows],
+        zorder=3,
+    )
     ax.margins(x=0.08, y=0.1)
     _label_column(ax, [(r["predicted_loss"], r["kl_mean"], r["scheme"]) for r in rows])
     ax.set_xlabel("predicted loss (sum of chosen candidates' scores)")
     ax.set_ylabel("measured mean KL(BF16 || quantized) per token")
     ax.grid(alpha=0.3)
-    ax.legend(handles=[Line2D([], [], marker="o", ls="", color=colour[m], label=f"scored by {m}")
-                       for m in methods], loc="best", fontsize="small",
-              title="search method", title_fontsize="small")
+    ax.legend(
+        handles=[Line2D([], [], marker="o", ls="", color=colour[m], label=f"scored by {m}") for m in methods],
+        loc="best",
+        fontsize="small",
+        title="search method",
+        title_fontsize="small",
+    )
     fig.suptitle("Does the search's score predict the damage?")
     fig.subplots_adjust(left=0.12, right=0.7, bottom=0.13, top=0.9)
     return fig

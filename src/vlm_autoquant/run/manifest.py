@@ -56,8 +56,9 @@ class LayerRow:
         return (int(m.group(1)), m.group(3)) if m else None
 
 
-def layer_rows(model: nn.Module, result: "SearchResult", disabled: list[str],
-               excluded: list[str]) -> list[LayerRow]:
+def layer_rows(
+    model: nn.Module, result: "SearchResult", disabled: list[str], excluded: list[str]
+) -> list[LayerRow]:
     """One row per LM linear; the format is read from the model's enabled weight quantizer."""
     group_of = result.group_of()
     rows = []
@@ -67,12 +68,19 @@ def layer_rows(model: nn.Module, result: "SearchResult", disabled: list[str],
         wq = getattr(module, "weight_quantizer", None)
         fmt = FP8 if wq is not None and wq.is_enabled else BF16
         g = group_of.get(name)
-        rows.append(LayerRow(
-            name=name, group=_group_label(list(g.module_names) if g else [name]), format=fmt,
-            quant_config=None if fmt == BF16 or g is None else g.chosen,
-            num_weights=module.weight.numel(), scores=dict(g.scores) if g else {},
-            costs=dict(g.costs) if g else {}, cost_counted=not cost.matches(name, excluded),
-            disabled=cost.matches(name, disabled)))
+        rows.append(
+            LayerRow(
+                name=name,
+                group=_group_label(list(g.module_names) if g else [name]),
+                format=fmt,
+                quant_config=None if fmt == BF16 or g is None else g.chosen,
+                num_weights=module.weight.numel(),
+                scores=dict(g.scores) if g else {},
+                costs=dict(g.costs) if g else {},
+                cost_counted=not cost.matches(name, excluded),
+                disabled=cost.matches(name, disabled),
+            )
+        )
     return rows
 
 
@@ -82,20 +90,36 @@ def summary(rows: list[LayerRow], excluded: list[str]) -> dict:
     groups = {r.group: r.format for r in rows}
     qbytes, fbytes = cost.weight_bytes(numels, bits), cost.weight_bytes(numels, dict.fromkeys(bits, 16))
     return {
-        "layers": len(rows), "fp8": sum(r.format == FP8 for r in rows),
-        "bf16": sum(r.format == BF16 for r in rows), "groups": len(groups),
+        "layers": len(rows),
+        "fp8": sum(r.format == FP8 for r in rows),
+        "bf16": sum(r.format == BF16 for r in rows),
+        "groups": len(groups),
         "groups_fp8": sum(f == FP8 for f in groups.values()),
         "effective_bits_searched": cost.effective_bits(numels, bits, excluded),
         "effective_bits_all_linears": cost.effective_bits(numels, bits, []),
-        "weight_bytes": qbytes, "weight_bytes_bf16": fbytes,
+        "weight_bytes": qbytes,
+        "weight_bytes_bf16": fbytes,
         "compression_ratio": fbytes / qbytes if qbytes else float("nan"),
     }
 
 
-def build(*, scheme: dict, model: dict, calibration: dict, effective_bits: dict, search: dict,
-          rows: list[LayerRow], summary: dict, quality: dict | None, versions: dict,
-          timings: dict, memory: dict, artifacts: dict,
-          artifacts_sha256: dict | None = None, export: dict | None = None) -> dict:
+def build(
+    *,
+    scheme: dict,
+    model: dict,
+    calibration: dict,
+    effective_bits: dict,
+    search: dict,
+    rows: list[LayerRow],
+    summary: dict,
+    quality: dict | None,
+    versions: dict,
+    timings: dict,
+    memory: dict,
+    artifacts: dict,
+    artifacts_sha256: dict | None = None,
+    export: dict | None = None,
+) -> dict:
     """Assemble the versioned manifest; the required keys are a contract with the export tool."""
     return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -104,10 +128,20 @@ def build(*, scheme: dict, model: dict, calibration: dict, effective_bits: dict,
         "calibration": calibration,
         "effective_bits": effective_bits,
         "search": search,
-        "layers": [{"name": r.name, "group": r.group, "format": r.format,
-                    "quant_config": r.quant_config, "num_weights": r.num_weights,
-                    "scores": r.scores, "costs": r.costs, "cost_counted": r.cost_counted,
-                    "disabled": r.disabled} for r in rows],
+        "layers": [
+            {
+                "name": r.name,
+                "group": r.group,
+                "format": r.format,
+                "quant_config": r.quant_config,
+                "num_weights": r.num_weights,
+                "scores": r.scores,
+                "costs": r.costs,
+                "cost_counted": r.cost_counted,
+                "disabled": r.disabled,
+            }
+            for r in rows
+        ],
         "summary": summary,
         "quality": quality,
         "versions": versions,
@@ -123,12 +157,31 @@ def layers_csv(rows: list[LayerRow]) -> str:
     candidates = sorted({c for r in rows for c in r.scores})
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["name", "group", "format", "quant_config", "num_weights", "cost_counted",
-                *[f"score:{c}" for c in candidates], *[f"cost:{c}" for c in candidates]])
+    w.writerow(
+        [
+            "name",
+            "group",
+            "format",
+            "quant_config",
+            "num_weights",
+            "cost_counted",
+            *[f"score:{c}" for c in candidates],
+            *[f"cost:{c}" for c in candidates],
+        ]
+    )
     for r in rows:
-        w.writerow([r.name, r.group, r.format, r.quant_config or "", r.num_weights, r.cost_counted,
-                    *[r.scores.get(c, "") for c in candidates],
-                    *[r.costs.get(c, "") for c in candidates]])
+        w.writerow(
+            [
+                r.name,
+                r.group,
+                r.format,
+                r.quant_config or "",
+                r.num_weights,
+                r.cost_counted,
+                *[r.scores.get(c, "") for c in candidates],
+                *[r.costs.get(c, "") for c in candidates],
+            ]
+        )
     return out.getvalue()
 
 
@@ -143,8 +196,13 @@ def field_problems(doc: object, where: str) -> list[Problem]:
     except ValidationError as exc:
         for e in exc.errors():
             loc = ".".join(str(p) for p in e["loc"])
-            out.append(Problem(f"{where}: scheme{'.' + loc if loc else ''}",
-                               f"{e['msg']} (got {_shown(e.get('input'))})", _FIX))
+            out.append(
+                Problem(
+                    f"{where}: scheme{'.' + loc if loc else ''}",
+                    f"{e['msg']} (got {_shown(e.get('input'))})",
+                    _FIX,
+                )
+            )
     for section, keys in (("model", ("directory",)), ("calibration", ("file",))):
         value = doc.get(section)
         for key in keys:
@@ -154,9 +212,15 @@ def field_problems(doc: object, where: str) -> list[Problem]:
     if not isinstance(layers, list):
         return out + [Problem(f"{where}: layers", "missing or not a list", _FIX)]
     for i, row in enumerate(layers):
-        if not (isinstance(row, dict) and isinstance(row.get("name"), str)
-                and row.get("format") in (FP8, BF16)):
-            out.append(Problem(f"{where}: layers[{i}]", "needs a name and a format of "
-                               f"{FP8} or {BF16} (got {_shown(row)})", _FIX))
+        if not (
+            isinstance(row, dict) and isinstance(row.get("name"), str) and row.get("format") in (FP8, BF16)
+        ):
+            out.append(
+                Problem(
+                    f"{where}: layers[{i}]",
+                    f"needs a name and a format of {FP8} or {BF16} (got {_shown(row)})",
+                    _FIX,
+                )
+            )
             break
     return out

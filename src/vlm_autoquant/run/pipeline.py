@@ -40,8 +40,7 @@ def load(inputs: Inputs, placement: LMPlacement | None, phases: Phases) -> nn.Mo
     """The LM alone, on one device or placed across the GPUs by the memory plan."""
     where = {}
     if placement is not None:
-        log.info("memory plan and placement:\n%s",
-                 placement.summary(Dims.from_config(inputs.text_config)))
+        log.info("memory plan and placement:\n%s", placement.summary(Dims.from_config(inputs.text_config)))
         where = {"device_map": placement.device_map, "max_memory": placement.max_memory}
     identity.start(inputs.options.model_dir)  # the LM weights' digest, hashed while they load
     identity.start(inputs.options.model_dir, vision=True)  # the vision tower's, recorded beside
@@ -64,53 +63,104 @@ def searching_with(replicas: "Replicas | None", kernel: str) -> Iterator["Replic
         replicas.close(ok=replicas.failure is None)
 
 
-def search_family(model: nn.Module, family: Family, stop: StopFlag | None, inputs: Inputs,
-                  phases: Phases, replicas: "Replicas | None" = None) -> Search:
+def search_family(
+    model: nn.Module,
+    family: Family,
+    stop: StopFlag | None,
+    inputs: Inputs,
+    phases: Phases,
+    replicas: "Replicas | None" = None,
+) -> Search:
     """Calibrate and score the family's union of formats on `model` (or restore both); with
     `replicas`, each searches its share of the batches and ModelOpt reduces the results."""
     device = next(model.parameters()).device
-    batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
-               for b in family.data.calib.batches[: family.data.steps]]
-    args = (family.spec, batches, family.checkpoint,
-            lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage, src),
-            stop)
-    found = replicas.search(model, *args) if replicas is not None else \
-        autoquant.search(model, *args, inputs.options.grad_checkpointing)
+    batches = [
+        {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        for b in family.data.calib.batches[: family.data.steps]
+    ]
+    args = (
+        family.spec,
+        batches,
+        family.checkpoint,
+        lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage, src),
+        stop,
+    )
+    found = (
+        replicas.search(model, *args)
+        if replicas is not None
+        else autoquant.search(model, *args, inputs.options.grad_checkpointing)
+    )
     for key, ran in (("calibrate", found.calibrated), ("score", found.scored)):
         if ran:  # the line that ends autoquant's "<phase>: started"
             phases.record(key, found.timings.get(key, 0.0))
         else:
             phases.add(key, found.timings.get(key, 0.0))
     phases.add("search_setup", found.timings.get("search_setup", 0.0))
-    log.info("search %s: calibration %s, scores %s, formats %s (%s)", family.key,
-             "ran" if found.calibrated else "restored", "ran" if found.scored else "restored",
-             "+".join(family.spec.formats), family.checkpoint)
+    log.info(
+        "search %s: calibration %s, scores %s, formats %s (%s)",
+        family.key,
+        "ran" if found.calibrated else "restored",
+        "ran" if found.scored else "restored",
+        "+".join(family.spec.formats),
+        family.checkpoint,
+    )
     return found
 
 
-def finish_scheme(model: nn.Module, found: Search, scheme: Scheme, family: Family,
-                  inputs: Inputs, out_dir: Path, phases: Phases, tracker: tracking.Tracker,
-                  search_info: dict) -> dict:
+def finish_scheme(
+    model: nn.Module,
+    found: Search,
+    scheme: Scheme,
+    family: Family,
+    inputs: Inputs,
+    out_dir: Path,
+    phases: Phases,
+    tracker: tracking.Tracker,
+    search_info: dict,
+) -> dict:
     """Solve `scheme` on the searched model, evaluate, save to `out_dir`, then log it."""
     with phases("solve"):
         result = autoquant.solve(model, found, list(scheme.formats), scheme.effective_bits)
     rows = manifest.layer_rows(model, result, scheme.disabled_layers, scheme.excluded_from_cost)
     fp8 = sum(r.format == manifest.FP8 for r in rows)
-    log.info("%s: %d/%d LM linears FP8, %.3f effective bits (target %g)", scheme.name, fp8,
-             len(rows), result.achieved_bits, scheme.effective_bits)
+    log.info(
+        "%s: %d/%d LM linears FP8, %.3f effective bits (target %g)",
+        scheme.name,
+        fp8,
+        len(rows),
+        result.achieved_bits,
+        scheme.effective_bits,
+    )
     qual = None
     if family.data.eval is not None:
         with phases("evaluate", f"{len(family.data.eval.batches)} held-out batches"):
-            qual = quality.evaluate(model, family.data.eval.batches,
-                                    next(model.parameters()).device)
-        log.info("quality: KL %.4g, top-1 %.4f, ppl %.4g -> %.4g", qual["kl_mean"],
-                 qual["top1_agreement"], qual["ppl_ref"], qual["ppl_quant"])
+            qual = quality.evaluate(model, family.data.eval.batches, next(model.parameters()).device)
+        log.info(
+            "quality: KL %.4g, top-1 %.4f, ppl %.4g -> %.4g",
+            qual["kl_mean"],
+            qual["top1_agreement"],
+            qual["ppl_ref"],
+            qual["ppl_quant"],
+        )
     info = {"scoring_group": family.key, **search_info}
     with phases("save"):
         rel = save.save_files(model, scheme, inputs, rows, out_dir)
     timings = {**phases.seconds, "run": phases.total(), "process": since_process_start()}
-    doc = save.build_manifest(model, scheme, inputs, family.data, result, rows, qual, info,
-                              timings, rel, out_dir, family.placement, found.worker_peaks_gib)
+    doc = save.build_manifest(
+        model,
+        scheme,
+        inputs,
+        family.data,
+        result,
+        rows,
+        qual,
+        info,
+        timings,
+        rel,
+        out_dir,
+        family.placement,
+        found.worker_peaks_gib,
+    )
     save.save_manifest(out_dir, doc)
     with phases("log"):
         report.log_scheme(tracker, doc, out_dir)
@@ -124,32 +174,60 @@ def finish_scheme(model: nn.Module, found: Search, scheme: Scheme, family: Famil
 def announce(inputs: Inputs, scheme: Scheme) -> None:
     """One line for the resolved scheme (the whole of it is written to scheme.yaml)."""
     s = scheme
-    log.info("scheme %s: %s, %s, %g bits, calib %dx%d x %d steps, score %d steps%s", s.name,
-             s.method, "+".join(s.formats), s.effective_bits, s.batch_size, s.seq_len,
-             s.num_calib_steps, s.num_score_steps,
-             ", overrides " + " ".join(f"{k}={v}" for k, v in s.overrides.items())
-             if s.overrides else "")
-    log.info("model %s, calibration %s, output %s", inputs.options.model_dir, inputs.calib_path,
-             inputs.options.output_dir)
+    log.info(
+        "scheme %s: %s, %s, %g bits, calib %dx%d x %d steps, score %d steps%s",
+        s.name,
+        s.method,
+        "+".join(s.formats),
+        s.effective_bits,
+        s.batch_size,
+        s.seq_len,
+        s.num_calib_steps,
+        s.num_score_steps,
+        ", overrides " + " ".join(f"{k}={v}" for k, v in s.overrides.items()) if s.overrides else "",
+    )
+    log.info(
+        "model %s, calibration %s, output %s",
+        inputs.options.model_dir,
+        inputs.calib_path,
+        inputs.options.output_dir,
+    )
 
 
-def run_single(inputs: Inputs, family: Family, stop: StopFlag, experiment: str | None,
-               phases: Phases, replicas: "Replicas | None" = None) -> dict:
+def run_single(
+    inputs: Inputs,
+    family: Family,
+    stop: StopFlag,
+    experiment: str | None,
+    phases: Phases,
+    replicas: "Replicas | None" = None,
+) -> dict:
     """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run
     (`replicas`: the data-parallel replicas the CLI started where the placement has them)."""
     scheme, out_dir = family.schemes[0], inputs.options.output_dir
     announce(inputs, scheme)
     if family.reuse.stage:
-        log.info("resuming: %s search checkpoint %s matches these settings", family.reuse.stage,
-                 family.checkpoint)
+        log.info(
+            "resuming: %s search checkpoint %s matches these settings", family.reuse.stage, family.checkpoint
+        )
     tracking.close_stale(out_dir)
-    with tracking.tracked_run(experiment, scheme.name, system_metrics=torch.cuda.is_available(),
-                              out_dir=out_dir) as tracker:
+    with tracking.tracked_run(
+        experiment, scheme.name, system_metrics=torch.cuda.is_available(), out_dir=out_dir
+    ) as tracker:
         kernel = fp8_kernel.select_fp8_kernel(inputs.options.fp8_kernel)
         with searching_with(replicas, kernel):
             model = load(inputs, family.placement, phases)
             found = search_family(model, family, stop, inputs, phases, replicas)
-        doc = finish_scheme(model, found, scheme, family, inputs, out_dir, phases, tracker,
-                            {"fp8_kernel": kernel, "resumed_from": family.reuse.stage})
+        doc = finish_scheme(
+            model,
+            found,
+            scheme,
+            family,
+            inputs,
+            out_dir,
+            phases,
+            tracker,
+            {"fp8_kernel": kernel, "resumed_from": family.reuse.stage},
+        )
     log.info("done in %.1f s: %s", phases.total(), out_dir / "manifest.json")
     return doc

@@ -60,6 +60,13 @@ def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: t
     if not tokens or not targets:
         return {}
     ppl_ref, ppl_q = math.exp(nll_ref / targets), math.exp(nll_q / targets)
-    return {"kl_mean": max(kl_sum / tokens, 0.0), "top1_agreement": agree / tokens,
-            "ppl_ref": ppl_ref, "ppl_quant": ppl_q, "ppl_rel_change": ppl_q / ppl_ref - 1.0,
-            "tokens": int(tokens), "targets": int(targets), "batches": len(batches)}
+    return {
+        "kl_mean": max(kl_sum / tokens, 0.0),
+        "top1_agreement": agree / tokens,
+        "ppl_ref": ppl_ref,
+        "ppl_quant": ppl_q,
+        "ppl_rel_change": ppl_q / ppl_ref - 1.0,
+        "tokens": int(tokens),
+        "targets": int(targets),
+        "batches": len(batches),
+    }

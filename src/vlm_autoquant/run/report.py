@@ -67,24 +67,38 @@ def scheme_params(scheme: dict) -> dict[str, str]:
 def metrics_of(doc: dict) -> dict[str, float]:
     """The run's scalar metrics, all read from its manifest."""
     summ, bits, cal, q = doc["summary"], doc["effective_bits"], doc["calibration"], doc["quality"]
-    out = {M_BITS_ACHIEVED: bits["achieved"], M_BITS_TARGET: bits["target"],
-           M_BITS_ALL: bits["all_linears"], M_LAYERS_FP8: summ["fp8"], M_LAYERS_BF16: summ["bf16"],
-           M_WEIGHT_BYTES: summ["weight_bytes"], M_WEIGHT_BYTES_BF16: summ["weight_bytes_bf16"],
-           M_COMPRESSION: summ["compression_ratio"], M_PADDING: cal["padding_fraction"],
-           M_CALIB_TOKENS: cal["tokens"], M_PREDICTED_LOSS: doc["search"].get("predicted_loss"),
-           M_PEAK_GPU: doc["memory"]["peak_gpu_gib"], M_PEAK_RSS: doc["memory"]["peak_rss_gib"]}
+    out = {
+        M_BITS_ACHIEVED: bits["achieved"],
+        M_BITS_TARGET: bits["target"],
+        M_BITS_ALL: bits["all_linears"],
+        M_LAYERS_FP8: summ["fp8"],
+        M_LAYERS_BF16: summ["bf16"],
+        M_WEIGHT_BYTES: summ["weight_bytes"],
+        M_WEIGHT_BYTES_BF16: summ["weight_bytes_bf16"],
+        M_COMPRESSION: summ["compression_ratio"],
+        M_PADDING: cal["padding_fraction"],
+        M_CALIB_TOKENS: cal["tokens"],
+        M_PREDICTED_LOSS: doc["search"].get("predicted_loss"),
+        M_PEAK_GPU: doc["memory"]["peak_gpu_gib"],
+        M_PEAK_RSS: doc["memory"]["peak_rss_gib"],
+    }
     if q:
-        out.update({M_KL: q["kl_mean"], M_PPL_REF: q["ppl_ref"], M_PPL_QUANT: q["ppl_quant"],
-                    M_PPL_REL: q["ppl_rel_change"], M_TOP1: q["top1_agreement"]})
-    out.update({f"{TIME_PREFIX}{k}_s": v for k, v in doc["timings"].items()
-                if k not in ("run", "process")})
+        out.update(
+            {
+                M_KL: q["kl_mean"],
+                M_PPL_REF: q["ppl_ref"],
+                M_PPL_QUANT: q["ppl_quant"],
+                M_PPL_REL: q["ppl_rel_change"],
+                M_TOP1: q["top1_agreement"],
+            }
+        )
+    out.update({f"{TIME_PREFIX}{k}_s": v for k, v in doc["timings"].items() if k not in ("run", "process")})
     out[f"{TIME_PREFIX}total_s"] = doc["timings"].get("run")
     return out
 
 
 def rows_of(doc: dict) -> list[LayerRow]:
-    return [LayerRow(**{k: layer[k] for k in LayerRow.__dataclass_fields__})
-            for layer in doc["layers"]]
+    return [LayerRow(**{k: layer[k] for k in LayerRow.__dataclass_fields__}) for layer in doc["layers"]]
 
 
 def _inside(out_dir: Path, name: object) -> Path | None:
@@ -103,8 +117,13 @@ def _copy_checked(src: Path, dst: Path) -> str:
     fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(Problem("--output-dir", f"{src} is not a regular file",
-                                     "restore the run's output dir as it was written"))
+            raise UsageError(
+                Problem(
+                    "--output-dir",
+                    f"{src} is not a regular file",
+                    "restore the run's output dir as it was written",
+                )
+            )
         with os.fdopen(fd, "rb", closefd=False) as f, open(dst, "wb") as out:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -114,23 +133,30 @@ def _copy_checked(src: Path, dst: Path) -> str:
     return h.hexdigest()
 
 
-def checked_artifacts(doc: dict, manifest_bytes: bytes, out_dir: Path, dst: Path
-                      ) -> dict[str, Path]:
+def checked_artifacts(doc: dict, manifest_bytes: bytes, out_dir: Path, dst: Path) -> dict[str, Path]:
     """{name: copy in `dst`} of a finished run's artifacts, for --log-only: what is logged is
     what was checked. Every name must be a relative path inside `out_dir`, and every file is
     read once, into its copy, and its sha256 compared with the manifest's record; a file the
     manifest records no sha256 for is not logged. The manifest is logged as the bytes read."""
     names, digests = doc.get("artifacts"), doc.get("artifacts_sha256") or {}
     if not isinstance(names, dict) or not isinstance(digests, dict):
-        raise UsageError(Problem("--output-dir", f"{out_dir / MANIFEST_FILE} has no artifacts "
-                                 "map", "pass the --output-dir of a finished run"))
+        raise UsageError(
+            Problem(
+                "--output-dir",
+                f"{out_dir / MANIFEST_FILE} has no artifacts map",
+                "pass the --output-dir of a finished run",
+            )
+        )
     problems, files = Problems(), {}
     for name in names.values():
         path = _inside(out_dir, name)
         if path is None:
-            problems.add("--output-dir", f"{MANIFEST_FILE} names the artifact {name!r}, which is "
-                         f"not a relative path inside {out_dir}; nothing was logged",
-                         "restore the manifest the run wrote")
+            problems.add(
+                "--output-dir",
+                f"{MANIFEST_FILE} names the artifact {name!r}, which is "
+                f"not a relative path inside {out_dir}; nothing was logged",
+                "restore the manifest the run wrote",
+            )
             continue
         if name == MANIFEST_FILE:
             (dst / name).write_bytes(manifest_bytes)
@@ -141,16 +167,18 @@ def checked_artifacts(doc: dict, manifest_bytes: bytes, out_dir: Path, dst: Path
             copy = dst / f"{len(files)}" / Path(name).name
             copy.parent.mkdir()
             if _copy_checked(path, copy) != digests[name]:
-                problems.add("--output-dir", f"{path} does not match the manifest's sha256: it "
-                             "changed after the run wrote it; nothing was logged",
-                             "restore the file, or rerun the quantization")
+                problems.add(
+                    "--output-dir",
+                    f"{path} does not match the manifest's sha256: it "
+                    "changed after the run wrote it; nothing was logged",
+                    "restore the file, or rerun the quantization",
+                )
             files[name] = copy
     problems.raise_if_any()
     return files
 
 
-def log_scheme(tracker: Tracker, doc: dict, out_dir: Path,
-               files: dict[str, Path] | None = None) -> None:
+def log_scheme(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | None = None) -> None:
     """Params, tags, metrics, per-layer series, table, figure and artifacts of one scheme.
 
     `files`: the artifacts to log ({name: path}, from `checked_artifacts`); by default the
@@ -162,31 +190,45 @@ def log_scheme(tracker: Tracker, doc: dict, out_dir: Path,
         raise TrackingFailed(
             f"logging to MLflow failed ({type(exc).__name__}: {exc}). The result is complete "
             f"and safe on disk in {out_dir} ({MANIFEST_FILE} and the files beside it). Once "
-            f"tracking works again, log it with: {cmd}") from exc
+            f"tracking works again, log it with: {cmd}"
+        ) from exc
 
 
 def log_only_command(out_dir: Path, experiment: str | None) -> str:
     """The command that logs `out_dir` later into the same store and experiment (the tracking
     URI shown with its credentials redacted; no --experiment where MLFLOW_EXPERIMENT_ID chose)."""
-    words = [Path(sys.argv[0]).name, "--log-only", "--output-dir", str(out_dir),
-             *(["--experiment", experiment] if experiment else [])]
-    env = f"MLFLOW_TRACKING_URI={shlex.quote(shown_uri())} " \
-        if os.environ.get("MLFLOW_TRACKING_URI") else ""
+    words = [
+        Path(sys.argv[0]).name,
+        "--log-only",
+        "--output-dir",
+        str(out_dir),
+        *(["--experiment", experiment] if experiment else []),
+    ]
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(shown_uri())} " if os.environ.get("MLFLOW_TRACKING_URI") else ""
     return env + " ".join(shlex.quote(w) for w in words)
 
 
 def _log(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | None) -> None:
     scheme = doc["scheme"]
-    tracker.log_params(scheme_params(scheme)
-                       | {"scheme.overrides": ",".join(sorted(scheme["overrides"])) or "none",
-                          "model_dir": doc["model"]["directory"],
-                          "calib_file": doc["calibration"]["file"]})
-    tracker.set_tags({"scheme": scheme["name"], "model.config_sha256": doc["model"]["config_sha256"],
-                      "data.sha256": doc["calibration"]["sha256"],
-                      "search.scoring_group": doc["search"].get("scoring_group"),
-                      "search.scores": doc["search"]["scores"],
-                      **{f"versions.{k}": v for k, v in doc["versions"].items()},
-                      **{f"override.{k}": v for k, v in scheme["overrides"].items()}})
+    tracker.log_params(
+        scheme_params(scheme)
+        | {
+            "scheme.overrides": ",".join(sorted(scheme["overrides"])) or "none",
+            "model_dir": doc["model"]["directory"],
+            "calib_file": doc["calibration"]["file"],
+        }
+    )
+    tracker.set_tags(
+        {
+            "scheme": scheme["name"],
+            "model.config_sha256": doc["model"]["config_sha256"],
+            "data.sha256": doc["calibration"]["sha256"],
+            "search.scoring_group": doc["search"].get("scoring_group"),
+            "search.scores": doc["search"]["scores"],
+            **{f"versions.{k}": v for k, v in doc["versions"].items()},
+            **{f"override.{k}": v for k, v in scheme["overrides"].items()},
+        }
+    )
     tracker.log_metrics(metrics_of(doc))
     rows = rows_of(doc)
     series: dict[str, list[tuple[int, float]]] = {}
@@ -200,15 +242,28 @@ def _log(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | No
                 series.setdefault(f"{SENSITIVITY_PREFIX}{fmt}/{proj}", []).append((layer, score))
         series.setdefault(f"{FORMAT_PREFIX}{proj}", []).append((layer, float(r.format == FP8)))
     tracker.log_series(series)
-    tracker.log_table([{"name": r.name, "group": r.group, "format": r.format,
-                        "quant_config": r.quant_config or "", "num_weights": r.num_weights,
-                        **{f"score:{k}": v for k, v in r.scores.items()}} for r in rows],
-                      "layers.json")
+    tracker.log_table(
+        [
+            {
+                "name": r.name,
+                "group": r.group,
+                "format": r.format,
+                "quant_config": r.quant_config or "",
+                "num_weights": r.num_weights,
+                **{f"score:{k}": v for k, v in r.scores.items()},
+            }
+            for r in rows
+        ],
+        "layers.json",
+    )
     from . import figures  # matplotlib: imported only when there is something to draw
 
     tracker.log_figure(figures.sensitivity(rows, scheme["name"]), SENSITIVITY_FIGURE)
     if files is None:
-        files = {n: out_dir / n for n in doc["artifacts"].values()
-                 if _inside(out_dir, n) is not None and (out_dir / n).is_file()}
+        files = {
+            n: out_dir / n
+            for n in doc["artifacts"].values()
+            if _inside(out_dir, n) is not None and (out_dir / n).is_file()
+        }
     for path in files.values():
         tracker.log_artifact(path)

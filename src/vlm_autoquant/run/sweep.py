@@ -32,38 +32,78 @@ from . import figures
 from .pipeline import announce, finish_scheme, load, search_family, searching_with
 
 log = logging.getLogger("vlm_autoquant")
-COLUMNS = ("scheme", "status", "method", "formats", "target_bits", "effective_bits",
-           "all_linears_bits", "fp8_layers", "bf16_layers", "predicted_loss", "kl_mean", "ppl_ref",
-           "ppl_quant", "ppl_rel_change", "top1_agreement", "weight_bytes", "compression_ratio",
-           "scoring_group", "scores", "calibration", "error")
+COLUMNS = (
+    "scheme",
+    "status",
+    "method",
+    "formats",
+    "target_bits",
+    "effective_bits",
+    "all_linears_bits",
+    "fp8_layers",
+    "bf16_layers",
+    "predicted_loss",
+    "kl_mean",
+    "ppl_ref",
+    "ppl_quant",
+    "ppl_rel_change",
+    "top1_agreement",
+    "weight_bytes",
+    "compression_ratio",
+    "scoring_group",
+    "scores",
+    "calibration",
+    "error",
+)
 
 
 def comparison_row(m: dict) -> dict:
     q = m.get("quality") or {}
-    return {"scheme": m["scheme"]["name"], "status": "FINISHED", "method": m["scheme"]["method"],
-            "formats": "+".join(m["scheme"]["formats"]), "target_bits": m["effective_bits"]["target"],
-            "effective_bits": m["effective_bits"]["achieved"],
-            "all_linears_bits": m["effective_bits"]["all_linears"],
-            "fp8_layers": m["summary"]["fp8"], "bf16_layers": m["summary"]["bf16"],
-            "predicted_loss": m["search"].get("predicted_loss"),
-            **{k: q.get(k) for k in ("kl_mean", "ppl_ref", "ppl_quant", "ppl_rel_change",
-                                     "top1_agreement")},
-            "weight_bytes": m["summary"]["weight_bytes"],
-            "compression_ratio": m["summary"]["compression_ratio"],
-            "scoring_group": m["search"]["scoring_group"], "scores": m["search"]["scores"],
-            "calibration": m["search"]["calibration"], "error": ""}
+    return {
+        "scheme": m["scheme"]["name"],
+        "status": "FINISHED",
+        "method": m["scheme"]["method"],
+        "formats": "+".join(m["scheme"]["formats"]),
+        "target_bits": m["effective_bits"]["target"],
+        "effective_bits": m["effective_bits"]["achieved"],
+        "all_linears_bits": m["effective_bits"]["all_linears"],
+        "fp8_layers": m["summary"]["fp8"],
+        "bf16_layers": m["summary"]["bf16"],
+        "predicted_loss": m["search"].get("predicted_loss"),
+        **{k: q.get(k) for k in ("kl_mean", "ppl_ref", "ppl_quant", "ppl_rel_change", "top1_agreement")},
+        "weight_bytes": m["summary"]["weight_bytes"],
+        "compression_ratio": m["summary"]["compression_ratio"],
+        "scoring_group": m["search"]["scoring_group"],
+        "scores": m["search"]["scores"],
+        "calibration": m["search"]["calibration"],
+        "error": "",
+    }
 
 
 def failed_row(scheme, family: Family, exc: BaseException) -> dict:
-    return {**dict.fromkeys(COLUMNS, None), "scheme": scheme.name, "status": "FAILED",
-            "method": scheme.method, "formats": "+".join(scheme.formats),
-            "target_bits": scheme.effective_bits, "scoring_group": family.key,
-            "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        **dict.fromkeys(COLUMNS, None),
+        "scheme": scheme.name,
+        "status": "FAILED",
+        "method": scheme.method,
+        "formats": "+".join(scheme.formats),
+        "target_bits": scheme.effective_bits,
+        "scoring_group": family.key,
+        "error": f"{type(exc).__name__}: {exc}",
+    }
 
 
-def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Phases,
-               parent: tracking.Tracker, experiment: str | None, info: dict,
-               replicas=None) -> list[dict]:
+def run_family(
+    model,
+    family: Family,
+    inputs: Inputs,
+    stop: StopFlag,
+    phases: Phases,
+    parent: tracking.Tracker,
+    experiment: str | None,
+    info: dict,
+    replicas=None,
+) -> list[dict]:
     """Search one family, then finish each member as a child run; failures are rows, not raises."""
     rows: list[dict] = []
     try:
@@ -76,15 +116,24 @@ def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Ph
         stop.raise_if_set()  # a signal between schemes: the finished ones are kept
         announce(inputs, scheme)
         try:
-            with tracking.tracked_run(experiment, scheme.name, parent,
-                                      out_dir=inputs.options.output_dir / scheme.name) as child:
+            with tracking.tracked_run(
+                experiment, scheme.name, parent, out_dir=inputs.options.output_dir / scheme.name
+            ) as child:
                 if found is None:
                     raise search_error
                 own = Phases()
                 shared = {"scores": "shared", "calibration": "shared"} if i else {}
-                doc = finish_scheme(model, found, scheme, family, inputs,
-                                    inputs.options.output_dir / scheme.name, own, child,
-                                    {**info, "sweep_group_index": i, **shared})
+                doc = finish_scheme(
+                    model,
+                    found,
+                    scheme,
+                    family,
+                    inputs,
+                    inputs.options.output_dir / scheme.name,
+                    own,
+                    child,
+                    {**info, "sweep_group_index": i, **shared},
+                )
                 for key, seconds in own.seconds.items():
                     phases.add(key, seconds)
             rows.append(comparison_row(doc))
@@ -96,21 +145,33 @@ def run_family(model, family: Family, inputs: Inputs, stop: StopFlag, phases: Ph
     return rows
 
 
-def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str | None,
-              replicas=None) -> list[dict]:
+def run_sweep(
+    inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str | None, replicas=None
+) -> list[dict]:
     """Run every family; write and log the comparison; raise RunFailed naming failed schemes.
     `replicas`: the data-parallel replicas the CLI started where the placement has them."""
     opts = inputs.options
     phases = Phases()
-    log.info("sweep: %d schemes in %d search(es): %s", len(inputs.schemes), len(families),
-             "; ".join(f"{f.key} [{'+'.join(f.spec.formats)}]: "
-                       f"{', '.join(s.name for s in f.schemes)}" for f in families))
+    log.info(
+        "sweep: %d schemes in %d search(es): %s",
+        len(inputs.schemes),
+        len(families),
+        "; ".join(
+            f"{f.key} [{'+'.join(f.spec.formats)}]: {', '.join(s.name for s in f.schemes)}" for f in families
+        ),
+    )
     rows: list[dict] = []
-    with tracking.tracked_run(experiment, "sweep", system_metrics=torch.cuda.is_available(),
-                              out_dir=opts.output_dir) as parent:
-        parent.log_params({"model_dir": str(opts.model_dir), "calib_file": str(inputs.calib_path),
-                           "catalog": str(opts.catalog or "default"),
-                           "schemes": ",".join(s.name for s in inputs.schemes)})
+    with tracking.tracked_run(
+        experiment, "sweep", system_metrics=torch.cuda.is_available(), out_dir=opts.output_dir
+    ) as parent:
+        parent.log_params(
+            {
+                "model_dir": str(opts.model_dir),
+                "calib_file": str(inputs.calib_path),
+                "catalog": str(opts.catalog or "default"),
+                "schemes": ",".join(s.name for s in inputs.schemes),
+            }
+        )
         kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
         with searching_with(replicas, kernel):
             ordered = run_order(families)
@@ -123,8 +184,17 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
                 on = replicas if _replicated(family) else None
                 if replicas is not None and on is None:
                     replicas.close()  # this process searches the rest alone, outside the group
-                rows += run_family(model, family, inputs, stop, phases, parent, experiment,
-                                   {"fp8_kernel": kernel, "calibration_seeded_from": seeded}, on)
+                rows += run_family(
+                    model,
+                    family,
+                    inputs,
+                    stop,
+                    phases,
+                    parent,
+                    experiment,
+                    {"fp8_kernel": kernel, "calibration_seeded_from": seeded},
+                    on,
+                )
                 del model
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -134,8 +204,10 @@ def run_sweep(inputs: Inputs, families: list[Family], stop: StopFlag, experiment
         _write_comparison(rows, opts.output_dir, parent, phases, len(families))
     failed = [r["scheme"] for r in rows if r["status"] != "FINISHED"]
     if failed:
-        raise RunFailed(f"{len(failed)} of {len(rows)} schemes failed: {', '.join(failed)} "
-                        f"(reasons in {opts.output_dir / COMPARISON_FILE} and their MLflow runs)")
+        raise RunFailed(
+            f"{len(failed)} of {len(rows)} schemes failed: {', '.join(failed)} "
+            f"(reasons in {opts.output_dir / COMPARISON_FILE} and their MLflow runs)"
+        )
     return rows
 
 
@@ -156,8 +228,9 @@ def _seed(family: Family, done: list[Family]) -> str | None:
     source = calibration_source(family, done)
     if source is None or not source.checkpoint.exists():  # seed_calibration verifies it
         return None
-    if not autoquant.seed_calibration(source.checkpoint, family.checkpoint, family.spec.method,
-                                      family.fingerprint, family.spec.formats):
+    if not autoquant.seed_calibration(
+        source.checkpoint, family.checkpoint, family.spec.method, family.fingerprint, family.spec.formats
+    ):
         return None
     log.info("search %s: calibration reused from search %s", family.key, source.key)
     return source.key
@@ -183,8 +256,9 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _write_comparison(rows: list[dict], out_dir: Path, parent: tracking.Tracker, phases: Phases,
-                      searches: int) -> None:
+def _write_comparison(
+    rows: list[dict], out_dir: Path, parent: tracking.Tracker, phases: Phases, searches: int
+) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
@@ -195,28 +269,48 @@ def _write_comparison(rows: list[dict], out_dir: Path, parent: tracking.Tracker,
     by_method: dict[str, list[dict]] = {}
     for r in scored:
         by_method.setdefault(r["method"], []).append(r)
-    rhos = {m: spearman([r["predicted_loss"] for r in rs], [r["kl_mean"] for r in rs])
-            for m, rs in by_method.items()}
+    rhos = {
+        m: spearman([r["predicted_loss"] for r in rs], [r["kl_mean"] for r in rs])
+        for m, rs in by_method.items()
+    }
     main_method = max(by_method, key=lambda m: len(by_method[m]), default=None)
     rho = rhos.get(main_method)
     artifacts.write_text(out_dir / COMPARISON_FILE, buf.getvalue())  # marks a finished sweep
     ran = sum(r["scores"] == "ran" for r in ok)
-    log.info("sweep: %d finished, %d failed; scoring ran %d time(s) in %d search(es)%s",
-             len(ok), len(rows) - len(ok), ran, searches,
-             f"; predicted loss vs KL ({main_method} schemes): Spearman {rho:.3f}"
-             if rho is not None else "")
+    log.info(
+        "sweep: %d finished, %d failed; scoring ran %d time(s) in %d search(es)%s",
+        len(ok),
+        len(rows) - len(ok),
+        ran,
+        searches,
+        f"; predicted loss vs KL ({main_method} schemes): Spearman {rho:.3f}" if rho is not None else "",
+    )
     parent.log_table(rows, "comparison.json")
-    parent.log_figure(figures.pareto([{k: r[k] for k in ("scheme", "effective_bits", "kl_mean",
-                                                         "ppl_rel_change")} for r in ok]),
-                      PARETO_FIGURE)
+    parent.log_figure(
+        figures.pareto(
+            [{k: r[k] for k in ("scheme", "effective_bits", "kl_mean", "ppl_rel_change")} for r in ok]
+        ),
+        PARETO_FIGURE,
+    )
     if scored:
         parent.log_figure(figures.predicted_vs_measured(scored), "predicted_vs_kl.png")
     parent.log_artifact(out_dir / COMPARISON_FILE)
-    parent.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()}
-                       | {"time/total_s": phases.total(), "sweep/schemes": len(rows),
-                          "sweep/failed": len(rows) - len(ok), "sweep/scoring_groups": searches,
-                          "sweep/scoring_runs": ran, M_SPEARMAN: rho}
-                      | {f"{M_SPEARMAN}/{m}": v for m, v in rhos.items()})
+    parent.log_metrics(
+        {f"time/{k}_s": v for k, v in phases.seconds.items()}
+        | {
+            "time/total_s": phases.total(),
+            "sweep/schemes": len(rows),
+            "sweep/failed": len(rows) - len(ok),
+            "sweep/scoring_groups": searches,
+            "sweep/scoring_runs": ran,
+            M_SPEARMAN: rho,
+        }
+        | {f"{M_SPEARMAN}/{m}": v for m, v in rhos.items()}
+    )
     for r in ok:
-        parent.log_metrics({f"sweep/predicted_loss/{r['scheme']}": r["predicted_loss"],
-                            f"sweep/kl_mean/{r['scheme']}": r["kl_mean"]})
+        parent.log_metrics(
+            {
+                f"sweep/predicted_loss/{r['scheme']}": r["predicted_loss"],
+                f"sweep/kl_mean/{r['scheme']}": r["kl_mean"],
+            }
+        )

@@ -70,17 +70,19 @@ def make_steps(method: str, stop: StopFlag | None = None) -> tuple[Callable, Cal
     def forward_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         if stop is not None:
             stop.raise_if_set()
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     use_cache=False).logits
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
     if method == "gradient":
+
         def loss_func(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
             # Summed, not averaged: the batch's negative log-likelihood, whose Fisher information
             # the scores approximate. The mean would shrink every score by (tokens)^2, down to
             # ~1e-8 on small models, below the LP solver's tolerance (it then picks worse mixes).
             labels = batch["labels"][:, 1:]
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                   ignore_index=-100, reduction="sum")
+            return F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+
         return forward_logits, loss_func
 
     replay = PrefixReplay()
@@ -121,7 +123,7 @@ class PrefixReplay:
             if isinstance(m, TensorQuantizer) and m.is_enabled:
                 if not name.startswith(prefix):
                     return None
-                first = min(first, int(name[len(prefix):].split(".", 1)[0]))
+                first = min(first, int(name[len(prefix) :].split(".", 1)[0]))
         return first
 
     @contextlib.contextmanager
@@ -129,8 +131,11 @@ class PrefixReplay:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         layers = getattr(decoder, "layers", None)
         prefix = next((f"{n}." for n, m in model.named_modules() if m is layers), None)
-        first = None if prefix is None or torch.is_grad_enabled() else \
-            self._first_quantized(model, prefix, len(layers))
+        first = (
+            None
+            if prefix is None or torch.is_grad_enabled()
+            else self._first_quantized(model, prefix, len(layers))
+        )
         if first is not None and first == len(layers):  # the BF16 pass: keep every output
             self.batch, self.outputs = batch, [None] * len(layers)
             hooks = [layer.register_forward_hook(self._keeper(i)) for i, layer in enumerate(layers)]
@@ -158,12 +163,14 @@ class PrefixReplay:
     def _keeper(self, i: int) -> Callable:
         def keep(_module, _args, output):
             self.outputs[i] = output
+
         return keep
 
     @staticmethod
     def _replayer(output) -> Callable:
         def replay(*_args, **_kwargs):
             return output
+
         return replay
 
 
@@ -234,19 +241,28 @@ class NormalisedLPS(LPS):
     the total) with a tolerance relative to the model's size instead of absolute.
     """
 
-    def __init__(self, name: str, constraints: dict, constraints_to_candidate_costs: dict,
-                 candidate_scores: list, objective_type: str = "minimize",
-                 verbose: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        constraints: dict,
+        constraints_to_candidate_costs: dict,
+        candidate_scores: list,
+        objective_type: str = "minimize",
+        verbose: bool = False,
+    ) -> None:
         scaled_bounds, scaled_costs = {}, {}
         for key, costs in constraints_to_candidate_costs.items():
             scale = sum(max(c) for c in costs if c) or 1.0
             bound = constraints[key]
-            scaled_bounds[key] = (tuple(None if b is None else b / scale for b in bound)
-                                  if isinstance(bound, tuple)
-                                  else None if bound is None else bound / scale)
+            scaled_bounds[key] = (
+                tuple(None if b is None else b / scale for b in bound)
+                if isinstance(bound, tuple)
+                else None
+                if bound is None
+                else bound / scale
+            )
             scaled_costs[key] = [[c / scale for c in layer] for layer in costs]
-        super().__init__(name, scaled_bounds, scaled_costs, candidate_scores, objective_type,
-                         verbose)
+        super().__init__(name, scaled_bounds, scaled_costs, candidate_scores, objective_type, verbose)
 
 
 @contextlib.contextmanager
@@ -271,6 +287,7 @@ def _timed(timings: dict[str, float], key: str, fn: Callable) -> Callable:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
     return wrapper
 
 
@@ -282,6 +299,7 @@ def _loading(orig: Callable) -> Callable:
         if not isinstance(self.candidate_stats, defaultdict):
             self.candidate_stats = defaultdict(dict, self.candidate_stats)
         return loaded
+
     return load_checkpoint
 
 
@@ -291,7 +309,9 @@ def _with_raw_scores(orig: Callable) -> Callable:
         for name, hparam in named_hparams(self.model, unique=True):
             if isinstance(hparam, QuantRecipeHparam):
                 self.candidate_stats[name]["raw_scores"] = [
-                    hparam.get_score(r) for r in self.candidate_stats[name]["formats"]]
+                    hparam.get_score(r) for r in self.candidate_stats[name]["formats"]
+                ]
+
     return init_stats
 
 
@@ -302,14 +322,19 @@ def _drop_diffs(module: torch.nn.Module, grad_input, grad_output) -> None:
 
 def _max_calibration(orig: Callable, state: dict) -> Callable:
     """ModelOpt's `calibrate`, noting while it runs whether the algorithm is plain max."""
+
     def calibrate(model, algorithm="max", forward_loop=None):
-        method = algorithm.get("method") if isinstance(algorithm, dict) else \
-            getattr(algorithm, "method", algorithm)
+        method = (
+            algorithm.get("method")
+            if isinstance(algorithm, dict)
+            else getattr(algorithm, "method", algorithm)
+        )
         state["max"] = method == "max"
         try:
             return orig(model, algorithm=algorithm, forward_loop=forward_loop)
         finally:
             state["max"] = False
+
     return calibrate
 
 
@@ -353,10 +378,12 @@ def share_fused_scales(model: torch.nn.Module) -> int:
 def _sharing_fused_scales(orig: Callable) -> Callable:
     """ModelOpt's `calibrate` for one candidate format, then `share_fused_scales`: the amax it
     stores for that format (and scores, solves, saves and exports) are the served ones."""
+
     def calibrate(model, algorithm="max", forward_loop=None):
         out = orig(model, algorithm=algorithm, forward_loop=forward_loop)
         log.debug("fused scales: %d groups share their largest amax", share_fused_scales(model))
         return out
+
     return calibrate
 
 
@@ -364,16 +391,21 @@ def _weights_calibrated_once(orig: Callable, state: dict) -> Callable:
     """Max calibration of a format in which only weight quantizers calibrate (FP8 per-channel
     weights with per-token activations: ModelOpt never calibrates a dynamic quantizer) sees the
     same tensors, the weights, in every batch: one batch gives the same amax as all of them."""
+
     def run_func(self, func, num_iters=1, desc=""):
         if state.get("max") and num_iters > 1:
-            calibrating = [(n, m) for n, m in self.model.named_modules()
-                           if isinstance(m, TensorQuantizer) and m.is_enabled
-                           and getattr(m, "_if_calib", False)]
-            if calibrating and all(n.endswith("weight_quantizer")
-                                   and isinstance(m._calibrator, MaxCalibrator)
-                                   for n, m in calibrating):
+            calibrating = [
+                (n, m)
+                for n, m in self.model.named_modules()
+                if isinstance(m, TensorQuantizer) and m.is_enabled and getattr(m, "_if_calib", False)
+            ]
+            if calibrating and all(
+                n.endswith("weight_quantizer") and isinstance(m._calibrator, MaxCalibrator)
+                for n, m in calibrating
+            ):
                 num_iters = 1
         return orig(self, func, num_iters, desc)
+
     return run_func
 
 
@@ -381,9 +413,13 @@ def _freeing_diffs(orig: Callable) -> Callable:
     """ModelOpt's gradient scoring keeps every scored module's Q(Y) - Y (one per format) until
     that module's next forward, so the next step's logits peak also holds every layer's diffs.
     A backward hook registered after ModelOpt's frees them once scored (same scores)."""
+
     def run_func(self, func, num_iters=1, desc=""):
-        handles = [m.register_full_backward_hook(_drop_diffs) for m in self.model.modules()
-                   if hasattr(m, "_backward_hook_handle")]  # ModelOpt's scored modules
+        handles = [
+            m.register_full_backward_hook(_drop_diffs)
+            for m in self.model.modules()
+            if hasattr(m, "_backward_hook_handle")
+        ]  # ModelOpt's scored modules
         try:
             return orig(self, func, num_iters, desc)
         finally:
@@ -391,6 +427,7 @@ def _freeing_diffs(orig: Callable) -> Callable:
                 h.remove()
             for m in self.model.modules():
                 m.__dict__.pop("output_diff_dict", None)
+
     return run_func
 
 
@@ -411,6 +448,7 @@ def _saving(orig: Callable, on_checkpoint: Callable[[Path, str, Path], str]) -> 
             _atomic_checkpoint_save(self, final, lambda: orig(self, verbose), on_checkpoint)
         finally:
             self.__dict__.pop("_get_checkpoint_path", None)
+
     return atomic_save
 
 
@@ -418,8 +456,9 @@ def _saving(orig: Callable, on_checkpoint: Callable[[Path, str, Path], str]) -> 
 _KL_CHUNK_BYTES = KL_CHUNK_BYTES
 
 
-def _chunked_kl_div_loss(log_prob_unquant: torch.Tensor, logits_quant: torch.Tensor,
-                         lm_head: torch.nn.Module | None = None) -> torch.Tensor:
+def _chunked_kl_div_loss(
+    log_prob_unquant: torch.Tensor, logits_quant: torch.Tensor, lm_head: torch.nn.Module | None = None
+) -> torch.Tensor:
     """ModelOpt's `_get_kl_div_loss` (sum of KL(unquantized || quantized) over tokens), by rows.
 
     ModelOpt computes it over all tokens at once: the fp32 copy of the quantized logits, their
@@ -434,8 +473,8 @@ def _chunked_kl_div_loss(log_prob_unquant: torch.Tensor, logits_quant: torch.Ten
     rows = max(1, _KL_CHUNK_BYTES // (4 * lq.shape[-1]))
     total = torch.zeros((), dtype=torch.float32, device=lq.device)
     for i in range(0, lq.shape[0], rows):
-        log_q = torch.log_softmax(lq[i:i + rows].float(), dim=-1)
-        total += F.kl_div(log_q, lu[i:i + rows], reduction="sum", log_target=True)
+        log_q = torch.log_softmax(lq[i : i + rows].float(), dim=-1)
+        total += F.kl_div(log_q, lu[i : i + rows], reduction="sum", log_target=True)
     return total
 
 
@@ -443,26 +482,35 @@ _MODELOPT_KL = mq_algorithms._get_kl_div_loss
 
 
 @contextlib.contextmanager
-def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, str, Path], str],
-                     model: torch.nn.Module, grad_checkpointing: bool,
-                     fused_scales: str = "shared-max") -> Iterator[None]:
+def observe_modelopt(
+    timings: dict[str, float],
+    on_checkpoint: Callable[[Path, str, Path], str],
+    model: torch.nn.Module,
+    grad_checkpointing: bool,
+    fused_scales: str = "shared-max",
+) -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
     base, calib = _AutoQuantizeBaseSearcher, {}
     calibrate = _timed(timings, "calibrate", mq.calibrate)
     if fused_scales == "shared-max":
         calibrate = _sharing_fused_scales(calibrate)
-    patches = [(mq, "calibrate", _max_calibration(calibrate, calib)),  # (owner, name, new)
-               (base, "save_search_checkpoint", _saving(base.save_search_checkpoint, on_checkpoint)),
-               (base, "run_search", _timed(timings, "solve", base.run_search)),
-               (base, "load_search_checkpoint", _loading(base.load_search_checkpoint)),
-               (base, "initialize_candidate_stats",
-                _with_raw_scores(base.initialize_candidate_stats)),
-               (base, "_run_func",
-                _freeing_diffs(_weights_calibrated_once(base._run_func, calib))),
-               (mq_algorithms, "_get_kl_div_loss", _chunked_kl_div_loss)]
-    patches += [(c, "estimate_sensitivity_scores",
-                 _timed(timings, "score", c.__dict__["estimate_sensitivity_scores"]))
-                for c in SEARCHERS.values()]
+    patches = [
+        (mq, "calibrate", _max_calibration(calibrate, calib)),  # (owner, name, new)
+        (base, "save_search_checkpoint", _saving(base.save_search_checkpoint, on_checkpoint)),
+        (base, "run_search", _timed(timings, "solve", base.run_search)),
+        (base, "load_search_checkpoint", _loading(base.load_search_checkpoint)),
+        (base, "initialize_candidate_stats", _with_raw_scores(base.initialize_candidate_stats)),
+        (base, "_run_func", _freeing_diffs(_weights_calibrated_once(base._run_func, calib))),
+        (mq_algorithms, "_get_kl_div_loss", _chunked_kl_div_loss),
+    ]
+    patches += [
+        (
+            c,
+            "estimate_sensitivity_scores",
+            _timed(timings, "score", c.__dict__["estimate_sensitivity_scores"]),
+        )
+        for c in SEARCHERS.values()
+    ]
     saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
     for owner, name, fn in patches:
         setattr(owner, name, fn)
@@ -482,8 +530,9 @@ def observe_modelopt(timings: dict[str, float], on_checkpoint: Callable[[Path, s
         model.__dict__.pop("gradient_checkpointing_enable", None)
 
 
-def _atomic_checkpoint_save(searcher, final: str, save: Callable[[], None],
-                            on_checkpoint: Callable[[Path, str, Path], str]) -> None:
+def _atomic_checkpoint_save(
+    searcher, final: str, save: Callable[[], None], on_checkpoint: Callable[[Path, str, Path], str]
+) -> None:
     tmp = str(resume.tmp_checkpoint(Path(final)))
     configured = searcher.config["checkpoint"]
     searcher.config["checkpoint"] = tmp
@@ -497,9 +546,11 @@ def _atomic_checkpoint_save(searcher, final: str, save: Callable[[], None],
     except (OSError, RuntimeError) as exc:
         # torch.save writes through C++ streams: a full disk arrives as a RuntimeError
         # without an errno, so say what most likely happened and what to do.
-        raise RunFailed(f"no space left to write the search checkpoint {final}? Writing it "
-                        f"failed ({exc}). Free disk space (or lift the file-size limit) or "
-                        "choose another --output-dir; nothing partial was left.") from exc
+        raise RunFailed(
+            f"no space left to write the search checkpoint {final}? Writing it "
+            f"failed ({exc}). Free disk space (or lift the file-size limit) or "
+            "choose another --output-dir; nothing partial was left."
+        ) from exc
     finally:
         searcher.config["checkpoint"] = configured
         with contextlib.suppress(FileNotFoundError):
@@ -518,9 +569,15 @@ class _DebugLog:
         pass
 
 
-def search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], checkpoint: Path,
-           on_checkpoint: Callable[[Path, str, Path], str], stop: StopFlag | None = None,
-           grad_checkpointing: bool = True) -> Search:
+def search(
+    model: torch.nn.Module,
+    spec: SearchSpec,
+    batches: list[Batch],
+    checkpoint: Path,
+    on_checkpoint: Callable[[Path, str, Path], str],
+    stop: StopFlag | None = None,
+    grad_checkpointing: bool = True,
+) -> Search:
     """Calibrate and score `spec` on `model` in place (or restore both from `checkpoint`).
 
     Leaves the model in eval mode with gradient checkpointing off (ModelOpt turns it on).
@@ -531,18 +588,27 @@ def search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], check
     constraints: dict = {"effective_bits": _INTERNAL_BITS}
     if spec.excluded_from_cost:
         constraints["cost"] = {"excluded_module_name_patterns": list(spec.excluded_from_cost)}
-    kwargs = dict(constraints=constraints, quantization_formats=list(spec.formats),
-                  data_loader=batches, forward_step=forward_step,
-                  disabled_layers=list(spec.disabled_layers) or None,
-                  num_calib_steps=spec.num_calib_steps, num_score_steps=spec.num_score_steps,
-                  method=spec.method, checkpoint=str(checkpoint), verbose=False)
+    kwargs = dict(
+        constraints=constraints,
+        quantization_formats=list(spec.formats),
+        data_loader=batches,
+        forward_step=forward_step,
+        disabled_layers=list(spec.disabled_layers) or None,
+        num_calib_steps=spec.num_calib_steps,
+        num_score_steps=spec.num_score_steps,
+        method=spec.method,
+        checkpoint=str(checkpoint),
+        verbose=False,
+    )
     if loss_func is not None:
         kwargs["loss_func"] = loss_func
     t0 = time.perf_counter()
     try:
-        with observe_modelopt(timings, on_checkpoint, model, grad_checkpointing,
-                              spec.fused_scales), normalised_lp(), \
-                contextlib.redirect_stdout(_DebugLog()):  # ModelOpt prints; that goes to DEBUG
+        with (
+            observe_modelopt(timings, on_checkpoint, model, grad_checkpointing, spec.fused_scales),
+            normalised_lp(),
+            contextlib.redirect_stdout(_DebugLog()),
+        ):  # ModelOpt prints; that goes to DEBUG
             model, state = mtq.auto_quantize(model, **kwargs)
     except (AssertionError, ValueError) as exc:
         raise RunFailed(f"ModelOpt's auto_quantize refused the search: {exc}") from exc
@@ -555,8 +621,10 @@ def search(model: torch.nn.Module, spec: SearchSpec, batches: list[Batch], check
     timings["search_setup"] = time.perf_counter() - t0 - sum(timings.values())
     stats = {name: dict(s) for name, s in state["candidate_stats"].items()}
     if any("raw_scores" not in s for s in stats.values()):
-        raise RunFailed(f"the search checkpoint {checkpoint} was written by an older version of "
-                        "this tool (no raw scores); rerun with --overwrite to score again")
+        raise RunFailed(
+            f"the search checkpoint {checkpoint} was written by an older version of "
+            "this tool (no raw scores); rerun with --overwrite to score again"
+        )
     return Search(spec, stats, checkpoint, "calibrate" in timings, "score" in timings, timings)
 
 
@@ -571,8 +639,12 @@ def _subset_stats(stat: dict, formats: set[str]) -> dict:
     for i in keep:
         prev = min(stat["raw_scores"][i], prev)
         scores.append(prev)
-    return {**stat, "formats": [stat["formats"][i] for i in keep], "scores": scores,
-            "costs": [stat["costs"][i] for i in keep]}
+    return {
+        **stat,
+        "formats": [stat["formats"][i] for i in keep],
+        "scores": scores,
+        "costs": [stat["costs"][i] for i in keep],
+    }
 
 
 def solve(model: torch.nn.Module, found: Search, formats: list[str], target_bits: float) -> SearchResult:
@@ -586,28 +658,39 @@ def solve(model: torch.nn.Module, found: Search, formats: list[str], target_bits
         warnings.filterwarnings("ignore", module=r"modelopt\..*")
         best, satisfied = searcher.run_search_with_stats(total * target_bits / 16.0, verbose=False)
     if not satisfied:
-        raise RunFailed(f"ModelOpt's solver found no per-layer mix within {target_bits:g} "
-                        "effective bits for these formats")
+        raise RunFailed(
+            f"ModelOpt's solver found no per-layer mix within {target_bits:g} "
+            "effective bits for these formats"
+        )
     groups = []
     for name, info in best.items():
         get_hparam(model, name).active = info["format"]
         s = stats[name]
-        groups.append(GroupChoice(
-            name=name.removesuffix(".quant_recipe"), module_names=tuple(s["module_names"]),
-            scores={format_name(f): float(v) for f, v in zip(s["formats"], s["scores"])},
-            costs={format_name(f): float(c) for f, c in zip(s["formats"], s["costs"])},
-            chosen=format_name(info["format"])))
+        groups.append(
+            GroupChoice(
+                name=name.removesuffix(".quant_recipe"),
+                module_names=tuple(s["module_names"]),
+                scores={format_name(f): float(v) for f, v in zip(s["formats"], s["scores"])},
+                costs={format_name(f): float(c) for f, c in zip(s["formats"], s["costs"])},
+                chosen=format_name(info["format"]),
+            )
+        )
     cost = sum(info["costs"] for info in best.values())
     return SearchResult(
-        groups=tuple(groups), target_bits=float(target_bits),
+        groups=tuple(groups),
+        target_bits=float(target_bits),
         achieved_bits=16.0 * cost / total,
         predicted_loss=float(sum(info["scores"] for info in best.values())),
-        checkpoint=found.checkpoint, calibrated=found.calibrated, scored=found.scored,
-        timings={**found.timings, "solve": time.perf_counter() - t0})
+        checkpoint=found.checkpoint,
+        calibrated=found.calibrated,
+        scored=found.scored,
+        timings={**found.timings, "solve": time.perf_counter() - t0},
+    )
 
 
-def seed_calibration(source: Path, target: Path, method: str, fingerprint: dict,
-                     formats: tuple[str, ...]) -> bool:
+def seed_calibration(
+    source: Path, target: Path, method: str, fingerprint: dict, formats: tuple[str, ...]
+) -> bool:
     """Start `target`'s search checkpoint from `source`'s calibrated quantizers (no scores).
 
     For a verified `source` calibrated on the same model and batches over a superset of
@@ -628,8 +711,10 @@ def seed_calibration(source: Path, target: Path, method: str, fingerprint: dict,
     state["quantizer_states"] = states
     state["quantization_formats_signature"] = tuple(sorted(keep))
     # Per group: (name, modules, replay attrs, score modules, choices' signatures, ...).
-    groups = [(*g[:4], tuple(c for c in g[4] if c in choices), *g[5:])
-              for g in state["resolved_search_setup_signature"]]
+    groups = [
+        (*g[:4], tuple(c for c in g[4] if c in choices), *g[5:])
+        for g in state["resolved_search_setup_signature"]
+    ]
     state["resolved_search_setup_signature"] = tuple(sorted(groups, key=repr))  # as ModelOpt
     state["candidate_stats"] = {}
     state["method"] = method

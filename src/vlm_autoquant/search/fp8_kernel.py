@@ -42,14 +42,17 @@ def cached_build_state(build_dir: Path, name: str, expected_ninja: str | None) -
     if not ninja_file.is_file():
         return False, f"{ninja_file} is missing"
     if expected_ninja is not None and ninja_file.read_text() != expected_ninja:
-        return False, (f"{ninja_file} differs from what torch would write now (ModelOpt's "
-                       "sources or flags, torch, CUDA or TORCH_CUDA_ARCH_LIST changed)")
+        return False, (
+            f"{ninja_file} differs from what torch would write now (ModelOpt's "
+            "sources or flags, torch, CUDA or TORCH_CUDA_ARCH_LIST changed)"
+        )
     ninja = shutil.which("ninja")
     if ninja is None:
         return False, "ninja is not installed, so torch cannot check or load the build"
     try:
-        out = subprocess.run([ninja, "-n", "-d", "explain"], cwd=build_dir, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [ninja, "-n", "-d", "explain"], cwd=build_dir, capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return False, f"ninja's dry run failed: {exc}"
     text = (out.stdout + out.stderr).strip()
@@ -66,8 +69,9 @@ def _modelopt_fp8_load_call() -> tuple[str, list[str], dict]:
 
     seen: dict = {}
 
-    def record(name, sources, cuda_version_specifiers=None, fail_msg="", raise_if_failed=False,
-               **load_kwargs):
+    def record(
+        name, sources, cuda_version_specifiers=None, fail_msg="", raise_if_failed=False, **load_kwargs
+    ):
         seen.update(name=name, sources=[str(s) for s in sources], kwargs=load_kwargs)
 
     orig = extensions.load_cpp_extension
@@ -98,14 +102,20 @@ def _torch_ninja_file(name: str, sources: list[str], kwargs: dict) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "build.ninja")
             ce._write_ninja_file_to_build_library(
-                path=path, name=name, sources=sources,
+                path=path,
+                name=name,
+                sources=sources,
                 extra_cflags=kwargs.get("extra_cflags") or [],
                 extra_cuda_cflags=kwargs.get("extra_cuda_cflags") or [],
                 extra_sycl_cflags=kwargs.get("extra_sycl_cflags") or [],
-                extra_ldflags=ce._prepare_ldflags(kwargs.get("extra_ldflags") or [], with_cuda,
-                                                  False, False, False),
+                extra_ldflags=ce._prepare_ldflags(
+                    kwargs.get("extra_ldflags") or [], with_cuda, False, False, False
+                ),
                 extra_include_paths=kwargs.get("extra_include_paths") or [],
-                with_cuda=with_cuda, with_sycl=False, is_standalone=False)
+                with_cuda=with_cuda,
+                with_sycl=False,
+                is_standalone=False,
+            )
             return Path(path).read_text()
     finally:
         if not arch_set:
@@ -149,17 +159,23 @@ def select_fp8_kernel(kind: str) -> str:
     if kind == "auto":
         kind = "cuda-ext" if cached else "eager"
         if kind == "eager":
-            log.info("FP8 kernel: eager (ModelOpt's CUDA extension would need a build: %s; "
-                     "build it once with --fp8-kernel cuda-ext, ~45 s, for ~15%% faster "
-                     "scoring later)", why)
+            log.info(
+                "FP8 kernel: eager (ModelOpt's CUDA extension would need a build: %s; "
+                "build it once with --fp8-kernel cuda-ext, ~45 s, for ~15%% faster "
+                "scoring later)",
+                why,
+            )
     if kind == "eager":
         extensions.get_cuda_ext_fp8.extension = None  # ModelOpt then takes its eager path
         return "eager"
     if cached:
         log.info("FP8 kernel: ModelOpt's CUDA extension (%s)", why)
     else:
-        log.info("FP8 kernel: ModelOpt's CUDA extension, building it now (%s): a one-time step "
-                 "of about 45 s, cached for later runs", why)
+        log.info(
+            "FP8 kernel: ModelOpt's CUDA extension, building it now (%s): a one-time step "
+            "of about 45 s, cached for later runs",
+            why,
+        )
     t0 = time.perf_counter()
     extensions.get_cuda_ext_fp8(raise_if_failed=True)
     log.info("FP8 CUDA extension ready in %.1f s", time.perf_counter() - t0)
@@ -204,8 +220,7 @@ def fake_quant(x: torch.Tensor, amax: torch.Tensor, division: bool = False) -> t
     return (e4m3_codes(x, scale).float() * (1 / scale)).to(x.dtype)
 
 
-def weight_codes(weight: torch.Tensor, amax: torch.Tensor, division: bool = False
-                 ) -> torch.Tensor:
+def weight_codes(weight: torch.Tensor, amax: torch.Tensor, division: bool = False) -> torch.Tensor:
     """The E4M3 codes ModelOpt's fake quant rounds a 2-D weight to, for a per-tensor or
     per-output-channel amax."""
     scale = fake_quant_scale(amax.to(weight.device), division)
@@ -232,10 +247,12 @@ def run_arithmetic(run_kernel: str | None) -> Iterator[str]:
     saved_impl = tensor_quant.scaled_e4m3_impl
     extensions.get_cuda_ext_fp8.extension = None  # ModelOpt's eager path
     if run_kernel == "cuda-ext":
+
         def impl(inputs, amax=None):
             if divides(run_kernel, amax):
                 return fake_quant(inputs, amax, division=True)
             return saved_impl(inputs, amax)
+
         tensor_quant.scaled_e4m3_impl = impl
     try:
         yield "cuda-ext arithmetic (PyTorch)" if run_kernel == "cuda-ext" else "eager"

@@ -69,8 +69,11 @@ def shard(n: int, rank: int, world: int) -> int:
 
 def spec_for_rank(spec, rank: int, world: int):
     """The family's SearchSpec with this rank's share of the calibration and score steps."""
-    return dataclasses.replace(spec, num_calib_steps=shard(spec.num_calib_steps, rank, world),
-                               num_score_steps=shard(spec.num_score_steps, rank, world))
+    return dataclasses.replace(
+        spec,
+        num_calib_steps=shard(spec.num_calib_steps, rank, world),
+        num_score_steps=shard(spec.num_score_steps, rank, world),
+    )
 
 
 def device_name(gpu: int | str) -> str:
@@ -93,8 +96,14 @@ def _init_group(setup: Setup, rank: int, port: int) -> None:
         device = torch.device(setup.devices[rank])
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
-    dist.init_process_group(setup.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=setup.world, timeout=GROUP_TIMEOUT, **kwargs)
+    dist.init_process_group(
+        setup.backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=setup.world,
+        timeout=GROUP_TIMEOUT,
+        **kwargs,
+    )
 
 
 def _peak_gib(device: str) -> float:
@@ -109,8 +118,9 @@ def _worker(rank: int, port: int, jobs, results) -> None:
     """A replica: import, wait for its Setup (None: not needed after all), load the LM on its
     device, join the group, run every search handed to it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and stops the replicas
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s replica {rank}: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format=f"%(asctime)s replica {rank}: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         import torch  # torch: this module is imported on the refusal path
         import torch.distributed as dist
@@ -137,8 +147,9 @@ def _worker(rank: int, port: int, jobs, results) -> None:
             kernel = run_kernel
             replica = sharing_weights(model)
             batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-            autoquant.search(replica, spec, batches, checkpoint, _no_checkpoint, None,
-                             setup.grad_checkpointing)
+            autoquant.search(
+                replica, spec, batches, checkpoint, _no_checkpoint, None, setup.grad_checkpointing
+            )
             del replica, batches
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -161,9 +172,15 @@ class Pool:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.jobs = [ctx.Queue() for _ in devices[1:]]
-        self.procs = [ctx.Process(target=_worker, name=f"replica-{r}",
-                                  args=(r, self.port, self.jobs[r - 1], self.results), daemon=True)
-                      for r in range(1, len(devices))]
+        self.procs = [
+            ctx.Process(
+                target=_worker,
+                name=f"replica-{r}",
+                args=(r, self.port, self.jobs[r - 1], self.results),
+                daemon=True,
+            )
+            for r in range(1, len(devices))
+        ]
         for p in self.procs:
             p.start()
 
@@ -221,8 +238,9 @@ def start_for(inputs, placement, pool: Pool | None = None) -> Iterator[Replicas 
         pool.claimed = True
     else:
         pool = None
-    with Replicas(Setup(inputs.options.model_dir, inputs.text_config, devices,
-                        inputs.options.grad_checkpointing), pool) as replicas:
+    with Replicas(
+        Setup(inputs.options.model_dir, inputs.text_config, devices, inputs.options.grad_checkpointing), pool
+    ) as replicas:
         yield replicas
 
 
@@ -241,8 +259,7 @@ class Replicas:
     def __init__(self, setup: Setup, pool: Pool | None = None) -> None:
         pool = pool or Pool(setup.devices)
         self.setup = setup
-        self.port, self.results, self.jobs, self.procs = pool.port, pool.results, pool.jobs, \
-            pool.procs
+        self.port, self.results, self.jobs, self.procs = pool.port, pool.results, pool.jobs, pool.procs
         for q in self.jobs:
             q.put(setup)
         self.joined = False
@@ -256,8 +273,12 @@ class Replicas:
         self._closing = False
         self._watch = threading.Thread(target=self._watchdog, name="replica-watchdog", daemon=True)
         self._watch.start()
-        log.info("data-parallel replicas: %d processes on %s, each searching 1/%d of the batches",
-                 setup.world, ", ".join(setup.devices), setup.world)
+        log.info(
+            "data-parallel replicas: %d processes on %s, each searching 1/%d of the batches",
+            setup.world,
+            ", ".join(setup.devices),
+            setup.world,
+        )
 
     # -- failure handling -------------------------------------------------------------------
     def _watchdog(self) -> None:
@@ -308,8 +329,10 @@ class Replicas:
             return None
 
     def _raise_failure(self, exc: BaseException | None = None) -> None:
-        raise RunFailed(f"{self.failure}. Rerun with --parallel layers (one process, the LM "
-                        "split across the GPUs) or fewer --gpus") from exc
+        raise RunFailed(
+            f"{self.failure}. Rerun with --parallel layers (one process, the LM "
+            "split across the GPUs) or fewer --gpus"
+        ) from exc
 
     def _get(self, kind: str, rank: int):
         """The report of `kind` from `rank` (waiting for it); raises if a replica failed."""
@@ -351,8 +374,11 @@ class Replicas:
         finally:
             self._searching.clear()
         self.joined = True
-        log.info("replicas ready (their loads %s s; waited %.1f s for them)",
-                 ", ".join(f"{s:.1f}" for s in loads), time.perf_counter() - t0)
+        log.info(
+            "replicas ready (their loads %s s; waited %.1f s for them)",
+            ", ".join(f"{s:.1f}" for s in loads),
+            time.perf_counter() - t0,
+        )
 
     def search(self, model, spec, batches: list, checkpoint: Path, on_checkpoint, stop):
         """`autoquant.search` on rank 0's share of `batches`, the replicas on theirs.
@@ -363,20 +389,28 @@ class Replicas:
 
         world = self.setup.world
         if min(spec.num_calib_steps, spec.num_score_steps) < world:
-            raise RunFailed(f"{world} replicas need at least {world} calibration and score steps "
-                            f"(have {spec.num_calib_steps} and {spec.num_score_steps}); use "
-                            "--parallel layers or fewer --gpus")
+            raise RunFailed(
+                f"{world} replicas need at least {world} calibration and score steps "
+                f"(have {spec.num_calib_steps} and {spec.num_score_steps}); use "
+                "--parallel layers or fewer --gpus"
+            )
         if self.failure:
             self._raise_failure()
         self.join()
         cpu = [{k: v.cpu() for k, v in b.items()} for b in batches]
         for r in range(1, world):
-            self.jobs[r - 1].put((self.fp8_kernel, spec_for_rank(spec, r, world), cpu[r::world],
-                                  checkpoint))
+            self.jobs[r - 1].put((self.fp8_kernel, spec_for_rank(spec, r, world), cpu[r::world], checkpoint))
         self._searching.set()
         try:
-            found = autoquant.search(model, spec_for_rank(spec, 0, world), batches[0::world],
-                                     checkpoint, on_checkpoint, stop, self.setup.grad_checkpointing)
+            found = autoquant.search(
+                model,
+                spec_for_rank(spec, 0, world),
+                batches[0::world],
+                checkpoint,
+                on_checkpoint,
+                stop,
+                self.setup.grad_checkpointing,
+            )
         except BaseException as exc:
             self.failure = self.failure or self._dead(wait_s=3.0)
             if self.failure:
@@ -391,7 +425,8 @@ class Replicas:
             self._searching.clear()
         for r in range(1, world):
             self.worker_peaks_gib[self.setup.devices[r].removeprefix("cuda:")] = round(
-                self._get("done", r), 2)
+                self._get("done", r), 2
+            )
         return dataclasses.replace(found, spec=spec, worker_peaks_gib=dict(self.worker_peaks_gib))
 
     def _terminate(self) -> None:

@@ -63,16 +63,25 @@ def write_record(checkpoint: Path, fp: dict, stage: str, source: Path | None = N
     then names the new checkpoint before it appears under its final name.
     """
     digest = sha256_file(source or checkpoint)
-    write_json(record_path(checkpoint), integrity.sign({
-        "record_version": RECORD_VERSION, "written_by": "vlm_autoquant", "stage": stage,
-        "checkpoint": checkpoint.name, "sha256": digest, "fingerprint": fp,
-        "fingerprint_sha256": fingerprint_hash(fp),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    write_json(
+        record_path(checkpoint),
+        integrity.sign(
+            {
+                "record_version": RECORD_VERSION,
+                "written_by": "vlm_autoquant",
+                "stage": stage,
+                "checkpoint": checkpoint.name,
+                "sha256": digest,
+                "fingerprint": fp,
+                "fingerprint_sha256": fingerprint_hash(fp),
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        ),
+    )
     return digest
 
 
-def save_with_record(checkpoint: Path, fp: dict, stage: str,
-                     writer: Callable[[Path], Any]) -> str:
+def save_with_record(checkpoint: Path, fp: dict, stage: str, writer: Callable[[Path], Any]) -> str:
     """`writer(tmp)` writes the checkpoint; record first, then rename (one atomic step)."""
     tmp = tmp_checkpoint(checkpoint)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +93,12 @@ def save_with_record(checkpoint: Path, fp: dict, stage: str,
         os.replace(tmp, checkpoint)
     except Exception as exc:
         if disk_full(exc):
-            raise RunFailed(f"no space left to write the search checkpoint {checkpoint} (a full "
-                            f"disk, a quota or the file-size limit: {str(exc)[:200]}); free "
-                            "disk space (or lift the limit) or choose another --output-dir. "
-                            "Nothing partial was left.") from exc
+            raise RunFailed(
+                f"no space left to write the search checkpoint {checkpoint} (a full "
+                f"disk, a quota or the file-size limit: {str(exc)[:200]}); free "
+                "disk space (or lift the limit) or choose another --output-dir. "
+                "Nothing partial was left."
+            ) from exc
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -104,8 +115,11 @@ def read_record(checkpoint: Path) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not integrity.verified(record) or not isinstance(record.get("sha256"), str) \
-            or not isinstance(record.get("fingerprint"), dict):
+    if (
+        not integrity.verified(record)
+        or not isinstance(record.get("sha256"), str)
+        or not isinstance(record.get("fingerprint"), dict)
+    ):
         return None
     return record
 
@@ -115,9 +129,14 @@ def load_verified(checkpoint: Path) -> Any:
     where = f"--output-dir ({checkpoint})"
     record = read_record(checkpoint)
     if record is None:
-        raise UsageError(Problem(where, "the search checkpoint has no record signed by this tool "
-                                 "on this account; it will not be loaded",
-                                 "pass --overwrite to discard it, or choose another --output-dir"))
+        raise UsageError(
+            Problem(
+                where,
+                "the search checkpoint has no record signed by this tool "
+                "on this account; it will not be loaded",
+                "pass --overwrite to discard it, or choose another --output-dir",
+            )
+        )
     return integrity.load_weights_only(checkpoint, record["sha256"], where)
 
 
@@ -136,8 +155,13 @@ def load_searcher_state(searcher) -> bool:
         return False
     state = load_verified(Path(path))
     if not isinstance(state, dict):
-        raise UsageError(Problem(f"--output-dir ({path})", "the search checkpoint is not a "
-                                 "searcher state", "pass --overwrite to discard it"))
+        raise UsageError(
+            Problem(
+                f"--output-dir ({path})",
+                "the search checkpoint is not a searcher state",
+                "pass --overwrite to discard it",
+            )
+        )
     for key, default in searcher.default_state_dict.items():
         setattr(searcher, key, state.get(key, default))
     return True
@@ -164,8 +188,9 @@ class Reuse:
     sha256: str | None = None
 
 
-def check_reusable(checkpoint: Path, fp: dict, overwrite: bool,
-                   compare: tuple[str, ...] | None = None) -> Reuse:
+def check_reusable(
+    checkpoint: Path, fp: dict, overwrite: bool, compare: tuple[str, ...] | None = None
+) -> Reuse:
     """Decide whether `checkpoint` may be loaded; raise UsageError when it must not be.
 
     `compare` limits the fingerprint keys that must match (a sweep seeds a new scoring group
@@ -173,8 +198,7 @@ def check_reusable(checkpoint: Path, fp: dict, overwrite: bool,
     With `overwrite`, an unusable checkpoint is deleted instead of refused.
     """
     record = read_record(checkpoint)
-    if record is not None and (not checkpoint.exists()
-                               or sha256_file(checkpoint) != record["sha256"]):
+    if record is not None and (not checkpoint.exists() or sha256_file(checkpoint) != record["sha256"]):
         _promote_finished_tmp(checkpoint, record["sha256"])
     else:
         _promote_finished_tmp(checkpoint, "")  # only removes stale temporary checkpoints
@@ -182,26 +206,44 @@ def check_reusable(checkpoint: Path, fp: dict, overwrite: bool,
         return Reuse(None)
     where = f"--output-dir ({checkpoint})"
     if record is None:
-        return _refuse(checkpoint, overwrite, Problem(
-            where, "a search checkpoint without a record signed by this tool on this account "
-            f"(forged, or signed with another key than {integrity.key_path()}); it is a pickle "
-            "of unknown origin and will not be loaded",
-            "delete it, pass --overwrite to discard it, or choose another --output-dir"))
+        return _refuse(
+            checkpoint,
+            overwrite,
+            Problem(
+                where,
+                "a search checkpoint without a record signed by this tool on this account "
+                f"(forged, or signed with another key than {integrity.key_path()}); it is a pickle "
+                "of unknown origin and will not be loaded",
+                "delete it, pass --overwrite to discard it, or choose another --output-dir",
+            ),
+        )
     recorded_sha, recorded_fp = record["sha256"], record["fingerprint"]
     if sha256_file(checkpoint) != recorded_sha:
-        return _refuse(checkpoint, overwrite, Problem(
-            where, "the search checkpoint's sha256 differs from the one this tool recorded "
-            "(modified, or cut short by a crash while being written); it will not be loaded",
-            "pass --overwrite to discard it and search again"))
+        return _refuse(
+            checkpoint,
+            overwrite,
+            Problem(
+                where,
+                "the search checkpoint's sha256 differs from the one this tool recorded "
+                "(modified, or cut short by a crash while being written); it will not be loaded",
+                "pass --overwrite to discard it and search again",
+            ),
+        )
     keys = compare if compare is not None else tuple(sorted(set(fp) | set(recorded_fp)))
     changed = [k for k in keys if fp.get(k) != recorded_fp.get(k)]
     if changed:
-        detail = "; ".join(f"{k}: {_short(recorded_fp.get(k))} -> {_short(fp.get(k))}"
-                           for k in changed[:6])
-        return _refuse(checkpoint, overwrite, Problem(
-            where, f"settings changed since this search checkpoint was written ({detail}); "
-            "its calibration and scores do not apply", "rerun with the original settings to "
-            "resume, pass --overwrite to discard it and search again, or use another --output-dir"))
+        detail = "; ".join(f"{k}: {_short(recorded_fp.get(k))} -> {_short(fp.get(k))}" for k in changed[:6])
+        return _refuse(
+            checkpoint,
+            overwrite,
+            Problem(
+                where,
+                f"settings changed since this search checkpoint was written ({detail}); "
+                "its calibration and scores do not apply",
+                "rerun with the original settings to "
+                "resume, pass --overwrite to discard it and search again, or use another --output-dir",
+            ),
+        )
     return Reuse(record.get("stage"), recorded_sha)
 
 
