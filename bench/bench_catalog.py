@@ -90,11 +90,14 @@ def plant_outlier(ckpt: Path, layer: int) -> None:
     marker.write_text(json.dumps({"layer": layer, "channel": OUTLIER_CHANNEL, "scale": OUTLIER_SCALE}))
 
 
+SRC_TREE = [ROOT / "src"]  # the driver's source tree (--src: another checkout's, for before/after)
+
+
 def run(cmd: list[str], work: Path, name: str) -> dict:
     out = work / name
     wall = sh(
         [sys.executable, *map(str, cmd), "--output-dir", str(out / "out")],
-        env_for(out),
+        env_for(out, SRC_TREE[0]),
         out / "log.txt",
         cwd=out,
     )
@@ -120,6 +123,7 @@ def summarise(manifests: dict[str, dict]) -> dict:
             "predicted_loss": m["search"].get("predicted_loss"),
             "scores": m["search"]["scores"],
             "planted_outlier_gate_up": planted,
+            "layer_scores": {x["name"]: x["scores"] for x in m["layers"]},
             "layer_formats_sha256": hashlib.sha256(
                 json.dumps([(x["name"], x["format"], x.get("quant_config")) for x in m["layers"]]).encode()
             ).hexdigest(),
@@ -148,7 +152,18 @@ def main() -> None:
     p.add_argument(
         "--alone", default="", help="schemes to run alone (comma list; default: all but the anchor)"
     )
+    p.add_argument(
+        "--src", type=Path, default=SRC_TREE[0], help="the driver's source tree (default: this one)"
+    )
+    p.add_argument(
+        "--compare-to",
+        type=Path,
+        default=None,
+        help="an earlier result JSON: print, per scheme, whether every layer's format is the same "
+        "and the largest relative score difference (speed work must change neither)",
+    )
     args = p.parse_args()
+    SRC_TREE[0] = args.src.resolve()
     args.data, args.work = args.data.resolve(), args.work.resolve()
     from vlm_autoquant.plan.schemes import default_catalog, load_catalog
 
@@ -225,7 +240,40 @@ def main() -> None:
         )
     )
     print(f"alone == sweep (every layer's format): {same}")
+    if args.compare_to:
+        r["compared_to"] = compare(json.loads(args.compare_to.read_text()), r)
+        partial()
     print(f"wrote {args.out}")
+
+
+def _schemes(result: dict) -> dict:
+    """Every scheme's summary in a result: the sweeps' first, then the single and alone runs."""
+    out: dict = {}
+    for key in ("sweep_all", "sweep_gradient", "single"):
+        out.update({n: s for n, s in (result.get(key) or {}).get("schemes", {}).items() if n not in out})
+    for v in (result.get("alone") or {}).values():
+        out.update({n: s for n, s in v["schemes"].items() if n not in out})
+    return out
+
+
+def compare(before: dict, after: dict) -> dict:
+    """Per scheme in both: same formats (hash of every layer's format) and the largest relative
+    difference of any layer's score for any candidate."""
+    a, b = _schemes(before), _schemes(after)
+    out = {}
+    for name in sorted(a.keys() & b.keys()):
+        worst = 0.0
+        for layer, scores in a[name].get("layer_scores", {}).items():
+            for cand, x in scores.items():
+                y = b[name].get("layer_scores", {}).get(layer, {}).get(cand)
+                if y is None:
+                    worst = float("inf")
+                elif x != y:
+                    worst = max(worst, abs(x - y) / max(abs(x), abs(y)))
+        same = a[name]["layer_formats_sha256"] == b[name]["layer_formats_sha256"]
+        out[name] = {"same_formats": same, "max_rel_score_diff": worst}
+        print(f"compare {name:28} formats {'same' if same else 'DIFFER'}, max rel score diff {worst:.2e}")
+    return out
 
 
 if __name__ == "__main__":

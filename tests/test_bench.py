@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,18 @@ def test_family_benchmark_dry_run():
     proc = bench("bench_family.py", "--dry-run", "--size", "72b", "--gpus", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Qwen2.5-VL-72B LM on 4x" in proc.stdout and "80 layers" in proc.stdout
+
+
+def test_catalog_compare_reports_a_changed_format_and_score():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_catalog
+
+    def result(fmt: str, score: float) -> dict:
+        scheme = {"layer_formats_sha256": fmt, "layer_scores": {"l0": {"FP8": score, "BF16": 0.0}}}
+        return {"sweep_all": {"schemes": {"s": scheme}}}
+
+    assert bench_catalog.compare(result("a", 2.0), result("a", 2.0)) == {
+        "s": {"same_formats": True, "max_rel_score_diff": 0.0}
+    }
+    moved = bench_catalog.compare(result("a", 2.0), result("b", 1.5))["s"]
+    assert moved["same_formats"] is False and moved["max_rel_score_diff"] == pytest.approx(0.25)

@@ -18,7 +18,8 @@ alone on one batch, (8) optionally keeps gradient checkpointing off, (9) under d
 replicas (replicas.py) lets rank 0 alone write the checkpoint, under its single-process name,
 and (10) with `fused_scales: shared-max`, gives the projections an engine fuses (q/k/v, gate/up)
 their group's largest per-tensor scales right after each format's calibration, so that
-everything after it (scores, solve, quality, export) is in the arithmetic the engines serve.
+everything after it (scores, solve, quality, export) is in the arithmetic the engines serve, and
+(11) collects each max-calibrated amax without a host sync per quantizer (calib_collect.py).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 from ..core.errors import RunFailed
 from ..core.interrupt import StopFlag
 from ..model.fused import fused_layer_groups
-from . import resume
+from . import calib_collect, resume
 from .spec import KL_CHUNK_BYTES, SearchSpec
 
 log = logging.getLogger(__name__)
@@ -491,7 +492,7 @@ def observe_modelopt(
 ) -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
     base, calib = _AutoQuantizeBaseSearcher, {}
-    calibrate = _timed(timings, "calibrate", mq.calibrate)
+    calibrate = _timed(timings, "calibrate", calib_collect.calibrating(mq.calibrate))
     if fused_scales == "shared-max":
         calibrate = _sharing_fused_scales(calibrate)
     patches = [
