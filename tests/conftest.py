@@ -50,7 +50,7 @@ QUICK = [
 ]
 
 
-# The sweep's test catalog: five budgets, kl_div and pcpt beside them (tests/test_sweep.py).
+# The sweep's test catalog: five budgets, kl_div and pcpt beside them (tests/run/test_sweep.py).
 BUDGETS = (8, 9, 10, 12, 16)
 SWEEP_CATALOG = (
     SMALL_DEFAULTS
@@ -73,7 +73,7 @@ SWEEP_CATALOG = (
 @pytest.fixture(scope="session")
 def swept(demo, tmp_path_factory):
     """One sweep of SWEEP_CATALOG on the demo (its root: out/, cat.yaml, mlflow.db, stdout.txt),
-    read by tests/test_sweep.py and compared with by tests/test_replicas.py."""
+    read by tests/run/test_sweep.py and compared with by tests/search/test_replicas.py."""
     import contextlib
     import io
     import os

@@ -8,7 +8,7 @@ import torch
 from vlm_autoquant.core.errors import Problems
 from vlm_autoquant.plan.calib_data import IGNORE, check_caption_file, load_captions, pack, split_captions
 
-from .conftest import COCO, QWEN_TOKENIZER
+from ..conftest import COCO, QWEN_TOKENIZER
 
 
 @pytest.fixture(scope="module")

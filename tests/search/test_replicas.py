@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import QUICK, SCRIPT  # noqa: F401
-from tests.test_memory_plan import config
+from tests.plan.test_memory_plan import config
 from vlm_autoquant.core.errors import Problems, RunFailed, UsageError
 from vlm_autoquant.plan.memory_plan import Placement, Shape, predict
 from vlm_autoquant.plan.placement import LMPlacement, PlanRequest, plan_for
@@ -287,7 +287,7 @@ def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, two_cpu_repl
     """The gradient search on the replicas; then, the replicas closed, the kl_div search (one
     score step: nothing to share) by this process alone, starting from the first's calibration,
     which rank 0 wrote. Compared with the same schemes in the plain sweep (conftest.swept: a
-    scheme gets the same formats alone or in a sweep, tests/test_sweep.py)."""
+    scheme gets the same formats alone or in a sweep, tests/run/test_sweep.py)."""
     import csv
 
     from vlm_autoquant.cli import sweep_main

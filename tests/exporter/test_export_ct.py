@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from .conftest import QUICK
+from ..conftest import QUICK
 
 
 def _manifest(rows: list[tuple[str, str | None]]) -> dict:
@@ -75,7 +75,7 @@ def test_targets_and_ignore_match_every_naming_and_nothing_else():
 @pytest.fixture(scope="module")
 def pcpt_run(demo, tmp_path_factory):
     """One fp8-pcpt-10b run of the demo (both FP8 formats), in its own MLflow store."""
-    from .conftest import run_cli
+    from ..conftest import run_cli
 
     root = tmp_path_factory.mktemp("pcpt")
     old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()

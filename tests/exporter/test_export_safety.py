@@ -25,7 +25,7 @@ from vlm_autoquant.core.artifacts import (
 from vlm_autoquant.core.errors import Problems
 from vlm_autoquant.exporter import staging
 
-from .conftest import QUICK, run_cli
+from ..conftest import QUICK, run_cli
 from .test_export import _assert_usage, copy_demo, export, source, store  # noqa: F401
 
 

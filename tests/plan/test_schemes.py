@@ -10,7 +10,7 @@ import yaml
 from vlm_autoquant.core.errors import UsageError
 from vlm_autoquant.plan.schemes import FORMAT_BITS, load_catalog, resolve
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -136,6 +136,6 @@ def test_a_source_tree_without_install_finds_the_repo_catalog(monkeypatch):
 
     monkeypatch.setattr(resources, "files", not_installed)
     path = schemes_mod.default_catalog()
-    repo_catalog = Path(__file__).resolve().parents[1] / "configs" / "schemes.yaml"
+    repo_catalog = Path(__file__).resolve().parents[2] / "configs" / "schemes.yaml"
     assert Path(path) == repo_catalog
     assert "fp8-balanced-10b" in schemes_mod.load_catalog(path)

@@ -14,7 +14,7 @@ import torch
 from vlm_autoquant.core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE
 from vlm_autoquant.tracking import DEFAULT_EXPERIMENT
 
-from .conftest import PY, QUICK, ROOT, subprocess_env
+from ..conftest import PY, QUICK, ROOT, subprocess_env
 
 EXPORT_SCRIPT = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_export.py"
 

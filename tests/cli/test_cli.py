@@ -26,7 +26,7 @@ from vlm_autoquant.tracking import (
     M_WEIGHT_BYTES,
 )
 
-from .conftest import PY, QUICK, ROOT, run_cli, subprocess_env
+from ..conftest import PY, QUICK, ROOT, run_cli, subprocess_env
 
 REQUIRED_KEYS = {
     "schema_version",

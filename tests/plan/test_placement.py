@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_memory_plan import config
+from tests.plan.test_memory_plan import config
 from vlm_autoquant.core.errors import Problems, UsageError
 from vlm_autoquant.model.lm import meta_model
 from vlm_autoquant.plan.memory_plan import Dims, Placement, Shape, predict, usable

@@ -28,7 +28,7 @@ from vlm_autoquant.plan import cost, families
 from vlm_autoquant.plan.schemes import Scheme, default_catalog, load_catalog
 from vlm_autoquant.search import autoquant
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CATALOG = load_catalog(default_catalog())
 FP8_BITS = 8  # every catalog format is an 8-bit FP8 format
 

@@ -6,7 +6,7 @@ import pytest
 
 from vlm_autoquant.core.errors import Problems
 
-from .conftest import SMALL_DEFAULTS
+from ..conftest import SMALL_DEFAULTS
 
 CATALOG = (
     SMALL_DEFAULTS

@@ -11,7 +11,7 @@ from vlm_autoquant.cli import sweep_main
 from vlm_autoquant.core.artifacts import COMPARISON_FILE, MANIFEST_FILE, PARETO_FIGURE
 from vlm_autoquant.tracking import DEFAULT_EXPERIMENT, M_KL
 
-from .conftest import BUDGETS, QUICK, SWEEP_CATALOG, run_cli
+from ..conftest import BUDGETS, QUICK, SWEEP_CATALOG, run_cli
 
 
 def demo_dir(root):

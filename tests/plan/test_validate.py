@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from .conftest import PY, subprocess_env
+from ..conftest import PY, subprocess_env
 
 PROBE = """
 import sys
