@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,28 +41,40 @@ def main() -> None:
     p.add_argument("--sizes", default="", help="extra size flags for the sweep (CPU smoke)")
     p.add_argument("--export-args", default="", help="extra flags for every export, e.g. '--format both'")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "h200-export-catalog.json")
+    p.add_argument(
+        "--sweep-out",
+        type=Path,
+        default=None,
+        help="export the runs of this finished sweep's output dir instead of sweeping first "
+        "(its runs must have used this benchmark's checkpoint under --work)",
+    )
+    p.add_argument(
+        "--keep-exports", action="store_true", help="keep each export (default: delete it once checked)"
+    )
     args = p.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
     t0 = time.perf_counter()
     ckpt, captions = build(args)
     r: dict = {"size": args.size, "build_s": time.perf_counter() - t0, "exports": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    r["sweep"] = run(
-        [
-            SWEEP,
-            "--model-dir",
-            ckpt,
-            "--calib-file",
-            captions,
-            "--fp8-kernel",
-            args.fp8_kernel,
-            *args.sizes.split(),
-        ],
-        args.work,
-        "sweep",
-    )
+    sweep_out = args.sweep_out or args.work / "sweep" / "out"
+    if not args.sweep_out:
+        r["sweep"] = run(
+            [
+                SWEEP,
+                "--model-dir",
+                ckpt,
+                "--calib-file",
+                captions,
+                "--fp8-kernel",
+                args.fp8_kernel,
+                *args.sizes.split(),
+            ],
+            args.work,
+            "sweep",
+        )
     args.out.write_text(json.dumps(r, indent=2) + "\n")
-    runs = sorted(p.parent for p in (args.work / "sweep" / "out").rglob("manifest.json"))
+    runs = sorted(p.parent for p in sweep_out.rglob("manifest.json"))
     for run_dir in runs:
         manifest = json.loads((run_dir / "manifest.json").read_text())
         name = manifest["scheme"]["name"]
@@ -111,6 +124,8 @@ def main() -> None:
             flush=True,
         )
         args.out.write_text(json.dumps(r, indent=2) + "\n")
+        if not args.keep_exports:  # a 3B export is 5-10 GB: the next one needs the disk
+            shutil.rmtree(target)
     r["all_passed"] = len(r["exports"]) == len(runs) > 0 and all(e["passed"] for e in r["exports"].values())
     text = json.dumps(r, indent=2)
     print(text)

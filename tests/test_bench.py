@@ -200,6 +200,7 @@ def test_export_catalog_benchmark_cpu_path(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     r = json.loads(out.read_text())
     assert set(r["exports"]) == {"fp8-balanced-10b", "fp8-kl-10b"} and r["all_passed"]
+    assert not any((tmp_path / "w" / "export").iterdir())  # each export deleted once checked
 
 
 @pytest.mark.bench
