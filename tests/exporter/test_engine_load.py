@@ -9,7 +9,7 @@ import torch
 from vlm_autoquant.exporter.engine_load import requantize_with_max_scale, served_tensors
 from vlm_autoquant.model.fused import fused_layer_groups
 
-from .conftest import DATA
+from ..conftest import DATA
 
 E4M3 = torch.float8_e4m3fn
 

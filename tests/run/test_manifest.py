@@ -16,7 +16,7 @@ from vlm_autoquant.core.errors import UsageError
 from vlm_autoquant.run import manifest
 from vlm_autoquant.run.manifest import MANIFEST_VERSION, LayerRow, layers_csv, summary
 
-from .conftest import DATA, PY, run_cli, subprocess_env
+from ..conftest import DATA, PY, run_cli, subprocess_env
 
 # A manifest.json written by vlm-autoquant before `manifest_version` existed (the demo's
 # fp8-balanced-10b run; `layers` cut to four rows).

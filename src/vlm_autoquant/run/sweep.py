@@ -12,8 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +37,9 @@ from ..tracking import M_SPEARMAN
 from . import figures
 from .manifest import Manifest
 from .pipeline import Target, announce, finish_scheme, load, search_family, searching_with
+
+if TYPE_CHECKING:
+    from ..search.replicas import Replicas
 
 log = logging.getLogger("vlm_autoquant")
 COLUMNS = (
@@ -114,7 +119,9 @@ class SweepRun:
     experiment: str | None
 
 
-def run_family(model: nn.Module, family: Family, run: SweepRun, info: dict, replicas=None) -> list[dict]:
+def run_family(
+    model: nn.Module, family: Family, run: SweepRun, info: dict, replicas: "Replicas | None" = None
+) -> list[dict]:
     """Search one family, then finish each member as a child run; failures are rows, not raises."""
     rows: list[dict] = []
     try:
@@ -143,7 +150,7 @@ def run_family(model: nn.Module, family: Family, run: SweepRun, info: dict, repl
     return rows
 
 
-def _child_run(run: SweepRun, scheme: Scheme):
+def _child_run(run: SweepRun, scheme: Scheme) -> AbstractContextManager[tracking.Tracker]:
     out_dir = run.inputs.options.output_dir / scheme.name
     return tracking.tracked_run(run.experiment, scheme.name, run.parent, out_dir=out_dir)
 
@@ -163,7 +170,11 @@ def _finish_member(
 
 
 def run_sweep(
-    inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str | None, replicas=None
+    inputs: Inputs,
+    families: list[Family],
+    stop: StopFlag,
+    experiment: str | None,
+    replicas: "Replicas | None" = None,
 ) -> list[dict]:
     """Run every family; write and log the comparison; raise RunFailed naming failed schemes.
     `replicas`: the data-parallel replicas the CLI started where the placement has them."""
@@ -201,7 +212,7 @@ def run_sweep(
     return rows
 
 
-def _run_families(run: SweepRun, families: list[Family], replicas) -> list[dict]:
+def _run_families(run: SweepRun, families: list[Family], replicas: "Replicas | None") -> list[dict]:
     """Every family's rows, in run order (run_order), on one loaded LM."""
     kernel = fp8_kernel.select_fp8_kernel(run.inputs.options.fp8_kernel)
     rows: list[dict] = []
