@@ -1,4 +1,5 @@
-"""The save stage: a scheme's files in its output dir, written atomically, manifest last.
+"""The save stage: a scheme's files in its output dir, written atomically, and the Manifest
+that describes them (`build_manifest`, from the rows `layer_rows` reads off the model), last.
 
 Everything a result needs is on disk before MLflow is touched, so a tracking failure never costs
 the result (report.py logs these files, now or later with --log-only).
