@@ -107,7 +107,7 @@ def export_unchecked(run_dir: Path, model_dir: Path, target: Path) -> Path:
         problems,
     )
     problems.raise_if_any()
-    kernel = (inputs.manifest.get("search") or {}).get("fp8_kernel")
+    kernel = inputs.manifest.search.fp8_kernel
     with run_arithmetic(kernel):
         model = _restore(inputs, pick_device())
         mo_dir = export.run_modelopt_export(model, target, kernel)

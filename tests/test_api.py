@@ -64,7 +64,8 @@ def test_quantize_returns_the_result_it_wrote(demo, tracking, tmp_path):
     )
     assert result.output_dir == out
     on_disk = json.loads((out / MANIFEST_FILE).read_text())
-    assert result.manifest["scheme"]["name"] == on_disk["scheme"]["name"] == "fp8-balanced-10b"
+    assert result.manifest.scheme.name == on_disk["scheme"]["name"] == "fp8-balanced-10b"
+    assert result.manifest.to_json() == on_disk
     assert on_disk["scheme"]["overrides"]["effective_bits"] == 9
     assert on_disk["effective_bits"]["achieved"] <= 9 + 1e-9
     assert (out / QUANT_STATE_FILE).is_file()
@@ -82,7 +83,7 @@ def test_sweep_runs_each_named_scheme(demo, tracking, tmp_path):
     )
     assert result.comparison == tmp_path / "s" / COMPARISON_FILE and result.comparison.is_file()
     assert set(result.manifests) == {"b9", "b12"}
-    bits = {n: m["effective_bits"]["achieved"] for n, m in result.manifests.items()}
+    bits = {n: m.effective_bits.achieved for n, m in result.manifests.items()}
     assert bits["b9"] <= 9 + 1e-9 < bits["b12"] <= 12 + 1e-9
 
 

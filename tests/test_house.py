@@ -38,21 +38,12 @@ LONG = {
     "plan/memory_plan.py:predict",
     "plan/schemes.py:load_catalog",
     "run/figures.py:sensitivity",
-    "run/pipeline.py:finish_scheme",
-    "run/report.py:_log",
-    "run/save.py:build_manifest",
-    "run/sweep.py:run_sweep",
-    "run/sweep.py:_write_comparison",
     "search/autoquant.py:search",
     "search/resume.py:check_reusable",
 }
 WIDE = {
     "exporter/verify.py:dequantized_lm",
     "model/demo.py:build_checkpoint",
-    "run/manifest.py:build",
-    "run/pipeline.py:finish_scheme",
-    "run/save.py:build_manifest",
-    "run/sweep.py:run_family",
     "search/autoquant.py:search",
 }
 

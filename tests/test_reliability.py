@@ -43,6 +43,7 @@ from vlm_autoquant.core.errors import Interrupted, Problems, UsageError
 from vlm_autoquant.model import quant_state
 from vlm_autoquant.model.checkpoint import check_lm_tensors, inspect_checkpoint
 from vlm_autoquant.plan.calib_data import check_caption_file
+from vlm_autoquant.run import manifest
 from vlm_autoquant.search import resume
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
@@ -565,7 +566,8 @@ def test_manifest_ties_the_artifacts_and_restore_checks_them(terminated_after_se
     digests = doc["artifacts_sha256"]
     for name in (QUANT_STATE_FILE, "scheme.yaml", "layers.csv"):
         assert digests[name] == artifacts.sha256_file(out / name), name
-    quant_state.check_against_manifest(out / QUANT_STATE_FILE, out / MANIFEST_FILE)
+    record = manifest.read(out / MANIFEST_FILE, "--output-dir", "rerun")
+    quant_state.check_against_manifest(out / QUANT_STATE_FILE, record)
     other = tmp_path / QUANT_STATE_FILE
     payload = torch.load(out / QUANT_STATE_FILE, weights_only=True)
     amax_keys = [
@@ -579,6 +581,6 @@ def test_manifest_ties_the_artifacts_and_restore_checks_them(terminated_after_se
     payload["quantizer_state"][q][k] = torch.full_like(payload["quantizer_state"][q][k], float("nan"))
     torch.save(payload, other)
     with pytest.raises(UsageError, match="differs from the manifest"):
-        quant_state.check_against_manifest(other, doc)
+        quant_state.check_against_manifest(other, record)
     with pytest.raises(UsageError, match="NaN or Inf"):
         quant_state.restore(demo[0], other, torch.device("cpu"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
@@ -29,6 +28,8 @@ from .core.timing import Phases, since_process_start
 from .plan.inputs import OVERRIDE_FLAGS, Inputs, RunOptions
 from .plan.schemes import default_catalog, load_catalog
 from .plan.validate import gather, require_dependencies
+from .run import manifest
+from .run.manifest import Manifest
 from .search.replicas import prestart, start_for
 
 log = logging.getLogger("vlm_autoquant")
@@ -55,7 +56,7 @@ class Result:
     and experiment (None where it was not logged)."""
 
     output_dir: Path
-    manifest: dict
+    manifest: Manifest
     run_id: str | None = None
     experiment: str | None = None
 
@@ -78,7 +79,7 @@ class SweepResult:
 
     output_dir: Path
     comparison: Path
-    manifests: dict[str, dict]
+    manifests: dict[str, Manifest]
     run_id: str | None = None
     experiment: str | None = None
 
@@ -220,13 +221,9 @@ def run_schemes(options: RunOptions, schemes: list[str] | None, overrides: dict)
 
 
 def _sweep_result(out: Path) -> SweepResult:
-    manifests = {
-        p.parent.name: json.loads(p.read_text(encoding="utf-8"))
-        for p in sorted(out.glob(f"*/{MANIFEST_FILE}"))
-    }
-    return SweepResult(
-        out, out / COMPARISON_FILE, {m["scheme"]["name"]: m for m in manifests.values()}, *logged_run(out)
-    )
+    fix = "rerun the sweep"
+    manifests = [manifest.read(p, "output_dir", fix) for p in sorted(out.glob(f"*/{MANIFEST_FILE}"))]
+    return SweepResult(out, out / COMPARISON_FILE, {m.scheme.name: m for m in manifests}, *logged_run(out))
 
 
 def sweep(
@@ -381,17 +378,8 @@ def restore(
     from .model import quant_state  # ModelOpt: only for a restore
 
     run_dir = Path(run_dir)
-    try:
-        doc = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(
-            Problem(
-                "run_dir",
-                f"{run_dir} holds no readable {MANIFEST_FILE} ({exc})",
-                "pass the --output-dir of a finished run",
-            )
-        ) from None
-    base = Path(model_dir) if model_dir is not None else Path(doc["model"]["directory"])
+    doc = manifest.read(run_dir / MANIFEST_FILE, "run_dir", "pass the --output-dir of a finished run")
+    base = Path(model_dir) if model_dir is not None else Path(doc.model.directory)
     import torch  # only for a restore
 
     return quant_state.restore(

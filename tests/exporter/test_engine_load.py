@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from vlm_autoquant.exporter.engine_load import requantize_with_max_scale, served_tensors
 from vlm_autoquant.model.fused import fused_layer_groups
+
+from ..conftest import DATA
 
 E4M3 = torch.float8_e4m3fn
 
@@ -70,14 +74,31 @@ def test_served_tensors_share_both_maxima_and_requantize_only_where_scales_diffe
 
 def test_the_export_warns_only_for_per_tensor_fp8_groups_kept_per_module():
     from vlm_autoquant.exporter.engine_load import fused_scales_warning
+    from vlm_autoquant.run.manifest import MANIFEST_VERSION, Manifest
+
+    example = json.loads((DATA / "manifest_v1_example.json").read_text())
 
     def manifest(rule, config):
-        layers = [{"name": f"model.layers.0.self_attn.{p}_proj", "quant_config": config} for p in "qkvo"]
-        return {"layers": layers, **({"export": {"fused_scales": rule}} if rule else {})}
+        row = {k: v for k, v in example["layers"][0].items() if k not in ("name", "format", "quant_config")}
+        layers = [
+            {
+                **row,
+                "name": f"model.layers.0.self_attn.{p}_proj",
+                "format": "FP8" if config else "BF16",
+                "quant_config": config,
+            }
+            for p in "qkvo"
+        ]
+        doc = {
+            **example,
+            "manifest_version": MANIFEST_VERSION,
+            "layers": layers,
+            "export": {"fused_scales": rule},
+        }
+        return Manifest.model_validate(doc)
 
     kept = fused_scales_warning(manifest("per-module", "FP8_DEFAULT_CFG"))
     assert "--fused-scales shared-max" in kept
-    assert fused_scales_warning(manifest(None, "FP8_DEFAULT_CFG"))  # a run from before the setting
     assert fused_scales_warning(manifest("shared-max", "FP8_DEFAULT_CFG")) is None
     assert fused_scales_warning(manifest("per-module", "FP8_PER_CHANNEL_PER_TOKEN_CFG")) is None
     assert fused_scales_warning(manifest("per-module", None)) is None  # BF16

@@ -12,8 +12,23 @@ import torch
 from ..conftest import QUICK
 
 
-def _manifest(rows: list[tuple[str, str | None]]) -> dict:
-    return {"layers": [{"name": n, "format": "FP8" if q else "BF16", "quant_config": q} for n, q in rows]}
+def _layers(rows: list[tuple[str, str | None]]) -> list:
+    from vlm_autoquant.run.manifest import LayerRecord
+
+    return [
+        LayerRecord(
+            name=n,
+            group=n,
+            format="FP8" if q else "BF16",
+            quant_config=q,
+            num_weights=64,
+            scores={},
+            costs={},
+            cost_counted=True,
+            disabled=False,
+        )
+        for n, q in rows
+    ]
 
 
 def test_targets_and_ignore_match_every_naming_and_nothing_else():
@@ -23,7 +38,7 @@ def test_targets_and_ignore_match_every_naming_and_nothing_else():
 
     from vlm_autoquant.exporter.ct import quantization_config
 
-    manifest = _manifest(
+    layers = _layers(
         [
             ("model.layers.1.self_attn.q_proj", "FP8_DEFAULT_CFG"),
             ("model.layers.1.self_attn.k_proj", "FP8_DEFAULT_CFG"),
@@ -33,7 +48,7 @@ def test_targets_and_ignore_match_every_naming_and_nothing_else():
             ("lm_head", None),
         ]
     )
-    cfg = quantization_config(manifest).model_dump()
+    cfg = quantization_config(layers).model_dump()
     groups, ignore = cfg["config_groups"], cfg["ignore"]
 
     def group_of(name):

@@ -8,7 +8,7 @@ import torch
 from vlm_autoquant.model.fused import fused_layer_groups
 from vlm_autoquant.model.lm import load_lm, text_config
 from vlm_autoquant.plan.calib_data import pack, split_captions
-from vlm_autoquant.run import manifest
+from vlm_autoquant.run import manifest, save
 from vlm_autoquant.search import autoquant, resume
 from vlm_autoquant.search.autoquant import SearchSpec
 
@@ -92,7 +92,7 @@ def count_layer_calls(model) -> list[int]:
 def test_manifest_agrees_with_enabled_quantizers(union, formats):
     model, found = union
     result = autoquant.solve(model, found, formats, 10.0)
-    rows = manifest.layer_rows(model, result, list(LM_HEAD), list(LM_HEAD))
+    rows = save.layer_rows(model, result, list(LM_HEAD), list(LM_HEAD))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert [r.name for r in rows] == list(linears)
     for r in rows:
@@ -109,8 +109,8 @@ def test_manifest_agrees_with_enabled_quantizers(union, formats):
         groups.setdefault(r.group, set()).add(r.format)
     assert all(len(f) == 1 for f in groups.values())  # q/k/v and gate/up share a format
     summ = manifest.summary(rows, list(LM_HEAD))
-    assert summ["effective_bits_searched"] <= 10.0 + 1e-9
-    assert summ["effective_bits_searched"] == pytest.approx(result.achieved_bits)
+    assert summ.effective_bits_searched <= 10.0 + 1e-9
+    assert summ.effective_bits_searched == pytest.approx(result.achieved_bits)
 
 
 def test_a_scheme_gets_the_same_formats_alone_and_in_a_union_search(batches, union, fp8_alone):

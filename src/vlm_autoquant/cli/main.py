@@ -7,7 +7,6 @@ Exit codes: 0 done, 1 the run failed, 2 bad input (nothing was loaded or written
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..core import paths
 from ..core.artifacts import MANIFEST_FILE
 from ..core.errors import Problem, Problems, UsageError
 from ..plan.schemes import default_catalog, describe_catalog, load_catalog
+from ..run import manifest
 from ..tracking import check_reachable, tracked_run
 from . import handoff
 from .common import (
@@ -118,8 +118,7 @@ def _log_only(args: argparse.Namespace) -> int:
 
     The manifest is read once and every artifact is checked against it (`checked_artifacts`)
     before the MLflow run is made; what is logged are the bytes that were checked."""
-    from ..run.manifest import field_problems  # torch: only for --log-only
-    from ..run.report import checked_artifacts, log_scheme
+    from ..run.report import checked_artifacts, log_scheme  # the report stage: only for --log-only
 
     _require(
         "--output-dir",
@@ -127,11 +126,10 @@ def _log_only(args: argparse.Namespace) -> int:
         "--log-only logs a finished run's directory",
         "pass the --output-dir of a finished run",
     )
+    where = args.output_dir / MANIFEST_FILE
     try:
-        raw = paths.read_regular(args.output_dir / MANIFEST_FILE, 64 << 20)
-        doc = json.loads(raw)
-        name = doc["scheme"]["name"]
-    except (OSError, paths.NotARegularFile, ValueError, KeyError, TypeError) as exc:
+        raw = paths.read_regular(where, manifest.MAX_MANIFEST_BYTES)
+    except (OSError, paths.NotARegularFile) as exc:
         raise UsageError(
             Problem(
                 "--output-dir",
@@ -139,12 +137,16 @@ def _log_only(args: argparse.Namespace) -> int:
                 "pass the --output-dir of a finished run",
             )
         ) from None
-    problems = Problems(field_problems(doc, str(args.output_dir / MANIFEST_FILE)))
+    problems = Problems()
+    try:
+        doc = manifest.load(raw, str(where))
+    except UsageError as exc:
+        problems.extend(exc.problems)
     check_reachable(problems, args.experiment)
     problems.raise_if_any()
     with tempfile.TemporaryDirectory(prefix="vlm-log-only-") as tmp:
         files = checked_artifacts(doc, raw, args.output_dir, Path(tmp))
-        with tracked_run(args.experiment, name) as tracker:
+        with tracked_run(args.experiment, doc.scheme.name) as tracker:
             log_scheme(tracker, doc, args.output_dir, files)
             tracker.set_tags({"logged_later_from": str(args.output_dir.resolve())})
     log.info("logged %s as MLflow run %s", args.output_dir, tracker.run_id)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..run.manifest import LayerRecord
 from . import assemble as export
 from .verify import _stored_raw
 
@@ -69,19 +70,19 @@ def layer_pattern(name: str) -> str:
     return f"re:{LM_PREFIX}{re.escape(head)}\\.{alt}$"
 
 
-def quantization_config(manifest: dict) -> QuantizationConfig:
+def quantization_config(layers: list[LayerRecord]) -> QuantizationConfig:
     """compressed-tensors' QuantizationConfig for the manifest's per-layer formats."""
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
     targets: dict[str, list[str]] = {}
     ignore = [VISION_IGNORE, LM_HEAD_IGNORE]
-    for row in manifest["layers"]:
-        if row["name"] == "lm_head":
+    for row in layers:
+        if row.name == "lm_head":
             continue
-        if row["format"] == "FP8":
-            targets.setdefault(_recipe(row), []).append(layer_pattern(row["name"]))
+        if row.format == "FP8":
+            targets.setdefault(_recipe(row), []).append(layer_pattern(row.name))
         else:
-            ignore.append(layer_pattern(row["name"]))
+            ignore.append(layer_pattern(row.name))
     groups = {GROUPS[r][0]: preset_name_to_scheme(GROUPS[r][1], t) for r, t in targets.items()}
     for scheme in groups.values():
         scheme.format = "float-quantized"
@@ -92,12 +93,11 @@ def quantization_config(manifest: dict) -> QuantizationConfig:
     )
 
 
-def _recipe(row: dict) -> str:
-    recipe = row["quant_config"]
+def _recipe(row: LayerRecord) -> str:
+    recipe = row.quant_config
     if recipe not in GROUPS:
         raise ValueError(
-            f"{row['name']}: FP8 recipe {recipe!r} has no compressed-tensors "
-            f"group (known: {', '.join(GROUPS)})"
+            f"{row.name}: FP8 recipe {recipe!r} has no compressed-tensors group (known: {', '.join(GROUPS)})"
         )
     return recipe
 
@@ -137,18 +137,16 @@ def compressed_layer(module: nn.Module, scheme: QuantizationScheme) -> dict[str,
     return FloatQuantizationCompressor.compress(state, scheme)
 
 
-def fp8_schemes(manifest: dict, qcfg: QuantizationConfig) -> dict[str, QuantizationScheme]:
+def fp8_schemes(layers: list[LayerRecord], qcfg: QuantizationConfig) -> dict[str, QuantizationScheme]:
     """{FP8 layer: its compressed-tensors QuantizationScheme}."""
-    return {
-        r["name"]: qcfg.config_groups[GROUPS[r["quant_config"]][0]]
-        for r in manifest["layers"]
-        if r["format"] == "FP8"
-    }
+    return {r.name: qcfg.config_groups[GROUPS[r.quant_config][0]] for r in layers if r.format == "FP8"}
 
 
-def lm_tensors(model: nn.Module, manifest: dict, qcfg: QuantizationConfig) -> dict[str, torch.Tensor]:
+def lm_tensors(
+    model: nn.Module, layers: list[LayerRecord], qcfg: QuantizationConfig
+) -> dict[str, torch.Tensor]:
     """Every tensor of the LM under its released name; FP8 layers compressed."""
-    fp8 = fp8_schemes(manifest, qcfg)
+    fp8 = fp8_schemes(layers, qcfg)
     modules = dict(model.named_modules())
     out: dict[str, torch.Tensor] = {}
     for name, scheme in fp8.items():
@@ -186,14 +184,16 @@ def _save_shards(tensors: dict[str, torch.Tensor], target: Path) -> None:
         )
 
 
-def write_checkpoint(model: nn.Module, manifest: dict, base_dir: Path, out: Path, lm_only: bool) -> dict:
+def write_checkpoint(
+    model: nn.Module, layers: list[LayerRecord], base_dir: Path, out: Path, lm_only: bool
+) -> dict:
     """The compressed-tensors checkpoint in `out`; returns config.json's quantization_config."""
     from compressed_tensors.compressors import ModelCompressor
 
-    qcfg = quantization_config(manifest)
+    qcfg = quantization_config(layers)
     work = out / CT_SUBDIR
     work.mkdir()
-    _save_shards(lm_tensors(model, manifest, qcfg), work)
+    _save_shards(lm_tensors(model, layers, qcfg), work)
     export.assemble(base_dir, work, out, lm_only)
     shutil.rmtree(work)
     if lm_only:  # the text-only Qwen2 config is the only truthful one for an LM alone
@@ -238,7 +238,7 @@ def layouts(name: str) -> list[str]:
     return names + ([f"{head}.{FUSED[proj]}"] if proj in FUSED else [])
 
 
-def check_names(qcfg: dict, manifest: dict) -> dict:
+def check_names(qcfg: dict, layers: list[LayerRecord]) -> dict:
     """Every layer is matched as the manifest says under every naming a loader uses: FP8 layers
     by their group's targets and not by `ignore`, BF16 layers, lm_head and the vision tower by
     `ignore`."""
@@ -246,11 +246,11 @@ def check_names(qcfg: dict, manifest: dict) -> dict:
 
     ignore = qcfg.get("ignore") or []
     errors = []
-    for row in manifest["layers"]:
-        if row["name"] == "lm_head":
+    for row in layers:
+        if row.name == "lm_head":
             continue
-        want = GROUPS[row["quant_config"]][0] if row["format"] == "FP8" else None
-        for name in layouts(row["name"]):
+        want = GROUPS[row.quant_config][0] if row.format == "FP8" else None
+        for name in layouts(row.name):
             ignored = any(match_name(name, t) for t in ignore)
             groups = [
                 g for g, s in qcfg["config_groups"].items() if any(match_name(name, t) for t in s["targets"])
@@ -266,7 +266,7 @@ def check_names(qcfg: dict, manifest: dict) -> dict:
     ):
         if not any(match_name(name, t) for t in ignore):
             errors.append(f"{name}: not in ignore")
-    return {"passed": not errors, "layers": len(manifest["layers"]), "errors": errors[:20]}
+    return {"passed": not errors, "layers": len(layers), "errors": errors[:20]}
 
 
 def check_scales(out: Path, amax: dict[str, torch.Tensor], weight_amax: dict[str, torch.Tensor]) -> dict:

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from ..model.checkpoint import VISION_RE
 from ..model.fused import fused_layer_groups
 from ..model.identity import weight_files
+from ..run.manifest import Manifest
 
 E4M3_MAX = 448.0
 
@@ -86,10 +87,10 @@ def served_tensors(
     return out, stats
 
 
-def fused_scales_warning(manifest: dict) -> str | None:
-    """The export's warning for a run that kept per-module scales (or predates the setting)."""
-    rule = (manifest.get("export") or {}).get("fused_scales", "per-module")
-    per_tensor = [r["name"] for r in manifest.get("layers", []) if r.get("quant_config") == "FP8_DEFAULT_CFG"]
+def fused_scales_warning(manifest: Manifest) -> str | None:
+    """The export's warning for a run that kept per-module scales."""
+    rule = manifest.export.fused_scales
+    per_tensor = [name for name, config in manifest.fp8_layers().items() if config == "FP8_DEFAULT_CFG"]
     if rule == "shared-max" or not fused_layer_groups(per_tensor):
         return None
     return (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -17,9 +16,10 @@ from ..core.errors import Problems, UsageError
 from ..core.timing import human_bytes
 from ..model import identity
 from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
+from ..run.manifest import Manifest
+from ..run.manifest import read as read_manifest
 
 log = logging.getLogger(__name__)
-MAX_MANIFEST_BYTES = 64 << 20  # a 3B manifest is ~200 KB; this only bounds a wrong file
 COMPRESSED_TENSORS = "compressed-tensors"
 MODELOPT = "modelopt"
 FORMATS = (COMPRESSED_TENSORS, MODELOPT, "both")  # --format
@@ -46,7 +46,7 @@ class ExportOptions:
 class ExportInputs:
     options: ExportOptions
     model_dir: Path
-    manifest: dict
+    manifest: Manifest
     state_file: Path
     weights_sha256: str
     recorded_sha256: str | None
@@ -82,12 +82,11 @@ def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, 
     return dst, run
 
 
-def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, Path, dict] | None:
+def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[Manifest, Path, dict] | None:
     """The manifest, the quantized state's path and its payload, checked against the run's
     record: the state's bytes are read once, hashed and loaded from memory, so what is restored
     later is what was checked here."""
     from ..model import quant_state  # ModelOpt: only once a run's artifacts are found
-    from ..run.manifest import field_problems  # torch: this module stays light for ExportOptions
 
     man_path, state = folder / MANIFEST_FILE, folder / QUANT_STATE_FILE
     if not man_path.is_file() or not state.is_file():
@@ -99,29 +98,17 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[dict, P
         )
         return None
     try:
-        manifest = json.loads(paths.read_regular(man_path, MAX_MANIFEST_BYTES))
-        if not isinstance(manifest.get("layers"), list) or "directory" not in manifest["model"]:
-            raise ValueError("no layer list or model directory")
-    except (OSError, paths.NotARegularFile, ValueError, KeyError, TypeError, AttributeError) as exc:
-        problems.add(
-            flag,
-            f"{man_path} is not a valid manifest ({exc})",
-            "rerun the quantization, or download the run's artifacts again",
+        manifest = read_manifest(
+            man_path, flag, "rerun the quantization, or download the run's artifacts again"
         )
+    except UsageError as exc:
+        problems.extend(exc.problems)
         return None
-    bad_fields = field_problems(manifest, str(man_path))
-    if bad_fields:
-        problems.extend(bad_fields)
-        return None
-    recorded = (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE)
+    recorded = manifest.sha256_of(QUANT_STATE_FILE)
     if recorded is None:
-        log.warning("the manifest records no sha256 of %s (an older run): not checked", state)
+        log.warning("the manifest records no sha256 of %s: not checked", state)
     try:
-        payload = quant_state.read_state(
-            state,
-            manifest if (manifest.get("artifacts_sha256") or {}).get(QUANT_STATE_FILE) else None,
-            where=flag,
-        )
+        payload = quant_state.read_state(state, manifest if recorded else None, where=flag)
     except UsageError as exc:
         problems.extend(exc.problems)
         return None
@@ -190,17 +177,17 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
     if got is None:
         return None
     manifest, state, payload = got
-    model_dir = Path(opts.model_dir or manifest["model"]["directory"])
+    model_dir = Path(opts.model_dir or manifest.model.directory)
     base = check_base(opts, model_dir, problems)
     if base is None:
         return None
     needed = base.bytes_of(base.lm_keys()) + base.bytes_of(base.vision_keys()) + (64 << 20)
     check_output(opts, model_dir, needed, problems)
-    recorded = manifest["model"].get("weights_sha256")
+    recorded = manifest.model.weights_sha256
     actual = identity.result(model_dir)
     if recorded is not None and actual != recorded and not opts.allow_other_weights:
         problems.items.append(identity.mismatch(model_dir, recorded, actual))
-    vision = manifest["model"].get("vision_sha256")
+    vision = manifest.model.vision_sha256
     if vision is not None and not opts.lm_only and not opts.allow_other_weights:
         if identity.vision_result(model_dir) != vision:
             problems.items.append(

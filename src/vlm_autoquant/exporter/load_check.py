@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
+from ..run.manifest import LayerRecord
 from ..run.quality import quantizers_off
 from . import ct as export_ct
 
@@ -145,7 +146,7 @@ def generate_with_image(model: nn.Module, out: Path, device: torch.device) -> di
 
 
 @torch.no_grad()
-def run_in_loader_arithmetic(reference: nn.Module, manifest: dict) -> nn.Module:
+def run_in_loader_arithmetic(reference: nn.Module, layers: list[LayerRecord]) -> nn.Module:
     """A copy of the run's model that computes as transformers' compressed-tensors loader does:
     each FP8 layer gets compressed-tensors' scheme and forward, its weight decompressed from the
     codes and scales `export_ct.compressed_layer` packs from the run's quantizers."""
@@ -158,7 +159,7 @@ def run_in_loader_arithmetic(reference: nn.Module, manifest: dict) -> nn.Module:
         if isinstance(q, TensorQuantizer):
             q.disable()
     modules, theirs = dict(model.named_modules()), dict(reference.named_modules())
-    for name, scheme in export_ct.fp8_schemes(manifest, export_ct.quantization_config(manifest)).items():
+    for name, scheme in export_ct.fp8_schemes(layers, export_ct.quantization_config(layers)).items():
         packed = export_ct.compressed_layer(theirs[name], scheme)
         m = modules[name]
         initialize_module_for_quantization(m, scheme, force_zero_point=False)
@@ -171,13 +172,18 @@ def run_in_loader_arithmetic(reference: nn.Module, manifest: dict) -> nn.Module:
 
 
 def check(
-    out: Path, reference: nn.Module, manifest: dict, batches: list[dict], device: torch.device, lm_only: bool
+    out: Path,
+    reference: nn.Module,
+    layers: list[LayerRecord],
+    batches: list[dict],
+    device: torch.device,
+    lm_only: bool,
 ) -> dict:
     """transformers loads the export; its KL vs BF16 is the run's in the loader's arithmetic
     within KL_REL_LIMIT; with the vision tower, one image-plus-text generation runs."""
     rows = captions_of(batches)
     run = kl_against(reference, reference, rows, device, quantizers_off(reference))
-    emulated = run_in_loader_arithmetic(reference, manifest)
+    emulated = run_in_loader_arithmetic(reference, layers)
     like = kl_against(reference, emulated, rows, device, quantizers_off(reference))
     del emulated
     loaded = load(out, device, lm_only)

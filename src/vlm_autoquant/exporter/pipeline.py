@@ -68,12 +68,10 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
 
     inputs, reference, device, run_kernel = work.inputs, work.reference, work.device, work.run_kernel
     lm_only, ct = inputs.options.lm_only, fmt == COMPRESSED_TENSORS
-    declared = (
-        export_ct.declared(hf_quant, [r["name"] for r in inputs.manifest["layers"]]) if ct else hf_quant
-    )
+    declared = export_ct.declared(hf_quant, [r.name for r in inputs.manifest.layers]) if ct else hf_quant
     checks = {"formats": export_verify.check_formats(inputs.manifest, out, declared)}
     if ct:
-        checks["names"] = export_ct.check_names(hf_quant, inputs.manifest)
+        checks["names"] = export_ct.check_names(hf_quant, inputs.manifest.layers)
     checks["vision"] = (
         {"passed": True, "skipped": "--lm-only"}
         if lm_only
@@ -109,7 +107,7 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
     checks["numerics"]["engine_arithmetic"] = _engine_arithmetic(work, out, cfg, batches)
     checks["numerics"]["passed"] &= checks["numerics"]["engine_arithmetic"]["passed"]
     checks["loadability"] = (
-        load_check.check(out, reference, inputs.manifest, batches, device, lm_only)
+        load_check.check(out, reference, inputs.manifest.layers, batches, device, lm_only)
         if ct
         else export_verify.check_loadable(out, lm_only)
     )
@@ -122,7 +120,8 @@ def _engine_arithmetic(work: Work, out: Path, cfg, batches: list[dict]) -> dict:
     engine = export_verify.dequantized_lm(out, cfg, work.device, "engine", reference=work.reference)
     served = export_verify.compare_logits(work.reference, engine, batches, work.device)
     del engine
-    run_kl = (work.inputs.manifest.get("quality") or {}).get("kl_mean")
+    quality = work.inputs.manifest.quality
+    run_kl = quality.kl_mean if quality is not None else None
     limit = export_verify.engine_kl_limit(run_kl)
     return {
         "passed": served["tokens"] > 0 and served["kl_mean"] <= limit,
@@ -153,7 +152,7 @@ def _report(
     return {
         "passed": all(c["passed"] for c in checks.values()),
         "checks": checks,
-        "scheme": m["scheme"]["name"],
+        "scheme": m.scheme.name,
         "format": o.format,
         "source": {"run_id": o.run_id, "artifacts_dir": str(o.artifacts_dir or "") or None},
         "model_dir": str(inputs.model_dir),
@@ -212,7 +211,11 @@ def _compressed_tensors(work: Work, out: Path) -> tuple[dict, dict]:
     """compressed-tensors' format in `out`: (checks, quantization_config)."""
     with work.phases("ct_export", "compressed-tensors config and compressor, vision bytes"):
         qcfg = export_ct.write_checkpoint(
-            work.reference, work.inputs.manifest, work.inputs.model_dir, out, work.inputs.options.lm_only
+            work.reference,
+            work.inputs.manifest.layers,
+            work.inputs.model_dir,
+            out,
+            work.inputs.options.lm_only,
         )
     with work.phases("ct_verify", "formats, names, vision, scales, codes, numerics, load"):
         return verify(work, out, qcfg, COMPRESSED_TENSORS), qcfg
@@ -263,7 +266,7 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
     from ..model.lm import pick_device  # transformers: after the export's inputs are valid
 
     o, device = inputs.options, pick_device()
-    run_kernel = (inputs.manifest.get("search") or {}).get("fp8_kernel")
+    run_kernel = inputs.manifest.search.fp8_kernel
     with run_arithmetic(run_kernel) as arithmetic:
         log.info("FP8 fake quant: the run used %s; here: %s", run_kernel or "eager", arithmetic)
         with phases("restore", f"LM of {inputs.model_dir} + {inputs.state_file.name}"):
@@ -362,9 +365,7 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
             staging_dir(target) as staging,
         ):
             tracker = (
-                tracker_factory(f"export-{inputs.manifest['scheme']['name']}", target)
-                if tracker_factory
-                else None
+                tracker_factory(f"export-{inputs.manifest.scheme.name}", target) if tracker_factory else None
             )
             return _export_tracked(inputs, staging, phases, stop, tracker)
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from .. import tracking
+from ..run.manifest import Manifest
 from .inputs import ExportInputs
 from .staging import result_files
 
@@ -34,19 +35,19 @@ def metrics(report: dict) -> dict[str, float]:
 
 def source_run_id(inputs: ExportInputs) -> str | None:
     """The quantization run the export comes from: --run-id, or the run that wrote
-    --artifacts-dir (its manifest's `mlflow.run_id`, else the directory's run-id record)."""
+    --artifacts-dir (the directory's run-id record)."""
     o = inputs.options
     if o.run_id:
         return o.run_id
-    recorded = (inputs.manifest.get("mlflow") or {}).get("run_id")
-    if not recorded and o.artifacts_dir is not None:
+    recorded = None
+    if o.artifacts_dir is not None:
         recorded = (tracking.recorded_run(Path(o.artifacts_dir)) or (None,))[0]
     return recorded if recorded and tracking.source_run(recorded) is not None else None
 
 
-def quality_metrics(manifest: dict) -> dict[str, float]:
+def quality_metrics(manifest: Manifest) -> dict[str, float]:
     """The source run's quality metrics, under the names it logged them with."""
-    q = manifest.get("quality") or {}
+    q = manifest.quality.model_dump() if manifest.quality is not None else {}
     names = {
         "kl_mean": tracking.M_KL,
         "top1_agreement": tracking.M_TOP1,

@@ -30,6 +30,7 @@ from ..model.demo import make_captions
 from ..model.fused import fused_layer_groups
 from ..model.identity import shard_layout, tensor_digests, weight_files
 from ..plan.calib_data import load_captions, pack, split_captions
+from ..run.manifest import Manifest
 from ..search.fp8_kernel import FP8_MAX, divides, e4m3_codes, fake_quant, fake_quant_scale, weight_codes
 from .assemble import vision_name
 
@@ -63,14 +64,14 @@ def stored_algos(hf_quant: dict, names: list[str]) -> dict[str, str | None]:
     return {n: None if any(fnmatch.fnmatch(n, p) for p in excluded) else q.get("quant_algo") for n in names}
 
 
-def check_formats(manifest: dict, out: Path, hf_quant: dict) -> dict:
+def check_formats(manifest: Manifest, out: Path, hf_quant: dict) -> dict:
     """(a) every LM linear is stored, and declared, in the format the manifest says."""
     tensors = {k: v for f in weight_files(out) for k, v in shard_layout(f).items()}
-    rows = manifest["layers"]
-    declared = stored_algos(hf_quant, [r["name"] for r in rows])
+    rows = manifest.layers
+    declared = stored_algos(hf_quant, [r.name for r in rows])
     errors = []
     for r in rows:
-        name, want = r["name"], algo_of(r["quant_config"]) if r["format"] == "FP8" else None
+        name, want = r.name, algo_of(r.quant_config) if r.format == "FP8" else None
         w = tensors.get(f"{name}.weight")
         if w is None:
             if not (name == "lm_head" and want is None):  # a tied BF16 head is stored once
@@ -85,7 +86,7 @@ def check_formats(manifest: dict, out: Path, hf_quant: dict) -> dict:
             errors.append(f"{name}: stored {dtype} without weight_scale, manifest {want}")
         if want == "FP8" and f"{name}.input_scale" not in tensors:
             errors.append(f"{name}: FP8 per-tensor layer without input_scale")
-    fp8 = sum(r["format"] == "FP8" for r in rows)
+    fp8 = sum(r.format == "FP8" for r in rows)
     return {
         "passed": not errors,
         "layers": len(rows),
@@ -410,24 +411,22 @@ def check_weight_codes(out: Path, reference: nn.Module) -> dict:
     }
 
 
-def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], str]:
+def held_out_batches(manifest: Manifest, tokenizer_dir: Path) -> tuple[list[dict], str]:
     """The run's held-out captions when its caption file is here (same split), else generated."""
     from transformers import AutoTokenizer  # transformers: imported only when this runs, off the refusal path
 
-    s, cal = manifest["scheme"], manifest["calibration"]
-    path, captions = Path(cal["file"]), []
-    if path.is_file() and sha256_file(path) == cal.get("sha256"):
-        split = split_captions(
-            load_captions(path), s["num_calib_samples"], max(s["num_eval_samples"], 1), s["seed"]
-        )
-        captions, source = split.eval, f"held-out split of {path} (seed {s['seed']})"
+    s, cal = manifest.scheme, manifest.calibration
+    path, captions = Path(cal.file), []
+    if path.is_file() and sha256_file(path) == cal.sha256:
+        split = split_captions(load_captions(path), s.num_calib_samples, max(s.num_eval_samples, 1), s.seed)
+        captions, source = split.eval, f"held-out split of {path} (seed {s.seed})"
     if not captions:
         captions, source = (
-            make_captions(512, seed=s["seed"] + 7),
+            make_captions(512, seed=s.seed + 7),
             "generated captions (the run's caption file is not on this machine)",
         )
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    packed = pack(tok, captions, s["seq_len"], s["batch_size"], s["seed"])
+    packed = pack(tok, captions, s.seq_len, s.batch_size, s.seed)
     return packed.batches[:HOLDOUT_BATCHES], source
 
 

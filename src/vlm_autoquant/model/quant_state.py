@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import modelopt.torch.opt as mto
 import torch
@@ -54,15 +54,16 @@ def save_weights(model: nn.Module, target: Path) -> None:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
-def _manifest_dict(manifest: Path | dict | None) -> dict | None:
-    if manifest is None or isinstance(manifest, dict):
-        return manifest
+class RunRecord(Protocol):
+    """What the state checks read of a run's manifest (run.manifest.Manifest is one)."""
 
-    return json.loads(Path(manifest).read_text(encoding="utf-8"))
+    def sha256_of(self, artifact: str) -> str | None: ...
+
+    def fp8_layers(self) -> dict[str, str | None]: ...
 
 
-def _recorded_sha256(state_file: Path, doc: dict | None) -> str:
-    recorded = (doc.get("artifacts_sha256") or {}).get(state_file.name) if doc else None
+def _recorded_sha256(state_file: Path, manifest: RunRecord) -> str:
+    recorded = manifest.sha256_of(state_file.name)
     if not isinstance(recorded, str):
         raise UsageError(
             Problem(
@@ -75,7 +76,7 @@ def _recorded_sha256(state_file: Path, doc: dict | None) -> str:
     return recorded
 
 
-def read_state(state_file: Path, manifest: Path | dict | None = None, where: str | None = None) -> dict:
+def read_state(state_file: Path, manifest: RunRecord | None = None, where: str | None = None) -> dict:
     """The payload of `state_file`, read once: with `manifest`, the bytes loaded are the bytes
     whose sha256 was checked against the manifest's record (nothing is re-read after the check).
     """
@@ -86,7 +87,7 @@ def read_state(state_file: Path, manifest: Path | dict | None = None, where: str
         msg = paths.describe_oserror(state_file, exc)[0] if isinstance(exc, OSError) else str(exc)
         raise UsageError(Problem(where, msg, "pass the quantized_state.pt a run wrote")) from None
     if manifest is not None:
-        recorded = _recorded_sha256(state_file, _manifest_dict(manifest))
+        recorded = _recorded_sha256(state_file, manifest)
         actual = hashlib.sha256(data).hexdigest()
         if actual != recorded:
             raise UsageError(
@@ -112,7 +113,7 @@ def read_state(state_file: Path, manifest: Path | dict | None = None, where: str
     return payload
 
 
-def check_against_manifest(state_file: Path, manifest: Path | dict) -> None:
+def check_against_manifest(state_file: Path, manifest: RunRecord) -> None:
     """Refuse `state_file` unless its sha256 is the one the run's manifest recorded."""
     read_state(state_file, manifest)
 
@@ -123,7 +124,7 @@ def _amax_of(state: dict, key: str) -> torch.Tensor | None:
     return amax if torch.is_tensor(amax) else None
 
 
-def state_problems(payload: dict, where: str, manifest: dict | None = None) -> list[Problem]:
+def state_problems(payload: dict, where: str, manifest: RunRecord | None = None) -> list[Problem]:
     """What makes a quantized state unusable: amax values that are NaN, Inf, zero or negative
     (a scale, amax / 448, must be a positive number), and, with the run's manifest, an FP8
     layer without its weight amax (or its input amax, for a static per-tensor layer)."""
@@ -155,33 +156,30 @@ def state_problems(payload: dict, where: str, manifest: dict | None = None) -> l
                 fix,
             )
         )
-    for row in (manifest or {}).get("layers") or []:
-        if not isinstance(row, dict) or row.get("format") != "FP8":
-            continue
-        needed = ["weight"] + (["input"] if row.get("quant_config") == "FP8_DEFAULT_CFG" else [])
-        absent = [w for w in needed if _amax_of(state, f"{row.get('name')}.{w}_quantizer") is None]
+    for name, config in (manifest.fp8_layers() if manifest is not None else {}).items():
+        needed = ["weight"] + (["input"] if config == "FP8_DEFAULT_CFG" else [])
+        absent = [w for w in needed if _amax_of(state, f"{name}.{w}_quantizer") is None]
         if absent:
             out.append(
                 Problem(
                     where,
-                    f"FP8 layer {row.get('name')} (manifest) has no "
-                    f"{' or '.join(absent)} quantizer amax in the state",
+                    f"FP8 layer {name} (manifest) has no {' or '.join(absent)} quantizer amax in the state",
                     fix,
                 )
             )
     return out
 
 
-def apply(model: nn.Module, state_file: Path | dict, manifest: Path | dict | None = None) -> nn.Module:
+def apply(model: nn.Module, state_file: Path | dict, manifest: RunRecord | None = None) -> nn.Module:
     """Restore the saved quantizers onto an unquantized LM loaded from the original checkpoint.
 
-    `state_file` is a path, or a payload `read_state` returned. With `manifest` (its path or its
-    dict), the file must carry the sha256 the manifest recorded, and every FP8 layer the manifest
-    names must have its quantizer state. Non-finite, zero or negative amax values are refused.
+    `state_file` is a path, or a payload `read_state` returned. With the run's `manifest`, the
+    file must carry the sha256 the manifest recorded, and every FP8 layer the manifest names must
+    have its quantizer state. Non-finite, zero or negative amax values are refused.
     """
     where = "quantized state" if isinstance(state_file, dict) else str(state_file)
     payload = state_file if isinstance(state_file, dict) else read_state(state_file, manifest)
-    problems = state_problems(payload, where, _manifest_dict(manifest))
+    problems = state_problems(payload, where, manifest)
     if problems:
         raise UsageError(problems)
     with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints "Inserted N quantizers"
@@ -261,7 +259,7 @@ def restore(
     state_file: Path,
     device: torch.device | None = None,
     allow_other_weights: bool = False,
-    manifest: Path | dict | None = None,
+    manifest: RunRecord | None = None,
 ) -> nn.Module:
     """Load the LM of `model_dir` and apply the quantized state: same logits as the run's model.
 
@@ -269,12 +267,11 @@ def restore(
     `allow_other_weights`; with `manifest`, also when the state file is not the one it records.
     The state file is read once: what was checked is what is applied.
     """
-    doc = _manifest_dict(manifest)
-    payload = read_state(Path(state_file), doc)
-    problems = state_problems(payload, str(state_file), doc)
+    payload = read_state(Path(state_file), manifest)
+    problems = state_problems(payload, str(state_file), manifest)
     if problems:
         raise UsageError(problems)
     identity.start(Path(model_dir))  # hashed while the LM loads
     model = load_lm(Path(model_dir), text_config(Path(model_dir)), device or pick_device())
     check_identity(Path(model_dir), recorded_identity(payload), allow_other_weights)
-    return apply(model, payload, doc)
+    return apply(model, payload, manifest)

@@ -1,44 +1,49 @@
-"""The per-layer manifest: built from the search result and the quantizers enabled in the model."""
+"""The per-layer manifest: one typed record of a finished scheme, written once as manifest.json
+and read back by attribute (the sweep, the report, --log-only, the export, restore).
+
+Pure: no torch and no ModelOpt, so the export's and --log-only's checks read it before anything
+heavy loads. The rows themselves are read from the model's quantizers by `save.layer_rows`.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import ValidationError
-from torch import nn
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..core import paths
 from ..core.artifacts import MANIFEST_SCHEMA_VERSION
-from ..core.errors import Problem
+from ..core.errors import Problem, UsageError
 from ..plan import cost
-from ..plan.schemes import Scheme, _shown
+from ..plan.schemes import FusedScales, Scheme, _shown
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 FP8 = "FP8"
 BF16 = "BF16"  # the name autoquant.format_name gives the no-quant candidate
-
-if TYPE_CHECKING:
-    from ..search.autoquant import SearchResult
-
+# The layout of manifest.json this code writes and reads. Files without the key were written
+# before it existed (layout 1); files with a larger number by a newer vlm-autoquant.
+MANIFEST_VERSION = 2
+MAX_MANIFEST_BYTES = 64 << 20  # a 3B manifest is ~200 KB; this only bounds a wrong file
 _FIX = "use the manifest.json the run wrote (download the run's artifacts again), or rerun it"
 
 
-def _group_label(names: list[str]) -> str:
-    if len(names) == 1:
-        return names[0]
-    prefix = names[0].rsplit(".", 1)[0]
-    leaves = [n.rsplit(".", 1)[1] for n in names]
-    return f"{prefix}.{{{','.join(leaves)}}}"
+class _Section(BaseModel):
+    """A part of the manifest: typed where the code reads it; unknown keys are kept as written."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
-@dataclass
-class LayerRow:
+class LayerRecord(_Section):
+    """One LM linear: its format, the search's scores and costs for each candidate."""
+
     name: str
     group: str
-    format: str
+    format: Literal["FP8", "BF16"]
     quant_config: str | None
     num_weights: int
     scores: dict[str, float]
@@ -56,104 +61,225 @@ class LayerRow:
         return (int(m.group(1)), m.group(3)) if m else None
 
 
-def layer_rows(
-    model: nn.Module, result: "SearchResult", disabled: list[str], excluded: list[str]
-) -> list[LayerRow]:
-    """One row per LM linear; the format is read from the model's enabled weight quantizer."""
-    group_of = result.group_of()
-    rows = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        wq = getattr(module, "weight_quantizer", None)
-        fmt = FP8 if wq is not None and wq.is_enabled else BF16
-        g = group_of.get(name)
-        rows.append(
-            LayerRow(
-                name=name,
-                group=_group_label(list(g.module_names) if g else [name]),
-                format=fmt,
-                quant_config=None if fmt == BF16 or g is None else g.chosen,
-                num_weights=module.weight.numel(),
-                scores=dict(g.scores) if g else {},
-                costs=dict(g.costs) if g else {},
-                cost_counted=not cost.matches(name, excluded),
-                disabled=cost.matches(name, disabled),
-            )
+LayerRow = LayerRecord  # the name figures.py and the layer tests use
+
+
+class ModelInfo(_Section):
+    directory: str
+    model_type: str | None
+    config_sha256: str
+    weights_fingerprint: str | None
+    weights_sha256: str | None
+    vision_sha256: str | None
+    parameters: dict[str, int]
+
+
+class Calibration(_Section):
+    file: str
+    sha256: str
+    crlf: bool
+    captions_used: int
+    captions_packed: int
+    batches: int
+    tokens: int
+    padding_fraction: float
+    truncated: int
+    seq_len: int
+    batch_size: int
+    split: dict[str, Any]
+
+
+class EffectiveBits(_Section):
+    target: float
+    achieved: float
+    all_linears: float
+    excluded_from_cost: list[str]
+
+
+class SearchInfo(_Section):
+    """How the search ran; a sweep adds its own bookkeeping keys (`sweep_group_index`...)."""
+
+    method: str
+    formats: list[str]
+    checkpoint: str
+    checkpoint_sha256: str
+    calibration: str  # ran, restored or shared
+    scores: str  # ran, restored or shared
+    modelopt_effective_bits: float | None
+    predicted_loss: float | None
+    scoring_group: str
+    fp8_kernel: str
+
+
+class Summary(_Section):
+    layers: int
+    fp8: int
+    bf16: int
+    groups: int
+    groups_fp8: int
+    effective_bits_searched: float
+    effective_bits_all_linears: float
+    weight_bytes: int
+    weight_bytes_bf16: int
+    compression_ratio: float
+
+
+class Quality(_Section):
+    kl_mean: float
+    top1_agreement: float
+    ppl_ref: float
+    ppl_quant: float
+    ppl_rel_change: float
+
+
+class Memory(_Section):
+    """Measured peaks; with a memory plan, its `placement` and `memory_plan` beside them."""
+
+    peak_gpu_gib: float | None
+    peak_rss_gib: float | None
+
+
+class ExportInfo(_Section):
+    fused_scales: FusedScales  # how an engine's fused layers are scaled
+
+
+class Manifest(_Section):
+    """manifest.json: what a finished scheme is, how it was searched and what it measured."""
+
+    manifest_version: int = MANIFEST_VERSION
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    scheme: Scheme
+    model: ModelInfo
+    calibration: Calibration
+    effective_bits: EffectiveBits
+    search: SearchInfo
+    layers: list[LayerRecord]
+    summary: Summary
+    quality: Quality | None
+    versions: dict[str, str | None]
+    timings: dict[str, float]
+    memory: Memory
+    artifacts: dict[str, str]
+    artifacts_sha256: dict[str, str]
+    export: ExportInfo
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document: every field, then the unknown keys it was read with."""
+        return self.model_dump()
+
+    def sha256_of(self, artifact: str) -> str | None:
+        """The sha256 the run recorded for one of its files (None: not recorded)."""
+        return self.artifacts_sha256.get(artifact)
+
+    def fp8_layers(self) -> dict[str, str | None]:
+        """{FP8 layer name: its ModelOpt config}."""
+        return {r.name: r.quant_config for r in self.layers if r.format == FP8}
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out.lstrip(".")
+
+
+def _version_problem(doc: dict, where: str) -> Problem | None:
+    version = doc.get("manifest_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version == MANIFEST_VERSION:
+        return None
+    if version is None:
+        return Problem(
+            where,
+            "has no manifest_version: a vlm-autoquant from before versioned manifests wrote it "
+            f"(manifest layout 1); this vlm-autoquant reads manifest_version {MANIFEST_VERSION}",
+            "rerun the scheme with this vlm-autoquant, or export it with the vlm-autoquant that wrote it",
         )
-    return rows
+    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
+        return Problem(
+            where,
+            f"has manifest_version {version}, newer than the {MANIFEST_VERSION} this vlm-autoquant reads",
+            "upgrade vlm-autoquant (pip install -U vlm-autoquant), or rerun the scheme with this one",
+        )
+    return Problem(
+        where,
+        f"has manifest_version {_shown(version)}; this vlm-autoquant reads {MANIFEST_VERSION}",
+        "rerun the scheme with this vlm-autoquant, or export it with the vlm-autoquant that wrote it",
+    )
 
 
-def summary(rows: list[LayerRow], excluded: list[str]) -> dict:
+def field_problems(doc: object, where: str) -> list[Problem]:
+    """Why `doc` is not a manifest this code reads: its version, then every invalid field,
+    each named by its path (`scheme.seq_len`, `layers[3].format`, `model.directory`); the
+    rows after the first bad one are not listed."""
+    if not isinstance(doc, dict):
+        return [Problem(where, "is not a JSON object", _FIX)]
+    version = _version_problem(doc, where)
+    if version is not None:
+        return [version]
+    try:
+        Manifest.model_validate(doc)
+    except ValidationError as exc:
+        out, first_row = [], None
+        for e in exc.errors():
+            loc = e["loc"]
+            if loc[:1] == ("layers",) and len(loc) > 1:
+                first_row = loc[1] if first_row is None else first_row
+                if loc[1] != first_row:
+                    continue
+            got = "missing" if e["type"] == "missing" else f"got {_shown(e.get('input'))}"
+            out.append(Problem(f"{where}: {_where(loc)}", f"{e['msg']} ({got})", _FIX))
+        return out
+    return []
+
+
+def parse(doc: object, where: str) -> Manifest:
+    """`doc` (a JSON value) as a Manifest; a UsageError naming every problem otherwise."""
+    problems = field_problems(doc, where)
+    if problems:
+        raise UsageError(problems)
+    return Manifest.model_validate(doc)
+
+
+def load(raw: bytes, where: str) -> Manifest:
+    """The manifest in `raw` (a file's bytes); `where` names the file in any problem."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(Problem(where, f"is not JSON ({exc})", _FIX)) from None
+    return parse(doc, where)
+
+
+def read(path: Path, flag: str, fix: str) -> Manifest:
+    """The manifest at `path`; an unreadable file is a problem of `flag`, with `fix`."""
+    try:
+        raw = paths.read_regular(path, MAX_MANIFEST_BYTES)
+    except (OSError, paths.NotARegularFile) as exc:
+        raise UsageError(Problem(flag, f"{path} is not a readable manifest ({exc})", fix)) from None
+    return load(raw, str(path))
+
+
+def summary(rows: list[LayerRecord], excluded: list[str]) -> Summary:
+    """Counts, effective bits and weight bytes of the rows (`excluded`: left out of the cost)."""
     numels = {r.name: r.num_weights for r in rows}
     bits = {r.name: r.bits for r in rows}
     groups = {r.group: r.format for r in rows}
     qbytes, fbytes = cost.weight_bytes(numels, bits), cost.weight_bytes(numels, dict.fromkeys(bits, 16))
-    return {
-        "layers": len(rows),
-        "fp8": sum(r.format == FP8 for r in rows),
-        "bf16": sum(r.format == BF16 for r in rows),
-        "groups": len(groups),
-        "groups_fp8": sum(f == FP8 for f in groups.values()),
-        "effective_bits_searched": cost.effective_bits(numels, bits, excluded),
-        "effective_bits_all_linears": cost.effective_bits(numels, bits, []),
-        "weight_bytes": qbytes,
-        "weight_bytes_bf16": fbytes,
-        "compression_ratio": fbytes / qbytes if qbytes else float("nan"),
-    }
+    return Summary(
+        layers=len(rows),
+        fp8=sum(r.format == FP8 for r in rows),
+        bf16=sum(r.format == BF16 for r in rows),
+        groups=len(groups),
+        groups_fp8=sum(f == FP8 for f in groups.values()),
+        effective_bits_searched=cost.effective_bits(numels, bits, excluded),
+        effective_bits_all_linears=cost.effective_bits(numels, bits, []),
+        weight_bytes=qbytes,
+        weight_bytes_bf16=fbytes,
+        compression_ratio=fbytes / qbytes if qbytes else float("nan"),
+    )
 
 
-def build(
-    *,
-    scheme: dict,
-    model: dict,
-    calibration: dict,
-    effective_bits: dict,
-    search: dict,
-    rows: list[LayerRow],
-    summary: dict,
-    quality: dict | None,
-    versions: dict,
-    timings: dict,
-    memory: dict,
-    artifacts: dict,
-    artifacts_sha256: dict | None = None,
-    export: dict | None = None,
-) -> dict:
-    """Assemble the versioned manifest; the required keys are a contract with the export tool."""
-    return {
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "scheme": scheme,
-        "model": model,
-        "calibration": calibration,
-        "effective_bits": effective_bits,
-        "search": search,
-        "layers": [
-            {
-                "name": r.name,
-                "group": r.group,
-                "format": r.format,
-                "quant_config": r.quant_config,
-                "num_weights": r.num_weights,
-                "scores": r.scores,
-                "costs": r.costs,
-                "cost_counted": r.cost_counted,
-                "disabled": r.disabled,
-            }
-            for r in rows
-        ],
-        "summary": summary,
-        "quality": quality,
-        "versions": versions,
-        "timings": timings,
-        "memory": memory,
-        "artifacts": artifacts,
-        "artifacts_sha256": artifacts_sha256 or {},
-        "export": export or {},
-    }
-
-
-def layers_csv(rows: list[LayerRow]) -> str:
+def layers_csv(rows: list[LayerRecord]) -> str:
+    """layers.csv: one line per row, a score and a cost column per candidate."""
     candidates = sorted({c for r in rows for c in r.scores})
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
@@ -183,44 +309,3 @@ def layers_csv(rows: list[LayerRow]) -> str:
             ]
         )
     return out.getvalue()
-
-
-def field_problems(doc: object, where: str) -> list[Problem]:
-    """Every field of a manifest that the export and --log-only read, checked for its type
-    before anything is loaded; each problem names the field (`scheme.seq_len`, `layers[3]`...)."""
-    if not isinstance(doc, dict):
-        return [Problem(where, "is not a JSON object", _FIX)]
-    out: list[Problem] = []
-    try:
-        Scheme.model_validate(doc.get("scheme"))
-    except ValidationError as exc:
-        for e in exc.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            out.append(
-                Problem(
-                    f"{where}: scheme{'.' + loc if loc else ''}",
-                    f"{e['msg']} (got {_shown(e.get('input'))})",
-                    _FIX,
-                )
-            )
-    for section, keys in (("model", ("directory",)), ("calibration", ("file",))):
-        value = doc.get(section)
-        for key in keys:
-            if not isinstance(value, dict) or not isinstance(value.get(key), str):
-                out.append(Problem(f"{where}: {section}.{key}", "missing or not a string", _FIX))
-    layers = doc.get("layers")
-    if not isinstance(layers, list):
-        return out + [Problem(f"{where}: layers", "missing or not a list", _FIX)]
-    for i, row in enumerate(layers):
-        if not (
-            isinstance(row, dict) and isinstance(row.get("name"), str) and row.get("format") in (FP8, BF16)
-        ):
-            out.append(
-                Problem(
-                    f"{where}: layers[{i}]",
-                    f"needs a name and a format of {FP8} or {BF16} (got {_shown(row)})",
-                    _FIX,
-                )
-            )
-            break
-    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,8 @@ from ..plan.families import Family
 from ..plan.placement import LMPlacement
 from ..search import autoquant, fp8_kernel, resume
 from ..search.autoquant import Search
-from . import manifest, quality, report, save
+from . import quality, report, save
+from .manifest import FP8, Manifest
 
 if TYPE_CHECKING:
     from ..search.replicas import Replicas
@@ -107,61 +109,57 @@ def search_family(
     return found
 
 
+@dataclass
+class Target:
+    """Where one scheme's result goes: its output dir, its MLflow run, the clock of its phases,
+    and the keys its manifest's search record adds (scoring_group, fp8_kernel...)."""
+
+    out_dir: Path
+    tracker: tracking.Tracker
+    phases: Phases
+    search_info: dict
+
+
+def _evaluate(model: nn.Module, family: Family, phases: Phases) -> dict | None:
+    if family.data.eval is None:
+        return None
+    with phases("evaluate", f"{len(family.data.eval.batches)} held-out batches"):
+        qual = quality.evaluate(model, family.data.eval.batches, next(model.parameters()).device)
+    log.info(
+        "quality: KL %.4g, top-1 %.4f, ppl %.4g -> %.4g",
+        qual["kl_mean"],
+        qual["top1_agreement"],
+        qual["ppl_ref"],
+        qual["ppl_quant"],
+    )
+    return qual
+
+
 def finish_scheme(
-    model: nn.Module,
-    found: Search,
-    scheme: Scheme,
-    family: Family,
-    inputs: Inputs,
-    out_dir: Path,
-    phases: Phases,
-    tracker: tracking.Tracker,
-    search_info: dict,
-) -> dict:
-    """Solve `scheme` on the searched model, evaluate, save to `out_dir`, then log it."""
+    model: nn.Module, found: Search, scheme: Scheme, family: Family, inputs: Inputs, target: Target
+) -> Manifest:
+    """Solve `scheme` on the searched model, evaluate, save to `target.out_dir`, then log it."""
+    phases, out_dir = target.phases, target.out_dir
     with phases("solve"):
         result = autoquant.solve(model, found, list(scheme.formats), scheme.effective_bits)
-    rows = manifest.layer_rows(model, result, scheme.disabled_layers, scheme.excluded_from_cost)
-    fp8 = sum(r.format == manifest.FP8 for r in rows)
+    rows = save.layer_rows(model, result, scheme.disabled_layers, scheme.excluded_from_cost)
     log.info(
         "%s: %d/%d LM linears FP8, %.3f effective bits (target %g)",
         scheme.name,
-        fp8,
+        sum(r.format == FP8 for r in rows),
         len(rows),
         result.achieved_bits,
         scheme.effective_bits,
     )
-    qual = None
-    if family.data.eval is not None:
-        with phases("evaluate", f"{len(family.data.eval.batches)} held-out batches"):
-            qual = quality.evaluate(model, family.data.eval.batches, next(model.parameters()).device)
-        log.info(
-            "quality: KL %.4g, top-1 %.4f, ppl %.4g -> %.4g",
-            qual["kl_mean"],
-            qual["top1_agreement"],
-            qual["ppl_ref"],
-            qual["ppl_quant"],
-        )
-    info = {"scoring_group": family.key, **search_info}
+    qual = _evaluate(model, family, phases)
     with phases("save"):
         rel = save.save_files(model, scheme, inputs, rows, out_dir)
     timings = {**phases.seconds, "run": phases.total(), "process": since_process_start()}
-    doc = save.build_manifest(
-        model,
-        scheme,
-        inputs,
-        family.data,
-        result,
-        rows,
-        qual,
-        info,
-        timings,
-        rel,
-        out_dir,
-        family.placement,
-        found.worker_peaks_gib,
-    )
+    info = {"scoring_group": family.key, **target.search_info}
+    solved = save.Solved(scheme, result, rows, qual, info, timings, found.worker_peaks_gib)
+    doc = save.build_manifest(model, solved, inputs, family, out_dir, rel)
     save.save_manifest(out_dir, doc)
+    tracker = target.tracker
     with phases("log"):
         report.log_scheme(tracker, doc, out_dir)
         tracker.log_captions(family.data.split.calib, inputs.calib_path, "calibration", "training")
@@ -201,7 +199,7 @@ def run_single(
     experiment: str | None,
     phases: Phases,
     replicas: "Replicas | None" = None,
-) -> dict:
+) -> Manifest:
     """The `main` entry point: one scheme into --output-dir, tracked as one MLflow run
     (`replicas`: the data-parallel replicas the CLI started where the placement has them)."""
     scheme, out_dir = family.schemes[0], inputs.options.output_dir
@@ -218,16 +216,7 @@ def run_single(
         with searching_with(replicas, kernel):
             model = load(inputs, family.placement, phases)
             found = search_family(model, family, stop, inputs, phases, replicas)
-        doc = finish_scheme(
-            model,
-            found,
-            scheme,
-            family,
-            inputs,
-            out_dir,
-            phases,
-            tracker,
-            {"fp8_kernel": kernel, "resumed_from": family.reuse.stage},
-        )
+        info = {"fp8_kernel": kernel, "resumed_from": family.reuse.stage}
+        doc = finish_scheme(model, found, scheme, family, inputs, Target(out_dir, tracker, phases, info))
     log.info("done in %.1f s: %s", phases.total(), out_dir / "manifest.json")
     return doc

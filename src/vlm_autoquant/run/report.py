@@ -17,6 +17,7 @@ from pathlib import Path
 from ..core import paths
 from ..core.artifacts import MANIFEST_FILE, SENSITIVITY_FIGURE
 from ..core.errors import Problem, Problems, UsageError
+from ..plan.schemes import Scheme
 from ..tracking import (
     FORMAT_PREFIX,
     M_BITS_ACHIEVED,
@@ -43,7 +44,7 @@ from ..tracking import (
     TrackingFailed,
     shown_uri,
 )
-from .manifest import FP8, LayerRow
+from .manifest import BF16, FP8, LayerRecord, Manifest
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -55,50 +56,46 @@ def _param(value) -> str:
     return str(value)
 
 
-def scheme_params(scheme: dict) -> dict[str, str]:
+def scheme_params(scheme: Scheme) -> dict[str, str]:
     """`scheme.<field>` params: effective values (the cost exclusions a null stands for), None
     values left out."""
-    fields = {k: v for k, v in scheme.items() if k not in ("description", "overrides")}
+    fields = {k: v for k, v in scheme.model_dump().items() if k not in ("description", "overrides")}
     if fields.get("cost_excluded_layers") is None:
-        fields["cost_excluded_layers"] = scheme.get("disabled_layers") or []
+        fields["cost_excluded_layers"] = scheme.disabled_layers or []
     return {f"scheme.{k}": _param(v) for k, v in fields.items() if v is not None}
 
 
-def metrics_of(doc: dict) -> dict[str, float]:
+def metrics_of(doc: Manifest) -> dict[str, float]:
     """The run's scalar metrics, all read from its manifest."""
-    summ, bits, cal, q = doc["summary"], doc["effective_bits"], doc["calibration"], doc["quality"]
+    summ, bits, cal, q = doc.summary, doc.effective_bits, doc.calibration, doc.quality
     out = {
-        M_BITS_ACHIEVED: bits["achieved"],
-        M_BITS_TARGET: bits["target"],
-        M_BITS_ALL: bits["all_linears"],
-        M_LAYERS_FP8: summ["fp8"],
-        M_LAYERS_BF16: summ["bf16"],
-        M_WEIGHT_BYTES: summ["weight_bytes"],
-        M_WEIGHT_BYTES_BF16: summ["weight_bytes_bf16"],
-        M_COMPRESSION: summ["compression_ratio"],
-        M_PADDING: cal["padding_fraction"],
-        M_CALIB_TOKENS: cal["tokens"],
-        M_PREDICTED_LOSS: doc["search"].get("predicted_loss"),
-        M_PEAK_GPU: doc["memory"]["peak_gpu_gib"],
-        M_PEAK_RSS: doc["memory"]["peak_rss_gib"],
+        M_BITS_ACHIEVED: bits.achieved,
+        M_BITS_TARGET: bits.target,
+        M_BITS_ALL: bits.all_linears,
+        M_LAYERS_FP8: summ.fp8,
+        M_LAYERS_BF16: summ.bf16,
+        M_WEIGHT_BYTES: summ.weight_bytes,
+        M_WEIGHT_BYTES_BF16: summ.weight_bytes_bf16,
+        M_COMPRESSION: summ.compression_ratio,
+        M_PADDING: cal.padding_fraction,
+        M_CALIB_TOKENS: cal.tokens,
+        M_PREDICTED_LOSS: doc.search.predicted_loss,
+        M_PEAK_GPU: doc.memory.peak_gpu_gib,
+        M_PEAK_RSS: doc.memory.peak_rss_gib,
     }
     if q:
         out.update(
             {
-                M_KL: q["kl_mean"],
-                M_PPL_REF: q["ppl_ref"],
-                M_PPL_QUANT: q["ppl_quant"],
-                M_PPL_REL: q["ppl_rel_change"],
-                M_TOP1: q["top1_agreement"],
+                M_KL: q.kl_mean,
+                M_PPL_REF: q.ppl_ref,
+                M_PPL_QUANT: q.ppl_quant,
+                M_PPL_REL: q.ppl_rel_change,
+                M_TOP1: q.top1_agreement,
             }
         )
-    out.update({f"{TIME_PREFIX}{k}_s": v for k, v in doc["timings"].items() if k not in ("run", "process")})
-    out[f"{TIME_PREFIX}total_s"] = doc["timings"].get("run")
+    out.update({f"{TIME_PREFIX}{k}_s": v for k, v in doc.timings.items() if k not in ("run", "process")})
+    out[f"{TIME_PREFIX}total_s"] = doc.timings.get("run")
     return out
-
-
-def rows_of(doc: dict) -> list[LayerRow]:
-    return [LayerRow(**{k: layer[k] for k in LayerRow.__dataclass_fields__}) for layer in doc["layers"]]
 
 
 def _inside(out_dir: Path, name: object) -> Path | None:
@@ -133,20 +130,12 @@ def _copy_checked(src: Path, dst: Path) -> str:
     return h.hexdigest()
 
 
-def checked_artifacts(doc: dict, manifest_bytes: bytes, out_dir: Path, dst: Path) -> dict[str, Path]:
+def checked_artifacts(doc: Manifest, manifest_bytes: bytes, out_dir: Path, dst: Path) -> dict[str, Path]:
     """{name: copy in `dst`} of a finished run's artifacts, for --log-only: what is logged is
     what was checked. Every name must be a relative path inside `out_dir`, and every file is
     read once, into its copy, and its sha256 compared with the manifest's record; a file the
     manifest records no sha256 for is not logged. The manifest is logged as the bytes read."""
-    names, digests = doc.get("artifacts"), doc.get("artifacts_sha256") or {}
-    if not isinstance(names, dict) or not isinstance(digests, dict):
-        raise UsageError(
-            Problem(
-                "--output-dir",
-                f"{out_dir / MANIFEST_FILE} has no artifacts map",
-                "pass the --output-dir of a finished run",
-            )
-        )
+    names, digests = doc.artifacts, doc.artifacts_sha256
     problems, files = Problems(), {}
     for name in names.values():
         path = _inside(out_dir, name)
@@ -178,7 +167,7 @@ def checked_artifacts(doc: dict, manifest_bytes: bytes, out_dir: Path, dst: Path
     return files
 
 
-def log_scheme(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | None = None) -> None:
+def log_scheme(tracker: Tracker, doc: Manifest, out_dir: Path, files: dict[str, Path] | None = None) -> None:
     """Params, tags, metrics, per-layer series, table, figure and artifacts of one scheme.
 
     `files`: the artifacts to log ({name: path}, from `checked_artifacts`); by default the
@@ -208,29 +197,44 @@ def log_only_command(out_dir: Path, experiment: str | None) -> str:
     return env + " ".join(shlex.quote(w) for w in words)
 
 
-def _log(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | None) -> None:
-    scheme = doc["scheme"]
+def _log(tracker: Tracker, doc: Manifest, out_dir: Path, files: dict[str, Path] | None) -> None:
+    scheme = doc.scheme
     tracker.log_params(
         scheme_params(scheme)
         | {
-            "scheme.overrides": ",".join(sorted(scheme["overrides"])) or "none",
-            "model_dir": doc["model"]["directory"],
-            "calib_file": doc["calibration"]["file"],
+            "scheme.overrides": ",".join(sorted(scheme.overrides)) or "none",
+            "model_dir": doc.model.directory,
+            "calib_file": doc.calibration.file,
         }
     )
     tracker.set_tags(
         {
-            "scheme": scheme["name"],
-            "model.config_sha256": doc["model"]["config_sha256"],
-            "data.sha256": doc["calibration"]["sha256"],
-            "search.scoring_group": doc["search"].get("scoring_group"),
-            "search.scores": doc["search"]["scores"],
-            **{f"versions.{k}": v for k, v in doc["versions"].items()},
-            **{f"override.{k}": v for k, v in scheme["overrides"].items()},
+            "scheme": scheme.name,
+            "model.config_sha256": doc.model.config_sha256,
+            "data.sha256": doc.calibration.sha256,
+            "search.scoring_group": doc.search.scoring_group,
+            "search.scores": doc.search.scores,
+            **{f"versions.{k}": v for k, v in doc.versions.items()},
+            **{f"override.{k}": v for k, v in scheme.overrides.items()},
         }
     )
     tracker.log_metrics(metrics_of(doc))
-    rows = rows_of(doc)
+    _log_layers(tracker, doc.layers)
+    from . import figures  # matplotlib: imported only when there is something to draw
+
+    tracker.log_figure(figures.sensitivity(doc.layers, scheme.name), SENSITIVITY_FIGURE)
+    if files is None:
+        files = {
+            n: out_dir / n
+            for n in doc.artifacts.values()
+            if _inside(out_dir, n) is not None and (out_dir / n).is_file()
+        }
+    for path in files.values():
+        tracker.log_artifact(path)
+
+
+def _log_layers(tracker: Tracker, rows: list[LayerRecord]) -> None:
+    """Per-layer sensitivity and format series, and the layer table."""
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         pos = r.position()
@@ -238,7 +242,7 @@ def _log(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | No
             continue
         layer, proj = pos
         for fmt, score in r.scores.items():
-            if fmt != "BF16":
+            if fmt != BF16:
                 series.setdefault(f"{SENSITIVITY_PREFIX}{fmt}/{proj}", []).append((layer, score))
         series.setdefault(f"{FORMAT_PREFIX}{proj}", []).append((layer, float(r.format == FP8)))
     tracker.log_series(series)
@@ -256,14 +260,3 @@ def _log(tracker: Tracker, doc: dict, out_dir: Path, files: dict[str, Path] | No
         ],
         "layers.json",
     )
-    from . import figures  # matplotlib: imported only when there is something to draw
-
-    tracker.log_figure(figures.sensitivity(rows, scheme["name"]), SENSITIVITY_FIGURE)
-    if files is None:
-        files = {
-            n: out_dir / n
-            for n in doc["artifacts"].values()
-            if _inside(out_dir, n) is not None and (out_dir / n).is_file()
-        }
-    for path in files.values():
-        tracker.log_artifact(path)

@@ -12,10 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import tracking
 from ..core import artifacts
@@ -26,10 +30,16 @@ from ..core.timing import Phases
 from ..model.weights import sharing_weights
 from ..plan.families import Family, calibration_source
 from ..plan.inputs import Inputs
+from ..plan.schemes import Scheme
 from ..search import autoquant, fp8_kernel
+from ..search.autoquant import Search
 from ..tracking import M_SPEARMAN
 from . import figures
-from .pipeline import announce, finish_scheme, load, search_family, searching_with
+from .manifest import Manifest
+from .pipeline import Target, announce, finish_scheme, load, search_family, searching_with
+
+if TYPE_CHECKING:
+    from ..search.replicas import Replicas
 
 log = logging.getLogger("vlm_autoquant")
 COLUMNS = (
@@ -57,30 +67,34 @@ COLUMNS = (
 )
 
 
-def comparison_row(m: dict) -> dict:
-    q = m.get("quality") or {}
+def comparison_row(m: Manifest) -> dict:
+    """A finished scheme's row of comparison.csv, read from its manifest."""
+    q = m.quality
     return {
-        "scheme": m["scheme"]["name"],
+        "scheme": m.scheme.name,
         "status": "FINISHED",
-        "method": m["scheme"]["method"],
-        "formats": "+".join(m["scheme"]["formats"]),
-        "target_bits": m["effective_bits"]["target"],
-        "effective_bits": m["effective_bits"]["achieved"],
-        "all_linears_bits": m["effective_bits"]["all_linears"],
-        "fp8_layers": m["summary"]["fp8"],
-        "bf16_layers": m["summary"]["bf16"],
-        "predicted_loss": m["search"].get("predicted_loss"),
-        **{k: q.get(k) for k in ("kl_mean", "ppl_ref", "ppl_quant", "ppl_rel_change", "top1_agreement")},
-        "weight_bytes": m["summary"]["weight_bytes"],
-        "compression_ratio": m["summary"]["compression_ratio"],
-        "scoring_group": m["search"]["scoring_group"],
-        "scores": m["search"]["scores"],
-        "calibration": m["search"]["calibration"],
+        "method": m.scheme.method,
+        "formats": "+".join(m.scheme.formats),
+        "target_bits": m.effective_bits.target,
+        "effective_bits": m.effective_bits.achieved,
+        "all_linears_bits": m.effective_bits.all_linears,
+        "fp8_layers": m.summary.fp8,
+        "bf16_layers": m.summary.bf16,
+        "predicted_loss": m.search.predicted_loss,
+        **{
+            k: getattr(q, k) if q is not None else None
+            for k in ("kl_mean", "ppl_ref", "ppl_quant", "ppl_rel_change", "top1_agreement")
+        },
+        "weight_bytes": m.summary.weight_bytes,
+        "compression_ratio": m.summary.compression_ratio,
+        "scoring_group": m.search.scoring_group,
+        "scores": m.search.scores,
+        "calibration": m.search.calibration,
         "error": "",
     }
 
 
-def failed_row(scheme, family: Family, exc: BaseException) -> dict:
+def failed_row(scheme: Scheme, family: Family, exc: BaseException) -> dict:
     return {
         **dict.fromkeys(COLUMNS, None),
         "scheme": scheme.name,
@@ -93,49 +107,40 @@ def failed_row(scheme, family: Family, exc: BaseException) -> dict:
     }
 
 
+@dataclass
+class SweepRun:
+    """What every family of one sweep shares: its inputs, stop flag, phase clock, MLflow
+    parent run and experiment."""
+
+    inputs: Inputs
+    stop: StopFlag
+    phases: Phases
+    parent: tracking.Tracker
+    experiment: str | None
+
+
 def run_family(
-    model,
-    family: Family,
-    inputs: Inputs,
-    stop: StopFlag,
-    phases: Phases,
-    parent: tracking.Tracker,
-    experiment: str | None,
-    info: dict,
-    replicas=None,
+    model: nn.Module, family: Family, run: SweepRun, info: dict, replicas: "Replicas | None" = None
 ) -> list[dict]:
     """Search one family, then finish each member as a child run; failures are rows, not raises."""
     rows: list[dict] = []
     try:
-        found = search_family(model, family, stop, inputs, phases, replicas)
+        found, search_error = search_family(model, family, run.stop, run.inputs, run.phases, replicas), None
     except (Interrupted, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - every member fails with the reason
         found, search_error = None, exc
     for i, scheme in enumerate(family.schemes):
-        stop.raise_if_set()  # a signal between schemes: the finished ones are kept
-        announce(inputs, scheme)
+        run.stop.raise_if_set()  # a signal between schemes: the finished ones are kept
+        announce(run.inputs, scheme)
         try:
-            with tracking.tracked_run(
-                experiment, scheme.name, parent, out_dir=inputs.options.output_dir / scheme.name
-            ) as child:
-                if found is None:
+            if found is None:
+                with _child_run(run, scheme):
                     raise search_error
-                own = Phases()
-                shared = {"scores": "shared", "calibration": "shared"} if i else {}
-                doc = finish_scheme(
-                    model,
-                    found,
-                    scheme,
-                    family,
-                    inputs,
-                    inputs.options.output_dir / scheme.name,
-                    own,
-                    child,
-                    {**info, "sweep_group_index": i, **shared},
-                )
-                for key, seconds in own.seconds.items():
-                    phases.add(key, seconds)
+            shared = {"scores": "shared", "calibration": "shared"} if i else {}
+            doc = _finish_member(
+                model, found, scheme, family, run, {**info, "sweep_group_index": i, **shared}
+            )
             rows.append(comparison_row(doc))
         except (Interrupted, KeyboardInterrupt):
             raise
@@ -145,13 +150,35 @@ def run_family(
     return rows
 
 
+def _child_run(run: SweepRun, scheme: Scheme) -> AbstractContextManager[tracking.Tracker]:
+    out_dir = run.inputs.options.output_dir / scheme.name
+    return tracking.tracked_run(run.experiment, scheme.name, run.parent, out_dir=out_dir)
+
+
+def _finish_member(
+    model: nn.Module, found: Search, scheme: Scheme, family: Family, run: SweepRun, info: dict
+) -> Manifest:
+    """One member solved, saved and logged as a child run, with its own phase clock (added to
+    the sweep's)."""
+    with _child_run(run, scheme) as child:
+        own = Phases()
+        target = Target(run.inputs.options.output_dir / scheme.name, child, own, info)
+        doc = finish_scheme(model, found, scheme, family, run.inputs, target)
+        for key, seconds in own.seconds.items():
+            run.phases.add(key, seconds)
+    return doc
+
+
 def run_sweep(
-    inputs: Inputs, families: list[Family], stop: StopFlag, experiment: str | None, replicas=None
+    inputs: Inputs,
+    families: list[Family],
+    stop: StopFlag,
+    experiment: str | None,
+    replicas: "Replicas | None" = None,
 ) -> list[dict]:
     """Run every family; write and log the comparison; raise RunFailed naming failed schemes.
     `replicas`: the data-parallel replicas the CLI started where the placement has them."""
     opts = inputs.options
-    phases = Phases()
     log.info(
         "sweep: %d schemes in %d search(es): %s",
         len(inputs.schemes),
@@ -160,7 +187,6 @@ def run_sweep(
             f"{f.key} [{'+'.join(f.spec.formats)}]: {', '.join(s.name for s in f.schemes)}" for f in families
         ),
     )
-    rows: list[dict] = []
     with tracking.tracked_run(
         experiment, "sweep", system_metrics=torch.cuda.is_available(), out_dir=opts.output_dir
     ) as parent:
@@ -172,42 +198,41 @@ def run_sweep(
                 "schemes": ",".join(s.name for s in inputs.schemes),
             }
         )
-        kernel = fp8_kernel.select_fp8_kernel(opts.fp8_kernel)
-        with searching_with(replicas, kernel):
-            ordered = run_order(families)
-            pristine = load(inputs, ordered[0].placement, phases)
-            done: list[Family] = []
-            for n, family in enumerate(ordered):
-                seeded = _seed(family, done)
-                # The last family searches the loaded LM itself; earlier ones a copy of it.
-                model = pristine if n == len(families) - 1 else sharing_weights(pristine)
-                on = replicas if _replicated(family) else None
-                if replicas is not None and on is None:
-                    replicas.close()  # this process searches the rest alone, outside the group
-                rows += run_family(
-                    model,
-                    family,
-                    inputs,
-                    stop,
-                    phases,
-                    parent,
-                    experiment,
-                    {"fp8_kernel": kernel, "calibration_seeded_from": seeded},
-                    on,
-                )
-                del model
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                done.append(family)
+        run = SweepRun(inputs, stop, Phases(), parent, experiment)
+        rows = _run_families(run, families, replicas)
         order = {s.name: i for i, s in enumerate(inputs.schemes)}
         rows.sort(key=lambda r: order[r["scheme"]])  # the catalog's order, not the run order
-        _write_comparison(rows, opts.output_dir, parent, phases, len(families))
+        _write_comparison(rows, opts.output_dir, parent, run.phases, len(families))
     failed = [r["scheme"] for r in rows if r["status"] != "FINISHED"]
     if failed:
         raise RunFailed(
             f"{len(failed)} of {len(rows)} schemes failed: {', '.join(failed)} "
             f"(reasons in {opts.output_dir / COMPARISON_FILE} and their MLflow runs)"
         )
+    return rows
+
+
+def _run_families(run: SweepRun, families: list[Family], replicas: "Replicas | None") -> list[dict]:
+    """Every family's rows, in run order (run_order), on one loaded LM."""
+    kernel = fp8_kernel.select_fp8_kernel(run.inputs.options.fp8_kernel)
+    rows: list[dict] = []
+    with searching_with(replicas, kernel):
+        ordered = run_order(families)
+        pristine = load(run.inputs, ordered[0].placement, run.phases)
+        done: list[Family] = []
+        for n, family in enumerate(ordered):
+            seeded = _seed(family, done)
+            # The last family searches the loaded LM itself; earlier ones a copy of it.
+            model = pristine if n == len(families) - 1 else sharing_weights(pristine)
+            on = replicas if _replicated(family) else None
+            if replicas is not None and on is None:
+                replicas.close()  # this process searches the rest alone, outside the group
+            info = {"fp8_kernel": kernel, "calibration_seeded_from": seeded}
+            rows += run_family(model, family, run, info, on)
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            done.append(family)
     return rows
 
 
@@ -256,6 +281,19 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def _spearmans(scored: list[dict]) -> tuple[dict[str, float | None], str | None]:
+    """Spearman of predicted loss vs KL per method (predicted losses are sums of one method's
+    scores: ranks compare within a method only), and the method with the most schemes."""
+    by_method: dict[str, list[dict]] = {}
+    for r in scored:
+        by_method.setdefault(r["method"], []).append(r)
+    rhos = {
+        m: spearman([r["predicted_loss"] for r in rs], [r["kl_mean"] for r in rs])
+        for m, rs in by_method.items()
+    }
+    return rhos, max(by_method, key=lambda m: len(by_method[m]), default=None)
+
+
 def _write_comparison(
     rows: list[dict], out_dir: Path, parent: tracking.Tracker, phases: Phases, searches: int
 ) -> None:
@@ -265,15 +303,7 @@ def _write_comparison(
     w.writerows(rows)
     ok = [r for r in rows if r["status"] == "FINISHED"]
     scored = [r for r in ok if r["kl_mean"] is not None]
-    # Predicted losses are sums of one method's scores: ranks compare within a method only.
-    by_method: dict[str, list[dict]] = {}
-    for r in scored:
-        by_method.setdefault(r["method"], []).append(r)
-    rhos = {
-        m: spearman([r["predicted_loss"] for r in rs], [r["kl_mean"] for r in rs])
-        for m, rs in by_method.items()
-    }
-    main_method = max(by_method, key=lambda m: len(by_method[m]), default=None)
+    rhos, main_method = _spearmans(scored)
     rho = rhos.get(main_method)
     artifacts.write_text(out_dir / COMPARISON_FILE, buf.getvalue())  # marks a finished sweep
     ran = sum(r["scores"] == "ran" for r in ok)
@@ -285,16 +315,7 @@ def _write_comparison(
         searches,
         f"; predicted loss vs KL ({main_method} schemes): Spearman {rho:.3f}" if rho is not None else "",
     )
-    parent.log_table(rows, "comparison.json")
-    parent.log_figure(
-        figures.pareto(
-            [{k: r[k] for k in ("scheme", "effective_bits", "kl_mean", "ppl_rel_change")} for r in ok]
-        ),
-        PARETO_FIGURE,
-    )
-    if scored:
-        parent.log_figure(figures.predicted_vs_measured(scored), "predicted_vs_kl.png")
-    parent.log_artifact(out_dir / COMPARISON_FILE)
+    _log_comparison(parent, rows, out_dir, scored)
     parent.log_metrics(
         {f"time/{k}_s": v for k, v in phases.seconds.items()}
         | {
@@ -307,6 +328,21 @@ def _write_comparison(
         }
         | {f"{M_SPEARMAN}/{m}": v for m, v in rhos.items()}
     )
+
+
+def _log_comparison(parent: tracking.Tracker, rows: list[dict], out_dir: Path, scored: list[dict]) -> None:
+    """The comparison's table, figures, file and per-scheme metrics on the parent run."""
+    ok = [r for r in rows if r["status"] == "FINISHED"]
+    parent.log_table(rows, "comparison.json")
+    parent.log_figure(
+        figures.pareto(
+            [{k: r[k] for k in ("scheme", "effective_bits", "kl_mean", "ppl_rel_change")} for r in ok]
+        ),
+        PARETO_FIGURE,
+    )
+    if scored:
+        parent.log_figure(figures.predicted_vs_measured(scored), "predicted_vs_kl.png")
+    parent.log_artifact(out_dir / COMPARISON_FILE)
     for r in ok:
         parent.log_metrics(
             {
