@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 from .conftest import ROOT
@@ -133,3 +135,44 @@ def test_functions_are_short_and_take_few_parameters():
                 wide.add(where)
     assert set(long) <= LONG, sorted(set(long) - LONG)
     assert wide <= WIDE, sorted(wide - WIDE)
+
+
+def _uncommented_inner_imports(text: str) -> list[int]:
+    """Lines of the imports made inside functions that carry no comment on any of their lines."""
+    commented = {
+        t.start[0] for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT
+    }
+    found = set()
+    for fn in ast.walk(ast.parse(text)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                if not set(range(node.lineno, (node.end_lineno or node.lineno) + 1)) & commented:
+                    found.add(node.lineno)
+    return sorted(found)
+
+
+def test_an_inner_import_says_why_it_is_not_at_the_top():
+    """An import inside a function keeps a cheap path cheap, and its line says which."""
+    bare = [
+        f"{path.relative_to(SRC).as_posix()}:{line}"
+        for path in sorted(SRC.rglob("*.py"))
+        for line in _uncommented_inner_imports(path.read_text())
+    ]
+    assert not bare, bare
+
+
+def test_the_inner_import_check_sees_a_bare_one():
+    text = (
+        "import os\n\n"
+        "def f():\n"
+        "    import json  # json: a reason\n"
+        "    from torch import (  # torch: a reason\n"
+        "        nn,\n"
+        "    )\n"
+        "    import re\n\n"
+        "    def g():\n"
+        "        from pathlib import Path\n"
+    )
+    assert _uncommented_inner_imports(text) == [8, 11]

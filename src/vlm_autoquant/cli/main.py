@@ -119,7 +119,7 @@ def _log_only(args: argparse.Namespace) -> int:
     The manifest is read once and every artifact is checked against it (`checked_artifacts`)
     before the MLflow run is made; what is logged are the bytes that were checked."""
     from ..run.manifest import field_problems  # torch: only for --log-only
-    from ..run.report import checked_artifacts, log_scheme
+    from ..run.report import checked_artifacts, log_scheme  # torch: only for --log-only
 
     _require(
         "--output-dir",

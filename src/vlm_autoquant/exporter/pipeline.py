@@ -24,6 +24,8 @@ from torch import nn
 from ..core import artifacts
 from ..core.errors import Interrupted, Problem, Problems, RunFailed, UsageError
 from ..core.timing import Phases, gpu_peak_gib, human_bytes, peak_rss_gib
+from ..model import quant_state
+from ..model.lm import load_lm, pick_device, text_config
 from ..search.fp8_kernel import run_arithmetic
 from ..tracking import remember
 from . import assemble as export
@@ -112,8 +114,6 @@ def _check_scales(reference: nn.Module, out: Path, run: export_verify.RunScales,
 def _numerics(work: Work, out: Path, run: export_verify.RunScales, batches: list[dict], source: str) -> dict:
     """The exported files' logits against the run's model: in the run's fake-quant arithmetic
     (the check) and in a serving kernel's (`_engine_arithmetic`)."""
-    from ..model.lm import text_config  # transformers: after the export's inputs are valid
-
     reference, device = work.reference, work.device
     cfg = text_config(work.inputs.model_dir)
     candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", reference, run)
@@ -150,9 +150,6 @@ def _engine_arithmetic(work: Work, out: Path, cfg, batches: list[dict]) -> dict:
 
 
 def _restore(inputs: ExportInputs, device: torch.device):
-    from ..model import quant_state  # ModelOpt: after the export's inputs are valid
-    from ..model.lm import load_lm, text_config
-
     model = load_lm(inputs.model_dir, text_config(inputs.model_dir), device)
     return quant_state.apply(model, inputs.payload or inputs.state_file, inputs.manifest)
 
@@ -276,8 +273,6 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
     (`fp8_kernel.run_arithmetic`; never a JIT build of its CUDA extension here), so the
     reference is the model the run evaluated and the export holds its codes.
     """
-    from ..model.lm import pick_device  # transformers: after the export's inputs are valid
-
     o, device = inputs.options, pick_device()
     run_kernel = (inputs.manifest.get("search") or {}).get("fp8_kernel")
     with run_arithmetic(run_kernel) as arithmetic:

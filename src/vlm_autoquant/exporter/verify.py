@@ -19,12 +19,13 @@ import fnmatch
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from transformers import AutoTokenizer, PretrainedConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
 
 from ..core.artifacts import sha256_file
 from ..model.checkpoint import VISION_RE
@@ -34,9 +35,6 @@ from ..model.identity import shard_layout, tensor_digests, weight_files
 from ..plan.calib_data import load_captions, pack, split_captions
 from ..search.fp8_kernel import FP8_MAX, divides, e4m3_codes, fake_quant, fake_quant_scale, weight_codes
 from .assemble import vision_name
-
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 KL_LIMIT = 1e-4
@@ -245,9 +243,6 @@ def dequantized_lm(
 
 def _bf16_lm(cfg: PretrainedConfig, device: torch.device) -> nn.Module:
     """An uninitialised Qwen2 LM on `device`: bf16 parameters, fp32 RoPE buffers (as loaded)."""
-    # transformers: imported only when this runs, off the refusal path
-    from transformers import Qwen2ForCausalLM
-
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -431,8 +426,6 @@ def check_weight_codes(out: Path, reference: nn.Module) -> dict:
 
 def held_out_batches(manifest: dict, tokenizer_dir: Path) -> tuple[list[dict], str]:
     """The run's held-out captions when its caption file is here (same split), else generated."""
-    from transformers import AutoTokenizer  # transformers: imported only when this runs, off the refusal path
-
     s, cal = manifest["scheme"], manifest["calibration"]
     path, captions = Path(cal["file"]), []
     if path.is_file() and sha256_file(path) == cal.get("sha256"):
@@ -530,10 +523,6 @@ def first_divergence(
 
 def check_loadable(out: Path, lm_only: bool) -> dict:
     """(d) transformers builds the model from the export with no missing key (meta device)."""
-    # transformers: imported only when this runs, off the refusal path
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
-    from transformers.utils import logging as hf_logging
-
     cls = Qwen2ForCausalLM if lm_only else Qwen2_5_VLForConditionalGeneration
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "unknown quantization type modelopt" line is expected

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 # Dimensions of Qwen/Qwen2.5-VL-3B-Instruct's config.json.
 QWEN25_VL_3B = {
@@ -156,9 +157,8 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
 
 def train_tokenizer(captions: list[str], target: Path, vocab_size: int = 512) -> int:
     """A byte-level BPE tokenizer in the Qwen2 style; returns its length."""
-    # tokenizers, transformers: only when the demo's tokenizer is trained
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # with transformers, below
+    from transformers import PreTrainedTokenizerFast  # transformers: only to build a checkpoint
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -245,8 +245,6 @@ def _released_keys(state: dict[str, torch.Tensor], tied: bool, legacy: bool, met
 
 def write_shards(tensors: dict[str, torch.Tensor], target: Path, num_shards: int) -> None:
     """Safetensors shards plus model.safetensors.index.json, split by bytes in key order."""
-    from safetensors.torch import save_file  # safetensors' torch API: only when a checkpoint is written
-
     keys = sorted(tensors)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     per, shards, current, size = total / num_shards, [], [], 0
@@ -289,8 +287,7 @@ def write_streamed(config, target: Path, seed: int, device: str = "cpu") -> None
     The module tree is built on the meta device (no memory); tensors of one shard are created,
     saved and freed before the next, so host memory stays at about one shard.
     """
-    from safetensors.torch import save_file  # safetensors' torch API: only when a checkpoint is written
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration  # transformers: only to build a checkpoint
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
@@ -377,8 +374,11 @@ def build_checkpoint(
         tokenizer: a directory of tokenizer files to copy (the released tokenizer), or captions
             to train a small BPE tokenizer on (default: 2000 generated captions).
     """
-    # transformers: imported only when this runs, off the refusal path
-    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import (  # transformers: only to build a checkpoint
+        AutoConfig,
+        AutoTokenizer,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     dims = SIZES[size]
     target.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ def _free_port() -> int:
 
 def _init_group(setup: Setup, rank: int, port: int) -> None:
     import torch  # torch: this module is imported on the refusal path
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: as above
 
     kwargs = {}
     if setup.backend == "nccl":
@@ -124,10 +124,10 @@ def _worker(rank: int, port: int, jobs, results) -> None:
     )
     try:
         import torch  # torch: this module is imported on the refusal path
-        import torch.distributed as dist
+        import torch.distributed as dist  # torch: as above
 
         from ..model.lm import load_lm  # in the spawned worker: replicas.py stays cheap to import
-        from ..model.weights import sharing_weights
+        from ..model.weights import sharing_weights  # in the spawned worker, as load_lm
         from . import autoquant, fp8_kernel  # the slow imports, before the Setup is known
 
         setup = jobs.get()
