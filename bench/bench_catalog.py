@@ -39,7 +39,7 @@ OUTLIER_LAYER, OUTLIER_CHANNEL, OUTLIER_SCALE = 5, 7, 1e6
 
 def build(args) -> tuple[Path, Path]:
     """The checkpoint (random, released layout, planted outlier) and the caption file."""
-    from vlm_autoquant.model.demo import build_checkpoint, build_demo, make_captions
+    from vlm_autoquant.model.demo import build_checkpoint, build_demo
 
     ckpt = args.work / "ckpt"
     if args.size == "tiny":
@@ -52,8 +52,7 @@ def build(args) -> tuple[Path, Path]:
                 args.size,
                 "released",
                 seed=0,
-                tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
-                captions=make_captions(10, 0),
+                tokenizer=args.data / "qwen2_5_vl_tokenizer",
                 device=args.build_device,
             )
     plant_outlier(ckpt, OUTLIER_LAYER if args.size != "tiny" else 1)

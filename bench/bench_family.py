@@ -143,7 +143,7 @@ def gpu_run(args: argparse.Namespace) -> dict:
             sys.exit(f"need ~{need / GIB:.0f} GiB free under {work}, have {free / GIB:.0f} GiB")
         t0 = time.perf_counter()
         demo.build_checkpoint(
-            model_dir, args.size, tokenizer_dir=args.data / "qwen2_5_vl_tokenizer", device="cuda"
+            model_dir, args.size, tokenizer=args.data / "qwen2_5_vl_tokenizer", device="cuda"
         )
         print(f"built {model_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
     plant_outlier(model_dir, OUTLIER_LAYER)  # sensible formats: that layer's gate/up stays BF16

@@ -224,11 +224,11 @@ def main() -> None:
                 "3b",
                 "released",
                 seed=0,
-                tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
+                tokenizer=args.data / "qwen2_5_vl_tokenizer",
                 device="cuda" if cuda else "cpu",
             )
         else:
-            build_checkpoint(ckpt, "tiny", "released", seed=0, captions=make_captions(3000, 0))
+            build_checkpoint(ckpt, "tiny", "released", seed=0, tokenizer=make_captions(3000, 0))
     result["checkpoint_build_s"] = time.perf_counter() - t
     if args.size == "3b":
         args.captions = args.data / "coco2017_captions" / "train_sample.txt"

@@ -63,7 +63,7 @@ def checkpoint(args, cuda: bool) -> tuple[Path, list[str], float]:
                 "released",
                 seed=0,
                 device="cuda" if cuda else "cpu",
-                tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
+                tokenizer=args.data / "qwen2_5_vl_tokenizer",
             )
     lines = [ln.strip() for ln in captions.read_text(encoding="utf-8").splitlines() if ln.strip()]
     return ckpt, lines[:N_CAPTIONS], time.perf_counter() - t

@@ -50,13 +50,13 @@ def checkpoint(size: str, data: Path, work: Path, device: str) -> tuple[Path, Pa
         captions = data / "coco2017_captions" / "train_sample.txt"
         if not (ckpt / "config.json").exists():
             build_checkpoint(
-                ckpt, "3b", "released", seed=0, tokenizer_dir=data / "qwen2_5_vl_tokenizer", device=device
+                ckpt, "3b", "released", seed=0, tokenizer=data / "qwen2_5_vl_tokenizer", device=device
             )
         return ckpt, captions
     captions = work / "captions.txt"
     captions.write_text("\n".join(make_captions(3000, 0)) + "\n")
     if not (ckpt / "config.json").exists():
-        build_checkpoint(ckpt, "tiny", "released", seed=0, captions=make_captions(3000, 0))
+        build_checkpoint(ckpt, "tiny", "released", seed=0, tokenizer=make_captions(3000, 0))
     return ckpt, captions
 
 

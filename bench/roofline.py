@@ -48,7 +48,7 @@ from _common import driver_data  # noqa: E402
 from vlm_autoquant.core.interrupt import StopFlag  # noqa: E402
 from vlm_autoquant.plan.families import spec_of  # noqa: E402
 from vlm_autoquant.search import autoquant  # noqa: E402
-from vlm_autoquant.search.spec import SearchSpec  # noqa: E402
+from vlm_autoquant.search.spec import SearchCheckpoint, SearchSpec  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 SCHEME = "fp8-balanced-10b"  # the default scheme: 16 calibration and 8 scoring batches of 16x512
@@ -251,7 +251,12 @@ def search(pristine: torch.nn.Module, kind: str, setup: Setup, stop: Stopwatch) 
             timings = modelopt_search(model, spec, batches, setup.bits, stop)
         else:
             timings = autoquant.search(
-                model, spec, batches, folder / "search.pth", lambda *a: "", stop, kind != "driver-gc-off"
+                model,
+                spec,
+                batches,
+                SearchCheckpoint(folder / "search.pth", lambda *a: ""),
+                stop,
+                kind != "driver-gc-off",
             ).timings
     except torch.OutOfMemoryError as exc:  # e.g. checkpointing off at full size: a result too
         failed = f"out of GPU memory: {str(exc).splitlines()[0]}"
@@ -429,7 +434,7 @@ def checkpoint_and_captions(args: argparse.Namespace) -> tuple[Path, Path]:
             "3b",
             "released",
             seed=0,
-            tokenizer_dir=args.data / "qwen2_5_vl_tokenizer",
+            tokenizer=args.data / "qwen2_5_vl_tokenizer",
             device="cuda" if CUDA else "cpu",
         )
     return ckpt, captions

@@ -132,7 +132,9 @@ def layouts(demo, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts")
     out = {"released": demo[0]}
     for layout in ("save_pretrained", "legacy"):
-        out[layout] = build_checkpoint(root / layout, "tiny", layout, seed=0, captions=make_captions(3000, 0))
+        out[layout] = build_checkpoint(
+            root / layout, "tiny", layout, seed=0, tokenizer=make_captions(3000, 0)
+        )
     return out
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,9 @@ class Tracker:
             self._existing = dict(self.run.data.params) | inherited
             self._monitor = None
             if system_metrics:
-                # mlflow: imported on first use, off the refusal path
-                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+                from mlflow.system_metrics.system_metrics_monitor import (  # mlflow: off the refusal path
+                    SystemMetricsMonitor,
+                )
 
                 self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S)
                 self._monitor.start()
@@ -232,7 +234,7 @@ class Tracker:
     def log_captions(self, captions: list[str], source: Path, name: str, context: str) -> None:
         """Log a caption split as an MLflow dataset input (digest, source, context)."""
         import datasets  # datasets: imported on first use, off the refusal path
-        import mlflow.data
+        import mlflow.data  # mlflow: off the refusal path
 
         ds = mlflow.data.from_huggingface(
             datasets.Dataset.from_dict({"text": captions}), path=str(source), name=name
@@ -256,10 +258,10 @@ def _prewarm_report_imports() -> None:
     """A scheme's run ends by drawing a figure and logging its captions as datasets: import
     matplotlib and mlflow.data here, while the main thread loads and searches, not after it."""
     try:
-        import matplotlib.figure  # noqa: F401 - what run/figures.py draws with
-        import matplotlib.patches  # noqa: F401
-        import matplotlib.ticker  # noqa: F401
-        import mlflow.data.huggingface_dataset  # noqa: F401
+        import matplotlib.figure  # noqa: F401 - prewarmed in a thread: what run/figures.py draws with
+        import matplotlib.patches  # noqa: F401 - prewarmed in a thread
+        import matplotlib.ticker  # noqa: F401 - prewarmed in a thread
+        import mlflow.data.huggingface_dataset  # noqa: F401 - prewarmed in a thread
     except Exception as exc:  # noqa: BLE001 - only a head start; report.py imports them again
         log.debug("could not pre-import the report's modules: %s", exc)
 
@@ -312,7 +314,7 @@ def _take_over(client, launcher, run, run_name: str) -> dict[str, str]:
     """Copy the launcher's params and tags onto `run`, and turn the launcher's run into an
     ended pointer to it (`mlflow run` itself ends it again when this process exits, so it
     cannot be deleted here). Returns the params copied."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param, RunTag  # mlflow: off the refusal path
 
     params = dict(launcher.data.params)
     tags = {k: v for k, v in launcher.data.tags.items() if k != "mlflow.runName"}
@@ -347,7 +349,7 @@ def _take_over(client, launcher, run, run_name: str) -> dict[str, str]:
 
 def _dataset_input(ds, context: str):
     from mlflow.entities import DatasetInput, InputTag  # mlflow: imported on first use, off the refusal path
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # mlflow: off the refusal path
 
     return DatasetInput(
         dataset=ds._to_mlflow_entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
@@ -485,7 +487,7 @@ def source_run(run_id: str) -> dict | None:
     if db is not None and not db.exists():
         return None  # no store, no run (and no store made by reading one)
     import mlflow  # mlflow: imported on first use, off the refusal path
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: off the refusal path
 
     try:
         run = mlflow.MlflowClient().get_run(run_id)
@@ -502,7 +504,7 @@ def source_run(run_id: str) -> dict | None:
 def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Path | None]:
     """Download the named artifacts of a run into `dst`; None for each one the run lacks."""
     import mlflow  # mlflow: imported on first use, off the refusal path
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: off the refusal path
 
     present = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     out: dict[str, Path | None] = {}
@@ -521,7 +523,7 @@ def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Pa
 
 def experiment_of(run_id: str) -> str:
     """The name of the experiment holding `run_id`."""
-    import mlflow
+    import mlflow  # mlflow: off the refusal path
 
     client = mlflow.MlflowClient()
     return client.get_experiment(client.get_run(run_id).info.experiment_id).name
@@ -535,7 +537,7 @@ def mark_launch_failed(experiment: str | None, run_name: str, reason: str) -> st
     if not os.environ.get("MLFLOW_RUN_ID"):
         return None
     try:
-        import mlflow
+        import mlflow  # mlflow: off the refusal path
 
         client = mlflow.MlflowClient()
         with store_lock():
@@ -573,7 +575,7 @@ def _checkpoint_generator() -> Any:
     Defined here so that MLflow pickles the class by value: loading it needs transformers (and
     compressed-tensors for that format), not this package.
     """
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # mlflow: off the refusal path
 
     class CheckpointGenerator(mlflow.pyfunc.PythonModel):
         """predict(["a prompt", ...], params={"max_new_tokens": n}) -> the generated texts."""
@@ -581,10 +583,10 @@ def _checkpoint_generator() -> Any:
         # No type hints on these two: MLflow derives a model's input schema from predict's
         # hints, and this model's signature is given explicitly in _save_pyfunc.
         def load_context(self, context):
-            import json
+            import json  # in the serving process: the pickled class carries its own imports
 
-            import torch
-            import transformers
+            import torch  # in the serving process: the pickled class carries its own imports
+            import transformers  # in the serving process: the pickled class carries its own imports
 
             path = context.artifacts["checkpoint"]
             with open(f"{path}/config.json", encoding="utf-8") as f:
@@ -597,7 +599,7 @@ def _checkpoint_generator() -> Any:
             )
 
         def predict(self, context, model_input, params=None):
-            import torch
+            import torch  # in the serving process: the pickled class carries its own imports
 
             prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
             new_tokens = int((params or {}).get("max_new_tokens", 32))
@@ -616,11 +618,9 @@ def _checkpoint_generator() -> Any:
 
 def _save_pyfunc(local_dir: Path, target: Path) -> None:
     """An MLmodel directory in `target`: the generator pyfunc with `local_dir` as its checkpoint."""
-    from importlib.metadata import version
-
-    import mlflow.pyfunc
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    import mlflow.pyfunc  # mlflow: off the refusal path
+    from mlflow.models import ModelSignature  # mlflow: off the refusal path
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # mlflow: off the refusal path
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("string")]),
@@ -632,7 +632,7 @@ def _save_pyfunc(local_dir: Path, target: Path) -> None:
         python_model=_checkpoint_generator(),
         artifacts={"checkpoint": str(local_dir)},
         signature=signature,
-        pip_requirements=[f"{p}=={version(p)}" for p in GENERATOR_REQUIREMENTS],
+        pip_requirements=[f"{p}=={metadata.version(p)}" for p in GENERATOR_REQUIREMENTS],
     )
 
 

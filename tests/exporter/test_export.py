@@ -552,7 +552,8 @@ def test_exported_fp8_is_the_fake_quant_model_even_where_quantization_hurts(demo
         reference.model.rotary_emb.inv_freq[1:] = torch.nextafter(
             reference.model.rotary_emb.inv_freq[1:], torch.tensor(1.0)
         )
-    candidate = export_verify.dequantized_lm(staging, cfg, cpu, "modelopt", amax, reference, weight_amax)
+    run = export_verify.RunScales(amax, weight_amax)
+    candidate = export_verify.dequantized_lm(staging, cfg, cpu, "modelopt", reference, run)
     assert torch.equal(candidate.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
     bf16 = load_lm(model_dir, cfg, cpu)
     exported = export_verify.compare_logits(reference, candidate, batches, cpu)["kl_mean"]

@@ -216,7 +216,7 @@ def test_streamed_build_writes_a_loadable_released_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(demo, "STREAMED", ("tiny",))
     monkeypatch.setattr(demo, "SHARD_BYTES", 200_000)
-    target = demo.build_checkpoint(tmp_path / "m", "tiny", captions=demo.make_captions(300))
+    target = demo.build_checkpoint(tmp_path / "m", "tiny", tokenizer=demo.make_captions(300))
     assert len(list(target.glob("model-*.safetensors"))) > 1
     cfg = text_config(target)
     model = load_lm(target, cfg, torch.device("cpu"))

@@ -11,6 +11,7 @@ from vlm_autoquant.plan.calib_data import pack, split_captions
 from vlm_autoquant.run import manifest, save
 from vlm_autoquant.search import autoquant, resume
 from vlm_autoquant.search.autoquant import SearchSpec
+from vlm_autoquant.search.spec import SearchCheckpoint
 
 FP8, PCPT = "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"
 LM_HEAD = ("*lm_head*",)
@@ -47,7 +48,7 @@ def run_search(model, batches, ckpt, s: SearchSpec, writes: list | None = None):
             writes.append(stage)
         return resume.write_record(path, {"k": 1}, stage, src)
 
-    return autoquant.search(model, s, batches, ckpt, record)
+    return autoquant.search(model, s, batches, SearchCheckpoint(ckpt, record))
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_checkpoint_rerun_skips_calibration_and_scoring(demo, batches, fp8_alone
         return real_forward(*a, **k)
 
     model.forward = counting
-    again = autoquant.search(model, spec(), batches, ckpt, lambda p, s, t=None: "")
+    again = autoquant.search(model, spec(), batches, SearchCheckpoint(ckpt, lambda p, s, t=None: ""))
     assert not again.calibrated and not again.scored and calls["n"] == 0
     a = autoquant.solve(searched, first, [FP8], 10.0)
     b = autoquant.solve(model, again, [FP8], 10.0)
@@ -234,7 +235,7 @@ def fp8_score(stat: dict) -> float | None:
 def test_restored_calibration_keeps_the_shared_scales(demo, batches, fp8_alone):
     _, _, ckpt, _ = fp8_alone
     model = fresh(demo)
-    again = autoquant.search(model, spec(), batches, ckpt, lambda p, s, t=None: "")
+    again = autoquant.search(model, spec(), batches, SearchCheckpoint(ckpt, lambda p, s, t=None: ""))
     assert not again.calibrated
     autoquant.solve(model, again, [FP8], 8.0)
     for group in fused(model):
@@ -267,7 +268,13 @@ def test_interrupt_flag_stops_at_batch_boundary(demo, batches, tmp_path):
     flag = StopFlag()
     flag.set("SIGINT")
     with pytest.raises(Interrupted):
-        autoquant.search(fresh(demo), spec(), batches, tmp_path / "c.pth", lambda p, s, t=None: "", stop=flag)
+        autoquant.search(
+            fresh(demo),
+            spec(),
+            batches,
+            SearchCheckpoint(tmp_path / "c.pth", lambda p, s, t=None: ""),
+            stop=flag,
+        )
     assert not list(tmp_path.glob("*.tmp*"))
 
 

@@ -25,6 +25,7 @@ from vlm_autoquant.search.replicas import (
     spec_for_rank,
     start_for,
 )
+from vlm_autoquant.search.spec import SearchCheckpoint
 
 H200 = {0: 139.8, 1: 139.8}
 
@@ -198,7 +199,13 @@ def test_a_replica_that_fails_to_load_fails_the_search_with_its_reason(demo, tmp
     model_dir, _ = demo
     setup = dataclasses.replace(_setup(model_dir), model_dir=tmp_path / "gone")
     with pytest.raises(RunFailed) as err, Replicas(setup) as replicas:
-        replicas.search(_model(model_dir), _spec(), _batches(demo), tmp_path / "s.pth", lambda *a: "", None)
+        replicas.search(
+            _model(model_dir),
+            _spec(),
+            _batches(demo),
+            SearchCheckpoint(tmp_path / "s.pth", lambda *a: ""),
+            None,
+        )
     text = str(err.value)
     assert "rank 1" in text and "gone" in text and "--parallel layers" in text
     assert not any(p.is_alive() for p in replicas.procs)
@@ -209,7 +216,13 @@ def test_a_replica_killed_mid_run_fails_the_search_instead_of_hanging(demo, tmp_
     with pytest.raises(RunFailed) as err, Replicas(_setup(model_dir)) as replicas:
         replicas.join()
         replicas.procs[0].kill()
-        replicas.search(_model(model_dir), _spec(), _batches(demo), tmp_path / "s.pth", lambda *a: "", None)
+        replicas.search(
+            _model(model_dir),
+            _spec(),
+            _batches(demo),
+            SearchCheckpoint(tmp_path / "s.pth", lambda *a: ""),
+            None,
+        )
     assert "rank 1" in str(err.value) and "-9" in str(err.value)
     assert not (tmp_path / "s.pth").exists()
 

@@ -27,6 +27,7 @@ from vlm_autoquant.model.lm import linear_numels, meta_model
 from vlm_autoquant.plan import cost, families
 from vlm_autoquant.plan.schemes import Scheme, default_catalog, load_catalog
 from vlm_autoquant.search import autoquant
+from vlm_autoquant.search.spec import SearchCheckpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = load_catalog(default_catalog())
@@ -112,7 +113,10 @@ def synthetic_search(monkeypatch):
 def run_search(size: str, scheme: Scheme, tmp_path: Path):
     model = meta_lm(size)
     found = autoquant.search(
-        model, families.spec_of([scheme]), [None], tmp_path / f"{size}.pth", lambda p, stage, tmp=None: ""
+        model,
+        families.spec_of([scheme]),
+        [None],
+        SearchCheckpoint(tmp_path / f"{size}.pth", lambda p, stage, tmp=None: ""),
     )
     return found, model
 

@@ -125,6 +125,7 @@ def add_switch(p: argparse.ArgumentParser, name: str, help: str) -> None:
 
 
 def add_common(p: argparse.ArgumentParser, output_help: str) -> None:
+    """The flags every quantization command takes: paths, overrides, run and GPU options."""
     add_paths(
         p,
         model_dir="Qwen2.5-VL checkpoint directory",
@@ -137,6 +138,14 @@ def add_common(p: argparse.ArgumentParser, output_help: str) -> None:
     add_switch(
         p, "--overwrite", "replace a finished run in --output-dir (scores are reused if settings match)"
     )
+    _add_run_options(p)
+    _add_gpu_options(p)
+    add_experiment(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """--save-weights, --grad-checkpointing, --fp8-kernel."""
     p.add_argument(
         "--save-weights", action="store_true", help="also write the LM's BF16 weights (about 6 GB for the 3B)"
     )
@@ -153,6 +162,10 @@ def add_common(p: argparse.ArgumentParser, output_help: str) -> None:
         help="ModelOpt FP8 fake-quant kernel: auto uses the CUDA extension when its "
         "build is cached, else eager; cuda-ext builds it once (~45 s)",
     )
+
+
+def _add_gpu_options(p: argparse.ArgumentParser) -> None:
+    """--gpus, --max-gpu-memory, --parallel."""
     p.add_argument(
         "--gpus",
         type=optional(str),
@@ -174,8 +187,6 @@ def add_common(p: argparse.ArgumentParser, output_help: str) -> None:
         "the batches), layers (the LM split across them); auto: replicas when "
         "the LM and the batch fit one GPU",
     )
-    add_experiment(p)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -301,29 +312,37 @@ def run_guarded(
     except Exception as exc:  # noqa: BLE001 - the boundary turns everything into a message
         if debug:
             raise
-        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            print(
-                "error: out of GPU memory. The 3B LM peaks at 39 GiB with 16x512 batches and "
-                "22 GiB with 8x512.\n    fix: rerun with --batch-size 8 --num-calib-steps 32 "
-                "--num-score-steps 16 --overwrite (the same tokens in smaller batches; "
-                "--overwrite discards the search checkpoint made for the old batch shape)",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"error: {type(exc).__name__}: {redact(exc)}\n(rerun with --debug for the traceback)",
-                file=sys.stderr,
-            )
+        _print_crash(exc)
         _mark_launch_failed(experiment, run_name, f"{type(exc).__name__}: {redact(exc)}")
         code = EXIT_FAILURE
-    if (
-        output_dir is not None
-        and not existed
-        and paths.exists(output_dir)
-        and artifacts.only_our_bookkeeping(output_dir, tracking.ended_here(output_dir))
+    if output_dir is not None and not existed:
+        _remove_if_only_bookkeeping(output_dir)
+    return code
+
+
+def _print_crash(exc: Exception) -> None:
+    """An unexpected error in one message: out of GPU memory with its fix, else type and text."""
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        print(
+            "error: out of GPU memory. The 3B LM peaks at 39 GiB with 16x512 batches and "
+            "22 GiB with 8x512.\n    fix: rerun with --batch-size 8 --num-calib-steps 32 "
+            "--num-score-steps 16 --overwrite (the same tokens in smaller batches; "
+            "--overwrite discards the search checkpoint made for the old batch shape)",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"error: {type(exc).__name__}: {redact(exc)}\n(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+
+
+def _remove_if_only_bookkeeping(output_dir: Path) -> None:
+    """Remove a dir this process created when it holds only our bookkeeping."""
+    if paths.exists(output_dir) and artifacts.only_our_bookkeeping(
+        output_dir, tracking.ended_here(output_dir)
     ):
         shutil.rmtree(output_dir, ignore_errors=True)  # we made it and it holds nothing
-    return code
 
 
 def _mark_launch_failed(experiment: str | None, run_name: str, reason: str) -> None:

@@ -27,6 +27,7 @@ log = logging.getLogger("vlm_autoquant")
 
 
 def parser() -> argparse.ArgumentParser:
+    """The export's flags: which run, where from and to, the format, and what MLflow records."""
     p = new_parser(
         prog="qwen2_5_vl_3b_autoquant_fp8_export.py",
         description="Turn a finished quantization run into a complete, verified Qwen2.5-VL "
@@ -35,16 +36,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="writes export_report.json into --output-dir; exit codes: 0 done, 1 a check "
         "failed (nothing written), 2 bad input, 130 interrupted",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--run-id",
-        type=optional(str),
-        default=None,
-        help="MLflow run id of a quantization run (current MLFLOW_TRACKING_URI)",
-    )
-    src.add_argument(
-        "--artifacts-dir", type=optional(Path), default=None, help="a run's --output-dir instead of --run-id"
-    )
+    _add_source(p)
     add_paths(
         p,
         model_dir="the base Qwen2.5-VL checkpoint (default: the one the run recorded)",
@@ -64,6 +56,27 @@ def parser() -> argparse.ArgumentParser:
     add_switch(
         p, "--allow-other-weights", "accept a --model-dir whose LM weights differ from the run's (recorded)"
     )
+    _add_mlflow_options(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    """--run-id or --artifacts-dir: the run to export."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--run-id",
+        type=optional(str),
+        default=None,
+        help="MLflow run id of a quantization run (current MLFLOW_TRACKING_URI)",
+    )
+    src.add_argument(
+        "--artifacts-dir", type=optional(Path), default=None, help="a run's --output-dir instead of --run-id"
+    )
+
+
+def _add_mlflow_options(p: argparse.ArgumentParser) -> None:
+    """--log-checkpoint, --register, --experiment, --no-mlflow."""
     add_switch(p, "--log-checkpoint", "also log the checkpoint files as MLflow artifacts")
     p.add_argument(
         "--register",
@@ -75,8 +88,6 @@ def parser() -> argparse.ArgumentParser:
     )
     add_experiment(p)
     p.add_argument("--no-mlflow", action="store_true", help="do not log the export to MLflow")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
 
 
 def _source(args: argparse.Namespace) -> str | Path | None:

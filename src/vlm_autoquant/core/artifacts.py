@@ -212,8 +212,24 @@ def check_output_dir(
     if paths.exists(path) and not path.is_dir():
         problems.add("--output-dir", f"{path} is a file", "pass a directory path")
         return
-    if not paths.probe(path, "--output-dir", problems, "dir"):
+    if not paths.probe(path, "--output-dir", problems, "dir") or not _writable(path, problems):
         return
+    if not paths.exists(path):
+        return
+    if not (path / MARKER_FILE).exists() and any(path.iterdir()):
+        _check_foreign_dir(path, problems, overwrite, our_names)
+        return
+    if (path / finished_marker).exists() and not overwrite:
+        problems.add(
+            "--output-dir",
+            f"{path} already holds a finished run ({finished_marker})",
+            "pass --overwrite to replace it (its search checkpoint is reused when the "
+            "settings match), or choose another --output-dir",
+        )
+
+
+def _writable(path: Path, problems: Problems) -> bool:
+    """Whether a file can be made in `path` (or its nearest existing parent); else a problem."""
     probe = path if paths.exists(path) else next((p for p in path.parents if paths.exists(p)), Path("/"))
     try:  # a real write: os.access says yes to root even on read-only mounts
         with tempfile.TemporaryFile(dir=probe):
@@ -224,34 +240,28 @@ def check_output_dir(
             msg = f"{probe} is not writable ({exc.strerror})"
             fix = "choose a directory you can write to, or fix its permissions"
         problems.add("--output-dir", msg, fix)
-        return
-    if not paths.exists(path):
-        return
-    if not (path / MARKER_FILE).exists() and any(path.iterdir()):
-        if not overwrite:
-            problems.add(
-                "--output-dir",
-                f"{path} is not empty and was not created by this tool (no {MARKER_FILE} marker)",
-                "choose a new or empty --output-dir, or "
-                "pass --overwrite to add the results beside its files (none of them "
-                "is ever replaced or deleted)",
-            )
-            return
-        clash = [n for n in our_names if paths.exists(path / n)]
-        if clash:
-            problems.add(
-                "--output-dir",
-                f"{path} holds {', '.join(clash)}, which this tool did "
-                "not write (no marker); even with --overwrite it never replaces them",
-                "move those files away, or choose another --output-dir",
-            )
-        return
-    if (path / finished_marker).exists() and not overwrite:
+        return False
+    return True
+
+
+def _check_foreign_dir(path: Path, problems: Problems, overwrite: bool, our_names: tuple[str, ...]) -> None:
+    """A non-empty dir without our marker: only with --overwrite, and never over a name we write."""
+    if not overwrite:
         problems.add(
             "--output-dir",
-            f"{path} already holds a finished run ({finished_marker})",
-            "pass --overwrite to replace it (its search checkpoint is reused when the "
-            "settings match), or choose another --output-dir",
+            f"{path} is not empty and was not created by this tool (no {MARKER_FILE} marker)",
+            "choose a new or empty --output-dir, or "
+            "pass --overwrite to add the results beside its files (none of them "
+            "is ever replaced or deleted)",
+        )
+        return
+    clash = [n for n in our_names if paths.exists(path / n)]
+    if clash:
+        problems.add(
+            "--output-dir",
+            f"{path} holds {', '.join(clash)}, which this tool did "
+            "not write (no marker); even with --overwrite it never replaces them",
+            "move those files away, or choose another --output-dir",
         )
 
 

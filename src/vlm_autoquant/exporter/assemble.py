@@ -20,7 +20,10 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import modelopt.torch.export.unified_export_hf as hf
 import torch
+from modelopt.torch.export import export_hf_checkpoint
+from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT
 from torch import nn
 
 from ..model.checkpoint import INDEX_FILE, SINGLE_FILE, VISION_RE
@@ -68,10 +71,6 @@ def _fake_quant_rounding(run_kernel: str | None) -> Iterator[None]:
     (`fp8_kernel.divides`); every other format, the scales, the file layout and the packing of
     everything else stay ModelOpt's.
     """
-    # ModelOpt: imported only when this runs, off the refusal path
-    import modelopt.torch.export.unified_export_hf as hf
-    from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_FP8_PC_PT
-
     orig_pack, orig_export = hf.to_quantized_weight, hf._export_quantized_weight
     current: dict = {}
 
@@ -140,9 +139,6 @@ def _known_notices_at_debug() -> Iterator[None]:
 def run_modelopt_export(model: nn.Module, staging: Path, run_kernel: str | None = None) -> Path:
     """ModelOpt's own export of the quantized LM into `staging/_modelopt` (FP8 weight codes as
     the run's kernel, `run_kernel` from its manifest, rounded them)."""
-    # ModelOpt: imported only when this runs, off the refusal path
-    from modelopt.torch.export import export_hf_checkpoint
-
     target = staging / MODELOPT_SUBDIR
     with (
         warnings.catch_warnings(),

@@ -31,6 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+from compressed_tensors.utils.match import match_name
+from safetensors.torch import save_file
 from torch import nn
 
 from ..run.manifest import LayerRecord
@@ -38,7 +44,7 @@ from . import assemble as export
 from .verify import _stored_raw
 
 if TYPE_CHECKING:
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationScheme
 
 CT_SUBDIR = "_compressed_tensors"
 FP8_MAX = 448.0
@@ -72,8 +78,6 @@ def layer_pattern(name: str) -> str:
 
 def quantization_config(layers: list[LayerRecord]) -> QuantizationConfig:
     """compressed-tensors' QuantizationConfig for the manifest's per-layer formats."""
-    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
-
     targets: dict[str, list[str]] = {}
     ignore = [VISION_IGNORE, LM_HEAD_IGNORE]
     for row in layers:
@@ -104,8 +108,6 @@ def _recipe(row: LayerRecord) -> str:
 
 def _scales_like(module: nn.Linear, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
     """The scales compressed-tensors gives this layer (its own initialisation, on meta)."""
-    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
-
     holder = nn.Linear(
         module.in_features, module.out_features, bias=False, device="meta", dtype=module.weight.dtype
     )
@@ -121,8 +123,6 @@ def scale_of(amax: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def compressed_layer(module: nn.Module, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
     """One FP8 layer packed by compressed-tensors' compressor from the run's quantizers."""
-    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
-
     wq, iq = module.weight_quantizer, module.input_quantizer
     like = _scales_like(module, scheme)
     # the run's fake quant (codes x scale in bf16), divided in fp32: rounds back to its codes
@@ -162,8 +162,6 @@ def lm_tensors(
 
 def _save_shards(tensors: dict[str, torch.Tensor], target: Path) -> None:
     """safetensors shards of at most SHARD_BYTES, with an index when there is more than one."""
-    from safetensors.torch import save_file
-
     groups, size = [[]], 0
     for key in sorted(tensors):
         n = tensors[key].numel() * tensors[key].element_size()
@@ -188,8 +186,6 @@ def write_checkpoint(
     model: nn.Module, layers: list[LayerRecord], base_dir: Path, out: Path, lm_only: bool
 ) -> dict:
     """The compressed-tensors checkpoint in `out`; returns config.json's quantization_config."""
-    from compressed_tensors.compressors import ModelCompressor
-
     qcfg = quantization_config(layers)
     work = out / CT_SUBDIR
     work.mkdir()
@@ -210,8 +206,6 @@ def write_checkpoint(
 def declared(qcfg: dict, names: list[str]) -> dict:
     """The config's per-layer formats as export_verify.check_formats reads them (ModelOpt's
     MIXED_PRECISION shape: {layer: quant_algo}, unquantized layers absent)."""
-    from compressed_tensors.utils.match import match_name
-
     algo = {
         g: "FP8" if g == GROUPS["FP8_DEFAULT_CFG"][0] else "FP8_PER_CHANNEL_PER_TOKEN"
         for g in qcfg["config_groups"]
@@ -242,8 +236,6 @@ def check_names(qcfg: dict, layers: list[LayerRecord]) -> dict:
     """Every layer is matched as the manifest says under every naming a loader uses: FP8 layers
     by their group's targets and not by `ignore`, BF16 layers, lm_head and the vision tower by
     `ignore`."""
-    from compressed_tensors.utils.match import match_name
-
     ignore = qcfg.get("ignore") or []
     errors = []
     for row in layers:

@@ -29,8 +29,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+from compressed_tensors.quantization import QuantizationStatus
+from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
 from modelopt.torch.quantization.nn import TensorQuantizer
+from PIL import Image
 from torch import nn
+from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..run.manifest import LayerRecord
 from ..run.quality import quantizers_off
@@ -91,8 +97,6 @@ def kl_against(
 
 def load(out: Path, device: torch.device, lm_only: bool) -> nn.Module:
     """The export as transformers loads it (compressed-tensors' quantizer), in bf16."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
-
     cls = Qwen2ForCausalLM if lm_only else Qwen2_5_VLForConditionalGeneration
     return cls.from_pretrained(out, dtype=torch.bfloat16, device_map={"": device}).eval()
 
@@ -104,14 +108,10 @@ def image_inputs(out: Path, image: Image.Image, prompt: str) -> tuple[dict, str]
     processor's two halves are used directly: the PIL image processor and the tokenizer's chat
     template, with `<|image_pad|>` repeated once per merged patch as the processor does.
     """
-    from transformers import AutoProcessor, AutoTokenizer
-
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     try:
         processor = AutoProcessor.from_pretrained(out)
     except ImportError:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
         pixels = Qwen2VLImageProcessorPil.from_pretrained(out)(images=[image], return_tensors="pt")
         tok = AutoTokenizer.from_pretrained(out)
         template = json.loads((out / "chat_template.json").read_text())["chat_template"]
@@ -131,8 +131,6 @@ def image_inputs(out: Path, image: Image.Image, prompt: str) -> tuple[dict, str]
 @torch.inference_mode()
 def generate_with_image(model: nn.Module, out: Path, device: torch.device) -> dict:
     """One generation with a generated two-colour image (vision tower + mrope load and run)."""
-    from PIL import Image
-
     image = Image.new("RGB", (56, 56))
     image.paste((200, 30, 30), (0, 0, 28, 56))
     inputs, built_by = image_inputs(out, image, "Describe the image.")
@@ -150,10 +148,6 @@ def run_in_loader_arithmetic(reference: nn.Module, layers: list[LayerRecord]) ->
     """A copy of the run's model that computes as transformers' compressed-tensors loader does:
     each FP8 layer gets compressed-tensors' scheme and forward, its weight decompressed from the
     codes and scales `export_ct.compressed_layer` packs from the run's quantizers."""
-    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
-
     model = copy.deepcopy(reference)
     for q in model.modules():  # this copy computes only through compressed-tensors
         if isinstance(q, TensorQuantizer):

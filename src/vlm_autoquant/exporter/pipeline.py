@@ -24,6 +24,8 @@ from torch import nn
 from ..core import artifacts
 from ..core.errors import Interrupted, Problem, Problems, RunFailed, UsageError
 from ..core.timing import Phases, gpu_peak_gib, human_bytes, peak_rss_gib
+from ..model import quant_state
+from ..model.lm import load_lm, pick_device, text_config
 from ..search.fp8_kernel import run_arithmetic
 from ..tracking import remember
 from . import assemble as export
@@ -64,9 +66,7 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
     `fmt` compressed-tensors: `hf_quant` is its quantization_config; the names check, bf16
     scales and transformers' own from_pretrained (load_check) replace ModelOpt's specifics.
     """
-    from ..model.lm import text_config  # transformers: after the export's inputs are valid
-
-    inputs, reference, device, run_kernel = work.inputs, work.reference, work.device, work.run_kernel
+    inputs, reference, device = work.inputs, work.reference, work.device
     lm_only, ct = inputs.options.lm_only, fmt == COMPRESSED_TENSORS
     declared = export_ct.declared(hf_quant, [r.name for r in inputs.manifest.layers]) if ct else hf_quant
     checks = {"formats": export_verify.check_formats(inputs.manifest, out, declared)}
@@ -77,41 +77,57 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
         if lm_only
         else export_verify.check_vision(inputs.model_dir, out)
     )
-    amax = export_verify.quantizer_amax(reference, "input")
-    weight_amax = export_verify.quantizer_amax(reference, "weight")
-    checks["scales"] = (
-        export_ct.check_scales(out, amax, weight_amax)
-        if ct
-        else export_verify.check_scales(out, amax, weight_amax)
+    run = export_verify.RunScales(
+        export_verify.quantizer_amax(reference, "input"),
+        export_verify.quantizer_amax(reference, "weight"),
+        work.run_kernel,
     )
-    implausible = export_verify.implausible_scales(reference)
-    if implausible:
-        checks["scales"]["passed"] = False
-        checks["scales"]["errors"] = (implausible + checks["scales"]["errors"])[:20]
+    checks["scales"] = _check_scales(reference, out, run, ct)
     checks["weights"] = export_verify.check_weight_codes(out, reference)
     batches, source = export_verify.held_out_batches(inputs.manifest, out)
-    cfg = text_config(inputs.model_dir)
-    candidate = export_verify.dequantized_lm(
-        out, cfg, device, "modelopt", amax, reference, weight_amax, run_kernel
-    )
-    checks["numerics"] = {
-        **export_verify.compare_logits(reference, candidate, batches, device),
-        "arithmetic": "modelopt fake quant (x * 448/amax)",
-        "captions": source,
-    }
-    if not checks["numerics"]["passed"] and batches:  # say where it first differs
-        checks["numerics"]["first_divergence"] = export_verify.first_divergence(
-            reference, candidate, batches[0], device
-        )
-    del candidate
-    checks["numerics"]["engine_arithmetic"] = _engine_arithmetic(work, out, cfg, batches)
-    checks["numerics"]["passed"] &= checks["numerics"]["engine_arithmetic"]["passed"]
+    checks["numerics"] = _numerics(work, out, run, batches, source)
     checks["loadability"] = (
         load_check.check(out, reference, inputs.manifest.layers, batches, device, lm_only)
         if ct
         else export_verify.check_loadable(out, lm_only)
     )
     return checks
+
+
+def _check_scales(reference: nn.Module, out: Path, run: export_verify.RunScales, ct: bool) -> dict:
+    """The stored scales are the run's amax / 448, and none is implausible."""
+    amax, weight_amax = run.input_amax, run.weight_amax
+    scales = (
+        export_ct.check_scales(out, amax, weight_amax)
+        if ct
+        else export_verify.check_scales(out, amax, weight_amax)
+    )
+    implausible = export_verify.implausible_scales(reference)
+    if implausible:
+        scales["passed"] = False
+        scales["errors"] = (implausible + scales["errors"])[:20]
+    return scales
+
+
+def _numerics(work: Work, out: Path, run: export_verify.RunScales, batches: list[dict], source: str) -> dict:
+    """The exported files' logits against the run's model: in the run's fake-quant arithmetic
+    (the check) and in a serving kernel's (`_engine_arithmetic`)."""
+    reference, device = work.reference, work.device
+    cfg = text_config(work.inputs.model_dir)
+    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", reference, run)
+    numerics = {
+        **export_verify.compare_logits(reference, candidate, batches, device),
+        "arithmetic": "modelopt fake quant (x * 448/amax)",
+        "captions": source,
+    }
+    if not numerics["passed"] and batches:  # say where it first differs
+        numerics["first_divergence"] = export_verify.first_divergence(
+            reference, candidate, batches[0], device
+        )
+    del candidate
+    numerics["engine_arithmetic"] = _engine_arithmetic(work, out, cfg, batches)
+    numerics["passed"] &= numerics["engine_arithmetic"]["passed"]
+    return numerics
 
 
 def _engine_arithmetic(work: Work, out: Path, cfg, batches: list[dict]) -> dict:
@@ -133,9 +149,6 @@ def _engine_arithmetic(work: Work, out: Path, cfg, batches: list[dict]) -> dict:
 
 
 def _restore(inputs: ExportInputs, device: torch.device):
-    from ..model import quant_state  # ModelOpt: after the export's inputs are valid
-    from ..model.lm import load_lm, text_config
-
     model = load_lm(inputs.model_dir, text_config(inputs.model_dir), device)
     return quant_state.apply(model, inputs.payload or inputs.state_file, inputs.manifest)
 
@@ -263,8 +276,6 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
     (`fp8_kernel.run_arithmetic`; never a JIT build of its CUDA extension here), so the
     reference is the model the run evaluated and the export holds its codes.
     """
-    from ..model.lm import pick_device  # transformers: after the export's inputs are valid
-
     o, device = inputs.options, pick_device()
     run_kernel = inputs.manifest.search.fp8_kernel
     with run_arithmetic(run_kernel) as arithmetic:

@@ -65,20 +65,8 @@ def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) ->
     (the export run's tag, the registered version's tag and the LoggedModel's source run).
     """
     o = inputs.options
-    scheme = report["scheme"]
     source = source_run_id(inputs)
-    tags = {
-        "scheme": scheme,
-        "export.dir": str(o.output_dir),
-        "export.lm_only": o.lm_only,
-        "export.allow_other_weights": o.allow_other_weights,
-        "model.weights_sha256": inputs.weights_sha256,
-        "export.format": report["format"],
-        "export.kind": report["engines"]["kind"],
-    }
-    if source:
-        tags["source_run_id"] = source
-    tracker.set_tags(tags)
+    tracker.set_tags(_tags(inputs, report, source))
     tracker.log_params(
         {"export.model_dir": str(inputs.model_dir), "export.source": o.run_id or str(o.artifacts_dir)}
     )
@@ -89,19 +77,7 @@ def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) ->
             tracker.log_artifact(Path(tmp) / name)
     out: dict = {"run_id": tracker.run_id}
     if o.register:
-        reg = tracking.Registration(
-            o.register,
-            scheme,
-            {
-                "scheme": scheme,
-                "source_run_id": source or "",
-                "export_run_id": tracker.run_id,
-                "format": report["format"],
-            },
-            source,
-            quality_metrics(inputs.manifest),
-            pyfunc=report["format"] != "modelopt",
-        )
+        reg = _registration(tracker, inputs, report, source)
         with result_files(o.output_dir) as files:
             out["registered"] = tracking.register_checkpoint(tracker, files, reg)
     elif o.log_checkpoint:
@@ -111,3 +87,40 @@ def log_export(tracker: tracking.Tracker, inputs: ExportInputs, report: dict) ->
     if source:
         tracking.tag_run(source, {"export.run_id": tracker.run_id, "export.dir": str(o.output_dir)})
     return out
+
+
+def _tags(inputs: ExportInputs, report: dict, source: str | None) -> dict:
+    """The export run's tags."""
+    o = inputs.options
+    tags = {
+        "scheme": report["scheme"],
+        "export.dir": str(o.output_dir),
+        "export.lm_only": o.lm_only,
+        "export.allow_other_weights": o.allow_other_weights,
+        "model.weights_sha256": inputs.weights_sha256,
+        "export.format": report["format"],
+        "export.kind": report["engines"]["kind"],
+    }
+    if source:
+        tags["source_run_id"] = source
+    return tags
+
+
+def _registration(
+    tracker: tracking.Tracker, inputs: ExportInputs, report: dict, source: str | None
+) -> tracking.Registration:
+    """The registered model version: --register's name, the scheme as alias, its tags."""
+    scheme = report["scheme"]
+    return tracking.Registration(
+        inputs.options.register,
+        scheme,
+        {
+            "scheme": scheme,
+            "source_run_id": source or "",
+            "export_run_id": tracker.run_id,
+            "format": report["format"],
+        },
+        source,
+        quality_metrics(inputs.manifest),
+        pyfunc=report["format"] != "modelopt",
+    )

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from transformers import AutoTokenizer, PretrainedConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
 
 from ..core.artifacts import sha256_file
 from ..model.checkpoint import VISION_RE
@@ -179,38 +182,38 @@ def _dequantized_state(
     return state, fp8
 
 
+@dataclass(frozen=True)
+class RunScales:
+    """What the run's own fake quant rounded with: its calibrated amax per layer (inputs and
+    weights; `quantizer_amax`) and its kernel (the manifest's `search.fp8_kernel`)."""
+
+    input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight_amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    kernel: str | None = None
+
+
 def dequantized_lm(
     out: Path,
-    cfg,
+    cfg: PretrainedConfig,
     device: torch.device,
     arithmetic: str = "modelopt",
-    amax: dict[str, torch.Tensor] | None = None,
     reference: nn.Module | None = None,
-    weight_amax: dict[str, torch.Tensor] | None = None,
-    run_kernel: str | None = None,
+    run: RunScales | None = None,
 ) -> nn.Module:
     """The exported LM rebuilt from its safetensors alone, FP8 applied by hand (not ModelOpt).
 
-    `amax` (layer -> the run's input amax) lets the "modelopt" arithmetic use the run's exact
-    amax, which 448 x input_scale does not give back bit for bit for about 7% of values;
-    `weight_amax` does the same for the weights' dequantization (`_dequantized_state`), and
-    `run_kernel` (the manifest's `search.fp8_kernel`) picks how 448 / amax is rounded;
-    `check_scales` proves each stored scale is that amax / 448. `reference` gives the
-    buffers no checkpoint holds (RoPE's inverse frequencies): built here they would be computed
-    on `device` (CUDA's pow is not correctly rounded, and one ulp in RoPE moves a random-init
-    36-layer model's logits by KL ~2e-3), so they are taken from the restored model instead.
+    `run.input_amax` (layer -> the run's input amax) lets the "modelopt" arithmetic use the
+    run's exact amax, which 448 x input_scale does not give back bit for bit for about 7% of
+    values; `run.weight_amax` does the same for the weights' dequantization
+    (`_dequantized_state`), and `run.kernel` picks how 448 / amax is rounded; `check_scales`
+    proves each stored scale is that amax / 448. `reference` gives the buffers no checkpoint
+    holds (RoPE's inverse frequencies): built here they would be computed on `device` (CUDA's
+    pow is not correctly rounded, and one ulp in RoPE moves a random-init 36-layer model's
+    logits by KL ~2e-3), so they are taken from the restored model instead.
     """
-    # transformers: imported only when this runs, off the refusal path
-    from transformers import Qwen2ForCausalLM
-
-    state, fp8 = _dequantized_state(out, weight_amax, run_kernel)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # bf16 parameters, fp32 RoPE buffers (as loaded)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(default)
+    run = run or RunScales()
+    state, fp8 = _dequantized_state(out, run.weight_amax, run.kernel)
+    model = _bf16_lm(cfg, device)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -227,16 +230,27 @@ def dequantized_lm(
                     buf.copy_(theirs[name])
     modules = dict(model.named_modules())
     for layer, s in fp8.items():
-        run_amax = (amax or {}).get(layer) if s is not None else None
+        run_amax = run.input_amax.get(layer) if s is not None else None
         modules[layer].register_forward_pre_hook(
             _input_quant_hook(
                 None if s is None else s.float().to(device),
                 arithmetic,
                 None if run_amax is None else run_amax.float().to(device),
-                run_kernel,
+                run.kernel,
             )
         )
     return model.eval()
+
+
+def _bf16_lm(cfg: PretrainedConfig, device: torch.device) -> nn.Module:
+    """An uninitialised Qwen2 LM on `device`: bf16 parameters, fp32 RoPE buffers (as loaded)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def quantizer_amax(reference: nn.Module, which: str) -> dict[str, torch.Tensor]:
@@ -413,8 +427,6 @@ def check_weight_codes(out: Path, reference: nn.Module) -> dict:
 
 def held_out_batches(manifest: Manifest, tokenizer_dir: Path) -> tuple[list[dict], str]:
     """The run's held-out captions when its caption file is here (same split), else generated."""
-    from transformers import AutoTokenizer  # transformers: imported only when this runs, off the refusal path
-
     s, cal = manifest.scheme, manifest.calibration
     path, captions = Path(cal.file), []
     if path.is_file() and sha256_file(path) == cal.sha256:
@@ -510,10 +522,6 @@ def first_divergence(
 
 def check_loadable(out: Path, lm_only: bool) -> dict:
     """(d) transformers builds the model from the export with no missing key (meta device)."""
-    # transformers: imported only when this runs, off the refusal path
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
-    from transformers.utils import logging as hf_logging
-
     cls = Qwen2ForCausalLM if lm_only else Qwen2_5_VLForConditionalGeneration
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "unknown quantization type modelopt" line is expected

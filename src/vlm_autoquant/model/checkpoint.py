@@ -95,38 +95,7 @@ def _inside(name: object) -> bool:
 def _weight_files(path: Path, problems: Problems) -> list[str]:
     index = path / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(paths.read_regular(index, MAX_JSON_BYTES))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except OSError as exc:
-            problems.add("--model-dir", *paths.describe_oserror(index, exc))
-            return []
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            problems.add(
-                "--model-dir",
-                f"{index} is not a valid safetensors index ({exc})",
-                "re-download the checkpoint's model.safetensors.index.json",
-            )
-            return []
-        outside = [f for f in files if not _inside(f)]
-        for f in outside:
-            problems.add(
-                "--model-dir",
-                f"{INDEX_FILE} points at {f!r}, outside the model dir "
-                "(an index names shards by relative path only)",
-                "restore the checkpoint's original model.safetensors.index.json",
-            )
-        if outside:
-            return []
-        missing = [f for f in files if not (path / f).is_file()]
-        for f in missing:
-            problems.add(
-                "--model-dir",
-                f"{INDEX_FILE} names {f}, which is absent from {path}",
-                "re-download the missing shard (huggingface-cli download ... --include "
-                f"{f}) or point --model-dir at the complete checkpoint",
-            )
-        return [f for f in files if f not in missing]
+        return _indexed_files(path, index, problems)
     if (path / SINGLE_FILE).is_file():
         return [SINGLE_FILE]
     shards = sorted(p.name for p in path.glob("*.safetensors"))
@@ -143,6 +112,42 @@ def _weight_files(path: Path, problems: Problems) -> list[str]:
             "point --model-dir at a downloaded Qwen2.5-VL checkpoint directory",
         )
     return []
+
+
+def _indexed_files(path: Path, index: Path, problems: Problems) -> list[str]:
+    """The shards the index names that exist (none if it is unreadable or points outside `path`)."""
+    try:
+        weight_map = json.loads(paths.read_regular(index, MAX_JSON_BYTES))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except OSError as exc:
+        problems.add("--model-dir", *paths.describe_oserror(index, exc))
+        return []
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        problems.add(
+            "--model-dir",
+            f"{index} is not a valid safetensors index ({exc})",
+            "re-download the checkpoint's model.safetensors.index.json",
+        )
+        return []
+    outside = [f for f in files if not _inside(f)]
+    for f in outside:
+        problems.add(
+            "--model-dir",
+            f"{INDEX_FILE} points at {f!r}, outside the model dir "
+            "(an index names shards by relative path only)",
+            "restore the checkpoint's original model.safetensors.index.json",
+        )
+    if outside:
+        return []
+    missing = [f for f in files if not (path / f).is_file()]
+    for f in missing:
+        problems.add(
+            "--model-dir",
+            f"{INDEX_FILE} names {f}, which is absent from {path}",
+            "re-download the missing shard (huggingface-cli download ... --include "
+            f"{f}) or point --model-dir at the complete checkpoint",
+        )
+    return [f for f in files if f not in missing]
 
 
 def _read_config(path: Path, problems: Problems) -> dict | None:

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 # Dimensions of Qwen/Qwen2.5-VL-3B-Instruct's config.json.
 QWEN25_VL_3B = {
@@ -156,9 +157,8 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
 
 def train_tokenizer(captions: list[str], target: Path, vocab_size: int = 512) -> int:
     """A byte-level BPE tokenizer in the Qwen2 style; returns its length."""
-    # tokenizers, transformers: only when the demo's tokenizer is trained
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # with transformers, below
+    from transformers import PreTrainedTokenizerFast  # transformers: only to build a checkpoint
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -245,8 +245,6 @@ def _released_keys(state: dict[str, torch.Tensor], tied: bool, legacy: bool, met
 
 def write_shards(tensors: dict[str, torch.Tensor], target: Path, num_shards: int) -> None:
     """Safetensors shards plus model.safetensors.index.json, split by bytes in key order."""
-    from safetensors.torch import save_file  # safetensors' torch API: only when a checkpoint is written
-
     keys = sorted(tensors)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     per, shards, current, size = total / num_shards, [], [], 0
@@ -270,6 +268,7 @@ def write_shards(tensors: dict[str, torch.Tensor], target: Path, num_shards: int
 SIZES = {"tiny": TINY, "3b": QWEN25_VL_3B, "7b": QWEN25_VL_7B, "32b": QWEN25_VL_32B, "72b": QWEN25_VL_72B}
 STREAMED = ("7b", "32b", "72b")
 SHARD_BYTES = 4 * 1024**3  # like the released checkpoints' ~4 GB shards
+NUM_SHARDS = 2  # a small checkpoint still has an index and several shards, as released
 
 
 def _random_like(key: str, meta: torch.Tensor, gen: torch.Generator, device: str) -> torch.Tensor:
@@ -288,8 +287,7 @@ def write_streamed(config, target: Path, seed: int, device: str = "cpu") -> None
     The module tree is built on the meta device (no memory); tensors of one shard are created,
     saved and freed before the next, so host memory stays at about one shard.
     """
-    from safetensors.torch import save_file  # safetensors' torch API: only when a checkpoint is written
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration  # transformers: only to build a checkpoint
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
@@ -366,23 +364,25 @@ def build_checkpoint(
     size: str = "tiny",
     layout: str = "released",
     seed: int = 0,
-    tokenizer_dir: Path | None = None,
-    captions: list[str] | None = None,
-    num_shards: int = 2,
+    tokenizer: Path | list[str] | None = None,
     device: str = "cpu",
 ) -> Path:
-    """Write a randomly initialised Qwen2.5-VL checkpoint (weights, config, tokenizer)."""
-    # transformers: imported only when this runs, off the refusal path
-    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    """Write a randomly initialised Qwen2.5-VL checkpoint (weights, config, tokenizer).
+
+    Args:
+        layout: one of the module docstring's layouts.
+        tokenizer: a directory of tokenizer files to copy (the released tokenizer), or captions
+            to train a small BPE tokenizer on (default: 2000 generated captions).
+    """
+    from transformers import (  # transformers: only to build a checkpoint
+        AutoConfig,
+        AutoTokenizer,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     dims = SIZES[size]
     target.mkdir(parents=True, exist_ok=True)
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and f.suffix in (".json", ".txt"):
-                shutil.copy(f, target / f.name)
-    else:
-        train_tokenizer(captions or make_captions(2000, seed), target)
+    _write_tokenizer(target, tokenizer, seed)
     tok = AutoTokenizer.from_pretrained(target)
     token_ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = dims["text"]["vocab_size"] or -(-len(tok) // 64) * 64  # padded like Qwen's 151936
@@ -406,8 +406,18 @@ def build_checkpoint(
         model.save_pretrained(target, max_shard_size="200KB" if size == "tiny" else "4GB")
         return target
     tensors = _released_keys(model.state_dict(), bool(config.tie_word_embeddings), legacy=layout == "legacy")
-    write_shards(tensors, target, num_shards)
+    write_shards(tensors, target, NUM_SHARDS)
     return target
+
+
+def _write_tokenizer(target: Path, tokenizer: Path | list[str] | None, seed: int) -> None:
+    """Copy a tokenizer directory's files into `target`, or train one there on captions."""
+    if isinstance(tokenizer, (str, Path)):
+        for f in Path(tokenizer).iterdir():
+            if f.is_file() and f.suffix in (".json", ".txt"):
+                shutil.copy(f, target / f.name)
+    else:
+        train_tokenizer(tokenizer or make_captions(2000, seed), target)
 
 
 def build_demo(root: Path, n_captions: int = 3000, seed: int = 0) -> tuple[Path, Path]:
@@ -418,5 +428,5 @@ def build_demo(root: Path, n_captions: int = 3000, seed: int = 0) -> tuple[Path,
     calib.write_text("\n".join(captions) + "\n", encoding="utf-8")
     model_dir = root / "qwen2_5_vl_tiny"
     if not (model_dir / "config.json").exists():
-        build_checkpoint(model_dir, "tiny", "released", seed, captions=captions)
+        build_checkpoint(model_dir, "tiny", "released", seed, tokenizer=captions)
     return model_dir, calib

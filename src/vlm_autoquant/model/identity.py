@@ -147,8 +147,6 @@ def vision_result(model_dir: Path) -> str | None:
 
 def vision_mismatch(model_dir: Path, recorded: str, actual: str | None):
     """The Problem for a model_dir whose vision tower is not the one the run's base had."""
-    from ..core.errors import Problem
-
     now = f"{actual[:16]}..." if actual else "none"
     return Problem(
         "--model-dir",

@@ -149,7 +149,7 @@ def check_caption_file(path: Path, problems: Problems, flag: str = "--calib-file
 def load_captions(path: Path) -> list[str]:
     """Non-blank, stripped captions via the datasets `text` loader (CRLF handled there)."""
     from datasets import load_dataset  # datasets: imported on first use, off the refusal path
-    from datasets.utils.logging import disable_progress_bar
+    from datasets.utils.logging import disable_progress_bar  # datasets: as above
 
     disable_progress_bar()
     try:

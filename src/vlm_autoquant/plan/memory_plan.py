@@ -165,42 +165,52 @@ def predict(
             models ModelOpt as it is, which keeps every layer's until the next step.
     """
     place = placement or Placement.single(dims.layers)
-    batch_size, seq_len, method = shape.batch_size, shape.seq_len, shape.method
-    grad_checkpointing = shape.grad_checkpointing
-    t, h, i, v = batch_size * seq_len, dims.hidden, dims.intermediate, dims.vocab
-    per_layer_w = dims.layer_params() * 2
+    peaks = {d: _device_peaks(dims, shape, place, d, freed_diffs) for d in place.devices()}
+    return Plan(
+        shape.batch_size, shape.seq_len, shape.method, shape.grad_checkpointing, peaks, dict(capacity or {})
+    )
+
+
+def _device_peaks(dims: Dims, shape: Shape, place: Placement, d: int, freed_diffs: bool) -> dict[str, float]:
+    """Peak GiB of device `d` in each phase."""
+    t, h, v = shape.batch_size * shape.seq_len, dims.hidden, dims.vocab
+    n = sum(1 for x in place.layers if x == d)
+    w = n * (dims.layer_params() * 2)
+    if d == place.embed:
+        w += dims.embed_params() * 2
+    if d == place.head:
+        w += (0 if dims.tied else dims.embed_params() * 2) + h * 2
+    # The logits' terms land with the inputs (embed's device); lm_head's own device, when
+    # another, holds its bf16 output (forward) or the logits' grad (backward) in passing.
+    lands = d == place.embed
+    passing = 2 * t * v if d == place.head and place.head != place.embed else 0
+    calib = w + (2 * t * v if lands else passing)
+    evaluate = w + ((4 * t * v + 5 * 4 * shape.seq_len * v) if lands else passing)
+    if shape.method == "gradient":
+        kept, held = _gradient_terms(dims, shape, n, freed_diffs)
+        score = w + n * kept + held + (14 * t * v if lands else passing)
+        if dims.tied and d in (place.embed, place.head):
+            score += dims.embed_params() * 2
+    else:  # kl_div (forward only; algorithms.py AutoQuantizeKLDivSearcher): the BF16 logits
+        # and their fp32 log-probs stay (2 + 4 B); per group the forward ends holding the
+        # quantized logits and the real-token copy our forward_step returns (2 + 2), and
+        # autoquant.py's row-chunked KL then adds three fp32 temporaries of KL_CHUNK_BYTES.
+        # Every decoder layer's BF16 output is kept for the replay (2 B x H per token).
+        score = w + n * 2 * h * t + ((10 * t * v + 3 * KL_CHUNK_BYTES) if lands else passing)
+    return {
+        name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
+        for name, x in zip(PHASES, (w, calib, score, evaluate))
+    }
+
+
+def _gradient_terms(dims: Dims, shape: Shape, n: int, freed_diffs: bool) -> tuple[int, int]:
+    """Bytes the gradient scores keep per decoder layer (activations), and the Q(Y)-Y diffs held
+    on a device with `n` decoder layers."""
+    t, h, i = shape.batch_size * shape.seq_len, dims.hidden, dims.intermediate
     diffs = 2 * (3 * h + 2 * dims.kv + 2 * i) * shape.num_formats * t  # output_diff_dict per layer
-    kept = 2 * h * t if grad_checkpointing else (6 * i + 14 * h) * t
-    peaks: dict[int, dict[str, float]] = {}
-    for d in place.devices():
-        n = sum(1 for x in place.layers if x == d)
-        w = n * per_layer_w
-        if d == place.embed:
-            w += dims.embed_params() * 2
-        if d == place.head:
-            w += (0 if dims.tied else dims.embed_params() * 2) + h * 2
-        # The logits' terms land with the inputs (embed's device); lm_head's own device, when
-        # another, holds its bf16 output (forward) or the logits' grad (backward) in passing.
-        lands = d == place.embed
-        passing = 2 * t * v if d == place.head and place.head != place.embed else 0
-        calib = w + (2 * t * v if lands else passing)
-        evaluate = w + ((4 * t * v + 5 * 4 * seq_len * v) if lands else passing)
-        if method == "gradient":
-            held = diffs if grad_checkpointing and freed_diffs else n * diffs
-            score = w + n * kept + held + (14 * t * v if lands else passing)
-            if dims.tied and d in (place.embed, place.head):
-                score += dims.embed_params() * 2
-        else:  # kl_div (forward only; algorithms.py AutoQuantizeKLDivSearcher): the BF16 logits
-            # and their fp32 log-probs stay (2 + 4 B); per group the forward ends holding the
-            # quantized logits and the real-token copy our forward_step returns (2 + 2), and
-            # autoquant.py's row-chunked KL then adds three fp32 temporaries of KL_CHUNK_BYTES.
-            # Every decoder layer's BF16 output is kept for the replay (2 B x H per token).
-            score = w + n * 2 * h * t + ((10 * t * v + 3 * KL_CHUNK_BYTES) if lands else passing)
-        peaks[d] = {
-            name: (x / GIB + OVERHEAD_GIB if name != "load" else x / GIB)
-            for name, x in zip(PHASES, (w, calib, score, evaluate))
-        }
-    return Plan(batch_size, seq_len, method, grad_checkpointing, peaks, dict(capacity or {}))
+    kept = 2 * h * t if shape.grad_checkpointing else (6 * i + 14 * h) * t
+    held = diffs if shape.grad_checkpointing and freed_diffs else n * diffs
+    return kept, held
 
 
 def usable(capacities_gib: dict[int, float]) -> dict[int, float]:

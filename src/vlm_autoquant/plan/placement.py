@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from accelerate import infer_auto_device_map
 from torch import nn
 
 from ..core.errors import Problem, Problems, UsageError
@@ -216,8 +217,6 @@ def _device_map(
     and by `reserve(embed, head)` on the devices of the embeddings and lm_head, balanced first,
     packed if balancing leaves no room. accelerate fills the GPUs in order, so the embeddings
     are assumed on the first and lm_head on the last until the map says otherwise."""
-    from accelerate import infer_auto_device_map  # accelerate: imported only when a placement is computed
-
     meta, dims, gpus, usable_gib = devices.meta, devices.dims, devices.gpus, devices.usable_gib
     ends = (gpus[0], gpus[0] if dims.tied else gpus[-1])
     even = dims.total_params() * 2 / len(gpus) + 2 * w_layer  # balanced, like "balanced" maps

@@ -222,8 +222,35 @@ def default_catalog() -> Traversable:
 def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
     """Load and validate every scheme of a catalog file (`defaults` merged into each)."""
     where = str(path)
+    doc = _parse_catalog(_read_catalog(path, where), where)
+    unknown = set(doc) - {"schema_version", "defaults", "schemes"}
+    problems = Problems()
+    for key in sorted(unknown):
+        problems.add(
+            f"{where}.{key}", "unknown top-level key", "use only schema_version, defaults and schemes"
+        )
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        problems.add(f"{where}.defaults", "must be a mapping", "write key: value pairs")
+        defaults = {}
+    catalog: dict[str, Scheme] = {}
+    for name, body in doc["schemes"].items():
+        scheme_where = f"{where}: schemes.{name}"
+        if not isinstance(body, dict):
+            problems.add(scheme_where, "must be a mapping of settings", "see the other schemes")
+            continue
+        try:
+            catalog[str(name)] = validate_scheme({**defaults, **body, "name": str(name)}, scheme_where)
+        except UsageError as exc:
+            problems.extend(exc.problems)
+    problems.raise_if_any()
+    return catalog
+
+
+def _read_catalog(path: Path | Traversable, where: str) -> str:
+    """The catalog's text; a missing, unreadable or non-text file is a UsageError."""
     try:
-        text = paths.read_regular(path, MAX_CATALOG_BYTES).decode("utf-8")
+        return paths.read_regular(path, MAX_CATALOG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise UsageError(
             Problem(where, "catalog file not found", "pass --catalog PATH or restore configs/schemes.yaml")
@@ -234,6 +261,10 @@ def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
         raise UsageError(
             Problem(where, f"cannot read the catalog: {exc}", "pass a YAML text file (--catalog PATH)")
         ) from None
+
+
+def _parse_catalog(text: str, where: str) -> dict:
+    """The catalog's YAML as a mapping with a non-empty `schemes` mapping, else a UsageError."""
     try:
         doc = load_yaml(text)  # a SafeLoader: no arbitrary objects
     except AliasBomb as exc:
@@ -262,28 +293,7 @@ def load_catalog(path: Path | Traversable) -> dict[str, Scheme]:
                 "see configs/schemes.yaml for the layout",
             )
         )
-    unknown = set(doc) - {"schema_version", "defaults", "schemes"}
-    problems = Problems()
-    for key in sorted(unknown):
-        problems.add(
-            f"{where}.{key}", "unknown top-level key", "use only schema_version, defaults and schemes"
-        )
-    defaults = doc.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        problems.add(f"{where}.defaults", "must be a mapping", "write key: value pairs")
-        defaults = {}
-    catalog: dict[str, Scheme] = {}
-    for name, body in doc["schemes"].items():
-        scheme_where = f"{where}: schemes.{name}"
-        if not isinstance(body, dict):
-            problems.add(scheme_where, "must be a mapping of settings", "see the other schemes")
-            continue
-        try:
-            catalog[str(name)] = validate_scheme({**defaults, **body, "name": str(name)}, scheme_where)
-        except UsageError as exc:
-            problems.extend(exc.problems)
-    problems.raise_if_any()
-    return catalog
+    return doc
 
 
 def resolve(

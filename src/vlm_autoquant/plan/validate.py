@@ -27,7 +27,12 @@ from . import cost
 
 if TYPE_CHECKING:
     from ..model.checkpoint import CheckpointInfo
-from ..model.checkpoint import check_lm_tensors, inspect_checkpoint, linear_numels_from_headers
+from ..model.checkpoint import (
+    check_config_sizes,
+    check_lm_tensors,
+    inspect_checkpoint,
+    linear_numels_from_headers,
+)
 from .inputs import Inputs, RunOptions
 from .schemes import FORMAT_BITS, Scheme, default_catalog, load_catalog, resolve
 
@@ -236,7 +241,6 @@ def read_text_config(
 ) -> tuple[object, dict[str, int] | None]:
     """The LM's config and the weight count of each linear (meta device, no weights); every LM
     tensor in the files must be named and shaped as the config's architecture says."""
-    from ..model.checkpoint import check_config_sizes
     from ..model.lm import linear_numels, meta_model, text_config  # transformers: after the cheap checks
 
     try:

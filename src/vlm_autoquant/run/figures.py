@@ -33,23 +33,9 @@ def sensitivity(rows: list[LayerRow], title: str) -> Figure:
     Bars are coloured by the format the search chose (each FP8 format its own colour, BF16
     apart); one figure-level legend lists every format present in any panel.
     """
-    by_proj: dict[str, list[tuple[int, float, str]]] = {}
-    for r in rows:
-        pos = r.position()
-        fp8_scores = [v for k, v in r.scores.items() if k != BF16]
-        if pos is None or not fp8_scores:
-            continue
-        by_proj.setdefault(pos[1], []).append((pos[0], min(fp8_scores), _fmt_label(r)))
+    by_proj = _by_projection(rows)
     projs = [p for p in PROJECTIONS if p in by_proj] + sorted(set(by_proj) - set(PROJECTIONS))
-    fp8_labels = list(
-        dict.fromkeys(label for p in projs for _, _, label in sorted(by_proj[p]) if label != BF16_LABEL)
-    )
-    colours = {label: FP8_COLOURS[i % len(FP8_COLOURS)] for i, label in enumerate(fp8_labels)}
-    colours[BF16_LABEL] = BF16_COLOUR
-    present = fp8_labels + (
-        [BF16_LABEL] if any(f == BF16_LABEL for p in by_proj.values() for _, _, f in p) else []
-    )
-
+    colours, present = _format_colours(by_proj, projs)
     floor, top = score_range([s for p in by_proj.values() for _, s, _ in p])
     fig = Figure(figsize=(9, 1.3 * max(len(projs), 1) + 1.6))
     axes = fig.subplots(len(projs) or 1, 1, sharex=True, sharey=True, squeeze=False)[:, 0]
@@ -84,6 +70,33 @@ def sensitivity(rows: list[LayerRow], title: str) -> Figure:
         frameon=False,
     )
     return fig
+
+
+def _by_projection(rows: list[LayerRow]) -> dict[str, list[tuple[int, float, str]]]:
+    """Projection -> (layer index, least FP8 score, chosen format's label) of each scored layer."""
+    by_proj: dict[str, list[tuple[int, float, str]]] = {}
+    for r in rows:
+        pos = r.position()
+        fp8_scores = [v for k, v in r.scores.items() if k != BF16]
+        if pos is None or not fp8_scores:
+            continue
+        by_proj.setdefault(pos[1], []).append((pos[0], min(fp8_scores), _fmt_label(r)))
+    return by_proj
+
+
+def _format_colours(
+    by_proj: dict[str, list[tuple[int, float, str]]], projs: list[str]
+) -> tuple[dict[str, str], list[str]]:
+    """A colour per format label (BF16 apart), and the labels present, in the legend's order."""
+    fp8_labels = list(
+        dict.fromkeys(label for p in projs for _, _, label in sorted(by_proj[p]) if label != BF16_LABEL)
+    )
+    colours = {label: FP8_COLOURS[i % len(FP8_COLOURS)] for i, label in enumerate(fp8_labels)}
+    colours[BF16_LABEL] = BF16_COLOUR
+    present = fp8_labels + (
+        [BF16_LABEL] if any(f == BF16_LABEL for p in by_proj.values() for _, _, f in p) else []
+    )
+    return colours, present
 
 
 def score_range(scores: list[float]) -> tuple[float, float]:

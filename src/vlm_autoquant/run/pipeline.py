@@ -23,6 +23,7 @@ from ..plan.families import Family
 from ..plan.placement import LMPlacement
 from ..search import autoquant, fp8_kernel, resume
 from ..search.autoquant import Search
+from ..search.spec import SearchCheckpoint
 from . import quality, report, save
 from .manifest import FP8, Manifest
 
@@ -80,13 +81,10 @@ def search_family(
         {k: v.to(device, non_blocking=True) for k, v in b.items()}
         for b in family.data.calib.batches[: family.data.steps]
     ]
-    args = (
-        family.spec,
-        batches,
-        family.checkpoint,
-        lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage, src),
-        stop,
+    checkpoint = SearchCheckpoint(
+        family.checkpoint, lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage, src)
     )
+    args = (family.spec, batches, checkpoint, stop)
     found = (
         replicas.search(model, *args)
         if replicas is not None

@@ -55,7 +55,7 @@ from ..core.errors import RunFailed
 from ..core.interrupt import StopFlag
 from ..model.fused import fused_layer_groups
 from . import calib_collect, resume
-from .spec import KL_CHUNK_BYTES, SearchSpec
+from .spec import KL_CHUNK_BYTES, SearchCheckpoint, SearchSpec
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -574,8 +574,7 @@ def search(
     model: torch.nn.Module,
     spec: SearchSpec,
     batches: list[Batch],
-    checkpoint: Path,
-    on_checkpoint: Callable[[Path, str, Path], str],
+    checkpoint: SearchCheckpoint,
     stop: StopFlag | None = None,
     grad_checkpointing: bool = True,
 ) -> Search:
@@ -585,7 +584,42 @@ def search(
     """
     forward_step, loss_func = make_steps(spec.method, stop)
     timings: dict[str, float] = {}
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = _auto_quantize_kwargs(spec, batches, checkpoint.path, forward_step, loss_func)
+    t0 = time.perf_counter()
+    try:
+        with (
+            observe_modelopt(timings, checkpoint.record, model, grad_checkpointing, spec.fused_scales),
+            normalised_lp(),
+            contextlib.redirect_stdout(_DebugLog()),
+        ):  # ModelOpt prints; that goes to DEBUG
+            model, state = mtq.auto_quantize(model, **kwargs)
+    except (AssertionError, ValueError) as exc:
+        raise RunFailed(f"ModelOpt's auto_quantize refused the search: {exc}") from exc
+    finally:
+        if hasattr(forward_step, "replay"):
+            forward_step.replay.clear()
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        model.eval()
+    timings["search_setup"] = time.perf_counter() - t0 - sum(timings.values())
+    stats = {name: dict(s) for name, s in state["candidate_stats"].items()}
+    if any("raw_scores" not in s for s in stats.values()):
+        raise RunFailed(
+            f"the search checkpoint {checkpoint.path} was written by an older version of "
+            "this tool (no raw scores); rerun with --overwrite to score again"
+        )
+    return Search(spec, stats, checkpoint.path, "calibrate" in timings, "score" in timings, timings)
+
+
+def _auto_quantize_kwargs(
+    spec: SearchSpec,
+    batches: list[Batch],
+    checkpoint: Path,
+    forward_step: Callable,
+    loss_func: Callable | None,
+) -> dict:
+    """`mtq.auto_quantize`'s keyword arguments for `spec` (its own solve's budget is a dummy)."""
     constraints: dict = {"effective_bits": _INTERNAL_BITS}
     if spec.excluded_from_cost:
         constraints["cost"] = {"excluded_module_name_patterns": list(spec.excluded_from_cost)}
@@ -603,30 +637,7 @@ def search(
     )
     if loss_func is not None:
         kwargs["loss_func"] = loss_func
-    t0 = time.perf_counter()
-    try:
-        with (
-            observe_modelopt(timings, on_checkpoint, model, grad_checkpointing, spec.fused_scales),
-            normalised_lp(),
-            contextlib.redirect_stdout(_DebugLog()),
-        ):  # ModelOpt prints; that goes to DEBUG
-            model, state = mtq.auto_quantize(model, **kwargs)
-    except (AssertionError, ValueError) as exc:
-        raise RunFailed(f"ModelOpt's auto_quantize refused the search: {exc}") from exc
-    finally:
-        if hasattr(forward_step, "replay"):
-            forward_step.replay.clear()
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
-        model.eval()
-    timings["search_setup"] = time.perf_counter() - t0 - sum(timings.values())
-    stats = {name: dict(s) for name, s in state["candidate_stats"].items()}
-    if any("raw_scores" not in s for s in stats.values()):
-        raise RunFailed(
-            f"the search checkpoint {checkpoint} was written by an older version of "
-            "this tool (no raw scores); rerun with --overwrite to score again"
-        )
-    return Search(spec, stats, checkpoint, "calibrate" in timings, "score" in timings, timings)
+    return kwargs
 
 
 def _subset_stats(stat: dict, formats: set[str]) -> dict:

@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from modelopt.torch.quantization import extensions, tensor_quant
+from torch.utils import cpp_extension as ce
+from torch.utils.cpp_extension import LIB_EXT, _get_build_directory
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,6 @@ def cached_build_state(build_dir: Path, name: str, expected_ninja: str | None) -
     what torch would write now (`expected_ninja`; None skips that check), and a dry run
     (`ninja -n`, nothing is built) finds no work to do.
     """
-    from torch.utils.cpp_extension import LIB_EXT  # torch: this module is imported on the refusal path
-
     if not (build_dir / f"{name}{LIB_EXT}").is_file():
         return False, f"no build of {name} in {build_dir}"
     ninja_file = build_dir / "build.ninja"
@@ -64,9 +65,6 @@ def cached_build_state(build_dir: Path, name: str, expected_ninja: str | None) -
 
 def _modelopt_fp8_load_call() -> tuple[str, list[str], dict]:
     """The (name, sources, kwargs) ModelOpt passes to load_cpp_extension, captured, not run."""
-    # ModelOpt: imported only when this runs, off the refusal path
-    from modelopt.torch.quantization import extensions
-
     seen: dict = {}
 
     def record(
@@ -91,8 +89,6 @@ def _modelopt_fp8_load_call() -> tuple[str, list[str], dict]:
 
 def _torch_ninja_file(name: str, sources: list[str], kwargs: dict) -> str:
     """The build.ninja torch's JIT load would write for ModelOpt's call (written to a temp dir)."""
-    from torch.utils import cpp_extension as ce  # torch: this module is imported on the refusal path
-
     with_cuda = any(map(ce._is_cuda_file, sources))
     arch_set = "TORCH_CUDA_ARCH_LIST" in os.environ
     if not arch_set:  # ModelOpt sets it from the device before loading
@@ -124,15 +120,9 @@ def _torch_ninja_file(name: str, sources: list[str], kwargs: dict) -> str:
 
 def fp8_extension_state() -> tuple[bool, str]:
     """Whether ModelOpt's FP8 CUDA extension loads here without a build, and the reason."""
-    # ModelOpt: imported only when this runs, off the refusal path
-    from modelopt.torch.quantization import extensions
-
     if getattr(extensions.get_cuda_ext_fp8, "extension", None) is not None:
         return True, "already loaded in this process"
     try:
-        # torch: this module is imported on the refusal path
-        from torch.utils.cpp_extension import _get_build_directory
-
         name, sources, kwargs = _modelopt_fp8_load_call()
         build_dir = Path(_get_build_directory(name, verbose=False))
         expected = _torch_ninja_file(name, sources, kwargs)
@@ -150,9 +140,6 @@ def select_fp8_kernel(kind: str) -> str:
     without compiling (`fp8_extension_state`), else eager with the reason logged, so no run pays
     a silent build, not even after ModelOpt or torch was reinstalled (docs/PERFORMANCE.md).
     """
-    # ModelOpt: imported only when this runs, off the refusal path
-    from modelopt.torch.quantization import extensions
-
     if not torch.cuda.is_available():
         return "eager (CPU)"
     cached, why = fp8_extension_state()
@@ -235,9 +222,6 @@ def run_arithmetic(run_kernel: str | None) -> Iterator[str]:
     loads here, else (a CPU, or no build) by the extension's arithmetic written in PyTorch for the
     tensors the extension handled; any other run uses ModelOpt's eager path. Returns what runs.
     """
-    # ModelOpt: imported only when this runs, off the refusal path
-    from modelopt.torch.quantization import extensions, tensor_quant
-
     if run_kernel == "cuda-ext" and torch.cuda.is_available() and fp8_extension_state()[0]:
         extensions.get_cuda_ext_fp8(raise_if_failed=True)
         yield "cuda-ext"

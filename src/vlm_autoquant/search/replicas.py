@@ -36,6 +36,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from ..core.errors import RunFailed
+from .spec import SearchCheckpoint
 
 log = logging.getLogger(__name__)
 # Rendezvous and collectives: a replica loading a 72B checkpoint from a cold disk may take minutes.
@@ -89,7 +90,7 @@ def _free_port() -> int:
 
 def _init_group(setup: Setup, rank: int, port: int) -> None:
     import torch  # torch: this module is imported on the refusal path
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: as above
 
     kwargs = {}
     if setup.backend == "nccl":
@@ -123,10 +124,10 @@ def _worker(rank: int, port: int, jobs, results) -> None:
     )
     try:
         import torch  # torch: this module is imported on the refusal path
-        import torch.distributed as dist
+        import torch.distributed as dist  # torch: as above
 
         from ..model.lm import load_lm  # in the spawned worker: replicas.py stays cheap to import
-        from ..model.weights import sharing_weights
+        from ..model.weights import sharing_weights  # in the spawned worker, as load_lm
         from . import autoquant, fp8_kernel  # the slow imports, before the Setup is known
 
         setup = jobs.get()
@@ -148,7 +149,12 @@ def _worker(rank: int, port: int, jobs, results) -> None:
             replica = sharing_weights(model)
             batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
             autoquant.search(
-                replica, spec, batches, checkpoint, _no_checkpoint, None, setup.grad_checkpointing
+                replica,
+                spec,
+                batches,
+                SearchCheckpoint(checkpoint, _no_checkpoint),
+                None,
+                setup.grad_checkpointing,
             )
             del replica, batches
             if device.type == "cuda":
@@ -380,7 +386,7 @@ class Replicas:
             time.perf_counter() - t0,
         )
 
-    def search(self, model, spec, batches: list, checkpoint: Path, on_checkpoint, stop):
+    def search(self, model, spec, batches: list, checkpoint: SearchCheckpoint, stop):
         """`autoquant.search` on rank 0's share of `batches`, the replicas on theirs.
 
         Returns rank 0's Search, whose calibration and scores are those of all the batches.
@@ -399,7 +405,9 @@ class Replicas:
         self.join()
         cpu = [{k: v.cpu() for k, v in b.items()} for b in batches]
         for r in range(1, world):
-            self.jobs[r - 1].put((self.fp8_kernel, spec_for_rank(spec, r, world), cpu[r::world], checkpoint))
+            self.jobs[r - 1].put(
+                (self.fp8_kernel, spec_for_rank(spec, r, world), cpu[r::world], checkpoint.path)
+            )
         self._searching.set()
         try:
             found = autoquant.search(
@@ -407,7 +415,6 @@ class Replicas:
                 spec_for_rank(spec, 0, world),
                 batches[0::world],
                 checkpoint,
-                on_checkpoint,
                 stop,
                 self.setup.grad_checkpointing,
             )

@@ -204,47 +204,45 @@ def check_reusable(
         _promote_finished_tmp(checkpoint, "")  # only removes stale temporary checkpoints
     if not checkpoint.exists():
         return Reuse(None)
+    problem = _why_not_reusable(checkpoint, record, fp, compare)
+    if problem is not None:
+        return _refuse(checkpoint, overwrite, problem)
+    return Reuse(record.get("stage"), record["sha256"])
+
+
+def _why_not_reusable(
+    checkpoint: Path, record: dict | None, fp: dict, compare: tuple[str, ...] | None
+) -> Problem | None:
+    """Why an existing checkpoint must not be loaded: unsigned, modified, or other settings."""
     where = f"--output-dir ({checkpoint})"
     if record is None:
-        return _refuse(
-            checkpoint,
-            overwrite,
-            Problem(
-                where,
-                "a search checkpoint without a record signed by this tool on this account "
-                f"(forged, or signed with another key than {integrity.key_path()}); it is a pickle "
-                "of unknown origin and will not be loaded",
-                "delete it, pass --overwrite to discard it, or choose another --output-dir",
-            ),
+        return Problem(
+            where,
+            "a search checkpoint without a record signed by this tool on this account "
+            f"(forged, or signed with another key than {integrity.key_path()}); it is a pickle "
+            "of unknown origin and will not be loaded",
+            "delete it, pass --overwrite to discard it, or choose another --output-dir",
         )
-    recorded_sha, recorded_fp = record["sha256"], record["fingerprint"]
-    if sha256_file(checkpoint) != recorded_sha:
-        return _refuse(
-            checkpoint,
-            overwrite,
-            Problem(
-                where,
-                "the search checkpoint's sha256 differs from the one this tool recorded "
-                "(modified, or cut short by a crash while being written); it will not be loaded",
-                "pass --overwrite to discard it and search again",
-            ),
+    if sha256_file(checkpoint) != record["sha256"]:
+        return Problem(
+            where,
+            "the search checkpoint's sha256 differs from the one this tool recorded "
+            "(modified, or cut short by a crash while being written); it will not be loaded",
+            "pass --overwrite to discard it and search again",
         )
+    recorded_fp = record["fingerprint"]
     keys = compare if compare is not None else tuple(sorted(set(fp) | set(recorded_fp)))
     changed = [k for k in keys if fp.get(k) != recorded_fp.get(k)]
-    if changed:
-        detail = "; ".join(f"{k}: {_short(recorded_fp.get(k))} -> {_short(fp.get(k))}" for k in changed[:6])
-        return _refuse(
-            checkpoint,
-            overwrite,
-            Problem(
-                where,
-                f"settings changed since this search checkpoint was written ({detail}); "
-                "its calibration and scores do not apply",
-                "rerun with the original settings to "
-                "resume, pass --overwrite to discard it and search again, or use another --output-dir",
-            ),
-        )
-    return Reuse(record.get("stage"), recorded_sha)
+    if not changed:
+        return None
+    detail = "; ".join(f"{k}: {_short(recorded_fp.get(k))} -> {_short(fp.get(k))}" for k in changed[:6])
+    return Problem(
+        where,
+        f"settings changed since this search checkpoint was written ({detail}); "
+        "its calibration and scores do not apply",
+        "rerun with the original settings to "
+        "resume, pass --overwrite to discard it and search again, or use another --output-dir",
+    )
 
 
 def _short(value) -> str:
