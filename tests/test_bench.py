@@ -5,13 +5,16 @@ Every script in bench/ runs here at smoke size: directly, or as the step of anot
 through bench_peer.py --profile). prepare_device.sh, which gathers wheels for the GPU machine,
 is the one exception: it needs the shared data beside the clone and a package index.
 
-Marked `bench`: left out of the default run (pyproject addopts) and run by .ci/run as its own
-step, `python -m pytest -q -m bench`. Sizes are one batch per phase: a smoke run, not a benchmark.
+The smoke runs are marked `bench`: left out of the default run (pyproject addopts) and run by
+.ci/run as its own step, `python -m pytest -q -m bench`. Sizes are one batch per phase: a smoke
+run, not a benchmark. The check that every script has a smoke run reads files only, and runs in
+the default run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +25,15 @@ from .conftest import PY, ROOT, subprocess_env
 
 SMOKE = "--num-calib-samples 256 --num-calib-steps 1 --num-score-steps 1 --num-eval-samples 32 --seq-len 128"
 SMOKE_SIZES = f"--sizes={SMOKE}"
+# Scripts without a smoke test of their own: each runs as a step of the script named here,
+# during that script's smoke test.
+THROUGH = {
+    "_common.py": "bench_gpu.py",
+    "pagecache.py": "bench_gpu.py",
+    "load_only.py": "bench_gpu.py",
+    "bare_autoquant.py": "bench_gpu.py",
+    "stack_sampler.py": "bench_peer.py",
+}
 
 
 def bench(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -248,3 +260,19 @@ def test_catalog_compare_reports_a_changed_format_and_score():
     }
     moved = bench_catalog.compare(result("a", 2.0), result("b", 1.5))["s"]
     assert moved["same_formats"] is False and moved["max_rel_score_diff"] == pytest.approx(0.25)
+
+
+def test_every_bench_script_runs_in_a_smoke_test():
+    """A script added to bench/ without a smoke test here (or a step of one) fails this test."""
+    smoke = set(re.findall(r'(?:bench\(\s*|"bench" / )"(\w+\.py)"', Path(__file__).read_text()))
+    assert {"bench_gpu.py", "bench_peer.py"} <= smoke  # the callers THROUGH relies on
+    scripts = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
+    missing = [
+        s
+        for s in scripts
+        if s not in smoke
+        and not (
+            THROUGH.get(s) in smoke and s.removesuffix(".py") in (ROOT / "bench" / THROUGH[s]).read_text()
+        )
+    ]
+    assert not missing, f"bench scripts that no smoke test runs: {missing}"
