@@ -12,7 +12,7 @@ import pytest
 from vlm_autoquant.core.artifacts import MANIFEST_FILE, RUN_ID_FILE
 from vlm_autoquant.tracking_store import PROBE_ENDPOINT
 
-from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
+from .conftest import PY, QUICK, run_cli, subprocess_env
 
 
 def store(tmp_path):
@@ -126,7 +126,7 @@ def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(
     demo, tmp_path, monkeypatch, capsys, caplog
 ):
     """The failing run goes through the CLI in-process (against a live server that fails every
-    API call); --log-only then runs as the script, in a subprocess, into a working store."""
+    API call); --log-only then runs through the same entry point into a working store."""
     import logging
 
     caplog.set_level(logging.INFO)  # what the script shows on stderr
@@ -161,16 +161,13 @@ def test_tracking_failure_keeps_the_result_and_log_only_logs_it_later(
     assert "Traceback" not in err
     doc = json.loads((out / MANIFEST_FILE).read_text())  # the whole result is there
     uri, client = store(tmp_path)
-    later = subprocess.run(
-        [PY, str(SCRIPT), "--log-only", "--output-dir", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-        env=subprocess_env(MLFLOW_TRACKING_URI=uri),
-    )
-    assert later.returncode == 0, later.stderr[-3000:]
-    assert "Traceback" not in later.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(leftover, raising=False)  # what the failed run left in os.environ
+    code = run_cli(["--log-only", "--output-dir", out])
+    later = capsys.readouterr().err
+    assert code == 0, later[-3000:]
+    assert "Traceback" not in later
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["effective_bits/achieved"] == doc["effective_bits"]["achieved"]
@@ -243,15 +240,11 @@ def test_a_store_killed_while_it_is_created_is_never_left_half_made(tmp_path, mo
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     assert not db.exists() and not _problems("e"), "a killed creation left a half-made store"
-    later = subprocess.run(
-        [PY, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{db}"),
-    )
-    assert later.returncode == 0, later.stderr[-2000:]
+    from vlm_autoquant.tracking import tracked_run
+
+    monkeypatch.chdir(tmp_path)
+    with tracked_run("e", "r") as t:  # the next run, here in this process
+        t.wait()
     uri, client = store(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]

@@ -27,7 +27,7 @@ T = batch x seq tokens, V = vocab, H = hidden, I = intermediate, kv = KV width):
 - calibration (forward only): bf16 logits, 2 B x V; evaluation: BF16 and quantized logits
   (4 B x V) plus one row's fp32 log-softmaxes; both where the outputs land;
 - the allocator's own workspaces (cuBLAS, rounding): OVERHEAD_GIB per device.
-Measured peaks (H200, torch.cuda.max_memory_allocated) are checked in tests/test_memory_plan.py.
+Measured peaks (H200, torch.cuda.max_memory_allocated) are checked in tests/plan/test_memory_plan.py.
 """
 
 from __future__ import annotations

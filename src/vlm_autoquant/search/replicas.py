@@ -8,7 +8,7 @@ QuantModule gets a `parallel_state` whose data-parallel group defaults to the wh
 calibration all-reduces each input amax (max), and `QuantRecipeHparam.get_score` sums each
 score over the group. So rank r searches `batches[r::world]` and every rank ends with the same
 amax (bit for bit: max is order-free) and the same scores (summed in another order) as one
-process over all batches (tests/test_replicas.py).
+process over all batches (tests/search/test_replicas.py).
 
 This process is rank 0: it loads its replica as before, and alone writes search checkpoints,
 evaluates, saves and tracks. The other ranks are spawned processes (`_worker`) that load their
