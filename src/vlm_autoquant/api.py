@@ -319,9 +319,9 @@ def export(
     Raises:
         VlmAutoquantError: with the problems the CLI would print.
     """
-    from .exporter.pipeline import export_run  # torch: only for an export
-
     opts = _export_options(source, model_dir, output_dir, options)
+    from .exporter.pipeline import export_run  # ModelOpt and torch: only once the options are valid
+
     if not options.get("mlflow", True):
         _refuse_server_without_mlflow(opts.run_id)
     tracker_factory = _export_tracker_factory(opts.experiment) if options.get("mlflow", True) else None
