@@ -37,7 +37,7 @@ from _common import env_for, sh  # noqa: E402
 
 SCRIPT = _common.SCRIPT
 SCHEME = "fp8-conservative-12b"  # FP8 vs BF16 at 12 bits, lm_head off: the anchor and the peer
-PEER_S = (58.7, 67.9)  # hf_ptq whole process, same captions and scheme (issue #5)
+PEER_S = (58.7, 67.9)  # hf_ptq whole process, same captions and scheme (an H200 measurement)
 ANCHOR_BARE_S = (23.8, 27.4)
 
 

@@ -1,6 +1,6 @@
 """Side by side in one call: ModelOpt's hf_ptq (the peer), the driver and bare mtq.auto_quantize.
 
-Issue #13's H200 goal: driver / hf_ptq <= 0.5 and driver / bare <= 1.15, on one checkpoint, the
+The goal on an H200: driver / hf_ptq <= 0.5 and driver / bare <= 1.15, on one checkpoint, the
 same 256 captions and the same search (FP8 vs BF16 at 12 bits, lm_head off). Every side is a
 whole process timed from outside; the order alternates (peer, driver, bare, driver, peer) so that
 drift hits both sides. The peer is hf_ptq as published (shared/peer/README.md), exported to

@@ -477,7 +477,7 @@ def _close_stale(out_dir: Path, run_id: str) -> None:
         log.debug("no stale run %s to close: %s", run_id, exc)
 
 
-# --- export (issue #9): reading a source run, linking runs, the Model Registry ---------------
+# --- export: reading a source run, linking runs, the Model Registry ---------------
 
 
 def source_run(run_id: str) -> dict | None:

@@ -10,7 +10,7 @@ score over the group. So rank r searches `batches[r::world]` and every rank ends
 amax (bit for bit: max is order-free) and the same scores (summed in another order) as one
 process over all batches (tests/search/test_replicas.py).
 
-This process is rank 0: it loads its replica as before, and alone writes search checkpoints,
+This process is rank 0: it loads its replica like any single-GPU run, and alone writes search checkpoints,
 evaluates, saves and tracks. The other ranks are spawned processes (`_worker`) that load their
 replica on their GPU, join the process group and run each search rank 0 hands them, in order,
 through a queue (a sweep searches several families; a narrower family may start from a wider
