@@ -92,3 +92,12 @@ def test_an_unchanged_weight_is_not_reduced_again_but_an_updated_one_is():
         assert cal.compute_amax().item() == 6.0
         calib_collect._collect(cal, torch.full((2, 2), -7.0))
         assert cal.compute_amax().item() == 7.0
+
+
+def test_calibration_under_inference_mode_gives_modelopts_amax():
+    ref, fast = _model(), _model()
+    with torch.inference_mode():
+        _quantize(ref, _batches(), deferred=False)
+        _quantize(fast, _batches(), deferred=True)
+    a, b = _amaxes(ref), _amaxes(fast)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

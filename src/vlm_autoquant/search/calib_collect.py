@@ -47,6 +47,9 @@ def _amax(x: torch.Tensor, axis) -> torch.Tensor:
 
 
 def _unchanged(cal: MaxCalibrator, x: torch.Tensor) -> bool:
+    if x.is_inference():  # no version counter to tell an in-place write: always reduced
+        cal.__dict__.pop("_vq_seen", None)
+        return False
     seen = cal.__dict__.get("_vq_seen")
     key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype)
     if seen is not None and seen[0]() is x and seen[1] == key:
