@@ -179,8 +179,9 @@ def main() -> None:
     def partial() -> None:  # what ran survives a time limit
         args.out.write_text(json.dumps(r, indent=2) + "\n")
 
-    r["single"] = run([SINGLE, "--scheme-name", ANCHOR, *common], args.work, "single" + args.tag)
-    partial()
+    if "single" in steps:
+        r["single"] = run([SINGLE, "--scheme-name", ANCHOR, *common], args.work, "single" + args.tag)
+        partial()
     if "sweep_all" in steps:
         r["sweep_all"] = run([SWEEP, *common], args.work, "sweep_all" + args.tag)
         partial()
@@ -206,11 +207,9 @@ def main() -> None:
                 )
             )
         r["alone"] = dict(alone)
-    single = r["single"]["wall_s"]
-    r["ratios"] = {
-        f"{k}_over_single": r[k]["wall_s"] / single for k in ("sweep_all", "sweep_gradient") if k in r
-    }
-    for k in (k for k in ("sweep_all", "sweep_gradient") if k in r):
+    r["ratios"] = {}
+    for k in (k for k in ("sweep_all", "sweep_gradient") if k in r and "single" in r):
+        r["ratios"][f"{k}_over_single"] = r[k]["wall_s"] / r["single"]["wall_s"]
         r["ratios"][f"{k}_peak_over_single"] = r[k]["peak_gpu_gib"] / max(r["single"]["peak_gpu_gib"], 1e-9)
     swept = r.get("sweep_all") or r.get("sweep_gradient") or {"schemes": {}}
     key = "layer_formats_sha256"  # every layer's format, not just the count
@@ -219,7 +218,7 @@ def main() -> None:
         for n in rest
         if n in r.get("alone", {}) and n in swept["schemes"]
     }
-    if ANCHOR in swept["schemes"]:
+    if ANCHOR in swept["schemes"] and "single" in r:
         same[ANCHOR] = r["single"]["schemes"][ANCHOR][key] == swept["schemes"][ANCHOR][key]
     r["alone_equals_sweep_layer_formats"] = same
     partial()
