@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,6 +113,58 @@ def swept(demo, tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = old
     assert code == 0
     return root
+
+
+# Modules imported since the last gc.freeze(): torch, transformers, ModelOpt, MLflow and
+# matplotlib leave ~1.5 M objects that live as long as the process, and every full collection
+# walks all of them again (75 full collections, ~40 s CPU over the default run). Frozen, they are
+# skipped; what the tests make after the freeze is collected as usual.
+_FROZEN_AT = [0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Freeze what the imports made, before the next test sets up, once many modules arrived."""
+    if len(sys.modules) - _FROZEN_AT[0] > 300:
+        gc.collect()
+        gc.freeze()
+        _FROZEN_AT[0] = len(sys.modules)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_template(tmp_path_factory) -> Iterator[None]:
+    """New SQLite stores made in this process are copies of one store that MLflow's own
+    migrations made once (each migration takes ~1.5 s; the suite makes dozens). The copy's
+    Default experiment points at ./mlruns/0 of the directory it is made in, as MLflow's would;
+    the creation around it (lock, temporary file, rename) is the package's own. Subprocesses
+    migrate for real."""
+    from vlm_autoquant import tracking_store
+
+    real = tracking_store._migrate
+    root = tmp_path_factory.mktemp("store_template")
+    template = root / "mlflow.db"
+
+    def migrate(path: Path) -> None:
+        if not template.exists():
+            cwd = os.getcwd()
+            os.chdir(root)  # MLflow roots the Default experiment's artifacts at ./mlruns
+            try:
+                real(template)
+            finally:
+                os.chdir(cwd)
+        shutil.copyfile(template, path)
+        with sqlite3.connect(path) as db:
+            db.execute(
+                "UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                (str(root / "mlruns"), str(Path.cwd() / "mlruns")),
+            )
+        db.close()
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+
+    tracking_store._migrate = migrate
+    yield
+    tracking_store._migrate = real
 
 
 @pytest.fixture(scope="session", autouse=True)
