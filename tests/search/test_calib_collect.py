@@ -13,20 +13,27 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 
 from vlm_autoquant.search import calib_collect
 
+CUDA = pytest.param(
+    "cuda",
+    marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU: the same check on the GPU's reductions"
+    ),
+)
 
-def _model() -> torch.nn.Module:
+
+def _model(device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32), torch.nn.Linear(32, 16)
-    ).to(torch.bfloat16)
+    ).to(device, torch.bfloat16)
 
 
-def _batches(bad: float | None = None) -> list[torch.Tensor]:
+def _batches(bad: float | None = None, device: str = "cpu") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     out = [torch.randn(4, 7, 64, generator=g).to(torch.bfloat16) * (i + 1) for i in range(5)]
     if bad is not None:
         out[3][1, 2, 5] = bad
-    return out
+    return [b.to(device) for b in out]
 
 
 def _quantize(model: torch.nn.Module, batches: list[torch.Tensor], deferred: bool) -> None:
@@ -46,10 +53,11 @@ def _amaxes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.amax for n, m in model.named_modules() if isinstance(m, TensorQuantizer) and m.is_enabled}
 
 
-def test_amax_is_modelopts_bit_for_bit():
-    ref, fast = _model(), _model()
-    _quantize(ref, _batches(), deferred=False)
-    _quantize(fast, _batches(), deferred=True)
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_amax_is_modelopts_bit_for_bit(device):
+    ref, fast = _model(device), _model(device)
+    _quantize(ref, _batches(device=device), deferred=False)
+    _quantize(fast, _batches(device=device), deferred=True)
     a, b = _amaxes(ref), _amaxes(fast)
     assert len(a) == 6 and a.keys() == b.keys()
     for name in a:
@@ -57,12 +65,13 @@ def test_amax_is_modelopts_bit_for_bit():
     assert MaxCalibrator.collect is calib_collect._ORIGINAL_COLLECT  # restored on exit
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("bad, kind", [(float("nan"), "nan"), (float("inf"), "inf")])
-def test_a_bad_activation_fails_like_modelopt_and_names_the_quantizer(bad, kind):
+def test_a_bad_activation_fails_like_modelopt_and_names_the_quantizer(bad, kind, device):
     with pytest.raises(AssertionError, match=kind):
-        _quantize(_model(), _batches(bad), deferred=False)  # ModelOpt's own refusal
+        _quantize(_model(device), _batches(bad, device), deferred=False)  # ModelOpt's own refusal
     with pytest.raises(calib_collect.AmaxProblem, match=rf"0\.input_quantizer: detected {kind}"):
-        _quantize(_model(), _batches(bad), deferred=True)
+        _quantize(_model(device), _batches(bad, device), deferred=True)
     assert MaxCalibrator.collect is calib_collect._ORIGINAL_COLLECT
 
 
