@@ -71,12 +71,12 @@ def _collect(self: MaxCalibrator, x: torch.Tensor) -> None:
     local = _amax(x, self._axis)
     if self._calib_amax is None:
         self._calib_amax = local
-        self.__dict__.update(_vq_max=local, _vq_min=local)
+        self.__dict__["_vq_min"] = local
         return None
     if local.shape != self._calib_amax.shape:
         raise RuntimeError("amax shape changed!")
     self._calib_amax = torch.maximum(self._calib_amax, local)
-    self.__dict__.update(_vq_max=self._calib_amax, _vq_min=torch.minimum(self._vq_min, local))
+    self.__dict__["_vq_min"] = torch.minimum(self._vq_min, local)
     return None
 
 
@@ -88,17 +88,18 @@ def _problems(model: torch.nn.Module) -> list[str]:
     named = [
         (name, m._calibrator)
         for name, m in model.named_modules()
-        if isinstance(getattr(m, "_calibrator", None), MaxCalibrator) and "_vq_max" in m._calibrator.__dict__
+        if isinstance(getattr(m, "_calibrator", None), MaxCalibrator)
+        and "_vq_min" in m._calibrator.__dict__
+        and m._calibrator._calib_amax is not None
     ]
     if not named:
         return []
-    # (the running maximum outlives ModelOpt's reset of _calib_amax when it loads the amax)
-    device = named[0][1]._vq_max.device
+    device = named[0][1]._calib_amax.device
     flags = torch.stack(
         [
-            torch.stack([cal._vq_max.isnan().any(), (cal._vq_min < 0).any(), cal._vq_max.isinf().any()]).to(
-                device
-            )
+            torch.stack(
+                [cal._calib_amax.isnan().any(), (cal._vq_min < 0).any(), cal._calib_amax.isinf().any()]
+            ).to(device)
             for _, cal in named
         ]
     ).tolist()
@@ -115,7 +116,7 @@ def _forget(model: torch.nn.Module) -> None:
     for m in model.modules():
         cal = getattr(m, "_calibrator", None)
         if isinstance(cal, MaxCalibrator):
-            for key in ("_vq_seen", "_vq_max", "_vq_min"):
+            for key in ("_vq_seen", "_vq_min"):
                 cal.__dict__.pop(key, None)
 
 
