@@ -51,6 +51,8 @@ class Sampler:
 
     def result(self) -> dict:
         self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()  # no sample lands in `stacks` while it is read
         wall = time.perf_counter() - self.t0
         dt = wall / max(self.samples, 1)
         threads: dict = {}
@@ -86,8 +88,9 @@ def main() -> None:
     def write() -> None:
         if not written:
             written.append(True)
+            result = sampler.result()  # before the file is opened: a failure leaves no empty file
             with open(a.out, "w", encoding="utf-8") as f:
-                json.dump(sampler.result(), f, indent=1)
+                json.dump(result, f, indent=1)
 
     real_exit = os._exit
 
