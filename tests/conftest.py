@@ -137,10 +137,14 @@ def _store_template(tmp_path_factory) -> Iterator[None]:
     migrations made once (each migration takes ~1.5 s; the suite makes dozens). The copy's
     Default experiment points at ./mlruns/0 of the directory it is made in, as MLflow's would;
     the creation around it (lock, temporary file, rename) is the package's own. Subprocesses
-    migrate for real."""
+    migrate for real, and so does the child process a run starts to migrate while it imports
+    (`StoreBuild`): here a run makes its store in-process instead, unless a test asks for the
+    child with the `store_child` fixture."""
     from vlm_autoquant import tracking_store
 
     real = tracking_store._migrate
+    real_start = tracking_store.StoreBuild.__dict__["start"]
+    tracking_store.StoreBuild.start = classmethod(lambda cls: cls())
     root = tmp_path_factory.mktemp("store_template")
     template = root / "mlflow.db"
 
@@ -163,8 +167,21 @@ def _store_template(tmp_path_factory) -> Iterator[None]:
             os.fsync(f.fileno())
 
     tracking_store._migrate = migrate
+    _REAL_STORE_START[0] = real_start
     yield
     tracking_store._migrate = real
+    tracking_store.StoreBuild.start = real_start
+
+
+_REAL_STORE_START: list = [None]
+
+
+@pytest.fixture
+def store_child(monkeypatch) -> None:
+    """A run's new SQLite store migrates in a child process, as outside the tests."""
+    from vlm_autoquant import tracking_store
+
+    monkeypatch.setattr(tracking_store.StoreBuild, "start", _REAL_STORE_START[0])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -306,6 +306,94 @@ def test_a_store_behind_or_ahead_of_this_mlflow_is_refused_with_the_command(tmp_
     assert "newer MLflow" in p.message
 
 
+def _store_files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if "mlflow.db" in p.name and not p.name.endswith(".lock"))
+
+
+def _default_experiment(db) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT name FROM experiments").fetchall()
+
+
+def test_a_new_store_migrates_in_a_child_and_appears_whole(tmp_path, monkeypatch, store_child):
+    from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.tracking_store import StoreBuild
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)
+    build = StoreBuild.start()
+    assert build.proc is not None and build.tmp.parent == tmp_path
+    assert not db.exists()  # only `finish` puts it in place
+    problems = Problems()
+    build.finish(problems)
+    assert problems.items == [] and build.proc is None
+    assert _store_files(tmp_path) == ["mlflow.db"]  # no temporary store or journal left
+    assert _default_experiment(db) == [("Default",)]  # MLflow's own migrations ran in the child
+    assert _problems() == []
+
+
+def test_a_refused_run_leaves_no_store_and_no_child(tmp_path, monkeypatch, store_child):
+    from vlm_autoquant.tracking_store import store_building
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with store_building() as build:
+        child = build.proc
+        assert child is not None and child.poll() is None
+    assert child.returncode is not None  # stopped, not left migrating
+    assert _store_files(tmp_path) == []
+
+
+def test_a_failed_child_falls_back_to_making_the_store_here(tmp_path, monkeypatch, store_child):
+    from vlm_autoquant import tracking_store
+    from vlm_autoquant.core.errors import Problems
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(tracking_store, "_MIGRATE", "raise SystemExit(3)")
+    build = tracking_store.StoreBuild.start()
+    problems = Problems()
+    build.finish(problems)
+    assert problems.items == [] and _store_files(tmp_path) == ["mlflow.db"]
+    assert _default_experiment(db)
+
+
+def test_a_store_made_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch, store_child):
+    from vlm_autoquant import tracking_store
+    from vlm_autoquant.core.errors import Problems
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    build = tracking_store.StoreBuild.start()
+    tracking_store.ensure_store()  # another creator first (it sweeps the child's file as a leftover)
+    theirs = db.stat().st_ino
+    problems = Problems()
+    build.finish(problems)
+    assert problems.items == [] and db.stat().st_ino == theirs
+    assert _store_files(tmp_path) == ["mlflow.db"]
+
+
+def test_a_run_refused_after_the_cheap_checks_leaves_no_store(demo, tmp_path, monkeypatch, store_child):
+    """The store migrates while transformers checks the config and tokenizer; a refusal there
+    stops the child and removes its file."""
+    import shutil
+
+    from vlm_autoquant import VlmAutoquantError, quantize
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(demo[0], ckpt, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*"))
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(VlmAutoquantError, match="tokenizer"):
+        quantize(ckpt, output_dir=tmp_path / "o", calib_file=demo[1])
+    assert _store_files(store) == [] and not (tmp_path / "o").exists()
+
+
 def test_new_existing_file_and_read_only_stores(tmp_path, monkeypatch):
     import os
 

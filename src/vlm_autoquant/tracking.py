@@ -26,6 +26,7 @@ from .core.errors import Interrupted, Problems, RunFailed
 from .tracking_store import (  # noqa: F401 - the store's checks, re-exported for callers
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
+    StoreBuild,
     active_experiment,
     check_store,
     create_store,
@@ -35,6 +36,7 @@ from .tracking_store import (  # noqa: F401 - the store's checks, re-exported fo
     schema_problem,
     shown_uri,
     sqlite_file,
+    store_building,
     store_lock,
     tracking_uri,
 )

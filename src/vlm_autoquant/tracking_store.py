@@ -8,7 +8,9 @@ SQLite, or whose schema is half-migrated or from another MLflow; a deleted exper
 
 A new SQLite store is built and migrated at a temporary path beside the target and renamed into
 place under the store lock, so a process killed while MLflow migrates leaves no store (and a
-temporary file the next creator sweeps), never a half-made one. Credentials in a tracking URI
+temporary file the next creator sweeps), never a half-made one. A run migrates it in a child
+process (`store_building`) while it imports torch and transformers, and puts it in place before
+any weight is loaded. Credentials in a tracking URI
 are never shown: every message goes through `redact`.
 """
 
@@ -21,8 +23,11 @@ import logging
 import os
 import re
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
@@ -377,6 +382,65 @@ def create_store(problems: Problems) -> None:
             "free disk space or fix the permissions of its "
             "directory, or point MLFLOW_TRACKING_URI at another store",
         )
+
+
+_MIGRATE = "import sys, pathlib, vlm_autoquant.tracking_store as s; s._migrate(pathlib.Path(sys.argv[1]))"
+
+
+@dataclass
+class StoreBuild:
+    """A new SQLite store migrating at a temporary path in a child process."""
+
+    db: Path | None = None
+    tmp: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls) -> StoreBuild:
+        """Start migrating when the store is a new SQLite file in an existing folder; otherwise
+        (a server, an existing store, a folder still to make) `finish` does what is needed."""
+        db = sqlite_file(tracking_uri())
+        if db is None or not db.parent.is_dir() or _made(db):
+            return cls()
+        fd, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".tmp", dir=db.parent)
+        os.close(fd)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        child = [sys.executable, "-c", _MIGRATE, name]
+        io = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return cls(db, Path(name), subprocess.Popen(child, env=env, **io))
+
+    def finish(self, problems: Problems) -> None:
+        """Rename the child's store into place under the store lock. When the child failed (or
+        another creator came first), `create_store` does the rest here and reports any failure."""
+        if self.proc is not None and self.proc.wait() == 0 and self.tmp.exists():
+            with store_lock():
+                if not _made(self.db):
+                    os.chmod(self.tmp, 0o666 & ~_umask())
+                    os.replace(self.tmp, self.db)
+                    log.info("created the MLflow store %s", self.db)
+        self.discard()
+        create_store(problems)  # nothing to do for a store in place
+
+    def discard(self) -> None:
+        """Stop the child and remove its temporary store: a refused run leaves no store."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.tmp is not None:
+            for leftover in (self.tmp, Path(f"{self.tmp}-journal")):
+                leftover.unlink(missing_ok=True)
+        self.proc = self.tmp = None
+
+
+@contextlib.contextmanager
+def store_building() -> Iterator[StoreBuild]:
+    """A new SQLite store migrates in a child process while the block runs; the block calls
+    `finish` to put it in place. Leaving the block without `finish` leaves no store behind."""
+    build = StoreBuild.start()
+    try:
+        yield build
+    finally:
+        build.discard()
 
 
 def _leftovers(db: Path) -> list[Path]:

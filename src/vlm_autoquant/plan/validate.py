@@ -27,6 +27,7 @@ from . import cost
 
 if TYPE_CHECKING:
     from ..model.checkpoint import CheckpointInfo
+    from .calib_data import CaptionFile
 from ..model.checkpoint import (
     check_config_sizes,
     check_lm_tensors,
@@ -150,7 +151,7 @@ def gather(
 
     Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
     """
-    from .calib_data import check_caption_file, load_captions  # torch: not on the refusal path
+    from .calib_data import check_caption_file  # torch: not on the refusal path
 
     schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
     info = (
@@ -172,6 +173,22 @@ def gather(
         _check_budgets(schemes, linear_numels_from_headers(info), problems)
     if problems or info is None or caption_file is None:
         return None  # refused before transformers is even imported
+    with tracking.store_building() as store:  # a new store migrates while transformers imports
+        return _gather_model(options, schemes, info, caption_file, problems, store)
+
+
+def _gather_model(
+    options: RunOptions,
+    schemes: list[Scheme],
+    info: "CheckpointInfo",
+    caption_file: "CaptionFile",
+    problems: Problems,
+    store: tracking.StoreBuild,
+) -> Inputs | None:
+    """The checks that import transformers: the config against the weights, the tokenizer; then
+    the new SQLite store is put in place, whole, before any weight is loaded."""
+    from .calib_data import load_captions  # torch: not on the refusal path
+
     text_cfg, numels = read_text_config(options.model_dir, info, problems)
     _check_budgets(schemes, numels or {}, problems)
     if problems or text_cfg is None:
@@ -179,7 +196,7 @@ def gather(
     tokenizer = load_tokenizer(options.model_dir, problems)
     if tokenizer is None:
         return None
-    tracking.create_store(problems)  # a new SQLite store, whole, before any weight is loaded
+    store.finish(problems)
     if problems:
         return None
     return Inputs(
