@@ -151,29 +151,31 @@ def gather(
 
     Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
     """
-    from .calib_data import check_caption_file  # torch: not on the refusal path
+    with tracking.store_building() as store:  # a new store migrates in a child while we check
+        from .calib_data import check_caption_file  # torch: not on the refusal path
 
-    schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
-    info = (
-        inspect_checkpoint(options.model_dir, problems)
-        if paths.probe(options.model_dir, "--model-dir", problems, "dir")
-        else None
-    )
-    calib = calib_path(options.calib_file)
-    caption_file = (
-        check_caption_file(calib, problems) if paths.probe(calib, "--calib-file", problems, "file") else None
-    )
-    check_output_dir(
-        options.output_dir, problems, finished_marker, options.overwrite, model_dir=options.model_dir
-    )
-    tracking.check_reachable(problems, options.experiment)
-    check_key_file(problems)
-    check_gpu_flags(options.gpus, options.max_gpu_memory, problems)
-    if info is not None:  # the budget's range from the headers' shapes: still no transformers
-        _check_budgets(schemes, linear_numels_from_headers(info), problems)
-    if problems or info is None or caption_file is None:
-        return None  # refused before transformers is even imported
-    with tracking.store_building() as store:  # a new store migrates while transformers imports
+        schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
+        info = (
+            inspect_checkpoint(options.model_dir, problems)
+            if paths.probe(options.model_dir, "--model-dir", problems, "dir")
+            else None
+        )
+        calib = calib_path(options.calib_file)
+        caption_file = (
+            check_caption_file(calib, problems)
+            if paths.probe(calib, "--calib-file", problems, "file")
+            else None
+        )
+        check_output_dir(
+            options.output_dir, problems, finished_marker, options.overwrite, model_dir=options.model_dir
+        )
+        tracking.check_reachable(problems, options.experiment)
+        check_key_file(problems)
+        check_gpu_flags(options.gpus, options.max_gpu_memory, problems)
+        if info is not None:  # the budget's range from the headers' shapes: still no transformers
+            _check_budgets(schemes, linear_numels_from_headers(info), problems)
+        if problems or info is None or caption_file is None:
+            return None  # refused before transformers is even imported
         return _gather_model(options, schemes, info, caption_file, problems, store)
 
 
