@@ -182,6 +182,7 @@ def store_child(monkeypatch) -> None:
     from vlm_autoquant import tracking_store
 
     monkeypatch.setattr(tracking_store.StoreBuild, "start", _REAL_STORE_START[0])
+    monkeypatch.setattr(tracking_store, "_cores_to_spare", lambda: True)  # even on two cores
 
 
 @pytest.fixture(scope="session", autouse=True)

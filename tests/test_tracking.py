@@ -11,6 +11,7 @@ import pytest
 
 from vlm_autoquant.core.artifacts import MANIFEST_FILE, RUN_ID_FILE
 from vlm_autoquant.tracking_store import PROBE_ENDPOINT
+from vlm_autoquant.tracking_store import _cores_to_spare as REAL_CORES_TO_SPARE
 
 from .conftest import PY, QUICK, run_cli, subprocess_env
 
@@ -333,6 +334,21 @@ def test_a_new_store_migrates_in_a_child_and_appears_whole(tmp_path, monkeypatch
     assert _store_files(tmp_path) == ["mlflow.db"]  # no temporary store or journal left
     assert _default_experiment(db) == [("Default",)]  # MLflow's own migrations ran in the child
     assert _problems() == []
+
+
+def test_without_a_core_to_spare_the_store_is_made_in_this_process(tmp_path, monkeypatch, store_child):
+    from vlm_autoquant import tracking_store
+    from vlm_autoquant.core.errors import Problems
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(tracking_store.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(tracking_store, "_cores_to_spare", REAL_CORES_TO_SPARE)
+    build = tracking_store.StoreBuild.start()
+    assert build.proc is None and build.tmp is None
+    problems = Problems()
+    build.finish(problems)
+    assert problems.items == [] and _store_files(tmp_path) == ["mlflow.db"]
 
 
 def test_a_refused_run_leaves_no_store_and_no_child(tmp_path, monkeypatch, store_child):

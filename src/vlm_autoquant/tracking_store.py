@@ -384,6 +384,7 @@ def create_store(problems: Problems) -> None:
         )
 
 
+CHILD_MIN_CORES = 4  # this process, its BLAS threads at import, the child, and one to spare
 _MIGRATE = "import sys, pathlib, vlm_autoquant.tracking_store as s; s._migrate(pathlib.Path(sys.argv[1]))"
 
 
@@ -397,10 +398,11 @@ class StoreBuild:
 
     @classmethod
     def start(cls) -> StoreBuild:
-        """Start migrating when the store is a new SQLite file in an existing folder; otherwise
-        (a server, an existing store, a folder still to make) `finish` does what is needed."""
+        """Start migrating when the store is a new SQLite file in an existing folder and a core
+        is free for it; otherwise (a server, an existing store, a folder still to make, two
+        cores) `finish` does what is needed, in this process."""
         db = sqlite_file(tracking_uri())
-        if db is None or not db.parent.is_dir() or _made(db):
+        if db is None or not db.parent.is_dir() or _made(db) or not _cores_to_spare():
             return cls()
         fd, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".tmp", dir=db.parent)
         os.close(fd)
@@ -430,6 +432,12 @@ class StoreBuild:
             for leftover in (self.tmp, Path(f"{self.tmp}-journal")):
                 leftover.unlink(missing_ok=True)
         self.proc = self.tmp = None
+
+
+def _cores_to_spare() -> bool:
+    """A child pays only beside a free core: it imports MLflow once more, which on two busy cores
+    costs more than the migration it moves (docs/PERFORMANCE.md, "Before the model loads")."""
+    return len(os.sched_getaffinity(0)) >= CHILD_MIN_CORES
 
 
 @contextlib.contextmanager
