@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,13 +321,21 @@ def export(
         VlmAutoquantError: with the problems the CLI would print.
     """
     opts = _export_options(source, model_dir, output_dir, options)
-    from .exporter.pipeline import export_run  # ModelOpt and torch: only once the options are valid
+    from .exporter.inputs import gathered  # safetensors: only for an export
 
     if not options.get("mlflow", True):
         _refuse_server_without_mlflow(opts.run_id)
     tracker_factory = _export_tracker_factory(opts.experiment) if options.get("mlflow", True) else None
-    with _discarded_if_empty(opts.output_dir), stop_on_signals(StopFlag()) as stop:
-        report = export_run(opts, tracker_factory, stop)
+    with (
+        tempfile.TemporaryDirectory(prefix="vlm-export-") as work,
+        _discarded_if_empty(opts.output_dir),
+        stop_on_signals(StopFlag()) as stop,
+    ):
+        phases = Phases()
+        inputs = gathered(opts, Path(work), phases)
+        from .exporter.pipeline import export_gathered  # ModelOpt and torch: once the inputs are valid
+
+        report = export_gathered(inputs, phases, tracker_factory, stop)
     run_id = (report.get("mlflow") or {}).get("run_id")
     return ExportResult(
         opts.output_dir, report, run_id, None if run_id is None else tracking.experiment_of(run_id)

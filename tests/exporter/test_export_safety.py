@@ -264,12 +264,12 @@ def _rewrite_state(art: Path, change) -> None:
 
 
 def test_state_swapped_after_validation_is_not_what_is_exported(src_run, demo, tmp_path, capsys, monkeypatch):
-    from vlm_autoquant.exporter import pipeline as export_pipeline
+    from vlm_autoquant.exporter import inputs as export_inputs
 
     art = _artifacts_copy(src_run, tmp_path)
     layer = fp8_layer(art)
     original = torch.load(art / QUANT_STATE_FILE, weights_only=True)["quantizer_state"]
-    real_gather = export_pipeline.gather
+    real_gather = export_inputs.gather
 
     def gather_then_swap(*args):
         inputs = real_gather(*args)  # checked; now another process replaces the file
@@ -280,7 +280,7 @@ def test_state_swapped_after_validation_is_not_what_is_exported(src_run, demo, t
         torch.save(payload, art / QUANT_STATE_FILE)
         return inputs
 
-    monkeypatch.setattr(export_pipeline, "gather", gather_then_swap)
+    monkeypatch.setattr(export_inputs, "gather", gather_then_swap)
     out = tmp_path / "o"
     code, err = export(
         [

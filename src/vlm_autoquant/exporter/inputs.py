@@ -13,7 +13,7 @@ from ..core import paths
 from ..core.artifacts import EXPORT_REPORT_FILE as REPORT_FILE
 from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, check_replaced_dir
 from ..core.errors import Problems, UsageError
-from ..core.timing import human_bytes
+from ..core.timing import Phases, human_bytes
 from ..model import identity
 from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
 from ..run.manifest import Manifest
@@ -86,8 +86,6 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[Manifes
     """The manifest, the quantized state's path and its payload, checked against the run's
     record: the state's bytes are read once, hashed and loaded from memory, so what is restored
     later is what was checked here."""
-    from ..model import quant_state  # ModelOpt: only once a run's artifacts are found
-
     man_path, state = folder / MANIFEST_FILE, folder / QUANT_STATE_FILE
     if not man_path.is_file() or not state.is_file():
         absent = [p.name for p in (man_path, state) if not p.is_file()]
@@ -104,6 +102,8 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[Manifes
     except UsageError as exc:
         problems.extend(exc.problems)
         return None
+    from ..model import quant_state  # ModelOpt: only once a run's manifest is read
+
     recorded = manifest.sha256_of(QUANT_STATE_FILE)
     if recorded is None:
         log.warning("the manifest records no sha256 of %s: not checked", state)
@@ -158,6 +158,16 @@ def check_base(opts: ExportOptions, model_dir: Path, problems: Problems) -> Chec
             "export the language model alone (recorded in the report)",
         )
     return base if len(problems.items) == before else None
+
+
+def gathered(opts: ExportOptions, workdir: Path, phases: Phases) -> ExportInputs:
+    """`gather` as the export's "validate" phase; raises UsageError with every problem. Imports
+    neither torch nor ModelOpt, so bad input is refused in the time MLflow takes to answer."""
+    problems = Problems()
+    with phases("validate", "artifacts, sha256, base checkpoint, identity, output dir"):
+        inputs = gather(opts, workdir, problems)
+        problems.raise_if_any()
+    return inputs
 
 
 def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInputs | None:

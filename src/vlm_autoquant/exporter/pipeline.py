@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core import artifacts
-from ..core.errors import Interrupted, Problem, Problems, RunFailed, UsageError
+from ..core.errors import Interrupted, Problem, RunFailed, UsageError
 from ..core.timing import Phases, gpu_peak_gib, human_bytes, peak_rss_gib
 from ..model import quant_state
 from ..model.lm import load_lm, pick_device, text_config
@@ -33,7 +33,7 @@ from . import ct as export_ct
 from . import engine_load, engines, load_check
 from . import track as export_track
 from . import verify as export_verify
-from .inputs import COMPRESSED_TENSORS, MODELOPT, ExportInputs, ExportOptions, gather
+from .inputs import COMPRESSED_TENSORS, MODELOPT, ExportInputs, ExportOptions, gathered
 from .staging import BOOKKEEPING, STAGING_MARKER, mark_finished, staging_dir
 
 if TYPE_CHECKING:
@@ -365,20 +365,24 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
     The output dir is locked for the whole export (a second export into it is refused).
     """
     phases = Phases()
-    problems = Problems()
     with tempfile.TemporaryDirectory(prefix="vlm-export-") as work:
-        with phases("validate", "artifacts, sha256, base checkpoint, identity, output dir"):
-            inputs = gather(options, Path(work), problems)
-            problems.raise_if_any()
-        target = Path(os.path.realpath(options.output_dir))  # a symlink is written through
-        with (
-            artifacts.locked_output_dir(target, REPORT_FILE, options.overwrite),
-            staging_dir(target) as staging,
-        ):
-            tracker = (
-                tracker_factory(f"export-{inputs.manifest.scheme.name}", target) if tracker_factory else None
-            )
-            return _export_tracked(inputs, staging, phases, stop, tracker)
+        inputs = gathered(options, Path(work), phases)
+        return export_gathered(inputs, phases, tracker_factory, stop)
+
+
+def export_gathered(inputs: ExportInputs, phases: Phases, tracker_factory=None, stop=None) -> dict:
+    """`export_run` once `inputs.gathered` has checked the inputs (the artifacts it fetched must
+    still be on disk)."""
+    options = inputs.options
+    target = Path(os.path.realpath(options.output_dir))  # a symlink is written through
+    with (
+        artifacts.locked_output_dir(target, REPORT_FILE, options.overwrite),
+        staging_dir(target) as staging,
+    ):
+        tracker = (
+            tracker_factory(f"export-{inputs.manifest.scheme.name}", target) if tracker_factory else None
+        )
+        return _export_tracked(inputs, staging, phases, stop, tracker)
 
 
 def _export_tracked(
