@@ -8,10 +8,10 @@ SQLite, or whose schema is half-migrated or from another MLflow; a deleted exper
 
 A new SQLite store is built and migrated at a temporary path beside the target and renamed into
 place under the store lock, so a process killed while MLflow migrates leaves no store (and a
-temporary file the next creator sweeps), never a half-made one. A run migrates it in a child
-process (`store_building`) while it imports torch and transformers, and puts it in place before
-any weight is loaded. Credentials in a tracking URI
-are never shown: every message goes through `redact`.
+temporary file the next creator sweeps), never a half-made one. On 4 or more cores a run
+migrates it in a child process (`store_building`) while it checks its inputs and imports torch
+and transformers, and puts it in place before any weight is loaded. Credentials in a tracking
+URI are never shown: every message goes through `redact`.
 """
 
 from __future__ import annotations
@@ -384,7 +384,7 @@ def create_store(problems: Problems) -> None:
         )
 
 
-CHILD_MIN_CORES = 4  # this process, its BLAS threads at import, the child, and one to spare
+CHILD_MIN_CORES = 4  # usable cores from which the child pays (`_cores_to_spare`)
 _MIGRATE = "import sys, pathlib, vlm_autoquant.tracking_store as s; s._migrate(pathlib.Path(sys.argv[1]))"
 
 

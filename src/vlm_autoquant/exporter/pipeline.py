@@ -371,8 +371,8 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
 
 
 def export_gathered(inputs: ExportInputs, phases: Phases, tracker_factory=None, stop=None) -> dict:
-    """`export_run` once `inputs.gathered` has checked the inputs (the artifacts it fetched must
-    still be on disk)."""
+    """`export_run` once `exporter.inputs.gathered` has checked the inputs (the artifacts it
+    fetched must still be on disk)."""
     options = inputs.options
     target = Path(os.path.realpath(options.output_dir))  # a symlink is written through
     with (
