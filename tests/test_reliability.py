@@ -47,6 +47,7 @@ from vlm_autoquant.run import manifest
 from vlm_autoquant.search import resume
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
+from .forked import popen_script
 
 SCHEME = "fp8-balanced-10b"
 
@@ -523,20 +524,14 @@ def test_control_char_error_names_the_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def terminated_after_search(demo, tmp_path_factory):
-    """A real run sent SIGTERM once the search is done (during evaluation/saving)."""
+    """A real run, in its own process (tests/forked.py), sent SIGTERM once the search is done
+    (during evaluation/saving)."""
     root = tmp_path_factory.mktemp("sigterm_late")
     out = root / "out"
     env = subprocess_env(
         MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", **{integrity.KEY_ENV: str(root / "hmac.key")}
     )
-    proc = subprocess.Popen(
-        [PY, str(SCRIPT), *map(str, cli_args(demo, out))],
-        env=env,
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = popen_script([PY, str(SCRIPT), *map(str, cli_args(demo, out))], env, root)
     lines, sent = [], False
     deadline = time.time() + 400
     for line in proc.stderr:

@@ -40,6 +40,7 @@ from vlm_autoquant.core.artifacts import (
 from vlm_autoquant.core.errors import RunFailed
 
 from .conftest import PY, QUICK, SCRIPT, run_cli, subprocess_env
+from .forked import popen_script
 
 SCHEME = "fp8-balanced-10b"
 # Enough scoring work (6 batches of 8x128, about 1-2 s each on 2 CPU cores) that a signal sent
@@ -91,20 +92,13 @@ def run_script(
     sig: signal.Signals = signal.SIGINT,
     preexec_fn=None,
 ) -> tuple[int, str, bool]:
-    """Run the script, reading stderr line by line; send `sig` once a line contains `trigger`.
+    """Run the script in its own process (forked from this warm one: tests/forked.py), reading
+    stderr line by line; send `sig` once a line contains `trigger`.
 
     Returns (exit code, stderr, whether the signal was sent). Text mode turns tqdm's carriage
     returns into line ends, so each progress update arrives as its own line.
     """
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=preexec_fn,
-    )
+    proc = popen_script(cmd, env, cwd, preexec_fn)
     fired = threading.Event()
 
     def kill() -> None:
@@ -213,7 +207,7 @@ def file_size_limit(n: int):
 
 @pytest.fixture(scope="module")
 def interrupted(demo, tmp_path_factory) -> dict:
-    """SIGINT during scoring (the script, in a subprocess), then a rerun and a rerun with
+    """SIGINT during scoring (the script, in its own process), then a rerun and a rerun with
     --overwrite (the CLI in-process); a snapshot after each step.
 
     Snapshots are taken right after each step because the later steps change the same
@@ -237,7 +231,7 @@ def interrupted(demo, tmp_path_factory) -> dict:
         "runs": mlflow_runs(uri),
     }
 
-    # The reruns go through the same entry point in-process (the stop above is the subprocess
+    # The reruns go through the same entry point in-process (the stop above is the process
     # that exit codes and signals need); the rerun with the same command resumes.
     rc, err = run_in_process(script_cmd(demo, out)[2:], uri, root)
     result["resume"] = {

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import QUICK, SCRIPT  # noqa: F401
+from tests.forked import fork_context
 from tests.plan.test_memory_plan import config
 from vlm_autoquant.core.errors import Problems, RunFailed, UsageError
 from vlm_autoquant.plan.memory_plan import Placement, Shape, predict
@@ -195,7 +196,19 @@ def _setup(model_dir, world=2):
     return Setup(model_dir, text_config(model_dir), ("cpu",) * world, True)
 
 
-def test_a_replica_that_fails_to_load_fails_the_search_with_its_reason(demo, tmp_path):
+@pytest.fixture
+def forked_replicas(monkeypatch) -> None:
+    """The other ranks forked from this process instead of spawned (tests/forked.py): for tests
+    of how rank 0 meets a replica's failure, which does not depend on how the replica started.
+    The end-to-end tests below keep the spawned processes a run uses."""
+    import multiprocessing
+
+    ctx = fork_context()
+    if ctx is not None:
+        monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: ctx)
+
+
+def test_a_replica_that_fails_to_load_fails_the_search_with_its_reason(demo, tmp_path, forked_replicas):
     model_dir, _ = demo
     setup = dataclasses.replace(_setup(model_dir), model_dir=tmp_path / "gone")
     with pytest.raises(RunFailed) as err, Replicas(setup) as replicas:
@@ -211,7 +224,7 @@ def test_a_replica_that_fails_to_load_fails_the_search_with_its_reason(demo, tmp
     assert not any(p.is_alive() for p in replicas.procs)
 
 
-def test_a_replica_killed_mid_run_fails_the_search_instead_of_hanging(demo, tmp_path):
+def test_a_replica_killed_mid_run_fails_the_search_instead_of_hanging(demo, tmp_path, forked_replicas):
     model_dir, _ = demo
     with pytest.raises(RunFailed) as err, Replicas(_setup(model_dir)) as replicas:
         replicas.join()
