@@ -199,8 +199,9 @@ def _setup(model_dir, world=2):
 @pytest.fixture
 def forked_replicas(monkeypatch) -> None:
     """The other ranks forked from this process instead of spawned (tests/forked.py): for tests
-    of how rank 0 meets a replica's failure, which does not depend on how the replica started.
-    The end-to-end tests below keep the spawned processes a run uses."""
+    of how rank 0 meets a replica's failure, and of how a sweep shares its searches with the
+    replicas, neither of which depends on how a replica started. The driver's end-to-end test
+    keeps the spawned processes a run uses."""
     import multiprocessing
 
     ctx = fork_context()
@@ -309,7 +310,9 @@ def test_a_run_with_replicas_matches_a_run_without(demo, script_run, two_cpu_rep
     ]
 
 
-def test_a_sweep_with_replicas_matches_the_plain_sweep(demo, swept, two_cpu_replicas, tmp_path, monkeypatch):
+def test_a_sweep_with_replicas_matches_the_plain_sweep(
+    demo, swept, two_cpu_replicas, forked_replicas, tmp_path, monkeypatch
+):
     """The gradient search on the replicas; then, the replicas closed, the kl_div search (one
     score step: nothing to share) by this process alone, starting from the first's calibration,
     which rank 0 wrote. Compared with the same schemes in the plain sweep (conftest.swept: a
