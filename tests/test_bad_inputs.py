@@ -675,7 +675,7 @@ def test_usage_error_leaves_an_existing_output_dir_alone(demo, tmp_path, trackin
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("mine\n")
-    # Two problems: the unknown scheme, and a non-empty dir this tool did not create (#10).
+    # Two problems: the unknown scheme, and a non-empty dir this tool did not create.
     expect_usage_error(
         capsys,
         base_args(demo, target, scheme="fp8-nope-3b"),

@@ -1,4 +1,4 @@
-"""Reliability (issue #10): nothing executed, nothing mixed, nothing lost.
+"""Reliability: nothing executed, nothing mixed, nothing lost.
 
 - Search checkpoints: a forged pickle with a recomputed (unsigned) record is refused with exit 2
   and its payload never runs, even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1; a validly signed but

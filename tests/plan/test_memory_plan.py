@@ -36,7 +36,7 @@ def test_weights_match_the_meta_model(size):
     assert plan.peaks[0]["load"] == pytest.approx(counted * 2 / GIB, rel=1e-6)
 
 
-# torch.cuda.max_memory_allocated on one H200 (docs/PERFORMANCE.md, issues 5, 11, 14), default
+# torch.cuda.max_memory_allocated on one H200 (docs/PERFORMANCE.md), default
 # scheme, before the driver freed ModelOpt's stored Q(Y)-Y (ModelOpt's own behaviour).
 MEASURED_UNFREED = [
     ("3b", 16, True, 39.0),
