@@ -358,17 +358,31 @@ def ensure_store() -> None:
             stale.unlink(missing_ok=True)  # left by a creator that was killed
         if _made(db):
             return  # another process made it while we waited
-        fd, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".tmp", dir=db.parent)
-        os.close(fd)
-        tmp = Path(name)
+        tmp = _temp_store(db)
         try:
             _migrate(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, db)
-            log.info("created the MLflow store %s", db)
+            _publish(tmp, db)
         finally:
-            for leftover in (tmp, Path(f"{tmp}-journal")):
-                leftover.unlink(missing_ok=True)
+            _remove_temp(tmp)
+
+
+def _temp_store(db: Path) -> Path:
+    """A new empty file beside `db`, named as `_leftovers` finds it."""
+    fd, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".tmp", dir=db.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _publish(tmp: Path, db: Path) -> None:
+    """Rename the migrated `tmp` into place as `db`, with the permissions a new file gets."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, db)
+    log.info("created the MLflow store %s", db)
+
+
+def _remove_temp(tmp: Path) -> None:
+    for leftover in (tmp, Path(f"{tmp}-journal")):
+        leftover.unlink(missing_ok=True)
 
 
 def create_store(problems: Problems) -> None:
@@ -404,12 +418,11 @@ class StoreBuild:
         db = sqlite_file(tracking_uri())
         if db is None or not db.parent.is_dir() or _made(db) or not _cores_to_spare():
             return cls()
-        fd, name = tempfile.mkstemp(prefix=f".{db.name}.", suffix=".tmp", dir=db.parent)
-        os.close(fd)
+        tmp = _temp_store(db)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        child = [sys.executable, "-c", _MIGRATE, name]
+        child = [sys.executable, "-c", _MIGRATE, str(tmp)]
         io = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return cls(db, Path(name), subprocess.Popen(child, env=env, **io))
+        return cls(db, tmp, subprocess.Popen(child, env=env, **io))
 
     def finish(self, problems: Problems) -> None:
         """Rename the child's store into place under the store lock. When the child failed (or
@@ -417,9 +430,7 @@ class StoreBuild:
         if self.proc is not None and self.proc.wait() == 0 and self.tmp.exists():
             with store_lock():
                 if not _made(self.db):
-                    os.chmod(self.tmp, 0o666 & ~_umask())
-                    os.replace(self.tmp, self.db)
-                    log.info("created the MLflow store %s", self.db)
+                    _publish(self.tmp, self.db)
         self.discard()
         create_store(problems)  # nothing to do for a store in place
 
@@ -429,8 +440,7 @@ class StoreBuild:
             self.proc.kill()
             self.proc.wait()
         if self.tmp is not None:
-            for leftover in (self.tmp, Path(f"{self.tmp}-journal")):
-                leftover.unlink(missing_ok=True)
+            _remove_temp(self.tmp)
         self.proc = self.tmp = None
 
 
