@@ -142,9 +142,8 @@ def _store_template(tmp_path_factory) -> Iterator[None]:
     child with the `store_child` fixture."""
     from vlm_autoquant import tracking_store
 
-    real = tracking_store._migrate
-    real_start = tracking_store.StoreBuild.__dict__["start"]
-    tracking_store.StoreBuild.start = classmethod(lambda cls: cls())
+    real, real_spare = tracking_store._migrate, tracking_store._cores_to_spare
+    tracking_store._cores_to_spare = lambda: False  # no child: the store is made in-process
     root = tmp_path_factory.mktemp("store_template")
     template = root / "mlflow.db"
 
@@ -167,13 +166,8 @@ def _store_template(tmp_path_factory) -> Iterator[None]:
             os.fsync(f.fileno())
 
     tracking_store._migrate = migrate
-    _REAL_STORE_START[0] = real_start
     yield
-    tracking_store._migrate = real
-    tracking_store.StoreBuild.start = real_start
-
-
-_REAL_STORE_START: list = [None]
+    tracking_store._migrate, tracking_store._cores_to_spare = real, real_spare
 
 
 @pytest.fixture
@@ -181,7 +175,6 @@ def store_child(monkeypatch) -> None:
     """A run's new SQLite store migrates in a child process, as outside the tests."""
     from vlm_autoquant import tracking_store
 
-    monkeypatch.setattr(tracking_store.StoreBuild, "start", _REAL_STORE_START[0])
     monkeypatch.setattr(tracking_store, "_cores_to_spare", lambda: True)  # even on two cores
 
 
