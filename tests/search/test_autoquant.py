@@ -7,7 +7,6 @@ import torch
 
 from vlm_autoquant.model.fused import fused_layer_groups
 from vlm_autoquant.model.lm import load_lm, text_config
-from vlm_autoquant.plan.calib_data import pack, split_captions
 from vlm_autoquant.run import manifest, save
 from vlm_autoquant.search import autoquant, resume
 from vlm_autoquant.search.autoquant import SearchSpec
@@ -15,15 +14,6 @@ from vlm_autoquant.search.spec import SearchCheckpoint
 
 FP8, PCPT = "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"
 LM_HEAD = ("*lm_head*",)
-
-
-@pytest.fixture(scope="module")
-def batches(demo):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(demo[0])
-    caps = demo[1].read_text().splitlines()
-    return pack(tok, split_captions(caps, 256, 0, 0).calib, 64, 4, 0).batches[:2]
 
 
 def fresh(demo):

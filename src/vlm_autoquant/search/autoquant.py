@@ -16,10 +16,11 @@ score depend on the other formats searched), (5) frees each module's stored Q(Y)
 (6) computes the kl_div loss row by row, (7) calibrates a format whose statistics are the weights
 alone on one batch, (8) optionally keeps gradient checkpointing off, (9) under data-parallel
 replicas (replicas.py) lets rank 0 alone write the checkpoint, under its single-process name,
-and (10) with `fused_scales: shared-max`, gives the projections an engine fuses (q/k/v, gate/up)
+(10) with `fused_scales: shared-max`, gives the projections an engine fuses (q/k/v, gate/up)
 their group's largest per-tensor scales right after each format's calibration, so that
-everything after it (scores, solve, quality, export) is in the arithmetic the engines serve, and
-(11) collects each max-calibrated amax without a host sync per quantizer (calib_collect.py).
+everything after it (scores, solve, quality, export) is in the arithmetic the engines serve,
+(11) collects each max-calibrated amax without a host sync per quantizer (calib_collect.py), and
+(12) on a GPU, computes each module's gradient score in one fused pass (score_reduce.py).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 from ..core.errors import RunFailed
 from ..core.interrupt import StopFlag
 from ..model.fused import fused_layer_groups
-from . import calib_collect, resume
+from . import calib_collect, resume, score_reduce
 from .spec import KL_CHUNK_BYTES, SearchCheckpoint, SearchSpec
 
 log = logging.getLogger(__name__)
@@ -503,6 +504,8 @@ def observe_modelopt(
         (base, "initialize_candidate_stats", _with_raw_scores(base.initialize_candidate_stats)),
         (base, "_run_func", _freeing_diffs(_weights_calibrated_once(base._run_func, calib))),
         (mq_algorithms, "_get_kl_div_loss", _chunked_kl_div_loss),
+        (mq_algorithms, "_get_auto_quantize_score", score_reduce.score),
+        (mq_algorithms, "_add_auto_quantize_score", score_reduce.add_score),
     ]
     patches += [
         (
