@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from modelopt.torch.quantization import algorithms as mq_algorithms
+from modelopt.torch.quantization import extensions
 
 from vlm_autoquant.search import autoquant, score_reduce
 
@@ -94,6 +95,8 @@ def test_fused_score_of_a_transposed_view_equals_modelopts():
 def test_a_gpu_search_chooses_the_same_formats_with_the_fused_score(demo, batches, tmp_path, monkeypatch):
     """The tiny model searched on the GPU twice, fused and with ModelOpt's eager score: every
     group's score agrees to float32 summation order, so the solve picks the same formats."""
+    # ModelOpt's eager FP8 fake quant: no JIT build of its CUDA extension inside a test.
+    monkeypatch.setattr(extensions.get_cuda_ext_fp8, "extension", None, raising=False)
 
     def searched(tag: str):
         model = fresh(demo).to("cuda")
