@@ -68,6 +68,7 @@ def test_fused_score_equals_modelopts_on_the_gpu(shape):
     assert fused.dtype == torch.float32 and fused.shape == ()
     assert fused.item() == pytest.approx(eager.item(), rel=1e-5) and eager.item() > 0
     assert torch.equal(fused, score_reduce.score(g, d))  # deterministic: fixed summation order
+    assert score_reduce._KERNEL is not None  # the kernel ran: no fall-back to ModelOpt's function
 
 
 @NEEDS_KERNEL
@@ -81,6 +82,7 @@ def test_fused_score_clamps_and_keeps_nan_as_modelopt_does():
     assert score_reduce.score(big, d_big).item() >= 2e20
     g[1, 1] = float("nan")
     assert torch.isnan(score_reduce.score(g, d)) and torch.isnan(MODELOPT_SCORE(g, d))
+    assert score_reduce._KERNEL is not None
 
 
 @NEEDS_KERNEL

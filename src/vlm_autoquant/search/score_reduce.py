@@ -6,7 +6,9 @@ d = Q(Y) - Y. In eager PyTorch that is six kernels and four output-sized float32
 on the 3B they take about a quarter of a score batch. `score` computes the same elementwise
 values in one Triton kernel that reads g and d once and writes one float32 partial sum per
 block of `BLOCK` elements; torch then sums the partials in a fixed order, so a score is the
-same from run to run. It differs from ModelOpt's only in the order of the float32 summation.
+same from run to run. The kernel is compiled without FMA contraction, so every product and
+square is rounded as in eager PyTorch: a score differs from ModelOpt's only in the order of the
+float32 summation.
 
 Anything the kernel does not cover (CPU tensors, shapes or dtypes that differ, no Triton) goes
 to ModelOpt's own function.
@@ -45,8 +47,8 @@ def _define_kernel() -> Callable | None:
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        nan = tl.PropagateNan.ALL  # as torch.clamp: a NaN product stays NaN
-        x = tl.minimum(tl.maximum(g * d, -1e10, propagate_nan=nan), 1e10, propagate_nan=nan)
+        x = tl.maximum(g * d, -1e10, propagate_nan=tl.PropagateNan.ALL)  # as torch.clamp: NaN stays
+        x = tl.minimum(x, 1e10, propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_ptr + pid, tl.sum(x * x, axis=0))
 
     return score_blocks
@@ -68,15 +70,26 @@ def fusable(grad_output: torch.Tensor, output_diff: torch.Tensor) -> bool:
 
 
 def score(grad_output: torch.Tensor, output_diff: torch.Tensor) -> torch.Tensor:
-    """sum(clamp(float(g) * float(d), -1e10, 1e10)^2) as a float32 0-d tensor on g's device."""
+    """sum(clamp(float(g) * float(d), -1e10, 1e10)^2) as a float32 0-d tensor on g's device.
+
+    Should the kernel fail (a Triton too old to compile it, say), the warning says so once and
+    ModelOpt's function scores from then on."""
+    global _KERNEL  # set to None when the kernel cannot run here
     kernel = _KERNEL if fusable(grad_output, output_diff) else None
     if kernel is None:
         return _MODELOPT_SCORE(grad_output, output_diff)
     g, d = grad_output.contiguous(), output_diff.contiguous()
     n = g.numel()
     partials = torch.empty(-(-n // BLOCK), dtype=torch.float32, device=g.device)
-    with torch.cuda.device(g.device):
-        kernel[(partials.numel(),)](g, d, partials, n, BLOCK=BLOCK, num_warps=8)
+    try:
+        with torch.cuda.device(g.device):
+            kernel[(partials.numel(),)](g, d, partials, n, BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False)
+    except Exception as exc:  # noqa: BLE001 - Triton's compile errors have no common base class
+        _KERNEL = None
+        log.warning(
+            "the fused score failed (%s: %s); ModelOpt's eager score is used", type(exc).__name__, exc
+        )
+        return _MODELOPT_SCORE(grad_output, output_diff)
     return partials.sum()
 
 
