@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,7 @@ class Work:
     device: torch.device
     run_kernel: str | None  # the manifest's search.fp8_kernel
     phases: Phases
+    held_out: export_verify.HeldOut | None = None  # the first verify's, for the next format's
 
 
 def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
@@ -65,6 +67,8 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
 
     `fmt` compressed-tensors: `hf_quant` is its quantization_config; the names check, bf16
     scales and transformers' own from_pretrained (load_check) replace ModelOpt's specifics.
+    The LM's shards are read once, onto the device, for the codes and both numerics models;
+    the vision bytes are hashed in a thread meanwhile.
     """
     inputs, reference, device = work.inputs, work.reference, work.device
     lm_only, ct = inputs.options.lm_only, fmt == COMPRESSED_TENSORS
@@ -72,29 +76,42 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
     checks = {"formats": export_verify.check_formats(inputs.manifest, out, declared)}
     if ct:
         checks["names"] = export_ct.check_names(hf_quant, inputs.manifest.layers)
-    checks["vision"] = (
-        {"passed": True, "skipped": "--lm-only"}
-        if lm_only
-        else export_verify.check_vision(inputs.model_dir, out)
-    )
-    run = export_verify.RunScales(
-        export_verify.quantizer_amax(reference, "input"),
-        export_verify.quantizer_amax(reference, "weight"),
-        work.run_kernel,
-    )
-    checks["scales"] = _check_scales(reference, out, run, ct)
-    checks["weights"] = export_verify.check_weight_codes(out, reference)
-    batches, source = export_verify.held_out_batches(inputs.manifest, out)
-    checks["numerics"] = _numerics(work, out, run, batches, source)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-check") as pool:
+        vision = None if lm_only else pool.submit(export_verify.check_vision, inputs.model_dir, out)
+        checks["vision"] = {"passed": True, "skipped": "--lm-only"}  # the hashes' result goes here
+        run = export_verify.RunScales(
+            export_verify.quantizer_amax(reference, "input"),
+            export_verify.quantizer_amax(reference, "weight"),
+            work.run_kernel,
+        )
+        exported = export_verify.ExportedLM.read(out, device)
+        checks["scales"] = _check_scales(reference, out if ct else exported, run, ct)
+        checks["weights"] = export_verify.check_weight_codes(exported, reference)
+        held = _held_out(work, out)
+        checks["numerics"] = _numerics(work, exported, run, held)
+        del exported  # transformers' load below reads its own copy
+        if not (ct and inputs.options.format == BOTH):  # no other format compares with them
+            held.reference_logits.clear()
+        if vision is not None:
+            checks["vision"] = vision.result()
     checks["loadability"] = (
-        load_check.check(out, reference, inputs.manifest.layers, batches, device, lm_only)
+        load_check.check(out, reference, inputs.manifest.layers, held.batches, device, lm_only)
         if ct
         else export_verify.check_loadable(out, lm_only)
     )
     return checks
 
 
-def _check_scales(reference: nn.Module, out: Path, run: export_verify.RunScales, ct: bool) -> dict:
+def _held_out(work: Work, out: Path) -> export_verify.HeldOut:
+    """The held-out batches, made once per export (the tokenizer is the staged export's)."""
+    if work.held_out is None:
+        work.held_out = export_verify.HeldOut(*export_verify.held_out_batches(work.inputs.manifest, out))
+    return work.held_out
+
+
+def _check_scales(
+    reference: nn.Module, out: Path | export_verify.ExportedLM, run: export_verify.RunScales, ct: bool
+) -> dict:
     """The stored scales are the run's amax / 448, and none is implausible."""
     amax, weight_amax = run.input_amax, run.weight_amax
     scales = (
@@ -109,32 +126,39 @@ def _check_scales(reference: nn.Module, out: Path, run: export_verify.RunScales,
     return scales
 
 
-def _numerics(work: Work, out: Path, run: export_verify.RunScales, batches: list[dict], source: str) -> dict:
+def _numerics(
+    work: Work, exported: export_verify.ExportedLM, run: export_verify.RunScales, held: export_verify.HeldOut
+) -> dict:
     """The exported files' logits against the run's model: in the run's fake-quant arithmetic
-    (the check) and in a serving kernel's (`_engine_arithmetic`)."""
-    reference, device = work.reference, work.device
+    (the check) and in a serving kernel's (`_engine_arithmetic`); the run's model runs once per
+    batch for both (`held.reference_logits`)."""
+    reference, device, batches = work.reference, work.device, held.batches
     cfg = text_config(work.inputs.model_dir)
-    candidate = export_verify.dequantized_lm(out, cfg, device, "modelopt", reference, run)
+    candidate = export_verify.dequantized_lm(exported, cfg, device, "modelopt", reference, run)
     numerics = {
-        **export_verify.compare_logits(reference, candidate, batches, device),
+        **export_verify.compare_logits(reference, candidate, batches, device, held.reference_logits),
         "arithmetic": "modelopt fake quant (x * 448/amax)",
-        "captions": source,
+        "captions": held.source,
     }
     if not numerics["passed"] and batches:  # say where it first differs
         numerics["first_divergence"] = export_verify.first_divergence(
             reference, candidate, batches[0], device
         )
     del candidate
-    numerics["engine_arithmetic"] = _engine_arithmetic(work, out, cfg, batches)
+    numerics["engine_arithmetic"] = _engine_arithmetic(work, exported, cfg, held)
     numerics["passed"] &= numerics["engine_arithmetic"]["passed"]
     return numerics
 
 
-def _engine_arithmetic(work: Work, out: Path, cfg, batches: list[dict]) -> dict:
+def _engine_arithmetic(
+    work: Work, exported: export_verify.ExportedLM, cfg, held: export_verify.HeldOut
+) -> dict:
     """The exported files in a serving kernel's arithmetic against the run's model, within
     export_verify.engine_kl_limit of it."""
-    engine = export_verify.dequantized_lm(out, cfg, work.device, "engine", reference=work.reference)
-    served = export_verify.compare_logits(work.reference, engine, batches, work.device)
+    engine = export_verify.dequantized_lm(exported, cfg, work.device, "engine", reference=work.reference)
+    served = export_verify.compare_logits(
+        work.reference, engine, held.batches, work.device, held.reference_logits
+    )
     del engine
     quality = work.inputs.manifest.quality
     run_kl = quality.kl_mean if quality is not None else None

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoTokenizer, PretrainedConfig, Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
@@ -153,8 +155,39 @@ def _input_quant_hook(
     return hook
 
 
+class ExportedLM:
+    """The export's LM tensors (the vision tower left out), each read once from its shard, in
+    its stored dtype, on one device: what the checks that read the LM share.
+
+    Every function that reads the LM takes this or the export's directory; a directory is read
+    on its own, tensor by tensor, as each check needs it."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    @classmethod
+    def read(cls, out: Path, device: torch.device) -> ExportedLM:
+        """Every LM tensor of the export in `out`, loaded straight onto `device`."""
+        return cls(dict(_named(out, lambda k: True, device)))
+
+
+def _named(
+    out: Path | ExportedLM, keep: Callable[[str], bool], device: torch.device | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for the export's LM tensors whose name `keep` accepts, shard by shard in
+    the shards' key order; from a directory only those are read (on `device`, default CPU)."""
+    if isinstance(out, ExportedLM):
+        yield from ((k, t) for k, t in out.tensors.items() if keep(k))
+        return
+    for f in weight_files(out):
+        with safe_open(str(f), framework="pt", device=str(device or "cpu")) as st:
+            for k in st.keys():
+                if keep(k) and not VISION_RE.match(k):
+                    yield k, st.get_tensor(k)
+
+
 def _dequantized_state(
-    out: Path, weight_amax: dict[str, torch.Tensor] | None = None, run_kernel: str | None = None
+    out: Path | ExportedLM, weight_amax: dict[str, torch.Tensor] | None = None, run_kernel: str | None = None
 ) -> tuple[dict, dict]:
     """The export's LM tensors, FP8 weights dequantized to bf16; layer -> input_scale.
 
@@ -162,19 +195,15 @@ def _dequantized_state(
     codes x 1 / (448 / amax); any other as a serving engine does, codes x weight_scale. The two
     multipliers differ in the last fp32 bit for about a third of the layers, which moves about
     one layer in a hundred one bf16 ulp; `check_scales` proves weight_scale is amax / 448.
+    The dequantization runs where the tensors are; an `ExportedLM` is left as it was read.
     """
-    state, fp8 = {}, {}
-    for f in weight_files(out):
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for k in st.keys():
-                if not VISION_RE.match(k):
-                    state[k] = st.get_tensor(k)
+    state, fp8 = dict(_named(out, lambda k: True)), {}
     for k in [k for k in state if k.endswith(".weight_scale")]:
         layer = k.removesuffix(".weight_scale")
         w, s = state[f"{layer}.weight"].float(), state.pop(k).float()
         amax = (weight_amax or {}).get(layer)
-        if amax is not None:
-            s = 1 / fake_quant_scale(amax, divides(run_kernel, amax))
+        if amax is not None:  # the multiplier in the fake quant's arithmetic, on the host as it was made
+            s = (1 / fake_quant_scale(amax, divides(run_kernel, amax))).to(w.device)
         state[f"{layer}.weight"] = (w * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))).to(
             torch.bfloat16
         )
@@ -193,7 +222,7 @@ class RunScales:
 
 
 def dequantized_lm(
-    out: Path,
+    out: Path | ExportedLM,
     cfg: PretrainedConfig,
     device: torch.device,
     arithmetic: str = "modelopt",
@@ -202,6 +231,8 @@ def dequantized_lm(
 ) -> nn.Module:
     """The exported LM rebuilt from its safetensors alone, FP8 applied by hand (not ModelOpt).
 
+    `out`: the export's directory (read onto `device`) or its `ExportedLM`, which is not
+    changed: the model's BF16 tensors are its tensors, the FP8 weights new ones.
     `run.input_amax` (layer -> the run's input amax) lets the "modelopt" arithmetic use the
     run's exact amax, which 448 x input_scale does not give back bit for bit for about 7% of
     values; `run.weight_amax` does the same for the weights' dequantization
@@ -212,16 +243,9 @@ def dequantized_lm(
     logits by KL ~2e-3), so they are taken from the restored model instead.
     """
     run = run or RunScales()
-    state, fp8 = _dequantized_state(out, run.weight_amax, run.kernel)
-    model = _bf16_lm(cfg, device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"exported LM does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    exported = out if isinstance(out, ExportedLM) else ExportedLM.read(out, device)
+    state, fp8 = _dequantized_state(exported, run.weight_amax, run.kernel)
+    model = _lm_of(cfg, state, device)
     if reference is not None:
         theirs = dict(reference.named_buffers())
         with torch.no_grad():
@@ -242,15 +266,27 @@ def dequantized_lm(
     return model.eval()
 
 
-def _bf16_lm(cfg: PretrainedConfig, device: torch.device) -> nn.Module:
-    """An uninitialised Qwen2 LM on `device`: bf16 parameters, fp32 RoPE buffers (as loaded)."""
+def _lm_of(cfg: PretrainedConfig, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """A Qwen2 LM whose parameters are `state`'s tensors (in the parameters' dtype, bf16), its
+    buffers (fp32 RoPE, as loaded) computed on `device`; no weight is initialised or copied."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device(device):
-            return Qwen2ForCausalLM(cfg)
+        with init_empty_weights(include_buffers=False), torch.device(device):
+            model = Qwen2ForCausalLM(cfg)
     finally:
         torch.set_default_dtype(default)
+    params = model.state_dict()
+    state = {k: v.to(device, params[k].dtype) if k in params else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"exported LM does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model
 
 
 def quantizer_amax(reference: nn.Module, which: str) -> dict[str, torch.Tensor]:
@@ -265,19 +301,14 @@ def quantizer_amax(reference: nn.Module, which: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _stored_raw(out: Path, suffix: str) -> dict[str, torch.Tensor]:
+def _stored_raw(out: Path | ExportedLM, suffix: str) -> dict[str, torch.Tensor]:
     """{layer: tensor} of the LM tensors named `<layer><suffix>`, in their stored dtype."""
-    tensors = {}
-    for f in weight_files(out):
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for k in st.keys():
-                if k.endswith(suffix) and not VISION_RE.match(k):
-                    tensors[k.removesuffix(suffix)] = st.get_tensor(k)
-    return tensors
+    return {k.removesuffix(suffix): t for k, t in _named(out, lambda k: k.endswith(suffix))}
 
 
-def _stored(out: Path, suffix: str) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in _stored_raw(out, suffix).items()}
+def _stored(out: Path | ExportedLM, suffix: str) -> dict[str, torch.Tensor]:
+    """As `_stored_raw`, in fp32 on the host, beside the run's amax."""
+    return {k: v.float().cpu() for k, v in _stored_raw(out, suffix).items()}
 
 
 def _scale_errors(kind: str, stored: dict[str, torch.Tensor], amax: dict[str, torch.Tensor]) -> list[str]:
@@ -297,7 +328,7 @@ def _scale_errors(kind: str, stored: dict[str, torch.Tensor], amax: dict[str, to
 
 
 def check_scales(
-    out: Path, amax: dict[str, torch.Tensor], weight_amax: dict[str, torch.Tensor] | None = None
+    out: Path | ExportedLM, amax: dict[str, torch.Tensor], weight_amax: dict[str, torch.Tensor] | None = None
 ) -> dict:
     """Every stored static input_scale (and, given the run's weight amax, every weight_scale) is
     the run's amax / 448 (to fp32 rounding)."""
@@ -390,36 +421,37 @@ def implausible_scales(reference: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def check_weight_codes(out: Path, reference: nn.Module) -> dict:
+def check_weight_codes(out: Path | ExportedLM, reference: nn.Module) -> dict:
     """Every stored FP8 weight holds, byte for byte, the E4M3 codes of ModelOpt's own fake quant
     of the base weight (the reference's weight quantizer, run here in the run's arithmetic):
     the weights the search scored and the run evaluated. The codes are read back from the fake
     quant's output, codes x 1 / scale in bf16, which keeps them apart: neighbouring E4M3 codes
     are at least 1/16 apart, bf16 rounding moves a value by at most 1/512."""
     modules = dict(reference.named_modules())
-    layers = differ = 0
+    layers = [k.removesuffix(".weight_scale") for k, _ in _named(out, lambda k: k.endswith(".weight_scale"))]
+    wanted = set(layers)
+    stored = dict(_named(out, lambda k: k.endswith(".weight") and k.removesuffix(".weight") in wanted))
+    checked = differ = 0
     errors = []
-    for f in weight_files(out):
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for k in st.keys():
-                if not k.endswith(".weight_scale") or VISION_RE.match(k):
-                    continue
-                layer = k.removesuffix(".weight_scale")
-                m = modules.get(layer)
-                q = getattr(m, "weight_quantizer", None)
-                if q is None or getattr(q, "amax", None) is None:
-                    errors.append(f"{layer}: FP8 in the export, no calibrated weight in the run")
-                    continue
-                want = weight_codes(q(m.weight), q.amax.detach())
-                got = st.get_tensor(f"{layer}.weight").to(want.device)
-                layers += 1
-                n = int((got.view(torch.uint8) != want.view(torch.uint8)).sum())
-                if n:
-                    differ += 1
-                    errors.append(f"{layer}: {n} of {got.numel()} codes differ from the run's")
+    for layer in layers:
+        m = modules.get(layer)
+        q = getattr(m, "weight_quantizer", None)
+        if q is None or getattr(q, "amax", None) is None:
+            errors.append(f"{layer}: FP8 in the export, no calibrated weight in the run")
+            continue
+        got = stored.get(f"{layer}.weight")
+        if got is None:
+            errors.append(f"{layer}: weight_scale stored without its weight")
+            continue
+        want = weight_codes(q(m.weight), q.amax.detach())
+        checked += 1
+        n = int((got.to(want.device).view(torch.uint8) != want.view(torch.uint8)).sum())
+        if n:
+            differ += 1
+            errors.append(f"{layer}: {n} of {got.numel()} codes differ from the run's")
     return {
-        "passed": not errors and layers > 0,
-        "layers": layers,
+        "passed": not errors and checked > 0,
+        "layers": checked,
         "layers_differing": differ,
         "errors": errors[:20],
     }
@@ -442,6 +474,16 @@ def held_out_batches(manifest: Manifest, tokenizer_dir: Path) -> tuple[list[dict
     return packed.batches[:HOLDOUT_BATCHES], source
 
 
+@dataclass
+class HeldOut:
+    """The held-out batches (`held_out_batches`) and the restored run's logits on each, filled by
+    the first comparison and reused by every later one with the same reference."""
+
+    batches: list[dict]
+    source: str
+    reference_logits: list[torch.Tensor] = field(default_factory=list)
+
+
 def engine_kl_limit(run_kl: float | None) -> float:
     """The largest KL(run's model || served arithmetic) the export accepts (see ENGINE_KL_*)."""
     return max(ENGINE_KL_FACTOR * run_kl, ENGINE_KL_FLOOR) if run_kl is not None else ENGINE_KL_FLOOR
@@ -449,15 +491,29 @@ def engine_kl_limit(run_kl: float | None) -> float:
 
 @torch.inference_mode()
 def compare_logits(
-    reference: nn.Module, candidate: nn.Module, batches: list[dict], device: torch.device
+    reference: nn.Module,
+    candidate: nn.Module,
+    batches: list[dict],
+    device: torch.device,
+    reference_logits: list[torch.Tensor] | None = None,
 ) -> dict:
-    """Mean per-token KL(reference || candidate) and top-1 agreement over real tokens."""
+    """Mean per-token KL(reference || candidate) and top-1 agreement over real tokens.
+
+    `reference_logits`: the reference's logits on these batches, one per batch, as far as
+    computed: a batch not yet in it is run and appended, so several candidates compared with
+    one reference on the same batches run the reference once per batch."""
     kl_sum = agree = tokens = 0.0
-    for b in batches:
+    for i, b in enumerate(batches):
         kw = dict(
             input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device), use_cache=False
         )
-        ref, cand = reference(**kw).logits, candidate(**kw).logits
+        if reference_logits is not None and i < len(reference_logits):
+            ref = reference_logits[i]
+        else:
+            ref = reference(**kw).logits
+            if reference_logits is not None:
+                reference_logits.append(ref)
+        cand = candidate(**kw).logits
         for r in range(ref.shape[0]):
             lp_r, lp_c = F.log_softmax(ref[r].float(), -1), F.log_softmax(cand[r].float(), -1)
             mask = b["real"][r].to(device)
