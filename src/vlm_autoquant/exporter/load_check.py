@@ -20,7 +20,6 @@ packed rows would not be the captions the run measured.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -43,6 +42,7 @@ from ..run.quality import quantizers_off
 from . import ct as export_ct
 
 if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationScheme
     from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -72,19 +72,18 @@ def captions_of(batches: list[dict], limit: int = MAX_CAPTIONS) -> dict[str, tor
 
 
 @torch.inference_mode()
-def kl_against(
-    reference: nn.Module,
-    candidate: nn.Module,
-    rows: dict,
-    device: torch.device,
-    reference_ctx: contextlib.AbstractContextManager | None = None,
-) -> dict:
-    """Mean per-token KL(reference || candidate) and top-1 agreement over the real tokens."""
-    kw = {k: v.to(device) for k, v in rows.items()}
-    with reference_ctx or contextlib.nullcontext():
-        ref = reference(**kw, use_cache=False).logits.float()
-    cand = candidate(**kw, use_cache=False).logits.float().to(ref.device)
-    mask = kw["attention_mask"].bool().to(ref.device)
+def logits_of(model: nn.Module, rows: dict, device: torch.device) -> torch.Tensor:
+    """`model`'s logits on the caption rows, as it returns them."""
+    return model(**{k: v.to(device) for k, v in rows.items()}, use_cache=False).logits
+
+
+@torch.inference_mode()
+def kl_against(reference: torch.Tensor, candidate: nn.Module, rows: dict, device: torch.device) -> dict:
+    """Mean per-token KL(reference || candidate) and top-1 agreement over the real tokens;
+    `reference`: the reference model's logits on `rows` (`logits_of`)."""
+    ref = reference.float()
+    cand = logits_of(candidate, rows, device).float().to(ref.device)
+    mask = rows["attention_mask"].to(ref.device).bool()
     lp_r, lp_c = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
     kl = (lp_r.exp() * (lp_r - lp_c)).sum(-1)[mask]
     agree = (lp_r.argmax(-1) == lp_c.argmax(-1))[mask]
@@ -147,22 +146,47 @@ def generate_with_image(model: nn.Module, out: Path, device: torch.device) -> di
 def run_in_loader_arithmetic(reference: nn.Module, layers: list[LayerRecord]) -> nn.Module:
     """A copy of the run's model that computes as transformers' compressed-tensors loader does:
     each FP8 layer gets compressed-tensors' scheme and forward, its weight decompressed from the
-    codes and scales `export_ct.compressed_layer` packs from the run's quantizers."""
-    model = copy.deepcopy(reference)
+    codes and scales `export_ct.compressed_layer` packs from the run's quantizers.
+
+    The copy shares every tensor of the run's model but the FP8 weights, which it replaces, and
+    packs them where they are (`_packed`); the run's model is not changed."""
+    schemes = export_ct.fp8_schemes(layers, export_ct.quantization_config(layers))
+    theirs = dict(reference.named_modules())
+    replaced = {id(theirs[n].weight) for n in schemes}
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p), requires_grad=p.requires_grad) if id(p) in replaced else p
+        for p in reference.parameters()
+    }
+    model = copy.deepcopy(reference, memo)
     for q in model.modules():  # this copy computes only through compressed-tensors
         if isinstance(q, TensorQuantizer):
             q.disable()
-    modules, theirs = dict(model.named_modules()), dict(reference.named_modules())
-    for name, scheme in export_ct.fp8_schemes(layers, export_ct.quantization_config(layers)).items():
-        packed = export_ct.compressed_layer(theirs[name], scheme)
+    modules = dict(model.named_modules())
+    for name, scheme in schemes.items():
         m = modules[name]
         initialize_module_for_quantization(m, scheme, force_zero_point=False)
+        packed = _packed(theirs[name], m, scheme)
         m.weight.copy_(FloatQuantizationCompressor.decompress(packed, scheme)["weight"])
         for key in ("weight_scale", "input_scale"):
             if key in packed:
                 getattr(m, key).data = packed[key].to(m.weight.device)
         m.quantization_status = QuantizationStatus.DECOMPRESSED
     return model
+
+
+def _packed(run_module: nn.Module, like: nn.Module, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
+    """`export_ct.compressed_layer` of the run's layer, on the layer's device: its fake-quantized
+    weight and amax / 448 (shaped and typed as compressed-tensors initialised `like`'s scales)
+    packed by compressed-tensors' compressor."""
+    wq, iq = run_module.weight_quantizer, run_module.input_quantizer
+    device = run_module.weight.device
+    state = {
+        "weight": wq(run_module.weight).float(),
+        "weight_scale": export_ct.scale_of(wq.amax, like.weight_scale).to(device),
+    }
+    if hasattr(like, "input_scale"):
+        state["input_scale"] = export_ct.scale_of(iq.amax, like.input_scale).to(device)
+    return FloatQuantizationCompressor.compress(state, scheme)
 
 
 def check(
@@ -176,12 +200,14 @@ def check(
     """transformers loads the export; its KL vs BF16 is the run's in the loader's arithmetic
     within KL_REL_LIMIT; with the vision tower, one image-plus-text generation runs."""
     rows = captions_of(batches)
-    run = kl_against(reference, reference, rows, device, quantizers_off(reference))
+    with quantizers_off(reference):  # BF16: every comparison's reference, run once
+        bf16 = logits_of(reference, rows, device)
+    run = kl_against(bf16, reference, rows, device)
     emulated = run_in_loader_arithmetic(reference, layers)
-    like = kl_against(reference, emulated, rows, device, quantizers_off(reference))
+    like = kl_against(bf16, emulated, rows, device)
     del emulated
     loaded = load(out, device, lm_only)
-    got = kl_against(reference, loaded, rows, device, quantizers_off(reference))
+    got = kl_against(bf16, loaded, rows, device)
     rel = abs(got["kl_mean"] - like["kl_mean"]) / max(like["kl_mean"], 1e-12)
     result = {
         "passed": rel <= KL_REL_LIMIT,
