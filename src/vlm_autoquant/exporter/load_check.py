@@ -20,9 +20,11 @@ packed rows would not be the captions the run measured.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+from compressed_tensors.utils import impl_backend
 from modelopt.torch.quantization.nn import TensorQuantizer
 from PIL import Image
 from torch import nn
@@ -165,13 +168,27 @@ def run_in_loader_arithmetic(reference: nn.Module, layers: list[LayerRecord]) ->
     for name, scheme in schemes.items():
         m = modules[name]
         initialize_module_for_quantization(m, scheme, force_zero_point=False)
-        packed = _packed(theirs[name], m, scheme)
+        with _eager():
+            packed = _packed(theirs[name], m, scheme)
         m.weight.copy_(FloatQuantizationCompressor.decompress(packed, scheme)["weight"])
         for key in ("weight_scale", "input_scale"):
             if key in packed:
                 getattr(m, key).data = packed[key].to(m.weight.device)
         m.quantization_status = QuantizationStatus.DECOMPRESSED
     return model
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """compressed-tensors' eager PyTorch quantize (its CT_ENFORCE_EAGER) in this block: the
+    arithmetic the exporter packs with on the host, where on a Hopper GPU it would dispatch to
+    a Triton kernel, compiled for this use alone."""
+    saved = impl_backend.ENFORCE_EAGER
+    impl_backend.ENFORCE_EAGER = True
+    try:
+        yield
+    finally:
+        impl_backend.ENFORCE_EAGER = saved
 
 
 def _packed(run_module: nn.Module, like: nn.Module, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
