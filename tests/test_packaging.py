@@ -28,6 +28,10 @@ from .conftest import PY, ROOT
 
 # Declared but never imported, each for a reason the code states.
 NOT_IMPORTED: dict[str, str] = {}  # every declared distribution is imported somewhere
+# Imported but not declared: each only inside `try: ... except ImportError`, with a fall-back.
+OPTIONAL_IMPORTS = {
+    "triton": "comes with torch's CUDA builds; the fused score (search/score_reduce.py) uses it on a GPU"
+}
 
 
 def _norm(name: str) -> str:
@@ -65,6 +69,8 @@ def test_every_import_is_declared_and_every_declaration_used():
     have = declared()
     used: set[str] = set()
     for module, files in sorted(modules.items()):
+        if module in OPTIONAL_IMPORTS:
+            continue  # test_optional_imports_are_guarded
         providers = {_norm(d) for d in dists.get(module, [])}
         assert providers, f"{module} (imported in {sorted(files)}) is not installed at all"
         assert providers & set(have), (
@@ -74,6 +80,38 @@ def test_every_import_is_declared_and_every_declaration_used():
         used |= providers & set(have)
     assert set(have) - used == set(NOT_IMPORTED), "declared in pyproject.toml but never imported"
     assert "device_map" in (ROOT / "src" / "vlm_autoquant" / "model" / "lm.py").read_text()
+
+
+def _guarded(tree: ast.AST, module: str) -> list[bool]:
+    """For each import of `module` in `tree`: whether a `try` catching ImportError encloses it."""
+    found: list[bool] = []
+
+    def visit(node: ast.AST, guarded: bool) -> None:
+        if isinstance(node, ast.Try):
+            catches = any(h.type is not None and "ImportError" in ast.unparse(h.type) for h in node.handlers)
+            for child in node.body:
+                visit(child, guarded or catches)
+            for child in node.handlers + node.orelse + node.finalbody:
+                visit(child, guarded)
+            return
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n.split(".")[0] == module for n in names):
+                found.append(guarded)
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded)
+
+    visit(tree, False)
+    return found
+
+
+def test_optional_imports_are_guarded():
+    """An undeclared import must fail softly: every one sits in a try that catches ImportError."""
+    modules = imported_modules(ROOT / "src", ROOT / "scripts")
+    for module in OPTIONAL_IMPORTS:
+        for f in sorted(modules.get(module, ())):
+            marks = _guarded(ast.parse((ROOT / f).read_text()), module)
+            assert marks and all(marks), f"{f} imports {module} outside a try/except ImportError"
 
 
 def test_every_subpackage_ships_in_the_wheel():
