@@ -237,3 +237,31 @@ def test_artifacts_dir_export_links_its_source_run(pcpt_run, demo, tmp_path, mon
     assert model.source_run_id == source.info.run_id
     files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
     assert "hf_quant_config.json" in files and "MLmodel" not in files
+
+
+@pytest.mark.parametrize("recipe", ["FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"])
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: packing on the GPU against the CPU"
+)
+def test_a_layer_packed_on_the_gpu_has_the_cpus_bytes(recipe):
+    """The exporter packs each FP8 layer where it is (on the GPU for a GPU export): the codes and
+    scales must be the bytes the same layer packs to on the CPU."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    from vlm_autoquant.exporter import ct as export_ct
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 200, bias=True)).to(torch.bfloat16)
+    data = [torch.randn(8, 96, dtype=torch.bfloat16) * (i + 1) for i in range(3)]
+    mtq.quantize(model, getattr(mtq, recipe), lambda m: [m(x) for x in data])
+    scheme = export_ct.fp8_schemes(
+        _layers([("0", recipe)]), export_ct.quantization_config(_layers([("0", recipe)]))
+    )
+    on_cpu = export_ct.compressed_layer(model[0], scheme["0"])
+    on_gpu = export_ct.compressed_layer(copy.deepcopy(model).cuda()[0], scheme["0"])
+    assert on_cpu.keys() == on_gpu.keys() and on_gpu["weight"].is_cuda
+    for key, value in on_cpu.items():
+        got = on_gpu[key].cpu()
+        assert got.dtype == value.dtype and torch.equal(got.view(torch.uint8), value.view(torch.uint8)), key

@@ -24,9 +24,11 @@ scale is the run's amax / 448 to within 2^-9; vLLM reads it into fp32 exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,7 @@ from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+from compressed_tensors.utils import impl_backend
 from compressed_tensors.utils.match import match_name
 from safetensors.torch import save_file
 from torch import nn
@@ -120,21 +123,38 @@ def scale_of(amax: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (amax.detach().float().cpu() / FP8_MAX).reshape(like.shape).to(like.dtype)
 
 
+@contextlib.contextmanager
+def eager_quantize() -> Iterator[None]:
+    """compressed-tensors' eager PyTorch quantize (its CT_ENFORCE_EAGER) in this block: the same
+    arithmetic on the CPU and on a GPU, where it would otherwise dispatch (on Hopper) to a Triton
+    kernel compiled for this use alone."""
+    saved = impl_backend.ENFORCE_EAGER
+    impl_backend.ENFORCE_EAGER = True
+    try:
+        yield
+    finally:
+        impl_backend.ENFORCE_EAGER = saved
+
+
 @torch.no_grad()
 def compressed_layer(module: nn.Module, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
-    """One FP8 layer packed by compressed-tensors' compressor from the run's quantizers."""
+    """One FP8 layer packed by compressed-tensors' compressor from the run's quantizers, on the
+    layer's own device (IEEE division and round-to-nearest-even: the same bytes on the CPU and
+    on a GPU)."""
     wq, iq = module.weight_quantizer, module.input_quantizer
     like = _scales_like(module, scheme)
+    device = module.weight.device
     # the run's fake quant (codes x scale in bf16), divided in fp32: rounds back to its codes
     state = {
-        "weight": wq(module.weight).float().cpu(),
-        "weight_scale": scale_of(wq.amax, like["weight_scale"]),
+        "weight": wq(module.weight).float(),
+        "weight_scale": scale_of(wq.amax, like["weight_scale"]).to(device),
     }
     if "input_scale" in like:
-        state["input_scale"] = scale_of(iq.amax, like["input_scale"])
+        state["input_scale"] = scale_of(iq.amax, like["input_scale"]).to(device)
     if getattr(module, "bias", None) is not None:
-        state["bias"] = module.bias.detach().cpu()
-    return FloatQuantizationCompressor.compress(state, scheme)
+        state["bias"] = module.bias.detach()
+    with eager_quantize():
+        return FloatQuantizationCompressor.compress(state, scheme)
 
 
 def fp8_schemes(layers: list[LayerRecord], qcfg: QuantizationConfig) -> dict[str, QuantizationScheme]:
@@ -150,7 +170,7 @@ def lm_tensors(
     modules = dict(model.named_modules())
     out: dict[str, torch.Tensor] = {}
     for name, scheme in fp8.items():
-        out.update({f"{name}.{k}": v for k, v in compressed_layer(modules[name], scheme).items()})
+        out.update({f"{name}.{k}": v.cpu() for k, v in compressed_layer(modules[name], scheme).items()})
     tied = getattr(model.config, "tie_word_embeddings", False)
     for key, value in model.state_dict().items():
         layer = key.rpartition(".")[0]

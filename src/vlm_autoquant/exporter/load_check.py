@@ -20,11 +20,9 @@ packed rows would not be the captions the run measured.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +31,6 @@ import torch.nn.functional as F
 from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 from compressed_tensors.quantization import QuantizationStatus
 from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
-from compressed_tensors.utils import impl_backend
 from modelopt.torch.quantization.nn import TensorQuantizer
 from PIL import Image
 from torch import nn
@@ -45,7 +42,6 @@ from ..run.quality import quantizers_off
 from . import ct as export_ct
 
 if TYPE_CHECKING:
-    from compressed_tensors.quantization import QuantizationScheme
     from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -152,7 +148,7 @@ def run_in_loader_arithmetic(reference: nn.Module, layers: list[LayerRecord]) ->
     codes and scales `export_ct.compressed_layer` packs from the run's quantizers.
 
     The copy shares every tensor of the run's model but the FP8 weights, which it replaces, and
-    packs them where they are (`_packed`); the run's model is not changed."""
+    packs them where they are (`export_ct.compressed_layer`); the run's model is not changed."""
     schemes = export_ct.fp8_schemes(layers, export_ct.quantization_config(layers))
     theirs = dict(reference.named_modules())
     replaced = {id(theirs[n].weight) for n in schemes}
@@ -168,42 +164,13 @@ def run_in_loader_arithmetic(reference: nn.Module, layers: list[LayerRecord]) ->
     for name, scheme in schemes.items():
         m = modules[name]
         initialize_module_for_quantization(m, scheme, force_zero_point=False)
-        with _eager():
-            packed = _packed(theirs[name], m, scheme)
+        packed = export_ct.compressed_layer(theirs[name], scheme)
         m.weight.copy_(FloatQuantizationCompressor.decompress(packed, scheme)["weight"])
         for key in ("weight_scale", "input_scale"):
             if key in packed:
                 getattr(m, key).data = packed[key].to(m.weight.device)
         m.quantization_status = QuantizationStatus.DECOMPRESSED
     return model
-
-
-@contextlib.contextmanager
-def _eager() -> Iterator[None]:
-    """compressed-tensors' eager PyTorch quantize (its CT_ENFORCE_EAGER) in this block: the
-    arithmetic the exporter packs with on the host, where on a Hopper GPU it would dispatch to
-    a Triton kernel, compiled for this use alone."""
-    saved = impl_backend.ENFORCE_EAGER
-    impl_backend.ENFORCE_EAGER = True
-    try:
-        yield
-    finally:
-        impl_backend.ENFORCE_EAGER = saved
-
-
-def _packed(run_module: nn.Module, like: nn.Module, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
-    """`export_ct.compressed_layer` of the run's layer, on the layer's device: its fake-quantized
-    weight and amax / 448 (shaped and typed as compressed-tensors initialised `like`'s scales)
-    packed by compressed-tensors' compressor."""
-    wq, iq = run_module.weight_quantizer, run_module.input_quantizer
-    device = run_module.weight.device
-    state = {
-        "weight": wq(run_module.weight).float(),
-        "weight_scale": export_ct.scale_of(wq.amax, like.weight_scale).to(device),
-    }
-    if hasattr(like, "input_scale"):
-        state["input_scale"] = export_ct.scale_of(iq.amax, like.input_scale).to(device)
-    return FloatQuantizationCompressor.compress(state, scheme)
 
 
 def check(
