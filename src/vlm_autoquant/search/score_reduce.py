@@ -3,7 +3,7 @@
 For every scored module, format and batch, ModelOpt's `_get_auto_quantize_score(g, d)` computes
 sum(clamp(float(g) * float(d), -1e10, 1e10) ** 2), g the gradient at the module's output and
 d = Q(Y) - Y. In eager PyTorch that is six kernels and four output-sized float32 temporaries;
-on the 3B they take about a quarter of a score batch. `score` computes the same elementwise
+on the 3B they take about a seventh of a score batch. `score` computes the same elementwise
 values in one Triton kernel that reads g and d once and writes one float32 partial sum per
 block of `BLOCK` elements; torch then sums the partials in a fixed order, so a score is the
 same from run to run. The kernel is compiled without FMA contraction, so every product and
