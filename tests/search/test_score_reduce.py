@@ -35,11 +35,13 @@ def test_cpu_tensors_get_modelopts_own_score_bit_for_bit():
     assert torch.equal(total, 2 * MODELOPT_SCORE(g, d))
 
 
-def test_mismatched_or_integer_tensors_are_not_fused():
+def test_only_matching_float_tensors_have_the_kernels_layout():
     g, d = _pair((4, 8))
-    assert not score_reduce.fusable(g, d[:2])
-    assert not score_reduce.fusable(g.to(torch.int32), d)
-    assert not score_reduce.fusable(g[:0], d[:0])
+    assert score_reduce.same_layout(g, d) and score_reduce.same_layout(g.float(), d)
+    assert score_reduce.same_layout(g.t(), d.t())  # a view is made contiguous first
+    assert not score_reduce.same_layout(g, d[:2])
+    assert not score_reduce.same_layout(g.to(torch.int32), d)
+    assert not score_reduce.same_layout(g[:0], d[:0])
 
 
 def test_a_search_scores_through_the_fused_function_and_restores_modelopts(

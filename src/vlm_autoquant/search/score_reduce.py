@@ -62,7 +62,14 @@ def fusable(grad_output: torch.Tensor, output_diff: torch.Tensor) -> bool:
     return (
         grad_output.is_cuda
         and output_diff.device == grad_output.device
-        and grad_output.shape == output_diff.shape
+        and same_layout(grad_output, output_diff)
+    )
+
+
+def same_layout(grad_output: torch.Tensor, output_diff: torch.Tensor) -> bool:
+    """One element of each per output element, in dtypes the kernel reads, and at least one."""
+    return (
+        grad_output.shape == output_diff.shape
         and grad_output.dtype in _DTYPES
         and output_diff.dtype in _DTYPES
         and grad_output.numel() > 0
