@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,18 +320,16 @@ def export(
         VlmAutoquantError: with the problems the CLI would print.
     """
     opts = _export_options(source, model_dir, output_dir, options)
-    from .exporter.inputs import gathered  # safetensors: only for an export
+    from .exporter.inputs import checked  # safetensors: only for an export
 
     if not options.get("mlflow", True):
         _refuse_server_without_mlflow(opts.run_id)
     tracker_factory = _export_tracker_factory(opts.experiment) if options.get("mlflow", True) else None
     with (
-        tempfile.TemporaryDirectory(prefix="vlm-export-") as work,
         _discarded_if_empty(opts.output_dir),
         stop_on_signals(StopFlag()) as stop,
+        checked(opts) as (inputs, phases),
     ):
-        phases = Phases()
-        inputs = gathered(opts, Path(work), phases)
         from .exporter.pipeline import export_gathered  # ModelOpt and torch: once the inputs are valid
 
         report = export_gathered(inputs, phases, tracker_factory, stop)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +160,15 @@ def check_base(opts: ExportOptions, model_dir: Path, problems: Problems) -> Chec
             "export the language model alone (recorded in the report)",
         )
     return base if len(problems.items) == before else None
+
+
+@contextlib.contextmanager
+def checked(opts: ExportOptions) -> Iterator[tuple[ExportInputs, Phases]]:
+    """The export's inputs, `gathered` into a temporary work folder that lives as long as the
+    block (the artifacts fetched there are read by the export), and its phase timer."""
+    phases = Phases()
+    with tempfile.TemporaryDirectory(prefix="vlm-export-") as work:
+        yield gathered(opts, Path(work), phases), phases
 
 
 def gathered(opts: ExportOptions, workdir: Path, phases: Phases) -> ExportInputs:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from . import ct as export_ct
 from . import engine_load, engines, load_check
 from . import track as export_track
 from . import verify as export_verify
-from .inputs import COMPRESSED_TENSORS, MODELOPT, ExportInputs, ExportOptions, gathered
+from .inputs import COMPRESSED_TENSORS, MODELOPT, ExportInputs, ExportOptions, checked
 from .staging import BOOKKEEPING, STAGING_MARKER, mark_finished, staging_dir
 
 if TYPE_CHECKING:
@@ -78,7 +77,7 @@ def verify(work: Work, out: Path, hf_quant: dict, fmt: str = MODELOPT) -> dict:
         checks["names"] = export_ct.check_names(hf_quant, inputs.manifest.layers)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-check") as pool:
         vision = None if lm_only else pool.submit(export_verify.check_vision, inputs.model_dir, out)
-        checks["vision"] = {"passed": True, "skipped": "--lm-only"}  # the hashes' result goes here
+        checks["vision"] = {"passed": True, "skipped": "--lm-only"} if lm_only else None  # hashed below
         run = export_verify.RunScales(
             export_verify.quantizer_amax(reference, "input"),
             export_verify.quantizer_amax(reference, "weight"),
@@ -388,14 +387,12 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
     Raises UsageError (exit 2) for bad input, RunFailed (exit 1) when a check fails.
     The output dir is locked for the whole export (a second export into it is refused).
     """
-    phases = Phases()
-    with tempfile.TemporaryDirectory(prefix="vlm-export-") as work:
-        inputs = gathered(options, Path(work), phases)
+    with checked(options) as (inputs, phases):
         return export_gathered(inputs, phases, tracker_factory, stop)
 
 
 def export_gathered(inputs: ExportInputs, phases: Phases, tracker_factory=None, stop=None) -> dict:
-    """`export_run` once `exporter.inputs.gathered` has checked the inputs (the artifacts it
+    """`export_run` once `exporter.inputs.checked` has checked the inputs (the artifacts it
     fetched must still be on disk)."""
     options = inputs.options
     target = Path(os.path.realpath(options.output_dir))  # a symlink is written through
