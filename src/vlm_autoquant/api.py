@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .core import artifacts, paths
+from .core import artifacts, lean_imports, paths
 from .core.artifacts import COMPARISON_FILE, MANIFEST_FILE, QUANT_STATE_FILE, locked_output_dir
 from .core.errors import Problem, Problems, UsageError
 from .core.interrupt import StopFlag, stop_on_signals
@@ -156,6 +156,7 @@ def _validated(
 def run_scheme(options: RunOptions, scheme: str, overrides: dict) -> Result:
     """`quantize` on RunOptions: validate, plan, search, solve, evaluate, save and log."""
     require_dependencies()
+    lean_imports.install()
     phases = Phases()
     phases.add("startup", since_process_start())
     with _discarded_if_empty(options.output_dir), contextlib.ExitStack() as stack:
@@ -201,6 +202,7 @@ def quantize(
 def run_schemes(options: RunOptions, schemes: list[str] | None, overrides: dict) -> SweepResult:
     """`sweep` on RunOptions: every scheme, one search per family, one MLflow parent run."""
     require_dependencies()
+    lean_imports.install()
     names = schemes
     if names is None:
         try:
@@ -320,6 +322,7 @@ def export(
         VlmAutoquantError: with the problems the CLI would print.
     """
     opts = _export_options(source, model_dir, output_dir, options)
+    lean_imports.install()
     from .exporter.inputs import checked  # safetensors: only for an export
 
     if not options.get("mlflow", True):
@@ -381,6 +384,7 @@ def restore(
     Raises:
         VlmAutoquantError: the run's files are missing or not its own, or the weights differ.
     """
+    lean_imports.install()
     from .model import quant_state  # ModelOpt: only for a restore
 
     run_dir = Path(run_dir)

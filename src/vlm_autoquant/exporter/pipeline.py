@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..core import artifacts
+from ..core import artifacts, lean_imports
 from ..core.errors import Interrupted, Problem, RunFailed, UsageError
 from ..core.timing import Phases, gpu_peak_gib, human_bytes, peak_rss_gib
 from ..model import quant_state
@@ -387,6 +387,7 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
     Raises UsageError (exit 2) for bad input, RunFailed (exit 1) when a check fails.
     The output dir is locked for the whole export (a second export into it is refused).
     """
+    lean_imports.install()
     with checked(options) as (inputs, phases):
         return export_gathered(inputs, phases, tracker_factory, stop)
 

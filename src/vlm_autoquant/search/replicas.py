@@ -123,6 +123,9 @@ def _worker(rank: int, port: int, jobs, results) -> None:
         level=logging.WARNING, format=f"%(asctime)s replica {rank}: %(message)s", datefmt="%H:%M:%S"
     )
     try:
+        from ..core import lean_imports
+
+        lean_imports.install()
         import torch  # torch: this module is imported on the refusal path
         import torch.distributed as dist  # torch: as above
 
