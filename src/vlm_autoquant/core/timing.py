@@ -1,12 +1,14 @@
-"""Phase timing: one log line per phase with its wall time and memory."""
+"""Phase timing: one log line per phase with its wall time and memory, and per-batch times."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import resource
+import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psutil
 
@@ -72,3 +74,56 @@ class Phases:
 
     def total(self) -> float:
         return time.perf_counter() - self.started
+
+
+class BatchClock:
+    """Wall time of each batch of a phase, from the first forward step on a batch to the first
+    on the next one (the last batch ends with its phase). The steps of one batch (kl_div runs
+    several forwards per batch) count as one batch."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+        self._phase: str | None = None
+        self._batch: object = None
+        self._t = 0.0
+
+    def begin(self, phase: str) -> None:
+        self._close()
+        self._phase = phase
+
+    def end(self) -> None:
+        self._close()
+        self._phase = None
+
+    def _close(self) -> None:
+        if self._phase is not None and self._batch is not None:
+            self.seconds.setdefault(self._phase, []).append(time.perf_counter() - self._t)
+        self._batch = None
+
+    def wrap(self, step: Callable) -> Callable:
+        """`step(model, batch)` that marks where each batch of the current phase starts."""
+
+        @functools.wraps(step)
+        def timed_step(model, batch):
+            if self._phase is not None and batch is not self._batch:
+                self._close()
+                self._batch, self._t = batch, time.perf_counter()
+            return step(model, batch)
+
+        return timed_step
+
+
+def batch_note(seconds: list[float], phase_s: float | None = None) -> str:
+    """'16 batches: the first 1.21 s, the rest 0.15 s each (median); 0.40 s outside them'."""
+    if not seconds:
+        return ""
+    if len(seconds) == 1:
+        note = f"1 batch: {seconds[0]:.2f} s"
+    else:
+        note = (
+            f"{len(seconds)} batches: the first {seconds[0]:.2f} s, "
+            f"the rest {statistics.median(seconds[1:]):.2f} s each (median)"
+        )
+    if phase_s is not None:
+        note += f"; {max(phase_s - sum(seconds), 0.0):.2f} s outside them"
+    return note

@@ -30,7 +30,7 @@ from .manifest import FP8, Manifest
 if TYPE_CHECKING:
     from ..search.replicas import Replicas
 from ..core.interrupt import StopFlag
-from ..core.timing import Phases, since_process_start
+from ..core.timing import Phases, batch_note, since_process_start
 from ..model.lm import load_lm, pick_device
 from ..plan.inputs import Inputs
 from ..plan.memory_plan import Dims
@@ -92,7 +92,8 @@ def search_family(
     )
     for key, ran in (("calibrate", found.calibrated), ("score", found.scored)):
         if ran:  # the line that ends autoquant's "<phase>: started"
-            phases.record(key, found.timings.get(key, 0.0))
+            secs = found.timings.get(key, 0.0)
+            phases.record(key, secs, batch_note(found.batch_seconds.get(key, []), secs))
         else:
             phases.add(key, found.timings.get(key, 0.0))
     phases.add("search_setup", found.timings.get("search_setup", 0.0))

@@ -54,6 +54,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 
 from ..core.errors import RunFailed
 from ..core.interrupt import StopFlag
+from ..core.timing import BatchClock
 from ..model.fused import fused_layer_groups
 from . import calib_collect, resume, score_reduce
 from .spec import KL_CHUNK_BYTES, SearchCheckpoint, SearchSpec
@@ -193,6 +194,7 @@ class Search:
     scored: bool  # scoring ran here (False: restored)
     timings: dict[str, float] = field(default_factory=dict)
     worker_peaks_gib: dict[str, float] = field(default_factory=dict)  # replicas: the other GPUs'
+    batch_seconds: dict[str, list[float]] = field(default_factory=dict)  # phase -> each batch's wall
 
 
 @dataclass(frozen=True)
@@ -278,16 +280,20 @@ def normalised_lp() -> Iterator[None]:
         mq_algorithms.LPS = orig
 
 
-def _timed(timings: dict[str, float], key: str, fn: Callable) -> Callable:
+def _timed(timings: dict[str, float], key: str, fn: Callable, clock: BatchClock | None = None) -> Callable:
     def wrapper(*args, **kwargs):
         if key in ("calibrate", "score") and key not in timings:  # once per search, not per format
             log.info("%s: started", key)  # progress without bars in a log (and a test's signal)
         t0 = time.perf_counter()
+        if clock is not None:
+            clock.begin(key)
         try:
             return fn(*args, **kwargs)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            if clock is not None:
+                clock.end()
             timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
     return wrapper
@@ -490,10 +496,11 @@ def observe_modelopt(
     model: torch.nn.Module,
     grad_checkpointing: bool,
     fused_scales: str = "shared-max",
+    clock: BatchClock | None = None,
 ) -> Iterator[None]:
     """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
     base, calib = _AutoQuantizeBaseSearcher, {}
-    calibrate = _timed(timings, "calibrate", calib_collect.calibrating(mq.calibrate))
+    calibrate = _timed(timings, "calibrate", calib_collect.calibrating(mq.calibrate), clock)
     if fused_scales == "shared-max":
         calibrate = _sharing_fused_scales(calibrate)
     patches = [
@@ -511,7 +518,7 @@ def observe_modelopt(
         (
             c,
             "estimate_sensitivity_scores",
-            _timed(timings, "score", c.__dict__["estimate_sensitivity_scores"]),
+            _timed(timings, "score", c.__dict__["estimate_sensitivity_scores"], clock),
         )
         for c in SEARCHERS.values()
     ]
@@ -587,12 +594,13 @@ def search(
     """
     forward_step, loss_func = make_steps(spec.method, stop)
     timings: dict[str, float] = {}
+    clock = BatchClock()
     checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = _auto_quantize_kwargs(spec, batches, checkpoint.path, forward_step, loss_func)
+    kwargs = _auto_quantize_kwargs(spec, batches, checkpoint.path, clock.wrap(forward_step), loss_func)
     t0 = time.perf_counter()
     try:
         with (
-            observe_modelopt(timings, checkpoint.record, model, grad_checkpointing, spec.fused_scales),
+            observe_modelopt(timings, checkpoint.record, model, grad_checkpointing, spec.fused_scales, clock),
             normalised_lp(),
             contextlib.redirect_stdout(_DebugLog()),
         ):  # ModelOpt prints; that goes to DEBUG
@@ -612,7 +620,8 @@ def search(
             f"the search checkpoint {checkpoint.path} was written by an older version of "
             "this tool (no raw scores); rerun with --overwrite to score again"
         )
-    return Search(spec, stats, checkpoint.path, "calibrate" in timings, "score" in timings, timings)
+    calibrated, scored = "calibrate" in timings, "score" in timings
+    return Search(spec, stats, checkpoint.path, calibrated, scored, timings, batch_seconds=clock.seconds)
 
 
 def _auto_quantize_kwargs(
