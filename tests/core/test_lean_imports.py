@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,9 @@ def _probe(tmp_path: Path, mode: str) -> dict:
         )
     env = {
         "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": f"{fakes}:{ROOT / 'src'}",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(fakes), str(ROOT / "src"), os.environ.get("PYTHONPATH")])
+        ),
         "MARKS": str(marks),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -67,19 +69,24 @@ def test_modelopt_plugins_skip_the_libraries_a_qwen2_lm_does_not_use(tmp_path):
     assert lean["linear"] and plain["linear"]  # ModelOpt still quantizes nn.Linear
 
 
-def test_the_block_holds_only_inside_a_plugins_module_and_only_in_its_thread():
-    finder = lean_imports.LeanFinder()
-    assert finder.find_spec("vllm", None) is None  # outside: left to the other finders
-    finder.depth.value = 1
+def _find_from(module: str, name: str):
+    """`find_spec(name)` called from code whose module is `module`, as an import statement is."""
+    scope = {"__name__": module, "finder": lean_imports.LeanFinder()}
+    exec(f"found = finder.find_spec({name!r}, None)", scope)
+    return scope["found"]
+
+
+def test_only_a_modelopt_plugins_modules_own_import_of_a_listed_library_is_refused():
     with pytest.raises(ModuleNotFoundError) as err:
-        finder.find_spec("vllm.model_executor", None)
-    assert err.value.name == "vllm.model_executor"
-    assert finder.find_spec("json", None) is None  # libraries not on the list are untouched
-    seen = []
-    other = threading.Thread(target=lambda: seen.append(finder.find_spec("vllm", None)))
-    other.start()
-    other.join()
-    assert seen == [None]  # another thread, outside any plugins module
+        _find_from("modelopt.torch.quantization.plugins.vllm", "vllm")
+    assert err.value.name == "vllm"
+    with pytest.raises(ModuleNotFoundError):
+        _find_from("modelopt.torch.opt.plugins.mcore_dist_checkpointing", "megatron.core")
+    # A library ModelOpt's plugins load (peft) imports what it likes, even inside them.
+    assert _find_from("peft.tuners.lora.tp_layer", "megatron") is None
+    assert _find_from("modelopt.torch.export.unified_export_megatron", "megatron") is None
+    assert _find_from("__main__", "vllm") is None
+    assert _find_from("modelopt.torch.quantization.plugins.huggingface", "transformers") is None
 
 
 def test_only_modelopt_plugins_modules_are_counted():
