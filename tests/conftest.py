@@ -170,6 +170,26 @@ def _store_template(tmp_path_factory) -> Iterator[None]:
     tracking_store._migrate, tracking_store._cores_to_spare = real, real_spare
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tracker_in_process() -> Iterator[None]:
+    """A scheme's tracker stays in the test process (as on two cores, where CI runs); a test
+    asks for the child process with the `tracker_child` fixture."""
+    from vlm_autoquant import tracking
+
+    real = tracking.tracker_in_child
+    tracking.tracker_in_child = lambda: False
+    yield
+    tracking.tracker_in_child = real
+
+
+@pytest.fixture
+def tracker_child(monkeypatch) -> None:
+    """A scheme's tracker lives in a child process, as beside a free core."""
+    from vlm_autoquant import tracking
+
+    monkeypatch.setattr(tracking, "tracker_in_child", lambda: True)
+
+
 @pytest.fixture
 def store_child(monkeypatch) -> None:
     """A run's new SQLite store migrates in a child process, as outside the tests."""

@@ -679,3 +679,108 @@ def test_a_run_this_process_ended_releases_its_record(tmp_path):
         assert tracking.ended_here(out)
     finally:
         tracking._ended.discard("0123abcd")
+
+
+QUICK_KW = {
+    "num_calib_samples": 512,
+    "num_calib_steps": 2,
+    "num_score_steps": 2,
+    "num_eval_samples": 64,
+    "seq_len": 128,
+}
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_a_scheme_tracked_in_a_child_process_logs_what_one_tracked_here_logs(
+    demo, tracking, tmp_path, monkeypatch
+):
+    import mlflow
+
+    from vlm_autoquant import api
+    from vlm_autoquant import tracking as trk
+
+    done = {}
+    for child in (False, True):
+        monkeypatch.setattr(trk, "tracker_in_child", lambda child=child: child)
+        done[child] = api.quantize(
+            demo[0],
+            output_dir=tmp_path / f"out-{child}",
+            calib_file=demo[1],
+            experiment=f"e-{child}",
+            **QUICK_KW,
+        )
+    assert done[True].experiment == "e-True" and done[False].experiment == "e-False"
+    client = mlflow.MlflowClient()
+    here, there = (client.get_run(done[c].run_id) for c in (False, True))
+    assert here.info.status == there.info.status == "FINISHED"
+    assert set(here.data.params) == set(there.data.params)
+    assert set(here.data.metrics) == set(there.data.metrics)
+    for key in ("effective_bits/achieved", "quality/kl_mean", "layers/fp8", "search/predicted_loss"):
+        assert here.data.metrics[key] == there.data.metrics[key]
+    volatile = {"mlflow.source.name", "mlflow.source.type", "mlflow.user", "mlflow.source.git.commit"}
+    assert set(here.data.tags) - volatile == set(there.data.tags) - volatile
+    assert _artifacts(client, here.info.run_id) == _artifacts(client, there.info.run_id)
+    names = [sorted(d.dataset.name for d in r.inputs.dataset_inputs) for r in (here, there)]
+    assert names[0] == names[1] and names[0]  # the caption splits, logged from the child too
+    assert (tmp_path / "out-True" / RUN_ID_FILE).read_text().split()[0] == there.info.run_id
+
+
+def test_a_scheme_tracked_in_a_child_process_imports_no_mlflow_in_the_run(demo, tracking, tmp_path):
+    from vlm_autoquant.core.errors import Problems
+    from vlm_autoquant.tracking_store import create_store
+
+    create_store(Problems())  # an existing store, as from the second run on
+    script = (
+        "import sys, vlm_autoquant.tracking as t\n"
+        "t.tracker_in_child = lambda: True\n"
+        "from vlm_autoquant import api\n"
+        f"done = api.quantize({str(demo[0])!r}, output_dir='out', calib_file={str(demo[1])!r},\n"
+        f"                    **{QUICK_KW!r})\n"
+        "print(done.run_id, done.experiment)\n"
+        "print(sorted(m for m in ('mlflow', 'matplotlib', 'sqlalchemy', 'alembic') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [PY, "-c", script],
+        cwd=tmp_path,
+        env=subprocess_env(MLFLOW_TRACKING_URI=tracking),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_line, imported = proc.stdout.strip().splitlines()[-2:]
+    assert imported == "[]"
+    run_id, experiment = run_line.split()
+    client = store(tmp_path / "mlruns")[1]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert "sensitivity.png" in {f.path for f in client.list_artifacts(run_id)}  # drawn in the child
+
+
+def test_the_child_trackers_errors_and_its_death_arrive_here_as_tracking_failed(tracking, tmp_path):
+    import json
+
+    import mlflow
+
+    from vlm_autoquant.tracking import RemoteTracker, TrackingFailed, close_stale
+
+    out = tmp_path / "out"
+    tracker = RemoteTracker("e", "r", out_dir=out)
+    with pytest.raises(TrackingFailed, match="TypeError"):
+        tracker.log_with(json.loads)  # json.loads(tracker) fails in the child
+    tracker.log_metrics({"m": 1.0})  # the child still serves after an error
+    run_id = tracker.run_id
+    tracker._proc.kill()
+    tracker._proc.wait()
+    with pytest.raises(TrackingFailed, match="ended unexpectedly"):
+        tracker.log_metrics({"m": 2.0})
+    client = mlflow.MlflowClient()
+    assert client.get_run(run_id).info.status == "RUNNING"  # left for close_stale, as in-process
+    close_stale(out).join()
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.get_run(run_id).data.metrics["m"] == 1.0

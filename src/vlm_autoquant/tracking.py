@@ -4,6 +4,11 @@ A run is a context manager (`tracked_run`) that ends FINISHED, KILLED (interrupt
 one place. Its start is a real write to the store; it runs in a background thread so that it
 overlaps with loading and searching, and the first logging call waits for it. Importing mlflow
 (~2 s) and closing a stale run also happen in that thread, never on the main one.
+
+A scheme's run (`tracked_run(..., separate=True)`) goes one step further beside a free core: the
+whole Tracker lives in a child process (`RemoteTracker`), which imports mlflow, starts the run,
+samples the system metrics and draws and logs the report, so that none of that Python work holds
+the search process's interpreter lock while it launches GPU kernels.
 """
 
 from __future__ import annotations
@@ -11,11 +16,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +35,7 @@ from typing import Any
 from .core.artifacts import RUN_ID_FILE
 from .core.errors import Interrupted, Problems, RunFailed
 from .tracking_store import (  # noqa: F401 - the store's checks, re-exported for callers
+    CHILD_MIN_CORES,
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
     StoreBuild,
@@ -32,6 +44,7 @@ from .tracking_store import (  # noqa: F401 - the store's checks, re-exported fo
     create_store,
     ensure_store,
     is_server,
+    log_to_stderr,
     redact,
     schema_problem,
     shown_uri,
@@ -159,6 +172,7 @@ class Tracker:
                 self.run, inherited = _open_run(mlflow, experiment, run_name, parent)
             self.run_id = self.run.info.run_id
             self.experiment_name = mlflow.MlflowClient().get_experiment(self.run.info.experiment_id).name
+            _experiment_names[self.run_id] = self.experiment_name
             if self._out_dir is not None:
                 remember(self._out_dir, self.run_id)
             self._existing = dict(self.run.data.params) | inherited
@@ -243,6 +257,10 @@ class Tracker:
         )
         self.wait()._mlflow.MlflowClient().log_inputs(self.run_id, datasets=[_dataset_input(ds, context)])
 
+    def log_with(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(self, *args)`: logging code that runs wherever the tracker lives."""
+        return fn(self, *args)
+
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
         if self._thread.is_alive() or self._error is not None:
             self._thread.join(timeout=60)
@@ -266,6 +284,158 @@ def _prewarm_report_imports() -> None:
         import mlflow.data.huggingface_dataset  # noqa: F401 - prewarmed in a thread
     except Exception as exc:  # noqa: BLE001 - only a head start; report.py imports them again
         log.debug("could not pre-import the report's modules: %s", exc)
+
+
+_SERVE = "import sys, vlm_autoquant.tracking as t; t.serve(int(sys.argv[1]))"
+
+
+def tracker_in_child() -> bool:
+    """Whether a scheme's tracker goes to a child process: only beside a free core, as the new
+    store's migration (`tracking_store.CHILD_MIN_CORES`); on fewer cores the child's second
+    import of mlflow would compete with the run for a core."""
+    return len(os.sched_getaffinity(0)) >= CHILD_MIN_CORES
+
+
+class RemoteTracker:
+    """A `Tracker` in a child process, with the same calls: each is sent to the child and waits
+    for its answer, so errors and ordering are as in-process. Logging code that needs the
+    tracker itself (figures, datasets) runs there through `log_with(fn, *args)`.
+
+    The child ignores SIGINT (the run is ended KILLED from here); when this process dies, the
+    child sees the pipe close and exits, and the run left RUNNING is closed by the next run
+    into the same output dir (`close_stale`), as for an in-process tracker."""
+
+    def __init__(
+        self, experiment: str | None, run_name: str, system_metrics: bool = False, out_dir: Path | None = None
+    ) -> None:
+        self.name = run_name
+        self.experiment = active_experiment(experiment)
+        here, there = multiprocessing.Pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVE, str(there.fileno())],
+            pass_fds=(there.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        there.close()
+        self._conn = here
+        self._info: tuple[str, str] | None = None
+        debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+        self._call_nowait(("start", (experiment, run_name, system_metrics, out_dir, debug)))
+
+    def _call_nowait(self, message: tuple) -> None:
+        try:
+            self._conn.send(message)
+        except OSError as exc:
+            raise self._gone(exc) from None
+
+    def _gone(self, exc: BaseException) -> TrackingFailed:
+        return TrackingFailed(
+            f"the MLflow process ended unexpectedly (exit code {self._proc.poll()}, {type(exc).__name__})"
+        )
+
+    def _call(self, method: str, *args: Any) -> Any:
+        if self._conn.closed:
+            raise TrackingFailed("the MLflow run has ended")
+        self._call_nowait((method, args))
+        try:
+            ok, value = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise self._gone(exc) from None
+        if not ok:
+            raise TrackingFailed(value)
+        return value
+
+    def wait(self) -> "RemoteTracker":
+        if self._info is None:
+            self._info = self._call("wait")
+            _experiment_names[self._info[0]] = self._info[1]
+        return self
+
+    @property
+    def run_id(self) -> str:
+        return self.wait()._info[0]  # type: ignore[index]
+
+    @property
+    def experiment_name(self) -> str:
+        return self.wait()._info[1]  # type: ignore[index]
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._call("log_params", params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._call("log_metrics", metrics, step)
+
+    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
+        self._call("log_series", series)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._call("set_tags", tags)
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
+        self._call("log_artifact", path, subdir)
+
+    def log_table(self, rows: list[dict], name: str) -> None:
+        self._call("log_table", rows, name)
+
+    def log_captions(self, captions: list[str], source: Path, name: str, context: str) -> None:
+        self._call("log_captions", captions, source, name, context)
+
+    def log_with(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(tracker, *args)` in the child, with its Tracker (`fn` is pickled by name)."""
+        return self._call("log_with", fn, *args)
+
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        try:
+            ended = self._call("end", status, reason)
+            if ended is not None:
+                _ended.add(ended[0])
+                _experiment_names[ended[0]] = ended[1]
+        finally:
+            self._conn.close()
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+def serve(fd: int) -> None:
+    """The child of a `RemoteTracker`: one Tracker, answering its parent's calls in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends the run KILLED on Ctrl-C
+    conn = multiprocessing.connection.Connection(fd)
+    _, (experiment, run_name, system_metrics, out_dir, debug) = conn.recv()
+    log_to_stderr(debug)  # the parent's format, on the stderr they share
+    if not debug:  # as the parent: libraries' notices of their own future changes stay quiet
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    if out_dir is not None:
+        close_stale(out_dir)  # read before this run's id replaces it; the Tracker waits for it
+    tracker = Tracker(experiment, run_name, None, system_metrics, out_dir)
+    while True:
+        try:
+            method, args = conn.recv()
+        except EOFError:
+            return  # the parent is gone; its run is closed by the next run into its output dir
+        try:
+            if method == "wait":
+                tracker.wait()
+                value: Any = (tracker.run_id, tracker.experiment_name)
+            elif method == "end":
+                tracker.end(*args)
+                run_id = getattr(tracker, "run_id", None)
+                value = None if run_id is None else (run_id, tracker.experiment_name)
+            else:
+                value = getattr(tracker, method)(*args)
+            reply = (True, value)
+        except BaseException as exc:  # noqa: BLE001 - sent to the parent, raised there
+            reply = (
+                False,
+                str(exc) if isinstance(exc, TrackingFailed) else f"{type(exc).__name__}: {redact(exc)}",
+            )
+        conn.send(reply)
+        if method == "end":
+            return
 
 
 def experiment_id(mlflow, experiment: str | None) -> str:
@@ -365,11 +535,20 @@ def tracked_run(
     parent: Tracker | None = None,
     system_metrics: bool = False,
     out_dir: Path | None = None,
+    separate: bool = False,
 ) -> Iterator[Tracker]:
     """A run that ends FINISHED, KILLED (interrupted) or FAILED (with the reason as a tag).
 
-    With `out_dir`, the run's id is recorded there (see `close_stale`)."""
-    tracker = Tracker(experiment, name, parent, system_metrics, out_dir)
+    With `out_dir`, the run's id is recorded there (see `close_stale`). `separate`: a scheme's
+    own run (no parent); a stale run recorded in `out_dir` is closed first, and beside a free
+    core the tracker lives in a child process (`RemoteTracker`), which does that closing too."""
+    tracker: Tracker
+    if separate and parent is None and tracker_in_child():
+        tracker = RemoteTracker(experiment, name, system_metrics, out_dir)  # type: ignore[assignment]
+    else:
+        if separate and out_dir is not None:
+            close_stale(out_dir)
+        tracker = Tracker(experiment, name, parent, system_metrics, out_dir)
     try:
         yield tracker
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -419,6 +598,7 @@ def recorded_run(out_dir: Path) -> tuple[str, dict | None] | None:
 
 _closers: dict[Path, threading.Thread] = {}
 _ended: set[str] = set()  # runs this process ended (any status)
+_experiment_names: dict[str, str] = {}  # run id -> experiment name, for runs tracked here
 
 
 def ended_here(out_dir: Path) -> bool:
@@ -525,6 +705,8 @@ def download_run_files(run_id: str, names: list[str], dst: Path) -> dict[str, Pa
 
 def experiment_of(run_id: str) -> str:
     """The name of the experiment holding `run_id`."""
+    if run_id in _experiment_names:  # a run this process tracked: no need to import mlflow
+        return _experiment_names[run_id]
     import mlflow  # mlflow: off the refusal path
 
     client = mlflow.MlflowClient()

@@ -61,6 +61,22 @@ class RedactCredentials(logging.Filter):
         return True
 
 
+def log_to_stderr(debug: bool) -> None:
+    """The log every process of a run writes (the run's, its tracker's): one line per phase at
+    INFO, library chatter at DEBUG, and no tracking password in any line."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactCredentials) for f in handler.filters):
+            handler.addFilter(RedactCredentials())
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db, artifacts in ./mlruns)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI

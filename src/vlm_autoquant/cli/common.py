@@ -38,7 +38,7 @@ from ..plan.schemes import Scheme
 from ..plan.validate import check_schemes
 from ..plan.validate import require_dependencies as require
 from ..tracking import METRICS, mark_launch_failed
-from ..tracking_store import RedactCredentials, redact
+from ..tracking_store import log_to_stderr, redact
 
 log = logging.getLogger("vlm_autoquant")
 
@@ -228,17 +228,7 @@ def configure(debug: bool) -> None:
     warnings.filterwarnings("ignore", message="transformers .* is not tested with current")
     if not debug:  # libraries' notices of their own future changes; Python hides DeprecationWarning
         warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactCredentials) for f in handler.filters):
-            handler.addFilter(RedactCredentials())  # no tracking password in any log line
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_stderr(debug)
 
 
 def dashed(argv: list[str] | None) -> list[str]:

@@ -159,11 +159,9 @@ def finish_scheme(
     doc = save.build_manifest(model, solved, inputs, family, out_dir, rel)
     save.save_manifest(out_dir, doc)
     tracker = target.tracker
-    with phases("log"):
-        report.log_scheme(tracker, doc, out_dir)
-        tracker.log_captions(family.data.split.calib, inputs.calib_path, "calibration", "training")
-        if family.data.split.eval:
-            tracker.log_captions(family.data.split.eval, inputs.calib_path, "held-out", "evaluation")
+    with phases("log"):  # wherever the tracker lives (a child process: report.py's imports go there)
+        split = family.data.split
+        tracker.log_with(report.log_finished, doc, out_dir, split.calib, split.eval, inputs.calib_path)
     tracker.log_metrics({"time/log_s": phases.seconds["log"], "time/total_s": phases.total()})
     return doc
 
@@ -207,9 +205,8 @@ def run_single(
         log.info(
             "resuming: %s search checkpoint %s matches these settings", family.reuse.stage, family.checkpoint
         )
-    tracking.close_stale(out_dir)
     with tracking.tracked_run(
-        experiment, scheme.name, system_metrics=torch.cuda.is_available(), out_dir=out_dir
+        experiment, scheme.name, system_metrics=torch.cuda.is_available(), out_dir=out_dir, separate=True
     ) as tracker:
         kernel = fp8_kernel.select_fp8_kernel(inputs.options.fp8_kernel)
         with searching_with(replicas, kernel):

@@ -183,6 +183,21 @@ def log_scheme(tracker: Tracker, doc: Manifest, out_dir: Path, files: dict[str, 
         ) from exc
 
 
+def log_finished(
+    tracker: Tracker,
+    doc: Manifest,
+    out_dir: Path,
+    calib: list[str],
+    held_out: list[str] | None,
+    calib_path: Path,
+) -> None:
+    """A finished scheme's report (`log_scheme`) and its caption splits as MLflow datasets."""
+    log_scheme(tracker, doc, out_dir)
+    tracker.log_captions(calib, calib_path, "calibration", "training")
+    if held_out:
+        tracker.log_captions(held_out, calib_path, "held-out", "evaluation")
+
+
 def log_only_command(out_dir: Path, experiment: str | None) -> str:
     """The command that logs `out_dir` later into the same store and experiment (the tracking
     URI shown with its credentials redacted; no --experiment where MLFLOW_EXPERIMENT_ID chose)."""

@@ -35,6 +35,7 @@ from datetime import timedelta
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from ..core import lean_imports
 from ..core.errors import RunFailed
 from .spec import SearchCheckpoint
 
@@ -122,10 +123,8 @@ def _worker(rank: int, port: int, jobs, results) -> None:
     logging.basicConfig(
         level=logging.WARNING, format=f"%(asctime)s replica {rank}: %(message)s", datefmt="%H:%M:%S"
     )
+    lean_imports.install()  # before ModelOpt's import, as in rank 0
     try:
-        from ..core import lean_imports
-
-        lean_imports.install()
         import torch  # torch: this module is imported on the refusal path
         import torch.distributed as dist  # torch: as above
 
