@@ -784,3 +784,22 @@ def test_the_child_trackers_errors_and_its_death_arrive_here_as_tracking_failed(
     close_stale(out).join()
     assert client.get_run(run_id).info.status == "KILLED"
     assert client.get_run(run_id).data.metrics["m"] == 1.0
+
+
+def test_a_tracker_process_that_died_before_the_report_still_leaves_the_log_only_command(tracking, tmp_path):
+    from types import SimpleNamespace
+
+    from vlm_autoquant.run import pipeline
+    from vlm_autoquant.tracking import RemoteTracker, TrackingFailed
+
+    out = tmp_path / "out"
+    tracker = RemoteTracker("e", "r", out_dir=out)
+    tracker.wait()
+    tracker._proc.kill()
+    tracker._proc.wait()
+    family = SimpleNamespace(data=SimpleNamespace(split=SimpleNamespace(calib=["a cat"], eval=None)))
+    inputs = SimpleNamespace(calib_path=tmp_path / "captions.txt")
+    with pytest.raises(TrackingFailed) as err:
+        pipeline.log_finished(tracker, None, out, family, inputs)
+    assert "ended unexpectedly" in str(err.value)
+    assert f"--log-only --output-dir {out} --experiment e" in str(err.value)

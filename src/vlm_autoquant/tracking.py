@@ -123,6 +123,10 @@ class TrackingFailed(RunFailed):
     """Logging to MLflow failed after the result was written to disk."""
 
 
+class TrackerGone(TrackingFailed):
+    """A `RemoteTracker`'s child process ended before the run was logged."""
+
+
 def check_reachable(problems: Problems, experiment: str | None = None) -> None:
     """Fail before any model is loaded when the tracking store would fail the run's logging."""
     check_store(problems, experiment)
@@ -278,6 +282,7 @@ def _prewarm_report_imports() -> None:
     """A scheme's run ends by drawing a figure and logging its captions as datasets: import
     matplotlib and mlflow.data here, while the main thread loads and searches, not after it."""
     try:
+        import datasets  # noqa: F401 - prewarmed in a thread (log_captions; a RemoteTracker's child has none yet)
         import matplotlib.figure  # noqa: F401 - prewarmed in a thread: what run/figures.py draws with
         import matplotlib.patches  # noqa: F401 - prewarmed in a thread
         import matplotlib.ticker  # noqa: F401 - prewarmed in a thread
@@ -331,7 +336,7 @@ class RemoteTracker:
             raise self._gone(exc) from None
 
     def _gone(self, exc: BaseException) -> TrackingFailed:
-        return TrackingFailed(
+        return TrackerGone(
             f"the MLflow process ended unexpectedly (exit code {self._proc.poll()}, {type(exc).__name__})"
         )
 

@@ -159,11 +159,22 @@ def finish_scheme(
     doc = save.build_manifest(model, solved, inputs, family, out_dir, rel)
     save.save_manifest(out_dir, doc)
     tracker = target.tracker
-    with phases("log"):  # wherever the tracker lives (a child process: report.py's imports go there)
-        split = family.data.split
-        tracker.log_with(report.log_finished, doc, out_dir, split.calib, split.eval, inputs.calib_path)
+    with phases("log"):
+        log_finished(tracker, doc, out_dir, family, inputs)
     tracker.log_metrics({"time/log_s": phases.seconds["log"], "time/total_s": phases.total()})
     return doc
+
+
+def log_finished(
+    tracker: tracking.Tracker, doc: Manifest, out_dir: Path, family: Family, inputs: Inputs
+) -> None:
+    """The saved scheme's report, wherever the tracker lives (in a child process, report.py's
+    imports happen there). A tracker process that died still leaves the --log-only command."""
+    split = family.data.split
+    try:
+        tracker.log_with(report.log_finished, doc, out_dir, split.calib, split.eval, inputs.calib_path)
+    except tracking.TrackerGone as exc:
+        raise report.not_logged(exc, out_dir, tracker.experiment) from exc
 
 
 def announce(inputs: Inputs, scheme: Scheme) -> None:

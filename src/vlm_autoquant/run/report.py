@@ -175,12 +175,17 @@ def log_scheme(tracker: Tracker, doc: Manifest, out_dir: Path, files: dict[str, 
     try:
         _log(tracker, doc, out_dir, files)
     except Exception as exc:  # noqa: BLE001 - any tracking failure means the same to the user
-        cmd = log_only_command(out_dir, tracker.experiment)
-        raise TrackingFailed(
-            f"logging to MLflow failed ({type(exc).__name__}: {exc}). The result is complete "
-            f"and safe on disk in {out_dir} ({MANIFEST_FILE} and the files beside it). Once "
-            f"tracking works again, log it with: {cmd}"
-        ) from exc
+        raise not_logged(exc, out_dir, tracker.experiment) from exc
+
+
+def not_logged(exc: BaseException, out_dir: Path, experiment: str | None) -> TrackingFailed:
+    """The failure of a run whose result is on disk but not in MLflow, with the command that
+    logs it later."""
+    return TrackingFailed(
+        f"logging to MLflow failed ({type(exc).__name__}: {exc}). The result is complete "
+        f"and safe on disk in {out_dir} ({MANIFEST_FILE} and the files beside it). Once "
+        f"tracking works again, log it with: {log_only_command(out_dir, experiment)}"
+    )
 
 
 def log_finished(
