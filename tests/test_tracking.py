@@ -803,3 +803,26 @@ def test_a_tracker_process_that_died_before_the_report_still_leaves_the_log_only
         pipeline.log_finished(tracker, None, out, family, inputs)
     assert "ended unexpectedly" in str(err.value)
     assert f"--log-only --output-dir {out} --experiment e" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "exc,status", [(None, "FINISHED"), (KeyboardInterrupt(), "KILLED"), (RuntimeError("x"), "FAILED")]
+)
+def test_a_run_tracked_in_a_child_process_ends_finished_killed_or_failed(
+    tmp_path, tracking, tracker_child, exc, status
+):
+    import mlflow
+
+    from vlm_autoquant.tracking import RemoteTracker, ended_here, tracked_run
+
+    out = tmp_path / "out"
+    with pytest.raises(type(exc)) if exc else _nothing():
+        with tracked_run("e", "r", out_dir=out, separate=True) as tracker:
+            assert isinstance(tracker, RemoteTracker)
+            tracker.log_metrics({"m": 1.0})
+            if exc:
+                raise exc
+    run = mlflow.MlflowClient().get_run(tracker.run_id)
+    assert run.info.status == status and run.data.metrics["m"] == 1.0
+    assert ended_here(out)  # the output dir's record needs no closing by a later run
+    assert tracker._proc.poll() == 0  # the child exited once the run ended

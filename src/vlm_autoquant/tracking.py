@@ -395,6 +395,7 @@ class RemoteTracker:
         try:
             ended = self._call("end", status, reason)
             if ended is not None:
+                self._info = ended  # run_id and experiment_name stay readable after the end
                 _ended.add(ended[0])
                 _experiment_names[ended[0]] = ended[1]
         finally:
