@@ -826,3 +826,20 @@ def test_a_run_tracked_in_a_child_process_ends_finished_killed_or_failed(
     assert run.info.status == status and run.data.metrics["m"] == 1.0
     assert ended_here(out)  # the output dir's record needs no closing by a later run
     assert tracker._proc.poll() == 0  # the child exited once the run ended
+
+
+def test_when_no_tracker_process_can_start_the_run_is_tracked_from_this_one(
+    tmp_path, tracking, tracker_child, monkeypatch
+):
+    import mlflow
+
+    from vlm_autoquant import tracking as trk
+
+    def no_process(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(trk.subprocess, "Popen", no_process)
+    with trk.tracked_run("e", "r", out_dir=tmp_path / "out", separate=True) as tracker:
+        assert not isinstance(tracker, trk.RemoteTracker)
+        tracker.log_metrics({"m": 3.0})
+    assert mlflow.MlflowClient().get_run(tracker.run_id).data.metrics["m"] == 3.0

@@ -548,10 +548,8 @@ def tracked_run(
     With `out_dir`, the run's id is recorded there (see `close_stale`). `separate`: a scheme's
     own run (no parent); a stale run recorded in `out_dir` is closed first, and beside a free
     core the tracker lives in a child process (`RemoteTracker`), which does that closing too."""
-    tracker: Tracker
-    if separate and parent is None and tracker_in_child():
-        tracker = RemoteTracker(experiment, name, system_metrics, out_dir)  # type: ignore[assignment]
-    else:
+    tracker = _remote(experiment, name, system_metrics, out_dir) if separate and parent is None else None
+    if tracker is None:
         if separate and out_dir is not None:
             close_stale(out_dir)
         tracker = Tracker(experiment, name, parent, system_metrics, out_dir)
@@ -564,6 +562,17 @@ def tracked_run(
         _end_quietly(tracker, "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     tracker.end("FINISHED")
+
+
+def _remote(experiment: str | None, name: str, system_metrics: bool, out_dir: Path | None) -> Tracker | None:
+    """A RemoteTracker beside a free core; None on fewer cores or when no process can start."""
+    if not tracker_in_child():
+        return None
+    try:
+        return RemoteTracker(experiment, name, system_metrics, out_dir)  # type: ignore[return-value]
+    except OSError as exc:
+        log.warning("could not start the MLflow process (%s); tracking from this one", exc)
+        return None
 
 
 def _end_quietly(tracker: Tracker, status: str, reason: str) -> None:
