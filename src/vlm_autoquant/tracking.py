@@ -35,14 +35,15 @@ from typing import Any
 from .core.artifacts import RUN_ID_FILE
 from .core.errors import Interrupted, Problems, RunFailed
 from .tracking_store import (  # noqa: F401 - the store's checks, re-exported for callers
-    CHILD_MIN_CORES,
     DEFAULT_EXPERIMENT,
     DEFAULT_URI,
     StoreBuild,
     active_experiment,
     check_store,
+    child_env,
     create_store,
     ensure_store,
+    has_core_to_spare,
     is_server,
     log_to_stderr,
     redact,
@@ -295,10 +296,9 @@ _SERVE = "import sys, vlm_autoquant.tracking as t; t.serve(int(sys.argv[1]))"
 
 
 def tracker_in_child() -> bool:
-    """Whether a scheme's tracker goes to a child process: only beside a free core, as the new
-    store's migration (`tracking_store.CHILD_MIN_CORES`); on fewer cores the child's second
-    import of mlflow would compete with the run for a core."""
-    return len(os.sched_getaffinity(0)) >= CHILD_MIN_CORES
+    """Whether a scheme's tracker goes to a child process: only beside a free core, by the same
+    rule as the new store's migration (`tracking_store.has_core_to_spare`)."""
+    return has_core_to_spare()
 
 
 class RemoteTracker:
@@ -316,11 +316,10 @@ class RemoteTracker:
         self.name = run_name
         self.experiment = active_experiment(experiment)
         here, there = multiprocessing.Pipe()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _SERVE, str(there.fileno())],
             pass_fds=(there.fileno(),),
-            env=env,
+            env=child_env(),
             stdin=subprocess.DEVNULL,
         )
         there.close()

@@ -414,7 +414,7 @@ def create_store(problems: Problems) -> None:
         )
 
 
-CHILD_MIN_CORES = 4  # usable cores from which the child pays (`_cores_to_spare`)
+CHILD_MIN_CORES = 4  # usable cores from which a child process pays (`has_core_to_spare`)
 _MIGRATE = "import sys, pathlib, vlm_autoquant.tracking_store as s; s._migrate(pathlib.Path(sys.argv[1]))"
 
 
@@ -435,10 +435,9 @@ class StoreBuild:
         if db is None or not db.parent.is_dir() or _made(db) or not _cores_to_spare():
             return cls()
         tmp = _temp_store(db)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         child = [sys.executable, "-c", _MIGRATE, str(tmp)]
         io = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return cls(db, tmp, subprocess.Popen(child, env=env, **io))
+        return cls(db, tmp, subprocess.Popen(child, env=child_env(), **io))
 
     def finish(self, problems: Problems) -> None:
         """Rename the child's store into place under the store lock. When the child failed (or
@@ -460,10 +459,20 @@ class StoreBuild:
         self.proc = self.tmp = None
 
 
-def _cores_to_spare() -> bool:
-    """A child pays only beside a free core: it imports MLflow once more, which on two busy cores
-    costs more than the migration it moves (docs/PERFORMANCE.md, "Before the model loads")."""
+def has_core_to_spare() -> bool:
+    """A child process pays only beside a free core: it imports MLflow once more, which on two
+    busy cores costs more than the work it moves (docs/PERFORMANCE.md, "Before the model loads")."""
     return len(os.sched_getaffinity(0)) >= CHILD_MIN_CORES
+
+
+def _cores_to_spare() -> bool:
+    """Whether a new store migrates in a child process (`has_core_to_spare`)."""
+    return has_core_to_spare()
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child `python -c` that imports this package as this process does."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 
 @contextlib.contextmanager
