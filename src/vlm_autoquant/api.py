@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .core import artifacts, lean_imports, paths
+from .core import artifacts, bytecode, lean_imports, paths
 from .core.artifacts import COMPARISON_FILE, MANIFEST_FILE, QUANT_STATE_FILE, locked_output_dir
 from .core.errors import Problem, Problems, UsageError
 from .core.interrupt import StopFlag, stop_on_signals
@@ -164,6 +164,7 @@ def run_scheme(options: RunOptions, scheme: str, overrides: dict) -> Result:
         pool = stack.enter_context(prestart(options.gpus, options.parallel))
         with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
             inputs, families = stack.enter_context(_validated(options, [scheme], overrides, True))
+        bytecode.warn_if_compiled_from_source(log)
         # They load their replica while this process imports ModelOpt and loads its own.
         replicas = stack.enter_context(start_for(inputs, families[0].placement, pool))
         with phases("import", "ModelOpt and the search's modules"):
@@ -217,6 +218,7 @@ def run_schemes(options: RunOptions, schemes: list[str] | None, overrides: dict)
             start_for(inputs, families[0].placement, pool) as replicas,
             stop_on_signals(StopFlag()) as stop,
         ):
+            bytecode.warn_if_compiled_from_source(log)
             run_sweep(inputs, families, stop, options.experiment, replicas)
             stop.raise_if_set()  # a signal after the last scheme: the results are kept
     return _sweep_result(options.output_dir)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..core import artifacts, lean_imports
+from ..core import artifacts, bytecode, lean_imports
 from ..core.errors import Interrupted, Problem, RunFailed, UsageError
 from ..core.timing import Phases, gpu_peak_gib, human_bytes, peak_rss_gib
 from ..model import quant_state
@@ -395,6 +395,7 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
 def export_gathered(inputs: ExportInputs, phases: Phases, tracker_factory=None, stop=None) -> dict:
     """`export_run` once `exporter.inputs.checked` has checked the inputs (the artifacts it
     fetched must still be on disk)."""
+    bytecode.warn_if_compiled_from_source(log)
     options = inputs.options
     target = Path(os.path.realpath(options.output_dir))  # a symlink is written through
     with (
