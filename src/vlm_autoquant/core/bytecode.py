@@ -59,8 +59,8 @@ def advice(packages: Sequence[str]) -> str:
     names = packages[0] if len(packages) == 1 else ", ".join(packages[:-1]) + " and " + packages[-1]
     return (
         f"Python compiles {names} from source at every start here: PYTHONDONTWRITEBYTECODE is "
-        "set and they have no .pyc files, which adds seconds to each run before the model "
-        "loads. Either keep the compiled modules outside the packages "
+        f"set and {'it has' if len(packages) == 1 else 'they have'} no .pyc files, which adds "
+        "seconds to each run before the model loads. Either keep the compiled modules outside the packages "
         "(export PYTHONPYCACHEPREFIX=$HOME/.cache/pycache; unset PYTHONDONTWRITEBYTECODE: the "
         "next run writes them once), or byte-compile the packages once "
         f"(python -m compileall -q -j 0 {' '.join(where)})"
