@@ -24,7 +24,7 @@ from .core import artifacts, bytecode, lean_imports, paths
 from .core.artifacts import COMPARISON_FILE, MANIFEST_FILE, QUANT_STATE_FILE, locked_output_dir
 from .core.errors import Problem, Problems, UsageError
 from .core.interrupt import StopFlag, stop_on_signals
-from .core.timing import Phases, since_process_start
+from .core.timing import Parts, Phases, since_process_start
 from .plan.inputs import OVERRIDE_FLAGS, Inputs, RunOptions
 from .plan.schemes import default_catalog, load_catalog
 from .plan.validate import gather, require_dependencies
@@ -162,7 +162,8 @@ def run_scheme(options: RunOptions, scheme: str, overrides: dict) -> Result:
     with _discarded_if_empty(options.output_dir), contextlib.ExitStack() as stack:
         # With several --gpus, the other GPUs' processes import while this one validates.
         pool = stack.enter_context(prestart(options.gpus, options.parallel))
-        with phases("validate", "inputs, catalog, checkpoint headers, captions, tokenizer, batches"):
+        parts = Parts()
+        with parts.collecting(), phases("validate", parts.note):
             inputs, families = stack.enter_context(_validated(options, [scheme], overrides, True))
         bytecode.warn_if_compiled_from_source(log)
         # They load their replica while this process imports ModelOpt and loads its own.

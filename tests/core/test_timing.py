@@ -1,12 +1,17 @@
-"""Phase lines: one per phase that finished, none for one that failed; sizes in readable units."""
+"""Phase lines: one per phase that finished, none for one that failed; sizes in readable units;
+the parts of a phase and the batches of one."""
 
 from __future__ import annotations
 
 import logging
+import re
+import types
 
 import pytest
 
-from vlm_autoquant.core.timing import BatchClock, Phases, batch_note, human_bytes
+import vlm_autoquant
+from vlm_autoquant.core import timing
+from vlm_autoquant.core.timing import BatchClock, Parts, Phases, batch_note, human_bytes, part
 
 
 @pytest.mark.parametrize(
@@ -68,3 +73,62 @@ def test_the_batch_note_names_the_first_batch_the_median_of_the_rest_and_the_tim
     assert batch_note([0.4]) == "1 batch: 0.40 s"
     note = batch_note([1.21, 0.2, 0.1, 0.15], phase_s=2.06)
     assert note == "4 batches: the first 1.21 s, the rest 0.15 s each (median); 0.40 s outside them"
+
+
+def _clock(monkeypatch, *readings: float) -> None:
+    """timing's clock reads `readings`, one per call, in order."""
+    it = iter(readings)
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: next(it)))
+
+
+def test_parts_sum_by_name_in_the_order_first_seen_and_leave_the_rest_as_other(monkeypatch):
+    # init, collecting; torch 2.0-2.5; tokenizer 3.0-3.25; torch again 4.0-5.0; the note at 6.0
+    _clock(monkeypatch, 0.0, 1.0, 2.0, 2.5, 3.0, 3.25, 4.0, 5.0, 6.0)
+    parts = Parts()
+    with parts.collecting():
+        with part("torch"):
+            pass
+        with part("tokenizer"):
+            pass
+        with part("torch"):  # a second block of the same part adds to it
+            pass
+    assert parts.seconds == {"torch": 1.5, "tokenizer": 0.25}
+    assert parts.note() == "torch 1.50, tokenizer 0.25, other 3.25 s"
+
+
+def test_a_part_outside_a_collecting_phase_is_not_timed_and_a_tiny_one_is_not_listed(monkeypatch):
+    parts = Parts()
+    with part("torch"):  # nothing collects: no error, nothing recorded
+        pass
+    assert parts.seconds == {} and parts.note() == ""
+    _clock(monkeypatch, 0.0, 1.0, 1.001, 2.0)  # collecting at 0; a 1 ms part at 1; the note at 2
+    with parts.collecting():
+        with part("already imported"):
+            pass
+    assert parts.seconds == {"already imported": pytest.approx(0.001)}
+    assert parts.note() == "other 2.00 s"
+
+
+def test_a_failing_part_still_counts_and_the_phase_line_takes_the_note_at_its_end(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="vlm_autoquant")
+    # Parts(), Phases(), collecting, the phase starts, the part 2.0-2.5, the phase ends, the note
+    _clock(monkeypatch, 0.0, 0.0, 1.0, 1.0, 2.0, 2.5, 4.0, 4.0)
+    parts, phases = Parts(), Phases()
+    with parts.collecting(), phases("validate", parts.note):
+        with pytest.raises(ValueError), part("tokenizer"):
+            raise ValueError("bad tokenizer")
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validate")]
+    assert line.startswith("validate      3.00 s") and line.endswith("(tokenizer 0.50, other 2.50 s)")
+
+
+def test_a_runs_validate_line_names_its_parts_and_they_fit_in_it(demo, tracking, tmp_path, caplog):
+    from ..test_api import QUICK
+
+    caplog.set_level(logging.INFO, logger="vlm_autoquant")
+    out = tmp_path / "q"
+    vlm_autoquant.quantize(demo[0], "fp8-balanced-10b", output_dir=out, calib_file=demo[1], **QUICK)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validate")]
+    total = float(line.split()[1])
+    parts = dict(re.findall(r"([a-z][a-z ]*?) (\d+\.\d\d)", line.split("(", 1)[1]))
+    assert {"transformers and config", "batches", "other"} <= set(parts), line
+    assert sum(map(float, parts.values())) <= total + 0.01 * len(parts)

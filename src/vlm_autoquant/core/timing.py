@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import resource
@@ -54,15 +55,16 @@ class Phases:
         self.started = time.perf_counter()
 
     @contextlib.contextmanager
-    def __call__(self, name: str, detail: str = "") -> Iterator[None]:
-        """Time the block; its line is logged when it succeeds (a failure has its own message)."""
+    def __call__(self, name: str, detail: str | Callable[[], str] = "") -> Iterator[None]:
+        """Time the block; its line is logged when it succeeds (a failure has its own message).
+        `detail` may be a function, called when the block ends (`Parts.note`)."""
         t0 = time.perf_counter()
         try:
             yield
         except BaseException:
             self.add(name, time.perf_counter() - t0)
             raise
-        self.record(name, time.perf_counter() - t0, detail)
+        self.record(name, time.perf_counter() - t0, detail() if callable(detail) else detail)
 
     def record(self, name: str, seconds: float, detail: str = "") -> None:
         """Add a phase timed elsewhere and log its line."""
@@ -74,6 +76,48 @@ class Phases:
 
     def total(self) -> float:
         return time.perf_counter() - self.started
+
+
+_parts: contextvars.ContextVar["Parts | None"] = contextvars.ContextVar("vlm_autoquant_parts", default=None)
+
+
+class Parts:
+    """The named parts of one phase (validate: the torch import, the checkpoint's config, the
+    tokenizer...), timed where they run by `part` and summed by name, in the order first seen."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator["Parts"]:
+        """`part` blocks run (in this thread or context) during the block are counted here."""
+        token = _parts.set(self)
+        self.started = time.perf_counter()
+        try:
+            yield self
+        finally:
+            _parts.reset(token)
+
+    def note(self) -> str:
+        """`<part> <s>, ..., other <s> s` (other: the phase's time outside every part); a part
+        under 5 ms (a module already imported) is left out of the list; no part at all: ""."""
+        spent = sum(self.seconds.values())
+        rest = max(time.perf_counter() - self.started - spent, 0.0)
+        items = [f"{name} {secs:.2f}" for name, secs in self.seconds.items() if secs >= 0.005]
+        return ", ".join(items + [f"other {rest:.2f} s"]) if self.seconds else ""
+
+
+@contextlib.contextmanager
+def part(name: str) -> Iterator[None]:
+    """Time the block as part `name` of the phase whose `Parts` is collecting (none: not timed)."""
+    parts = _parts.get()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if parts is not None:
+            parts.seconds[name] = parts.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 class BatchClock:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..core.artifacts import SEARCH_CHECKPOINT, SEARCH_DIR
 from ..core.errors import Problems
+from ..core.timing import part
 from ..search import resume
 from ..search.spec import SearchSpec
 from .calib_data import Data, build_data
@@ -96,6 +97,18 @@ def _family_key(s: Scheme) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in view.items()))
 
 
+def _data_key(first: Scheme) -> tuple:
+    """What a family's Data holds: schemes with the same key share one split and its batches."""
+    return (
+        first.num_calib_samples,
+        first.num_eval_samples,
+        first.seq_len,
+        first.batch_size,
+        first.seed,
+        max(first.num_calib_steps, first.num_score_steps),
+    )
+
+
 def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Family]:
     """Group the schemes into families; build each distinct data split once.
 
@@ -107,21 +120,16 @@ def plan(inputs: Inputs, problems: Problems, single: bool = False) -> list[Famil
     datas: dict[tuple, Data] = {}
     families = []
     for members in by_key.values():
-        planned = plan_memory(inputs, members, problems)
+        with part("memory plan"):
+            planned = plan_memory(inputs, members, problems)
         if planned is None and problems:
             return []
         placement, members = planned or (None, members)
         first = members[0]
-        dkey = (
-            first.num_calib_samples,
-            first.num_eval_samples,
-            first.seq_len,
-            first.batch_size,
-            first.seed,
-            max(first.num_calib_steps, first.num_score_steps),
-        )  # what Data holds
+        dkey = _data_key(first)
         if dkey not in datas:
-            built = build_data(inputs.tokenizer, inputs.captions, first, problems)
+            with part("batches"):
+                built = build_data(inputs.tokenizer, inputs.captions, first, problems)
             if built is None:
                 return []
             datas[dkey] = built

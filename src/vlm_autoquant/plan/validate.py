@@ -23,6 +23,7 @@ from ..core import paths
 from ..core.artifacts import MANIFEST_FILE, check_output_dir
 from ..core.errors import Problems, UsageError
 from ..core.hmac_key import check_key_file
+from ..core.timing import part
 from . import cost
 
 if TYPE_CHECKING:
@@ -152,7 +153,8 @@ def gather(
     Adds every problem found to `problems`; returns Inputs only when nothing is wrong.
     """
     with tracking.store_building() as store:  # a new store migrates in a child while we check
-        from .calib_data import check_caption_file  # torch: not on the refusal path
+        with part("torch"):
+            from .calib_data import check_caption_file  # torch: not on the refusal path
 
         schemes = check_schemes(options.catalog, scheme_names, overrides, flags, problems)
         info = (
@@ -191,19 +193,22 @@ def _gather_model(
     the new SQLite store is put in place, whole, before any weight is loaded."""
     from .calib_data import load_captions  # torch: not on the refusal path
 
-    text_cfg, numels = read_text_config(options.model_dir, info, problems)
+    with part("transformers and config"):
+        text_cfg, numels = read_text_config(options.model_dir, info, problems)
     _check_budgets(schemes, numels or {}, problems)
     if problems or text_cfg is None:
         return None
-    tokenizer = load_tokenizer(options.model_dir, problems)
+    with part("tokenizer"):
+        tokenizer = load_tokenizer(options.model_dir, problems)
     if tokenizer is None:
         return None
-    store.finish(problems)
+    with part("store"):
+        store.finish(problems)
     if problems:
         return None
-    return Inputs(
-        options, schemes, info, text_cfg, numels, caption_file, tokenizer, load_captions(caption_file.path)
-    )
+    with part("captions"):
+        captions = load_captions(caption_file.path)
+    return Inputs(options, schemes, info, text_cfg, numels, caption_file, tokenizer, captions)
 
 
 _GPU_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)?\s*$", re.IGNORECASE)
