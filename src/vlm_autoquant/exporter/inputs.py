@@ -15,7 +15,7 @@ from ..core import paths
 from ..core.artifacts import EXPORT_REPORT_FILE as REPORT_FILE
 from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, check_replaced_dir
 from ..core.errors import Problems, UsageError
-from ..core.timing import Phases, human_bytes
+from ..core.timing import Parts, Phases, human_bytes, part
 from ..model import identity
 from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
 from ..run.manifest import Manifest
@@ -174,8 +174,8 @@ def checked(opts: ExportOptions) -> Iterator[tuple[ExportInputs, Phases]]:
 def gathered(opts: ExportOptions, workdir: Path, phases: Phases) -> ExportInputs:
     """`gather` as the export's "validate" phase; raises UsageError with every problem. Imports
     neither torch nor ModelOpt, so bad input is refused in the time MLflow takes to answer."""
-    problems = Problems()
-    with phases("validate", "artifacts, sha256, base checkpoint, identity, output dir"):
+    problems, parts = Problems(), Parts()
+    with parts.collecting(), phases("validate", parts.note):
         inputs = gather(opts, workdir, problems)
         problems.raise_if_any()
     return inputs
@@ -192,28 +192,34 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
         )
         return None
     if opts.run_id is not None:
-        folder, run = fetch_run(opts.run_id, workdir, problems)
+        with part("MLflow"):
+            folder, run = fetch_run(opts.run_id, workdir, problems)
         flag = "--run-id"
-    got = read_artifacts(folder, flag, problems) if folder is not None else None
+    with part("artifacts"):
+        got = read_artifacts(folder, flag, problems) if folder is not None else None
     if got is None:
         return None
     manifest, state, payload = got
     model_dir = Path(opts.model_dir or manifest.model.directory)
-    base = check_base(opts, model_dir, problems)
+    with part("base checkpoint"):
+        base = check_base(opts, model_dir, problems)
     if base is None:
         return None
     needed = base.bytes_of(base.lm_keys()) + base.bytes_of(base.vision_keys()) + (64 << 20)
     check_output(opts, model_dir, needed, problems)
-    recorded = manifest.model.weights_sha256
-    actual = identity.result(model_dir)
+    if problems:  # refused now: the hashes below read every weight (minutes for a 72B)
+        return None
+    recorded, vision = manifest.model.weights_sha256, manifest.model.vision_sha256
+    check_vision = vision is not None and not opts.lm_only and not opts.allow_other_weights
+    if check_vision:
+        identity.start(model_dir, vision=True)  # hashed beside the LM's weights
+    with part("weights sha256"):
+        actual = identity.result(model_dir)
+        vision_actual = identity.vision_result(model_dir) if check_vision else None
     if recorded is not None and actual != recorded and not opts.allow_other_weights:
         problems.items.append(identity.mismatch(model_dir, recorded, actual))
-    vision = manifest.model.vision_sha256
-    if vision is not None and not opts.lm_only and not opts.allow_other_weights:
-        if identity.vision_result(model_dir) != vision:
-            problems.items.append(
-                identity.vision_mismatch(model_dir, vision, identity.vision_result(model_dir))
-            )
+    if check_vision and vision_actual != vision:
+        problems.items.append(identity.vision_mismatch(model_dir, vision, vision_actual))
     if problems:
         return None
     return ExportInputs(opts, model_dir, manifest, state, actual, recorded, payload=payload)
