@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -411,9 +410,7 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends the run KILLED on Ctrl-C
     conn = multiprocessing.connection.Connection(fd)
     _, (experiment, run_name, system_metrics, out_dir, debug) = conn.recv()
-    log_to_stderr(debug)  # the parent's format, on the stderr they share
-    if not debug:  # as the parent: libraries' notices of their own future changes stay quiet
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    log_to_stderr(debug)  # the parent's format and warnings, on the stderr they share
     if out_dir is not None:
         close_stale(out_dir)  # read before this run's id replaces it; the Tracker waits for it
     tracker = Tracker(experiment, run_name, None, system_metrics, out_dir)

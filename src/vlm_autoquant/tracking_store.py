@@ -26,6 +26,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -63,7 +64,10 @@ class RedactCredentials(logging.Filter):
 
 def log_to_stderr(debug: bool) -> None:
     """The log every process of a run writes (the run's, its tracker's): one line per phase at
-    INFO, library chatter at DEBUG, and no tracking password in any line."""
+    INFO, library chatter at DEBUG, and no tracking password in any line. Without `debug`,
+    libraries' notices of their own future changes stay quiet (Python hides DeprecationWarning)."""
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         stream=sys.stderr,

@@ -226,9 +226,7 @@ def configure(debug: bool) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")  # no progress-bar escape codes in logs
 
     warnings.filterwarnings("ignore", message="transformers .* is not tested with current")
-    if not debug:  # libraries' notices of their own future changes; Python hides DeprecationWarning
-        warnings.filterwarnings("ignore", category=FutureWarning)
-    log_to_stderr(debug)
+    log_to_stderr(debug)  # and, without --debug, no FutureWarning
 
 
 def dashed(argv: list[str] | None) -> list[str]:
