@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .core import artifacts, bytecode, lean_imports, paths
+from .core import artifacts, bytecode, heap, lean_imports, paths
 from .core.artifacts import COMPARISON_FILE, MANIFEST_FILE, QUANT_STATE_FILE, locked_output_dir
 from .core.errors import Problem, Problems, UsageError
 from .core.interrupt import StopFlag, stop_on_signals
@@ -160,16 +160,19 @@ def run_scheme(options: RunOptions, scheme: str, overrides: dict) -> Result:
     phases = Phases()
     phases.add("startup", since_process_start())
     with _discarded_if_empty(options.output_dir), contextlib.ExitStack() as stack:
+        settle = stack.enter_context(heap.long_lived_heap())  # no collection rescans the imports
         # With several --gpus, the other GPUs' processes import while this one validates.
         pool = stack.enter_context(prestart(options.gpus, options.parallel))
         parts = Parts()
         with parts.collecting(), phases("validate", parts.note):
             inputs, families = stack.enter_context(_validated(options, [scheme], overrides, True))
+        settle()  # before any replica is forked
         bytecode.warn_if_compiled_from_source(log)
         # They load their replica while this process imports ModelOpt and loads its own.
         replicas = stack.enter_context(start_for(inputs, families[0].placement, pool))
         with phases("import", "ModelOpt and the search's modules"):
             from .run.pipeline import run_single  # ModelOpt: only once the inputs are valid
+        settle()  # and ModelOpt's modules
         with stop_on_signals(StopFlag()) as stop:
             doc = run_single(inputs, families[0], stop, options.experiment, phases, replicas)
             stop.raise_if_set()  # a signal after the search: the results are kept
@@ -211,17 +214,22 @@ def run_schemes(options: RunOptions, schemes: list[str] | None, overrides: dict)
             names = list(load_catalog(options.catalog or default_catalog()))
         except UsageError:
             names = []  # gather reports the catalog's problems
-    with _discarded_if_empty(options.output_dir), prestart(options.gpus, options.parallel) as pool:
+    with (
+        _discarded_if_empty(options.output_dir),
+        heap.long_lived_heap() as settle,  # no collection rescans the imports
+        prestart(options.gpus, options.parallel) as pool,
+    ):
         from .run.sweep import run_sweep  # ModelOpt: imported while the replicas start
 
-        with (
-            _validated(options, names, overrides, single=False) as (inputs, families),
-            start_for(inputs, families[0].placement, pool) as replicas,
-            stop_on_signals(StopFlag()) as stop,
-        ):
-            bytecode.warn_if_compiled_from_source(log)
-            run_sweep(inputs, families, stop, options.experiment, replicas)
-            stop.raise_if_set()  # a signal after the last scheme: the results are kept
+        with _validated(options, names, overrides, single=False) as (inputs, families):
+            settle()  # before any replica is forked
+            with (
+                start_for(inputs, families[0].placement, pool) as replicas,
+                stop_on_signals(StopFlag()) as stop,
+            ):
+                bytecode.warn_if_compiled_from_source(log)
+                run_sweep(inputs, families, stop, options.experiment, replicas)
+                stop.raise_if_set()  # a signal after the last scheme: the results are kept
     return _sweep_result(options.output_dir)
 
 
@@ -333,11 +341,13 @@ def export(
     tracker_factory = _export_tracker_factory(opts.experiment) if options.get("mlflow", True) else None
     with (
         _discarded_if_empty(opts.output_dir),
+        heap.long_lived_heap() as settle,  # no collection rescans the imports
         stop_on_signals(StopFlag()) as stop,
         checked(opts) as (inputs, phases),
     ):
         from .exporter.pipeline import export_gathered  # ModelOpt and torch: once the inputs are valid
 
+        settle()
         report = export_gathered(inputs, phases, tracker_factory, stop)
     run_id = (report.get("mlflow") or {}).get("run_id")
     return ExportResult(

@@ -1,0 +1,45 @@
+"""The cyclic garbage collector kept off the heap that the imports leave behind.
+
+A run imports torch, transformers, MLflow and ModelOpt: about 680,000 objects that live until
+the process ends. CPython's cyclic collector rescans every one of them in each full collection
+(about 0.35 s each on a 2-core CPU), and a run made a dozen: nine or ten triggered by the
+imports' own growth, and two that ModelOpt's gradient search calls around scoring
+(`gc.collect()`). `long_lived_heap` pauses the automatic collector while a run imports and
+validates; each `settle()` then collects what the pause left (one full collection, so no
+garbage is frozen or inherited by a process forked after it), freezes what is alive (moved to
+the permanent generation, which no collection scans) and resumes the collector, so later
+collections scan only what the run made since. Freezing changes no object's lifetime: a frozen
+object is still freed when its last reference goes; only a reference cycle among frozen objects
+waits until `gc.unfreeze()`, which the block calls on exit unless something froze objects
+before it (docs/PERFORMANCE.md, "The garbage collector").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
+
+
+@contextlib.contextmanager
+def long_lived_heap() -> Iterator[Callable[[], None]]:
+    """Pause automatic collection from the block's start; yield `settle` (collect, freeze, resume),
+    to call once the imports are done and again after later imports."""
+    was_enabled, frozen_before = gc.isenabled(), gc.get_freeze_count()
+    settled: list[bool] = []
+
+    def settle() -> None:
+        gc.collect()  # what the pause left: collected here, never frozen
+        gc.freeze()
+        settled.append(True)
+        if was_enabled:
+            gc.enable()
+
+    gc.disable()
+    try:
+        yield settle
+    finally:
+        if settled and frozen_before == 0:
+            gc.unfreeze()
+        if was_enabled:
+            gc.enable()
