@@ -275,6 +275,30 @@ def test_first_batch_cpu_path(demo, tmp_path):
     assert r.returncode != 0 and "MODE must be one of" in r.stderr and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.bench
+def test_ab_pairs_two_commands_and_refuses_a_failing_one(tmp_path):
+    fast, slow = f"{PY} -c pass", f"{PY} -c 'import time; time.sleep(0.3)'"
+    out = tmp_path / "ab.json"
+    r = bench("ab.py", "-n", "2", "--warmup", "0", "--a", slow, "--b", fast, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = json.loads(out.read_text())
+    assert t["pairs"] == 2 and t["commands"] == {"A": slow, "B": fast}
+    assert t["A"]["wall_s"]["min"] >= 0.3 and t["ratio_a_over_b"]["median"] > 1  # A sleeps, B does not
+    r = bench("ab.py", "-n", "1", "--warmup", "0", "--a", f"{PY} -c 'raise SystemExit(3)'", "--b", fast)
+    assert r.returncode == 1 and "A exited 3" in r.stderr
+
+
+@pytest.mark.bench
+def test_gc_count_reports_the_scripts_collections(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("import gc, sys\ngc.collect()\ngc.collect()\nsys.exit(0)\n")
+    r = bench("gc_count.py", str(script))
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = re.search(r"gc collections \{0: \((\d+), [\d.]+\), 1: \((\d+), [\d.]+\), 2: \((\d+), ", r.stderr)
+    assert counts and int(counts.group(3)) >= 2, r.stderr  # the script's own two full collections
+    assert r.stderr.count("gc full collection at") == int(counts.group(3))
+
+
 def test_every_bench_script_runs_in_a_smoke_test():
     """A script added to bench/ without a smoke test here (or a step of one) fails this test."""
     smoke = set(re.findall(r'(?:bench\(\s*|"bench" / )"(\w+\.py)"', Path(__file__).read_text()))
