@@ -5,13 +5,13 @@ the process ends. CPython's cyclic collector rescans every one of them in each f
 (about 0.35 s each on a 2-core CPU), and a run made a dozen: nine or ten triggered by the
 imports' own growth, and two that ModelOpt's gradient search calls around scoring
 (`gc.collect()`). `long_lived_heap` pauses the automatic collector while a run imports and
-validates; each `settle()` then collects what the pause left (one full collection, so no
-garbage is frozen or inherited by a process forked after it), freezes what is alive (moved to
-the permanent generation, which no collection scans) and resumes the collector, so later
-collections scan only what the run made since. Freezing changes no object's lifetime: a frozen
-object is still freed when its last reference goes; only a reference cycle among frozen objects
-waits until `gc.unfreeze()`, which the block calls on exit unless something froze objects
-before it (docs/PERFORMANCE.md, "The garbage collector").
+validates. Each `settle()` then collects what the pause left (the youngest generation, where all
+of it still is, so no garbage is frozen, and a process forked later inherits none it could
+collect), freezes what is alive (moved to the permanent generation, which no collection scans)
+and resumes the collector, so later collections scan only what the run made since. Freezing
+changes no object's lifetime: a frozen object is still freed when its last reference goes; only
+a reference cycle among frozen objects waits until `gc.unfreeze()`, which the block calls on exit
+unless something froze objects before it (docs/PERFORMANCE.md, "The garbage collector").
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ def long_lived_heap() -> Iterator[Callable[[], None]]:
     settled: list[bool] = []
 
     def settle() -> None:
-        gc.collect()  # what the pause left: collected here, never frozen
+        # What the pause made is all in the youngest generation (nothing collected, so nothing
+        # was promoted): collecting that one frees the pause's garbage without rescanning
+        # what existed before the block (a long-lived caller's heap).
+        gc.collect(0)
         gc.freeze()
         settled.append(True)
         if was_enabled:
