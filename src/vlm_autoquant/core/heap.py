@@ -26,7 +26,6 @@ def long_lived_heap() -> Iterator[Callable[[], None]]:
     """Pause automatic collection from the block's start; yield `settle` (collect, freeze, resume),
     to call once the imports are done and again after later imports."""
     was_enabled, frozen_before = gc.isenabled(), gc.get_freeze_count()
-    settled: list[bool] = []
 
     def settle() -> None:
         # What the pause made is all in the youngest generation (nothing collected, so nothing
@@ -34,7 +33,6 @@ def long_lived_heap() -> Iterator[Callable[[], None]]:
         # what existed before the block (a long-lived caller's heap).
         gc.collect(0)
         gc.freeze()
-        settled.append(True)
         if was_enabled:
             gc.enable()
 
@@ -42,7 +40,7 @@ def long_lived_heap() -> Iterator[Callable[[], None]]:
     try:
         yield settle
     finally:
-        if settled and frozen_before == 0:
+        if frozen_before == 0:  # what the block froze (nothing if it never settled)
             gc.unfreeze()
         if was_enabled:
             gc.enable()
