@@ -385,3 +385,41 @@ def test_a_format_calibrating_only_weights_takes_one_batch_with_the_same_result(
     assert calls.count("weights only") == 2  # every calibration batch
     for name, stat in full.stats.items():
         assert capped.stats[name]["raw_scores"] == pytest.approx(stat["raw_scores"], rel=1e-6)
+
+
+def test_recipes_compared_by_their_stored_signature_score_the_same(
+    demo, batches, fp8_alone, tmp_path, monkeypatch
+):
+    """The search compares recipes by the signature each stores and copies the no-quant recipe
+    (ModelOpt re-serialises configs for both). With ModelOpt's own recipe code the scores must be
+    the same, bit for bit."""
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+
+    modelopt_signature = QuantRecipe.checkpoint_signature.fget
+    monkeypatch.setattr(autoquant, "_stored_signature", modelopt_signature)
+    monkeypatch.setattr(autoquant, "_reusing_no_quant", lambda orig: orig)
+    plain = run_search(fresh(demo), batches, tmp_path / "p.pth", spec((FP8,)))
+    _, found, _, _ = fp8_alone
+    assert plain.stats.keys() == found.stats.keys()
+    for name, stat in plain.stats.items():
+        assert found.stats[name]["raw_scores"] == stat["raw_scores"], name
+    assert any(s > 0 for st in plain.stats.values() for s in st["raw_scores"])
+
+
+def test_a_copied_no_quant_recipe_is_modelopts_and_the_patches_are_undone(demo):
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+
+    modelopt_signature = QuantRecipe.checkpoint_signature
+    modelopt_init = QuantRecipe.__init__
+    built = {f: QuantRecipe(quant_cfg=f) for f in (None, FP8, PCPT)}
+    with autoquant.observe_modelopt({}, lambda *a: "", fresh(demo), grad_checkpointing=True):
+        first, copy = QuantRecipe(quant_cfg=None), QuantRecipe(quant_cfg=None, name="other")
+        fp8 = QuantRecipe(quant_cfg=FP8)
+        for f, recipe in built.items():  # the stored signature is ModelOpt's serialisation
+            assert recipe.checkpoint_signature == recipe.config.model_dump_json(), f
+        for r in (first, copy):
+            assert r == built[None] and hash(r) == hash(built[None]) and str(r) == str(built[None])
+            assert r.compression == built[None].compression
+        assert copy is not first and copy != fp8 and fp8 == built[FP8]
+        assert sorted([copy, fp8]) == sorted([built[None], built[FP8]])  # ModelOpt's order
+    assert QuantRecipe.checkpoint_signature is modelopt_signature and QuantRecipe.__init__ is modelopt_init

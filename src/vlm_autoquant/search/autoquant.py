@@ -20,7 +20,9 @@ replicas (replicas.py) lets rank 0 alone write the checkpoint, under its single-
 their group's largest per-tensor scales right after each format's calibration, so that
 everything after it (scores, solve, quality, export) is in the arithmetic the engines serve,
 (11) collects each max-calibrated amax without a host sync per quantizer (calib_collect.py), and
-(12) on a GPU, computes each module's gradient score in one fused pass (score_reduce.py).
+(12) on a GPU, computes each module's gradient score in one fused pass (score_reduce.py), and
+(13) compares format recipes by the signature each stores, and builds the no-quant recipe once
+(ModelOpt re-serialises a pydantic config for each, several times per scored module and batch).
 """
 
 from __future__ import annotations
@@ -323,6 +325,38 @@ def _with_raw_scores(orig: Callable) -> Callable:
     return init_stats
 
 
+def _stored_signature(recipe: QuantRecipe) -> str:
+    """ModelOpt's `checkpoint_signature`, without re-serialising the config on every call.
+
+    ModelOpt returns `getattr(self, "_config_signature", self.config.model_dump_json())`, whose
+    default is evaluated first: every `==` and `hash` of a recipe (several per scored module and
+    batch) serialised two pydantic configs. A recipe stores that same string when it is built.
+    """
+    stored = recipe.__dict__.get("_config_signature")
+    return stored if stored is not None else recipe.config.model_dump_json()
+
+
+def _reusing_no_quant(orig: Callable) -> Callable:
+    """`QuantRecipe(quant_cfg=None)` built once per search, then copied.
+
+    ModelOpt's scoring forward builds the no-quant recipe (a pydantic config, its compression
+    estimate and its JSON signature) several times per scored module and batch, only to compare
+    with it. Its state never depends on `name` (ModelOpt names it "NONE"); a copy of the first
+    one's attributes is the same recipe, equal and with the same hash.
+    """
+    first: dict[str, object] = {}
+
+    def __init__(self, quant_cfg=None, name=None) -> None:
+        if quant_cfg is None and first:
+            self.__dict__.update(first)
+            return
+        orig(self, quant_cfg, name)
+        if quant_cfg is None:
+            first.update(self.__dict__)
+
+    return __init__
+
+
 def _drop_diffs(module: torch.nn.Module, grad_input, grad_output) -> None:
     """After ModelOpt's backward hook has scored a module, free its stored Q(Y) - Y."""
     module.__dict__.pop("output_diff_dict", None)
@@ -489,16 +523,13 @@ def _chunked_kl_div_loss(
 _MODELOPT_KL = mq_algorithms._get_kl_div_loss
 
 
-@contextlib.contextmanager
-def observe_modelopt(
+def _patches(
     timings: dict[str, float],
     on_checkpoint: Callable[[Path, str, Path], str],
-    model: torch.nn.Module,
-    grad_checkpointing: bool,
-    fused_scales: str = "shared-max",
-    clock: BatchClock | None = None,
-) -> Iterator[None]:
-    """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
+    fused_scales: str,
+    clock: BatchClock | None,
+) -> list[tuple[object, str, object]]:
+    """(owner, attribute, replacement) for each ModelOpt attribute one search call wraps."""
     base, calib = _AutoQuantizeBaseSearcher, {}
     calibrate = _timed(timings, "calibrate", calib_collect.calibrating(mq.calibrate), clock)
     if fused_scales == "shared-max":
@@ -513,6 +544,8 @@ def observe_modelopt(
         (mq_algorithms, "_get_kl_div_loss", _chunked_kl_div_loss),
         (mq_algorithms, "_get_auto_quantize_score", score_reduce.score),
         (mq_algorithms, "_add_auto_quantize_score", score_reduce.add_score),
+        (QuantRecipe, "checkpoint_signature", property(_stored_signature)),
+        (QuantRecipe, "__init__", _reusing_no_quant(QuantRecipe.__init__)),
     ]
     patches += [
         (
@@ -522,6 +555,20 @@ def observe_modelopt(
         )
         for c in SEARCHERS.values()
     ]
+    return patches
+
+
+@contextlib.contextmanager
+def observe_modelopt(
+    timings: dict[str, float],
+    on_checkpoint: Callable[[Path, str, Path], str],
+    model: torch.nn.Module,
+    grad_checkpointing: bool,
+    fused_scales: str = "shared-max",
+    clock: BatchClock | None = None,
+) -> Iterator[None]:
+    """Wrap ModelOpt's searcher methods for one auto_quantize call (restored on exit)."""
+    patches = _patches(timings, on_checkpoint, fused_scales, clock)
     saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patches]
     for owner, name, fn in patches:
         setattr(owner, name, fn)
