@@ -7,7 +7,7 @@ import pytest
 from tests.plan.test_memory_plan import config
 from vlm_autoquant.core.errors import Problems, UsageError
 from vlm_autoquant.model.lm import meta_model
-from vlm_autoquant.plan.memory_plan import Dims, Placement, Shape, predict, usable
+from vlm_autoquant.plan.memory_plan import HEADROOM, Dims, Placement, Shape, predict, usable
 from vlm_autoquant.plan.placement import (
     Devices,
     PlanRequest,
@@ -125,3 +125,53 @@ def test_no_gpu_means_no_plan():
         )
         is None
     )
+
+
+def _auto(size: str, totals_gib: dict[int, float], method: str = "gradient", formats: int = 1, **kw):
+    shape = Shape(16, 512, method, True, formats)
+    request = PlanRequest(",".join(map(str, totals_gib)), None, shape, 16, 8, checkpointing_auto=True, **kw)
+    planned = plan_for(config(size), request, Problems(), totals_gib=totals_gib)
+    assert planned is not None
+    return planned
+
+
+def _peak(size: str, checkpointing: bool, formats: int = 1) -> float:
+    return predict(Dims.from_config(config(size)), Shape(16, 512, "gradient", checkpointing, formats)).peak(0)
+
+
+def test_auto_checkpointing_is_off_where_the_batch_fits_without_it():
+    """--grad-checkpointing auto scores without checkpointing (fewer forwards) only where the
+    plan fits the requested batch that way; otherwise on, never a smaller batch to make it off."""
+    off, on = _peak("3b", False), _peak("3b", True)
+    assert on < off
+    roomy = off / HEADROOM + 1  # a GPU whose usable memory holds the search without checkpointing
+    lp, calib, score = _auto("3b", {0: roomy})
+    assert not lp.plan.grad_checkpointing and lp.plan.batch_size == 16 and (calib, score) == (16, 8)
+    assert lp.plan.fits() and lp.plan.peak(0) == pytest.approx(off)
+    between = (on + off) / 2 / HEADROOM  # holds it only with checkpointing
+    lp, calib, score = _auto("3b", {0: between})
+    assert lp.plan.grad_checkpointing and lp.plan.batch_size == 16 and (calib, score) == (16, 8)
+    tight = on / HEADROOM - 1  # not even with checkpointing: the batch halves, checkpointing on
+    lp, calib, score = _auto("3b", {0: tight})
+    assert lp.plan.grad_checkpointing and lp.plan.batch_size == 8 and (calib, score) == (32, 16)
+
+
+def test_auto_checkpointing_counts_every_searched_formats_diffs():
+    """A sweep's family searching two formats holds two Q(Y)-Y per layer without checkpointing."""
+    one, two = _peak("3b", False, 1), _peak("3b", False, 2)
+    assert one < two
+    gpu = {0: (one + two) / 2 / HEADROOM}
+    assert not _auto("3b", gpu, formats=1)[0].plan.grad_checkpointing
+    assert _auto("3b", gpu, formats=2)[0].plan.grad_checkpointing
+
+
+def test_auto_checkpointing_leaves_kl_div_and_an_explicit_choice_alone():
+    roomy = {0: 1000.0}
+    assert _auto("3b", roomy, method="kl_div")[0].plan.grad_checkpointing  # no backward to checkpoint
+    explicit = PlanRequest("0", None, Shape(16, 512, "gradient", True, 1), 16, 8)  # --grad-checkpointing on
+    assert plan_for(config("3b"), explicit, Problems(), totals_gib=roomy)[0].plan.grad_checkpointing
+
+
+def test_auto_checkpointing_with_replicas_plans_each_gpu_without_it():
+    lp, _, _ = _auto("32b", {0: 1000.0, 1: 1000.0}, parallel="replicas")
+    assert lp.replicas == (0, 1) and not lp.plan.grad_checkpointing

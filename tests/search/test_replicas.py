@@ -193,7 +193,7 @@ def _model(model_dir):
 def _setup(model_dir, world=2):
     from vlm_autoquant.model.lm import text_config
 
-    return Setup(model_dir, text_config(model_dir), ("cpu",) * world, True)
+    return Setup(model_dir, text_config(model_dir), ("cpu",) * world)
 
 
 @pytest.fixture

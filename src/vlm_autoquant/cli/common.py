@@ -151,9 +151,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--grad-checkpointing",
-        choices=["on", "off"],
-        default="on",
-        help="gradient checkpointing while scoring: on saves memory, off is faster",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="gradient checkpointing while scoring: on saves memory, off is faster; auto (the "
+        "default) turns it off where the memory plan fits the batch without it, else on",
     )
     p.add_argument(
         "--fp8-kernel",
@@ -251,7 +252,7 @@ def run_kwargs(args: argparse.Namespace) -> dict:
         "catalog": args.catalog,
         "overwrite": args.overwrite,
         "save_weights": args.save_weights,
-        "grad_checkpointing": args.grad_checkpointing == "on",
+        "grad_checkpointing": {"on": True, "off": False}.get(args.grad_checkpointing),  # auto: None
         "fp8_kernel": args.fp8_kernel,
         "experiment": args.experiment,
         "gpus": args.gpus,

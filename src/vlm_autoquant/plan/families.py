@@ -43,6 +43,13 @@ class Family:
     def key(self) -> str:
         return resume.fingerprint_hash(self.fingerprint)[:12]
 
+    def grad_checkpointing(self, asked: bool | None) -> bool:
+        """Whether this family's gradient search checkpoints: what the memory plan settled
+        (`--grad-checkpointing auto` among them); without a plan (the CPU), on unless `asked` off."""
+        if self.placement is not None:
+            return self.placement.plan.grad_checkpointing
+        return asked is not False
+
 
 def spec_of(schemes: list[Scheme]) -> SearchSpec:
     first = schemes[0]
@@ -179,11 +186,16 @@ def plan_memory(
     A batch size the user asked for explicitly is never changed: it is refused if it does not fit.
     """
     first, opts = members[0], inputs.options
-    shape = Shape(
-        first.batch_size, first.seq_len, first.method, opts.grad_checkpointing, len(spec_of(members).formats)
-    )
+    checkpointing = opts.grad_checkpointing is not False  # auto: on, unless the plan fits it off
+    shape = Shape(first.batch_size, first.seq_len, first.method, checkpointing, len(spec_of(members).formats))
     request = PlanRequest(
-        opts.gpus, opts.max_gpu_memory, shape, first.num_calib_steps, first.num_score_steps, opts.parallel
+        opts.gpus,
+        opts.max_gpu_memory,
+        shape,
+        first.num_calib_steps,
+        first.num_score_steps,
+        opts.parallel,
+        checkpointing_auto=opts.grad_checkpointing is None,
     )
     planned = plan_for(inputs.text_config, request, problems)
     if planned is None:

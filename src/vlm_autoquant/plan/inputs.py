@@ -30,7 +30,9 @@ class RunOptions:
     catalog: Path | None = None
     overwrite: bool = False
     save_weights: bool = False
-    grad_checkpointing: bool = True
+    # None (auto): off where the memory plan fits the batch without it, else on (and on where
+    # there is no plan: a CPU run).
+    grad_checkpointing: bool | None = None
     fp8_kernel: str = "auto"
     experiment: str | None = None
     gpus: str | None = None  # "all" or "0,1"; None: GPU 0 (the CPU on a machine without one)

@@ -177,6 +177,9 @@ class PlanRequest:
     calib_steps: int
     score_steps: int
     parallel: str = "auto"  # "auto" (replicas where the LM fits one GPU, else layers), ...
+    # --grad-checkpointing auto: a gradient search scores without checkpointing where the
+    # requested batch fits that way (fewer forwards per batch), else with it (`shape` says on).
+    checkpointing_auto: bool = False
 
 
 @contextlib.contextmanager
@@ -382,16 +385,36 @@ def plan_for(
     if not caps:
         return None
     devices = Devices(meta_model(cfg), Dims.from_config(cfg), gpus, usable(caps))
-    steps = (request.calib_steps, request.score_steps)
+    if request.checkpointing_auto and request.shape.method == "gradient":
+        without = _without_checkpointing(devices, request)
+        if without is not None:
+            return without
     try:
-        if len(gpus) > 1 and request.parallel != "layers":
-            planned = plan_replicas(devices, request.shape, *steps, explicit=request.parallel == "replicas")
-            if planned is not None:
-                return planned
-        return plan_run(devices, request.shape, *steps)
+        return _planned(devices, request)
     except UsageError as exc:
         problems.extend(exc.problems)
         return None
+
+
+def _planned(devices: Devices, request: PlanRequest) -> tuple[LMPlacement, int, int]:
+    """Replicas where `--parallel` allows and they work, else one LM (halving the batch)."""
+    steps = (request.calib_steps, request.score_steps)
+    if len(devices.gpus) > 1 and request.parallel != "layers":
+        planned = plan_replicas(devices, request.shape, *steps, explicit=request.parallel == "replicas")
+        if planned is not None:
+            return planned
+    return plan_run(devices, request.shape, *steps)
+
+
+def _without_checkpointing(devices: Devices, request: PlanRequest) -> tuple[LMPlacement, int, int] | None:
+    """The placement with gradient checkpointing off, if the requested batch fits that way
+    as it is (never halved for it: checkpointing on keeps the batch instead)."""
+    shape = dataclasses.replace(request.shape, grad_checkpointing=False)
+    try:
+        planned = _planned(devices, dataclasses.replace(request, shape=shape))
+    except UsageError:
+        return None
+    return planned if planned[0].plan.batch_size == shape.batch_size else None
 
 
 def measured_peaks_gib(worker_peaks_gib: dict[str, float]) -> dict[str, float]:

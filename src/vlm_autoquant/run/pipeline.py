@@ -84,12 +84,9 @@ def search_family(
     checkpoint = SearchCheckpoint(
         family.checkpoint, lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage, src)
     )
-    args = (family.spec, batches, checkpoint, stop)
-    found = (
-        replicas.search(model, *args)
-        if replicas is not None
-        else autoquant.search(model, *args, inputs.options.grad_checkpointing)
-    )
+    checkpointing = family.grad_checkpointing(inputs.options.grad_checkpointing)
+    args = (family.spec, batches, checkpoint, stop, checkpointing)
+    found = replicas.search(model, *args) if replicas is not None else autoquant.search(model, *args)
     for key, ran in (("calibrate", found.calibrated), ("score", found.scored)):
         if ran:  # the line that ends autoquant's "<phase>: started"
             secs = found.timings.get(key, 0.0)

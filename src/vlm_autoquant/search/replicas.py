@@ -53,7 +53,6 @@ class Setup:
     model_dir: Path
     text_config: object  # transformers Qwen2Config (pickled to the workers)
     devices: tuple[str, ...]  # one per rank, rank 0 first: "cuda:0", "cuda:1" (or "cpu": tests)
-    grad_checkpointing: bool
 
     @property
     def world(self) -> int:
@@ -144,7 +143,7 @@ def _worker(rank: int, port: int, jobs, results) -> None:
         _init_group(setup, rank, port)
         kernel = None
         while (job := jobs.get()) is not None:
-            run_kernel, spec, batches, checkpoint = job
+            run_kernel, spec, batches, checkpoint, grad_checkpointing = job
             if run_kernel != kernel and device.type == "cuda":  # rank 0's choice, not a new one
                 fp8_kernel.select_fp8_kernel("cuda-ext" if run_kernel == "cuda-ext" else "eager")
             kernel = run_kernel
@@ -156,7 +155,7 @@ def _worker(rank: int, port: int, jobs, results) -> None:
                 batches,
                 SearchCheckpoint(checkpoint, _no_checkpoint),
                 None,
-                setup.grad_checkpointing,
+                grad_checkpointing,
             )
             del replica, batches
             if device.type == "cuda":
@@ -246,9 +245,7 @@ def start_for(inputs, placement, pool: Pool | None = None) -> Iterator[Replicas 
         pool.claimed = True
     else:
         pool = None
-    with Replicas(
-        Setup(inputs.options.model_dir, inputs.text_config, devices, inputs.options.grad_checkpointing), pool
-    ) as replicas:
+    with Replicas(Setup(inputs.options.model_dir, inputs.text_config, devices), pool) as replicas:
         yield replicas
 
 
@@ -388,8 +385,9 @@ class Replicas:
             time.perf_counter() - t0,
         )
 
-    def search(self, model, spec, batches: list, checkpoint: SearchCheckpoint, stop):
-        """`autoquant.search` on rank 0's share of `batches`, the replicas on theirs.
+    def search(self, model, spec, batches: list, checkpoint: SearchCheckpoint, stop, checkpointing=True):
+        """`autoquant.search` on rank 0's share of `batches`, the replicas on theirs (every
+        rank with gradient checkpointing as `checkpointing` says).
 
         Returns rank 0's Search, whose calibration and scores are those of all the batches.
         """
@@ -407,9 +405,8 @@ class Replicas:
         self.join()
         cpu = [{k: v.cpu() for k, v in b.items()} for b in batches]
         for r in range(1, world):
-            self.jobs[r - 1].put(
-                (self.fp8_kernel, spec_for_rank(spec, r, world), cpu[r::world], checkpoint.path)
-            )
+            job = (self.fp8_kernel, spec_for_rank(spec, r, world), cpu[r::world], checkpoint.path)
+            self.jobs[r - 1].put((*job, checkpointing))
         self._searching.set()
         try:
             found = autoquant.search(
@@ -418,7 +415,7 @@ class Replicas:
                 batches[0::world],
                 checkpoint,
                 stop,
-                self.setup.grad_checkpointing,
+                checkpointing,
             )
         except BaseException as exc:
             self.failure = self.failure or self._dead(wait_s=3.0)
