@@ -1,6 +1,6 @@
 """What a cold process's first BF16 batches cost beyond the rest, and what removes it.
 
-    python bench/first_batch.py MODE CHECKPOINT OUT.json
+    python bench/first_batch.py MODE CHECKPOINT OUT.json [--no-cudnn-sdpa]
 
 In one fresh process on one GPU: import torch and the LM's transformers code, load the LM of
 CHECKPOINT (a full-size random 3B from `vlm_autoquant.model.demo.build_checkpoint`), then time two
@@ -13,6 +13,9 @@ batch of random tokens. MODE:
   thread       load and run the full-size batches once in a thread while this thread imports
                ModelOpt and the search's modules, then time;
   thread-si    as thread, with Python's thread switch interval at 0.5 ms during the overlap.
+--no-cudnn-sdpa turns off PyTorch's cuDNN attention backend first
+(`torch.backends.cuda.enable_cudnn_sdp(False)`: scaled_dot_product_attention then takes
+FlashAttention), recorded as "cudnn_sdpa" in the JSON.
 Prints and writes each step's seconds (a CUDA sync ends each). Without a GPU it runs on the CPU
 (the smoke test). No dependency beyond the package.
 """
@@ -34,10 +37,13 @@ MODES = ("plain", "tiny", "import-only", "thread", "thread-si")
 
 
 def main() -> None:
-    mode, ck, out = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    args = [a for a in sys.argv[1:] if a != "--no-cudnn-sdpa"]
+    mode, ck, out = args[0], Path(args[1]), args[2]
     if mode not in MODES:
         raise SystemExit(f"MODE must be one of {', '.join(MODES)}")
-    t: dict = {"mode": mode, "import_torch": round(time.perf_counter() - T0, 3)}
+    cudnn_sdpa = "--no-cudnn-sdpa" not in sys.argv
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)
+    t: dict = {"mode": mode, "cudnn_sdpa": cudnn_sdpa, "import_torch": round(time.perf_counter() - T0, 3)}
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the smoke test
 

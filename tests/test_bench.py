@@ -264,12 +264,13 @@ def test_catalog_compare_reports_a_changed_format_and_score():
 
 @pytest.mark.bench
 def test_first_batch_cpu_path(demo, tmp_path):
-    for mode in ("plain", "thread"):
+    for mode, extra in (("plain", []), ("thread", ["--no-cudnn-sdpa"])):
         out = tmp_path / f"{mode}.json"
-        r = bench("first_batch.py", mode, str(demo[0]), str(out))
+        r = bench("first_batch.py", mode, str(demo[0]), str(out), *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         t = json.loads(out.read_text())
         assert t["mode"] == mode and all(t[k] > 0 for k in ("bg_load", "fwd0", "fwd1", "fwdbwd0", "fwdbwd1"))
+        assert t["cudnn_sdpa"] == (not extra)
         assert ("import_modelopt" in t and t["bg_warm"] > 0) if mode == "thread" else t["bg_warm"] == 0
     r = bench("first_batch.py", "warm", str(demo[0]), str(tmp_path / "x.json"))
     assert r.returncode != 0 and "MODE must be one of" in r.stderr and not (tmp_path / "x.json").exists()
