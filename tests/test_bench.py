@@ -277,6 +277,30 @@ def test_first_batch_cpu_path(demo, tmp_path):
 
 
 @pytest.mark.bench
+def test_first_batch_profile_cpu_path(demo, tmp_path):
+    """The driver runs to its manifest with its first calibration and score batch profiled."""
+    out, prof = tmp_path / "run", tmp_path / "prof"
+    driver = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
+    args = ["--model-dir", str(demo[0]), "--calib-file", str(demo[1]), "--output-dir", str(out)]
+    args += SMOKE.split()
+    r = subprocess.run(
+        [PY, str(ROOT / "bench" / "first_batch_profile.py"), str(prof), "--", str(driver), *args],
+        env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "manifest.json").is_file()
+    times = json.loads((prof / "times.json").read_text())
+    for loop in ("Calibrating_for_FP8_", "Estimating_auto_quan"):  # ModelOpt's loops, one batch each
+        assert times[f"{loop}-0"] > 0 and times[f"{loop}-0-setup"] >= 0 and f"{loop}-1" not in times
+        assert "Self CPU" in (prof / f"{loop}-0.txt").read_text()
+    r = bench("first_batch_profile.py", str(prof), str(driver))
+    assert r.returncode != 0 and "OUT_DIR -- SCRIPT.py" in r.stderr
+
+
+@pytest.mark.bench
 def test_ab_pairs_two_commands_and_refuses_a_failing_one(tmp_path):
     fast, slow = f"{PY} -c pass", f"{PY} -c 'import time; time.sleep(0.3)'"
     out = tmp_path / "ab.json"
