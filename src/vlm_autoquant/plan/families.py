@@ -18,7 +18,7 @@ from ..core.timing import part
 from ..search import resume
 from ..search.spec import SearchSpec
 from .calib_data import Data, build_data
-from .inputs import Inputs
+from .inputs import Inputs, RunOptions
 from .memory_plan import Shape
 from .placement import LMPlacement, PlanRequest, plan_for
 from .schemes import CALIBRATION_FIELDS, FORMAT_BITS, Scheme
@@ -43,12 +43,12 @@ class Family:
     def key(self) -> str:
         return resume.fingerprint_hash(self.fingerprint)[:12]
 
-    def grad_checkpointing(self, asked: bool | None) -> bool:
+    def grad_checkpointing(self, options: RunOptions) -> bool:
         """Whether this family's gradient search checkpoints: what the memory plan settled
-        (`--grad-checkpointing auto` among them); without a plan (the CPU), on unless `asked` off."""
+        (`--grad-checkpointing auto` among them); without a plan (the CPU), on unless asked off."""
         if self.placement is not None:
             return self.placement.plan.grad_checkpointing
-        return asked is not False
+        return options.checkpointing_unless_planned
 
 
 def spec_of(schemes: list[Scheme]) -> SearchSpec:
@@ -186,7 +186,7 @@ def plan_memory(
     A batch size the user asked for explicitly is never changed: it is refused if it does not fit.
     """
     first, opts = members[0], inputs.options
-    checkpointing = opts.grad_checkpointing is not False  # auto: on, unless the plan fits it off
+    checkpointing = opts.checkpointing_unless_planned  # auto: the plan may turn it off below
     shape = Shape(first.batch_size, first.seq_len, first.method, checkpointing, len(spec_of(members).formats))
     request = PlanRequest(
         opts.gpus,

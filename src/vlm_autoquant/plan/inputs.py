@@ -39,6 +39,11 @@ class RunOptions:
     max_gpu_memory: str | None = None
     parallel: str = "auto"  # several GPUs: "replicas" (one LM each), "layers" (one LM split), auto
 
+    @property
+    def checkpointing_unless_planned(self) -> bool:
+        """Gradient checkpointing before (or without) a memory plan: on unless asked off."""
+        return self.grad_checkpointing is not False
+
 
 @dataclass
 class Inputs:

@@ -84,7 +84,7 @@ def search_family(
     checkpoint = SearchCheckpoint(
         family.checkpoint, lambda p, stage, src=None: resume.write_record(p, family.fingerprint, stage, src)
     )
-    checkpointing = family.grad_checkpointing(inputs.options.grad_checkpointing)
+    checkpointing = family.grad_checkpointing(inputs.options)
     args = (family.spec, batches, checkpoint, stop, checkpointing)
     found = replicas.search(model, *args) if replicas is not None else autoquant.search(model, *args)
     for key, ran in (("calibrate", found.calibrated), ("score", found.scored)):
