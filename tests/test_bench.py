@@ -36,11 +36,12 @@ THROUGH = {
 }
 
 
-def bench(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run bench/<script> with `args` as a fresh process (the package from this source tree)."""
+def bench(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run bench/<script> with `args` as a fresh process (the package from this source tree;
+    `env`: variables set for it)."""
     return subprocess.run(
         [PY, str(ROOT / "bench" / script), *args],
-        env=subprocess_env(),
+        env=subprocess_env(**env),
         capture_output=True,
         text=True,
         timeout=900,
@@ -283,13 +284,8 @@ def test_first_batch_profile_cpu_path(demo, tmp_path):
     driver = ROOT / "scripts" / "qwen" / "qwen2_5_vl_3b_autoquant_fp8_schemes.py"
     args = ["--model-dir", str(demo[0]), "--calib-file", str(demo[1]), "--output-dir", str(out)]
     args += SMOKE.split()
-    r = subprocess.run(
-        [PY, str(ROOT / "bench" / "first_batch_profile.py"), str(prof), "--", str(driver), *args],
-        env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = bench("first_batch_profile.py", str(prof), "--", str(driver), *args, MLFLOW_TRACKING_URI=store)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "manifest.json").is_file()
     times = json.loads((prof / "times.json").read_text())
