@@ -226,6 +226,19 @@ def test_export_benchmark_cpu_path(tmp_path):
 
 
 @pytest.mark.bench
+@pytest.mark.parametrize("writer", ["ct", "modelopt"])
+def test_export_writer_peak_cpu_path(tmp_path, writer):
+    out = tmp_path / "r.json"
+    args = ["--size", "tiny", "--work", str(tmp_path / "w"), "--out", str(out), "--writer", writer]
+    proc = bench("export_writer_peak.py", *args, "--shard-gib", "0.0001")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["writer"] == writer and r["writer_extra_gib"] >= 0 and r["fp8_layers"] > 0 < r["bf16_layers"]
+    if writer == "ct":  # 0.0001 GiB (107 KB) shards: the tiny LM takes several
+        assert r["shards"] > 1 and r["shard_bytes"] == int(0.0001 * 2**30)
+
+
+@pytest.mark.bench
 def test_peer_benchmark_cpu_path_with_profiles(tmp_path):
     out = tmp_path / "peer.json"
     proc = bench(
