@@ -265,3 +265,58 @@ def test_a_layer_packed_on_the_gpu_has_the_cpus_bytes(recipe):
     for key, value in on_cpu.items():
         got = on_gpu[key].cpu()
         assert got.dtype == value.dtype and torch.equal(got.view(torch.uint8), value.view(torch.uint8)), key
+
+
+def test_the_lm_is_written_shard_by_shard_with_the_tensors_of_one_write(
+    pcpt_run, demo, tmp_path, monkeypatch
+):
+    """Shards are written as they fill (the host never holds the whole LM), and cutting the LM
+    into shards changes no tensor, its name or the name order."""
+    from safetensors.torch import load_file
+
+    from vlm_autoquant.core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE
+    from vlm_autoquant.exporter import ct as export_ct
+    from vlm_autoquant.model import quant_state
+    from vlm_autoquant.run.manifest import parse
+
+    layers = parse(json.loads((pcpt_run / MANIFEST_FILE).read_text()), "manifest").layers
+    model = quant_state.restore(demo[0], pcpt_run / QUANT_STATE_FILE, torch.device("cpu"))
+    qcfg = export_ct.quantization_config(layers)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir(), cut.mkdir()
+    export_ct._save_shards(export_ct.lm_tensors(model, layers, qcfg), whole)
+    one = load_file(whole / "model.safetensors")
+    total = sum(t.numel() * t.element_size() for t in one.values())
+
+    drawn, at_writes = [0], []
+    saved = export_ct.save_file
+
+    def counting(tensors):
+        for item in tensors:
+            drawn[0] += 1
+            yield item
+
+    def recording(tensors, path, metadata=None):
+        at_writes.append(
+            (drawn[0], sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors))
+        )
+        saved(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(export_ct, "SHARD_BYTES", total // 5)
+    monkeypatch.setattr(export_ct, "save_file", recording)
+    export_ct._save_shards(counting(export_ct.lm_tensors(model, layers, qcfg)), cut)
+
+    n = len(at_writes)
+    assert n >= 5 and at_writes[0][0] < len(one)  # the first shard went out before the last tensor
+    assert all(size <= total // 5 or count == 1 for _, size, count in at_writes)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    assert sorted(p.name for p in cut.iterdir()) == sorted([*names, "model.safetensors.index.json"])
+    index = json.loads((cut / "model.safetensors.index.json").read_text())["weight_map"]
+    order = []
+    for name in names:
+        part = load_file(cut / name)
+        order += sorted(part)
+        assert all(index[k] == name for k in part)
+        for k, t in part.items():
+            assert t.dtype == one[k].dtype and torch.equal(t.view(torch.uint8), one[k].view(torch.uint8)), k
+    assert order == sorted(one) and len(index) == len(one)

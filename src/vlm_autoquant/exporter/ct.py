@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -164,41 +165,63 @@ def fp8_schemes(layers: list[LayerRecord], qcfg: QuantizationConfig) -> dict[str
 
 def lm_tensors(
     model: nn.Module, layers: list[LayerRecord], qcfg: QuantizationConfig
-) -> dict[str, torch.Tensor]:
-    """Every tensor of the LM under its released name; FP8 layers compressed."""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the LM under its released name, on the host, in name order; each FP8
+    layer compressed when the iteration reaches it, so only the tensors a caller keeps stay."""
     fp8 = fp8_schemes(layers, qcfg)
     modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-    for name, scheme in fp8.items():
-        out.update({f"{name}.{k}": v.cpu() for k, v in compressed_layer(modules[name], scheme).items()})
     tied = getattr(model.config, "tie_word_embeddings", False)
-    for key, value in model.state_dict().items():
+    state = model.state_dict()
+    # An FP8 layer's keys all start with "<layer>." and no other key does, so in name order
+    # they sit together exactly where "<layer>." sorts among the other keys.
+    units = {f"{name}.": name for name in fp8}
+    for key in state:
         layer = key.rpartition(".")[0]
-        if layer in fp8 or "_quantizer" in key or (tied and key == "lm_head.weight"):
+        if layer not in fp8 and "_quantizer" not in key and not (tied and key == "lm_head.weight"):
+            units[key] = None
+    for unit in sorted(units):
+        layer = units[unit]
+        if layer is None:
+            yield unit, state[unit].detach().cpu()
             continue
-        out[key] = value.detach().cpu()
-    return out
+        packed = compressed_layer(modules[layer], fp8[layer])
+        for k in sorted(packed):
+            yield f"{layer}.{k}", packed.pop(k).cpu()
 
 
-def _save_shards(tensors: dict[str, torch.Tensor], target: Path) -> None:
-    """safetensors shards of at most SHARD_BYTES, with an index when there is more than one."""
-    groups, size = [[]], 0
-    for key in sorted(tensors):
-        n = tensors[key].numel() * tensors[key].element_size()
-        if groups[-1] and size + n > SHARD_BYTES:
-            groups, size = groups + [[]], 0
-        groups[-1].append(key)
+def _save_shards(tensors: Iterable[tuple[str, torch.Tensor]], target: Path) -> None:
+    """safetensors shards of at most SHARD_BYTES (a larger tensor alone), each written as soon as
+    it is full, so the host holds one shard's tensors at a time (and safetensors' copy of their
+    bytes while it writes them); an index when there is more than one."""
+    parts: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        part = target / f".part-{len(parts)}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(part), metadata={"format": "pt"})
+        parts.append(list(shard))
+        shard.clear()
+
+    for key, tensor in tensors:
+        n = tensor.numel() * tensor.element_size()
+        if shard and size + n > SHARD_BYTES:
+            flush()
+            size = 0
+        shard[key] = tensor
         size += n
+    if shard or not parts:
+        flush()
     names = (
         ["model.safetensors"]
-        if len(groups) == 1
-        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+        if len(parts) == 1
+        else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
     )
-    for keys, name in zip(groups, names):
-        save_file({k: tensors[k].contiguous() for k in keys}, str(target / name), metadata={"format": "pt"})
-    if len(groups) > 1:
+    for i, name in enumerate(names):
+        os.replace(target / f".part-{i}.safetensors", target / name)
+    if len(parts) > 1:
         (target / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": {k: n for keys, n in zip(groups, names) for k in keys}})
+            json.dumps({"metadata": {}, "weight_map": {k: n for keys, n in zip(parts, names) for k in keys}})
         )
 
 
