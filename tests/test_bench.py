@@ -233,9 +233,33 @@ def test_export_writer_peak_cpu_path(tmp_path, writer):
     proc = bench("export_writer_peak.py", *args, "--shard-gib", "0.0001")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["writer"] == writer and r["writer_extra_gib"] >= 0 and r["fp8_layers"] > 0 < r["bf16_layers"]
+    assert r["writer"] == writer and r["writer_extra_gib"] >= 0
+    assert r["fp8_layers"] > 0 and r["bf16_layers"] > 0
     if writer == "ct":  # 0.0001 GiB (107 KB) shards: the tiny LM takes several
         assert r["shards"] > 1 and r["shard_bytes"] == int(0.0001 * 2**30)
+
+
+@pytest.mark.bench
+def test_ab_search_cpu_path_compares_a_tree_with_itself(tmp_path):
+    """This tree against itself as the base: one pair, the sweep compared, the roofline run."""
+    out = tmp_path / "out"
+    args = ["--size", "tiny", "--base", str(ROOT / "src"), "--work", str(tmp_path / "w"), "--out", str(out)]
+    proc = bench("ab_search.py", *args, "--pairs", "1", SMOKE_SIZES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "summary.json").read_text())
+    assert [len(r["single"][side]) for side in ("tree", "base")] == [1, 1]
+    assert r["single"]["same_formats"] and r["single"]["tree_over_base"] > 0
+    from vlm_autoquant.plan.schemes import default_catalog, load_catalog
+
+    assert r["sweep"]["same_formats"] and set(r["sweep"]["compared"]) == set(load_catalog(default_catalog()))
+    assert r["roofline"]["rc"] == 0 and (out / "roofline.json").is_file()
+
+
+@pytest.mark.bench
+def test_ab_search_refuses_a_base_without_the_package(tmp_path):
+    proc = bench("ab_search.py", "--base", str(tmp_path), "--out", str(tmp_path / "o"), "--size", "tiny")
+    assert proc.returncode == 2 and "holds no vlm_autoquant/" in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.bench
