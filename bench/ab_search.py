@@ -40,7 +40,7 @@ def _catalog(args, steps: str, tag: str, base: bool, out: Path, *extra: str) -> 
     """One `bench_catalog.py` process (its own runs as fresh processes); its result JSON."""
     cmd = [sys.executable, str(ROOT / "bench" / "bench_catalog.py"), "--size", args.size]
     cmd += ["--data", str(args.data), "--work", str(args.work), "--steps", steps, f"--tag={tag}"]
-    cmd += ["--out", str(out), f"--sizes={args.sizes}", *extra]
+    cmd += ["--out", str(out), f"--sizes={args.sizes}", "--build-device", args.build_device, *extra]
     if base:
         cmd += ["--src", str(args.base)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -77,7 +77,7 @@ def singles(args, summary: dict) -> None:
 
 
 def _summarise(sides: dict[str, list[dict]]) -> dict:
-    out: dict = {side: runs for side, runs in sides.items()}
+    out: dict = dict(sides)
     tree, base = _median(sides["tree"], "wall_s"), _median(sides["base"], "wall_s")
     out["median_wall_s"] = {"tree": tree, "base": base}
     if tree and base:
@@ -135,7 +135,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--steps", default="single,sweep,roofline", help="comma list of single, sweep, roofline")
     p.add_argument("--sizes", default="", help="extra size flags for every run (CPU smoke)")
-    p.add_argument("--build-device", default="cuda" if _has_cuda() else "cpu")
+    p.add_argument(
+        "--build-device", default="cuda", help="where the checkpoint is built (bench_catalog.py's)"
+    )
     args = p.parse_args()
     steps = args.steps.split(",")
     unknown = sorted(set(steps) - {"single", "sweep", "roofline"})
@@ -148,12 +150,6 @@ def main() -> None:
         if step in steps:
             fn(args, summary)
     print(json.dumps(summary, indent=2))
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":
