@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import sh  # noqa: E402
+
 PHASES = ("startup", "validate", "import", "load", "calibrate", "score", "search_setup", "evaluate", "save")
 
 
@@ -43,10 +45,7 @@ def _catalog(args, steps: str, tag: str, base: bool, out: Path, *extra: str) -> 
     cmd += ["--out", str(out), f"--sizes={args.sizes}", "--build-device", args.build_device, *extra]
     if base:
         cmd += ["--src", str(args.base)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    (out.with_suffix(".log")).write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {out.with_suffix('.log')}")
+    sh(cmd, log=out.with_suffix(".log"), timeout=3600)  # raises SystemExit if it fails
     return json.loads(out.read_text())
 
 
