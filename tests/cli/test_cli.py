@@ -301,3 +301,38 @@ def test_save_weights_writes_the_lm_once(demo, in_process_run):
     info = inspect_checkpoint(demo[0], Problems())
     assert keys == set(info.lm_keys())  # every LM tensor, tied head once, no quantizer state
     assert json.loads((out / MANIFEST_FILE).read_text())["artifacts"][LM_WEIGHTS_FILE]
+
+
+def test_a_failed_run_stops_the_weights_digest_it_started(tmp_path, monkeypatch):
+    """A run that fails while its base weights are still being hashed (in the background, for
+    the manifest) exits without waiting for the hashing: the boundary cancels it."""
+    import threading
+
+    import torch
+    from safetensors.torch import save_file
+
+    from vlm_autoquant.cli.common import run_guarded
+    from vlm_autoquant.core.errors import EXIT_FAILURE, RunFailed
+    from vlm_autoquant.model import identity
+
+    save_file({"model.norm.weight": torch.ones(4096)}, str(tmp_path / "model.safetensors"))
+    held, real_range = threading.Event(), identity.sha256_range
+
+    def held_range(path, start, end, stop=None):
+        held.set()
+        assert stop is not None and stop.wait(10)  # reads nothing more until cancelled
+        return real_range(path, start, end, stop)
+
+    monkeypatch.setattr(identity, "_futures", {})
+    monkeypatch.setattr(identity, "sha256_range", held_range)
+    digests = []
+
+    def body() -> int:
+        digests.append(identity.start(tmp_path))
+        assert held.wait(10)
+        raise RunFailed("out of GPU memory in the first calibration batch")
+
+    assert run_guarded(body, debug=False, output_dir=None) == EXIT_FAILURE
+    with pytest.raises(identity.Cancelled):
+        digests[0].result(timeout=10)
+    assert identity._futures == {}

@@ -112,3 +112,37 @@ def test_an_export_onto_another_vision_tower_is_refused(script_run, demo, tmp_pa
         export_inputs.gather(opts, tmp_path, problems)
         hit = [p for p in problems.items if "vision tower" in p.message]
         assert bool(hit) == refused, problems.items
+
+
+def test_a_cancelled_digest_stops_within_a_chunk_and_a_later_one_hashes_afresh(shard, monkeypatch):
+    """`cancel` ends a background digest before it reads another chunk (a refused export or a
+    failed run does not wait for the hashing of every weight); the next `result` is complete."""
+    import threading
+    import time
+
+    from vlm_autoquant.model import identity
+
+    monkeypatch.setattr(identity, "CHUNK", 1000)
+    monkeypatch.setattr(identity, "_futures", {})
+    want = identity.lm_weights_sha256(shard.parent)
+    reads, first_read, real_range = [], threading.Event(), identity.sha256_range
+
+    def held_range(path, start, end, stop=None):
+        reads.append(start)
+        first_read.set()
+        assert stop is not None and stop.wait(10)  # held until cancelled
+        return real_range(path, start, end, stop)
+
+    monkeypatch.setattr(identity, "sha256_range", held_range)
+    future = identity.start(shard.parent)
+    assert first_read.wait(10)
+    t0 = time.perf_counter()
+    identity.cancel(shard.parent)
+    with pytest.raises(identity.Cancelled):
+        future.result(timeout=10)
+    assert time.perf_counter() - t0 < 5
+    assert identity._futures == {}
+    monkeypatch.setattr(identity, "sha256_range", real_range)
+    assert identity.result(shard.parent) == want
+    identity.cancel()  # every digest: none left running
+    assert identity._futures == {}

@@ -33,6 +33,7 @@ from ..core.errors import (
     UsageError,
 )
 from ..core.interrupt import terminate_as_interrupt
+from ..model import identity
 from ..plan.inputs import FLAG_NAMES, OVERRIDE_FLAGS
 from ..plan.schemes import Scheme
 from ..plan.validate import check_schemes
@@ -304,6 +305,7 @@ def run_guarded(
         _print_crash(exc)
         _mark_launch_failed(experiment, run_name, f"{type(exc).__name__}: {redact(exc)}")
         code = EXIT_FAILURE
+    identity.cancel()  # a weights digest still under way: the process exits without waiting for it
     if output_dir is not None and not existed:
         _remove_if_only_bookkeeping(output_dir)
     return code

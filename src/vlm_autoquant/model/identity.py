@@ -8,6 +8,9 @@ enter the LM's identity; it has its own (`vision_weights_sha256`, recorded besid
 export onto another vision tower is refused. Two checkpoints of the same architecture differing
 in one value of one tensor get different identities. Key layouts are normalised
 (`model.language_model.` -> `model.`), so one set of weights has one identity in every layout.
+A digest started in the background (`start`) can be stopped (`cancel`): its threads stop within
+one chunk, so a refused export or a failed run does not wait for the hashing of a large checkpoint
+before it exits.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, VISION_RE
 
 CHUNK = 16 << 20
 WORKERS = min(8, os.cpu_count() or 1)
-_futures: dict[tuple[Path, bool], Future] = {}
+_futures: dict[tuple[Path, bool], tuple[Future, threading.Event]] = {}
 _lock = threading.Lock()
 _buffers = threading.local()
 
@@ -51,9 +54,14 @@ def weight_files(model_dir: Path) -> list[Path]:
     return [model_dir / SINGLE_FILE]
 
 
-def sha256_range(path: Path, start: int, end: int) -> str:
+class Cancelled(Exception):
+    """A digest stopped by `cancel` before it was complete."""
+
+
+def sha256_range(path: Path, start: int, end: int, stop: threading.Event | None = None) -> str:
     """sha256 of bytes [start, end) of `path` (pread into this thread's own buffer: safe to
-    call from many threads, and no fresh 16 MiB allocation, with its page faults, per chunk)."""
+    call from many threads, and no fresh 16 MiB allocation, with its page faults, per chunk).
+    Raises Cancelled once `stop` is set, before the next chunk is read."""
     if getattr(_buffers, "view", None) is None:
         _buffers.view = memoryview(bytearray(CHUNK))
     view = _buffers.view
@@ -62,6 +70,8 @@ def sha256_range(path: Path, start: int, end: int) -> str:
     try:
         pos = start
         while pos < end:
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"{path}: hashing stopped at byte {pos}")
             n = os.preadv(fd, [view[: min(CHUNK, end - pos)]], pos)
             if not n:
                 raise OSError(f"{path} ends at byte {pos}, before {end}")
@@ -80,10 +90,17 @@ def _lowest_priority() -> None:
         pass
 
 
-def tensor_digests(model_dir: Path, keep, workers: int = WORKERS, background: bool = False) -> dict[str, str]:
+def tensor_digests(
+    model_dir: Path,
+    keep,
+    workers: int = WORKERS,
+    background: bool = False,
+    stop: threading.Event | None = None,
+) -> dict[str, str]:
     """{name: sha256 of its bytes} for every tensor whose name `keep(name)` accepts.
 
-    `background`: the hashing threads run at the lowest CPU priority."""
+    `background`: the hashing threads run at the lowest CPU priority. `stop`: once set, every
+    thread raises Cancelled before its next chunk."""
     jobs = []
     for shard in weight_files(model_dir):
         for name, (dtype, shape, start, end) in shard_layout(shard).items():
@@ -93,7 +110,7 @@ def tensor_digests(model_dir: Path, keep, workers: int = WORKERS, background: bo
     with ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="sha256", initializer=_lowest_priority if background else None
     ) as pool:
-        digests = pool.map(lambda j: sha256_range(j[1], j[2], j[3]), jobs)
+        digests = pool.map(lambda j: sha256_range(j[1], j[2], j[3], stop), jobs)
         return {j[0]: d for j, d in zip(jobs, digests)}
 
 
@@ -110,14 +127,22 @@ def _combined(digests: dict[str, str]) -> str:
     return combined.hexdigest()
 
 
-def lm_weights_sha256(model_dir: Path, workers: int = WORKERS, background: bool = False) -> str:
+def _is_lm(name: str) -> bool:
+    return not VISION_RE.match(name)
+
+
+def lm_weights_sha256(
+    model_dir: Path, workers: int = WORKERS, background: bool = False, stop: threading.Event | None = None
+) -> str:
     """The identity of `model_dir`'s LM weights (vision tensors are not read)."""
-    return _combined(tensor_digests(Path(model_dir), lambda n: not VISION_RE.match(n), workers, background))
+    return _combined(tensor_digests(Path(model_dir), _is_lm, workers, background, stop))
 
 
-def vision_weights_sha256(model_dir: Path, workers: int = WORKERS, background: bool = False) -> str | None:
+def vision_weights_sha256(
+    model_dir: Path, workers: int = WORKERS, background: bool = False, stop: threading.Event | None = None
+) -> str | None:
     """The identity of `model_dir`'s vision tower (its `visual.*` tensors); None without one."""
-    digests = tensor_digests(Path(model_dir), lambda n: bool(VISION_RE.match(n)), workers, background)
+    digests = tensor_digests(Path(model_dir), lambda n: bool(VISION_RE.match(n)), workers, background, stop)
     return _combined(digests) if digests else None
 
 
@@ -127,12 +152,21 @@ def start(model_dir: Path, vision: bool = False) -> Future:
     key = (Path(model_dir).resolve(), vision)
     with _lock:
         if key not in _futures:
+            stop = threading.Event()
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity")
-            _futures[key] = pool.submit(
-                vision_weights_sha256 if vision else lm_weights_sha256, key[0], WORKERS, True
-            )
+            digest = vision_weights_sha256 if vision else lm_weights_sha256
+            _futures[key] = (pool.submit(digest, key[0], WORKERS, True, stop), stop)
             pool.shutdown(wait=False)
-        return _futures[key]
+        return _futures[key][0]
+
+
+def cancel(model_dir: Path | None = None) -> None:
+    """Stop the digests started for `model_dir` (every one started, without it): their threads
+    end within one chunk, and a later `start` or `result` hashes afresh."""
+    with _lock:
+        keys = [k for k in _futures if model_dir is None or k[0] == Path(model_dir).resolve()]
+        for key in keys:
+            _futures.pop(key)[1].set()
 
 
 def result(model_dir: Path) -> str:
