@@ -260,7 +260,7 @@ def test_sigint_during_scoring_exits_130_with_resume_hint(interrupted):
     assert s["sent"], "scoring never started:\n" + s["stderr"][-3000:]
     assert s["rc"] == 130, s["stderr"][-3000:]
     err = s["stderr"]
-    assert "SIGINT received: stopping after the current batch" in err
+    assert "SIGINT received: stopping at the next batch or phase" in err
     assert "stopped (stopped by SIGINT)" in err
     assert "rerun the same command to resume" in err
     assert "Traceback" not in err

@@ -561,3 +561,30 @@ def test_a_fused_groups_shared_weight_amax_is_plausible_for_each_member():
     assert err.startswith("o_proj: weight amax is 4 x max|weight|")
     attn.k_proj.weight_quantizer.amax = torch.tensor(9.0)  # beyond 2x of the group's max too
     assert sorted(e.split(":")[0] for e in implausible_scales(model)) == ["o_proj", "self_attn.k_proj"]
+
+
+def test_a_signal_during_the_export_stops_it_at_the_next_phase(script_run, tmp_path, monkeypatch):
+    """SIGINT/SIGTERM set the stop flag; the export raises Interrupted at the next phase
+    boundary (not after writing and verifying the whole checkpoint), and leaves nothing."""
+    from vlm_autoquant.core.errors import Interrupted
+    from vlm_autoquant.core.interrupt import StopFlag
+    from vlm_autoquant.exporter import ct, pipeline
+    from vlm_autoquant.exporter.inputs import ExportOptions
+
+    flag, real_restore = StopFlag(), pipeline._restore
+
+    def restore_then_signal(*args, **kwargs):
+        model = real_restore(*args, **kwargs)
+        flag.set("SIGTERM")  # what stop_on_signals' handler does
+        return model
+
+    def no_write(*args, **kwargs):
+        raise AssertionError("the checkpoint was written after the signal")
+
+    monkeypatch.setattr(pipeline, "_restore", restore_then_signal)
+    monkeypatch.setattr(ct, "write_checkpoint", no_write)
+    target = tmp_path / "ckpt"
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        pipeline.export_run(ExportOptions(output_dir=target, artifacts_dir=script_run[0]), stop=flag)
+    left = sorted(p.name for p in target.iterdir()) if target.exists() else []
+    assert set(left) <= set(staging.BOOKKEEPING), left  # no checkpoint file (the CLI removes the rest)

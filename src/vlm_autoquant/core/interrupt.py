@@ -1,7 +1,8 @@
 """Cooperative SIGINT/SIGTERM handling.
 
 The first signal sets a flag; the run stops at the next batch boundary (`raise_if_set` is called
-from the forward step), so ModelOpt never dies half-way through writing its search checkpoint.
+from the forward step), so ModelOpt never dies half-way through writing its search checkpoint;
+an export stops at its next phase boundary (`Phases.between`).
 A second signal stops at once.
 """
 
@@ -42,7 +43,7 @@ def stop_on_signals(flag: StopFlag) -> Iterator[StopFlag]:
         if flag.signal_name is not None:
             raise Interrupted(name)  # second signal: stop now
         flag.set(name)
-        log.warning("%s received: stopping after the current batch (send again to stop now)", name)
+        log.warning("%s received: stopping at the next batch or phase (send again to stop now)", name)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

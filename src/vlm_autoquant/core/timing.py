@@ -48,16 +48,22 @@ def memory_line() -> str:
 
 
 class Phases:
-    """Collects `time/<phase>_s` and logs each phase as it ends."""
+    """Collects `time/<phase>_s` and logs each phase as it ends.
 
-    def __init__(self) -> None:
+    `between`: called before each phase starts and after each one ends (a stop flag's
+    `raise_if_set`, so a signal stops the work at the next phase boundary)."""
+
+    def __init__(self, between: Callable[[], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.started = time.perf_counter()
+        self.between = between
 
     @contextlib.contextmanager
     def __call__(self, name: str, detail: str | Callable[[], str] = "") -> Iterator[None]:
         """Time the block; its line is logged when it succeeds (a failure has its own message).
         `detail` may be a function, called when the block ends (`Parts.note`)."""
+        if self.between is not None:
+            self.between()
         t0 = time.perf_counter()
         try:
             yield
@@ -65,6 +71,8 @@ class Phases:
             self.add(name, time.perf_counter() - t0)
             raise
         self.record(name, time.perf_counter() - t0, detail() if callable(detail) else detail)
+        if self.between is not None:
+            self.between()
 
     def record(self, name: str, seconds: float, detail: str = "") -> None:
         """Add a phase timed elsewhere and log its line."""

@@ -397,6 +397,8 @@ def export_gathered(inputs: ExportInputs, phases: Phases, tracker_factory=None, 
     fetched must still be on disk)."""
     bytecode.warn_if_compiled_from_source(log)
     options = inputs.options
+    if stop is not None:  # a signal stops the export at the next phase boundary
+        phases.between = stop.raise_if_set
     target = Path(os.path.realpath(options.output_dir))  # a symlink is written through
     with (
         artifacts.locked_output_dir(target, REPORT_FILE, options.overwrite),
