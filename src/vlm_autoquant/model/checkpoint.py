@@ -191,7 +191,8 @@ def _read_shards(info: CheckpointInfo, problems: Problems) -> None:
     for name in _weight_files(path, problems):
         shard = path / name
         try:
-            with safe_open(str(shard), framework="pt") as f:  # validates the header vs file size
+            # numpy: the header alone, without importing torch; validates the header vs file size
+            with safe_open(str(shard), framework="numpy") as f:
                 for key, (dtype, shape) in _header(f).items():
                     if key in info.tensors:  # which copy a loader takes is up to the loader
                         problems.add(
