@@ -95,3 +95,32 @@ def test_problems_are_collected_together(demo, tmp_path):
     problems = Problems()
     inspect_checkpoint(d, problems)
     assert len(problems.items) == 2
+
+
+def test_the_inspection_reads_the_headers_without_importing_torch(demo):
+    """A bad --model-dir is refused in the time its headers take to read: the inspection gives
+    every LM and vision tensor's dtype and shape, and torch is not imported for it."""
+    import subprocess
+
+    from ..conftest import PY, subprocess_env
+
+    probe = (
+        "import sys; from pathlib import Path\n"
+        "from vlm_autoquant.core.errors import Problems\n"
+        "from vlm_autoquant.model.checkpoint import inspect_checkpoint\n"
+        "problems = Problems(); info = inspect_checkpoint(Path(sys.argv[1]), problems)\n"
+        "print(len(info.lm_keys()), len(info.vision_keys()), bool(problems), 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [PY, "-c", probe, str(demo[0])], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
+    lm, vision, refused, torch_imported = proc.stdout.split()
+    assert int(lm) > 0 and int(vision) > 0 and refused == "False", proc.stderr[-2000:]
+    assert torch_imported == "False"
+    from safetensors import safe_open  # the same header as torch's framework reads
+
+    with safe_open(str(next(demo[0].glob("*.safetensors"))), framework="pt") as f:
+        key = next(iter(f.keys()))
+        want = (str(f.get_slice(key).get_dtype()), tuple(f.get_slice(key).get_shape()))
+    got = inspect_checkpoint(demo[0], Problems()).tensors[key]
+    assert (got.dtype, got.shape) == want
