@@ -50,13 +50,13 @@ def memory_line() -> str:
 class Phases:
     """Collects `time/<phase>_s` and logs each phase as it ends.
 
-    `between`: called before each phase starts and after each one ends (a stop flag's
+    `between`, where set: called before each phase starts and after each one ends (a stop flag's
     `raise_if_set`, so a signal stops the work at the next phase boundary)."""
 
-    def __init__(self, between: Callable[[], None] | None = None) -> None:
+    def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.started = time.perf_counter()
-        self.between = between
+        self.between: Callable[[], None] | None = None
 
     @contextlib.contextmanager
     def __call__(self, name: str, detail: str | Callable[[], str] = "") -> Iterator[None]:

@@ -9,8 +9,8 @@ export onto another vision tower is refused. Two checkpoints of the same archite
 in one value of one tensor get different identities. Key layouts are normalised
 (`model.language_model.` -> `model.`), so one set of weights has one identity in every layout.
 A digest started in the background (`start`) can be stopped (`cancel`): its threads stop within
-one chunk, so a refused export or a failed run does not wait for the hashing of a large checkpoint
-before it exits.
+one chunk, so a command that fails or is stopped while the weights are hashed (the CLI's error
+boundary cancels) does not wait for the hashing of a large checkpoint before it exits.
 """
 
 from __future__ import annotations
