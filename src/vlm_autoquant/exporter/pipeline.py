@@ -257,16 +257,14 @@ def _compressed_tensors(work: Work, out: Path) -> tuple[dict, dict]:
         return verify(work, out, qcfg, COMPRESSED_TENSORS), qcfg
 
 
-def _write_formats(work: Work, model: nn.Module, staging: Path, stop) -> tuple[dict, dict]:
+def _write_formats(work: Work, model: nn.Module, staging: Path) -> tuple[dict, dict]:
     """Each chosen format written and checked in `staging`: (checks, engine table per format)."""
     fmt = work.inputs.options.format
     checks, tables = {}, {}
     if fmt in (COMPRESSED_TENSORS, BOTH):
         checks, qcfg = _compressed_tensors(work, staging)
         tables[COMPRESSED_TENSORS] = engines.assess_ct(qcfg)
-    if stop is not None:
-        stop.raise_if_set()
-    if fmt in (MODELOPT, BOTH):
+    if fmt in (MODELOPT, BOTH):  # both: a signal during the first format raised at its end (Phases.between)
         target = staging / MODELOPT_DIR if fmt == BOTH else staging
         target.mkdir(exist_ok=True)
         mo_checks, hf_quant = _modelopt(work, model, target)
@@ -290,7 +288,7 @@ def _warnings(inputs: ExportInputs, tables: dict) -> list[str]:
     return warnings
 
 
-def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=None) -> dict:
+def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases) -> dict:
     """Restore, export in the chosen format(s), assemble and verify in `staging`; the report.
 
     With --format both, compressed-tensors fills `staging` and ModelOpt's format goes to
@@ -307,7 +305,7 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=N
             model = _restore(inputs, device)
         # ModelOpt's export may re-tune the quantizers it exports
         work = Work(inputs, copy.deepcopy(model), device, run_kernel, phases)
-        checks, tables = _write_formats(work, model, staging, stop)
+        checks, tables = _write_formats(work, model, staging)
         del model
         checks["numerics"]["fp8_arithmetic"] = {"run": run_kernel, "here": arithmetic}
     table = tables[MODELOPT] if o.format == MODELOPT else tables[COMPRESSED_TENSORS]
@@ -343,11 +341,11 @@ def _disk_full(exc: BaseException) -> bool:
     )
 
 
-def export_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases, stop=None) -> dict:
+def export_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases) -> dict:
     """Build in `staging` (beside the real --output-dir); publish only a fully verified result."""
     out = Path(os.path.realpath(inputs.options.output_dir))
     try:
-        report = build_checkpoint(inputs, staging, phases, stop)
+        report = build_checkpoint(inputs, staging, phases)
         if not report["passed"]:
             raise RunFailed(
                 f"the export failed its checks; nothing was written to "
@@ -392,7 +390,9 @@ def export_run(options: ExportOptions, tracker_factory=None, stop=None) -> dict:
         return export_gathered(inputs, phases, tracker_factory, stop)
 
 
-def export_gathered(inputs: ExportInputs, phases: Phases, tracker_factory=None, stop=None) -> dict:
+def export_gathered(
+    inputs: ExportInputs, phases: Phases, tracker_factory=None, stop: StopFlag | None = None
+) -> dict:
     """`export_run` once `exporter.inputs.checked` has checked the inputs (the artifacts it
     fetched must still be on disk)."""
     bytecode.warn_if_compiled_from_source(log)
@@ -407,15 +407,13 @@ def export_gathered(inputs: ExportInputs, phases: Phases, tracker_factory=None, 
         tracker = (
             tracker_factory(f"export-{inputs.manifest.scheme.name}", target) if tracker_factory else None
         )
-        return _export_tracked(inputs, staging, phases, stop, tracker)
+        return _export_tracked(inputs, staging, phases, tracker)
 
 
-def _export_tracked(
-    inputs: ExportInputs, staging: Path, phases: Phases, stop: StopFlag | None, tracker: Tracker | None
-) -> dict:
+def _export_tracked(inputs: ExportInputs, staging: Path, phases: Phases, tracker: Tracker | None) -> dict:
     """The export inside its lock, its MLflow run ended on every path out."""
     try:
-        report = export_checkpoint(inputs, staging, phases, stop)
+        report = export_checkpoint(inputs, staging, phases)
         if tracker is not None:
             remember(Path(os.path.realpath(inputs.options.output_dir)), tracker.wait().run_id)
             report["mlflow"] = export_track.log_export(tracker, inputs, report)
