@@ -163,8 +163,9 @@ def start(model_dir: Path, vision: bool = False) -> Future:
 def cancel(model_dir: Path | None = None) -> None:
     """Stop the digests started for `model_dir` (every one started, without it): their threads
     end within one chunk, and a later `start` or `result` hashes afresh."""
+    where = None if model_dir is None else Path(model_dir).resolve()
     with _lock:
-        keys = [k for k in _futures if model_dir is None or k[0] == Path(model_dir).resolve()]
+        keys = [k for k in _futures if where is None or k[0] == where]
         for key in keys:
             _futures.pop(key)[1].set()
 
