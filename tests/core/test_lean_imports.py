@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +110,101 @@ def test_install_is_idempotent_and_the_api_installs_it(tmp_path, monkeypatch):
     lean_imports.install()
     assert sum(isinstance(f, lean_imports.LeanFinder) for f in sys.meta_path) == 1
     assert isinstance(sys.meta_path[0], lean_imports.LeanFinder)
+
+
+# A cold interpreter imports a causal LM class and ModelOpt's quantization package (which imports
+# transformers' data collators and metrics); then it calls two of the deferred functions.
+AT_CALL_PROBE = """
+import json, sys
+if sys.argv[1] == "lean":
+    from vlm_autoquant.core import lean_imports
+    lean_imports.install()
+from transformers import Qwen2ForCausalLM
+import modelopt.torch.quantization
+import transformers.data.metrics as metrics
+import transformers.generation.candidate_generator as cg
+during = "sklearn" in sys.modules
+fpr, tpr, thresholds = cg.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+f1 = metrics.acc_and_f1(__import__("numpy").array([1, 0, 1, 1]), __import__("numpy").array([1, 0, 0, 1]))
+print(json.dumps({"during": during, "checks": [cg.is_sklearn_available(), metrics.is_sklearn_available()],
+                  "roc": [fpr.tolist(), tpr.tolist()], "f1": f1["f1"],
+                  "after": "sklearn" in sys.modules}))
+"""
+
+
+def _at_call_probe(mode: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", AT_CALL_PROBE, mode],
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_transformers_imports_scikit_learn_only_when_a_deferred_function_is_called():
+    pytest.importorskip("sklearn", reason="scikit-learn (MLflow's dependency) is not installed here")
+    plain, lean = _at_call_probe("plain"), _at_call_probe("lean")
+    assert plain["during"] is True  # without the finder: the cost the finder removes
+    assert lean["during"] is False
+    # the functions are scikit-learn's: the same results, and the checks still say it is there
+    assert lean["roc"] == plain["roc"] and lean["f1"] == plain["f1"] == pytest.approx(0.8)
+    assert lean["checks"] == plain["checks"] == [True, True]
+    assert lean["after"] is True
+
+
+def test_a_deferred_modules_import_sees_no_library_and_every_module_it_loads_keeps_the_real_check(
+    tmp_path, monkeypatch
+):
+    """A stand-in module in the shape of transformers' (check imported, the function imported
+    behind it) that imports a second module binding the same check while the first loads."""
+    import transformers.utils as utils
+
+    real = utils.is_sklearn_available
+    (tmp_path / "lib_at_call.py").write_text("def roc_curve(x):\n    return sorted(x)\n")
+    (tmp_path / "nested_at_call.py").write_text("from transformers.utils import is_sklearn_available\n")
+    (tmp_path / "outer_at_call.py").write_text(
+        "from transformers.utils import is_sklearn_available\n"
+        "import nested_at_call\n"
+        "SEEN = is_sklearn_available()\n"
+        "if is_sklearn_available():\n"
+        "    from sklearn.metrics import roc_curve\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(utils, "is_sklearn_available", lambda: True)  # as if installed
+    for name in ("outer_at_call", "nested_at_call", "lib_at_call"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    spec = importlib.machinery.PathFinder.find_spec("outer_at_call", [str(tmp_path)])
+    spec.loader = lean_imports.AtCallLoader(spec.loader, "is_sklearn_available", {"roc_curve": "lib_at_call"})
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "outer_at_call", module)
+    spec.loader.exec_module(module)
+    assert module.SEEN is False  # its own import saw no library
+    checks = {
+        utils.is_sklearn_available,
+        module.is_sklearn_available,
+        sys.modules["nested_at_call"].is_sklearn_available,
+    }
+    assert checks == {utils.is_sklearn_available} and utils.is_sklearn_available is not real
+    assert "lib_at_call" not in sys.modules
+    assert module.roc_curve([3, 1, 2]) == [1, 2, 3]  # imported and called at the first call
+    assert "lib_at_call" in sys.modules
+    assert module.roc_curve.__name__ == "roc_curve"
+
+
+def test_every_deferred_module_still_imports_its_functions_behind_its_check():
+    """transformers' source, as installed: a module renamed or changed upstream fails here, so the
+    table follows transformers rather than quietly deferring nothing."""
+    for name, (check, functions) in lean_imports.AT_CALL.items():
+        source = Path(importlib.util.find_spec(name).origin).read_text()
+        assert f"if {check}():" in source, name
+        for function, library in functions.items():
+            assert re.search(rf"from {re.escape(library)} import [^\n]*\b{function}\b", source), (
+                name,
+                function,
+            )

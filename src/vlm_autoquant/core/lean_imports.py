@@ -1,4 +1,4 @@
-"""ModelOpt's plugin modules do not import libraries a Qwen2 LM does not use.
+"""ModelOpt's plugins and transformers' load-time imports skip libraries a run does not use.
 
 ModelOpt's `plugins` packages (`modelopt.torch.quantization.plugins`, `modelopt.torch.opt.plugins`,
 ...) import every third-party library they have a plugin for, whenever it is installed: PyTorch
@@ -12,17 +12,28 @@ plugin". Only that direct import is refused: a library that ModelOpt's plugins d
 transformers' trainer) imports what it likes, and the same library imported from anywhere else,
 before or after, is untouched; one already imported stays in use.
 
+Two transformers modules import scikit-learn functions when they load, behind transformers'
+check that scikit-learn is installed, only to call them later: assisted generation's `roc_curve`
+(every causal LM class imports it) and the GLUE metrics (ModelOpt's plugins import them through
+the data collators). scikit-learn comes with MLflow; importing it costs about a second at each
+start on a 2-core CPU. The finder loads each module of
+`AT_CALL` with its check answering no for the length of that module's own import, then puts the
+real check back and, for each function, one that imports the library's at its first call: the
+module behaves as before, and a run that never calls them never imports those libraries.
+
 `install()` puts one finder at the front of `sys.meta_path`; it is idempotent. Nothing here
 imports torch, transformers or ModelOpt.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Libraries that ModelOpt has plugins for and that no transformers Qwen2 LM module comes from.
 # Not listed: accelerate, transformers and huggingface_hub (the LM's own stack), and peft and
@@ -42,6 +53,22 @@ MODELOPT_PLUGINS_NOT_NEEDED = frozenset(
 )
 
 
+# transformers modules -> (the availability check they import, {function: its library module}).
+# (SciPy, which transformers' detection losses import the same way, ModelOpt imports itself.)
+AT_CALL = {
+    "transformers.generation.candidate_generator": ("is_sklearn_available", {"roc_curve": "sklearn.metrics"}),
+    "transformers.data.metrics": (
+        "is_sklearn_available",
+        {
+            "pearsonr": "scipy.stats",
+            "spearmanr": "scipy.stats",
+            "f1_score": "sklearn.metrics",
+            "matthews_corrcoef": "sklearn.metrics",
+        },
+    ),
+}
+
+
 def is_modelopt_plugins(name: str) -> bool:
     """A ModelOpt plugins package or one of its modules."""
     parts = name.split(".")
@@ -58,8 +85,66 @@ def importer(frame: types.FrameType | None) -> str | None:
     return None
 
 
+def at_call(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, a function, imported at its first call."""
+
+    def deferred(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    deferred.__name__ = deferred.__qualname__ = name
+    return deferred
+
+
+def _never() -> bool:
+    return False
+
+
+class AtCallLoader(importlib.abc.Loader):
+    """An `AT_CALL` module's own loader, wrapped: the module runs with its availability check
+    answering no, then gets the real check and its functions imported at their first call."""
+
+    def __init__(self, loader: importlib.abc.Loader, check: str, functions: dict[str, str]):
+        self.loader, self.check, self.functions = loader, check, functions
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_code, is_package, ...
+        return getattr(self.loader, name)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        utils = sys.modules["transformers.utils"]
+        real = getattr(utils, self.check)
+        before = set(sys.modules)
+        setattr(utils, self.check, _never)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            setattr(utils, self.check, real)
+            # every module that bound the check meanwhile, this one included, gets the real one
+            for name in {module.__name__, *(set(sys.modules) - before)}:
+                scope = vars(sys.modules.get(name, module))
+                for key in [k for k, v in scope.items() if v is _never]:
+                    scope[key] = real
+        if real():
+            for name, source in self.functions.items():
+                vars(module).setdefault(name, at_call(source, name))
+
+
+def _at_call_spec(name: str, path: Sequence[str] | None) -> importlib.machinery.ModuleSpec | None:
+    """An `AT_CALL` module's spec with the wrapped loader (None: the usual finders decide)."""
+    if "transformers.utils" not in sys.modules:  # imported first by any transformers module
+        return None
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None:
+        return None
+    spec.loader = AtCallLoader(spec.loader, *AT_CALL[name])
+    return spec
+
+
 class LeanFinder(importlib.abc.MetaPathFinder):
-    """The finder `install()` puts first on `sys.meta_path`: it finds nothing, it only refuses."""
+    """The finder `install()` puts first on `sys.meta_path`: it refuses ModelOpt's plugins their
+    unneeded libraries and wraps the loaders of `AT_CALL`; it finds nothing else."""
 
     def find_spec(
         self, name: str, path: Sequence[str] | None, target: types.ModuleType | None = None
@@ -68,6 +153,8 @@ class LeanFinder(importlib.abc.MetaPathFinder):
             by = importer(sys._getframe(1))
             if by is not None and is_modelopt_plugins(by):
                 raise ModuleNotFoundError(f"No module named {name!r} (not imported by {by} here)", name=name)
+        if name in AT_CALL:
+            return _at_call_spec(name, path)
         return None
 
 
