@@ -843,3 +843,22 @@ def test_when_no_tracker_process_can_start_the_run_is_tracked_from_this_one(
         assert not isinstance(tracker, trk.RemoteTracker)
         tracker.log_metrics({"m": 3.0})
     assert mlflow.MlflowClient().get_run(tracker.run_id).data.metrics["m"] == 3.0
+
+
+def test_only_a_run_that_draws_imports_the_report_modules_beside_the_main_thread(tmp_path, monkeypatch):
+    """A scheme's run pre-imports matplotlib and datasets once it exists; an export's run, which
+    draws nothing and logs no captions, does not spend the interpreter lock on them."""
+    from vlm_autoquant import api, tracking
+
+    uri, _ = store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    calls: list[str] = []
+    monkeypatch.setattr(tracking, "_prewarm_report_imports", lambda: calls.append("prewarmed"))
+    export = api._export_tracker_factory("e")("export", tmp_path / "export")
+    export.wait().end()
+    assert calls == []
+    scheme = tracking.Tracker("e", "scheme", out_dir=tmp_path / "scheme")
+    scheme._thread.join()  # the pre-import runs in the run's start thread, after the run exists
+    scheme.wait().end()
+    assert calls == ["prewarmed"]

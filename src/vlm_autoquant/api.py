@@ -364,7 +364,7 @@ def _export_tracker_factory(experiment: str | None) -> Callable[[str, Path], tra
 
     def tracker_factory(name: str, out_dir: Path) -> tracking.Tracker:
         tracking.close_stale(out_dir)  # a killed export's run, left RUNNING, is closed first
-        return tracking.Tracker(experiment, name, out_dir=out_dir)
+        return tracking.Tracker(experiment, name, out_dir=out_dir, draws=False)
 
     return tracker_factory
 

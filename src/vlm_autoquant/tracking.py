@@ -148,9 +148,13 @@ class Tracker:
         parent: "Tracker | None" = None,
         system_metrics: bool = False,
         out_dir: Path | None = None,
+        draws: bool = True,
     ) -> None:
+        """`draws`: the run will draw a figure and log captions (a scheme's or a sweep's, not an
+        export's), so their imports are made beside the main thread once the run exists."""
         bounded_retries()
         self.name = run_name
+        self._draws = draws and out_dir is not None
         self.experiment = active_experiment(experiment)  # None: MLFLOW_EXPERIMENT_ID chooses
         self._error: BaseException | None = None
         self._out_dir = out_dir  # where the run id is recorded once the run exists
@@ -191,7 +195,7 @@ class Tracker:
         except BaseException as exc:  # noqa: BLE001 - reported on first use
             self._error = exc
             return
-        if self._out_dir is not None:
+        if self._draws:
             _prewarm_report_imports()
 
     def wait(self) -> "Tracker":
