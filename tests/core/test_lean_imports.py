@@ -123,12 +123,17 @@ from transformers import Qwen2ForCausalLM
 import modelopt.torch.quantization
 import transformers.data.metrics as metrics
 import transformers.generation.candidate_generator as cg
+import modelopt.torch.opt.config_loader as config_loader
+import modelopt.torch.quantization.config as mtq_config
 during = "sklearn" in sys.modules
-fpr, tpr, thresholds = cg.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-f1 = metrics.acc_and_f1(__import__("numpy").array([1, 0, 1, 1]), __import__("numpy").array([1, 0, 0, 1]))
-print(json.dumps({"during": during, "checks": [cg.is_sklearn_available(), metrics.is_sklearn_available()],
-                  "roc": [fpr.tolist(), tpr.tolist()], "f1": f1["f1"],
-                  "after": "sklearn" in sys.modules}))
+configs = repr({n: getattr(mtq_config, n) for n in dir(mtq_config) if n.endswith("_CFG")})
+out = {"during": during, "configs": configs, "yaml": type(config_loader.yaml).__name__}
+if cg.is_sklearn_available():  # the deferred functions, called
+    fpr, tpr, thresholds = cg.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    f1 = metrics.acc_and_f1(__import__("numpy").array([1, 0, 1, 1]), __import__("numpy").array([1, 0, 0, 1]))
+    out.update(checks=[cg.is_sklearn_available(), metrics.is_sklearn_available()],
+               roc=[fpr.tolist(), tpr.tolist()], f1=f1["f1"], after="sklearn" in sys.modules)
+print(json.dumps(out))
 """
 
 
@@ -147,15 +152,45 @@ def _at_call_probe(mode: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_transformers_imports_scikit_learn_only_when_a_deferred_function_is_called():
+@pytest.fixture(scope="module")
+def probes() -> dict:
+    return {mode: _at_call_probe(mode) for mode in ("plain", "lean")}
+
+
+def test_transformers_imports_scikit_learn_only_when_a_deferred_function_is_called(probes):
     pytest.importorskip("sklearn", reason="scikit-learn (MLflow's dependency) is not installed here")
-    plain, lean = _at_call_probe("plain"), _at_call_probe("lean")
+    plain, lean = probes["plain"], probes["lean"]
     assert plain["during"] is True  # without the finder: the cost the finder removes
     assert lean["during"] is False
     # the functions are scikit-learn's: the same results, and the checks still say it is there
     assert lean["roc"] == plain["roc"] and lean["f1"] == plain["f1"] == pytest.approx(0.8)
     assert lean["checks"] == plain["checks"] == [True, True]
     assert lean["after"] is True
+
+
+def test_modelopts_recipes_parse_with_libyaml_into_the_same_configs(probes):
+    """The probe above, both ways: ModelOpt's config loader parses with libyaml under the finder,
+    and every quantization config ModelOpt builds from its recipes is the same."""
+    yaml = pytest.importorskip("yaml")
+    if not hasattr(yaml, "CSafeLoader"):
+        pytest.skip("this PyYAML was built without libyaml: the finder leaves ModelOpt's loader as it is")
+    plain, lean = probes["plain"], probes["lean"]
+    assert (plain["yaml"], lean["yaml"]) == ("module", "Libyaml")
+    assert lean["configs"] == plain["configs"] and plain["configs"].count("_CFG'") > 10
+
+
+def test_every_modelopt_recipe_file_parses_the_same_with_both_parsers():
+    import yaml
+    from modelopt.torch.opt.config_loader import BUILTIN_CONFIG_ROOT
+
+    if not hasattr(yaml, "CSafeLoader"):
+        pytest.skip("this PyYAML was built without libyaml: nothing to compare")
+    files = sorted(Path(str(BUILTIN_CONFIG_ROOT)).rglob("*.y*ml"))
+    assert len(files) > 20, BUILTIN_CONFIG_ROOT
+    fast = lean_imports.Libyaml(yaml)
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        assert list(fast.safe_load_all(text)) == list(yaml.safe_load_all(text)), f
 
 
 def test_a_deferred_modules_import_sees_no_library_and_every_module_it_loads_keeps_the_real_check(
