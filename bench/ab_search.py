@@ -18,13 +18,15 @@ keeps what ran):
   roofline  `roofline.py` on this tree (driver, checkpointing on and off).
 `summary.json` holds each run's wall seconds and phases, the medians, this tree ÷ the base, and
 whether every layer's format is the same in both trees (the anchor scheme alone, and every
-catalog scheme in the sweep).
+catalog scheme in the sweep). Each run's own log (phase and batch lines) is copied beside the
+JSON as `<run>.run.txt`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,7 +47,11 @@ def _catalog(args, steps: str, tag: str, base: bool, out: Path, *extra: str) -> 
     cmd += ["--out", str(out), f"--sizes={args.sizes}", "--build-device", args.build_device, *extra]
     if base:
         cmd += ["--src", str(args.base)]
-    sh(cmd, log=out.with_suffix(".log"), timeout=3600)  # raises SystemExit if it fails
+    try:
+        sh(cmd, log=out.with_suffix(".log"), timeout=3600)  # raises SystemExit if it fails
+    finally:  # each run's own log (its phase and batch lines) beside the JSON, failed runs too
+        for run_log in args.work.glob(f"*{tag}/log.txt"):
+            shutil.copyfile(run_log, args.out / f"{run_log.parent.name}.run.txt")
     return json.loads(out.read_text())
 
 

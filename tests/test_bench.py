@@ -253,6 +253,15 @@ def test_ab_search_cpu_path_compares_a_tree_with_itself(tmp_path):
 
     assert r["sweep"]["same_formats"] and set(r["sweep"]["compared"]) == set(load_catalog(default_catalog()))
     assert r["roofline"]["rc"] == 0 and (out / "roofline.json").is_file()
+    # each run's own log came back beside the JSON, with the run's phase lines
+    logs = sorted(p.name for p in out.glob("*.run.txt"))
+    assert logs == [
+        "single-base1.run.txt",
+        "single-tree1.run.txt",
+        "sweep_all-sweep-base.run.txt",
+        "sweep_all-sweep-tree.run.txt",
+    ]
+    assert "calibrate" in (out / "single-tree1.run.txt").read_text()
 
 
 @pytest.mark.bench
