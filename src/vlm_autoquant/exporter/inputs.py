@@ -16,7 +16,7 @@ from ..core.artifacts import EXPORT_REPORT_FILE as REPORT_FILE
 from ..core.artifacts import MANIFEST_FILE, QUANT_STATE_FILE, check_replaced_dir
 from ..core.errors import Problems, UsageError
 from ..core.timing import Parts, Phases, human_bytes, part
-from ..model import identity
+from ..model import identity, prefetch
 from ..model.checkpoint import CheckpointInfo, inspect_checkpoint
 from ..run.manifest import Manifest
 from ..run.manifest import read as read_manifest
@@ -84,10 +84,13 @@ def fetch_run(run_id: str, dst: Path, problems: Problems) -> tuple[Path | None, 
     return dst, run
 
 
-def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[Manifest, Path, dict] | None:
+def read_artifacts(
+    folder: Path, flag: str, problems: Problems, model_dir: Path | None = None
+) -> tuple[Manifest, Path, dict] | None:
     """The manifest, the quantized state's path and its payload, checked against the run's
     record: the state's bytes are read once, hashed and loaded from memory, so what is restored
-    later is what was checked here."""
+    later is what was checked here. Once the manifest is read, the base checkpoint's weights
+    (`model_dir`, else the manifest's) are prefetched while ModelOpt is imported."""
     man_path, state = folder / MANIFEST_FILE, folder / QUANT_STATE_FILE
     if not man_path.is_file() or not state.is_file():
         absent = [p.name for p in (man_path, state) if not p.is_file()]
@@ -104,6 +107,7 @@ def read_artifacts(folder: Path, flag: str, problems: Problems) -> tuple[Manifes
     except UsageError as exc:
         problems.extend(exc.problems)
         return None
+    prefetch.start(model_dir or Path(manifest.model.directory))  # hashed and restored below
     from ..model import quant_state  # ModelOpt: only once a run's manifest is read
 
     recorded = manifest.sha256_of(QUANT_STATE_FILE)
@@ -196,7 +200,7 @@ def gather(opts: ExportOptions, workdir: Path, problems: Problems) -> ExportInpu
             folder, run = fetch_run(opts.run_id, workdir, problems)
         flag = "--run-id"
     with part("artifacts"):
-        got = read_artifacts(folder, flag, problems) if folder is not None else None
+        got = read_artifacts(folder, flag, problems, opts.model_dir) if folder is not None else None
     if got is None:
         return None
     manifest, state, payload = got

@@ -37,6 +37,8 @@ def shard_layout(shard: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]
     """{name: (dtype, shape, start, end)} with absolute byte offsets, from the header only."""
     with shard.open("rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
+        if size > os.fstat(f.fileno()).st_size - 8:  # not a safetensors header: read nothing more
+            raise ValueError(f"{shard}: its header length {size} exceeds the file")
         header = json.loads(f.read(size))
     base = 8 + size
     return {

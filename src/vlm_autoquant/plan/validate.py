@@ -29,6 +29,7 @@ from . import cost
 if TYPE_CHECKING:
     from ..model.checkpoint import CheckpointInfo
     from .calib_data import CaptionFile
+from ..model import prefetch
 from ..model.checkpoint import (
     check_config_sizes,
     check_lm_tensors,
@@ -178,6 +179,7 @@ def gather(
             _check_budgets(schemes, linear_numels_from_headers(info), problems)
         if problems or info is None or caption_file is None:
             return None  # refused before transformers is even imported
+        prefetch.start(options.model_dir)  # the weights read while transformers and ModelOpt import
         return _gather_model(options, schemes, info, caption_file, problems, store)
 
 
