@@ -4,6 +4,10 @@
 the checkpoint, `resident_bytes(path, ranges)` asks the kernel (mincore) which pages are in the
 page cache, per byte range: a page is resident only if something read it since the eviction
 (plus kernel read-ahead around what was read).
+
+As a command, for cold-start measurements (a checkpoint as after a reboot or a fresh download):
+
+    python bench/pagecache.py evict CHECKPOINT_DIR
 """
 
 from __future__ import annotations
@@ -97,3 +101,18 @@ def read_ranges(path: Path, ranges: list[tuple[int, int]], chunk: int = 64 << 20
                 done += got
                 left -= got
     return done
+
+
+def main() -> None:
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "evict" or not Path(sys.argv[2]).is_dir():
+        raise SystemExit(f"usage: {sys.argv[0]} evict CHECKPOINT_DIR")
+    files = sorted(p for p in Path(sys.argv[2]).iterdir() if p.is_file())
+    evict(files)
+    left = sum(sum(b & 1 for b in resident_pages(f)) * PAGE for f in files if f.stat().st_size)
+    print(f"{len(files)} files evicted; {left} bytes still resident", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
