@@ -16,10 +16,10 @@ Two transformers modules import scikit-learn functions when they load, behind tr
 check that scikit-learn is installed, only to call them later: assisted generation's `roc_curve`
 (every causal LM class imports it) and the GLUE metrics (ModelOpt's plugins import them through
 the data collators). scikit-learn comes with MLflow; importing it costs about a second at each
-start on a 2-core CPU. The finder loads each module of
-`AT_CALL` with its check answering no for the length of that module's own import, then puts the
-real check back and, for each function, one that imports the library's at its first call: the
-module behaves as before, and a run that never calls them never imports those libraries.
+start on a 2-core CPU. The finder loads each module of `AT_CALL` with its check answering no for
+the length of that module's own import, then puts the real check back and, for each function,
+one that imports the library's at its first call: the module behaves as before, and a run that
+never calls them never imports those libraries.
 
 Importing ModelOpt's quantization package parses its built-in YAML recipes, about 400 documents,
 with PyYAML's pure-Python `SafeLoader`. Where PyYAML was built with libyaml (its wheels are),
