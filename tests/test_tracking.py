@@ -762,6 +762,26 @@ def test_a_scheme_tracked_in_a_child_process_imports_no_mlflow_in_the_run(demo, 
     assert "sensitivity.png" in {f.path for f in client.list_artifacts(run_id)}  # drawn in the child
 
 
+def test_a_child_run_beside_a_free_core_is_tracked_in_a_child_process_under_its_parent(
+    tracking, tmp_path, tracker_child
+):
+    import mlflow
+
+    from vlm_autoquant.tracking import RemoteTracker, tracked_run
+
+    with tracked_run("e", "parent") as parent:
+        with tracked_run("e", "child", parent, out_dir=tmp_path / "child") as child:
+            assert isinstance(child, RemoteTracker)
+            child.log_metrics({"m": 2.0})
+    client = mlflow.MlflowClient()
+    run, top = client.get_run(child.run_id), client.get_run(parent.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == top.info.run_id
+    assert run.info.experiment_id == top.info.experiment_id
+    assert run.data.metrics["m"] == 2.0 and run.info.status == top.info.status == "FINISHED"
+    assert (tmp_path / "child" / RUN_ID_FILE).read_text().split()[0] == run.info.run_id
+    assert child._proc.returncode == 0  # the child process ended with its run
+
+
 def test_the_child_trackers_errors_and_its_death_arrive_here_as_tracking_failed(tracking, tmp_path):
     import json
 

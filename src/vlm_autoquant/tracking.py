@@ -5,10 +5,10 @@ one place. Its start is a real write to the store; it runs in a background threa
 overlaps with loading and searching, and the first logging call waits for it. Importing mlflow
 (~2 s) and closing a stale run also happen in that thread, never on the main one.
 
-A scheme's run (`tracked_run(..., separate=True)`) goes one step further beside a free core: the
-whole Tracker lives in a child process (`RemoteTracker`), which imports mlflow, starts the run,
-samples the system metrics and draws and logs the report, so that none of that Python work holds
-the search process's interpreter lock while it launches GPU kernels.
+A scheme's run (`tracked_run(..., separate=True)`, or a sweep's child run) goes one step further
+beside a free core: the whole Tracker lives in a child process (`RemoteTracker`), which imports
+mlflow, starts the run, samples the system metrics and draws and logs the report, so that none of
+that Python work holds the search process's interpreter lock while it launches GPU kernels.
 """
 
 from __future__ import annotations
@@ -145,13 +145,15 @@ class Tracker:
         self,
         experiment: str | None,
         run_name: str,
-        parent: "Tracker | None" = None,
+        parent: "Tracker | str | None" = None,
         system_metrics: bool = False,
         out_dir: Path | None = None,
         draws: bool = True,
     ) -> None:
-        """`draws`: the run will draw a figure and log captions (a scheme's or a sweep's, not an
-        export's), so their imports are made beside the main thread once the run exists."""
+        """`parent`: the run this one is a child of, as a tracker or (in a RemoteTracker's
+        child process) its run id. `draws`: the run will draw a figure and log captions (a
+        scheme's or a sweep's, not an export's), so their imports are made beside the main
+        thread once the run exists."""
         bounded_retries()
         self.name = run_name
         self._draws = draws and out_dir is not None
@@ -167,7 +169,7 @@ class Tracker:
         self._thread.start()
 
     def _start(
-        self, experiment: str | None, run_name: str, parent: "Tracker | None", system_metrics: bool
+        self, experiment: str | None, run_name: str, parent: "Tracker | str | None", system_metrics: bool
     ) -> None:
         try:
             if self._out_dir is not None:
@@ -176,8 +178,9 @@ class Tracker:
             import mlflow  # mlflow: imported on first use, off the refusal path
 
             self._mlflow = mlflow
+            parent_id = parent.wait().run_id if isinstance(parent, Tracker) else parent
             with store_lock():
-                self.run, inherited = _open_run(mlflow, experiment, run_name, parent)
+                self.run, inherited = _open_run(mlflow, experiment, run_name, parent_id)
             self.run_id = self.run.info.run_id
             self.experiment_name = mlflow.MlflowClient().get_experiment(self.run.info.experiment_id).name
             _experiment_names[self.run_id] = self.experiment_name
@@ -314,8 +317,15 @@ class RemoteTracker:
     into the same output dir (`close_stale`), as for an in-process tracker."""
 
     def __init__(
-        self, experiment: str | None, run_name: str, system_metrics: bool = False, out_dir: Path | None = None
+        self,
+        experiment: str | None,
+        run_name: str,
+        system_metrics: bool = False,
+        out_dir: Path | None = None,
+        parent: "Tracker | RemoteTracker | None" = None,
     ) -> None:
+        """`parent`: the run this one is a child of (its run id is sent to the child)."""
+        parent_id = None if parent is None else parent.wait().run_id  # may raise: before the child
         self.name = run_name
         self.experiment = active_experiment(experiment)
         here, there = multiprocessing.Pipe()
@@ -329,7 +339,7 @@ class RemoteTracker:
         self._conn = here
         self._info: tuple[str, str] | None = None
         debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
-        self._call_nowait(("start", (experiment, run_name, system_metrics, out_dir, debug)))
+        self._call_nowait(("start", (experiment, run_name, system_metrics, out_dir, debug, parent_id)))
 
     def _call_nowait(self, message: tuple) -> None:
         try:
@@ -413,11 +423,11 @@ def serve(fd: int) -> None:
     """The child of a `RemoteTracker`: one Tracker, answering its parent's calls in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent ends the run KILLED on Ctrl-C
     conn = multiprocessing.connection.Connection(fd)
-    _, (experiment, run_name, system_metrics, out_dir, debug) = conn.recv()
+    _, (experiment, run_name, system_metrics, out_dir, debug, parent_id) = conn.recv()
     log_to_stderr(debug)  # the parent's format and warnings, on the stderr they share
     if out_dir is not None:
         close_stale(out_dir)  # read before this run's id replaces it; the Tracker waits for it
-    tracker = Tracker(experiment, run_name, None, system_metrics, out_dir)
+    tracker = Tracker(experiment, run_name, parent_id, system_metrics, out_dir)
     while True:
         try:
             method, args = conn.recv()
@@ -467,16 +477,17 @@ def _launcher_run(client) -> Any:
 
 
 def _open_run(
-    mlflow, experiment: str | None, run_name: str, parent: "Tracker | None"
+    mlflow, experiment: str | None, run_name: str, parent_id: str | None
 ) -> tuple[Any, dict[str, str]]:
     """(run, params it already has). A child goes under its parent. Under `mlflow run`, the
     launcher's run is used when it is in the chosen experiment; otherwise (it put the run in
     "Default") a run is made in the chosen one and takes over the launcher's params and tags,
     and the launcher's run is left as a pointer to it."""
     client = mlflow.MlflowClient()
-    if parent is not None:
-        tags = {"mlflow.runName": run_name, "mlflow.parentRunId": parent.wait().run_id}
-        return client.create_run(parent.run.info.experiment_id, tags=tags, run_name=run_name), {}
+    if parent_id is not None:
+        tags = {"mlflow.runName": run_name, "mlflow.parentRunId": parent_id}
+        exp_id = client.get_run(parent_id).info.experiment_id
+        return client.create_run(exp_id, tags=tags, run_name=run_name), {}
     exp_id = experiment_id(mlflow, experiment)
     launcher = _launcher_run(client)
     if launcher is not None and launcher.info.experiment_id == exp_id:
@@ -546,9 +557,11 @@ def tracked_run(
     """A run that ends FINISHED, KILLED (interrupted) or FAILED (with the reason as a tag).
 
     With `out_dir`, the run's id is recorded there (see `close_stale`). `separate`: a scheme's
-    own run (no parent); a stale run recorded in `out_dir` is closed first, and beside a free
-    core the tracker lives in a child process (`RemoteTracker`), which does that closing too."""
-    tracker = _remote(experiment, name, system_metrics, out_dir) if separate and parent is None else None
+    own run (no parent); a stale run recorded in `out_dir` is closed first. A separate run, or a
+    child of `parent`, lives beside a free core in a child process (`RemoteTracker`), which does
+    that closing too."""
+    remote = separate or parent is not None
+    tracker = _remote(experiment, name, system_metrics, out_dir, parent) if remote else None
     if tracker is None:
         if separate and out_dir is not None:
             close_stale(out_dir)
@@ -564,12 +577,14 @@ def tracked_run(
     tracker.end("FINISHED")
 
 
-def _remote(experiment: str | None, name: str, system_metrics: bool, out_dir: Path | None) -> Tracker | None:
+def _remote(
+    experiment: str | None, name: str, system_metrics: bool, out_dir: Path | None, parent: Tracker | None
+) -> Tracker | None:
     """A RemoteTracker beside a free core; None on fewer cores or when no process can start."""
     if not tracker_in_child():
         return None
     try:
-        return RemoteTracker(experiment, name, system_metrics, out_dir)  # type: ignore[return-value]
+        return RemoteTracker(experiment, name, system_metrics, out_dir, parent)  # type: ignore[return-value]
     except OSError as exc:
         log.warning("could not start the MLflow process (%s); tracking from this one", exc)
         return None
