@@ -18,7 +18,7 @@ check that scikit-learn is installed, only to call them later: assisted generati
 the data collators). scikit-learn comes with MLflow; importing it costs about a second at each
 start on a 2-core CPU. The finder loads each module of `AT_CALL` with its check answering no for
 the length of that module's own import, then puts the real check back and, for each function,
-one that imports the library's at its first call: the module behaves as before, and a run that
+one that imports the library's at its first call: the module behaves the same, and a run that
 never calls them never imports those libraries.
 
 Importing ModelOpt's quantization package parses its built-in YAML recipes, about 400 documents,
