@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
+import time
 
 import pytest
 
@@ -87,6 +89,10 @@ def test_mlflow_parent_with_a_child_per_scheme(swept):
         f"sqlite:///{swept / 'mlflow.db'}"
     )
     assert all(M_KL in c.data.metrics and c.info.status == "FINISHED" for c in children)
+    # in turn (two cores), the sweep's log phase is its schemes' reports together
+    assert parent.data.metrics["time/log_s"] == pytest.approx(
+        sum(c.data.metrics["time/log_s"] for c in children)
+    )
     arts = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.json", PARETO_FIGURE, COMPARISON_FILE} <= set(arts)
     assert arts[PARETO_FIGURE] > 10_000  # a rendered figure
@@ -141,8 +147,27 @@ def test_sweep_refuses_a_finished_sweep_without_overwrite(swept, demo, capsys):
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 
 
-def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkeypatch, capsys):
+def _sweep(demo, tmp_path, monkeypatch, schemes: str) -> tuple[int, str]:
+    """(exit code, tracking URI) of a quick sweep of `schemes` into tmp_path/out."""
+    (tmp_path / "cat.yaml").write_text(SWEEP_CATALOG)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model-dir", demo[0], "--calib-file", demo[1], "--output-dir", tmp_path / "out"]
+    args += ["--catalog", tmp_path / "cat.yaml", "--schemes", schemes, *QUICK]
+    code = sweep_main([str(a) for a in args])
+    return code, uri
+
+
+def _runs_by_name(uri: str) -> dict:
     import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return {r.data.tags.get("mlflow.runName"): r for r in runs}
+
+
+def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkeypatch, capsys):
 
     from vlm_autoquant.search import autoquant
 
@@ -154,24 +179,7 @@ def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkey
         return real(model, found, formats, bits)
 
     monkeypatch.setattr(autoquant, "solve", solve)
-    (tmp_path / "cat.yaml").write_text(SWEEP_CATALOG)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    code = sweep_main(
-        [
-            "--model-dir",
-            str(demo[0]),
-            "--calib-file",
-            str(demo[1]),
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--catalog",
-            str(tmp_path / "cat.yaml"),
-            "--schemes",
-            "b8,b9,b10",
-        ]
-    )
+    code, uri = _sweep(demo, tmp_path, monkeypatch, "b8,b9,b10")
     err = capsys.readouterr().err
     assert code == 1 and "1 of 3 schemes failed: b9" in err and "Traceback" not in err
     rows = {r["scheme"]: r for r in csv.DictReader((tmp_path / "out" / COMPARISON_FILE).open())}
@@ -179,13 +187,131 @@ def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkey
     assert rows["b8"]["status"] == rows["b10"]["status"] == "FINISHED"
     assert (tmp_path / "out" / "b10" / MANIFEST_FILE).exists()
     assert not (tmp_path / "out" / "b9" / MANIFEST_FILE).exists()
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    by_name = {r.data.tags.get("mlflow.runName"): r for r in runs}
+    by_name = _runs_by_name(uri)
     assert by_name["b9"].info.status == "FAILED"
     assert "injected solver failure" in by_name["b9"].data.tags["failure_reason"]
     assert by_name["b10"].info.status == "FINISHED"
     assert by_name["sweep"].data.metrics["sweep/failed"] == 1
+
+
+def test_beside_a_free_core_a_report_is_logged_beside_the_next_scheme_and_a_stop_waits_for_it(
+    demo, tmp_path, monkeypatch, capsys, tracker_child
+):
+    """With the children's trackers in child processes, the first scheme's report runs while the
+    second scheme solves; a Ctrl-C then still leaves the first scheme's run FINISHED with its
+    metrics, figure and caption datasets, and the sweep's run KILLED."""
+    from vlm_autoquant.run import pipeline
+    from vlm_autoquant.search import autoquant
+
+    second_solves, beside = threading.Event(), {}
+    real_solve, real_log = autoquant.solve, pipeline.log_finished
+
+    def solve(model, found, formats, bits):
+        if bits == 9:
+            second_solves.set()
+            raise KeyboardInterrupt  # Ctrl-C while the second scheme solves
+        return real_solve(model, found, formats, bits)
+
+    def log_finished(tracker, doc, *args):
+        beside[doc.scheme.name] = second_solves.wait(20)
+        time.sleep(1.0)  # still logging when the stop arrives
+        real_log(tracker, doc, *args)
+
+    monkeypatch.setattr(autoquant, "solve", solve)
+    monkeypatch.setattr(pipeline, "log_finished", log_finished)
+    code, uri = _sweep(demo, tmp_path, monkeypatch, "b8,b9")
+    assert code == 130, capsys.readouterr().err[-2000:]
+    assert beside == {"b8": True}  # b8's report waited for b9's solve: it ran beside it
+    runs = _runs_by_name(uri)
+    b8 = runs["b8"]
+    assert b8.info.status == "FINISHED" and M_KL in b8.data.metrics and "time/log_s" in b8.data.metrics
+    assert b8.data.tags["mlflow.parentRunId"] == runs["sweep"].info.run_id
+    assert b8.info.experiment_id == runs["sweep"].info.experiment_id
+    assert sorted(d.dataset.name for d in b8.inputs.dataset_inputs) == ["calibration", "held-out"]
+    import mlflow
+
+    assert "sensitivity.png" in {a.path for a in mlflow.MlflowClient(uri).list_artifacts(b8.info.run_id)}
+    assert runs["b9"].info.status == "KILLED" and runs["sweep"].info.status == "KILLED"
+
+
+def test_every_members_run_starts_before_its_familys_search_and_a_stop_there_kills_them_all(
+    demo, tmp_path, monkeypatch, capsys
+):
+    """The members' child runs (beside a free core, their MLflow processes) start before the
+    family's search, so they are ready when it ends; a Ctrl-C during the search ends each of
+    them KILLED, none left RUNNING."""
+    from vlm_autoquant.run import sweep
+
+    opened, at_search = [], []
+    real_child = sweep._child_run
+
+    def child_run(run, scheme):
+        opened.append(scheme.name)
+        return real_child(run, scheme)
+
+    def search_family(model, family, *args):
+        at_search.append(sorted(opened))
+        raise KeyboardInterrupt  # Ctrl-C during the first family's search
+
+    monkeypatch.setattr(sweep, "_child_run", child_run)
+    monkeypatch.setattr(sweep, "search_family", search_family)
+    code, uri = _sweep(demo, tmp_path, monkeypatch, "b8,b9,kl10")
+    assert code == 130, capsys.readouterr().err[-2000:]
+    assert at_search == [["b8", "b9"]]  # the first family's members, before its search
+    runs = _runs_by_name(uri)
+    assert {n: r.info.status for n, r in runs.items()} == {"b8": "KILLED", "b9": "KILLED", "sweep": "KILLED"}
+
+
+def test_a_child_tracker_that_dies_fails_its_scheme_with_the_command_that_logs_it_later(
+    demo, tmp_path, monkeypatch, capsys, tracker_child
+):
+    from vlm_autoquant.run import pipeline
+
+    real = pipeline.log_finished
+
+    def log_finished(tracker, doc, *args):
+        if doc.scheme.name == "b8":
+            tracker._proc.kill()  # the MLflow process dies before the report
+            tracker._proc.wait()
+        return real(tracker, doc, *args)
+
+    monkeypatch.setattr(pipeline, "log_finished", log_finished)
+    code, uri = _sweep(demo, tmp_path, monkeypatch, "b8,b9")
+    err = capsys.readouterr().err
+    assert code == 1 and "1 of 2 schemes failed: b8" in err and "Traceback" not in err
+    rows = {r["scheme"]: r for r in csv.DictReader((tmp_path / "out" / COMPARISON_FILE).open())}
+    assert rows["b8"]["status"] == "FAILED" and "ended unexpectedly" in rows["b8"]["error"]
+    assert "--log-only --output-dir" in rows["b8"]["error"]
+    assert rows["b9"]["status"] == "FINISHED" and (tmp_path / "out" / "b8" / MANIFEST_FILE).exists()
+    assert _runs_by_name(uri)["b9"].info.status == "FINISHED"
+
+
+def test_a_report_that_fails_marks_its_scheme_failed_with_the_command_that_logs_it_later(
+    demo, tmp_path, monkeypatch, capsys
+):
+    from vlm_autoquant.run import report
+
+    real = report._log
+
+    def log(tracker, doc, *args):
+        if doc.scheme.name == "b9":
+            raise OSError("injected tracking outage")
+        return real(tracker, doc, *args)
+
+    monkeypatch.setattr(report, "_log", log)
+    code, uri = _sweep(demo, tmp_path, monkeypatch, "b8,b9,b10")
+    err = capsys.readouterr().err
+    assert code == 1 and "1 of 3 schemes failed: b9" in err and "Traceback" not in err
+    rows = {r["scheme"]: r for r in csv.DictReader((tmp_path / "out" / COMPARISON_FILE).open())}
+    assert rows["b9"]["status"] == "FAILED" and "injected tracking outage" in rows["b9"]["error"]
+    assert "--log-only --output-dir" in rows["b9"]["error"]
+    assert rows["b8"]["status"] == rows["b10"]["status"] == "FINISHED"
+    assert (tmp_path / "out" / "b9" / MANIFEST_FILE).exists()  # the result is on disk
+    runs = _runs_by_name(uri)
+    assert runs["b9"].info.status == "FAILED"
+    assert "injected tracking outage" in runs["b9"].data.tags["failure_reason"]
+    assert runs["b10"].info.status == "FINISHED" and M_KL in runs["b10"].data.metrics
+    assert runs["sweep"].data.metrics["sweep/failed"] == 1
 
 
 @pytest.mark.parametrize("scheme", ["b8", "kl10", "pcpt10"])

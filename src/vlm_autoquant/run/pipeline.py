@@ -135,6 +135,16 @@ def finish_scheme(
     model: nn.Module, found: Search, scheme: Scheme, family: Family, inputs: Inputs, target: Target
 ) -> Manifest:
     """Solve `scheme` on the searched model, evaluate, save to `target.out_dir`, then log it."""
+    doc = settle_scheme(model, found, scheme, family, inputs, target)
+    report_scheme(target, doc, family, inputs)
+    return doc
+
+
+def settle_scheme(
+    model: nn.Module, found: Search, scheme: Scheme, family: Family, inputs: Inputs, target: Target
+) -> Manifest:
+    """Solve `scheme` on the searched model, evaluate, and save to `target.out_dir`: everything
+    but the report (`report_scheme`), which needs nothing of the model."""
     phases, out_dir = target.phases, target.out_dir
     with phases("solve"):
         result = autoquant.solve(model, found, list(scheme.formats), scheme.effective_bits)
@@ -155,11 +165,15 @@ def finish_scheme(
     solved = save.Solved(scheme, result, rows, qual, info, timings, found.worker_peaks_gib)
     doc = save.build_manifest(model, solved, inputs, family, out_dir, rel)
     save.save_manifest(out_dir, doc)
-    tracker = target.tracker
-    with phases("log"):
-        log_finished(tracker, doc, out_dir, family, inputs)
-    tracker.log_metrics({"time/log_s": phases.seconds["log"], "time/total_s": phases.total()})
     return doc
+
+
+def report_scheme(target: Target, doc: Manifest, family: Family, inputs: Inputs, detail: str = "") -> None:
+    """The saved scheme's report on its MLflow run, and its time/log_s and time/total_s."""
+    phases, tracker = target.phases, target.tracker
+    with phases("log", detail):
+        log_finished(tracker, doc, target.out_dir, family, inputs)
+    tracker.log_metrics({"time/log_s": phases.seconds["log"], "time/total_s": phases.total()})
 
 
 def log_finished(

@@ -1,10 +1,12 @@
 """Score once, compare many: several schemes on one model, one search per family.
 
 Each family (families.py) is searched once over the union of its members' formats; every member
-is then solved, evaluated, saved and logged as a child run by the same `finish_scheme` a single
-run uses. A scheme that fails is marked FAILED in its child run with the reason, and the sweep
-goes on; the comparison lists it, and the process exits non-zero at the end naming it. A signal
-still stops the whole sweep at once.
+is then solved, evaluated and saved (`settle_scheme`) and logged as a child run
+(`report_scheme`), as a single run is; beside a free core the reports are logged while the next
+member works (reports.py). A scheme that fails is marked FAILED in its child run with the
+reason, and the sweep goes on; the comparison lists it, and the process exits non-zero at the
+end naming it. A signal still stops the whole sweep at once; the finished schemes' reports are
+logged first.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +38,8 @@ from ..search.autoquant import Search
 from ..tracking import M_SPEARMAN
 from . import figures
 from .manifest import Manifest
-from .pipeline import Target, announce, finish_scheme, load, search_family, searching_with
+from .pipeline import Target, announce, load, report_scheme, search_family, searching_with, settle_scheme
+from .reports import Reports
 
 if TYPE_CHECKING:
     from ..search.replicas import Replicas
@@ -110,44 +113,77 @@ def failed_row(scheme: Scheme, family: Family, exc: BaseException) -> dict:
 @dataclass
 class SweepRun:
     """What every family of one sweep shares: its inputs, stop flag, phase clock, MLflow
-    parent run and experiment."""
+    parent run and experiment, and the thread its schemes' reports are logged in."""
 
     inputs: Inputs
     stop: StopFlag
     phases: Phases
     parent: tracking.Tracker
     experiment: str | None
+    reports: Reports
+
+
+@dataclass
+class ChildRun:
+    """A member's child run, entered: `stack` ends it (FINISHED, KILLED or FAILED)."""
+
+    scheme: Scheme
+    stack: ExitStack
+    tracker: tracking.Tracker
 
 
 def run_family(
     model: nn.Module, family: Family, run: SweepRun, info: dict, replicas: "Replicas | None" = None
 ) -> list[dict]:
-    """Search one family, then finish each member as a child run; failures are rows, not raises."""
-    rows: list[dict] = []
+    """Open every member's child run (beside a free core, their MLflow processes start while the
+    family searches), search the family once, then finish each member; failures are rows, not
+    raises. On an interrupt, the runs not yet handed to their scheme end KILLED."""
+    children: list[ChildRun | None] = []
     try:
-        found, search_error = search_family(model, family, run.stop, run.inputs, run.phases, replicas), None
-    except (Interrupted, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # noqa: BLE001 - every member fails with the reason
-        found, search_error = None, exc
-    for i, scheme in enumerate(family.schemes):
-        run.stop.raise_if_set()  # a signal between schemes: the finished ones are kept
-        announce(run.inputs, scheme)
+        for scheme in family.schemes:
+            stack = ExitStack()
+            children.append(ChildRun(scheme, stack, stack.enter_context(_child_run(run, scheme))))
         try:
-            if found is None:
-                with _child_run(run, scheme):
-                    raise search_error
-            shared = {"scores": "shared", "calibration": "shared"} if i else {}
-            doc = _finish_member(
-                model, found, scheme, family, run, {**info, "sweep_group_index": i, **shared}
+            found: Search | Exception = search_family(
+                model, family, run.stop, run.inputs, run.phases, replicas
             )
-            rows.append(comparison_row(doc))
         except (Interrupted, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - the sweep goes on; the row says why
-            log.error("%s FAILED: %s: %s", scheme.name, type(exc).__name__, exc)
-            rows.append(failed_row(scheme, family, exc))
-    return rows
+        except Exception as exc:  # noqa: BLE001 - every member fails with the reason
+            found = exc
+        rows = []
+        for i, child in enumerate(children):
+            run.stop.raise_if_set()  # a signal between schemes: the finished ones are kept
+            children[i] = None  # from here ended by `_member_row`, or by its report
+            shared = {"scores": "shared", "calibration": "shared"} if i else {}
+            rows.append(
+                _member_row(model, found, family, run, {**info, "sweep_group_index": i, **shared}, child)
+            )
+        return rows
+    except BaseException as exc:
+        for child in children:
+            if child is not None:
+                child.stack.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+
+
+def _member_row(
+    model: nn.Module, found: Search | Exception, family: Family, run: SweepRun, info: dict, child: ChildRun
+) -> dict:
+    """A member's comparison row: finished (`_finish_member`), or failed with the reason
+    (`found`: the search's exception when the search failed)."""
+    scheme = child.scheme
+    announce(run.inputs, scheme)
+    try:
+        if isinstance(found, Exception):
+            with child.stack:
+                raise found
+        return comparison_row(_finish_member(model, found, family, run, info, child))
+    except (Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the sweep goes on; the row says why
+        log.error("%s FAILED: %s: %s", scheme.name, type(exc).__name__, exc)
+        return failed_row(scheme, family, exc)
 
 
 def _child_run(run: SweepRun, scheme: Scheme) -> AbstractContextManager[tracking.Tracker]:
@@ -156,17 +192,41 @@ def _child_run(run: SweepRun, scheme: Scheme) -> AbstractContextManager[tracking
 
 
 def _finish_member(
-    model: nn.Module, found: Search, scheme: Scheme, family: Family, run: SweepRun, info: dict
+    model: nn.Module, found: Search, family: Family, run: SweepRun, info: dict, child: ChildRun
 ) -> Manifest:
-    """One member solved, saved and logged as a child run, with its own phase clock (added to
-    the sweep's)."""
-    with _child_run(run, scheme) as child:
+    """One member solved and saved in its child run, with its own phase clock (added to the
+    sweep's); its report is handed to `run.reports`, which ends the child run."""
+    scheme = child.scheme
+    with child.stack:  # FAILED with the reason if this raises
         own = Phases()
-        target = Target(run.inputs.options.output_dir / scheme.name, child, own, info)
-        doc = finish_scheme(model, found, scheme, family, run.inputs, target)
+        target = Target(run.inputs.options.output_dir / scheme.name, child.tracker, own, info)
+        doc = settle_scheme(model, found, scheme, family, run.inputs, target)
         for key, seconds in own.seconds.items():
             run.phases.add(key, seconds)
+        handed = child.stack.pop_all()
+    run.reports.submit((scheme, family), _report_member, handed, target, doc, family, run)
     return doc
+
+
+def _report_member(
+    child_run: ExitStack, target: Target, doc: Manifest, family: Family, run: SweepRun
+) -> None:
+    """The member's report (in the reports' thread where they go beside the next member), then
+    its child run ended (FINISHED, or FAILED with the reason). A report made in turn counts in
+    the sweep's `log` phase; one made beside, only the time the sweep waits for it at the end."""
+    with child_run:
+        report_scheme(target, doc, family, run.inputs, f"{doc.scheme.name}'s report")
+    if not run.reports.beside:
+        run.phases.add("log", target.phases.seconds["log"])
+
+
+def _with_failed_reports(rows: list[dict], reports: Reports) -> list[dict]:
+    """`rows` with each scheme whose report failed marked FAILED with the reason."""
+    failed = {}
+    for (scheme, family), exc in reports.failed():
+        log.error("%s FAILED: %s: %s", scheme.name, type(exc).__name__, exc)
+        failed[scheme.name] = failed_row(scheme, family, exc)
+    return [failed.get(r["scheme"], r) for r in rows]
 
 
 def run_sweep(
@@ -198,8 +258,14 @@ def run_sweep(
                 "schemes": ",".join(s.name for s in inputs.schemes),
             }
         )
-        run = SweepRun(inputs, stop, Phases(), parent, experiment)
-        rows = _run_families(run, families, replicas)
+        reports = Reports(beside=tracking.tracker_in_child())  # inline on two cores: reports.py
+        run = SweepRun(inputs, stop, Phases(), parent, experiment, reports)
+        with run.reports:  # leaving waits for the finished schemes' reports, whatever ended it
+            rows = _run_families(run, families, replicas)
+            if run.reports.beside:
+                with run.phases("log", "waiting for the schemes' reports after the last scheme"):
+                    run.reports.wait()
+        rows = _with_failed_reports(rows, run.reports)
         order = {s.name: i for i, s in enumerate(inputs.schemes)}
         rows.sort(key=lambda r: order[r["scheme"]])  # the catalog's order, not the run order
         _write_comparison(rows, opts.output_dir, parent, run.phases, len(families))
