@@ -113,7 +113,8 @@ def test_install_is_idempotent_and_the_api_installs_it(tmp_path, monkeypatch):
 
 
 # A cold interpreter imports a causal LM class and ModelOpt's quantization package (which imports
-# transformers' data collators and metrics); then it calls two of the deferred functions.
+# transformers' data collators and metrics, and ModelOpt's algorithms, which apply torch.compile);
+# then it calls two of the deferred functions.
 AT_CALL_PROBE = """
 import json, sys
 if sys.argv[1] == "lean":
@@ -125,9 +126,14 @@ import transformers.data.metrics as metrics
 import transformers.generation.candidate_generator as cg
 import modelopt.torch.opt.config_loader as config_loader
 import modelopt.torch.quantization.config as mtq_config
+import modelopt.torch.quantization.algorithms as algorithms
+import torch
 during = "sklearn" in sys.modules
 configs = repr({n: getattr(mtq_config, n) for n in dir(mtq_config) if n.endswith("_CFG")})
-out = {"during": during, "configs": configs, "yaml": type(config_loader.yaml).__name__}
+out = {"during": during, "configs": configs, "yaml": type(config_loader.yaml).__name__,
+       "inductor": "torch._inductor.compile_fx" in sys.modules,
+       "compile": f"{torch.compile.__module__}.{torch.compile.__qualname__}",
+       "compiled": getattr(algorithms._get_log_softmax_dist, "__wrapped__", None) is not None}
 if cg.is_sklearn_available():  # the deferred functions, called
     fpr, tpr, thresholds = cg.roc_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     f1 = metrics.acc_and_f1(__import__("numpy").array([1, 0, 1, 1]), __import__("numpy").array([1, 0, 0, 1]))
@@ -177,6 +183,56 @@ def test_modelopts_recipes_parse_with_libyaml_into_the_same_configs(probes):
     plain, lean = probes["plain"], probes["lean"]
     assert (plain["yaml"], lean["yaml"]) == ("module", "Libyaml")
     assert lean["configs"] == plain["configs"] and plain["configs"].count("_CFG'") > 10
+
+
+def test_modelopts_torch_compile_waits_for_its_first_call_and_torch_compile_is_put_back(probes):
+    """Without the finder, importing ModelOpt imports TorchInductor's compiler (torch.compile's
+    backend lookup); with it, the compiler is not imported, ModelOpt's function is still a
+    wrapper of its own, and torch.compile is torch's again once the module has loaded."""
+    plain, lean = probes["plain"], probes["lean"]
+    assert plain["inductor"] is True and lean["inductor"] is False
+    assert lean["compile"] == plain["compile"] == "torch.compile"
+    assert plain["compiled"] is True and lean["compiled"] is True
+
+
+def test_a_function_given_to_the_deferred_compile_is_compiled_once_at_its_first_call():
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        calls.append((getattr(model, "__name__", type(model).__name__), kwargs))
+        return lambda *a, **k: ("compiled", model(*a, **k))
+
+    lazy = lean_imports.compiled_at_first_call(fake_compile)
+
+    @lazy(dynamic=True)
+    def twice(x):
+        return 2 * x
+
+    direct = lazy(twice.__wrapped__, backend="eager")
+    assert calls == [] and twice.__name__ == "twice"  # nothing compiled when decorated
+    assert twice(3) == ("compiled", 6) and twice(4) == ("compiled", 8)
+    assert direct(5) == ("compiled", 10)
+    assert calls == [("twice", {"dynamic": True}), ("twice", {"backend": "eager"})]  # once each
+
+    class Module:
+        def __call__(self, x):
+            return x
+
+    module = Module()
+    assert lazy(module, mode="max-autotune")(1) == ("compiled", 1)  # not a function: at once
+    assert calls[-1] == ("Module", {"mode": "max-autotune"})
+
+
+def test_the_deferred_compile_gives_torch_compiles_results():
+    import torch
+
+    def f(x):
+        return torch.sin(x) * 2 + 1
+
+    lazy = lean_imports.compiled_at_first_call(torch.compile)(f, backend="eager", dynamic=True)
+    x = torch.linspace(-3, 3, 17)
+    assert torch.equal(lazy(x), torch.compile(f, backend="eager", dynamic=True)(x))
+    assert torch.equal(lazy(x[:5]), f(x[:5]))
 
 
 def test_every_modelopt_recipe_file_parses_the_same_with_both_parsers():

@@ -27,12 +27,20 @@ ModelOpt's config loader parses them with `CSafeLoader` instead: the same constr
 resolver, so the same objects, over libyaml's C parser (a quarter of a second of each start on a
 2-core CPU).
 
+ModelOpt's `algorithms` module decorates a function with `torch.compile` when it loads (the
+log-softmax of logits split across tensor-parallel ranks, which only Megatron models call), and
+`torch.compile` looks its backend up at once: it imports TorchInductor's compiler, about 0.7 s
+of each start on a 2-core CPU. While that module loads, `torch.compile` gives a function that
+calls the real `torch.compile` at its own first call; `torch.compile` compiles at the first call
+anyway, so only the backend's import moves there.
+
 `install()` puts one finder at the front of `sys.meta_path`; it is idempotent. Nothing here
 imports torch, transformers or ModelOpt.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -78,6 +86,9 @@ AT_CALL = {
 # ModelOpt's YAML config loader: importing ModelOpt's quantization package parses its built-in
 # recipes (about 400 documents) through it.
 MODELOPT_CONFIG_LOADER = "modelopt.torch.opt.config_loader"
+
+# ModelOpt modules that apply `torch.compile` when they load (to functions no Qwen2 LM calls).
+COMPILE_AT_FIRST_CALL = frozenset({"modelopt.torch.quantization.algorithms"})
 
 
 def is_modelopt_plugins(name: str) -> bool:
@@ -181,6 +192,43 @@ class LibyamlLoader(WrappedLoader):
             module.yaml = Libyaml(yaml)
 
 
+def compiled_at_first_call(compile_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`compile_fn` (torch.compile) deferred: a function given to it (or to the decorator it
+    returns) is compiled with the same arguments at its first call; anything else (a module) is
+    compiled at once."""
+
+    def lazy_compile(model: Any = None, **kwargs: Any) -> Any:
+        if model is None:
+            return lambda fn: lazy_compile(fn, **kwargs)
+        if not isinstance(model, types.FunctionType):
+            return compile_fn(model, **kwargs)
+        compiled: list[Callable[..., Any]] = []
+
+        @functools.wraps(model)
+        def first_call_compiles(*args: Any, **kw: Any) -> Any:
+            if not compiled:
+                compiled.append(compile_fn(model, **kwargs))
+            return compiled[0](*args, **kw)
+
+        return first_call_compiles
+
+    return lazy_compile
+
+
+class CompileAtFirstCallLoader(WrappedLoader):
+    """A `COMPILE_AT_FIRST_CALL` module's loader: while the module runs, `torch.compile` is
+    `compiled_at_first_call(torch.compile)`; the real one is put back after."""
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        torch = sys.modules["torch"]
+        real = torch.compile
+        torch.compile = compiled_at_first_call(real)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            torch.compile = real
+
+
 def _wrapped_spec(name: str, path: Sequence[str] | None, wrap) -> importlib.machinery.ModuleSpec | None:
     """`name`'s spec from the usual path finder, its loader wrapped by `wrap` (None: the usual
     finders decide)."""
@@ -193,8 +241,8 @@ def _wrapped_spec(name: str, path: Sequence[str] | None, wrap) -> importlib.mach
 
 class LeanFinder(importlib.abc.MetaPathFinder):
     """The finder `install()` puts first on `sys.meta_path`: it refuses ModelOpt's plugins their
-    unneeded libraries and wraps the loaders of `AT_CALL` and `MODELOPT_CONFIG_LOADER`; it finds
-    nothing else."""
+    unneeded libraries and wraps the loaders of `AT_CALL`, `MODELOPT_CONFIG_LOADER` and
+    `COMPILE_AT_FIRST_CALL`; it finds nothing else."""
 
     def find_spec(
         self, name: str, path: Sequence[str] | None, target: types.ModuleType | None = None
@@ -207,6 +255,8 @@ class LeanFinder(importlib.abc.MetaPathFinder):
             return _wrapped_spec(name, path, lambda loader: AtCallLoader(loader, *AT_CALL[name]))
         if name == MODELOPT_CONFIG_LOADER:
             return _wrapped_spec(name, path, LibyamlLoader)
+        if name in COMPILE_AT_FIRST_CALL and "torch" in sys.modules:  # which the loader patches
+            return _wrapped_spec(name, path, CompileAtFirstCallLoader)
         return None
 
 
