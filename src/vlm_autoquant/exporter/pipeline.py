@@ -295,7 +295,8 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases) -> dic
     `staging/modelopt/` (MODELOPT_DIR); its checks are reported as `modelopt.<check>`.
     ModelOpt's FP8 fake quant runs throughout in the arithmetic of the kernel the run used
     (`fp8_kernel.run_arithmetic`; never a JIT build of its CUDA extension here), so the
-    reference is the model the run evaluated and the export holds its codes.
+    reference is the model the run evaluated and the export holds its codes. The restored model
+    is held once for compressed-tensors alone, twice when ModelOpt's exporter runs.
     """
     o, device = inputs.options, pick_device()
     run_kernel = inputs.manifest.search.fp8_kernel
@@ -303,8 +304,10 @@ def build_checkpoint(inputs: ExportInputs, staging: Path, phases: Phases) -> dic
         log.info("FP8 fake quant: the run used %s; here: %s", run_kernel or "eager", arithmetic)
         with phases("restore", f"LM of {inputs.model_dir} + {inputs.state_file.name}"):
             model = _restore(inputs, device)
-        # ModelOpt's export may re-tune the quantizers it exports
-        work = Work(inputs, copy.deepcopy(model), device, run_kernel, phases)
+        # ModelOpt's export may re-tune the quantizers it exports: its checks compare with a copy.
+        # compressed-tensors' writer and every check only read the model: no copy.
+        reference = copy.deepcopy(model) if o.format in (MODELOPT, BOTH) else model
+        work = Work(inputs, reference, device, run_kernel, phases)
         checks, tables = _write_formats(work, model, staging)
         del model
         checks["numerics"]["fp8_arithmetic"] = {"run": run_kernel, "here": arithmetic}
