@@ -159,6 +159,11 @@ def _sweep(demo, tmp_path, monkeypatch, schemes: str) -> tuple[int, str]:
     return code, uri
 
 
+def _comparison(root) -> dict[str, dict]:
+    """comparison.csv of the sweep into root/out, by scheme."""
+    return {r["scheme"]: r for r in csv.DictReader((root / "out" / COMPARISON_FILE).open())}
+
+
 def _runs_by_name(uri: str) -> dict:
     import mlflow
 
@@ -167,31 +172,42 @@ def _runs_by_name(uri: str) -> dict:
     return {r.data.tags.get("mlflow.runName"): r for r in runs}
 
 
-def test_a_failing_scheme_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkeypatch, capsys):
-
+def test_a_failing_scheme_or_report_is_marked_and_the_sweep_goes_on(demo, tmp_path, monkeypatch, capsys):
+    """b9's solver fails, b10's report fails: both are FAILED rows and FAILED runs with the
+    reason (b10's with the command that logs its result, which is on disk); b8 finishes."""
+    from vlm_autoquant.run import report
     from vlm_autoquant.search import autoquant
 
-    real = autoquant.solve
+    real_solve, real_log = autoquant.solve, report._log
 
     def solve(model, found, formats, bits):
         if bits == 9:
             raise RuntimeError("injected solver failure")
-        return real(model, found, formats, bits)
+        return real_solve(model, found, formats, bits)
+
+    def log(tracker, doc, *args):
+        if doc.scheme.name == "b10":
+            raise OSError("injected tracking outage")
+        return real_log(tracker, doc, *args)
 
     monkeypatch.setattr(autoquant, "solve", solve)
+    monkeypatch.setattr(report, "_log", log)
     code, uri = _sweep(demo, tmp_path, monkeypatch, "b8,b9,b10")
     err = capsys.readouterr().err
-    assert code == 1 and "1 of 3 schemes failed: b9" in err and "Traceback" not in err
-    rows = {r["scheme"]: r for r in csv.DictReader((tmp_path / "out" / COMPARISON_FILE).open())}
+    assert code == 1 and "2 of 3 schemes failed: b9, b10" in err and "Traceback" not in err
+    rows = _comparison(tmp_path)
     assert rows["b9"]["status"] == "FAILED" and "injected solver failure" in rows["b9"]["error"]
-    assert rows["b8"]["status"] == rows["b10"]["status"] == "FINISHED"
-    assert (tmp_path / "out" / "b10" / MANIFEST_FILE).exists()
+    assert rows["b10"]["status"] == "FAILED" and "injected tracking outage" in rows["b10"]["error"]
+    assert "--log-only --output-dir" in rows["b10"]["error"]
+    assert rows["b8"]["status"] == "FINISHED"
+    assert (tmp_path / "out" / "b10" / MANIFEST_FILE).exists()  # the result is on disk
     assert not (tmp_path / "out" / "b9" / MANIFEST_FILE).exists()
-    by_name = _runs_by_name(uri)
-    assert by_name["b9"].info.status == "FAILED"
-    assert "injected solver failure" in by_name["b9"].data.tags["failure_reason"]
-    assert by_name["b10"].info.status == "FINISHED"
-    assert by_name["sweep"].data.metrics["sweep/failed"] == 1
+    runs = _runs_by_name(uri)
+    assert runs["b9"].info.status == runs["b10"].info.status == "FAILED"
+    assert "injected solver failure" in runs["b9"].data.tags["failure_reason"]
+    assert "injected tracking outage" in runs["b10"].data.tags["failure_reason"]
+    assert runs["b8"].info.status == "FINISHED" and M_KL in runs["b8"].data.metrics
+    assert runs["sweep"].data.metrics["sweep/failed"] == 2
 
 
 def test_beside_a_free_core_a_report_is_logged_beside_the_next_scheme_and_a_stop_waits_for_it(
@@ -279,39 +295,11 @@ def test_a_child_tracker_that_dies_fails_its_scheme_with_the_command_that_logs_i
     code, uri = _sweep(demo, tmp_path, monkeypatch, "b8,b9")
     err = capsys.readouterr().err
     assert code == 1 and "1 of 2 schemes failed: b8" in err and "Traceback" not in err
-    rows = {r["scheme"]: r for r in csv.DictReader((tmp_path / "out" / COMPARISON_FILE).open())}
+    rows = _comparison(tmp_path)
     assert rows["b8"]["status"] == "FAILED" and "ended unexpectedly" in rows["b8"]["error"]
     assert "--log-only --output-dir" in rows["b8"]["error"]
     assert rows["b9"]["status"] == "FINISHED" and (tmp_path / "out" / "b8" / MANIFEST_FILE).exists()
     assert _runs_by_name(uri)["b9"].info.status == "FINISHED"
-
-
-def test_a_report_that_fails_marks_its_scheme_failed_with_the_command_that_logs_it_later(
-    demo, tmp_path, monkeypatch, capsys
-):
-    from vlm_autoquant.run import report
-
-    real = report._log
-
-    def log(tracker, doc, *args):
-        if doc.scheme.name == "b9":
-            raise OSError("injected tracking outage")
-        return real(tracker, doc, *args)
-
-    monkeypatch.setattr(report, "_log", log)
-    code, uri = _sweep(demo, tmp_path, monkeypatch, "b8,b9,b10")
-    err = capsys.readouterr().err
-    assert code == 1 and "1 of 3 schemes failed: b9" in err and "Traceback" not in err
-    rows = {r["scheme"]: r for r in csv.DictReader((tmp_path / "out" / COMPARISON_FILE).open())}
-    assert rows["b9"]["status"] == "FAILED" and "injected tracking outage" in rows["b9"]["error"]
-    assert "--log-only --output-dir" in rows["b9"]["error"]
-    assert rows["b8"]["status"] == rows["b10"]["status"] == "FINISHED"
-    assert (tmp_path / "out" / "b9" / MANIFEST_FILE).exists()  # the result is on disk
-    runs = _runs_by_name(uri)
-    assert runs["b9"].info.status == "FAILED"
-    assert "injected tracking outage" in runs["b9"].data.tags["failure_reason"]
-    assert runs["b10"].info.status == "FINISHED" and M_KL in runs["b10"].data.metrics
-    assert runs["sweep"].data.metrics["sweep/failed"] == 1
 
 
 @pytest.mark.parametrize("scheme", ["b8", "kl10", "pcpt10"])
